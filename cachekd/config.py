@@ -1,0 +1,179 @@
+"""Typed configs: dataclasses built from YAML plus command-line overrides, saved next to every output.
+
+Every stage has a dataclass here or in its own module. ``from_dict`` refuses unknown keys with a sentence that
+names the key and the known ones, and converts scalars to the annotated type, so a YAML typo never passes
+silently. Overrides use dotted keys: ``--set optim.lr=3e-4``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from cachekd.errors import CachekdError
+
+T = TypeVar("T")
+
+
+def _convert(value: Any, tp: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _convert(value, a, where)
+            except CachekdError as e:
+                errors.append(str(e))
+        raise CachekdError(errors[0] if errors else f"{where}: cannot use {value!r}.")
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise CachekdError(f"{where} must be a mapping of options, not {value!r}.")
+        return from_dict(tp, value, where)
+    if origin in (list, tuple):
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            value = [value]
+        inner = args[0] if args else Any
+        items = [_convert(v, inner, where) for v in value]
+        return tuple(items) if origin is tuple else items
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise CachekdError(f"{where} must be a mapping, not {value!r}.")
+        return dict(value)
+    if origin is typing.Literal:
+        if value not in args:
+            raise CachekdError(f"{where} must be one of {', '.join(map(str, args))} (got {value!r}).")
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on", "false", "no", "0", "off"):
+            return value.lower() in ("true", "yes", "1", "on")
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+        raise CachekdError(f"{where} must be true or false (got {value!r}).")
+    if tp in (int, float):
+        if isinstance(value, bool):
+            raise CachekdError(f"{where} must be a number (got {value!r}).")
+        try:
+            out = tp(value) if not isinstance(value, str) else tp(float(value)) if tp is int else tp(value)
+        except (TypeError, ValueError):
+            raise CachekdError(f"{where} must be a number (got {value!r}).") from None
+        if tp is int and float(value) != out:
+            raise CachekdError(f"{where} must be a whole number (got {value!r}).")
+        return out
+    if tp is str:
+        if isinstance(value, (dict, list)):
+            raise CachekdError(f"{where} must be text (got {value!r}).")
+        return str(value)
+    if tp is Path:
+        return Path(value)
+    return value
+
+
+def from_dict(cls: type[T], data: dict[str, Any], where: str = "config") -> T:
+    """Build dataclass ``cls`` from ``data``; unknown keys and wrong types raise CachekdError."""
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise CachekdError(
+            f"unknown option {unknown[0]!r} in {where}; known options are: {', '.join(sorted(fields))}."
+        )
+    kwargs = {k: _convert(v, hints[k], f"{where}.{k}") for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except CachekdError:
+        raise
+    except ValueError as e:  # __post_init__ validation of pure-library dataclasses
+        raise CachekdError(f"{where}: {e}") from None
+
+
+def to_dict(obj: Any) -> Any:
+    """Plain YAML/JSON-able view of a (nested) dataclass."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def parse_overrides(pairs: typing.Iterable[str]) -> dict[str, Any]:
+    """``["optim.lr=3e-4", "train.epochs=2"]`` → nested dict, values parsed as YAML scalars."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise CachekdError(f"override {pair!r} must look like key=value (for example optim.lr=3e-4).")
+        key, raw = pair.split("=", 1)
+        value = yaml.safe_load(raw) if raw != "" else ""
+        node = out
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise CachekdError(f"override {pair!r} conflicts with another override of {p!r}.")
+        node[parts[-1]] = value
+    return out
+
+
+def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def load_yaml(path: Path | str) -> dict[str, Any]:
+    """Read a YAML config file (a path, or the name of a shipped preset in cachekd/configs/)."""
+    p = Path(path)
+    if not p.exists():
+        preset = PRESET_DIR / (str(path) if str(path).endswith(".yaml") else f"{path}.yaml")
+        if preset.exists():
+            p = preset
+        else:
+            raise CachekdError(
+                f"config {str(path)!r} not found: give a YAML file or one of the presets "
+                f"({', '.join(list_presets())})."
+            )
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise CachekdError(f"config {p} is not valid YAML: {str(e).splitlines()[0]}.") from None
+    if not isinstance(data, dict):
+        raise CachekdError(f"config {p} must be a mapping of options at the top level.")
+    return data
+
+
+PRESET_DIR = Path(__file__).parent / "configs"
+
+
+def list_presets() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def save_yaml(path: Path, obj: Any) -> None:
+    from cachekd.io import atomic_write_bytes
+
+    atomic_write_bytes(Path(path), yaml.safe_dump(to_dict(obj), sort_keys=False).encode())

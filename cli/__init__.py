@@ -1,0 +1,1 @@
+"""The `cachekd` command line (installed as the import package ``cachekd_cli``)."""

@@ -1,0 +1,47 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from cachekd.errors import CachekdError
+from cachekd_cli.common import echo_json, echo_mapping
+from cachekd_cli.main import cli
+
+
+def describe(path: Path) -> dict:
+    """Summary of a token store or a logit cache, whichever `path` holds."""
+    from cachekd.io import read_json
+
+    mf = path / "manifest.json"
+    fmt = None
+    if mf.exists():
+        try:
+            fmt = read_json(mf).get("format")
+        except ValueError:
+            raise CachekdError(f"{str(path)!r} has an unreadable manifest.json; it may be corrupt.") from None
+    if fmt == "cachekd-token-store":
+        from cachekd.tokens import TokenStore
+
+        return TokenStore.open(path).summary()
+    try:
+        from cachekd.cache.reader import LogitCache
+    except ImportError:  # pragma: no cover
+        LogitCache = None
+    if LogitCache is not None and (fmt == "cachekd-logit-cache" or (path / "plan.json").exists()):
+        return LogitCache.open(path, allow_incomplete=True).summary()
+    if not path.exists():
+        raise CachekdError(f"{str(path)!r} does not exist.")
+    raise CachekdError(f"{str(path)!r} is neither a token store nor a logit cache.")
+
+
+@cli.command("info")
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def info_command(path: Path, as_json: bool):
+    """Show what a token store or a logit cache holds."""
+    summary = describe(path)
+    if as_json:
+        echo_json(summary)
+    else:
+        echo_mapping(summary)

@@ -1,0 +1,55 @@
+from __future__ import annotations
+
+import click
+
+from cachekd_cli.common import echo_json, echo_mapping
+from cachekd_cli.main import cli
+
+
+@cli.command("prepare")
+@click.argument("inputs", nargs=-1, required=True)
+@click.option("-o", "--output", required=True, type=click.Path(), help="Directory of the token store to write.")
+@click.option("--seq-len", default=128, show_default=True, type=int, help="Window length in tokens.")
+@click.option("--vocab-size", default=16000, show_default=True, type=int, help="Vocabulary of the byte-level BPE to train.")
+@click.option("--tokenizer", default=None, type=click.Path(), help="Use an existing tokenizer (HF directory or tokenizer.json) instead of training one.")
+@click.option("--text-column", default="text", show_default=True, help="Text column of jsonl/parquet/csv/saved datasets.")
+@click.option("--doc-sep", type=click.Choice(["blank-line", "line", "file"]), default="blank-line", show_default=True,
+              help="What one document is in plain text files.")
+@click.option("--clean/--no-clean", default=False, show_default=True,
+              help="Light cleaning: Unicode NFC, collapse spaces, strip lines, drop empty lines.")
+@click.option("--dev-fraction", default=0.05, show_default=True, type=float, help="Share of documents held out for dev (0: none).")
+@click.option("--dev-mode", type=click.Choice(["tail", "docs"]), default="tail", show_default=True,
+              help="tail: the last documents of each source file; docs: a seeded random choice of documents.")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--force", is_flag=True, help="Replace a token store built from other inputs at the output path.")
+@click.option("--json", "as_json", is_flag=True, help="Print the resulting manifest summary as JSON.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def prepare_command(inputs, output, seq_len, vocab_size, tokenizer, text_column, doc_sep, clean, dev_fraction,
+                    dev_mode, seed, force, as_json, quiet):
+    """Turn text into a token store: train (or load) a tokenizer, join documents with an end-of-text token, cut
+    fixed windows of --seq-len tokens, hold out a dev split.
+
+    INPUTS are text files, directories or globs (BabyLM's *.train files), local .jsonl/.json/.parquet/.csv files
+    (see --text-column), or datasets saved with `save_to_disk`. Re-running with the same inputs and options does
+    nothing; a different store at --output is replaced only with --force.
+
+    \b
+    Example:
+      cachekd prepare data/babylm_10M/*.train -o runs/tokens --vocab-size 16000 --seq-len 128
+    """
+    from cachekd.tokens import PrepareConfig, prepare
+
+    cfg = PrepareConfig(
+        inputs=list(inputs), output=output, seq_len=seq_len, vocab_size=vocab_size, tokenizer=tokenizer,
+        text_column=text_column, doc_sep=doc_sep, clean=clean, dev_fraction=dev_fraction, dev_mode=dev_mode, seed=seed,
+    )
+    store, built = prepare(cfg, force=force, progress=not quiet and not as_json)
+    summary = store.summary() | {"built": built}
+    if as_json:
+        echo_json(summary)
+        return
+    if not built:
+        click.echo(f"{output} is already up to date with these inputs and options; nothing to do.")
+    else:
+        click.echo(f"Wrote token store {output}")
+    echo_mapping({k: v for k, v in summary.items() if k not in ("built",)})
