@@ -1,3 +1,12 @@
-"""Registers every command on the `cachekd` group. Each command: parse, load config, call one library function."""
+"""Registers every command on the `cachekd` group: each `*_cmd` module in this package adds one command.
 
-from cachekd_cli import info_cmd, prepare_cmd  # noqa: F401
+Each command parses its options, loads its config and calls one library function.
+"""
+
+import importlib
+import pkgutil
+
+import cachekd_cli
+
+for _mod in sorted(m.name for m in pkgutil.iter_modules(cachekd_cli.__path__) if m.name.endswith("_cmd")):
+    importlib.import_module(f"cachekd_cli.{_mod}")
