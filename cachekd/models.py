@@ -86,10 +86,19 @@ def resolve_model_dir(path: str | Path) -> Path:
     return p
 
 
+def quiet_transformers() -> None:
+    """Silence transformers' per-load progress bars and advisory warnings (our own bars say what runs)."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
 def load_model(path: str | Path, dtype: torch.dtype | None = None):
     """Load any `AutoModelForCausalLM` checkpoint from a local directory (never from a hub)."""
     from transformers import AutoModelForCausalLM
 
+    quiet_transformers()
     d = resolve_model_dir(path)
     weights = list(d.glob("*.safetensors")) + list(d.glob("*.bin")) + list(d.glob("*.safetensors.index.json"))
     if not weights:

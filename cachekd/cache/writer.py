@@ -1,0 +1,198 @@
+"""Creating, filling and finalising a logit cache: plan first, chunks with done-markers, manifest last."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cachekd import __version__
+from cachekd.cache import format as fmt
+from cachekd.errors import CachekdError
+from cachekd.io import atomic_write_bytes, atomic_write_json, read_json
+
+# Plan keys that must agree for a cache to be resumed (the rest, e.g. batch size or device, may change).
+PLAN_IDENTITY = ("format_version", "token_store", "teachers", "mode", "k", "temperatures", "splits")
+
+
+@contextmanager
+def _lock(root: Path):
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / ".lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _identity(plan: dict[str, Any]) -> dict[str, Any]:
+    ident = {k: plan.get(k) for k in PLAN_IDENTITY}
+    ident["teachers"] = [{k: t[k] for k in ("name", "fingerprint")} for t in plan.get("teachers", [])]
+    ident["token_store"] = {k: plan["token_store"][k] for k in ("fingerprint",)}
+    return ident
+
+
+def _describe_difference(old: dict[str, Any], new: dict[str, Any]) -> str:
+    a, b = _identity(old), _identity(new)
+    for key in PLAN_IDENTITY:
+        if a.get(key) != b.get(key):
+            if key == "teachers":
+                return (f"teachers {[t['name'] for t in a['teachers']]} vs {[t['name'] for t in b['teachers']]} "
+                        f"(or their checkpoints changed)")
+            if key == "token_store":
+                return "it was built from another token store"
+            return f"{key} {a.get(key)} vs {b.get(key)}"
+    return "unknown difference"
+
+
+def open_or_create(root: Path, plan: dict[str, Any], *, force: bool = False) -> dict[str, Any]:
+    """Create the cache described by `plan`, or open it for resuming when it already holds the same plan.
+
+    Safe to call from several processes at once (`--part`, torchrun ranks): a file lock serialises creation.
+    """
+    import zarr
+
+    root = Path(root)
+    if root.exists() and root.is_file():
+        raise CachekdError(f"output {str(root)!r} is a file; choose a directory for the cache.")
+    with _lock(root):
+        plan_file = root / "plan.json"
+        if plan_file.exists():
+            old = read_json(plan_file)
+            if _identity(old) == _identity(plan):
+                return old
+            if not force:
+                raise CachekdError(
+                    f"the cache at {str(root)!r} was started with different settings ({_describe_difference(old, plan)}); "
+                    f"choose another output or pass --force to start it again."
+                )
+            _clear(root)
+        elif any(p.name != ".lock" for p in root.iterdir()):
+            raise CachekdError(f"output {str(root)!r} is not empty and is not a logit cache; choose another path.")
+        group = zarr.open_group(str(root), mode="w", zarr_format=3)
+        group.attrs["cachekd"] = fmt.FORMAT
+        ts = plan["token_store"]
+        for split, num_windows in plan["splits"].items():
+            for t in plan["teachers"]:
+                fmt.create_arrays(
+                    group, split, t["name"], num_windows=num_windows, seq_len=ts["seq_len"],
+                    chunk_windows=ts["chunk_windows"], vocab_size=ts["vocab_size"], mode=plan["mode"],
+                    k=plan["k"], num_temperatures=len(plan["temperatures"]),
+                )
+        atomic_write_json(plan_file, plan)
+        return plan
+
+
+def _clear(root: Path) -> None:
+    import shutil
+
+    for p in root.iterdir():
+        if p.name == ".lock":
+            continue
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+
+
+def is_done(root: Path, split: str, chunk: int) -> bool:
+    return fmt.done_path(root, split, chunk).exists()
+
+
+def mark_done(root: Path, split: str, chunk: int, stats: dict[str, Any]) -> None:
+    """Write the chunk's done-marker; call only after all its data is written."""
+    atomic_write_bytes(fmt.done_path(root, split, chunk), json.dumps(stats).encode())
+
+
+class ChunkWriter:
+    """Writes one chunk's encoded arrays for every teacher (called from the background writer thread)."""
+
+    def __init__(self, root: Path, plan: dict[str, Any]):
+        import zarr
+
+        self.root = Path(root)
+        self.plan = plan
+        self.group = zarr.open_group(str(root), mode="r+")
+        self._arrays: dict[str, Any] = {}
+
+    def _arr(self, split: str, teacher: str, name: str):
+        key = fmt.array_path(split, teacher, name)
+        if key not in self._arrays:
+            self._arrays[key] = self.group[key]
+        return self._arrays[key]
+
+    def write(self, split: str, chunk: int, results: dict[str, dict[str, np.ndarray]], stats: dict[str, Any]) -> None:
+        cw = self.plan["token_store"]["chunk_windows"]
+        start = chunk * cw
+        vocab = self.plan["token_store"]["vocab_size"]
+        for teacher, r in results.items():
+            stop = start + len(next(iter(r.values())))
+            if self.plan["mode"] == "topk":
+                ids, q = fmt.encode_topk(r["ids"], r["logprobs"], vocab)
+                self._arr(split, teacher, "ids")[start:stop] = ids
+                self._arr(split, teacher, "logprobs")[start:stop] = q
+                self._arr(split, teacher, "tail_lse")[start:stop] = r["tail_lse"]
+            else:
+                self._arr(split, teacher, "logits")[start:stop] = r["logits"]
+        mark_done(self.root, split, chunk, stats)
+
+
+def pending_chunks(root: Path, split: str, num_chunks: int) -> list[int]:
+    done_dir = Path(root) / "done" / split
+    done = {int(p.stem) for p in done_dir.glob("*.json")} if done_dir.exists() else set()
+    return [c for c in range(num_chunks) if c not in done]
+
+
+def finalize(root: Path, plan: dict[str, Any]) -> dict[str, Any] | None:
+    """Write manifest.json when every chunk of every split is done; returns it (None while work remains)."""
+    import math
+
+    root = Path(root)
+    with _lock(root):
+        if (root / "manifest.json").exists():
+            return read_json(root / "manifest.json")
+        cw = plan["token_store"]["chunk_windows"]
+        stats: dict[str, Any] = {}
+        for split, num_windows in plan["splits"].items():
+            num_chunks = math.ceil(num_windows / cw)
+            if pending_chunks(root, split, num_chunks):
+                return None
+            per_chunk = [read_json(fmt.done_path(root, split, c)) for c in range(num_chunks)]
+            stats[split] = _merge_stats(per_chunk)
+        nbytes = sum(f.stat().st_size for f in root.rglob("*") if f.is_file() and "done" not in f.parts)
+        positions = sum(plan["splits"].values()) * plan["token_store"]["seq_len"]
+        manifest = dict(plan)
+        manifest.update({
+            "complete": True,
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "cachekd_version": __version__,
+            "stats": stats,
+            "bytes_on_disk": nbytes,
+            "bytes_per_position": nbytes / max(positions, 1),
+        })
+        atomic_write_json(root / "manifest.json", manifest)
+        return manifest
+
+
+def _merge_stats(chunks: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per teacher: positions, mean top-k mass per τ, entropy mean/min/max."""
+    out: dict[str, Any] = {}
+    for c in chunks:
+        for teacher, s in c["teachers"].items():
+            o = out.setdefault(teacher, {"positions": 0, "topk_mass_sum": {}, "entropy_sum": 0.0,
+                                         "entropy_min": float("inf"), "entropy_max": float("-inf")})
+            o["positions"] += s["positions"]
+            for tau, v in s.get("topk_mass_sum", {}).items():
+                o["topk_mass_sum"][tau] = o["topk_mass_sum"].get(tau, 0.0) + v
+            o["entropy_sum"] += s["entropy_sum"]
+            o["entropy_min"] = min(o["entropy_min"], s["entropy_min"])
+            o["entropy_max"] = max(o["entropy_max"], s["entropy_max"])
+    for o in out.values():
+        n = max(o["positions"], 1)
+        o["mean_topk_mass"] = {tau: v / n for tau, v in o.pop("topk_mass_sum").items()}
+        o["entropy_mean"] = o.pop("entropy_sum") / n
+    return out

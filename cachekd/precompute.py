@@ -1,0 +1,404 @@
+"""Run frozen teacher(s) once over a token store and write their outputs into a logit cache.
+
+The teacher's forward runs in inference mode (autocast on GPU), top-k and `tail_lse` are computed on the device,
+and only the small result is copied back; encoding, compression and disk writes happen in a background thread so
+the teacher never waits on them. Work is split into the token store's chunks; each chunk is marked done only
+after its data is written, so a killed run restarts where it stopped, and `--part i/n` jobs or torchrun ranks take
+disjoint chunks.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from cachekd.cache import writer as cw
+from cachekd.cache.format import FORMAT, FORMAT_VERSION
+from cachekd.errors import CachekdError
+from cachekd.tokens import TokenStore
+
+
+@dataclass
+class PrecomputeConfig:
+    """Options of ``cachekd precompute``."""
+
+    store: str = ""
+    """Token store to run the teachers over."""
+    teachers: list[str] = field(default_factory=list)
+    """Teacher checkpoints: an HF directory, a `cachekd train` run directory, a registry name, or NAME=PATH."""
+    output: str = ""
+    """Directory of the logit cache."""
+    top_k: int = 64
+    """Logits kept per position (ignored with `full`)."""
+    full: bool = False
+    """Store all logits in fp16 instead of the top-k (small vocabularies, exactness tests)."""
+    temperatures: list[float] = field(default_factory=lambda: [1.0, 2.0])
+    """Temperatures for which `tail_lse` is stored; distillation can use exactly these."""
+    splits: list[str] = field(default_factory=lambda: ["train", "dev"])
+    batch_size: int = 32
+    """Windows per teacher forward."""
+    device: str = "auto"
+    dtype: str = "auto"
+    """Autocast dtype: auto (bf16 on CUDA, fp32 on CPU), bf16, fp16 or fp32."""
+    registry: str | None = None
+    """YAML file with a `teachers:` mapping of names to checkpoint paths (default: ./cachekd.yaml if present)."""
+    part: str | None = None
+    """`i/n`: this job takes every n-th chunk starting at the i-th (1-based), for independent parallel jobs."""
+    queue_size: int = 4
+
+    def __post_init__(self) -> None:
+        if not self.full and self.top_k < 1:
+            raise CachekdError(f"--top-k must be at least 1 (got {self.top_k}).")
+        for t in self.temperatures:
+            if not t > 0 or not math.isfinite(t):
+                raise CachekdError(f"temperatures must be positive numbers (got {t}).")
+        if len(set(self.temperatures)) != len(self.temperatures):
+            raise CachekdError("--temperatures lists a value twice.")
+        if self.batch_size < 1:
+            raise CachekdError(f"--batch-size must be at least 1 (got {self.batch_size}).")
+        if self.dtype not in ("auto", "bf16", "fp16", "fp32"):
+            raise CachekdError(f"--dtype must be auto, bf16, fp16 or fp32 (got {self.dtype!r}).")
+        parse_part(self.part)
+
+
+def parse_part(part: str | None) -> tuple[int, int]:
+    """'i/n' (1-based) → (i-1, n); None → (0, 1)."""
+    if not part:
+        return 0, 1
+    try:
+        i, n = (int(x) for x in part.split("/"))
+    except ValueError:
+        raise CachekdError(f"--part must look like i/n, for example 1/4 (got {part!r}).") from None
+    if not 1 <= i <= n:
+        raise CachekdError(f"--part {part}: i must be between 1 and n.")
+    return i - 1, n
+
+
+# --------------------------------------------------------------------------------------------- teachers
+
+
+def load_registry(path: str | None) -> dict[str, str]:
+    import yaml
+
+    p = Path(path) if path else Path(os.environ.get("CACHEKD_REGISTRY", "cachekd.yaml"))
+    if not p.exists():
+        if path:
+            raise CachekdError(f"registry {str(p)!r} does not exist.")
+        return {}
+    data = yaml.safe_load(p.read_text()) or {}
+    teachers = data.get("teachers", {}) if isinstance(data, dict) else {}
+    if not isinstance(teachers, dict):
+        raise CachekdError(f"registry {str(p)!r}: `teachers` must map names to checkpoint paths.")
+    base = p.parent
+    return {str(k): str(v if Path(v).is_absolute() else base / v) for k, v in teachers.items()}
+
+
+def resolve_teachers(specs: list[str], registry: str | None = None) -> list[tuple[str, Path]]:
+    """Teacher specs → unique (name, checkpoint directory) pairs."""
+    from cachekd.models import resolve_model_dir
+
+    if not specs:
+        raise CachekdError("no teacher given: pass --teacher PATH (or a name from the registry).")
+    reg = None
+    out: list[tuple[str, Path]] = []
+    for spec in specs:
+        name, _, path = spec.partition("=") if "=" in spec else ("", "", spec)
+        if not Path(path).exists():
+            reg = load_registry(registry) if reg is None else reg
+            if path in reg:
+                name, path = name or path, reg[path]
+            else:
+                known = f" (registered: {', '.join(sorted(reg))})" if reg else " and no registry (cachekd.yaml) lists it"
+                raise CachekdError(f"teacher {spec!r} is neither a checkpoint directory nor a registered name{known}.")
+        d = resolve_model_dir(path)
+        if not name:
+            name = (d.parent.name if d.name == "model" else d.name) or "teacher"
+        name = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+        if name in (n for n, _ in out):
+            i = 2
+            while f"{name}-{i}" in (n for n, _ in out):
+                i += 1
+            name = f"{name}-{i}"
+        out.append((name, d))
+    return out
+
+
+def _teacher_vocab(model) -> int:
+    from cachekd.models import output_embedding
+
+    head = output_embedding(model)
+    return int(getattr(head, "out_features", None) or head.weight.shape[0])
+
+
+def check_teacher(name: str, path: Path, model, store: TokenStore) -> dict[str, Any]:
+    """Refuse a teacher whose vocabulary does not fit the store; accept padded embeddings (logits dropped)."""
+    from cachekd.corpus import load_tokenizer, tokenizer_fingerprint
+    from cachekd.models import checkpoint_fingerprint, count_parameters
+
+    v_model, v_store = _teacher_vocab(model), store.vocab_size
+    if v_model < v_store:
+        raise CachekdError(
+            f"teacher {name!r} has a vocabulary of {v_model} tokens but the token store's tokenizer has {v_store}; "
+            f"use a teacher trained with this tokenizer."
+        )
+    if (path / "tokenizer.json").exists():
+        fp = tokenizer_fingerprint(load_tokenizer(path))
+        if fp != store.tokenizer_fingerprint:
+            raise CachekdError(
+                f"teacher {name!r} comes with a different tokenizer than the token store {str(store.path)!r}; "
+                f"prepare the store with --tokenizer {path} or use a matching teacher."
+            )
+    return {
+        "name": name,
+        "path": str(path.resolve()),
+        "fingerprint": checkpoint_fingerprint(path),
+        "model_type": getattr(model.config, "model_type", type(model).__name__),
+        "num_params": count_parameters(model),
+        "model_vocab_size": v_model,
+        "padded_logits_dropped": v_model - v_store,
+    }
+
+
+# ----------------------------------------------------------------------------------------- the math
+
+
+@torch.no_grad()
+def teacher_targets(logits: torch.Tensor, vocab_size: int, k: int | None, temperatures: list[float]
+                    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """What the cache stores for a batch of teacher logits (b, L, V_model), computed on their device in float32.
+
+    Returns (arrays, per-position stats). top-k mode: `ids` (b,L,k), `logprobs` (b,L,k) τ=1 log-probabilities,
+    `tail_lse` (b,L,n_τ) = logsumexp over non-top-k v of log p_v/τ. Full mode (k None): `logits` (b,L,V) fp16.
+    Stats: `entropy` (b,L) at τ=1 and `topk_mass` (b,L,n_τ). Padded logits beyond `vocab_size` are dropped.
+    """
+    z = logits[..., :vocab_size].float()
+    lp = torch.log_softmax(z, dim=-1)
+    entropy = -(lp.exp() * lp).sum(-1)
+    if k is None:
+        return {"logits": z.half()}, {"entropy": entropy}
+    vals, idx = lp.topk(k, dim=-1)
+    masked = lp.scatter(-1, idx, float("-inf"))
+    tails, masses = [], []
+    for tau in temperatures:
+        tail = torch.logsumexp(masked / tau, dim=-1)
+        head = torch.logsumexp(vals / tau, dim=-1)
+        tails.append(tail)
+        masses.append(torch.exp(head - torch.logaddexp(head, tail)))
+    return ({"ids": idx, "logprobs": vals, "tail_lse": torch.stack(tails, -1)},
+            {"entropy": entropy, "topk_mass": torch.stack(masses, -1)})
+
+
+# ------------------------------------------------------------------------------------------ running
+
+
+def _device(spec: str) -> torch.device:
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if spec.startswith("cuda") and not torch.cuda.is_available():
+        raise CachekdError(f"--device {spec} was asked for but no CUDA GPU is available; use --device cpu.")
+    return torch.device(spec)
+
+
+def autocast_dtype(spec: str, device: torch.device) -> torch.dtype | None:
+    if spec == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[spec]
+
+
+class _BackgroundWriter:
+    """Encodes, compresses and writes finished chunks while the teacher computes the next ones."""
+
+    def __init__(self, writer: cw.ChunkWriter, maxsize: int):
+        self.writer = writer
+        self.q: queue.Queue = queue.Queue(maxsize=maxsize)
+        self.error: BaseException | None = None
+        self.bytes_written = 0
+        self.thread = threading.Thread(target=self._run, daemon=True, name="cachekd-writer")
+        self.thread.start()
+
+    def _run(self) -> None:
+        while True:
+            item = self.q.get()
+            if item is None:
+                return
+            if self.error is not None:
+                continue
+            try:
+                self.writer.write(*item)
+            except BaseException as e:  # noqa: BLE001 - re-raised in the main thread
+                self.error = e
+
+    def put(self, item) -> None:
+        while True:
+            self._raise()
+            try:
+                self.q.put(item, timeout=0.5)
+                return
+            except queue.Full:
+                continue
+
+    def close(self) -> None:
+        self.q.put(None)
+        self.thread.join()
+        self._raise()
+
+    def _raise(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+
+def _dist_info() -> tuple[int, int]:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def build_plan(cfg: PrecomputeConfig, store: TokenStore, teachers: list[dict[str, Any]], vocab: int) -> dict[str, Any]:
+    splits = {}
+    for s in cfg.splits:
+        if s not in store.splits():
+            raise CachekdError(f"the token store has no {s!r} split (it has {', '.join(store.splits())}).")
+        splits[s] = store.num_windows(s)
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "token_store": {
+            "path": str(store.path.resolve()), "fingerprint": store.fingerprint,
+            "tokenizer_fingerprint": store.tokenizer_fingerprint, "seq_len": store.seq_len,
+            "vocab_size": vocab, "chunk_windows": store.chunk_windows,
+        },
+        "teachers": teachers,
+        "mode": "full" if cfg.full else "topk",
+        "k": None if cfg.full else cfg.top_k,
+        "temperatures": [] if cfg.full else [float(t) for t in cfg.temperatures],
+        "splits": splits,
+        "encoding": {"ids": "sorted, delta", "logprobs": "uint16 fixed point, 1/1024 nat", "tail_lse": "float32",
+                     "logits": "float16"},
+    }
+
+
+def precompute(cfg: PrecomputeConfig, *, force: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Fill the cache. Returns a summary (and the manifest once the cache is complete)."""
+    from tqdm.auto import tqdm
+
+    from cachekd.models import load_model
+
+    if not cfg.output:
+        raise CachekdError("no output path given: pass --output DIR for the cache.")
+    store = TokenStore.open(cfg.store)
+    vocab = store.vocab_size
+    if not cfg.full and cfg.top_k > vocab:
+        raise CachekdError(f"--top-k {cfg.top_k} is larger than the vocabulary ({vocab} tokens).")
+    device = _device(cfg.device)
+    amp = autocast_dtype(cfg.dtype, device)
+    models, infos = [], []
+    for name, path in resolve_teachers(cfg.teachers, cfg.registry):
+        m = load_model(path)
+        infos.append(check_teacher(name, path, m, store))
+        models.append(m.to(device).eval())
+    plan = build_plan(cfg, store, infos, vocab)
+    root = Path(cfg.output)
+    rank, world = _dist_info()
+    if world > 1 and force and rank != 0:
+        force = False  # only rank 0 may clear; the others then find its plan
+    if world > 1:
+        import torch.distributed as dist
+
+        if rank == 0:
+            plan = cw.open_or_create(root, plan, force=force)
+        dist.barrier()
+        if rank != 0:
+            plan = cw.open_or_create(root, plan)
+    else:
+        plan = cw.open_or_create(root, plan, force=force)
+    part_i, part_n = parse_part(cfg.part)
+    slot, slots = part_i * world + rank, part_n * world
+
+    k = None if cfg.full else cfg.top_k
+    temps = plan["temperatures"]
+    chunkw = store.chunk_windows
+    todo: list[tuple[str, int]] = []
+    for split, n in plan["splits"].items():
+        for c in cw.pending_chunks(root, split, math.ceil(n / chunkw)):
+            if c % slots == slot:
+                todo.append((split, c))
+    positions = sum(len(store.read_chunk(s, c)) if c == store.num_chunks(s) - 1 else chunkw for s, c in todo) * store.seq_len
+
+    bg = _BackgroundWriter(cw.ChunkWriter(root, plan), cfg.queue_size)
+    t0 = time.perf_counter()
+    done_positions = 0
+    try:
+        with tqdm(total=positions, desc="precompute", unit="pos", unit_scale=True, disable=not progress) as bar:
+            for split, chunk in todo:
+                tokens = store.read_chunk(split, chunk)
+                results: dict[str, dict[str, np.ndarray]] = {}
+                stats: dict[str, Any] = {"teachers": {}}
+                for info, model in zip(infos, models):
+                    parts: dict[str, list[torch.Tensor]] = {}
+                    ent, mass = [], []
+                    for b in range(0, len(tokens), cfg.batch_size):
+                        x = torch.from_numpy(tokens[b:b + cfg.batch_size].astype(np.int64)).to(device)
+                        with torch.inference_mode(), torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+                            logits = model(input_ids=x).logits
+                        bad = ~torch.isfinite(logits[..., :vocab]).all(dim=-1).all(dim=-1)
+                        if bool(bad.any()):
+                            w = chunk * chunkw + b + int(bad.nonzero()[0])
+                            raise CachekdError(
+                                f"teacher {info['name']!r} produced NaN or inf logits on {split} window {w}; "
+                                f"check the checkpoint (or try --dtype fp32)."
+                            )
+                        arrays, st = teacher_targets(logits, vocab, k, temps)
+                        for key, v in arrays.items():
+                            parts.setdefault(key, []).append(v.to("cpu", non_blocking=True))
+                        ent.append(st["entropy"].cpu())
+                        if "topk_mass" in st:
+                            mass.append(st["topk_mass"].cpu())
+                    results[info["name"]] = {key: torch.cat(v).numpy() for key, v in parts.items()}
+                    e = torch.cat(ent).double()
+                    s: dict[str, Any] = {"positions": int(e.numel()), "entropy_sum": float(e.sum()),
+                                         "entropy_min": float(e.min()), "entropy_max": float(e.max())}
+                    if mass:
+                        msum = torch.cat(mass).double().flatten(0, -2).sum(0)
+                        s["topk_mass_sum"] = {str(t): float(v) for t, v in zip(temps, msum)}
+                    stats["teachers"][info["name"]] = s
+                bg.put((split, chunk, results, stats))
+                done_positions += tokens.size
+                bar.update(tokens.size)
+        bg.close()
+    except BaseException:
+        try:
+            bg.close()
+        except BaseException:  # noqa: BLE001 - the first error is the one to report
+            pass
+        raise
+    elapsed = time.perf_counter() - t0
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+    manifest = cw.finalize(root, plan) if rank == 0 or world == 1 else None
+    remaining = 0
+    if manifest is None:
+        remaining = sum(len(cw.pending_chunks(root, s, math.ceil(n / chunkw))) for s, n in plan["splits"].items())
+    return {
+        "output": str(root),
+        "positions_computed": done_positions,
+        "seconds": elapsed,
+        "positions_per_s": done_positions / elapsed if elapsed > 0 else None,
+        "complete": manifest is not None,
+        "chunks_remaining": remaining,
+        "manifest": manifest,
+    }

@@ -1,0 +1,97 @@
+from __future__ import annotations
+
+import click
+
+from cachekd_cli.common import echo_json, echo_mapping
+from cachekd_cli.main import cli
+
+
+def _floats(ctx, param, value):
+    if value is None:
+        return None
+    try:
+        return [float(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated numbers, got {value!r}") from None
+
+
+@cli.command("precompute")
+@click.option("--store", required=True, type=click.Path(), help="Token store made by `cachekd prepare`.")
+@click.option("--teacher", "teachers", multiple=True, required=True,
+              help="Teacher: HF checkpoint dir, `cachekd train` run dir, a registry name, or NAME=PATH. Repeat for several.")
+@click.option("-o", "--output", required=True, type=click.Path(), help="Directory of the logit cache.")
+@click.option("--top-k", default=64, show_default=True, type=int, help="Logits kept per position.")
+@click.option("--full", is_flag=True, help="Store all logits (fp16) instead of the top-k.")
+@click.option("--temperatures", default="1.0,2.0", show_default=True, callback=_floats,
+              help="Temperatures to store the exact tail mass for (comma-separated).")
+@click.option("--splits", default="train,dev", show_default=True, help="Token-store splits to cache.")
+@click.option("--batch-size", default=32, show_default=True, type=int, help="Windows per teacher forward.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1, ...")
+@click.option("--dtype", type=click.Choice(["auto", "bf16", "fp16", "fp32"]), default="auto", show_default=True,
+              help="Autocast dtype of the teacher forward (auto: bf16 on CUDA, fp32 on CPU).")
+@click.option("--registry", type=click.Path(), default=None,
+              help="YAML with `teachers: {name: path}` for --teacher NAME (default ./cachekd.yaml).")
+@click.option("--part", default=None, help="i/n: take every n-th chunk from the i-th, for independent parallel jobs.")
+@click.option("--force", is_flag=True, help="Start again over a cache begun with other settings.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def precompute_command(store, teachers, output, top_k, full, temperatures, splits, batch_size, device, dtype,
+                       registry, part, force, as_json, quiet):
+    """Run the frozen teacher(s) ONCE over a token store and cache their outputs for every later student.
+
+    Per position it keeps the top-k teacher log-probabilities and ids plus the exact log-sum-exp of the rest
+    (tail_lse) at each --temperatures value, or with --full every logit. Killed at any moment, the same command
+    resumes where it stopped. Under `torchrun --nproc-per-node N cachekd precompute ...` each rank takes its own
+    chunks; `--part i/n` does the same for independent jobs.
+
+    \b
+    Example:
+      cachekd precompute --store runs/tokens --teacher runs/teacher-llama --teacher runs/teacher-gpt2 -o runs/cache
+    """
+    from cachekd.precompute import PrecomputeConfig, precompute
+
+    cfg = PrecomputeConfig(
+        store=store, teachers=list(teachers), output=output, top_k=top_k, full=full, temperatures=temperatures,
+        splits=[s.strip() for s in splits.split(",") if s.strip()], batch_size=batch_size, device=device, dtype=dtype,
+        registry=registry, part=part,
+    )
+    result = precompute(cfg, force=force, progress=not quiet and not as_json)
+    if as_json:
+        echo_json({k: v for k, v in result.items() if k != "manifest"})
+        return
+    rate = result["positions_per_s"]
+    click.echo(f"Computed {result['positions_computed']} positions in {result['seconds']:.1f} s"
+               + (f" ({rate:,.0f} positions/s)" if rate else ""))
+    if result["complete"]:
+        from cachekd.cache.reader import LogitCache
+
+        click.echo(f"Cache {output} is complete.")
+        echo_mapping(LogitCache.open(output).summary())
+    else:
+        click.echo(f"{result['chunks_remaining']} chunks remain for other parts; run them, then the cache completes.")
+
+
+@cli.command("verify")
+@click.argument("cache", type=click.Path())
+@click.option("--store", type=click.Path(), default=None, help="Token store to check against (default: the recorded one).")
+@click.option("--recompute", default=0, show_default=True, type=int, help="Re-run the teachers on N random windows and report the largest difference.")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--json", "as_json", is_flag=True)
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def verify_command(cache, store, recompute, seed, as_json, quiet):
+    """Check a logit cache: every chunk present and finite, ids in range and unique per row, fingerprints matching
+    the token store; with --recompute N also re-run the teachers on N windows. Exits 1 when anything is wrong."""
+    from cachekd.cache.verify import verify_cache
+
+    report = verify_cache(cache, store_path=store, recompute=recompute, seed=seed, progress=not quiet and not as_json)
+    if as_json:
+        echo_json(report)
+    else:
+        click.echo(f"Checked {report['chunks_checked']}/{report['chunks_total']} chunks of {cache}.")
+        if "recompute" in report:
+            echo_mapping({"recompute": report["recompute"]})
+        for p in report["problems"]:
+            click.echo(f"problem: {p}")
+        click.echo("OK" if report["ok"] else f"{len(report['problems'])} problem(s) found.")
+    if not report["ok"]:
+        raise SystemExit(1)
