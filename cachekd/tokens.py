@@ -46,11 +46,11 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
 
 
-def blosc(typesize: int):
+def blosc(typesize: int, clevel: int = 3):
     """Blosc zstd with byte shuffle and an explicit typesize (without it, zarr v3's shuffle does nothing)."""
     from zarr.codecs import BloscCodec
 
-    return BloscCodec(cname="zstd", clevel=3, shuffle="shuffle", typesize=typesize)
+    return BloscCodec(cname="zstd", clevel=clevel, shuffle="shuffle", typesize=typesize)
 
 
 @dataclass

@@ -24,6 +24,8 @@ def _floats(ctx, param, value):
 @click.option("--full", is_flag=True, help="Store all logits (fp16) instead of the top-k.")
 @click.option("--temperatures", default="1.0,2.0", show_default=True, callback=_floats,
               help="Temperatures to store the exact tail mass for (comma-separated).")
+@click.option("--logprob-step", default=1 / 512, show_default="1/512", type=float,
+              help="Fixed-point step of the stored log-probabilities; the largest error is half of it.")
 @click.option("--splits", default="train,dev", show_default=True, help="Token-store splits to cache.")
 @click.option("--batch-size", default=32, show_default=True, type=int, help="Windows per teacher forward.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1, ...")
@@ -35,7 +37,7 @@ def _floats(ctx, param, value):
 @click.option("--force", is_flag=True, help="Start again over a cache begun with other settings.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def precompute_command(store, teachers, output, top_k, full, temperatures, splits, batch_size, device, dtype,
+def precompute_command(store, teachers, output, top_k, full, temperatures, logprob_step, splits, batch_size, device, dtype,
                        registry, part, force, as_json, quiet):
     """Run the frozen teacher(s) ONCE over a token store and cache their outputs for every later student.
 
@@ -53,7 +55,7 @@ def precompute_command(store, teachers, output, top_k, full, temperatures, split
     cfg = PrecomputeConfig(
         store=store, teachers=list(teachers), output=output, top_k=top_k, full=full, temperatures=temperatures,
         splits=[s.strip() for s in splits.split(",") if s.strip()], batch_size=batch_size, device=device, dtype=dtype,
-        registry=registry, part=part,
+        registry=registry, part=part, logprob_step=logprob_step,
     )
     result = precompute(cfg, force=force, progress=not quiet and not as_json)
     if as_json:

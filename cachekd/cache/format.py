@@ -7,19 +7,23 @@
       plan.json                         what this cache is to hold; written when it is created (resume checks it)
       <split>/<teacher>/ids             (N, L, k) uint16|uint32: top-k ids sorted within the row, delta-encoded
       <split>/<teacher>/logprobs        (N, L, k) uint16: teacher log-probabilities at τ=1, fixed point,
-                                        value = −stored / LOGPROB_SCALE (step 2⁻¹⁰ nats; clipped at −64)
-      <split>/<teacher>/tail_lse        (N, L, n_τ) float32: logsumexp over the tokens NOT in the top-k of
-                                        (log p_v / τ) for each cached τ, with log p the τ=1 log-probabilities
+                                        value = −stored / scale (default scale 512: step 2⁻⁹ nats,
+                                        clipped at −128; `--logprob-step` trades precision for size)
+      <split>/<teacher>/tail_lse        (N, L, n_τ) int16: logsumexp over the tokens NOT in the top-k of
+                                        (log p_v / τ) for each cached τ, with log p the τ=1 log-probabilities;
+                                        fixed point value = stored / TAIL_SCALE, TAIL_NEG_INF = −inf (k = V)
       <split>/<teacher>/logits          (N, L, V) float16: all raw logits (full mode only)
       done/<split>/<chunk>.json         marker written after every teacher's data of that chunk is on disk;
                                         holds the chunk's statistics
       manifest.json                     written last: its presence means the cache is complete
 
-Why these encodings (measured, see benchmarks/bench_cache.py): sorted ids stored as deltas compress ~2× better
-under Blosc-zstd with byte shuffle; fixed-point log-probabilities keep every stored top-k log-probability within
-2⁻¹¹ ≈ 4.9e-4 nats of the fp32 value, which fp16 logits cannot (fp16 rounds a logit of 12 by up to 4e-3). The
-values are shift-invariant logits as far as the losses are concerned: softmax, mixing and averaging of several
-teachers all ignore a per-position constant, and `tail_lse` uses the same shift.
+Why these encodings (measured on a trained teacher, k=64, V=8000; benchmarks/bench_cache.py reproduces it):
+sorted ids stored as deltas take ~18 B/position under Blosc-zstd level 9 with byte shuffle (random-order ids
+~86); fixed-point log-probabilities keep every stored top-k log-probability within 2⁻¹⁰ ≈ 9.8e-4 nats of the
+fp32 value, which fp16 cannot (fp16 rounds a log-probability of −12 by up to 4e-3), at ~86 B/position; a
+finer 2⁻¹⁰ step costs ~8 B/position more. The values are shift-invariant logits as far as the losses are
+concerned: softmax, mixing and averaging of several teachers all ignore a per-position constant, and `tail_lse`
+uses the same shift. Level 9 costs ~50 ms a chunk in the background writer and nothing when reading.
 """
 
 from __future__ import annotations
@@ -30,8 +34,11 @@ import numpy as np
 
 FORMAT = "cachekd-logit-cache"
 FORMAT_VERSION = 1
-LOGPROB_SCALE = 1024.0          # fixed-point steps per nat
-LOGPROB_MIN = -65535 / LOGPROB_SCALE  # ≈ −64 nats: smaller top-k log-probabilities are clipped here
+LOGPROB_SCALE = 512.0           # fixed-point steps per nat: max rounding error 2⁻¹⁰ ≈ 9.8e-4
+LOGPROB_MIN = -65535 / LOGPROB_SCALE  # ≈ −128 nats: smaller top-k log-probabilities are clipped here
+TAIL_SCALE = 512.0              # tail_lse fixed point: range ±64, max rounding error 9.8e-4
+TAIL_NEG_INF = -32768           # stored for an empty tail (k = V)
+CLEVEL = 9
 MAX_FULL_CHUNK_BYTES = 32 << 20
 
 
@@ -59,7 +66,7 @@ def full_chunk_windows(chunk_windows: int, seq_len: int, vocab_size: int) -> int
 def blosc(typesize: int):
     from cachekd.tokens import blosc as _blosc
 
-    return _blosc(typesize)
+    return _blosc(typesize, clevel=CLEVEL)
 
 
 def create_arrays(group, split: str, teacher: str, *, num_windows: int, seq_len: int, chunk_windows: int,
@@ -72,7 +79,7 @@ def create_arrays(group, split: str, teacher: str, *, num_windows: int, seq_len:
             ("ids", (num_windows, seq_len, k), (chunk_windows, seq_len, k), idt),
             ("logprobs", (num_windows, seq_len, k), (chunk_windows, seq_len, k), np.dtype(np.uint16)),
             ("tail_lse", (num_windows, seq_len, num_temperatures), (chunk_windows, seq_len, num_temperatures),
-             np.dtype(np.float32)),
+             np.dtype(np.int16)),
         ]
     else:
         fw = full_chunk_windows(chunk_windows, seq_len, vocab_size)
@@ -84,13 +91,16 @@ def create_arrays(group, split: str, teacher: str, *, num_windows: int, seq_len:
         )
 
 
-def encode_topk(ids: np.ndarray, logprobs: np.ndarray, vocab_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """(n, L, k) ids and τ=1 log-probabilities → (delta-encoded sorted ids, fixed-point log-probabilities)."""
+def encode_topk(ids: np.ndarray, logprobs: np.ndarray, vocab_size: int, scale: float = LOGPROB_SCALE
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """(n, L, k) ids and τ=1 log-probabilities → (delta-encoded sorted ids, fixed-point log-probabilities).
+
+    `scale` is fixed-point steps per nat: the largest rounding error is 1/(2·scale)."""
     order = np.argsort(ids, axis=-1, kind="stable")
     ids_sorted = np.take_along_axis(ids, order, axis=-1).astype(np.int64)
     lp_sorted = np.take_along_axis(logprobs, order, axis=-1)
     deltas = np.diff(ids_sorted, axis=-1, prepend=0).astype(id_dtype(vocab_size))
-    q = np.clip(np.rint(-lp_sorted.astype(np.float64) * LOGPROB_SCALE), 0, 65535).astype(np.uint16)
+    q = np.clip(np.rint(-lp_sorted.astype(np.float64) * scale), 0, 65535).astype(np.uint16)
     return deltas, q
 
 
@@ -99,5 +109,24 @@ def decode_ids(deltas: np.ndarray) -> np.ndarray:
     return np.cumsum(deltas.astype(np.int64), axis=-1)
 
 
-def decode_logprobs(q: np.ndarray) -> np.ndarray:
-    return q.astype(np.float32) * np.float32(-1.0 / LOGPROB_SCALE)
+def decode_logprobs(q: np.ndarray, scale: float = LOGPROB_SCALE) -> np.ndarray:
+    return q.astype(np.float32) * np.float32(-1.0 / scale)
+
+
+def logprob_scale(meta: dict) -> float:
+    """The fixed-point scale a cache was written with."""
+    return float(meta.get("encoding", {}).get("logprob_scale", LOGPROB_SCALE))
+
+
+def encode_tail(tail_lse: np.ndarray) -> np.ndarray:
+    """float tail_lse → int16 fixed point; −inf (no tail) → TAIL_NEG_INF. Finite values must lie within ±64."""
+    t = np.asarray(tail_lse, dtype=np.float64)
+    q = np.clip(np.rint(t * TAIL_SCALE), TAIL_NEG_INF + 1, 32767)
+    q = np.where(np.isneginf(t), TAIL_NEG_INF, q)
+    return q.astype(np.int16)
+
+
+def decode_tail(q: np.ndarray) -> np.ndarray:
+    out = q.astype(np.float32) * np.float32(1.0 / TAIL_SCALE)
+    out[q == TAIL_NEG_INF] = -np.inf
+    return out

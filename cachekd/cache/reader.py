@@ -19,7 +19,7 @@ class TeacherBlock:
     """One teacher's cached outputs for a run of windows.
 
     top-k mode: `ids` (n, L, k) int64 sorted ids, `logprobs` (n, L, k) float32 τ=1 log-probabilities (shift-invariant
-    logits for the losses), `tail_lse` (n, L, n_τ) float32. Full mode: `logits` (n, L, V) float16.
+    logits for the losses), `tail_lse` (n, L, n_τ) float32 (decoded from fixed point, ±9.8e-4). Full mode: `logits` (n, L, V) float16.
     """
 
     ids: np.ndarray | None = None
@@ -161,8 +161,8 @@ class LogitCache:
             else:
                 out[t] = TeacherBlock(
                     ids=fmt.decode_ids(self._array(split, t, "ids")[start:stop]),
-                    logprobs=fmt.decode_logprobs(self._array(split, t, "logprobs")[start:stop]),
-                    tail_lse=self._array(split, t, "tail_lse")[start:stop],
+                    logprobs=fmt.decode_logprobs(self._array(split, t, "logprobs")[start:stop], fmt.logprob_scale(self.meta)),
+                    tail_lse=fmt.decode_tail(self._array(split, t, "tail_lse")[start:stop]),
                 )
         return out
 

@@ -18,7 +18,7 @@ from cachekd.errors import CachekdError
 from cachekd.io import atomic_write_bytes, atomic_write_json, read_json
 
 # Plan keys that must agree for a cache to be resumed (the rest, e.g. batch size or device, may change).
-PLAN_IDENTITY = ("format_version", "token_store", "teachers", "mode", "k", "temperatures", "splits")
+PLAN_IDENTITY = ("format_version", "token_store", "teachers", "mode", "k", "temperatures", "splits", "encoding")
 
 
 @contextmanager
@@ -132,10 +132,10 @@ class ChunkWriter:
         for teacher, r in results.items():
             stop = start + len(next(iter(r.values())))
             if self.plan["mode"] == "topk":
-                ids, q = fmt.encode_topk(r["ids"], r["logprobs"], vocab)
+                ids, q = fmt.encode_topk(r["ids"], r["logprobs"], vocab, fmt.logprob_scale(self.plan))
                 self._arr(split, teacher, "ids")[start:stop] = ids
                 self._arr(split, teacher, "logprobs")[start:stop] = q
-                self._arr(split, teacher, "tail_lse")[start:stop] = r["tail_lse"]
+                self._arr(split, teacher, "tail_lse")[start:stop] = fmt.encode_tail(r["tail_lse"])
             else:
                 self._arr(split, teacher, "logits")[start:stop] = r["logits"]
         mark_done(self.root, split, chunk, stats)

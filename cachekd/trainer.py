@@ -1,0 +1,723 @@
+"""One training loop for plain language-model training (`cachekd train`) and distillation (`cachekd distill`).
+
+The stages of a step are methods: `batches` (aligned tokens + cached teacher outputs), `targets` (cached or
+live teacher outputs as loss targets), `micro_step` (forward, loss as local sums, backward), `train_step`
+(global counts, optimizer, schedules) and `train` (the loop, evaluation, checkpoints, metrics).
+
+Loss normalisation: each micro-batch's loss is its local *sum* divided by the *global* number of tokens (or
+sequences, for `batchmean`) of the whole optimizer step, known before the forward from the labels. So gradient
+accumulation and data parallelism give the same update as one big batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from cachekd import __version__
+from cachekd.config import from_dict, save_yaml, to_dict
+from cachekd.errors import CachekdError
+from cachekd.io import atomic_write_json, read_json, sha256_json
+from cachekd.models import ModelConfig
+from cachekd.schedules import Schedule
+
+
+@dataclass
+class DataConfig:
+    """Which windows, in which order, in what batches."""
+
+    store: str = ""
+    """Token store made by `cachekd prepare`."""
+    batch_size: int = 32
+    """Global batch: windows per optimizer step, over all processes and accumulation steps."""
+    micro_batch_size: int | None = None
+    """Windows per forward in one process; None = batch_size / processes (no gradient accumulation)."""
+    block_chunks: int = 8
+    """Shuffle buffer, in whole chunks of ~4096 positions."""
+    shuffle: bool = True
+    prefetch: int = 4
+    """Batches read and decoded ahead by the background loader thread."""
+    num_workers: int = 0
+    """DataLoader worker processes (0: a background thread in this process, which is usually enough)."""
+    eval_windows: int = 512
+    """Dev windows scored at each evaluation (0: all of them)."""
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with a cosine schedule after a linear warmup."""
+
+    lr: float = 3e-4
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1
+    """The cosine decays to lr · min_lr_ratio at the last step."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this (0: no clipping)."""
+    epochs: int = 1
+    max_steps: int | None = None
+    """Stop after this many optimizer steps (overrides epochs for the schedule length)."""
+    max_time_s: float | None = None
+    """Stop once this much training wall time has passed (for equal-compute comparisons); the LR schedule still
+    follows max_steps/epochs."""
+
+
+@dataclass
+class DistillConfig:
+    """The distillation term. Every constant is a config value; defaults follow Baby Llama where it is known."""
+
+    cache: str | None = None
+    """Logit cache made by `cachekd precompute` (not needed with `online`)."""
+    teachers: list[str] = field(default_factory=list)
+    """Subset of the cache's teachers (empty: all); with `online`, teacher checkpoints to run live."""
+    online: bool = False
+    """Run the teachers live at every step instead of reading the cache (the baseline for benchmarks)."""
+    objective: str = "forward_kl"
+    """forward_kl | reverse_kl | jsd | skew_forward_kl | skew_reverse_kl | tv."""
+    temperature: Schedule | float = 2.0
+    """τ (Baby Llama: 2; BabyLlama-2: 1). A top-k cache only has tail_lse for the temperatures it was built with."""
+    ce_weight: Schedule | float = 0.5
+    """λ in λ·CE + (1−λ)·τ²·KD (Baby Llama α=0.5)."""
+    alpha: Schedule | float = 1.0
+    """ChooBaCa mixing coefficient: target logits α·z_T + (1−α)·z_S; 1 = no mixing. A schedule such as
+    {kind: epoch_linear, start: 0.9, end: 0.5} gives the progressive α."""
+    tail_mode: str = "bucket"
+    """bucket | uniform | renormalize (top-k caches); mixing needs uniform."""
+    teacher_combine: str = "logits"
+    """logits (Baby Llama: average raw logits) | probs | losses."""
+    teacher_weights: list[float] | None = None
+    beta: float = 0.5
+    """JSD β."""
+    skew_lambda: float = 0.1
+    """Skew KL λ."""
+    detach_mix: bool = True
+    reduction: str = "token_mean"
+    """token_mean (default) | batchmean (Baby Llama compatibility: sum over positions, mean over sequences)."""
+    chunk_size: int | None = None
+    """Step-wise loss: positions per chunk; the student's logits are formed chunk by chunk and never all exist."""
+
+
+@dataclass
+class TrainConfig:
+    """Everything `cachekd train` and `cachekd distill` need; saved as config.yaml with every run."""
+
+    name: str = "run"
+    output: str = ""
+    """Run directory: config.yaml, metrics.jsonl, checkpoints/, model/ (HF format), summary.json."""
+    seed: int = 0
+    device: str = "auto"
+    """auto (CUDA when present), cpu, cuda, cuda:N."""
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """Autocast dtype of the forward; fp16 uses a gradient scaler (CUDA only)."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    distill: DistillConfig | None = None
+    """None: plain language-model training (cross-entropy)."""
+    log_every: int = 10
+    eval_every: int = 0
+    """Steps between dev evaluations (0: only at the end)."""
+    save_every: int = 200
+    """Steps between resumable checkpoints (0: only at the end)."""
+    keep_checkpoints: int = 2
+    tensorboard: bool = False
+
+    def __post_init__(self) -> None:
+        if self.data.batch_size < 1:
+            raise CachekdError("data.batch_size must be at least 1.")
+        if self.optim.lr <= 0:
+            raise CachekdError(f"optim.lr must be positive (got {self.optim.lr}).")
+        if self.optim.epochs < 1 and not self.optim.max_steps:
+            raise CachekdError("optim.epochs must be at least 1 (or set optim.max_steps).")
+        if self.precision == "fp16" and self.device == "cpu":
+            raise CachekdError("precision fp16 needs a CUDA device; use bf16 or fp32 on CPU.")
+        if self.distill is not None:
+            self.kd_config(1.0)  # validates the loss options early, naming the bad one
+
+
+    def kd_config(self, temperature: float):
+        from cachekd.losses import KDConfig
+
+        d = self.distill
+        assert d is not None
+        try:
+            return KDConfig(
+                objective=d.objective, temperature=temperature, beta=d.beta, skew_lambda=d.skew_lambda,
+                tail_mode=d.tail_mode, teacher_combine=d.teacher_combine,
+                teacher_weights=tuple(d.teacher_weights) if d.teacher_weights else None,
+                detach_mix=d.detach_mix, reduction=d.reduction,
+            )
+        except ValueError as e:
+            raise CachekdError(f"distill: {e}") from None
+
+
+# Fields that may change between a run and its resumption.
+RUNTIME_ONLY = {"output", "device", "log_every", "tensorboard", "save_every", "keep_checkpoints", "eval_every"}
+RUNTIME_ONLY_DATA = {"prefetch", "num_workers"}
+
+
+def config_identity(cfg: TrainConfig) -> dict[str, Any]:
+    d = to_dict(cfg)
+    for k in RUNTIME_ONLY:
+        d.pop(k, None)
+    for k in RUNTIME_ONLY_DATA:
+        d["data"].pop(k, None)
+    d["optim"].pop("max_time_s", None)
+    d["optim"].pop("max_steps", None)
+    return d
+
+
+def as_schedule(v: Schedule | float) -> Schedule:
+    return v if isinstance(v, Schedule) else Schedule(kind="constant", start=float(v), end=float(v))
+
+
+def load_train_config(data: dict[str, Any]) -> TrainConfig:
+    """TrainConfig from a YAML mapping; schedules may be written as plain numbers."""
+    return from_dict(TrainConfig, data, "config")
+
+
+# ------------------------------------------------------------------------------------------------ setup
+
+
+def _dist() -> tuple[int, int, int]:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0"))
+    return 0, 1, 0
+
+
+def _all_reduce(t: torch.Tensor, world: int) -> torch.Tensor:
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.all_reduce(t)
+    return t
+
+
+def _seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _rng_state() -> dict[str, Any]:
+    return {
+        "python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
+
+
+def _set_rng_state(s: dict[str, Any]) -> None:
+    random.setstate(s["python"])
+    np.random.set_state(s["numpy"])
+    torch.set_rng_state(s["torch"])
+    if s.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+class _StudentLoss(torch.nn.Module):
+    """The student plus its loss in one forward, so DistributedDataParallel sees every parameter use."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, labels, targets, kd_cfg, alpha: float, chunk_size: int | None):
+        from cachekd.losses import chunked_distill_loss, distill_loss
+        from cachekd.models import backbone, output_embedding
+
+        if chunk_size:
+            hidden = backbone(self.model)(input_ids=input_ids).last_hidden_state
+            head = output_embedding(self.model)
+            return chunked_distill_loss(hidden, head.weight, getattr(head, "bias", None), labels, targets, kd_cfg,
+                                        mix_alpha=alpha, chunk_size=chunk_size)
+        logits = self.model(input_ids=input_ids).logits
+        return distill_loss(logits, labels, targets, kd_cfg, mix_alpha=alpha)
+
+
+# ---------------------------------------------------------------------------------------------- trainer
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, *, resume: bool = False, force: bool = False, progress: bool = True):
+        from cachekd.cache.reader import LogitCache
+        from cachekd.loader import Order
+        from cachekd.models import build_model, count_parameters, quiet_transformers
+        from cachekd.tokens import TokenStore
+
+        quiet_transformers()
+        self.cfg, self.progress = cfg, progress
+        self.rank, self.world, local_rank = _dist()
+        self.is_main = self.rank == 0
+        if cfg.device == "auto":
+            self.device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+        else:
+            if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+                raise CachekdError(f"device {cfg.device} was asked for but no CUDA GPU is available; use --device cpu.")
+            self.device = torch.device(cfg.device)
+        if not cfg.output:
+            raise CachekdError("no output directory given: pass --output DIR.")
+        self.out = Path(cfg.output)
+        self.store = TokenStore.open(cfg.data.store)
+        self.mode = "distill" if cfg.distill is not None else "train"
+
+        # Teacher side: the cache (default) or live teachers (--online).
+        self.cache, self.teachers, self.teacher_models = None, [], []
+        self.tau_sched = self.lam_sched = self.alpha_sched = None
+        d = cfg.distill
+        if d is not None:
+            self.tau_sched, self.lam_sched, self.alpha_sched = (as_schedule(d.temperature), as_schedule(d.ce_weight),
+                                                                as_schedule(d.alpha))
+            if d.online:
+                self._load_online_teachers(d)
+            else:
+                if not d.cache:
+                    raise CachekdError("distillation needs --cache (or --online with --teacher checkpoints).")
+                self.cache = LogitCache.open(d.cache)
+                self.cache.check_store(self.store)
+                self.teachers = self.cache.select_teachers(d.teachers)
+                if "train" not in self.cache.splits():
+                    raise CachekdError(f"cache {d.cache!r} has no train split.")
+                if self.cache.mode == "topk" and self.tau_sched.kind != "constant":
+                    raise CachekdError("a temperature schedule needs a --full cache: a top-k cache only has tail_lse "
+                                       f"for temperatures {self.cache.temperatures}.")
+                if self.cache.mode == "topk":
+                    self.cache.temperature_index(self.tau_sched.start)
+                mixing = self.alpha_sched.kind != "constant" or self.alpha_sched.start != 1.0
+                if self.cache.mode == "topk" and mixing and d.tail_mode != "uniform":
+                    raise CachekdError(
+                        f"mixing teacher and student logits needs a dense target: with a top-k cache set "
+                        f"distill.tail_mode to uniform (it is {d.tail_mode})."
+                    )
+                if (self.cache.mode == "topk" and len(self.teachers) > 1 and d.teacher_combine != "losses"
+                        and d.tail_mode != "uniform"):
+                    raise CachekdError(
+                        f"combining several top-k teachers by {d.teacher_combine} needs distill.tail_mode uniform; "
+                        f"use teacher_combine losses or tail_mode uniform."
+                    )
+            if d.teacher_weights and len(d.teacher_weights) != max(len(self.teachers), len(self.teacher_models)):
+                raise CachekdError(f"distill.teacher_weights has {len(d.teacher_weights)} weights for "
+                                   f"{max(len(self.teachers), len(self.teacher_models))} teachers.")
+
+        # Data order and step counts.
+        G = cfg.data.batch_size
+        if G % self.world:
+            raise CachekdError(f"data.batch_size ({G}) must be divisible by the number of processes ({self.world}).")
+        self.local_batch = G // self.world
+        self.micro = cfg.data.micro_batch_size or self.local_batch
+        if self.local_batch % self.micro:
+            raise CachekdError(f"the per-process batch ({self.local_batch}) must be a multiple of "
+                               f"data.micro_batch_size ({self.micro}).")
+        self.accum = self.local_batch // self.micro
+        self.order = Order(self.store.num_windows("train"), self.store.chunk_windows, G, seed=cfg.seed,
+                           block_chunks=cfg.data.block_chunks, shuffle=cfg.data.shuffle)
+        self.steps_per_epoch = self.order.steps_per_epoch()
+        if self.steps_per_epoch < 1:
+            raise CachekdError(f"the train split has {self.order.num_windows} windows, fewer than one batch of {G}; "
+                               f"lower data.batch_size.")
+        self.total_steps = cfg.optim.max_steps or cfg.optim.epochs * self.steps_per_epoch
+        self.total_epochs = math.ceil(self.total_steps / self.steps_per_epoch)
+
+        # Model and optimiser.
+        _seed_all(cfg.seed)
+        special = self.store.manifest.get("special_tokens", {})
+        self.model = build_model(cfg.model, self.store.vocab_size, self.store.seq_len, special).to(self.device)
+        if cfg.model.init_from is not None:
+            v = self.model.get_output_embeddings().weight.shape[0]
+            if v < self.store.vocab_size:
+                raise CachekdError(f"model.init_from has a vocabulary of {v}, smaller than the store's {self.store.vocab_size}.")
+        self.num_params = count_parameters(self.model)
+        decay = [p for p in self.model.parameters() if p.dim() >= 2]
+        no_decay = [p for p in self.model.parameters() if p.dim() < 2]
+        o = cfg.optim
+        self.optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
+        self.amp = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.precision]
+        self.scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" else None
+        self.loss_module: torch.nn.Module = _StudentLoss(self.model)
+        if self.world > 1:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            self.loss_module = DDP(self.loss_module, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+
+        self.step, self.tokens_seen, self.wall_s = 0, 0, 0.0
+        self._prepare_output(resume, force)
+
+    # ---------------------------------------------------------------------------------- helpers
+    def _lr_factor(self, step: int) -> float:
+        o = self.cfg.optim
+        if step < o.warmup_steps:
+            return (step + 1) / o.warmup_steps
+        span = max(1, self.total_steps - o.warmup_steps)
+        progress = min(1.0, (step - o.warmup_steps) / span)
+        return o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    def _load_online_teachers(self, d: DistillConfig) -> None:
+        from cachekd.models import load_model
+        from cachekd.precompute import check_teacher, resolve_teachers
+
+        specs = list(d.teachers)
+        if not specs and d.cache:
+            from cachekd.cache.reader import LogitCache
+
+            specs = [t["path"] for t in LogitCache.open(d.cache).meta["teachers"]]
+        for name, path in resolve_teachers(specs):
+            m = load_model(path)
+            check_teacher(name, path, m, self.store)
+            self.teacher_models.append(m.to(self.device).eval().requires_grad_(False))
+
+    def schedule_values(self, step: int) -> dict[str, float]:
+        if self.cfg.distill is None:
+            return {}
+        epoch = step // self.steps_per_epoch
+        args = dict(step=step, total_steps=self.total_steps, epoch=epoch, total_epochs=self.total_epochs)
+        return {"temperature": self.tau_sched.value(**args), "ce_weight": self.lam_sched.value(**args),
+                "alpha": self.alpha_sched.value(**args)}
+
+    # ---------------------------------------------------------------------------------- output
+    def _ckpt_dir(self) -> Path:
+        return self.out / "checkpoints"
+
+    def _prepare_output(self, resume: bool, force: bool) -> None:
+        exists = self.out.exists() and any(self.out.iterdir())
+        ckpts = sorted(self._ckpt_dir().glob("step_*.pt")) if self.out.exists() else []
+        if resume:
+            if not ckpts:
+                if exists and (self.out / "summary.json").exists():
+                    raise CachekdError(f"the run in {str(self.out)!r} already finished; nothing to resume.")
+                if exists:
+                    raise CachekdError(f"{str(self.out)!r} has no checkpoint to resume from.")
+            else:
+                self._load_checkpoint(ckpts[-1])
+                return
+        elif exists:
+            is_run = (self.out / "config.yaml").exists()
+            if not is_run:
+                raise CachekdError(f"output {str(self.out)!r} is not empty and is not a cachekd run; choose another path.")
+            if not force:
+                what = "a finished run" if (self.out / "summary.json").exists() else "an unfinished run"
+                hint = "" if (self.out / "summary.json").exists() else " pass --resume to continue it,"
+                raise CachekdError(f"{str(self.out)!r} holds {what};{hint} pass --force to start over, or choose another output.")
+            if self.is_main:
+                shutil.rmtree(self.out)
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+        if self.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            save_yaml(self.out / "config.yaml", self.cfg)
+            (self.out / "metrics.jsonl").write_text("")
+
+    def _save_checkpoint(self) -> None:
+        if not self.is_main:
+            return
+        d = self._ckpt_dir()
+        d.mkdir(parents=True, exist_ok=True)
+        state = {
+            "cachekd_version": __version__,
+            "config_identity": sha256_json(config_identity(self.cfg)),
+            "config": config_identity(self.cfg),
+            "step": self.step, "tokens": self.tokens_seen, "wall_s": self.wall_s,
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler else None,
+            "rng": _rng_state(),
+        }
+        path = d / f"step_{self.step:08d}.pt"
+        tmp = d / f".{path.name}.tmp"
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+        for old in sorted(d.glob("step_*.pt"))[: -self.cfg.keep_checkpoints]:
+            old.unlink()
+
+    def _load_checkpoint(self, path: Path) -> None:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as e:  # noqa: BLE001
+            raise CachekdError(f"checkpoint {str(path)!r} cannot be read ({type(e).__name__}); it may be corrupt.") from None
+        if state["config_identity"] != sha256_json(config_identity(self.cfg)):
+            diff = _first_difference(state.get("config", {}), config_identity(self.cfg))
+            raise CachekdError(
+                f"the checkpoint in {str(self.out)!r} was written with a different config ({diff}); resume with the "
+                f"same config, or pass --force to start over."
+            )
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        _set_rng_state(state["rng"])
+        self.step, self.tokens_seen, self.wall_s = state["step"], state["tokens"], state["wall_s"]
+        if self.is_main:
+            # Drop metrics logged after the checkpoint: they will be logged again.
+            mpath = self.out / "metrics.jsonl"
+            if mpath.exists():
+                keep = [ln for ln in mpath.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= self.step]
+                mpath.write_text("".join(ln + "\n" for ln in keep))
+
+    def _log(self, record: dict[str, Any]) -> None:
+        if not self.is_main:
+            return
+        with open(self.out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self._tb is not None:
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and k not in ("step",) and v is not None:
+                    self._tb.add_scalar(f"{record['kind']}/{k}", v, record["step"])
+
+    # ---------------------------------------------------------------------------------- stages
+    def batches(self):
+        """Local batches from the current step on (tokens + aligned cached teacher outputs)."""
+        from cachekd.loader import CachedBatches, Prefetcher
+
+        ti = None
+        if self.cache is not None and self.cache.mode == "topk":
+            ti = self.cache.temperature_index(self.tau_sched.start)
+        ds = CachedBatches(
+            self.store, "train", self.order, rank=self.rank, world=self.world, cache=self.cache,
+            teachers=self.teachers or None, temperature_index=ti,
+            start_epoch=self.step // self.steps_per_epoch, start_step=self.step % self.steps_per_epoch,
+        )
+        pin = self.device.type == "cuda"
+        if self.cfg.data.num_workers > 0:
+            return iter(torch.utils.data.DataLoader(ds, batch_size=None, num_workers=self.cfg.data.num_workers,
+                                                    pin_memory=pin, prefetch_factor=self.cfg.data.prefetch,
+                                                    persistent_workers=False))
+        return Prefetcher(iter(ds), depth=self.cfg.data.prefetch, pin=pin)
+
+    def targets(self, batch: dict[str, Any], input_ids: torch.Tensor, temperature: float) -> list:
+        """Loss targets for a micro-batch: cached (sparse or full) or from live teachers."""
+        from cachekd.losses import DenseTarget, SparseTarget
+
+        if self.cfg.distill is None:
+            return []
+        V = self.store.vocab_size
+        if self.teacher_models:
+            with torch.inference_mode(), self._autocast():
+                outs = [m(input_ids=input_ids).logits[..., :V] for m in self.teacher_models]
+            return [DenseTarget(o.float().clone()) for o in outs]
+        out = []
+        for t in self.teachers:
+            b = batch["teachers"][t]
+            if "logits" in b:
+                out.append(DenseTarget(b["logits"]))
+            else:
+                out.append(SparseTarget(ids=b["ids"].long(), logits=b["logprobs"], tail_lse=b["tail_lse"]))
+        return out
+
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None)
+
+    def train_step(self, batch: dict[str, Any]) -> dict[str, float]:
+        from cachekd.loader import to_device
+        from cachekd.losses import KDConfig
+
+        sv = self.schedule_values(self.step)
+        tau = sv.get("temperature", 1.0)
+        lam = sv.get("ce_weight", 1.0)
+        alpha = sv.get("alpha", 1.0)
+        kd_cfg = self.cfg.kd_config(tau) if self.cfg.distill is not None else KDConfig()
+        batch = to_device(batch, self.device)
+        labels_all = batch["labels"]
+        counts = torch.tensor([(labels_all != -100).sum().item(), labels_all.shape[0]], dtype=torch.float64,
+                              device=self.device)
+        n_tok, n_seq = _all_reduce(counts, self.world).tolist()
+        kd_norm = n_seq if kd_cfg.reduction == "batchmean" else n_tok
+        sums = torch.zeros(3, dtype=torch.float64, device=self.device)
+        self.model.train()
+        for i in range(self.accum):
+            sl = slice(i * self.micro, (i + 1) * self.micro)
+            x, y = batch["input_ids"][sl], batch["labels"][sl]
+            micro_batch = {"teachers": {t: {k: v[sl] for k, v in d.items()} for t, d in batch.get("teachers", {}).items()}}
+            targets = self.targets(micro_batch, x, tau)
+            sync = self.world == 1 or i == self.accum - 1
+            ctx = self.loss_module.no_sync() if not sync and hasattr(self.loss_module, "no_sync") else _null()
+            with ctx:
+                with self._autocast():
+                    parts = self.loss_module(x, y, targets, kd_cfg, alpha, self.cfg.distill.chunk_size if self.cfg.distill else None)
+                ce = parts.ce_sum.float() / max(n_tok, 1)
+                if targets:
+                    kd = parts.kd_sum.float() / max(kd_norm, 1)
+                    loss = lam * ce + (1 - lam) * tau**2 * kd
+                else:
+                    kd = None
+                    loss = ce
+                loss = loss * self.world  # DDP averages gradients over processes; our sums are already global
+                if self.scaler:
+                    self.scaler.scale(loss).backward()
+                else:
+                    loss.backward()
+            sums += torch.stack([parts.ce_sum.detach().double(), parts.kd_sum.detach().double() if targets
+                                 else torch.zeros((), dtype=torch.float64, device=self.device),
+                                 torch.zeros((), dtype=torch.float64, device=self.device)])
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(),
+                                               self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf"))
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        lr = self.scheduler.get_last_lr()[0]
+        self.scheduler.step()
+        _all_reduce(sums, self.world)
+        ce_mean = sums[0].item() / max(n_tok, 1)
+        out = {"ce": ce_mean, "lr": lr, "grad_norm": float(gnorm), "tokens": int(n_tok)}
+        if self.cfg.distill is not None:
+            kd_mean = sums[1].item() / max(kd_norm, 1)
+            out.update({"kd": kd_mean, "loss": lam * ce_mean + (1 - lam) * tau**2 * kd_mean,
+                        "alpha": alpha, "ce_weight": lam, "temperature": tau})
+        else:
+            out["loss"] = ce_mean
+        return out
+
+    def evaluate(self) -> float | None:
+        from cachekd.evaluate import dev_loss
+
+        if "dev" not in self.store.splits() or self.store.num_windows("dev") == 0:
+            return None
+        n = self.cfg.data.eval_windows or None
+        res = dev_loss(self.model, self.store, split="dev", batch_size=self.micro, device=self.device, max_windows=n,
+                       progress=False)
+        self.model.train()
+        return float(res["loss"])
+
+    def train(self) -> dict[str, Any]:
+        from tqdm.auto import tqdm
+
+        self._tb = None
+        if self.cfg.tensorboard and self.is_main:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise CachekdError("tensorboard: true needs the tensorboard package (pip install tensorboard).") from None
+            self._tb = SummaryWriter(str(self.out / "tensorboard"))
+        cfg = self.cfg
+        it = self.batches()
+        bar = tqdm(total=self.total_steps, initial=self.step, desc=f"{self.mode} {cfg.name}", unit="step",
+                   disable=not (self.progress and self.is_main), dynamic_ncols=True)
+        last_log_t, last_log_tokens = time.perf_counter(), self.tokens_seen
+        stop_reason = "steps"
+        try:
+            while self.step < self.total_steps:
+                if cfg.optim.max_time_s is not None and self._time_is_up():
+                    stop_reason = "time"
+                    break
+                t0 = time.perf_counter()
+                batch = next(it)
+                m = self.train_step(batch)
+                self.step += 1
+                self.tokens_seen += m["tokens"]
+                self.wall_s += time.perf_counter() - t0
+                bar.update(1)
+                if self.step % cfg.log_every == 0 or self.step == self.total_steps:
+                    now = time.perf_counter()
+                    tps = (self.tokens_seen - last_log_tokens) / max(now - last_log_t, 1e-9)
+                    last_log_t, last_log_tokens = now, self.tokens_seen
+                    rec = {"kind": "train", "step": self.step, "epoch": (self.step - 1) // self.steps_per_epoch,
+                           "tokens": self.tokens_seen, "wall_s": round(self.wall_s, 4), "loss": m["loss"],
+                           "ce": m["ce"], "kd": m.get("kd"), "alpha": m.get("alpha"), "ce_weight": m.get("ce_weight"),
+                           "temperature": m.get("temperature"), "lr": m["lr"], "grad_norm": m["grad_norm"],
+                           "tokens_per_s": tps}
+                    self._log(rec)
+                    bar.set_postfix(loss=f"{m['loss']:.3f}", ce=f"{m['ce']:.3f}")
+                if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < self.total_steps:
+                    self._eval_and_log()
+                if cfg.save_every and self.step % cfg.save_every == 0 and self.step < self.total_steps:
+                    self._save_checkpoint()
+        finally:
+            bar.close()
+            if hasattr(it, "close"):
+                it.close()
+        dev = self._eval_and_log()
+        self._save_checkpoint()
+        return self._finish(dev, stop_reason)
+
+    def _time_is_up(self) -> bool:
+        up = torch.tensor([1.0 if self.wall_s >= self.cfg.optim.max_time_s else 0.0])
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.broadcast(up, 0)
+        return bool(up.item())
+
+    def _eval_and_log(self) -> float | None:
+        dev = self.evaluate() if self.is_main else None
+        if dev is not None:
+            self._log({"kind": "dev", "step": self.step, "tokens": self.tokens_seen, "wall_s": round(self.wall_s, 4),
+                       "dev_loss": dev})
+        return dev
+
+    def _finish(self, dev: float | None, stop_reason: str) -> dict[str, Any]:
+        summary = {
+            "name": self.cfg.name, "mode": self.mode, "online": bool(self.cfg.distill and self.cfg.distill.online),
+            "objective": self.cfg.distill.objective if self.cfg.distill else "ce",
+            "steps": self.step, "tokens": self.tokens_seen, "wall_s": round(self.wall_s, 3),
+            "tokens_per_s": self.tokens_seen / self.wall_s if self.wall_s else None,
+            "num_params": self.num_params, "final_dev_loss": dev,
+            "final_dev_ppl": math.exp(dev) if dev is not None and dev < 50 else None,
+            "stopped_by": stop_reason, "processes": self.world,
+            "cache": self.cfg.distill.cache if self.cfg.distill else None,
+            "teachers": self.teachers or None,
+        }
+        if self.is_main:
+            tmp = self.out / ".model.tmp"
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            self.model.save_pretrained(str(tmp))
+            self.store.load_tokenizer().save_pretrained(str(tmp))
+            if (self.out / "model").exists():
+                shutil.rmtree(self.out / "model")
+            os.replace(tmp, self.out / "model")
+            atomic_write_json(self.out / "summary.json", summary)
+            if self._tb is not None:
+                self._tb.close()
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+        return summary
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+def _first_difference(a: Any, b: Any, prefix: str = "") -> str:
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in sorted(set(a) | set(b)):
+            if a.get(k) != b.get(k):
+                return _first_difference(a.get(k), b.get(k), f"{prefix}{k}.")
+    return f"{prefix.rstrip('.')}: {a!r} then, {b!r} now"
+
+
+def run(cfg: TrainConfig, *, resume: bool = False, force: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Train or distil according to `cfg`; returns the run summary."""
+    return Trainer(cfg, resume=resume, force=force, progress=progress).train()

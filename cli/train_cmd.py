@@ -1,0 +1,163 @@
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+from cachekd_cli.common import echo_json, echo_mapping
+from cachekd_cli.main import cli
+
+OBJECTIVE_ALIASES = {"forward": "forward_kl", "fkl": "forward_kl", "reverse": "reverse_kl", "rkl": "reverse_kl",
+                     "skew_forward": "skew_forward_kl", "skew_reverse": "skew_reverse_kl"}
+
+
+def _common(f):
+    opts = [
+        click.option("-c", "--config", default=None,
+                     help="YAML config file or the name of a shipped preset (see `cachekd presets`)."),
+        click.option("--store", default=None, help="Token store (data.store)."),
+        click.option("-o", "--output", default=None, help="Run directory to write (output)."),
+        click.option("--name", default=None, help="Run name shown in tables and plots."),
+        click.option("--max-steps", type=int, default=None, help="Stop after N optimizer steps (optim.max_steps)."),
+        click.option("--max-time", type=float, default=None, help="Stop after S seconds of training (optim.max_time_s)."),
+        click.option("--epochs", type=int, default=None, help="Epochs over the train split (optim.epochs)."),
+        click.option("--batch-size", type=int, default=None, help="Global windows per optimizer step (data.batch_size)."),
+        click.option("--lr", type=float, default=None, help="Peak learning rate (optim.lr)."),
+        click.option("--device", default=None, help="auto, cpu, cuda, cuda:N."),
+        click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default=None, help="Autocast dtype."),
+        click.option("--seed", type=int, default=None),
+        click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+                     help="Override any config value, e.g. --set optim.weight_decay=0.1 (repeatable)."),
+        click.option("--resume", is_flag=True, help="Continue the run in --output from its last checkpoint."),
+        click.option("--force", is_flag=True, help="Replace an existing run in --output."),
+        click.option("--json", "as_json", is_flag=True, help="Print the run summary as JSON."),
+        click.option("--quiet", is_flag=True, help="No progress bar."),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+def _base_overrides(kw: dict[str, Any]) -> dict[str, Any]:
+    o: dict[str, Any] = {}
+    if kw["store"]:
+        o.setdefault("data", {})["store"] = kw["store"]
+    if kw["output"]:
+        o["output"] = kw["output"]
+    if kw["name"]:
+        o["name"] = kw["name"]
+    for key, path in (("max_steps", ("optim", "max_steps")), ("max_time", ("optim", "max_time_s")),
+                      ("epochs", ("optim", "epochs")), ("batch_size", ("data", "batch_size")), ("lr", ("optim", "lr"))):
+        if kw[key] is not None:
+            o.setdefault(path[0], {})[path[1]] = kw[key]
+    for key in ("device", "precision", "seed"):
+        if kw[key] is not None:
+            o[key] = kw[key]
+    return o
+
+
+def _run(kw: dict[str, Any], extra: dict[str, Any], mode: str) -> None:
+    from cachekd.config import deep_merge, load_yaml, parse_overrides
+    from cachekd.trainer import load_train_config, run
+
+    data = load_yaml(kw["config"]) if kw["config"] else {}
+    data = deep_merge(data, _base_overrides(kw))
+    data = deep_merge(data, extra)
+    data = deep_merge(data, parse_overrides(kw["overrides"]))
+    if mode == "train":
+        if data.get("distill") is not None:
+            raise click.UsageError("this config has a distill section; run it with `cachekd distill`.")
+    elif data.get("distill") is None:
+        data["distill"] = {}
+    cfg = load_train_config(data)
+    if not cfg.data.store:
+        raise click.UsageError("no token store given: pass --store or set data.store in the config.")
+    if not cfg.output:
+        raise click.UsageError("no run directory given: pass --output or set output in the config.")
+    summary = run(cfg, resume=kw["resume"], force=kw["force"], progress=not kw["quiet"] and not kw["as_json"])
+    if kw["as_json"]:
+        echo_json(summary)
+    else:
+        click.echo(f"Finished {summary['steps']} steps in {summary['wall_s']:.1f} s; model saved to {cfg.output}/model")
+        echo_mapping({k: v for k, v in summary.items() if v is not None})
+
+
+@cli.command("train")
+@_common
+def train_command(**kw):
+    """Train a language model with cross-entropy: a teacher, or the no-distillation baseline.
+
+    Settings come from a YAML config (a file or a preset name), then the options here, then --set overrides; the
+    resolved config is saved as RUN/config.yaml. Writes RUN/model (HF format: AutoModelForCausalLM loads it),
+    RUN/metrics.jsonl, RUN/summary.json and resumable checkpoints. Under `torchrun --nproc-per-node N` it runs
+    data-parallel with the same global batch.
+
+    \b
+    Example:
+      cachekd train -c babyllama-teacher-llama-360m --store runs/tokens -o runs/teacher-llama
+    """
+    _run(kw, {}, "train")
+
+
+@cli.command("distill")
+@_common
+@click.option("--cache", default=None, help="Logit cache from `cachekd precompute` (distill.cache).")
+@click.option("--objective", default=None,
+              help="forward_kl (forward), reverse_kl (reverse), jsd, skew_forward_kl, skew_reverse_kl, tv.")
+@click.option("--temperature", type=float, default=None, help="τ; a top-k cache must have tail_lse for it.")
+@click.option("--ce-weight", type=float, default=None, help="λ in λ·CE + (1−λ)·τ²·KD.")
+@click.option("--alpha", type=float, default=None, help="Constant mixing α (1 = no mixing); schedules via the config.")
+@click.option("--tail-mode", type=click.Choice(["bucket", "uniform", "renormalize"]), default=None,
+              help="How the teacher's tail beyond the top-k is treated.")
+@click.option("--teacher-combine", type=click.Choice(["logits", "probs", "losses"]), default=None)
+@click.option("--teachers", default=None, help="Comma-separated subset of the cache's teachers (default: all).")
+@click.option("--chunk-size", type=int, default=None, help="Step-wise loss over chunks of this many positions.")
+@click.option("--online", is_flag=True, help="Run the teachers live instead of reading the cache (baseline).")
+@click.option("--teacher", "online_teachers", multiple=True, help="With --online: teacher checkpoints (default: the cache's).")
+def distill_command(cache, objective, temperature, ce_weight, alpha, tail_mode, teacher_combine, teachers, chunk_size,
+                    online, online_teachers, **kw):
+    """Train a student from the logit cache: the teacher is never loaded (unless --online).
+
+    The loss is λ·CE + (1−λ)·τ²·D(teacher, student) with D any of the objectives; ChooBaCa's mixing of teacher and
+    student logits and its progressive α are config values (distill.alpha: {kind: epoch_linear, start, end}).
+
+    \b
+    Examples:
+      cachekd distill -c babyllama-student-58m --store runs/tokens --cache runs/cache -o runs/student-fkl
+      cachekd distill -c choobaca-rkl-1t-mix --store runs/tokens --cache runs/cache -o runs/student-rkl --objective reverse
+    """
+    d: dict[str, Any] = {}
+    if cache:
+        d["cache"] = cache
+    if objective:
+        d["objective"] = OBJECTIVE_ALIASES.get(objective, objective)
+    for key, val in (("temperature", temperature), ("ce_weight", ce_weight), ("alpha", alpha), ("tail_mode", tail_mode),
+                     ("teacher_combine", teacher_combine), ("chunk_size", chunk_size)):
+        if val is not None:
+            d[key] = val
+    if teachers:
+        d["teachers"] = [t.strip() for t in teachers.split(",") if t.strip()]
+    if online:
+        d["online"] = True
+        if online_teachers:
+            d["teachers"] = list(online_teachers)
+    elif online_teachers:
+        raise click.UsageError("--teacher is for --online runs; a cached run picks teachers with --teachers.")
+    _run(kw, {"distill": d} if d else {}, "distill")
+
+
+@cli.command("presets")
+@click.option("--show", default=None, help="Print one preset's YAML.")
+def presets_command(show):
+    """List the shipped configs (use them with -c NAME)."""
+    from cachekd.config import PRESET_DIR, list_presets
+
+    if show:
+        from cachekd.config import load_yaml
+
+        load_yaml(show)  # refuses unknown names with the list
+        click.echo((PRESET_DIR / f"{show.removesuffix('.yaml')}.yaml").read_text())
+        return
+    for name in list_presets():
+        first = (PRESET_DIR / f"{name}.yaml").read_text().splitlines()[0].lstrip("# ")
+        click.echo(f"{name:34s} {first}")

@@ -1,0 +1,169 @@
+"""prepare: window packing, dev split, tokenizer round-trip, manifest, idempotence, bad input via the CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cachekd.tokens import PrepareConfig, TokenStore, prepare
+from tests.conftest import SHARED_DATA, assert_clean_error, invoke, write_corpus
+
+
+def _encode_docs(tok, docs):
+    eos = tok.eos_token_id
+    return [tok.backend_tokenizer.encode(d, add_special_tokens=False).ids + [eos] for d in docs]
+
+
+def test_windows_and_split_exact_counts(tmp_path):
+    text = tmp_path / "a.txt"
+    # 10 documents separated by blank lines; dev = the last 2 (tail mode, fraction 0.2).
+    docs = [f"doc {i} says hello to the number {i * 7} and then stops" for i in range(10)]
+    text.write_text("\n\n".join(docs) + "\n")
+    out = tmp_path / "store"
+    store, built = prepare(PrepareConfig(inputs=[str(text)], output=str(out), seq_len=8, vocab_size=280,
+                                         dev_fraction=0.2), progress=False)
+    assert built
+    tok = store.load_tokenizer()
+    train_ids = np.concatenate([np.array(x) for x in _encode_docs(tok, docs[:8])])
+    dev_ids = np.concatenate([np.array(x) for x in _encode_docs(tok, docs[8:])])
+    m = store.manifest["splits"]
+    assert m["train"]["num_tokens"] == len(train_ids)
+    assert m["train"]["num_windows"] == len(train_ids) // 8
+    assert m["train"]["dropped_tokens"] == len(train_ids) % 8
+    assert m["dev"]["num_tokens"] == len(dev_ids)
+    assert m["train"]["num_documents"] == 8 and m["dev"]["num_documents"] == 2
+    got = store.read("train", 0, store.num_windows("train")).reshape(-1)
+    np.testing.assert_array_equal(got, train_ids[: len(got)])
+    np.testing.assert_array_equal(store.read("dev", 0, store.num_windows("dev")).reshape(-1),
+                                  dev_ids[: store.num_windows("dev") * 8])
+    # Documents are joined with the end-of-text token.
+    assert (got == tok.eos_token_id).sum() >= 1
+
+
+def test_tokenizer_round_trip_and_hf_loading(store_path):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(Path(store_path) / "tokenizer"))
+    text = "the big dog sat on the mat ."
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert tok.decode(ids) == text
+    assert tok.convert_ids_to_tokens([0, 1, 2]) == ["<pad>", "<s>", "</s>"]
+    assert tok.eos_token == "</s>" and tok.pad_token == "<pad>" and tok.bos_token == "<s>"
+
+
+def test_manifest_contents(store_path, corpus):
+    m = json.loads((Path(store_path) / "manifest.json").read_text())
+    assert m["format"] == "cachekd-token-store" and m["format_version"] == 1
+    assert m["seq_len"] == 16 and m["vocab_size"] == len(TokenStore.open(store_path).load_tokenizer())
+    assert m["dtype"] == "uint16" and m["chunk_windows"] == 4096 // 16
+    assert set(m["splits"]) == {"train", "dev"}
+    src = m["sources"][0]
+    assert src["path"].endswith("corpus.txt") and src["size"] == corpus.stat().st_size and len(src["sha256"]) == 64
+    assert m["options"]["seq_len"] == 16 and m["options"]["dev_fraction"] == 0.1
+    assert len(m["tokenizer_fingerprint"]) == 64 and len(m["fingerprint"]) == 64
+
+
+def test_rerun_is_noop_and_force_needed(tmp_path, corpus):
+    out = tmp_path / "s"
+    cfg = PrepareConfig(inputs=[str(corpus)], output=str(out), seq_len=16, vocab_size=300)
+    prepare(cfg, progress=False)
+    mtime = (out / "manifest.json").stat().st_mtime_ns
+    _, built = prepare(cfg, progress=False)
+    assert not built and (out / "manifest.json").stat().st_mtime_ns == mtime
+    other = PrepareConfig(inputs=[str(corpus)], output=str(out), seq_len=32, vocab_size=300)
+    with pytest.raises(Exception, match="--force"):
+        prepare(other, progress=False)
+    assert TokenStore.open(out).seq_len == 16  # untouched
+    store, built = prepare(other, force=True, progress=False)
+    assert built and store.seq_len == 32
+
+
+def test_existing_tokenizer_and_dataset_inputs(tmp_path, store_path):
+    import datasets
+
+    rows = [{"text": f"the dog number {i} sat on the mat and the cat ran", "id": i} for i in range(60)]
+    jl = tmp_path / "d.jsonl"
+    jl.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "d.parquet"))
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "saved"))
+    tok_dir = Path(store_path) / "tokenizer"
+    counts = []
+    for inp in (jl, tmp_path / "d.parquet", tmp_path / "saved"):
+        out = tmp_path / f"out_{inp.name}"
+        st, _ = prepare(PrepareConfig(inputs=[str(inp)], output=str(out), seq_len=8, tokenizer=str(tok_dir),
+                                      dev_fraction=0.1), progress=False)
+        assert st.tokenizer_fingerprint == TokenStore.open(store_path).tokenizer_fingerprint
+        counts.append(st.manifest["splits"]["train"]["num_tokens"])
+    assert counts[0] == counts[1] == counts[2] > 0
+
+
+def test_cleaning_is_opt_in(tmp_path):
+    from cachekd.corpus import clean_text
+
+    assert clean_text("  a\t\tb  \n\n   \nc   d ") == "a b\nc d"
+    t = tmp_path / "x.txt"
+    write_corpus(t, num_docs=40)
+    a, _ = prepare(PrepareConfig(inputs=[str(t)], output=str(tmp_path / "a"), seq_len=8, vocab_size=280), progress=False)
+    assert a.manifest["options"]["clean"] is False
+
+
+# ------------------------------------------------------------------------------------------- bad input via CLI
+
+
+def test_cli_bad_inputs(tmp_path, runner, corpus):
+    out = tmp_path / "o"
+    assert_clean_error(invoke(runner, ["prepare", tmp_path / "missing.txt", "-o", out]), "does not exist")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n  \n")
+    assert_clean_error(invoke(runner, ["prepare", empty, "-o", out, "--vocab-size", "300"]), "empty")
+    binary = tmp_path / "bin.txt"
+    binary.write_bytes(b"\x00\x01\x02" * 100)
+    assert_clean_error(invoke(runner, ["prepare", binary, "-o", out]), "not a text file")
+    short = tmp_path / "short.txt"
+    short.write_text("hello there\n")
+    assert_clean_error(invoke(runner, ["prepare", short, "-o", out, "--vocab-size", "300", "--dev-fraction", "0"]),
+                       "fewer than one window")
+    assert_clean_error(invoke(runner, ["prepare", corpus, "-o", out, "--seq-len", "1"]), "--seq-len")
+    assert_clean_error(invoke(runner, ["prepare", corpus, "-o", out, "--vocab-size", "100"]), "too small")
+    jl = tmp_path / "d.jsonl"
+    jl.write_text('{"content": "a b c"}\n')
+    assert_clean_error(invoke(runner, ["prepare", jl, "-o", out, "--text-column", "text"]), "no column 'text'")
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "keep.me").write_text("precious")
+    r = invoke(runner, ["prepare", corpus, "-o", other, "--vocab-size", "300"])
+    assert_clean_error(r, "not empty")
+    assert (other / "keep.me").read_text() == "precious"
+    assert not out.exists()
+
+
+def test_cli_prepare_and_info_json(tmp_path, runner, corpus):
+    out = tmp_path / "s"
+    r = invoke(runner, ["prepare", corpus, "-o", out, "--vocab-size", "300", "--seq-len", "16", "--json"])
+    assert r.exit_code == 0, r.output
+    info = json.loads(invoke(runner, ["info", out, "--json"]).output)
+    assert info["kind"] == "token store" and info["seq_len"] == 16
+    assert info["splits"]["train"]["num_windows"] > 0
+
+
+@pytest.mark.skipif(not SHARED_DATA.exists(), reason="shared babylm_like data not present")
+def test_babylm_like_token_count(tmp_path):
+    """On the real corpus, the store holds exactly what the tokenizer gives for its documents (+1 eos each)."""
+    from cachekd.corpus import iter_documents, resolve_sources
+
+    out = tmp_path / "babylm"
+    store, _ = prepare(PrepareConfig(inputs=[str(SHARED_DATA)], output=str(out), seq_len=128, vocab_size=2000,
+                                     dev_fraction=0.02), progress=False)
+    tok = store.load_tokenizer()
+    total_docs = total = 0
+    for src in resolve_sources([str(SHARED_DATA)]):
+        docs = list(iter_documents(src))
+        total_docs += len(docs)
+        total += sum(len(e.ids) + 1 for e in tok.backend_tokenizer.encode_batch(docs, add_special_tokens=False))
+    s = store.manifest["splits"]
+    assert s["train"]["num_documents"] + s["dev"]["num_documents"] == total_docs
+    assert s["train"]["num_tokens"] + s["dev"]["num_tokens"] == total
+    assert s["train"]["num_windows"] == s["train"]["num_tokens"] // 128
