@@ -126,6 +126,8 @@ class ChunkWriter:
         return self._arrays[key]
 
     def write(self, split: str, chunk: int, results: dict[str, dict[str, np.ndarray]], stats: dict[str, Any]) -> None:
+        # Crash-safety tests set this to widen the window in which a kill lands between two arrays of one chunk.
+        pause = float(os.environ.get("CACHEKD_TEST_WRITE_PAUSE_S", "0"))
         cw = self.plan["token_store"]["chunk_windows"]
         start = chunk * cw
         vocab = self.plan["token_store"]["vocab_size"]
@@ -134,6 +136,8 @@ class ChunkWriter:
             if self.plan["mode"] == "topk":
                 ids, q = fmt.encode_topk(r["ids"], r["logprobs"], vocab, fmt.logprob_scale(self.plan))
                 self._arr(split, teacher, "ids")[start:stop] = ids
+                if pause:
+                    time.sleep(pause)
                 self._arr(split, teacher, "logprobs")[start:stop] = q
                 self._arr(split, teacher, "tail_lse")[start:stop] = fmt.encode_tail(r["tail_lse"])
             else:

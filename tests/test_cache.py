@@ -1,0 +1,271 @@
+"""The logit cache: contents against the teacher, float64 tail_lse, full mode, resume after kill -9, several
+teachers, --part and torchrun equal to one process, and every refusal through the CLI."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cachekd.cache.reader import LogitCache
+from cachekd.tokens import TokenStore
+from tests.conftest import assert_clean_error, invoke, make_teacher, write_corpus
+
+
+def _precompute(runner, store, teachers, out, *extra):
+    args = ["precompute", "--store", store, "-o", out, "--quiet"]
+    for t in teachers:
+        args += ["--teacher", t]
+    r = invoke(runner, args + list(extra))
+    assert r.exit_code == 0, r.output
+    return LogitCache.open(out)
+
+
+def _teacher_logits(teacher: Path, tokens: np.ndarray) -> torch.Tensor:
+    from cachekd.models import load_model
+
+    m = load_model(teacher).eval()
+    with torch.inference_mode():
+        return m(input_ids=torch.from_numpy(tokens.astype(np.int64))).logits.double()
+
+
+def _all_arrays(cache: LogitCache) -> dict[str, np.ndarray]:
+    import zarr
+
+    out = {}
+    for split in cache.splits():
+        for t in cache.teachers:
+            for name in ("ids", "logprobs", "tail_lse", "logits"):
+                p = cache.path / split / t / name
+                if p.exists():
+                    out[f"{split}/{t}/{name}"] = zarr.open_array(str(p), mode="r")[:]
+    return out
+
+
+def test_topk_matches_teacher_and_tail_lse_float64(tmp_path, runner, store_path, teacher_path):
+    cache = _precompute(runner, store_path, [teacher_path], tmp_path / "c", "--top-k", "8", "--temperatures", "0.5,1,2")
+    store = TokenStore.open(store_path)
+    n = store.num_windows("train")
+    tokens = store.read("train", 0, n)
+    z = _teacher_logits(teacher_path, tokens)                      # (n, L, V) float64
+    block = cache.read("train", 0, n)[cache.teachers[0]]
+    # ids: the same set as torch.topk (up to ties within fp rounding), sorted in the cache
+    ref_ids = torch.topk(z, 8, dim=-1).indices.sort(-1).values.numpy()
+    assert (block.ids == ref_ids).mean() > 0.999
+    # stored τ=1 log-probabilities within 2^-10 of the float64 truth
+    logp = torch.log_softmax(z, -1).numpy()
+    lp_at = np.take_along_axis(logp, block.ids, -1)
+    assert np.abs(block.logprobs - lp_at).max() <= 2**-10 + 1e-6
+    # tail_lse: independent float64 reference, logsumexp over non-top-k of log p / τ
+    for ti, tau in enumerate((0.5, 1.0, 2.0)):
+        masked = logp.copy()
+        np.put_along_axis(masked, block.ids, -np.inf, -1)
+        m = masked / tau
+        mx = m.max(-1, keepdims=True)
+        ref = (mx + np.log(np.exp(m - mx).sum(-1, keepdims=True)))[..., 0]
+        assert np.abs(block.tail_lse[..., ti] - ref).max() <= 2**-10 + 1e-5, tau
+    # manifest stats are consistent: captured mass at τ=1 from the reference
+    head = np.logaddexp.reduce(lp_at, axis=-1)
+    mf = json.loads((tmp_path / "c" / "manifest.json").read_text())
+    mass = mf["stats"]["train"][cache.teachers[0]]["mean_topk_mass"]["1.0"]
+    assert abs(mass - np.exp(head).mean()) < 1e-3
+    assert mf["complete"] is True and mf["bytes_per_position"] > 0
+
+
+def test_full_mode_round_trip(tmp_path, runner, store_path, teacher_path):
+    cache = _precompute(runner, store_path, [teacher_path], tmp_path / "c", "--full")
+    store = TokenStore.open(store_path)
+    tokens = store.read("dev", 0, store.num_windows("dev"))
+    z = _teacher_logits(teacher_path, tokens).float()
+    got = cache.read("dev", 0, len(tokens))[cache.teachers[0]].logits
+    np.testing.assert_array_equal(got, z.half().numpy())
+
+
+def test_two_teachers_and_info(tmp_path, runner, store_path, teacher_path, teacher_b_path):
+    cache = _precompute(runner, store_path, [teacher_path, f"coach={teacher_b_path}"], tmp_path / "c", "--top-k", "4")
+    assert cache.teachers == ["teacher_a", "coach"]
+    blocks = cache.read("train", 0, 3)
+    assert not np.array_equal(blocks["teacher_a"].ids, blocks["coach"].ids)
+    info = json.loads(invoke(runner, ["info", tmp_path / "c", "--json"]).output)
+    assert info["kind"] == "logit cache" and set(info["teachers"]) == {"teacher_a", "coach"}
+    assert "train/coach" in info["teacher_stats"]
+    r = invoke(runner, ["verify", tmp_path / "c", "--recompute", "3"])
+    assert r.exit_code == 0 and "OK" in r.output, r.output
+
+
+def test_registry_name_and_padded_vocab(tmp_path, runner, store_path):
+    padded = make_teacher(store_path, tmp_path / "padded", extra_vocab=7)
+    (tmp_path / "reg.yaml").write_text(f"teachers:\n  llama: {padded}\n")
+    cache = _precompute(runner, store_path, ["llama"], tmp_path / "c", "--registry", tmp_path / "reg.yaml", "--top-k", "4")
+    assert cache.teachers == ["llama"]
+    assert cache.meta["teachers"][0]["padded_logits_dropped"] == 7
+    assert cache.read("train", 0, 2)["llama"].ids.max() < TokenStore.open(store_path).vocab_size
+
+
+def _big_store(tmp_path: Path) -> Path:
+    from cachekd.tokens import PrepareConfig, prepare
+
+    c = write_corpus(tmp_path / "big.txt", num_docs=1500, seed=3)
+    out = tmp_path / "bigstore"
+    prepare(PrepareConfig(inputs=[str(c)], output=str(out), seq_len=128, vocab_size=300, dev_fraction=0.05),
+            progress=False)
+    return out
+
+
+def test_resume_after_kill_gives_identical_arrays(tmp_path, runner):
+    store = _big_store(tmp_path)
+    teacher = make_teacher(store, tmp_path / "t", hidden=32)
+    st = TokenStore.open(store)
+    assert st.num_chunks("train") >= 8
+    ref = _precompute(runner, store, [teacher], tmp_path / "ref", "--top-k", "8")
+    out = tmp_path / "killed"
+    env = dict(os.environ, CACHEKD_TEST_WRITE_PAUSE_S="0.3", OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "cachekd_cli", "precompute", "--store", str(store), "--teacher", str(teacher),
+           "-o", str(out), "--top-k", "8", "--quiet"]
+    p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        done = list((out / "done" / "train").glob("*.json")) if (out / "done" / "train").exists() else []
+        if len(done) >= 2:
+            break
+        time.sleep(0.05)
+    time.sleep(0.15)  # land inside the next chunk's write
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert not (out / "manifest.json").exists(), "the run finished before it could be killed"
+    num_done = len(list((out / "done" / "train").glob("*.json")))
+    assert 2 <= num_done < st.num_chunks("train")
+    with pytest.raises(Exception, match="incomplete"):
+        LogitCache.open(out)
+    r = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    a, b = _all_arrays(ref), _all_arrays(LogitCache.open(out))
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def test_parts_and_torchrun_equal_one_process(tmp_path, runner, store_path, teacher_path):
+    ref = _precompute(runner, store_path, [teacher_path], tmp_path / "ref", "--top-k", "8")
+    parts = tmp_path / "parts"
+    r1 = invoke(runner, ["precompute", "--store", store_path, "--teacher", teacher_path, "-o", parts, "--top-k", "8",
+                         "--part", "1/2", "--quiet"])
+    assert r1.exit_code == 0 and "remain" in r1.output, r1.output
+    assert not (parts / "manifest.json").exists()
+    _precompute(runner, store_path, [teacher_path], parts, "--top-k", "8", "--part", "2/2")
+    assert (parts / "manifest.json").exists()
+    tr = tmp_path / "torchrun"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                        "-m", "cachekd_cli", "precompute", "--store", str(store_path), "--teacher", str(teacher_path),
+                        "-o", str(tr), "--top-k", "8", "--quiet"], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    a = _all_arrays(ref)
+    for other in (LogitCache.open(parts), LogitCache.open(tr)):
+        b = _all_arrays(other)
+        assert a.keys() == b.keys()
+        for k in a:
+            np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+# ---------------------------------------------------------------------------------------------- refusals
+
+
+def test_refusals(tmp_path, runner, store_path, teacher_path, corpus):
+    base = ["precompute", "--store", store_path, "--quiet"]
+    assert_clean_error(invoke(runner, base + ["--teacher", tmp_path / "nope", "-o", tmp_path / "o1"]),
+                       "neither a checkpoint directory nor a registered name")
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(teacher_path, corrupt)
+    (corrupt / "model.safetensors").write_bytes(b"not a safetensors file")
+    assert_clean_error(invoke(runner, base + ["--teacher", corrupt, "-o", tmp_path / "o2"]), "cannot load the checkpoint")
+    noweights = tmp_path / "noweights"
+    noweights.mkdir()
+    shutil.copy(teacher_path / "config.json", noweights / "config.json")
+    assert_clean_error(invoke(runner, base + ["--teacher", noweights, "-o", tmp_path / "o3"]), "no weights")
+    # a teacher with a smaller vocabulary than the store's tokenizer
+    small = tmp_path / "small"
+    from cachekd.models import ModelConfig, build_model
+
+    build_model(ModelConfig(hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32), 100, 16).save_pretrained(small)
+    r = invoke(runner, base + ["--teacher", small, "-o", tmp_path / "o4"])
+    assert_clean_error(r, "vocabulary of 100", str(TokenStore.open(store_path).vocab_size))
+    # a teacher with another tokenizer
+    from cachekd.tokens import PrepareConfig, prepare
+
+    other_store, _ = prepare(PrepareConfig(inputs=[str(corpus)], output=str(tmp_path / "other_store"), seq_len=16,
+                                           vocab_size=290), progress=False)
+    other_teacher = make_teacher(other_store.path, tmp_path / "other_teacher", extra_vocab=10)
+    assert_clean_error(invoke(runner, base + ["--teacher", other_teacher, "-o", tmp_path / "o5"]), "different tokenizer")
+    assert_clean_error(invoke(runner, base + ["--teacher", teacher_path, "-o", tmp_path / "o6", "--top-k", "100000"]),
+                       "larger than the vocabulary")
+    assert_clean_error(invoke(runner, base + ["--teacher", teacher_path, "-o", tmp_path / "o7", "--temperatures", "0"]),
+                       "positive")
+    assert_clean_error(invoke(runner, base + ["--teacher", teacher_path, "-o", tmp_path / "o8", "--part", "3/2"]),
+                       "--part")
+    # a cache started with other settings is not overwritten
+    _precompute(runner, store_path, [teacher_path], tmp_path / "c", "--top-k", "4")
+    before = _all_arrays(LogitCache.open(tmp_path / "c"))
+    assert_clean_error(invoke(runner, base + ["--teacher", teacher_path, "-o", tmp_path / "c", "--top-k", "8"]),
+                       "different settings", "k 4 vs 8")
+    after = _all_arrays(LogitCache.open(tmp_path / "c"))
+    assert all(np.array_equal(before[k], after[k]) for k in before)
+    # a cache built from another token store is refused by verify (and by distill, see test_trainer)
+    r = invoke(runner, ["verify", tmp_path / "c", "--store", other_store.path])
+    assert r.exit_code == 1 and "another tokenizer" in r.output
+
+
+def test_nan_teacher_names_the_window(tmp_path, runner, store_path, teacher_path):
+    from cachekd.models import load_model
+
+    store = TokenStore.open(store_path)
+    tokens = store.read("train", 0, store.num_windows("train"))
+    bad_token = int(tokens[5, 3])
+    first = int(np.nonzero((tokens == bad_token).any(-1))[0][0])
+    m = load_model(teacher_path)
+    with torch.no_grad():
+        m.get_input_embeddings().weight[bad_token] = float("nan")
+    nan_dir = tmp_path / "nan_teacher"
+    m.save_pretrained(nan_dir)
+    store.load_tokenizer().save_pretrained(nan_dir)
+    r = invoke(runner, ["precompute", "--store", store_path, "--teacher", nan_dir, "-o", tmp_path / "c", "--quiet",
+                        "--splits", "train"])
+    assert_clean_error(r, "NaN or inf", f"train window {first}")
+
+
+def test_disk_full_marks_nothing_done_and_resumes(tmp_path, runner, store_path, teacher_path, monkeypatch):
+    from cachekd.cache import writer as cw
+
+    real_write = cw.ChunkWriter.write
+    calls = {"n": 0}
+
+    def failing_write(self, split, chunk, results, stats):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the second chunk: write part of it, then the disk is full
+            arr = self._arr(split, next(iter(results)), "ids")
+            arr[chunk * self.plan["token_store"]["chunk_windows"]] = 1
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(self, split, chunk, results, stats)
+
+    monkeypatch.setattr(cw.ChunkWriter, "write", failing_write)
+    out = tmp_path / "c"
+    r = invoke(runner, ["precompute", "--store", store_path, "--teacher", teacher_path, "-o", out, "--quiet",
+                        "--top-k", "4", "--batch-size", "64"])
+    assert_clean_error(r, "disk is full")
+    done = sorted(p.name for p in (out / "done").rglob("*.json"))
+    assert len(done) == 1  # only the first chunk, which was fully written
+    monkeypatch.setattr(cw.ChunkWriter, "write", real_write)
+    cache = _precompute(runner, store_path, [teacher_path], out, "--top-k", "4")
+    ref = _precompute(runner, store_path, [teacher_path], tmp_path / "ref", "--top-k", "4")
+    a, b = _all_arrays(ref), _all_arrays(cache)
+    assert all(np.array_equal(a[k], b[k]) for k in a)
