@@ -1,0 +1,141 @@
+"""`cachekd demo`: the whole job on a built-in corpus, on CPU, in minutes.
+
+prepare → train a teacher → precompute its top-k logits once → from that one cache distil a forward-KL student and
+a reverse-KL student with logit mixing and progressive α, beside a cross-entropy baseline of the same shape and
+steps → evaluate all (dev perplexity, minimal pairs) → compare (table + plots). Every number comes from the runs.
+Re-running skips the stages that finished and resumes the one that was interrupted.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from cachekd.errors import CachekdError
+
+
+@dataclass
+class DemoSize:
+    num_documents: int
+    num_pairs: int
+    vocab_size: int
+    seq_len: int
+    teacher_steps: int
+    student_steps: int
+    batch_size: int
+    top_k: int
+    eval_windows: int
+
+
+FULL = DemoSize(num_documents=8000, num_pairs=200, vocab_size=2000, seq_len=64, teacher_steps=600, student_steps=400,
+                batch_size=32, top_k=32, eval_windows=256)
+SMALL = DemoSize(num_documents=600, num_pairs=20, vocab_size=400, seq_len=64, teacher_steps=30, student_steps=20,
+                 batch_size=8, top_k=16, eval_windows=32)
+
+TEACHER_MODEL = {"arch": "llama", "hidden_size": 192, "num_layers": 4, "num_heads": 4, "intermediate_size": 512}
+STUDENT_MODEL = {"arch": "llama", "hidden_size": 64, "num_layers": 2, "num_heads": 2, "intermediate_size": 172}
+
+
+def _train_cfg(name: str, out: Path, store: Path, model: dict, steps: int, size: DemoSize, lr: float, seed: int,
+               distill: dict | None, device: str) -> dict[str, Any]:
+    return {
+        "name": name, "output": str(out), "seed": seed, "device": device, "precision": "fp32",
+        "model": dict(model),
+        "data": {"store": str(store), "batch_size": size.batch_size, "eval_windows": size.eval_windows},
+        "optim": {"lr": lr, "warmup_steps": max(1, steps // 20), "max_steps": steps, "weight_decay": 0.1},
+        "log_every": max(1, steps // 40), "eval_every": max(1, steps // 8), "save_every": max(1, steps // 4),
+        "distill": distill,
+    }
+
+
+def run_demo(out_dir: str | Path = "demo_out", *, corpus: str | None = None, small: bool = False, seed: int = 0,
+             device: str = "cpu", progress: bool = True, say: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run the demo; returns the comparison (rows, files) plus per-stage timings."""
+    from cachekd.compare import compare_runs
+    from cachekd.demo_data import write_demo_data
+    from cachekd.evaluate import evaluate, save_eval
+    from cachekd.precompute import PrecomputeConfig, precompute
+    from cachekd.tokens import PrepareConfig, prepare
+    from cachekd.trainer import load_train_config, run
+
+    size = SMALL if small else FULL
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()) and not (out / "demo.json").exists():
+        raise CachekdError(f"{str(out)!r} is not empty and is not a demo directory; choose another --out.")
+    out.mkdir(parents=True, exist_ok=True)
+    state_path = out / "demo.json"
+    state = json.loads(state_path.read_text()) if state_path.exists() else {}
+    want = {"corpus": corpus, "small": small, "seed": seed}
+    if state.get("options", want) != want:
+        raise CachekdError(f"{str(out)!r} holds a demo run with other options ({state['options']}); use another --out.")
+    state["options"] = want
+    timings: dict[str, float] = state.setdefault("timings", {})
+
+    def stage(name: str, fn: Callable[[], Any]) -> Any:
+        if name in timings:
+            say(f"[demo] {name}: done earlier ({timings[name]:.1f} s), skipping")
+            return None
+        say(f"[demo] {name} ...")
+        t0 = time.perf_counter()
+        result = fn()
+        timings[name] = time.perf_counter() - t0
+        state_path.write_text(json.dumps(state, indent=2))
+        return result
+
+    # 1. data
+    data = out / "data"
+    if corpus is None:
+        stage("generate corpus", lambda: write_demo_data(data, num_documents=size.num_documents,
+                                                         num_pairs=size.num_pairs, seed=seed))
+        inputs, pairs = [str(data / "corpus" / "demo.txt")], data / "minimal_pairs"
+    else:
+        if not Path(corpus).exists():
+            raise CachekdError(f"corpus {corpus!r} does not exist.")
+        stage("generate minimal pairs", lambda: write_demo_data(data, num_documents=50, num_pairs=size.num_pairs,
+                                                                seed=seed))
+        inputs, pairs = [corpus], data / "minimal_pairs"
+    store = out / "tokens"
+    stage("prepare", lambda: prepare(PrepareConfig(inputs=inputs, output=str(store), seq_len=size.seq_len,
+                                                   vocab_size=size.vocab_size, dev_fraction=0.05, seed=seed),
+                                     progress=progress))
+
+    def train(name: str, model: dict, steps: int, lr: float, distill: dict | None) -> None:
+        run_dir = out / "runs" / name
+        cfg = load_train_config(_train_cfg(name, run_dir, store, model, steps, size, lr, seed, distill, device))
+        resume = (run_dir / "checkpoints").exists() and any((run_dir / "checkpoints").iterdir())
+        run(cfg, resume=resume, force=not resume and run_dir.exists(), progress=progress)
+
+    # 2. teacher, 3. cache
+    stage("train teacher", lambda: train("teacher", TEACHER_MODEL, size.teacher_steps, 2e-3, None))
+    cache = out / "cache"
+    stage("precompute", lambda: precompute(PrecomputeConfig(
+        store=str(store), teachers=[str(out / "runs" / "teacher")], output=str(cache), top_k=size.top_k,
+        temperatures=[1.0, 2.0], device=device), progress=progress))
+
+    # 4. students of one shape and step count, from the one cache
+    students = {
+        "student-ce": None,
+        "student-forward-kl": {"cache": str(cache), "objective": "forward_kl", "temperature": 2.0, "ce_weight": 0.5,
+                               "tail_mode": "bucket"},
+        "student-reverse-kl-mix": {"cache": str(cache), "objective": "reverse_kl", "temperature": 1.0,
+                                   "ce_weight": 0.5, "tail_mode": "uniform", "chunk_size": size.seq_len // 2,
+                                   "alpha": {"kind": "epoch_linear", "start": 0.9, "end": 0.5}},
+    }
+    for name, distill in students.items():
+        stage(f"train {name}", lambda n=name, d=distill: train(n, STUDENT_MODEL, size.student_steps, 3e-3, d))
+
+    # 5. evaluation, 6. comparison
+    run_dirs = [out / "runs" / n for n in ["teacher", *students]]
+    for rd in run_dirs:
+        def _eval(rd=rd):
+            res = evaluate(rd, dev_store=store, minimal_pairs=pairs, device=device, progress=False,
+                           max_windows=None if not small else 64)
+            save_eval(res, rd)
+        stage(f"evaluate {rd.name}", _eval)
+    comparison = compare_runs(run_dirs, out / "compare")
+    state["precompute_s"] = timings.get("precompute")
+    state_path.write_text(json.dumps(state, indent=2))
+    return {"comparison": comparison, "timings": timings, "out": str(out), "cache": str(cache)}

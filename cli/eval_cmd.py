@@ -1,0 +1,95 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from cachekd_cli.common import echo_json
+from cachekd_cli.main import cli
+
+
+def _report_rows(result: dict) -> tuple[list[dict], list[dict], list[dict]]:
+    """(summary rows, per-phenomenon rows, per-group rows) of an evaluation result."""
+    summary = {"model": result["model"], "num_params": result.get("num_params")}
+    if "dev" in result:
+        d = result["dev"]
+        summary |= {"split": d["split"], "dev_loss": d["loss"], "dev_ppl": d["ppl"], "num_tokens": d["num_tokens"],
+                    "num_windows": d["num_windows"]}
+    mp = result.get("minimal_pairs")
+    files, groups = [], []
+    if mp:
+        summary |= {"mp_macro_acc": mp["macro_accuracy"], "mp_micro_acc": mp["micro_accuracy"],
+                    "num_pairs": mp["num_pairs"]}
+        files = [{"phenomenon": stem, "group": r["group"], "pairs": r["num_pairs"], "accuracy": r["accuracy"]}
+                 for stem, r in mp["by_file"].items()]
+        groups = [{"group": g, "phenomena": r["num_files"], "pairs": r["num_pairs"], "accuracy": r["accuracy"]}
+                  for g, r in mp["by_group"].items()]
+    return [summary], files, groups
+
+
+@cli.command("eval")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--dev", "dev_store", type=click.Path(path_type=Path), default=None,
+              help="Token store to compute the dev loss and perplexity on (must use the model's tokenizer).")
+@click.option("--split", default="dev", show_default=True, help="Split of the token store: dev or train.")
+@click.option("--minimal-pairs", type=click.Path(path_type=Path), default=None,
+              help="BLiMP-format .jsonl file, or a directory of them (one phenomenon a file).")
+@click.option("--prefix", default=None, metavar="TEXT",
+              help="Context put before every minimal-pair sentence, not scored: `eos` (default: the end-of-text "
+                   "token that precedes every document in a token store), `bos` (the begin-of-text token <s>, as "
+                   "BabyLM's BLiMP scoring does for models trained with it), or any text.")
+@click.option("--no-prefix", is_flag=True, help="No context: score each sentence from its second token.")
+@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1),
+              help="Windows or sentences a batch.")
+@click.option("--device", default="cpu", show_default=True, help="torch device, e.g. cpu, cuda, cuda:1.")
+@click.option("--max-windows", default=None, type=click.IntRange(min=1), help="Evaluate only the first N dev windows.")
+@click.option("--against-cache", type=click.Path(path_type=Path), default=None, hidden=True,
+              help="Agreement with a teacher logit cache (not available yet).")
+@click.option("--json", "as_json", is_flag=True, help="Print the full result as JSON.")
+@click.option("--markdown", is_flag=True, help="Print Markdown tables.")
+@click.option("--save/--no-save", default=True, show_default=True,
+              help="When MODEL is a run directory, save the result to RUN/eval.json (read by `cachekd compare`).")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def eval_command(model, dev_store, split, minimal_pairs, prefix, no_prefix, batch_size, device, max_windows,
+                 against_cache, as_json, markdown, save, quiet):
+    """Evaluate a checkpoint: dev loss / perplexity on a token store, and accuracy on BLiMP-style minimal pairs
+    (a pair counts when the model gives the good sentence a higher log-probability than the bad one).
+
+    MODEL is a run directory of `cachekd train`/`distill` (its model/ is used and the result is saved to
+    RUN/eval.json) or any Hugging Face checkpoint directory.
+
+    \b
+    Examples:
+      cachekd eval runs/student --dev runs/tokens --minimal-pairs demo/minimal_pairs
+      cachekd eval runs/student --minimal-pairs blimp/ --no-prefix --json
+      cachekd eval path/to/hf-checkpoint --dev runs/tokens --max-windows 200 --device cuda
+    """
+    from cachekd.evaluate import evaluate, run_dir_of, save_eval
+    from cachekd.report import format_table, markdown_table
+
+    if no_prefix and prefix is not None:
+        raise click.UsageError("--prefix and --no-prefix exclude each other; give one.")
+    if as_json and markdown:
+        raise click.UsageError("--json and --markdown exclude each other; give one.")
+    result = evaluate(
+        model, dev_store=dev_store, minimal_pairs=minimal_pairs, split=split,
+        prefix=None if no_prefix else (prefix if prefix is not None else "eos"), batch_size=batch_size,
+        device=device, max_windows=max_windows, against_cache=against_cache, progress=not quiet and not as_json,
+    )
+    saved = None
+    run_dir = run_dir_of(model)
+    if save and run_dir is not None:
+        saved = save_eval(result, run_dir)
+    if as_json:
+        echo_json(result | ({"saved": str(saved)} if saved else {}))
+        return
+    summary, files, groups = _report_rows(result)
+    table = markdown_table if markdown else format_table
+    click.echo(table(summary))
+    if files:
+        click.echo("")
+        click.echo(table(files))
+        click.echo("")
+        click.echo(table(groups))
+    if saved:
+        click.echo(f"\nSaved {saved}")

@@ -1,0 +1,143 @@
+"""`cachekd compare`: table, CSV and plots from run directories (fabricated here as the trainer writes them)."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+from cachekd.compare import compare_runs, read_metrics
+from cachekd.errors import CachekdError
+from tests.test_evaluate import assert_one_clean_error, invoke, make_run, store, stores, tiny_model  # noqa: F401
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _eval_json(run: Path, dev_loss: float | None, acc: dict[str, float] | None) -> None:
+    ev: dict = {"model": str(run / "model"), "checkpoint_fingerprint": "x"}
+    if dev_loss is not None:
+        ev["dev"] = {"loss": dev_loss, "ppl": 2.718281828 ** dev_loss, "num_tokens": 100, "num_windows": 10}
+    if acc is not None:
+        by_file = {k: {"accuracy": v, "num_pairs": 10, "num_correct": int(10 * v),
+                       "group": "syntax" if k.startswith("q") else "morphology"} for k, v in acc.items()}
+        groups: dict = {}
+        for k, r in by_file.items():
+            groups.setdefault(r["group"], []).append(r["accuracy"])
+        ev["minimal_pairs"] = {
+            "macro_accuracy": sum(acc.values()) / len(acc),
+            "by_file": by_file,
+            "by_group": {g: {"accuracy": sum(v) / len(v), "num_files": len(v)} for g, v in groups.items()},
+        }
+    (run / "eval.json").write_text(json.dumps(ev))
+
+
+@pytest.fixture()
+def runs(store, tmp_path) -> list[Path]:
+    tok = store.load_tokenizer()
+    model = tiny_model(store.vocab_size)
+    ce = make_run(tmp_path / "runs", "ce", model, tok, steps=30)
+    kd = make_run(tmp_path / "runs", "kd-forward", model, tok, mode="distill", objective="forward_kl", steps=30,
+                  loss0=4.0)
+    live = make_run(tmp_path / "runs", "live", model, tok, steps=12, final=False)
+    _eval_json(ce, 3.0, {"agreement": 0.6, "question": 0.7})
+    _eval_json(kd, None, {"agreement": 0.8, "question": 0.5})
+    return [ce, kd, live]
+
+
+def test_compare_writes_parseable_md_csv_png(runs, tmp_path):
+    out = tmp_path / "cmp"
+    r = compare_runs(runs, out)
+    files = r["files"]
+    assert set(files) == {"markdown", "csv", "curves", "accuracy_by_group"}
+    for key in ("curves", "accuracy_by_group"):
+        data = Path(files[key]).read_bytes()
+        assert data[:8] == PNG_MAGIC and len(data) > 5000
+
+    with open(files["csv"], newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [row["run"] for row in rows] == ["ce", "kd-forward", "live"]
+    ce, kd, live = rows
+    assert (ce["mode"], ce["objective"], ce["steps"], ce["tokens"]) == ("train", "ce", "30", str(30 * 512))
+    assert float(ce["dev_loss"]) == 3.0 and ce["dev_from"] == "eval"  # eval.json wins over the trainer's number
+    assert float(ce["dev_ppl"]) == pytest.approx(2.718281828 ** 3, rel=1e-6)
+    assert kd["dev_from"] == "train" and float(kd["dev_loss"]) == pytest.approx(4.0 * 0.97 ** 30 + 0.1)
+    assert float(kd["mp_macro_acc"]) == pytest.approx(0.65) and float(kd["acc:morphology"]) == pytest.approx(0.8)
+    assert live["mode"] == "(running)" and live["steps"] == "12" and live["mp_macro_acc"] == ""
+    assert float(live["dev_loss"]) == pytest.approx(5.0 * 0.97 ** 10 + 0.1)  # its last dev line
+    assert r["columns"][-2:] == ["acc:morphology", "acc:syntax"]
+
+    md = Path(files["markdown"]).read_text()
+    table = [line for line in md.splitlines() if line.startswith("|")]
+    assert len(table) == 2 + 3
+    header = [c.strip() for c in table[0].strip("|").split("|")]
+    assert header == r["columns"]
+    assert all(len(line.strip("|").split("|")) == len(header) for line in table)
+    assert "curves.png" in md and "accuracy_by_group.png" in md and "in progress" in md
+
+
+def test_compare_without_eval_has_no_accuracy_plot(runs, tmp_path):
+    for run in runs:
+        (run / "eval.json").unlink(missing_ok=True)
+    r = compare_runs(runs[:2], tmp_path / "cmp")
+    assert r["files"]["accuracy_by_group"] is None
+    assert not (tmp_path / "cmp" / "accuracy_by_group.png").exists()
+    assert Path(r["files"]["curves"]).read_bytes()[:8] == PNG_MAGIC
+    assert all(not c.startswith("acc:") for c in r["columns"])
+
+
+def test_compare_bad_runs(runs, tmp_path):
+    with pytest.raises(CachekdError, match="nope"):
+        compare_runs([runs[0], tmp_path / "nope"], tmp_path / "cmp")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(CachekdError, match="is not a run directory"):
+        compare_runs([empty], tmp_path / "cmp")
+    # a line cut off at the end (a run writing now) is skipped; a damaged line in the middle is an error
+    metrics = runs[2] / "metrics.jsonl"
+    n = len(read_metrics(metrics))
+    metrics.write_text(metrics.read_text() + '{"kind": "train", "st')
+    assert len(read_metrics(metrics)) == n
+    lines = metrics.read_text().splitlines()
+    lines[3] = "{broken"
+    metrics.write_text("\n".join(lines) + "\n")
+    with pytest.raises(CachekdError, match="line 4"):
+        compare_runs([runs[2]], tmp_path / "cmp")
+
+
+def test_cli_compare(runs, tmp_path):
+    out = tmp_path / "cmp"
+    res = invoke("compare", *runs, "--out", out)
+    assert res.exit_code == 0, res.output
+    assert "kd-forward" in res.output and str(out / "compare.md") in res.output
+    assert (out / "compare.csv").exists() and (out / "curves.png").exists()
+    res = invoke("compare", *runs[:2], "--out", out, "--json")
+    assert res.exit_code == 0
+    assert [row["run"] for row in json.loads(res.stdout)["rows"]] == ["ce", "kd-forward"]
+    res = invoke("compare", runs[0], tmp_path / "missing-run")
+    assert_one_clean_error(res, "missing-run", "does not exist")
+    # default output directory: next to the runs
+    res = invoke("compare", *runs[:2])
+    assert res.exit_code == 0 and (runs[0].parent / "compare" / "compare.md").exists()
+
+
+def test_eval_then_compare_end_to_end(store, tmp_path):
+    """The real `cachekd eval` writes eval.json; `cachekd compare` picks it up."""
+    tok = store.load_tokenizer()
+    run = make_run(tmp_path / "runs", "student", tiny_model(store.vocab_size, seed=1), tok)
+    from cachekd import demo_data
+
+    pairs = tmp_path / "pairs"
+    pairs.mkdir()
+    for uid, recs in demo_data.generate_minimal_pairs(3).items():
+        (pairs / f"{uid}.jsonl").write_text("".join(json.dumps(x) + "\n" for x in recs))
+    res = invoke("eval", run, "--dev", store.path, "--minimal-pairs", pairs, "--quiet", "--max-windows", 4)
+    assert res.exit_code == 0, res.output
+    r = compare_runs([run], tmp_path / "cmp")
+    row = r["rows"][0]
+    ev = json.loads((run / "eval.json").read_text())
+    assert row["dev_from"] == "eval" and row["dev_loss"] == pytest.approx(ev["dev"]["loss"])
+    assert row["mp_macro_acc"] == pytest.approx(ev["minimal_pairs"]["macro_accuracy"])
+    assert {"acc:morphology", "acc:syntax"} <= set(r["columns"])
+    assert Path(r["files"]["accuracy_by_group"]).read_bytes()[:8] == PNG_MAGIC

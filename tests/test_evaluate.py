@@ -1,0 +1,350 @@
+"""Evaluation: scores against independent float64 loops, perplexity of a uniform model, minimal-pair accuracy,
+and the `cachekd eval` command's handling of bad input."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from cachekd import demo_data
+from cachekd.errors import CachekdError
+from cachekd.evaluate import (
+    check_tokenizer_matches, dev_loss, evaluate, minimal_pair_accuracy, prefix_ids, save_eval, sentence_logprobs,
+)
+from cachekd.models import ModelConfig, build_model
+from cachekd.tokens import PrepareConfig, TokenStore, prepare
+from cachekd_cli.main import cli
+
+SEQ_LEN = 16
+
+
+# ------------------------------------------------------------------------------------------------ fixtures
+
+
+def _make_store(root: Path, name: str, vocab_size: int) -> TokenStore:
+    corpus = root / f"{name}-corpus" / "demo.txt"
+    corpus.parent.mkdir(parents=True, exist_ok=True)
+    corpus.write_text("\n\n".join(demo_data.generate_corpus(150, seed=0)) + "\n")
+    cfg = PrepareConfig(inputs=[str(corpus)], output=str(root / name), seq_len=SEQ_LEN, vocab_size=vocab_size,
+                        dev_fraction=0.1)
+    store, _ = prepare(cfg, progress=False)
+    return store
+
+
+@pytest.fixture(scope="session")
+def stores(tmp_path_factory) -> tuple[TokenStore, TokenStore]:
+    """A demo token store and one of the same text with another tokenizer (a different vocabulary size)."""
+    root = tmp_path_factory.mktemp("stores")
+    return _make_store(root, "tokens", 320), _make_store(root, "other", 300)
+
+
+@pytest.fixture(scope="session")
+def store(stores) -> TokenStore:
+    return stores[0]
+
+
+def tiny_model(vocab_size: int, seed: int = 0):
+    torch.manual_seed(seed)
+    cfg = ModelConfig(arch="llama", hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64)
+    model = build_model(cfg, vocab_size=vocab_size, max_positions=64, special={"pad": 0, "bos": 1, "eos": 2})
+    return model.eval()
+
+
+def uniform(model):
+    """Zero the LM head: every logit is 0, so q(v) = 1/V at every position."""
+    with torch.no_grad():
+        model.get_output_embeddings().weight.zero_()
+    return model
+
+
+def make_run(root: Path, name: str, model, tokenizer, *, mode: str = "train", objective: str = "ce",
+             steps: int = 20, final: bool = True, loss0: float = 5.0) -> Path:
+    """A run directory as the trainer writes it: model/ (weights + tokenizer), metrics.jsonl, summary.json."""
+    run = root / name
+    (run / "model").mkdir(parents=True)
+    model.save_pretrained(run / "model")
+    tokenizer.save_pretrained(run / "model")
+    (run / "config.yaml").write_text(f"name: {name}\n")
+    lines = []
+    for step in range(1, steps + 1):
+        loss = loss0 * 0.97 ** step
+        lines.append({"kind": "train", "step": step, "epoch": 0, "tokens": step * 512, "wall_s": 0.1 * step,
+                      "loss": loss, "ce": loss, "kd": None if mode == "train" else loss / 2,
+                      "alpha": None if mode == "train" else 0.5, "lr": 1e-3, "tokens_per_s": 5120.0})
+        if step % 5 == 0:
+            lines.append({"kind": "dev", "step": step, "tokens": step * 512, "wall_s": 0.1 * step + 0.01,
+                          "dev_loss": loss + 0.1})
+    (run / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    if final:
+        (run / "summary.json").write_text(json.dumps({
+            "name": name, "mode": mode, "objective": objective, "steps": steps, "tokens": steps * 512,
+            "wall_s": 0.1 * steps, "num_params": sum(p.numel() for p in model.parameters()),
+            "final_dev_loss": lines[-1]["dev_loss"] if lines[-1]["kind"] == "dev" else None, "extra_key": 1,
+        }))
+    return run
+
+
+def invoke(*args: str):
+    result = CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=True)
+    return result
+
+
+def assert_one_clean_error(result, *fragments: str) -> None:
+    out = result.output
+    assert result.exit_code != 0, out
+    assert "Traceback" not in out, out
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+    error_lines = [line for line in out.splitlines() if line.startswith("Error:")]
+    assert len(error_lines) == 1, out
+    for frag in fragments:
+        assert frag.lower() in error_lines[0].lower(), out
+
+
+# ------------------------------------------------------------------------------------------------ references
+
+
+def reference_score(model64, ids: list[int], first_scored: int) -> float:
+    """sum_{t >= first_scored} log q(ids[t] | ids[:t]), one unpadded sequence, float64."""
+    if len(ids) <= first_scored:
+        return 0.0
+    with torch.no_grad():
+        logits = model64(input_ids=torch.tensor([ids])).logits[0]  # (T, V) float64
+    logp = torch.log_softmax(logits, dim=-1)
+    return float(sum(logp[t - 1, ids[t]] for t in range(first_scored, len(ids))))
+
+
+# ------------------------------------------------------------------------------------------------ scoring
+
+
+SENTENCES = ["The dog sleeps.", "Mia and Max were hungry.", "Did the little bunny hide itself under the table?", "",
+             "Oh", "Look, the children have eaten the cookies in the kitchen again!"]
+
+
+@pytest.mark.parametrize("prefix", ["bos", None, "Once upon a time,"])
+def test_sentence_logprobs_match_float64_loop(store, prefix):
+    tok = store.load_tokenizer()
+    model = tiny_model(store.vocab_size)
+    model64 = copy.deepcopy(model).double()
+    got = sentence_logprobs(model, tok, SENTENCES, prefix=prefix, batch_size=4)
+    ctx = prefix_ids(tok, prefix)
+    if prefix == "bos":
+        assert ctx == [tok.bos_token_id] == [1]
+    want = [reference_score(model64, ctx + tok(s, add_special_tokens=False)["input_ids"], max(len(ctx), 1))
+            for s in SENTENCES]
+    assert got == pytest.approx(want, abs=1e-4, rel=1e-5)
+    assert got[3] == 0.0  # the empty sentence has nothing to score
+    assert all(g < 0 for g, s in zip(got, SENTENCES) if s and (prefix is not None or len(tok(s)["input_ids"]) > 1))
+    # batching and padding do not change scores
+    one_by_one = sentence_logprobs(model, tok, SENTENCES, prefix=prefix, batch_size=1)
+    assert got == pytest.approx(one_by_one, abs=1e-5)
+
+
+def test_uniform_model_perplexity_is_vocab_size(store):
+    model = uniform(tiny_model(store.vocab_size))
+    r = dev_loss(model, store, batch_size=3, progress=False)
+    assert r["ppl"] == pytest.approx(store.vocab_size, rel=1e-4)
+    assert r["loss"] == pytest.approx(math.log(store.vocab_size), rel=1e-6)
+    assert r["num_windows"] == store.num_windows("dev")
+    assert r["num_tokens"] == store.num_windows("dev") * (SEQ_LEN - 1)
+    capped = dev_loss(model, store, max_windows=2, progress=False)
+    assert (capped["num_windows"], capped["num_tokens"]) == (2, 2 * (SEQ_LEN - 1))
+
+
+def test_dev_loss_matches_float64_loop(store):
+    model = tiny_model(store.vocab_size, seed=3)
+    model64 = copy.deepcopy(model).double()
+    n = 5
+    windows = store.read("dev", 0, n)
+    total = sum(-reference_score(model64, [int(t) for t in w], 1) for w in windows)
+    r = dev_loss(model, store, split="dev", batch_size=2, max_windows=n, progress=False)
+    assert r["loss"] == pytest.approx(total / (n * (SEQ_LEN - 1)), rel=1e-5)
+    assert r["ppl"] == pytest.approx(math.exp(r["loss"]))
+    train = dev_loss(model, store, split="train", max_windows=n, progress=False)
+    assert train["loss"] != r["loss"]
+    with pytest.raises(CachekdError, match="no 'test' split"):
+        dev_loss(model, store, split="test", progress=False)
+
+
+# ------------------------------------------------------------------------------------------------ minimal pairs
+
+
+def _write_jsonl(path: Path, records: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def test_minimal_pair_accuracy_all_right_then_all_wrong(store, tmp_path):
+    """A uniform model gives log P = -n·log V, so it prefers the sentence with fewer tokens: make the good one
+    shorter in every pair (100%), then mirror the fixture (0%)."""
+    tok = store.load_tokenizer()
+    model = uniform(tiny_model(store.vocab_size))
+    pairs = [("The dog sleeps.", "The big dog sleeps."), ("Mia ran.", "Mia ran to the park."),
+             ("Is he happy?", "Is he very happy?"), ("We ate.", "We ate the cake today.")]
+    for good, bad in pairs:
+        assert len(tok(good)["input_ids"]) < len(tok(bad)["input_ids"])
+    agreement = [{"sentence_good": g, "sentence_bad": b, "field": "morphology", "UID": "a"} for g, b in pairs[:2]]
+    structure = [{"sentence_good": g, "sentence_bad": b, "field": "syntax", "UID": "b"} for g, b in pairs[2:]]
+    d = tmp_path / "pairs"
+    _write_jsonl(d / "agreement.jsonl", agreement)
+    _write_jsonl(d / "structure.jsonl", structure + structure[:1])
+    r = minimal_pair_accuracy(model, tok, d, progress=False)
+    assert r["macro_accuracy"] == 1.0 and r["micro_accuracy"] == 1.0
+    assert r["num_pairs"] == 5 and r["num_files"] == 2
+    assert set(r["by_group"]) == {"morphology", "syntax"}
+    assert r["by_file"]["structure"]["num_pairs"] == 3 and r["by_file"]["structure"]["group"] == "syntax"
+
+    mirrored = tmp_path / "mirrored"
+    for name, recs in (("agreement", agreement), ("structure", structure)):
+        _write_jsonl(mirrored / f"{name}.jsonl",
+                     [dict(x, sentence_good=x["sentence_bad"], sentence_bad=x["sentence_good"]) for x in recs])
+    r = minimal_pair_accuracy(model, tok, mirrored, progress=False)
+    assert r["macro_accuracy"] == 0.0 and r["num_correct"] == 0
+
+    # ties count as wrong; a file without `field` is its own group; one file alone works
+    tie = _write_jsonl(tmp_path / "tie.jsonl", [{"sentence_good": "The dog sleeps.", "sentence_bad": "The dog sleeps."},
+                                                {"sentence_good": pairs[0][0], "sentence_bad": pairs[0][1]}])
+    r = minimal_pair_accuracy(model, tok, tie, progress=False)
+    assert r["by_file"]["tie"]["accuracy"] == 0.5 and list(r["by_group"]) == ["tie"]
+
+
+def test_macro_average_on_demo_pairs_matches_token_counts(store, tmp_path):
+    """On the demo pairs the uniform model is right exactly where the good sentence has fewer tokens: the real
+    scoring and aggregation must reproduce that count per file, and the macro average over files."""
+    tok = store.load_tokenizer()
+    model = uniform(tiny_model(store.vocab_size))
+    pairs = demo_data.generate_minimal_pairs(6, seed=5)
+    for uid, recs in pairs.items():
+        _write_jsonl(tmp_path / f"{uid}.jsonl", recs)
+    r = minimal_pair_accuracy(model, tok, tmp_path, prefix=None, progress=False)
+    expected = {}
+    for uid, recs in pairs.items():
+        n = [(len(tok(x["sentence_good"])["input_ids"]), len(tok(x["sentence_bad"])["input_ids"])) for x in recs]
+        expected[uid] = sum(g < b for g, b in n) / len(recs)
+        assert r["by_file"][uid]["accuracy"] == pytest.approx(expected[uid]), uid
+    assert r["macro_accuracy"] == pytest.approx(sum(expected.values()) / len(expected))
+    assert set(r["by_group"]) == {"morphology", "syntax"}
+
+
+def test_bad_pair_files(store, tmp_path):
+    tok = store.load_tokenizer()
+    model = tiny_model(store.vocab_size)
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"sentence_good": "A.", "sentence_bad": "B."}\n\n{"sentence_good": "A.", \n')
+    with pytest.raises(CachekdError, match="line 3 is not valid JSON"):
+        minimal_pair_accuracy(model, tok, broken, progress=False)
+    missing = _write_jsonl(tmp_path / "missing.jsonl", [{"sentence_good": "A.", "sentence_bad": "B."},
+                                                        {"sentence_good": "A."}])
+    with pytest.raises(CachekdError, match="line 2 has no 'sentence_bad'"):
+        minimal_pair_accuracy(model, tok, missing, progress=False)
+    with pytest.raises(CachekdError, match="holds no .jsonl"):
+        minimal_pair_accuracy(model, tok, _empty_dir(tmp_path), progress=False)
+
+
+def _empty_dir(root: Path) -> Path:
+    d = root / "empty"
+    d.mkdir(exist_ok=True)
+    return d
+
+
+# ------------------------------------------------------------------------------------------------ checks, evaluate
+
+
+def test_check_tokenizer_matches(stores, tmp_path):
+    store, other = stores
+    run = make_run(tmp_path, "run", tiny_model(store.vocab_size), store.load_tokenizer())
+    check_tokenizer_matches(run, store)  # same tokenizer: no error
+    check_tokenizer_matches(store.load_tokenizer(), store, model_vocab_size=store.vocab_size)
+    with pytest.raises(CachekdError, match="different tokenizer"):
+        check_tokenizer_matches(run, other)
+    with pytest.raises(CachekdError, match="different tokenizer"):
+        check_tokenizer_matches(other.load_tokenizer(), store)
+    with pytest.raises(CachekdError, match="vocabulary of 320"):
+        check_tokenizer_matches(store.load_tokenizer(), store, model_vocab_size=100)
+
+
+def test_evaluate_bundle_and_save(store, tmp_path):
+    model = tiny_model(store.vocab_size)
+    run = make_run(tmp_path, "run", model, store.load_tokenizer())
+    pairs = _write_jsonl(tmp_path / "p" / "x.jsonl", demo_data.generate_minimal_pairs(3)["transitive"])
+    r = evaluate(run, dev_store=store.path, minimal_pairs=pairs.parent, max_windows=4, progress=False)
+    assert r["dev"]["num_windows"] == 4 and r["minimal_pairs"]["num_pairs"] == 3
+    assert r["run_dir"] == str(run) and r["model"] == str(run / "model")
+    assert r["num_params"] == sum(p.numel() for p in model.parameters())
+    assert r["dev"]["loss"] == pytest.approx(dev_loss(model, store, max_windows=4, progress=False)["loss"], rel=1e-6)
+    path = save_eval(r, run)
+    only_dev = evaluate(run, dev_store=store.path, max_windows=2, progress=False)
+    save_eval(only_dev, run)
+    saved = json.loads(path.read_text())
+    assert saved["dev"]["num_windows"] == 2 and saved["minimal_pairs"]["num_pairs"] == 3  # kept: same checkpoint
+    with pytest.raises(CachekdError, match="not available yet"):
+        evaluate(run, dev_store=store.path, against_cache=tmp_path)
+    with pytest.raises(CachekdError, match="nothing to evaluate"):
+        evaluate(run)
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+
+
+def test_cli_eval_run_dir_saves_and_prints(store, tmp_path):
+    run = make_run(tmp_path, "run", tiny_model(store.vocab_size), store.load_tokenizer())
+    pairs = tmp_path / "pairs"
+    for uid, recs in demo_data.generate_minimal_pairs(4).items():
+        _write_jsonl(pairs / f"{uid}.jsonl", recs)
+    res = invoke("eval", run, "--dev", store.path, "--minimal-pairs", pairs, "--quiet", "--max-windows", 3)
+    assert res.exit_code == 0, res.output
+    assert "dev_loss" in res.output and "subject_verb_agreement" in res.output and "morphology" in res.output
+    saved = json.loads((run / "eval.json").read_text())
+    assert saved["minimal_pairs"]["num_pairs"] == 4 * len(demo_data.PHENOMENA)
+    res = invoke("eval", run / "model", "--minimal-pairs", pairs / "transitive.jsonl", "--json", "--no-save",
+                 "--no-prefix")
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)
+    assert out["minimal_pairs"]["prefix"] is None and "saved" not in out
+    res = invoke("eval", run, "--minimal-pairs", pairs / "transitive.jsonl", "--markdown", "--no-save")
+    assert res.exit_code == 0 and "| phenomenon |" in res.output
+
+
+def test_cli_eval_model_without_weights(store, tmp_path):
+    d = tmp_path / "ckpt"
+    tiny_model(store.vocab_size).config.save_pretrained(d)
+    res = invoke("eval", d, "--dev", store.path, "--quiet")
+    assert_one_clean_error(res, "no weights")
+    res = invoke("eval", tmp_path / "nowhere", "--dev", store.path, "--quiet")
+    assert_one_clean_error(res, "does not exist")
+
+
+def test_cli_eval_malformed_json_line(store, tmp_path):
+    run = make_run(tmp_path, "run", tiny_model(store.vocab_size), store.load_tokenizer())
+    bad = tmp_path / "pairs" / "bad.jsonl"
+    bad.parent.mkdir()
+    good_line = json.dumps({"sentence_good": "The dog sleeps.", "sentence_bad": "The dog sleep."})
+    bad.write_text(f"{good_line}\n{good_line}\n{{not json\n{good_line}\n")
+    res = invoke("eval", run, "--minimal-pairs", bad.parent, "--quiet")
+    assert_one_clean_error(res, "line 3", "bad.jsonl")
+    missing = tmp_path / "pairs2" / "m.jsonl"
+    _write_jsonl(missing, [{"sentence_good": "The dog sleeps."}])
+    res = invoke("eval", run, "--minimal-pairs", missing, "--quiet")
+    assert_one_clean_error(res, "line 1", "sentence_bad")
+    assert not (run / "eval.json").exists()
+
+
+def test_cli_eval_store_from_another_tokenizer(stores, tmp_path):
+    store, other = stores
+    run = make_run(tmp_path, "run", tiny_model(store.vocab_size), store.load_tokenizer())
+    res = invoke("eval", run, "--dev", other.path, "--quiet")
+    assert_one_clean_error(res, "different tokenizer")
+
+
+def test_cli_eval_usage_errors(store, tmp_path):
+    run = make_run(tmp_path, "run", tiny_model(store.vocab_size), store.load_tokenizer())
+    res = invoke("eval", run, "--minimal-pairs", tmp_path, "--prefix", "x", "--no-prefix")
+    assert res.exit_code == 2 and "exclude each other" in res.output
+    res = invoke("eval", run)
+    assert_one_clean_error(res, "nothing to evaluate")
