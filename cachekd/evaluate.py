@@ -420,8 +420,8 @@ def evaluate(
     `minimal_pairs`, or both.
 
     The tokenizer comes from the checkpoint directory, or from the token store when the checkpoint has none.
-    A store built with another tokenizer than the model's is refused. `against_cache` (agreement with a teacher
-    logit cache) is a hook for a later version and raises for now.
+    A store built with another tokenizer than the model's is refused. `against_cache`: mean KL(teacher ‖ student)
+    and top-1 agreement with each teacher in a logit cache, on the `split` windows of the cache's token store.
 
     Returns ``{"model", "run_dir", "num_params", "checkpoint_fingerprint", "device", "wall_s", "created",
     "cachekd_version", "dev": {...} (with `dev_store`), "minimal_pairs": {...} (with `minimal_pairs`)}``.
@@ -429,9 +429,7 @@ def evaluate(
     from cachekd.corpus import load_tokenizer
     from cachekd.models import checkpoint_fingerprint, count_parameters, load_model, resolve_model_dir
 
-    if against_cache is not None:
-        raise CachekdError("comparing a model with a teacher logit cache (--against-cache) is not available yet.")
-    if dev_store is None and minimal_pairs is None:
+    if dev_store is None and minimal_pairs is None and against_cache is None:
         raise CachekdError("nothing to evaluate: pass a token store (--dev) and/or minimal pairs (--minimal-pairs).")
     t0 = time.perf_counter()
     model_dir = resolve_model_dir(model_path)
@@ -460,6 +458,14 @@ def evaluate(
                      progress=progress)
         result["dev"] = {"store": str(store.path), "split": split, "store_fingerprint": store.fingerprint,
                          "max_windows": max_windows, **d}
+    if against_cache is not None:
+        from cachekd.cache.reader import LogitCache
+
+        cache = LogitCache.open(against_cache)
+        cstore = store if store is not None else _open_store(cache.meta["token_store"]["path"])
+        check_tokenizer_matches(model_dir, cstore)
+        result["against_cache"] = agreement_with_cache(model, cache, cstore, split=split, batch_size=batch_size,
+                                                       device=device, max_windows=max_windows, progress=progress)
     if minimal_pairs is not None:
         if tokenizer is None:
             raise CachekdError(
@@ -472,6 +478,56 @@ def evaluate(
     result["created"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     result["cachekd_version"] = __version__
     return result
+
+
+@torch.no_grad()
+def agreement_with_cache(model, cache, store: TokenStore, *, split: str = "dev", temperature: float = 1.0,
+                         batch_size: int = 32, device: str | torch.device = "cpu", max_windows: int | None = None,
+                         progress: bool = True) -> dict[str, Any]:
+    """Per teacher of `cache`: mean KL(p_teacher ‖ q_student) per position at `temperature` and the share of positions
+    where the student's top-1 token is the teacher's. A top-k cache gives the exact KL of the (top-k, tail)
+    coarse-grained distributions (`bucket`), which is a lower bound of the full KL; a full cache gives the full KL.
+    Positions are those with a next token inside the window (as in training)."""
+    from tqdm.auto import tqdm
+
+    from cachekd.losses import DenseTarget, KDConfig, SparseTarget, distill_loss
+
+    cache.check_store(store)
+    if split not in cache.splits():
+        raise CachekdError(f"the cache has no {split!r} split (it has {', '.join(cache.splits())}).")
+    ti = cache.temperature_index(temperature)
+    n = cache.num_windows(split) if max_windows is None else min(max_windows, cache.num_windows(split))
+    device = torch.device(device)
+    model = model.to(device).eval()
+    cfg = KDConfig(objective="forward_kl", temperature=temperature, tail_mode="bucket")
+    sums = {t: [0.0, 0, 0] for t in cache.teachers}  # kl sum, agreeing positions, positions
+    for b in tqdm(range(0, n, batch_size), desc="against cache", unit="batch", disable=not progress):
+        e = min(b + batch_size, n)
+        x = torch.from_numpy(store.read(split, b, e).astype(np.int64)).to(device)
+        labels = torch.full_like(x, -100)
+        labels[:, :-1] = x[:, 1:]
+        logits = model(input_ids=x).logits[..., : cache.vocab_size].float()
+        s_top1 = logits.argmax(-1)
+        mask = labels != -100
+        for t, blk in cache.read(split, b, e).items():
+            if blk.logits is not None:
+                z = torch.from_numpy(blk.logits).to(device).float()
+                target, t_top1 = DenseTarget(z), z.argmax(-1)
+            else:
+                ids = torch.from_numpy(blk.ids).to(device)
+                lp = torch.from_numpy(blk.logprobs).to(device)
+                target = SparseTarget(ids=ids, logits=lp, tail_lse=torch.from_numpy(blk.tail_lse[..., ti]).to(device))
+                t_top1 = ids.gather(-1, lp.argmax(-1, keepdim=True)).squeeze(-1)
+            parts = distill_loss(logits, labels, [target], cfg)
+            sums[t][0] += float(parts.kd_sum)
+            sums[t][1] += int(((s_top1 == t_top1) & mask).sum())
+            sums[t][2] += int(mask.sum())
+    return {
+        "cache": str(cache.path), "split": split, "windows": n, "temperature": temperature,
+        "kl_kind": "full" if cache.mode == "full" else f"top-{cache.k} + tail bucket",
+        "teachers": {t: {"kl": s[0] / max(s[2], 1), "top1_agreement": s[1] / max(s[2], 1), "positions": s[2]}
+                     for t, s in sums.items()},
+    }
 
 
 def save_eval(result: dict[str, Any], run_dir: str | Path) -> Path:
@@ -487,7 +543,7 @@ def save_eval(result: dict[str, Any], run_dir: str | Path) -> Path:
         except ValueError:
             old = {}
         if isinstance(old, dict) and old.get("checkpoint_fingerprint") == result.get("checkpoint_fingerprint"):
-            for key in ("dev", "minimal_pairs"):
+            for key in ("dev", "minimal_pairs", "against_cache"):
                 if key not in merged and key in old:
                     merged[key] = old[key]
     atomic_write_json(path, merged)

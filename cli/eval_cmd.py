@@ -15,6 +15,10 @@ def _report_rows(result: dict) -> tuple[list[dict], list[dict], list[dict]]:
         d = result["dev"]
         summary |= {"split": d["split"], "dev_loss": d["loss"], "dev_ppl": d["ppl"], "num_tokens": d["num_tokens"],
                     "num_windows": d["num_windows"]}
+    ac = result.get("against_cache")
+    if ac:
+        for t, r in ac["teachers"].items():
+            summary |= {f"kl({t}||student)": r["kl"], f"top1_agree({t})": r["top1_agreement"]}
     mp = result.get("minimal_pairs")
     files, groups = [], []
     if mp:
@@ -43,8 +47,9 @@ def _report_rows(result: dict) -> tuple[list[dict], list[dict], list[dict]]:
               help="Windows or sentences a batch.")
 @click.option("--device", default="cpu", show_default=True, help="torch device, e.g. cpu, cuda, cuda:1.")
 @click.option("--max-windows", default=None, type=click.IntRange(min=1), help="Evaluate only the first N dev windows.")
-@click.option("--against-cache", type=click.Path(path_type=Path), default=None, hidden=True,
-              help="Agreement with a teacher logit cache (not available yet).")
+@click.option("--against-cache", type=click.Path(path_type=Path), default=None,
+              help="Also report mean KL(teacher || student) and top-1 agreement with each teacher of this logit cache "
+                   "(on --split of the cache's token store).")
 @click.option("--json", "as_json", is_flag=True, help="Print the full result as JSON.")
 @click.option("--markdown", is_flag=True, help="Print Markdown tables.")
 @click.option("--save/--no-save", default=True, show_default=True,
@@ -63,6 +68,7 @@ def eval_command(model, dev_store, split, minimal_pairs, prefix, no_prefix, batc
       cachekd eval runs/student --dev runs/tokens --minimal-pairs demo/minimal_pairs
       cachekd eval runs/student --minimal-pairs blimp/ --no-prefix --json
       cachekd eval path/to/hf-checkpoint --dev runs/tokens --max-windows 200 --device cuda
+      cachekd eval runs/student --dev runs/tokens --against-cache runs/cache
     """
     from cachekd.evaluate import evaluate, run_dir_of, save_eval
     from cachekd.report import format_table, markdown_table

@@ -348,3 +348,24 @@ def test_cli_eval_usage_errors(store, tmp_path):
     assert res.exit_code == 2 and "exclude each other" in res.output
     res = invoke("eval", run)
     assert_one_clean_error(res, "nothing to evaluate")
+
+
+def test_against_cache_teacher_agrees_with_itself(tmp_path, store_path, teacher_path, teacher_b_path):
+    """A teacher scored against its own cache: KL ≈ 0 (fixed-point rounding only), top-1 agreement ~1; another model
+    has a clearly positive KL. Full and top-k caches both."""
+    from click.testing import CliRunner
+
+    from cachekd.evaluate import evaluate
+    from tests.conftest import invoke
+
+    for mode in (["--top-k", "8"], ["--full"]):
+        c = tmp_path / f"cache{len(mode)}"
+        r = invoke(CliRunner(), ["precompute", "--store", store_path, "--teacher", teacher_path, "-o", c, "--quiet", *mode])
+        assert r.exit_code == 0, r.output
+        same = evaluate(teacher_path, dev_store=store_path, against_cache=c, progress=False)["against_cache"]
+        (res,) = same["teachers"].values()
+        # near-flat random teachers have near-ties, which storage rounding may flip
+        assert res["kl"] < 2e-3 and res["top1_agreement"] > 0.95 and res["positions"] > 0
+        other = evaluate(teacher_b_path, dev_store=store_path, against_cache=c, progress=False)["against_cache"]
+        (res_b,) = other["teachers"].values()
+        assert res_b["kl"] > 10 * max(res["kl"], 1e-4)
