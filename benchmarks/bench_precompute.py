@@ -1,0 +1,174 @@
+"""precompute: wall time ÷ the bare teacher forward over the same windows, bytes/position per storage option,
+write MB/s and positions/s.
+
+Goal: precompute ≤ 1.15× the bare teacher forward; ≤ 110 bytes/position at k=64 on a trained teacher with the
+stored top-k log-probabilities within 1e-3 of the fp32 values.
+
+    python benchmarks/bench_precompute.py [--data DIR] [--mb 1.5] [--teacher DIR] [--device cuda]
+
+Without --teacher it trains a small LLaMA teacher on the same text first (so the outputs are a real teacher's:
+peaked where the text is predictable, unlike a random initialisation) and reports that time separately.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import DEFAULT_DATA, write_result  # noqa: E402
+
+
+def _subset_corpus(src: Path, dst: Path, mb: float) -> Path:
+    """The first `mb` MB of text, taken evenly from each file of `src`."""
+    files = sorted(p for p in (src.rglob("*") if src.is_dir() else [src]) if p.is_file())
+    per = int(mb * 1e6 / max(len(files), 1))
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in files:
+        text = f.read_bytes()[:per].decode("utf-8", errors="ignore")
+        (dst / f.name).write_text(text[: text.rfind("\n\n")] if "\n\n" in text else text)
+    return dst
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", default=str(DEFAULT_DATA))
+    ap.add_argument("--mb", type=float, default=1.0, help="MB of text to run the teacher over")
+    ap.add_argument("--vocab-size", type=int, default=8000)
+    ap.add_argument("--teacher", default=None, help="a trained HF teacher for this tokenizer (else one is trained)")
+    ap.add_argument("--teacher-steps", type=int, default=300)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--work", default=None, help="keep intermediate files here (default: a temp dir)")
+    args = ap.parse_args()
+    if not Path(args.data).exists():
+        sys.exit(f"no data at {args.data}; pass --data DIR")
+
+    import numpy as np
+    import torch
+
+    from cachekd.cache.reader import LogitCache
+    from cachekd.models import load_model
+    from cachekd.precompute import PrecomputeConfig, autocast_dtype, precompute
+    from cachekd.tokens import PrepareConfig, TokenStore, prepare
+    from cachekd.trainer import load_train_config, run
+
+    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="bench_precompute_"))
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        text = _subset_corpus(Path(args.data), work / "text", args.mb)
+        store, _ = prepare(PrepareConfig(inputs=[str(text)], output=str(work / "tokens"), seq_len=128,
+                                         vocab_size=args.vocab_size, dev_fraction=0.05), progress=False)
+        teacher_s = None
+        if args.teacher:
+            teacher = Path(args.teacher)
+        else:
+            teacher = work / "teacher"
+            if not (teacher / "summary.json").exists():
+                t0 = time.perf_counter()
+                run(load_train_config({
+                    "name": "bench-teacher", "output": str(teacher), "device": args.device,
+                    "model": {"arch": "llama", "hidden_size": 256, "num_layers": 4, "num_heads": 4,
+                              "intermediate_size": 688},
+                    "data": {"store": str(store.path), "batch_size": 16, "eval_windows": 64},
+                    "optim": {"lr": 2e-3, "warmup_steps": 30, "max_steps": args.teacher_steps}, "save_every": 0}),
+                    force=True, progress=False)
+                teacher_s = time.perf_counter() - t0
+        device = torch.device(args.device)
+        model = load_model(teacher).to(device).eval()
+        amp = autocast_dtype("auto", device)
+        tokens = store.read("train", 0, store.num_windows("train"))
+        positions = tokens.size
+
+        def bare_forward() -> float:
+            t0 = time.perf_counter()
+            with torch.inference_mode(), torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+                for b in range(0, len(tokens), args.batch_size):
+                    x = torch.from_numpy(tokens[b:b + args.batch_size].astype(np.int64)).to(device)
+                    logits = model(input_ids=x).logits
+                    logits[..., :1].cpu()  # the same device sync point as precompute's small copy
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            return time.perf_counter() - t0
+
+        def ours(out: Path, split: str = "train", **kw) -> dict:
+            if out.exists():
+                shutil.rmtree(out)
+            t0 = time.perf_counter()
+            res = precompute(PrecomputeConfig(store=str(store.path), teachers=[str(teacher)], output=str(out),
+                                              splits=[split], batch_size=args.batch_size, device=args.device, **kw),
+                             progress=False)
+            res["wall"] = time.perf_counter() - t0
+            return res
+
+        bare_forward()  # warm-up
+        t_bare, t_ours, last = [], [], None
+        for _ in range(args.repeats):
+            t_bare.append(bare_forward())
+            last = ours(work / "cache_k64")
+            t_ours.append(last["wall"])
+        mb_, mo = statistics.median(t_bare), statistics.median(t_ours)
+        cache = LogitCache.open(work / "cache_k64")
+        nbytes = cache.meta["bytes_on_disk"]
+        speed = ["| what | seconds | positions/s |", "|---|---|---|",
+                 f"| bare teacher forward ({positions:,} positions) | {mb_:.2f} | {positions / mb_:,.0f} |",
+                 f"| cachekd precompute, top-64 | {mo:.2f} | {positions / mo:,.0f} |", "",
+                 f"**precompute ÷ bare forward: {mo / mb_:.3f}×** (goal ≤ 1.15×); write rate "
+                 f"{nbytes / mo / 1e6:.2f} MB/s compressed, {positions * 64 * 4 / mo / 1e6:.1f} MB/s of top-k data "
+                 f"before encoding."]
+
+        # Storage options (bytes/position on disk, the whole cache directory), on the dev split (smaller).
+        dev_tokens = store.read("dev", 0, store.num_windows("dev"))
+        dev_positions = dev_tokens.size
+        few = len(dev_tokens)
+        opts = [("top-64, step 1/512 (default)", dict(top_k=64)),
+                ("top-64, step 1/256", dict(top_k=64, logprob_step=1 / 256)),
+                ("top-32", dict(top_k=32)), ("top-128", dict(top_k=128)),
+                ("top-64, one temperature", dict(top_k=64, temperatures=[1.0])),
+                ("full fp16 logits", dict(full=True))]
+        rows = ["| storage option | bytes/position | max abs error of stored log-probs |", "|---|---|---|"]
+        z = None
+        for name, kw in opts:
+            ours(work / "cache_opt", split="dev", **kw)
+            c = LogitCache.open(work / "cache_opt")
+            bpp = c.meta["bytes_on_disk"] / dev_positions
+            # precision on the first `few` windows against the fp32 teacher
+            if z is None:
+                with torch.inference_mode():
+                    z = torch.cat([model(input_ids=torch.from_numpy(dev_tokens[b:b + 32].astype(np.int64)).to(device)).logits.float().cpu()
+                                   for b in range(0, few, 32)])
+                logp = torch.log_softmax(z.double(), -1).numpy()
+            blk = c.read("dev", 0, few)[c.teachers[0]]
+            if blk.logits is not None:
+                err = float(np.abs(torch.log_softmax(torch.from_numpy(blk.logits.astype(np.float32)).double(), -1).numpy() - logp).max())
+            else:
+                err = float(np.abs(blk.logprobs - np.take_along_axis(logp, blk.ids, -1)).max())
+            rows.append(f"| {name} | {bpp:.1f} | {err:.2e} |")
+        stats = cache.meta["stats"]["train"][cache.teachers[0]]
+        md = "\n".join(speed) + "\n\n" + "\n".join(rows) + (
+            f"\n\nTeacher: {cache.meta['teachers'][0]['num_params'] / 1e6:.2f}M params"
+            + (f", trained here for {args.teacher_steps} steps in {teacher_s:.0f} s" if teacher_s else "")
+            + f"; mean entropy {stats['entropy_mean']:.2f} nats; top-64 mass at τ=1 "
+              f"{stats['mean_topk_mass']['1.0']:.3f}, at τ=2 {stats['mean_topk_mass']['2.0']:.3f}.")
+        print(md)
+        path = write_result("precompute", "precompute speed and storage", {
+            "data": f"{args.data} (first {args.mb} MB)", "positions": positions, "vocab_size": store.vocab_size,
+            "batch_size": args.batch_size, "device": args.device, "repeats": args.repeats,
+            "timings_bare_s": [round(t, 3) for t in t_bare], "timings_precompute_s": [round(t, 3) for t in t_ours]},
+            md, notes="bytes/position counts the files of the cache directory (the arrays and plan.json; done-markers "
+                      f"not counted), measured on the dev split ({dev_positions:,} positions) for every option. The error column is "
+                      "against the float64 log-softmax of the same teacher's fp32 logits; full fp16 stores raw logits, so its log-prob error grows with |logit|.")
+        print(f"\nwrote {path}")
+    finally:
+        if not args.work:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
