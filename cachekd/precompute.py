@@ -176,30 +176,40 @@ def check_teacher(name: str, path: Path, model, store: TokenStore) -> dict[str, 
 # ----------------------------------------------------------------------------------------- the math
 
 
+ENTROPY_STRIDE = 8  # the entropy statistic is taken on every 8th position: it is a summary, not training data
+
+
 @torch.no_grad()
 def teacher_targets(logits: torch.Tensor, vocab_size: int, k: int | None, temperatures: list[float]
                     ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """What the cache stores for a batch of teacher logits (b, L, V_model), computed on their device in float32.
 
-    Returns (arrays, per-position stats). top-k mode: `ids` (b,L,k), `logprobs` (b,L,k) τ=1 log-probabilities,
-    `tail_lse` (b,L,n_τ) = logsumexp over non-top-k v of log p_v/τ. Full mode (k None): `logits` (b,L,V) fp16.
-    Stats: `entropy` (b,L) at τ=1 and `topk_mass` (b,L,n_τ). Padded logits beyond `vocab_size` are dropped.
+    Returns (arrays, stats). top-k mode: `ids` (b,L,k), `logprobs` (b,L,k) τ=1 log-probabilities,
+    `tail_lse` (b,L,n_τ) = logsumexp over non-top-k v of log p_v/τ (a masked log-sum-exp, so a tiny tail keeps its
+    relative precision). Full mode (k None): `logits` (b,L,V) fp16. Stats: `lse` (b,L) the τ=1 log-normaliser
+    (non-finite when the teacher produced NaN/inf), `entropy` (b, L/8) at τ=1 on every 8th position, and
+    `topk_mass` (b,L,n_τ). Padded logits beyond `vocab_size` are dropped. Cost beyond the forward: about six
+    passes over (b, L, V) plus one per extra temperature.
     """
     z = logits[..., :vocab_size].float()
-    lp = torch.log_softmax(z, dim=-1)
-    entropy = -(lp.exp() * lp).sum(-1)
+    lse = torch.logsumexp(z, dim=-1)                                   # (b, L)
+    zs = z[:, ::ENTROPY_STRIDE]
+    lps = zs - lse[:, ::ENTROPY_STRIDE, None]
+    entropy = -(lps.exp() * lps).sum(-1)
     if k is None:
-        return {"logits": z.half()}, {"entropy": entropy}
-    vals, idx = lp.topk(k, dim=-1)
-    masked = lp.scatter(-1, idx, float("-inf"))
+        return {"logits": z.half()}, {"lse": lse, "entropy": entropy}
+    vals, idx = z.topk(k, dim=-1)
+    logprobs = vals - lse[..., None]                                  # (b, L, k)
+    masked = z.scatter(-1, idx, float("-inf"))                         # (b, L, V), the tail only
     tails, masses = [], []
     for tau in temperatures:
-        tail = torch.logsumexp(masked / tau, dim=-1)
-        head = torch.logsumexp(vals / tau, dim=-1)
+        scaled = masked if tau == 1.0 else masked * (1.0 / tau)
+        tail = torch.logsumexp(scaled, dim=-1) - lse / tau
+        head = torch.logsumexp(logprobs / tau, dim=-1)
         tails.append(tail)
         masses.append(torch.exp(head - torch.logaddexp(head, tail)))
-    return ({"ids": idx, "logprobs": vals, "tail_lse": torch.stack(tails, -1)},
-            {"entropy": entropy, "topk_mass": torch.stack(masses, -1)})
+    return ({"ids": idx, "logprobs": logprobs, "tail_lse": torch.stack(tails, -1)},
+            {"lse": lse, "entropy": entropy, "topk_mass": torch.stack(masses, -1)})
 
 
 # ------------------------------------------------------------------------------------------ running
@@ -358,14 +368,14 @@ def precompute(cfg: PrecomputeConfig, *, force: bool = False, progress: bool = T
                         x = torch.from_numpy(tokens[b:b + cfg.batch_size].astype(np.int64)).to(device)
                         with torch.inference_mode(), torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
                             logits = model(input_ids=x).logits
-                        bad = ~torch.isfinite(logits[..., :vocab]).all(dim=-1).all(dim=-1)
+                        arrays, st = teacher_targets(logits, vocab, k, temps)
+                        bad = ~torch.isfinite(st["lse"]).all(dim=-1)
                         if bool(bad.any()):
                             w = chunk * chunkw + b + int(bad.nonzero()[0])
                             raise CachekdError(
                                 f"teacher {info['name']!r} produced NaN or inf logits on {split} window {w}; "
                                 f"check the checkpoint (or try --dtype fp32)."
                             )
-                        arrays, st = teacher_targets(logits, vocab, k, temps)
                         for key, v in arrays.items():
                             parts.setdefault(key, []).append(v.to("cpu", non_blocking=True))
                         ent.append(st["entropy"].cpu())
@@ -373,7 +383,8 @@ def precompute(cfg: PrecomputeConfig, *, force: bool = False, progress: bool = T
                             mass.append(st["topk_mass"].cpu())
                     results[info["name"]] = {key: torch.cat(v).numpy() for key, v in parts.items()}
                     e = torch.cat(ent).double()
-                    s: dict[str, Any] = {"positions": int(e.numel()), "entropy_sum": float(e.sum()),
+                    s: dict[str, Any] = {"positions": int(tokens.size), "entropy_positions": int(e.numel()),
+                                         "entropy_sum": float(e.sum()),
                                          "entropy_min": float(e.min()), "entropy_max": float(e.max())}
                     if mass:
                         msum = torch.cat(mass).double().flatten(0, -2).sum(0)

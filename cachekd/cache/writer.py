@@ -187,9 +187,10 @@ def _merge_stats(chunks: list[dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for c in chunks:
         for teacher, s in c["teachers"].items():
-            o = out.setdefault(teacher, {"positions": 0, "topk_mass_sum": {}, "entropy_sum": 0.0,
+            o = out.setdefault(teacher, {"positions": 0, "entropy_positions": 0, "topk_mass_sum": {}, "entropy_sum": 0.0,
                                          "entropy_min": float("inf"), "entropy_max": float("-inf")})
             o["positions"] += s["positions"]
+            o["entropy_positions"] += s.get("entropy_positions", s["positions"])
             for tau, v in s.get("topk_mass_sum", {}).items():
                 o["topk_mass_sum"][tau] = o["topk_mass_sum"].get(tau, 0.0) + v
             o["entropy_sum"] += s["entropy_sum"]
@@ -198,5 +199,5 @@ def _merge_stats(chunks: list[dict[str, Any]]) -> dict[str, Any]:
     for o in out.values():
         n = max(o["positions"], 1)
         o["mean_topk_mass"] = {tau: v / n for tau, v in o.pop("topk_mass_sum").items()}
-        o["entropy_mean"] = o.pop("entropy_sum") / n
+        o["entropy_mean"] = o.pop("entropy_sum") / max(o["entropy_positions"], 1)
     return out
