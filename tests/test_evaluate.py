@@ -283,7 +283,7 @@ def test_evaluate_bundle_and_save(store, tmp_path):
     save_eval(only_dev, run)
     saved = json.loads(path.read_text())
     assert saved["dev"]["num_windows"] == 2 and saved["minimal_pairs"]["num_pairs"] == 3  # kept: same checkpoint
-    with pytest.raises(CachekdError, match="not available yet"):
+    with pytest.raises(CachekdError, match="not a logit cache"):
         evaluate(run, dev_store=store.path, against_cache=tmp_path)
     with pytest.raises(CachekdError, match="nothing to evaluate"):
         evaluate(run)
