@@ -48,7 +48,7 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
 def load_run(run_dir: str | Path) -> dict[str, Any]:
     """Summary, metrics and evaluation of one run directory."""
     from cachekd.evaluate import load_eval
-    from cachekd.io import read_json
+    from cachekd.io import read_json_dict
 
     d = Path(run_dir)
     if not d.is_dir():
@@ -58,12 +58,7 @@ def load_run(run_dir: str | Path) -> dict[str, Any]:
         raise CachekdError(f"{str(d)!r} is not a run directory (it has no summary.json or metrics.jsonl).")
     summary: dict[str, Any] = {}
     if summary_path.exists():
-        try:
-            summary = read_json(summary_path)
-        except ValueError:
-            raise CachekdError(f"{str(summary_path)!r} is not valid JSON; the run's summary is damaged.") from None
-        if not isinstance(summary, dict):
-            raise CachekdError(f"{str(summary_path)!r} does not hold a run summary.")
+        summary = read_json_dict(summary_path, "the run's summary is damaged.")
     metrics = read_metrics(metrics_path) if metrics_path.exists() else []
     return {
         "dir": d,

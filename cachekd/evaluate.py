@@ -552,15 +552,9 @@ def save_eval(result: dict[str, Any], run_dir: str | Path) -> Path:
 
 def load_eval(run_dir: str | Path) -> dict[str, Any] | None:
     """``run_dir/eval.json`` or None when there is none; an unreadable file raises CachekdError."""
-    from cachekd.io import read_json
+    from cachekd.io import read_json_dict
 
     path = Path(run_dir) / EVAL_FILE
     if not path.exists():
         return None
-    try:
-        data = read_json(path)
-    except ValueError:
-        raise CachekdError(f"{str(path)!r} is not valid JSON; run `cachekd eval` on the run again.") from None
-    if not isinstance(data, dict):
-        raise CachekdError(f"{str(path)!r} does not hold an evaluation result; run `cachekd eval` again.")
-    return data
+    return read_json_dict(path, "run `cachekd eval` on the run again.")

@@ -48,6 +48,19 @@ def read_json(path: Path) -> Any:
         return json.load(f)
 
 
+def read_json_dict(path: Path, hint: str) -> dict:
+    """A JSON object from `path`; a damaged or non-object file raises CachekdError ending with `hint`."""
+    from cachekd.errors import CachekdError
+
+    try:
+        data = read_json(path)
+    except ValueError:
+        raise CachekdError(f"{str(path)!r} is not valid JSON; {hint}") from None
+    if not isinstance(data, dict):
+        raise CachekdError(f"{str(path)!r} does not hold a JSON object; {hint}")
+    return data
+
+
 def sha256_file(path: Path, block: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
