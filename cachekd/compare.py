@@ -194,7 +194,8 @@ def _plot_curves(runs: list[dict[str, Any]], names: list[str], path: Path) -> No
     fig = Figure(figsize=(15, 4.5), layout="constrained")
     ax_train, ax_dev_step, ax_dev_wall = fig.subplots(1, 3)
     for run, name in zip(runs, names):
-        pts = [(m.get("step"), _num(m.get("loss"))) for m in run["train"]]
+        # The hard-label cross-entropy is comparable across CE and distillation runs; the total loss is not.
+        pts = [(m.get("step"), _num(m.get("ce", m.get("loss")))) for m in run["train"]]
         pts = [(s, v) for s, v in pts if s is not None and v is not None]
         if pts:
             ax_train.plot(*zip(*pts), label=name, linewidth=1)
@@ -205,7 +206,7 @@ def _plot_curves(runs: list[dict[str, Any]], names: list[str], path: Path) -> No
             ax_dev_step.plot(*zip(*by_step), marker="o", markersize=3, label=name)
         if by_wall:
             ax_dev_wall.plot(*zip(*by_wall), marker="o", markersize=3, label=name)
-    for ax, title, xlabel in ((ax_train, "training loss", "step"), (ax_dev_step, "dev loss", "step"),
+    for ax, title, xlabel in ((ax_train, "training cross-entropy (hard labels)", "step"), (ax_dev_step, "dev loss", "step"),
                               (ax_dev_wall, "dev loss at equal wall-clock time", "wall-clock seconds")):
         ax.set_title(title)
         ax.set_xlabel(xlabel)
