@@ -185,26 +185,44 @@ def teacher_targets(logits: torch.Tensor, vocab_size: int, k: int | None, temper
     """What the cache stores for a batch of teacher logits (b, L, V_model), computed on their device in float32.
 
     Returns (arrays, stats). top-k mode: `ids` (b,L,k), `logprobs` (b,L,k) τ=1 log-probabilities,
-    `tail_lse` (b,L,n_τ) = logsumexp over non-top-k v of log p_v/τ (a masked log-sum-exp, so a tiny tail keeps its
-    relative precision). Full mode (k None): `logits` (b,L,V) fp16. Stats: `lse` (b,L) the τ=1 log-normaliser
-    (non-finite when the teacher produced NaN/inf), `entropy` (b, L/8) at τ=1 on every 8th position, and
-    `topk_mass` (b,L,n_τ). Padded logits beyond `vocab_size` are dropped. Cost beyond the forward: about six
-    passes over (b, L, V) plus one per extra temperature.
+    `tail_lse` (b,L,n_τ) = logsumexp over non-top-k v of log p_v/τ. Full mode (k None): `logits` (b,L,V) fp16.
+    Stats: `lse` (b,L) the τ=1 log-normaliser (non-finite when the teacher produced NaN/inf), `entropy` (b, L/8)
+    at τ=1 on every 8th position, and `topk_mass` (b,L,n_τ). Padded logits beyond `vocab_size` are dropped.
+
+    Cost: one exp over (b, L, V) serves the normaliser and every tail. The tail is summed directly over the
+    non-top-k terms (zeroed in place), never as 1 − Σ top-k, so a tiny tail keeps its relative precision; τ = 2
+    reuses the exponentials through a square root. Rows whose tail underflows float32 (all tail logits more than
+    87 below the maximum) and other temperatures take an exact masked log-sum-exp.
     """
     z = logits[..., :vocab_size].float()
-    lse = torch.logsumexp(z, dim=-1)                                   # (b, L)
-    zs = z[:, ::ENTROPY_STRIDE]
-    lps = zs - lse[:, ::ENTROPY_STRIDE, None]
-    entropy = -(lps.exp() * lps).sum(-1)
+    zmax = z.amax(dim=-1, keepdim=True)                              # (b, L, 1)
+    e = torch.sub(z, zmax).exp_()                                     # (b, L, V) exp(z − max)
+    lse = zmax.squeeze(-1) + e.sum(-1).log()                          # (b, L)
+    stride = slice(None, None, ENTROPY_STRIDE)
+    p_s = e[:, stride] / e[:, stride].sum(-1, keepdim=True)
+    entropy = lse[:, stride] - (p_s * z[:, stride]).sum(-1)
     if k is None:
         return {"logits": z.half()}, {"lse": lse, "entropy": entropy}
     vals, idx = z.topk(k, dim=-1)
     logprobs = vals - lse[..., None]                                  # (b, L, k)
-    masked = z.scatter(-1, idx, float("-inf"))                         # (b, L, V), the tail only
+    e.scatter_(-1, idx, 0.0)                                          # the tail terms only
     tails, masses = [], []
     for tau in temperatures:
-        scaled = masked if tau == 1.0 else masked * (1.0 / tau)
-        tail = torch.logsumexp(scaled, dim=-1) - lse / tau
+        if tau == 1.0:
+            tail_sum = e.sum(-1)
+        elif tau == 2.0:
+            tail_sum = e.sqrt().sum(-1)
+        else:
+            tail_sum = None
+        if tail_sum is not None:
+            tail = zmax.squeeze(-1) / tau + tail_sum.log() - lse / tau
+            if k < vocab_size:
+                under = tail_sum < 1e-30
+                if bool(under.any()):
+                    rows = z[under].scatter(-1, idx[under], float("-inf"))
+                    tail[under] = torch.logsumexp(rows / tau, dim=-1) - lse[under] / tau
+        else:
+            tail = torch.logsumexp(z.scatter(-1, idx, float("-inf")) / tau, dim=-1) - lse / tau
         head = torch.logsumexp(logprobs / tau, dim=-1)
         tails.append(tail)
         masses.append(torch.exp(head - torch.logaddexp(head, tail)))

@@ -17,13 +17,14 @@
                                         holds the chunk's statistics
       manifest.json                     written last: its presence means the cache is complete
 
-Why these encodings (measured on a trained teacher, k=64, V=8000; benchmarks/bench_cache.py reproduces it):
-sorted ids stored as deltas take ~18 B/position under Blosc-zstd level 9 with byte shuffle (random-order ids
-~86); fixed-point log-probabilities keep every stored top-k log-probability within 2⁻¹⁰ ≈ 9.8e-4 nats of the
-fp32 value, which fp16 cannot (fp16 rounds a log-probability of −12 by up to 4e-3), at ~86 B/position; a
-finer 2⁻¹⁰ step costs ~8 B/position more. The values are shift-invariant logits as far as the losses are
+Why these encodings (measured on trained teachers, k=64, V=8000; benchmarks/bench_precompute.py reproduces
+the totals): sorted ids stored as deltas take ~20 B/position under Blosc-zstd with byte shuffle (random-order
+ids ~86); fixed-point log-probabilities keep every stored top-k log-probability within 2⁻¹⁰ ≈ 9.8e-4 nats of
+the fp32 value, which fp16 cannot (fp16 rounds a log-probability of −12 by up to 4e-3), at ~65–85 B/position;
+a finer 2⁻¹¹ step costs ~8 B/position more. The values are shift-invariant logits as far as the losses are
 concerned: softmax, mixing and averaging of several teachers all ignore a per-position constant, and `tail_lse`
-uses the same shift. Level 9 costs ~50 ms a chunk in the background writer and nothing when reading.
+uses the same shift. Blosc-zstd level 5: level 9 saved another ~4 bytes a position for ~15x the CPU time in the
+writer, which on a small machine competes with the teacher's forward.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ LOGPROB_SCALE = 512.0           # fixed-point steps per nat: max rounding error 
 LOGPROB_MIN = -65535 / LOGPROB_SCALE  # ≈ −128 nats: smaller top-k log-probabilities are clipped here
 TAIL_SCALE = 512.0              # tail_lse fixed point: range ±64, max rounding error 9.8e-4
 TAIL_NEG_INF = -32768           # stored for an empty tail (k = V)
-CLEVEL = 9
+CLEVEL = 5                      # zstd level inside Blosc: 9 saves ~4 B/position for ~15x the CPU
 MAX_FULL_CHUNK_BYTES = 32 << 20
 
 
