@@ -46,6 +46,9 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--work", default=None, help="keep intermediate files here (default: a temp dir)")
+    ap.add_argument("--scale", default="256x4x4,512x8x8,768x12x12",
+                    type=lambda v: [tuple(int(x) for x in t.split("x")) for t in v.split(",") if t],
+                    help="larger teachers HIDDENxLAYERSxHEADS for the overhead-vs-size table ('' to skip)")
     args = ap.parse_args()
     if not Path(args.data).exists():
         sys.exit(f"no data at {args.data}; pass --data DIR")
@@ -150,8 +153,41 @@ def main() -> None:
             else:
                 err = float(np.abs(blk.logprobs - np.take_along_axis(logp, blk.ids, -1)).max())
             rows.append(f"| {name} | {bpp:.1f} | {err:.2e} |")
+        # The overhead is a fixed cost per position (O(V) on the logits), so its share falls as the teacher grows:
+        # the same measurement on the dev windows with larger (random-init: speed does not depend on training) teachers.
+        from cachekd.models import ModelConfig, build_model
+
+        scale_rows = ["| teacher (dev split) | params | bare forward s | precompute s | ratio |", "|---|---|---|---|---|"]
+        for hidden, layers, heads in args.scale:
+            tdir = work / f"scale_{hidden}x{layers}"
+            if not tdir.exists():
+                torch.manual_seed(0)
+                build_model(ModelConfig(hidden_size=hidden, num_layers=layers, num_heads=heads,
+                                        intermediate_size=int(hidden * 8 / 3) // 8 * 8), store.vocab_size, 128
+                            ).save_pretrained(tdir)
+            m_big = load_model(tdir).to(device).eval()
+            nparams = sum(p.numel() for p in m_big.parameters())
+            tb, tp = [], []
+            for _ in range(args.repeats):
+                t0 = time.perf_counter()
+                with torch.inference_mode(), torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+                    for b in range(0, len(dev_tokens), args.batch_size):
+                        m_big(input_ids=torch.from_numpy(dev_tokens[b:b + args.batch_size].astype(np.int64)).to(device)
+                              ).logits[..., :1].cpu()
+                tb.append(time.perf_counter() - t0)
+                out = work / "cache_scale"
+                if out.exists():
+                    shutil.rmtree(out)
+                t0 = time.perf_counter()
+                precompute(PrecomputeConfig(store=str(store.path), teachers=[str(tdir)], output=str(out), splits=["dev"],
+                                            batch_size=args.batch_size, device=args.device), progress=False)
+                tp.append(time.perf_counter() - t0)
+            b_, p_ = statistics.median(tb), statistics.median(tp)
+            scale_rows.append(f"| llama {hidden}×{layers} | {nparams / 1e6:.1f}M | {b_:.2f} | {p_:.2f} | {p_ / b_:.3f} |")
+        md_scale = "\n".join(scale_rows) if args.scale else ""
+
         stats = cache.meta["stats"]["train"][cache.teachers[0]]
-        md = "\n".join(speed) + "\n\n" + "\n".join(rows) + (
+        md = "\n".join(speed) + "\n\n" + md_scale + "\n\n" + "\n".join(rows) + (
             f"\n\nTeacher: {cache.meta['teachers'][0]['num_params'] / 1e6:.2f}M params"
             + (f", trained here for {args.teacher_steps} steps in {teacher_s:.0f} s" if teacher_s else "")
             + f"; mean entropy {stats['entropy_mean']:.2f} nats; top-64 mass at τ=1 "
