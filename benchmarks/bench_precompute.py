@@ -59,7 +59,7 @@ def main() -> None:
     from cachekd.cache.reader import LogitCache
     from cachekd.models import load_model
     from cachekd.precompute import PrecomputeConfig, autocast_dtype, precompute
-    from cachekd.tokens import PrepareConfig, TokenStore, prepare
+    from cachekd.tokens import PrepareConfig, prepare
     from cachekd.trainer import load_train_config, run
 
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="bench_precompute_"))

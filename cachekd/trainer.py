@@ -11,7 +11,6 @@ accumulation and data parallelism give the same update as one big batch.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -28,7 +27,7 @@ import torch
 from cachekd import __version__
 from cachekd.config import from_dict, save_yaml, to_dict
 from cachekd.errors import CachekdError
-from cachekd.io import atomic_write_json, read_json, sha256_json
+from cachekd.io import atomic_write_json, sha256_json
 from cachekd.models import ModelConfig
 from cachekd.schedules import Schedule
 
