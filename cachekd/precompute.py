@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from cachekd import distributed
 from cachekd.cache import writer as cw
 from cachekd.cache.format import FORMAT, FORMAT_VERSION, TAIL_SCALE
 from cachekd.errors import CachekdError
@@ -233,14 +234,6 @@ def teacher_targets(logits: torch.Tensor, vocab_size: int, k: int | None, temper
 # ------------------------------------------------------------------------------------------ running
 
 
-def _device(spec: str) -> torch.device:
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if spec.startswith("cuda") and not torch.cuda.is_available():
-        raise CachekdError(f"--device {spec} was asked for but no CUDA GPU is available; use --device cpu.")
-    return torch.device(spec)
-
-
 def autocast_dtype(spec: str, device: torch.device) -> torch.dtype | None:
     if spec == "auto":
         return torch.bfloat16 if device.type == "cuda" else None
@@ -289,16 +282,6 @@ class _BackgroundWriter:
             raise self.error
 
 
-def _dist_info() -> tuple[int, int]:
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        import torch.distributed as dist
-
-        if not dist.is_initialized():
-            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def build_plan(cfg: PrecomputeConfig, store: TokenStore, teachers: list[dict[str, Any]], vocab: int) -> dict[str, Any]:
     splits = {}
     for s in cfg.splits:
@@ -335,7 +318,8 @@ def precompute(cfg: PrecomputeConfig, *, force: bool = False, progress: bool = T
     vocab = store.vocab_size
     if not cfg.full and cfg.top_k > vocab:
         raise CachekdError(f"--top-k {cfg.top_k} is larger than the vocabulary ({vocab} tokens).")
-    device = _device(cfg.device)
+    rank, world, local_rank = distributed.setup()
+    device = distributed.resolve_device(cfg.device, local_rank)
     amp = autocast_dtype(cfg.dtype, device)
     models, infos = [], []
     for name, path in resolve_teachers(cfg.teachers, cfg.registry):
@@ -344,7 +328,6 @@ def precompute(cfg: PrecomputeConfig, *, force: bool = False, progress: bool = T
         models.append(m.to(device).eval())
     plan = build_plan(cfg, store, infos, vocab)
     root = Path(cfg.output)
-    rank, world = _dist_info()
     if world > 1 and force and rank != 0:
         force = False  # only rank 0 may clear; the others then find its plan
     if world > 1:
@@ -368,7 +351,7 @@ def precompute(cfg: PrecomputeConfig, *, force: bool = False, progress: bool = T
         for c in cw.pending_chunks(root, split, math.ceil(n / chunkw)):
             if c % slots == slot:
                 todo.append((split, c))
-    positions = sum(len(store.read_chunk(s, c)) if c == store.num_chunks(s) - 1 else chunkw for s, c in todo) * store.seq_len
+    positions = sum(min((c + 1) * chunkw, plan["splits"][s]) - c * chunkw for s, c in todo) * store.seq_len
 
     bg = _BackgroundWriter(cw.ChunkWriter(root, plan), cfg.queue_size)
     t0 = time.perf_counter()

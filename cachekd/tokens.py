@@ -298,7 +298,8 @@ def prepare(cfg: PrepareConfig, *, force: bool = False, progress: bool = True) -
     tok_src = None
     if cfg.tokenizer:
         tp = Path(cfg.tokenizer)
-        tok_src = {"path": str(tp), "fingerprint": tokenizer_fingerprint(load_tokenizer(tp))}
+        given_tokenizer = load_tokenizer(tp)
+        tok_src = {"path": str(tp), "fingerprint": tokenizer_fingerprint(given_tokenizer)}
     options = {k: v for k, v in vars(cfg).items() if k not in ("inputs", "output", "tokenizer")}
     input_fingerprint = sha256_json(
         {"sources": [s.describe() | {"path": None} for s in sources], "options": options, "tokenizer": tok_src,
@@ -320,7 +321,7 @@ def prepare(cfg: PrepareConfig, *, force: bool = False, progress: bool = True) -
         raise CachekdError("the corpus is empty: no non-blank text was found in the inputs.")
 
     if cfg.tokenizer:
-        tokenizer = load_tokenizer(cfg.tokenizer)
+        tokenizer = given_tokenizer
     else:
         tokenizer = train_bpe_tokenizer(iter(train_docs), cfg.vocab_size, show_progress=progress, length=len(train_docs))
     vocab_size = len(tokenizer)

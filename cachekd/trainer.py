@@ -17,6 +17,7 @@ import os
 import random
 import shutil
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -24,7 +25,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from cachekd import __version__
+from cachekd import __version__, distributed
 from cachekd.config import from_dict, save_yaml, to_dict
 from cachekd.errors import CachekdError
 from cachekd.io import atomic_write_json, sha256_json
@@ -192,24 +193,6 @@ def load_train_config(data: dict[str, Any]) -> TrainConfig:
 # ------------------------------------------------------------------------------------------------ setup
 
 
-def _dist() -> tuple[int, int, int]:
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        import torch.distributed as dist
-
-        if not dist.is_initialized():
-            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-        return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0"))
-    return 0, 1, 0
-
-
-def _all_reduce(t: torch.Tensor, world: int) -> torch.Tensor:
-    if world > 1:
-        import torch.distributed as dist
-
-        dist.all_reduce(t)
-    return t
-
-
 def _seed_all(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -263,14 +246,9 @@ class Trainer:
 
         quiet_transformers()
         self.cfg, self.progress = cfg, progress
-        self.rank, self.world, local_rank = _dist()
+        self.rank, self.world, local_rank = distributed.setup()
         self.is_main = self.rank == 0
-        if cfg.device == "auto":
-            self.device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-        else:
-            if cfg.device.startswith("cuda") and not torch.cuda.is_available():
-                raise CachekdError(f"device {cfg.device} was asked for but no CUDA GPU is available; use --device cpu.")
-            self.device = torch.device(cfg.device)
+        self.device = distributed.resolve_device(cfg.device, local_rank)
         if not cfg.output:
             raise CachekdError("no output directory given: pass --output DIR.")
         self.out = Path(cfg.output)
@@ -541,9 +519,9 @@ class Trainer:
         labels_all = batch["labels"]
         counts = torch.tensor([(labels_all != -100).sum().item(), labels_all.shape[0]], dtype=torch.float64,
                               device=self.device)
-        n_tok, n_seq = _all_reduce(counts, self.world).tolist()
+        n_tok, n_seq = distributed.all_reduce(counts, self.world).tolist()
         kd_norm = n_seq if kd_cfg.reduction == "batchmean" else n_tok
-        sums = torch.zeros(3, dtype=torch.float64, device=self.device)
+        sums = torch.zeros(2, dtype=torch.float64, device=self.device)  # CE sum, KD sum
         self.model.train()
         for i in range(self.accum):
             sl = slice(i * self.micro, (i + 1) * self.micro)
@@ -551,25 +529,21 @@ class Trainer:
             micro_batch = {"teachers": {t: {k: v[sl] for k, v in d.items()} for t, d in batch.get("teachers", {}).items()}}
             targets = self.targets(micro_batch, x, tau)
             sync = self.world == 1 or i == self.accum - 1
-            ctx = self.loss_module.no_sync() if not sync and hasattr(self.loss_module, "no_sync") else _null()
+            ctx = self.loss_module.no_sync() if not sync and hasattr(self.loss_module, "no_sync") else nullcontext()
             with ctx:
                 with self._autocast():
                     parts = self.loss_module(x, y, targets, kd_cfg, alpha, self.cfg.distill.chunk_size if self.cfg.distill else None)
                 ce = parts.ce_sum.float() / max(n_tok, 1)
                 if targets:
-                    kd = parts.kd_sum.float() / max(kd_norm, 1)
-                    loss = lam * ce + (1 - lam) * tau**2 * kd
+                    loss = lam * ce + (1 - lam) * tau**2 * (parts.kd_sum.float() / max(kd_norm, 1))
                 else:
-                    kd = None
                     loss = ce
                 loss = loss * self.world  # DDP averages gradients over processes; our sums are already global
                 if self.scaler:
                     self.scaler.scale(loss).backward()
                 else:
                     loss.backward()
-            sums += torch.stack([parts.ce_sum.detach().double(), parts.kd_sum.detach().double() if targets
-                                 else torch.zeros((), dtype=torch.float64, device=self.device),
-                                 torch.zeros((), dtype=torch.float64, device=self.device)])
+            sums += torch.stack([parts.ce_sum.detach().double(), parts.kd_sum.detach().double()])
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
         gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(),
@@ -582,7 +556,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         lr = self.scheduler.get_last_lr()[0]
         self.scheduler.step()
-        _all_reduce(sums, self.world)
+        distributed.all_reduce(sums, self.world)
         ce_mean = sums[0].item() / max(n_tok, 1)
         out = {"ce": ce_mean, "lr": lr, "grad_norm": float(gnorm), "tokens": int(n_tok)}
         if self.cfg.distill is not None:
@@ -699,14 +673,6 @@ class Trainer:
 
             dist.barrier()
         return summary
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
 
 
 def _first_difference(a: Any, b: Any, prefix: str = "") -> str:

@@ -1,0 +1,38 @@
+"""Process-group setup and device choice shared by precompute and training (torchrun sets the environment)."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from cachekd.errors import CachekdError
+
+
+def setup() -> tuple[int, int, int]:
+    """(rank, world size, local rank); joins the torchrun process group (NCCL on GPU, gloo on CPU) if there is one."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0"))
+    return 0, 1, 0
+
+
+def all_reduce(t: torch.Tensor, world: int) -> torch.Tensor:
+    """Sum `t` over processes in place (a no-op for one process)."""
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.all_reduce(t)
+    return t
+
+
+def resolve_device(spec: str, local_rank: int = 0) -> torch.device:
+    """`auto` → this process's GPU (cuda:LOCAL_RANK) when CUDA is present, else the CPU; refuses CUDA without a GPU."""
+    if spec == "auto":
+        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    if spec.startswith("cuda") and not torch.cuda.is_available():
+        raise CachekdError(f"device {spec} was asked for but no CUDA GPU is available; use --device cpu.")
+    return torch.device(spec)
