@@ -10,8 +10,10 @@ Everything here is a pure function of tensors. Conventions:
   by the *global* counts once per optimizer step and calls ``total_loss``. Nothing is multiplied by ``τ²`` here.
 * All arithmetic is float32 whatever the input dtype (float64 stays float64, which ``gradcheck`` needs).
 * Teacher tensors are constants: they never receive gradients.
-* Ignored positions (``labels == ignore_index``) are dropped before any arithmetic, so garbage there (padding,
-  ``-inf`` teacher values) can never turn into a NaN value or gradient. Student logits must be finite at the
+* Ignored positions (``labels == ignore_index``) count for nothing and get a zero gradient, and garbage there
+  (padding, ``-inf`` teacher values, non-finite student logits) can never turn into a NaN value or gradient: the
+  fused sparse path computes them on sanitised inputs and masks them out (cheaper than copying the other rows
+  of the (N, V) logits), every other path drops them before any arithmetic. Student logits must be finite at the
   other positions; teacher values may be ``-inf`` (zero probability).
 
 Sparse targets (``SparseTarget``: the k cached teacher logits, their ids and the log-sum-exp of the rest) are
@@ -210,7 +212,12 @@ def distill_loss(
         # Cross-entropy alone (plain LM training): PyTorch's fused kernel is ~1.6x faster than the general path.
         ce_sum = F.cross_entropy(prep.source.float(), prep.labels, ignore_index=cfg.ignore_index, reduction="sum")
         return prep.parts(ce_sum, torch.zeros((), dtype=torch.float32, device=ce_sum.device))
-    if chunk_size is None:
+    if chunk_size is None and isinstance(prep.rows, Tensor) and _fused(prep):
+        # Ignored positions (e.g. the last of every window) are computed and masked out rather than dropped:
+        # selecting the other rows would copy the (N, V) logits and, in backward, scatter their gradient back.
+        z = prep.source.to(prep.compute_dtype)
+        ce_sum, kd_sum = _loss_on_rows(z, slice(0, z.shape[0]), prep, ignored=prep.ignored)
+    elif chunk_size is None:
         z = _take(prep.source, prep.rows).to(prep.compute_dtype)
         ce_sum, kd_sum = _loss_on_rows(z, prep.rows, prep)
     else:
@@ -316,6 +323,7 @@ class _Prepared:
     mix_alpha: float
     vocab_size: int
     rows: slice | Tensor  # the non-ignored rows: a slice when all are, else an int64 index
+    ignored: Tensor | None  # the ignored rows (int64 index), None when there are none
     chunks: list[slice | Tensor]  # `rows` split into chunks (chunked paths only)
     num_valid: int
     batch_size: int
@@ -417,10 +425,12 @@ def _prepare(
     labels_flat = labels.reshape(-1).to(device=device, dtype=torch.int64)
     valid = labels_flat != cfg.ignore_index
     num_valid = int(valid.sum())
+    ignored: Tensor | None = None
     if num_valid == labels_flat.numel():
         rows: slice | Tensor = slice(0, num_valid)
     else:
         rows = valid.nonzero().squeeze(1)
+        ignored = (~valid).nonzero().squeeze(1)
     if num_valid:
         valid_labels = labels_flat[rows]
         low, high = int(valid_labels.min()), int(valid_labels.max())
@@ -445,6 +455,7 @@ def _prepare(
         mix_alpha=float(mix_alpha),
         vocab_size=vocab_size,
         rows=rows,
+        ignored=ignored,
         chunks=chunks,
         num_valid=num_valid,
         batch_size=batch_size,
@@ -505,6 +516,9 @@ class _SparseStudent(torch.autograd.Function):
     * ``log_tail`` (n, G): for each group of ids in ``tail_groups`` (``(start, k)`` column ranges of ``index[:, 1:]``),
       the log of the student's mass at τ outside those ids.
 
+    Rows in ``ignored`` (an int64 index, or None) give zeros in every output and a zero gradient, whatever ``z``
+    holds there.
+
     Forward reads ``z`` once (in row blocks) for the row max ``m``, the log-normalisers ``s = log Σ exp((z − m)/τ)``
     at τ and at 1, and each tail's own sum (the exponentials with the group's ids zeroed: exact, no ``1 − Σ_topk``
     cancellation). Backward writes the gradient once, ``g_ce·q₁ + c·q_τ``, plus scatters at the label and ids.
@@ -513,10 +527,13 @@ class _SparseStudent(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, z: Tensor, index: Tensor, temperature: float, tail_groups: tuple[tuple[int, int], ...]):
+    def forward(
+        ctx, z: Tensor, index: Tensor, temperature: float, tail_groups: tuple[tuple[int, int], ...],
+        ignored: Tensor | None,
+    ):
         n, vocab_size = z.shape
         tau = temperature
-        ids = index[:, 1:]
+        ids = index[:, 1:]  # (in range at ignored rows too: _loss_on_rows sanitises them)
         m = z.amax(dim=-1, keepdim=True)  # (n, 1)
         s1 = torch.empty_like(m)
         s_tau = torch.empty_like(m) if tau != 1.0 else s1
@@ -538,6 +555,9 @@ class _SparseStudent(torch.autograd.Function):
         ce = (m - values[:, :1]) + s1
         logq_ids = (values[:, 1:] - m) / tau - s_tau
         log_tail = tail_sum.log_() - s_tau  # (n, G)
+        if ignored is not None:  # whatever z holds there, ignored rows give finite zeros
+            for out in (ce, logq_ids, log_tail):
+                out.index_fill_(0, ignored, 0.0)
         # A tail far below the row max underflows exp() (< ~1e-38 of the top token's weight): redo those rows
         # with a masked log-sum-exp in log space (rare: extreme logits).
         tiny = log_tail < -60.0 - s_tau
@@ -549,6 +569,7 @@ class _SparseStudent(torch.autograd.Function):
                     d.scatter_(1, ids[rows, start : start + k], -math.inf)
                     log_tail[rows, g] = torch.logsumexp(d, dim=-1) - s_tau[rows, 0]
         ctx.save_for_backward(z, index, m, s1, s_tau, logq_ids, log_tail)
+        ctx.ignored = ignored
         ctx.temperature = tau
         ctx.tail_groups = tail_groups
         return ce.squeeze(1), logq_ids, log_tail
@@ -559,6 +580,9 @@ class _SparseStudent(torch.autograd.Function):
         z, index, m, s1, s_tau, logq_ids, log_tail = ctx.saved_tensors
         tau = ctx.temperature
         ids = index[:, 1:]
+        ignored = ctx.ignored
+        if ignored is not None:
+            g_ce, g_ids, g_tail = (g.index_fill(0, ignored, 0.0) for g in (g_ce, g_ids, g_tail))
         g_ce = g_ce.unsqueeze(1)  # (n, 1)
         # With x = z/τ: d ce/dz = q₁ − onehot(label); d log q_i/dx = onehot(i) − q_τ; and for a tail,
         # d log q_tail/dx_v = q_v ([v ∉ ids]/q_tail − 1). Where q_tail ≥ _CHEAP_TAIL_MIN, the last is folded into
@@ -594,7 +618,9 @@ class _SparseStudent(torch.autograd.Function):
             at_ids[:, cols] -= tail_scale[:, g : g + 1] / tau * logq_ids[:, cols].exp()
         grad.scatter_add_(1, index[:, :1], -g_ce)
         grad.scatter_add_(1, ids, at_ids)
-        return grad, None, None, None
+        if ignored is not None:
+            grad.index_fill_(0, ignored, 0.0)
+        return grad, None, None, None, None
 
 
 # CPU row blocks of _SparseStudent: about this many bytes of logits per torch thread. Measured on 2 cores
@@ -638,21 +664,46 @@ class _SparseRows:
         return out.scatter_(1, self.ids, self.logp)
 
 
-def _sparse_rows(t: SparseTarget, rows: slice | Tensor, temperature: float, dtype: torch.dtype, device) -> _SparseRows:
+def _sparse_rows(
+    t: SparseTarget, rows: slice | Tensor, temperature: float, dtype: torch.dtype, device, ignored: Tensor | None
+) -> _SparseRows:
     ids = _take(t.ids, rows).to(device=device, dtype=torch.int64)
     shifted = _take(t.logits, rows).to(device=device, dtype=dtype) / temperature  # (n, k)
     tail_lse = _take(t.tail_lse, rows).to(device=device, dtype=dtype)  # (n,)
+    if ignored is not None:  # whatever the teacher holds at ignored rows, make it a harmless finite target
+        k = ids.shape[1]
+        ids = ids.index_copy(0, ignored, torch.arange(k, device=device).expand(ignored.numel(), k))
+        shifted = shifted.index_fill(0, ignored, 0.0)
+        tail_lse = tail_lse.index_fill(0, ignored, 0.0)
     lse = torch.logaddexp(torch.logsumexp(shifted, dim=-1), tail_lse)  # full log-normaliser at τ
     return _SparseRows(ids=ids, logp=shifted - lse.unsqueeze(1), log_tail=tail_lse - lse, shifted=shifted)
 
 
-def _loss_on_rows(z: Tensor, rows: slice | Tensor, prep: _Prepared) -> tuple[Tensor, Tensor]:
-    """(ce_sum, kd_sum) for the student logits ``z`` (n, V) of the flattened rows ``rows``."""
+def _fused(prep: _Prepared) -> bool:
+    """Whether ``_loss_on_rows`` takes the fused ``_SparseStudent`` path (no (n, V) log-softmax)."""
+    if prep.cfg.tail_mode == "uniform":
+        return False
+    if not prep.teachers:
+        return True
+    per_teacher = len(prep.teachers) == 1 or prep.cfg.teacher_combine == "losses"
+    return per_teacher and prep.mix_alpha == 1.0 and all(isinstance(t, SparseTarget) for t in prep.teachers)
+
+
+def _loss_on_rows(
+    z: Tensor, rows: slice | Tensor, prep: _Prepared, ignored: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """(ce_sum, kd_sum) for the student logits ``z`` (n, V) of the flattened rows ``rows``.
+
+    ``ignored`` (fused path only): rows of ``z`` to leave out of both sums and give a zero gradient.
+    """
     cfg = prep.cfg
     tau = cfg.temperature
     vocab_size = prep.vocab_size
     device, dtype = z.device, z.dtype
     labels = _take(prep.labels, rows)  # (n,)
+    if ignored is not None:
+        assert _fused(prep), "ignored rows are only masked on the fused path"
+        labels = labels.index_fill(0, ignored, 0)
     student = _Student(z, tau)
     mixing = prep.mix_alpha < 1.0
     targets: list[Tensor | _SparseRows] = []  # dense teacher log-probs at τ (n, V) or sparse rows
@@ -661,7 +712,7 @@ def _loss_on_rows(z: Tensor, rows: slice | Tensor, prep: _Prepared) -> tuple[Ten
             logits = _take(t.logits, rows).to(device=device, dtype=dtype)
             targets.append(F.log_softmax(logits / tau, dim=-1))
         else:
-            targets.append(_sparse_rows(t, rows, tau, dtype, device))
+            targets.append(_sparse_rows(t, rows, tau, dtype, device, ignored))
     per_teacher = len(targets) == 1 or cfg.teacher_combine == "losses"
 
     # Student values at the sparse teachers' ids (teachers compared one by one, without mixing).
@@ -676,7 +727,7 @@ def _loss_on_rows(z: Tensor, rows: slice | Tensor, prep: _Prepared) -> tuple[Ten
             if cfg.tail_mode == "bucket" and t.k < vocab_size:
                 groups.append((start, t.k))
             start += t.k
-        ce, values, tails = _SparseStudent.apply(z, index, tau, tuple(groups))
+        ce, values, tails = _SparseStudent.apply(z, index, tau, tuple(groups), ignored)
         logq_ids = list(values.split(split, dim=1))
         tail_iter = iter(tails.unbind(1))
         log_tails = [next(tail_iter) if cfg.tail_mode == "bucket" and t.k < vocab_size else None for t in sparse]
@@ -689,6 +740,8 @@ def _loss_on_rows(z: Tensor, rows: slice | Tensor, prep: _Prepared) -> tuple[Ten
         ce = -student.logq1.gather(1, labels.unsqueeze(1)).squeeze(1)
         logq_ids = list(student.logq.gather(1, torch.cat([t.ids for t in sparse], dim=1)).split(split, dim=1)) \
             if sparse else []
+    if ignored is not None:
+        ce = ce.index_fill(0, ignored, 0.0)
     ce_sum = ce.sum()
     if not targets:
         return ce_sum, torch.zeros((), dtype=dtype, device=device)
@@ -713,6 +766,8 @@ def _loss_on_rows(z: Tensor, rows: slice | Tensor, prep: _Prepared) -> tuple[Ten
             stacked = torch.stack([logp + math.log(w) for w, logp in zip(prep.weights, dense)])
             logp = torch.logsumexp(stacked, dim=0)
         kd = _dense_divergence(student, logp, cfg, prep.mix_alpha)
+    if ignored is not None:
+        kd = kd.index_fill(0, ignored, 0.0)
     return ce_sum, kd.sum()
 
 

@@ -476,19 +476,32 @@ def test_all_ignored_gives_zero_with_count_zero(chunk_size):
             assert torch.equal(zl.grad, torch.zeros_like(z))
 
 
-def test_garbage_at_ignored_positions_is_harmless():
-    z, (t0, _), labels, g = make_inputs(82)
-    sparse = to_target(make_sparse(t0, 4, 1.0, generator=g))
-    base = distill_loss(z, labels, [sparse], KDConfig(objective="reverse_kl"))
-    sparse.tail_lse[0, 1] = -math.inf
-    sparse.logits[1, 4] = math.nan
+@pytest.mark.parametrize("objective,tau", [("reverse_kl", 1.0), ("forward_kl", 2.0)])
+@pytest.mark.parametrize("two_teachers", [False, True])
+def test_garbage_at_ignored_positions_is_harmless(objective, tau, two_teachers):
+    z, (t0, t1), labels, g = make_inputs(82)
+    sparse = [to_target(make_sparse(t, 4, tau, generator=g)) for t in ((t0, t1) if two_teachers else (t0,))]
+    cfg = KDConfig(objective=objective, temperature=tau, teacher_combine="losses")
+    base = distill_loss(z, labels, sparse, cfg)
+    zr = z.clone().requires_grad_(True)
+    ref = distill_loss(zr, labels, sparse, cfg, chunk_size=3)  # the chunked path drops ignored rows first
+    (ref.ce_sum + ref.kd_sum).backward()
+    for s in sparse:
+        s.tail_lse[0, 1] = -math.inf
+        s.logits[1, 4] = math.nan
+        s.ids[0, 1, 0] = -7
+        s.ids[1, 4, 1] = 10**6
     zl = z.clone()
     zl[0, 1] = math.inf
+    zl[1, 4, 2] = math.nan
     zl.requires_grad_(True)
-    parts = distill_loss(zl, labels, [sparse], KDConfig(objective="reverse_kl"))
+    parts = distill_loss(zl, labels, sparse, cfg)
     assert float(parts.kd_sum.detach()) == float(base.kd_sum)
-    parts.kd_sum.backward()
-    assert torch.isfinite(zl.grad).all() and (zl.grad[0, 1] == 0).all()
+    assert float(parts.ce_sum.detach()) == float(base.ce_sum)
+    close(parts.kd_sum, ref.kd_sum, rtol=1e-6, atol=1e-6)
+    (parts.ce_sum + parts.kd_sum).backward()
+    assert torch.isfinite(zl.grad).all() and (zl.grad[0, 1] == 0).all() and (zl.grad[1, 4] == 0).all()
+    close(zl.grad, zr.grad, rtol=1e-5, atol=1e-6)
 
 
 def test_no_teachers_is_ce_only_and_ce_is_untempered():
