@@ -62,6 +62,13 @@ _LOG_FLOOR = -1e30
 _CHEAP_TAIL_MIN = 2.0**-8
 _LOG_1M_CHEAP_TAIL_MIN = math.log1p(-_CHEAP_TAIL_MIN)
 
+# _SparseStudent sums each tail in linear space, relative to the row max, where terms below exp(-87.3) (float32)
+# underflow: at most V of them are lost, i.e. < V·e^-87.3 absolute (V·e^-43.6 at τ = 2, whose terms are square
+# roots of the τ = 1 ones). Rows whose tail sum is below log V plus these floors (lost terms > ~1e-7 of the tail)
+# are redone as a masked log-sum-exp in log space.
+_TINY_TAIL_EXP = -87.3 + 16.2
+_TINY_TAIL_SQRT = -43.6 + 16.2
+
 
 # ----------------------------------------------------------------------------------------------------------
 # Public types
@@ -540,9 +547,14 @@ class _SparseStudent(torch.autograd.Function):
         tail_sum = torch.empty(n, len(tail_groups), dtype=z.dtype, device=z.device)
         for rows in _row_blocks(z):
             d = z[rows] - m[rows]
-            e1 = d.exp()
-            torch.sum(e1, dim=-1, keepdim=True, out=s1[rows])
-            e_tau = e1 if tau == 1.0 else d.div_(tau).exp_()
+            if tau == 2.0:  # exp(d/2) = √exp(d): a square root is far cheaper than a second exp
+                e1 = d.exp_()
+                torch.sum(e1, dim=-1, keepdim=True, out=s1[rows])
+                e_tau = e1.sqrt_()
+            else:
+                e1 = d.exp()
+                torch.sum(e1, dim=-1, keepdim=True, out=s1[rows])
+                e_tau = e1 if tau == 1.0 else d.div_(tau).exp_()
             if tau != 1.0:
                 torch.sum(e_tau, dim=-1, keepdim=True, out=s_tau[rows])
             for g, (start, k) in enumerate(tail_groups):
@@ -558,9 +570,11 @@ class _SparseStudent(torch.autograd.Function):
         if ignored is not None:  # whatever z holds there, ignored rows give finite zeros
             for out in (ce, logq_ids, log_tail):
                 out.index_fill_(0, ignored, 0.0)
-        # A tail far below the row max underflows exp() (< ~1e-38 of the top token's weight): redo those rows
-        # with a masked log-sum-exp in log space (rare: extreme logits).
-        tiny = log_tail < -60.0 - s_tau
+        # A tail far below the row max loses the terms that underflow exp() (below ~e^-87 of the top token's
+        # weight; for the square root at τ = 2, below e^-43.5): redo those rows with a masked log-sum-exp in log
+        # space (rare: extreme logits). The thresholds keep the lost terms under ~1e-7 of the tail.
+        floor = _TINY_TAIL_SQRT if tau == 2.0 else _TINY_TAIL_EXP
+        tiny = log_tail < math.log(vocab_size) + floor - s_tau
         if tiny.any():
             for g, (start, k) in enumerate(tail_groups):
                 rows = tiny[:, g].nonzero().squeeze(1)
@@ -587,31 +601,39 @@ class _SparseStudent(torch.autograd.Function):
         # With x = z/τ: d ce/dz = q₁ − onehot(label); d log q_i/dx = onehot(i) − q_τ; and for a tail,
         # d log q_tail/dx_v = q_v ([v ∉ ids]/q_tail − 1). Where q_tail ≥ _CHEAP_TAIL_MIN, the last is folded into
         # the per-row coefficient of q_τ (1/q_tail − 1) and q_i/q_tail is taken back on the ids (both bounded by
-        # 2^8: nothing cancels). On the other ("hard") rows the tail part is formed in log space, zeroed on the ids.
+        # 2^8: nothing cancels). On the other ("hard") rows the tail part is formed in log space, zeroed on the ids,
+        # on those rows only.
         easy = log_tail >= math.log(_CHEAP_TAIL_MIN)  # (n, G)
         hard = ~easy
         tail_scale = torch.where(easy, g_tail * torch.exp(-log_tail), 0.0)  # (n, G), on q_τ everywhere
         coef_tau = (tail_scale.sum(1, keepdim=True) - g_ids.sum(1, keepdim=True) - g_tail.sum(1, keepdim=True)) / tau
-        any_hard = [bool(hard[rows].any()) for rows in _row_blocks(z)] if ctx.tail_groups else None
+        # The gradient is a·exp(z − m) + b·exp((z − m)/τ) with per-row a, b (q₁ = exp(z − m − s₁), q_τ likewise).
+        if tau == 1.0:
+            a, b = (g_ce + coef_tau) * torch.exp(-s1), None
+        else:
+            a, b = g_ce * torch.exp(-s1), coef_tau * torch.exp(-s_tau)
         grad = torch.empty_like(z)
-        for b, rows in enumerate(_row_blocks(z)):
-            out = grad[rows]
-            d = z[rows] - m[rows]
-            torch.sub(d, s1[rows], out=out)
-            log_q_tau = out if tau == 1.0 else d.div_(tau).sub_(s_tau[rows])
-            tails = None
-            if any_hard is not None and any_hard[b]:
+        for rows in _row_blocks(z):
+            out = torch.sub(z[rows], m[rows], out=grad[rows])
+            if tau == 1.0:
+                out.exp_().mul_(a[rows])
+                continue
+            e_tau = out.div(tau).exp_() if tau != 2.0 else None
+            out.exp_()
+            if e_tau is None:
+                e_tau = out.sqrt()  # exp((z − m)/2), as in forward
+            out.mul_(a[rows]).addcmul_(e_tau, b[rows])
+        if ctx.tail_groups:
+            hard_rows = hard.any(1).nonzero().squeeze(1)
+            for rows in hard_rows.split(_block_rows(z)):
+                log_q_tau = (z.index_select(0, rows) - m[rows]).div_(tau).sub_(s_tau[rows])
+                tails = None
                 for g, (start, k) in enumerate(ctx.tail_groups):
                     scale = torch.where(hard[rows, g : g + 1], g_tail[rows, g : g + 1] / tau, 0.0)
                     tail = (log_q_tau - log_tail[rows, g : g + 1]).exp_().mul_(scale)
                     tail.scatter_(1, ids[rows, start : start + k], 0.0)
                     tails = tail if tails is None else tails.add_(tail)
-            if tau == 1.0:
-                out.exp_().mul_(g_ce[rows] + coef_tau[rows])
-            else:
-                out.exp_().mul_(g_ce[rows]).addcmul_(log_q_tau.exp_(), coef_tau[rows])
-            if tails is not None:
-                out.add_(tails)
+                grad.index_add_(0, rows, tails)
         at_ids = g_ids / tau  # (n, K)
         for g, (start, k) in enumerate(ctx.tail_groups):
             cols = slice(start, start + k)

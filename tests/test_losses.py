@@ -393,7 +393,34 @@ def test_confident_student_tail_mass_is_exact():
             close(zl.grad, zr.grad, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("tau", [1.0, 0.7])
+@pytest.mark.parametrize("tau", [1.0, 2.0])
+def test_tail_in_float32_underflow_range_is_exact(tau):
+    """A student tail ~e^-100 below its top token: exp() gives float32 denormals (~2% off) or zeros there, and
+    τ = 2 takes square roots of them; such rows must be redone in log space."""
+    g = torch.Generator().manual_seed(73)
+    B, T, V = 1, 3, 32
+    t = torch.randn(B, T, V, generator=g, dtype=torch.float64)
+    target = make_sparse(t, 4, tau, generator=g)
+    ids = target[1]
+    z = torch.randn(B, T, V, generator=g, dtype=torch.float64) - 100.0
+    z[0, 0] += 100.0  # an ordinary row
+    z.scatter_(-1, ids[..., :2], 0.0)
+    z[0, 2].scatter_(-1, ids[0, 2, 2:3], 3.0)
+    labels = torch.tensor([[ids[0, 0, 0], 5, ids[0, 2, 1]]])
+    for objective in ("forward_kl", "jsd", "reverse_kl"):
+        cfg = KDConfig(objective=objective, temperature=tau)
+        zl = z.float().requires_grad_(True)
+        parts = distill_loss(zl, labels, [to_target(target)], cfg)
+        zr = z.float().double().requires_grad_(True)
+        ref = ref_distill(zr, labels, [target], objective=objective, temperature=tau)
+        close(parts.kd_sum, ref["kd_sum"], rtol=1e-5, atol=1e-6)
+        close(parts.ce_sum, ref["ce_sum"], rtol=1e-5, atol=1e-6)
+        (parts.kd_sum + parts.ce_sum).backward()
+        (ref["kd_sum"] + ref["ce_sum"]).backward()
+        close(zl.grad, zr.grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("tau", [1.0, 0.7, 2.0])
 def test_fused_sparse_path_in_small_blocks_with_confident_rows(monkeypatch, tau):
     """The sparse-only path works on row blocks (one row each here) and takes the exact tail on some rows."""
     import cachekd.losses as losses
