@@ -42,6 +42,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from cachekd.rows import block_rows, row_blocks, tail_underflows
+
 OBJECTIVES = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tv")
 TAIL_MODES = ("bucket", "uniform", "renormalize")
 TEACHER_COMBINES = ("logits", "probs", "losses")
@@ -61,13 +63,6 @@ _LOG_FLOOR = -1e30
 # cancellation-free form of the gradient.
 _CHEAP_TAIL_MIN = 2.0**-8
 _LOG_1M_CHEAP_TAIL_MIN = math.log1p(-_CHEAP_TAIL_MIN)
-
-# _SparseStudent sums each tail in linear space, relative to the row max, where terms below exp(-87.3) (float32)
-# underflow: at most V of them are lost, i.e. < V·e^-87.3 absolute (V·e^-43.6 at τ = 2, whose terms are square
-# roots of the τ = 1 ones). Rows whose tail sum is below log V plus these floors (lost terms > ~1e-7 of the tail)
-# are redone as a masked log-sum-exp in log space.
-_TINY_TAIL_EXP = -87.3 + 16.2
-_TINY_TAIL_SQRT = -43.6 + 16.2
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -529,7 +524,7 @@ class _SparseStudent(torch.autograd.Function):
     Forward reads ``z`` once (in row blocks) for the row max ``m``, the log-normalisers ``s = log Σ exp((z − m)/τ)``
     at τ and at 1, and each tail's own sum (the exponentials with the group's ids zeroed: exact, no ``1 − Σ_topk``
     cancellation). Backward writes the gradient once, ``g_ce·q₁ + c·q_τ``, plus scatters at the label and ids.
-    The (n, V) temporaries are made a row block at a time on CPU (see ``_BLOCK_BYTES``); on GPU the whole batch is
+    The (n, V) temporaries are made a row block at a time on CPU (``cachekd.rows``); on GPU the whole batch is
     one block. Log-probs are formed as ``(z − m)/τ − s``, as accurate as ``log_softmax``.
     """
 
@@ -545,7 +540,7 @@ class _SparseStudent(torch.autograd.Function):
         s1 = torch.empty_like(m)
         s_tau = torch.empty_like(m) if tau != 1.0 else s1
         tail_sum = torch.empty(n, len(tail_groups), dtype=z.dtype, device=z.device)
-        for rows in _row_blocks(z):
+        for rows in row_blocks(z):
             d = z[rows] - m[rows]
             if tau == 2.0:  # exp(d/2) = √exp(d): a square root is far cheaper than a second exp
                 e1 = d.exp_()
@@ -570,11 +565,9 @@ class _SparseStudent(torch.autograd.Function):
         if ignored is not None:  # whatever z holds there, ignored rows give finite zeros
             for out in (ce, logq_ids, log_tail):
                 out.index_fill_(0, ignored, 0.0)
-        # A tail far below the row max loses the terms that underflow exp() (below ~e^-87 of the top token's
-        # weight; for the square root at τ = 2, below e^-43.5): redo those rows with a masked log-sum-exp in log
-        # space (rare: extreme logits). The thresholds keep the lost terms under ~1e-7 of the tail.
-        floor = _TINY_TAIL_SQRT if tau == 2.0 else _TINY_TAIL_EXP
-        tiny = log_tail < math.log(vocab_size) + floor - s_tau
+        # A tail far below the row max loses the terms that underflow exp(): redo those rows with a masked
+        # log-sum-exp in log space (rare: extreme logits).
+        tiny = tail_underflows(log_tail + s_tau, vocab_size, sqrt=tau == 2.0)
         if tiny.any():
             for g, (start, k) in enumerate(tail_groups):
                 rows = tiny[:, g].nonzero().squeeze(1)
@@ -613,7 +606,7 @@ class _SparseStudent(torch.autograd.Function):
         else:
             a, b = g_ce * torch.exp(-s1), coef_tau * torch.exp(-s_tau)
         grad = torch.empty_like(z)
-        for rows in _row_blocks(z):
+        for rows in row_blocks(z):
             out = torch.sub(z[rows], m[rows], out=grad[rows])
             if tau == 1.0:
                 out.exp_().mul_(a[rows])
@@ -625,7 +618,7 @@ class _SparseStudent(torch.autograd.Function):
             out.mul_(a[rows]).addcmul_(e_tau, b[rows])
         if ctx.tail_groups:
             hard_rows = hard.any(1).nonzero().squeeze(1)
-            for rows in hard_rows.split(_block_rows(z)):
+            for rows in hard_rows.split(block_rows(z)):
                 log_q_tau = (z.index_select(0, rows) - m[rows]).div_(tau).sub_(s_tau[rows])
                 tails = None
                 for g, (start, k) in enumerate(ctx.tail_groups):
@@ -643,24 +636,6 @@ class _SparseStudent(torch.autograd.Function):
         if ignored is not None:
             grad.index_fill_(0, ignored, 0.0)
         return grad, None, None, None, None
-
-
-# CPU row blocks of _SparseStudent: about this many bytes of logits per torch thread. Measured on 2 cores
-# (benchmarks/bench_losses.py): 4 MiB a thread keeps the temporaries in cache and in the allocator (no page
-# faults); much smaller blocks pay per-op overhead, and when other processes compete for the cores every
-# parallel op also waits on preempted threads, which favours fewer, larger blocks.
-_BLOCK_BYTES = 4 << 20
-
-
-def _block_rows(z: Tensor) -> int:
-    if z.device.type != "cpu":
-        return max(1, z.shape[0])
-    return max(1, _BLOCK_BYTES * torch.get_num_threads() // (z.shape[1] * z.element_size()))
-
-
-def _row_blocks(z: Tensor) -> list[slice]:
-    step = _block_rows(z)
-    return [slice(s, min(s + step, z.shape[0])) for s in range(0, z.shape[0], step)]
 
 
 @dataclass

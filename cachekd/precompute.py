@@ -25,6 +25,7 @@ from cachekd import distributed
 from cachekd.cache import writer as cw
 from cachekd.cache.format import FORMAT, FORMAT_VERSION, TAIL_SCALE
 from cachekd.errors import CachekdError
+from cachekd.rows import row_blocks, tail_underflows
 from cachekd.tokens import TokenStore
 
 
@@ -190,45 +191,74 @@ def teacher_targets(logits: torch.Tensor, vocab_size: int, k: int | None, temper
     Stats: `lse` (b,L) the τ=1 log-normaliser (non-finite when the teacher produced NaN/inf), `entropy` (b, L/8)
     at τ=1 on every 8th position, and `topk_mass` (b,L,n_τ). Padded logits beyond `vocab_size` are dropped.
 
-    Cost: one exp over (b, L, V) serves the normaliser and every tail. The tail is summed directly over the
-    non-top-k terms (zeroed in place), never as 1 − Σ top-k, so a tiny tail keeps its relative precision; τ = 2
-    reuses the exponentials through a square root. Rows whose tail underflows float32 (all tail logits more than
-    87 below the maximum) and other temperatures take an exact masked log-sum-exp.
+    Cost: the positions are taken a block of rows at a time (``cachekd.rows``: on CPU the temporaries stay in
+    cache; on GPU the batch is one block), and one fused softmax serves the normaliser, the entropy and every
+    tail. The tail is summed directly over the non-top-k probabilities (zeroed in place), never as 1 − Σ top-k,
+    so a tiny tail keeps its relative precision; τ = 2 reuses them through a square root. Rows whose tail lost
+    terms to float32 underflow, and other temperatures, take an exact masked log-sum-exp.
     """
-    z = logits[..., :vocab_size].float()
-    zmax = z.amax(dim=-1, keepdim=True)                              # (b, L, 1)
-    e = torch.sub(z, zmax).exp_()                                     # (b, L, V) exp(z − max)
-    lse = zmax.squeeze(-1) + e.sum(-1).log()                          # (b, L)
-    stride = slice(None, None, ENTROPY_STRIDE)
-    p_s = e[:, stride] / e[:, stride].sum(-1, keepdim=True)
-    entropy = lse[:, stride] - (p_s * z[:, stride]).sum(-1)
+    z = logits[..., :vocab_size]
+    b, L = z.shape[:2]
+    flat = z.reshape(b * L, vocab_size)
+    n, dev = flat.shape[0], flat.device
+    lse = torch.empty(n, device=dev)
+    per_window = -(-L // ENTROPY_STRIDE)
+    entropy = torch.empty(b * per_window, device=dev)
+    if k is not None:
+        ids = torch.empty(n, k, dtype=torch.int64, device=dev)
+        logprobs = torch.empty(n, k, device=dev)
+        tails = torch.empty(n, len(temperatures), device=dev)
+    buf = None
+    for rows in row_blocks(flat):
+        zb = flat[rows].float()
+        if buf is None:
+            buf = torch.empty_like(zb)
+        p = torch.softmax(zb, dim=-1, out=buf[: zb.shape[0]])        # (r, V), one fused pass into a reused buffer
+        if k is None:
+            m = zb.amax(dim=-1)
+            lse_b = m - p.gather(1, zb.argmax(dim=-1, keepdim=True)).squeeze(1).log()
+        else:
+            vals, idx = zb.topk(k, dim=-1)                            # sorted: column 0 is the max
+            # log p at the max is −log Σ exp(z − max) ∈ [−log V, 0]: the normaliser to float32 precision.
+            lse_b = vals[:, 0] - p.gather(1, idx[:, :1]).squeeze(1).log()
+        lse[rows] = lse_b
+        r = torch.arange(rows.start, rows.stop, device=dev)
+        sel = ((r % L) % ENTROPY_STRIDE == 0).nonzero().squeeze(1)
+        if sel.numel():
+            j = (r[sel] // L) * per_window + (r[sel] % L) // ENTROPY_STRIDE
+            entropy[j] = lse_b[sel] - (p[sel] * zb[sel]).sum(-1)
+        if k is None:
+            continue
+        ids[rows] = idx
+        logprobs[rows] = vals - lse_b[:, None]
+        p.scatter_(-1, idx, 0.0)                                      # the tail terms only
+        sums = {}
+        if 1.0 in temperatures:
+            sums[1.0] = p.sum(-1)
+        if 2.0 in temperatures:
+            sums[2.0] = p.sqrt_().sum(-1)                             # p^(1/2) = exp((z − lse)/2)
+        for t, tau in enumerate(temperatures):
+            if tau in sums:
+                tail = sums[tau].log()  # log Σ_tail exp((z − lse)/τ), what the cache stores
+                # the check needs the sum relative to the row's largest term at τ (≥ what it is relative to lse)
+                redo = tail_underflows(tail + (lse_b - vals[:, 0]) / tau, vocab_size, sqrt=tau == 2.0) \
+                    if k < vocab_size else None
+            else:
+                tail, redo = None, torch.ones(zb.shape[0], dtype=torch.bool, device=dev)
+            if redo is not None and bool(redo.any()):
+                exact = torch.logsumexp(zb[redo].scatter(-1, idx[redo], float("-inf")) / tau, dim=-1)
+                exact -= lse_b[redo] / tau
+                tail = exact if tail is None else tail.index_put((redo,), exact)
+            tails[rows, t] = tail
+    stats = {"lse": lse.view(b, L), "entropy": entropy.view(b, per_window)}
     if k is None:
-        return {"logits": z.half()}, {"lse": lse, "entropy": entropy}
-    vals, idx = z.topk(k, dim=-1)
-    logprobs = vals - lse[..., None]                                  # (b, L, k)
-    e.scatter_(-1, idx, 0.0)                                          # the tail terms only
-    tails, masses = [], []
-    for tau in temperatures:
-        if tau == 1.0:
-            tail_sum = e.sum(-1)
-        elif tau == 2.0:
-            tail_sum = e.sqrt().sum(-1)
-        else:
-            tail_sum = None
-        if tail_sum is not None:
-            tail = zmax.squeeze(-1) / tau + tail_sum.log() - lse / tau
-            if k < vocab_size:
-                under = tail_sum < 1e-30
-                if bool(under.any()):
-                    rows = z[under].scatter(-1, idx[under], float("-inf"))
-                    tail[under] = torch.logsumexp(rows / tau, dim=-1) - lse[under] / tau
-        else:
-            tail = torch.logsumexp(z.scatter(-1, idx, float("-inf")) / tau, dim=-1) - lse / tau
+        return {"logits": z.half()}, stats
+    masses = []
+    for t, tau in enumerate(temperatures):
         head = torch.logsumexp(logprobs / tau, dim=-1)
-        tails.append(tail)
-        masses.append(torch.exp(head - torch.logaddexp(head, tail)))
-    return ({"ids": idx, "logprobs": logprobs, "tail_lse": torch.stack(tails, -1)},
-            {"lse": lse, "entropy": entropy, "topk_mass": torch.stack(masses, -1)})
+        masses.append(torch.exp(head - torch.logaddexp(head, tails[:, t])))
+    stats["topk_mass"] = torch.stack(masses, -1).view(b, L, -1)
+    return ({"ids": ids.view(b, L, k), "logprobs": logprobs.view(b, L, k), "tail_lse": tails.view(b, L, -1)}, stats)
 
 
 # ------------------------------------------------------------------------------------------ running

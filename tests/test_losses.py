@@ -423,9 +423,9 @@ def test_tail_in_float32_underflow_range_is_exact(tau):
 @pytest.mark.parametrize("tau", [1.0, 0.7, 2.0])
 def test_fused_sparse_path_in_small_blocks_with_confident_rows(monkeypatch, tau):
     """The sparse-only path works on row blocks (one row each here) and takes the exact tail on some rows."""
-    import cachekd.losses as losses
+    import cachekd.rows
 
-    monkeypatch.setattr(losses, "_BLOCK_BYTES", 1)
+    monkeypatch.setattr(cachekd.rows, "BLOCK_BYTES", 1)
     g = torch.Generator().manual_seed(72)
     B, T, V = 2, 5, 24
     t0, t1 = (torch.randn(B, T, V, generator=g, dtype=torch.float64) * 2 for _ in range(2))
