@@ -43,6 +43,8 @@ def main() -> None:
     ap.add_argument("--teacher", default=None, help="a trained HF teacher for this tokenizer (else one is trained)")
     ap.add_argument("--teacher-steps", type=int, default=300)
     ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--dev-fraction", type=float, default=0.15,
+                    help="held-out share of the text: the storage and teacher-size tables run on it")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--work", default=None, help="keep intermediate files here (default: a temp dir)")
@@ -67,7 +69,7 @@ def main() -> None:
     try:
         text = _subset_corpus(Path(args.data), work / "text", args.mb)
         store, _ = prepare(PrepareConfig(inputs=[str(text)], output=str(work / "tokens"), seq_len=128,
-                                         vocab_size=args.vocab_size, dev_fraction=0.05), progress=False)
+                                         vocab_size=args.vocab_size, dev_fraction=args.dev_fraction), progress=False)
         teacher_s = None
         if args.teacher:
             teacher = Path(args.teacher)
@@ -157,7 +159,8 @@ def main() -> None:
         # the same measurement on the dev windows with larger (random-init: speed does not depend on training) teachers.
         from cachekd.models import ModelConfig, build_model
 
-        scale_rows = ["| teacher (dev split) | params | bare forward s | precompute s | ratio |", "|---|---|---|---|---|"]
+        scale_rows = [f"| teacher (dev split, {len(dev_tokens) * dev_tokens.shape[1]:,} positions) | params | bare forward s | "
+                      "precompute s | forward µs/position | extra µs/position | ratio |", "|---|---|---|---|---|---|---|"]
         for hidden, layers, heads in args.scale:
             tdir = work / f"scale_{hidden}x{layers}"
             if not tdir.exists():
@@ -183,7 +186,9 @@ def main() -> None:
                                             batch_size=args.batch_size, device=args.device), progress=False)
                 tp.append(time.perf_counter() - t0)
             b_, p_ = statistics.median(tb), statistics.median(tp)
-            scale_rows.append(f"| llama {hidden}×{layers} | {nparams / 1e6:.1f}M | {b_:.2f} | {p_:.2f} | {p_ / b_:.3f} |")
+            us = 1e6 / dev_positions
+            scale_rows.append(f"| llama {hidden}×{layers} | {nparams / 1e6:.1f}M | {b_:.2f} | {p_:.2f} | {b_ * us:.0f} | "
+                              f"{(p_ - b_) * us:.0f} | {p_ / b_:.3f} |")
         md_scale = "\n".join(scale_rows) if args.scale else ""
 
         stats = cache.meta["stats"]["train"][cache.teachers[0]]
