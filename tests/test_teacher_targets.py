@@ -90,3 +90,62 @@ def test_nonfinite_logits_show_in_the_normaliser():
     _, stats = teacher_targets(logits, 40, 4, [1.0])
     bad = ~torch.isfinite(stats["lse"])
     assert bad[1, 7] and bad[2, 0] and int(bad.sum()) == 2
+
+
+def _tiny(arch: str, vocab: int):
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    if arch == "gpt2":
+        return GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=vocab, n_positions=32,
+                                          bos_token_id=1, eos_token_id=2)).eval()
+    return LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                        num_attention_heads=2, num_key_value_heads=2, vocab_size=vocab,
+                                        max_position_embeddings=32, bos_token_id=1, eos_token_id=2)).eval()
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_hidden_states_and_head_give_the_targets_of_the_logits(monkeypatch, arch):
+    """precompute forms the logits a row block at a time from the final hidden states: the same targets."""
+    from cachekd.precompute import _Teacher
+
+    monkeypatch.setattr(cachekd.rows, "BLOCK_BYTES", 1)
+    vocab, padded = 50, 53  # a padded output layer: the extra logits are dropped
+    model = _tiny(arch, padded)
+    x = torch.randint(0, vocab, (3, 11), generator=torch.Generator().manual_seed(1))
+    runner = _Teacher(model, topk=True)
+    with torch.inference_mode():
+        logits = model(input_ids=x).logits
+        first, head = runner(x)  # first batch: the whole model, the check, then the same path as every batch
+        assert runner.split is True and head is model.get_output_embeddings()
+        hidden, head2 = runner(x)
+        assert head2 is head and hidden.shape == (3, 11, 32) and torch.equal(first, hidden)
+        want, want_stats = teacher_targets(logits, vocab, 6, [1.0, 2.0])
+        got, got_stats = teacher_targets(hidden, vocab, 6, [1.0, 2.0], head=head)
+    assert torch.equal(got["ids"].sort(-1).values, want["ids"].sort(-1).values)
+    for key in ("logprobs", "tail_lse"):
+        torch.testing.assert_close(got[key], want[key], rtol=1e-5, atol=1e-5)
+    for key in ("lse", "entropy", "topk_mass"):
+        torch.testing.assert_close(got_stats[key], want_stats[key], rtol=1e-5, atol=1e-5)
+
+
+def test_teacher_whose_head_does_not_give_its_logits_runs_whole():
+    from cachekd.precompute import _Teacher
+
+    model = _tiny("llama", 50)
+    forward = model.forward
+
+    def scaled(*args, **kwargs):  # e.g. a model that soft-caps or scales its logits after the head
+        out = forward(*args, **kwargs)
+        out.logits = 30.0 * torch.tanh(out.logits / 30.0) * 2.0
+        return out
+
+    model.forward = scaled
+    runner = _Teacher(model, topk=True)
+    x = torch.randint(0, 50, (2, 5))
+    with torch.inference_mode():
+        for _ in range(2):
+            logits, head = runner(x)
+            assert head is None and runner.split is False
+            torch.testing.assert_close(logits, scaled(input_ids=x).logits)
+    assert _Teacher(_tiny("llama", 50), topk=False).split is False  # full mode stores the logits themselves
