@@ -182,12 +182,9 @@ ENTROPY_STRIDE = 8  # the entropy statistic is taken on every 8th position: it i
 
 
 @torch.no_grad()
-def teacher_targets(logits: torch.Tensor, vocab_size: int, k: int | None, temperatures: list[float],
-                    head: torch.nn.Module | None = None) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+def teacher_targets(logits: torch.Tensor, vocab_size: int, k: int | None, temperatures: list[float]
+                    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """What the cache stores for a batch of teacher logits (b, L, V_model), computed on their device in float32.
-
-    With ``head`` (the teacher's output layer), ``logits`` are instead its final hidden states (b, L, H) and the
-    logits are formed one row block at a time (top-k mode only): the (b·L, V) logits never exist at once.
 
     Returns (arrays, stats). top-k mode: `ids` (b,L,k), `logprobs` (b,L,k) τ=1 log-probabilities,
     `tail_lse` (b,L,n_τ) = logsumexp over non-top-k v of log p_v/τ. Full mode (k None): `logits` (b,L,V) fp16.
@@ -200,11 +197,9 @@ def teacher_targets(logits: torch.Tensor, vocab_size: int, k: int | None, temper
     so a tiny tail keeps its relative precision; τ = 2 reuses them through a square root. Rows whose tail lost
     terms to float32 underflow, and other temperatures, take an exact masked log-sum-exp.
     """
-    if head is not None and k is None:
-        raise ValueError("full mode needs the logits themselves, not hidden states and a head")
-    z = logits if head is not None else logits[..., :vocab_size]
+    z = logits[..., :vocab_size]
     b, L = z.shape[:2]
-    flat = z.reshape(b * L, z.shape[-1])
+    flat = z.reshape(b * L, vocab_size)
     n, dev = flat.shape[0], flat.device
     lse = torch.empty(n, device=dev)
     per_window = -(-L // ENTROPY_STRIDE)
@@ -214,8 +209,8 @@ def teacher_targets(logits: torch.Tensor, vocab_size: int, k: int | None, temper
         logprobs = torch.empty(n, k, device=dev)
         tails = torch.empty(n, len(temperatures), device=dev)
     buf = None
-    for rows in row_blocks(flat, width=vocab_size):
-        zb = (flat[rows] if head is None else head(flat[rows])[:, :vocab_size]).float()
+    for rows in row_blocks(flat):
+        zb = flat[rows].float()
         if buf is None:
             buf = torch.empty_like(zb)
         p = torch.softmax(zb, dim=-1, out=buf[: zb.shape[0]])        # (r, V), one fused pass into a reused buffer
@@ -273,49 +268,6 @@ def autocast_dtype(spec: str, device: torch.device) -> torch.dtype | None:
     if spec == "auto":
         return torch.bfloat16 if device.type == "cuda" else None
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[spec]
-
-
-class _Teacher:
-    """Runs a teacher for teacher_targets: as decoder + output head where that reproduces the model's logits (so
-    the logits are formed a row block at a time and never exist whole: cheaper on CPU), else as the whole model.
-    Which one is decided on the first batch, against the model's own logits."""
-
-    def __init__(self, model: torch.nn.Module, topk: bool):
-        self.model = model
-        self.split: bool | None = None if topk else False
-        try:
-            self.decoder, self.head = model.get_decoder(), model.get_output_embeddings()
-        except Exception:  # noqa: BLE001 - any model without the usual parts runs whole
-            self.split = False
-
-    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.nn.Module | None]:
-        """(logits, None) or (final hidden states, head) for input ids x; call under inference mode/autocast.
-        Every batch of a run takes the same path (the first one included), so where a batch falls in a run, a
-        --part or a rank cannot change a bit of its result."""
-        if self.split:
-            return self.decoder(input_ids=x).last_hidden_state, self.head
-        logits = self.model(input_ids=x).logits
-        if self.split is None:
-            hidden = self._hidden_if_reproduces(x, logits)
-            self.split = hidden is not None
-            if hidden is not None:
-                return hidden, self.head
-        return logits, None
-
-    def _hidden_if_reproduces(self, x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor | None:
-        """The decoder's final hidden states when the head turns them into the model's logits, else None."""
-        try:
-            if self.decoder is self.model or self.head is None:
-                return None
-            hidden = self.decoder(input_ids=x).last_hidden_state
-            z = self.head(hidden)
-        except Exception:  # noqa: BLE001 - e.g. a decoder that needs other inputs: run the model whole
-            return None
-        if z.shape != logits.shape or not bool(torch.isfinite(logits).all()):
-            return None  # (non-finite logits stop the run right after this anyway)
-        scale = float(logits.float().abs().amax()) if logits.numel() else 0.0
-        same = torch.allclose(z.float(), logits.float(), rtol=1e-3, atol=1e-3 * max(scale, 1.0))
-        return hidden if same else None
 
 
 class _BackgroundWriter:
@@ -399,11 +351,11 @@ def precompute(cfg: PrecomputeConfig, *, force: bool = False, progress: bool = T
     rank, world, local_rank = distributed.setup()
     device = distributed.resolve_device(cfg.device, local_rank)
     amp = autocast_dtype(cfg.dtype, device)
-    runners, infos = [], []
+    models, infos = [], []
     for name, path in resolve_teachers(cfg.teachers, cfg.registry):
         m = load_model(path)
         infos.append(check_teacher(name, path, m, store))
-        runners.append(_Teacher(m.to(device).eval(), topk=not cfg.full))
+        models.append(m.to(device).eval())
     plan = build_plan(cfg, store, infos, vocab)
     root = Path(cfg.output)
     if world > 1 and force and rank != 0:
@@ -440,14 +392,14 @@ def precompute(cfg: PrecomputeConfig, *, force: bool = False, progress: bool = T
                 tokens = store.read_chunk(split, chunk)
                 results: dict[str, dict[str, np.ndarray]] = {}
                 stats: dict[str, Any] = {"teachers": {}}
-                for info, teacher in zip(infos, runners):
+                for info, model in zip(infos, models):
                     parts: dict[str, list[torch.Tensor]] = {}
                     ent, mass = [], []
                     for b in range(0, len(tokens), cfg.batch_size):
                         x = torch.from_numpy(tokens[b:b + cfg.batch_size].astype(np.int64)).to(device)
                         with torch.inference_mode(), torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-                            out, head = teacher(x)
-                            arrays, st = teacher_targets(out, vocab, k, temps, head=head)
+                            logits = model(input_ids=x).logits
+                        arrays, st = teacher_targets(logits, vocab, k, temps)
                         bad = ~torch.isfinite(st["lse"]).all(dim=-1)
                         if bool(bad.any()):
                             w = chunk * chunkw + b + int(bad.nonzero()[0])

@@ -27,16 +27,15 @@ BLOCK_BYTES = 4 << 20
 _UNDERFLOW_FLOOR = {"exp": -87.3 + 16.2, "sqrt": -43.6 + 16.2}
 
 
-def block_rows(z: Tensor, width: int | None = None) -> int:
-    """Rows per block for (n, V) logits ``z`` (or n rows of anything that become ``width`` logits each): all of
-    them off the CPU."""
+def block_rows(z: Tensor) -> int:
+    """Rows per block for (n, V) logits ``z``: all of them off the CPU."""
     if z.device.type != "cpu":
         return max(1, z.shape[0])
-    return max(1, BLOCK_BYTES * torch.get_num_threads() // ((width or z.shape[-1]) * 4))
+    return max(1, BLOCK_BYTES * torch.get_num_threads() // (z.shape[-1] * 4))
 
 
-def row_blocks(z: Tensor, width: int | None = None) -> list[slice]:
-    step = block_rows(z, width)
+def row_blocks(z: Tensor) -> list[slice]:
+    step = block_rows(z)
     return [slice(s, min(s + step, z.shape[0])) for s in range(0, z.shape[0], step)]
 
 
