@@ -46,11 +46,12 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
 
 
-def blosc(typesize: int, clevel: int = 3):
-    """Blosc zstd with byte shuffle and an explicit typesize (without it, zarr v3's shuffle does nothing)."""
+def blosc(typesize: int, clevel: int = 3, blocksize: int = 0):
+    """Blosc zstd with byte shuffle and an explicit typesize (without it, zarr v3's shuffle does nothing);
+    ``blocksize`` 0 lets Blosc choose."""
     from zarr.codecs import BloscCodec
 
-    return BloscCodec(cname="zstd", clevel=clevel, shuffle="shuffle", typesize=typesize)
+    return BloscCodec(cname="zstd", clevel=clevel, shuffle="shuffle", typesize=typesize, blocksize=blocksize)
 
 
 @dataclass

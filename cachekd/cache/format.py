@@ -40,6 +40,7 @@ LOGPROB_MIN = -65535 / LOGPROB_SCALE  # ≈ −128 nats: smaller top-k log-proba
 TAIL_SCALE = 512.0              # tail_lse fixed point: range ±64, max rounding error 9.8e-4
 TAIL_NEG_INF = -32768           # stored for an empty tail (k = V)
 CLEVEL = 5                      # zstd level inside Blosc: 9 saves ~4 B/position for ~15x the CPU
+BLOCKSIZE = 1 << 20             # one Blosc block per top-k chunk: zstd sees the whole chunk (-2.4 B/position, faster)
 MAX_FULL_CHUNK_BYTES = 32 << 20
 
 
@@ -67,7 +68,7 @@ def full_chunk_windows(chunk_windows: int, seq_len: int, vocab_size: int) -> int
 def blosc(typesize: int):
     from cachekd.tokens import blosc as _blosc
 
-    return _blosc(typesize, clevel=CLEVEL)
+    return _blosc(typesize, clevel=CLEVEL, blocksize=BLOCKSIZE)
 
 
 def create_arrays(group, split: str, teacher: str, *, num_windows: int, seq_len: int, chunk_windows: int,
