@@ -226,7 +226,8 @@ def teacher_targets(logits: torch.Tensor, vocab_size: int, k: int | None, temper
         sel = ((r % L) % ENTROPY_STRIDE == 0).nonzero().squeeze(1)
         if sel.numel():
             j = (r[sel] // L) * per_window + (r[sel] % L) // ENTROPY_STRIDE
-            entropy[j] = lse_b[sel] - (p[sel] * zb[sel]).sum(-1)
+            # (−inf logits, e.g. masked tokens, have p = 0: clamped so 0·z stays 0 instead of NaN)
+            entropy[j] = lse_b[sel] - (p[sel] * zb[sel].clamp_min(torch.finfo(zb.dtype).min)).sum(-1)
         if k is None:
             continue
         ids[rows] = idx

@@ -29,7 +29,7 @@ def reference(logits: torch.Tensor, vocab: int, k: int, taus: list[float]) -> di
         tails.append(tail)
         masses.append(torch.exp(head - torch.logaddexp(head, tail)))
     p = logp.exp()
-    entropy = -(p * logp).sum(-1)[:, ::ENTROPY_STRIDE]
+    entropy = -torch.where(p > 0, p * logp, 0.0).sum(-1)[:, ::ENTROPY_STRIDE]
     return {"lse": lse, "ids": ids, "logprobs": logp.gather(-1, ids), "tail_lse": torch.stack(tails, -1),
             "topk_mass": torch.stack(masses, -1), "entropy": entropy}
 
@@ -81,6 +81,17 @@ def test_full_mode_keeps_fp16_logits_and_stats(monkeypatch):
     ref = reference(logits, V, 1, [1.0])
     torch.testing.assert_close(stats["lse"].to(f64), ref["lse"], rtol=0, atol=2e-5)
     torch.testing.assert_close(stats["entropy"].to(f64), ref["entropy"], rtol=1e-5, atol=1e-4)
+
+
+def test_masked_tokens_with_minus_inf_logits_are_zero_probability():
+    logits = make_logits(4)
+    logits[..., 7] = -math.inf  # e.g. a model that masks a special token
+    arrays, stats = teacher_targets(logits, 40, 5, [1.0, 2.0])
+    ref = reference(logits, 40, 5, [1.0, 2.0])
+    for key in ("lse", "entropy"):
+        assert torch.isfinite(stats[key]).all(), key
+        torch.testing.assert_close(stats[key].to(f64), ref[key], rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(arrays["tail_lse"].to(f64), ref["tail_lse"], rtol=1e-6, atol=2e-5)
 
 
 def test_nonfinite_logits_show_in_the_normaliser():
