@@ -587,9 +587,7 @@ class _SparseStudent(torch.autograd.Function):
         z, index, m, s1, s_tau, logq_ids, log_tail = ctx.saved_tensors
         tau = ctx.temperature
         ids = index[:, 1:]
-        ignored = ctx.ignored
-        if ignored is not None:
-            g_ce, g_ids, g_tail = (g.index_fill(0, ignored, 0.0) for g in (g_ce, g_ids, g_tail))
+        ignored = ctx.ignored  # (whatever flows in or is formed on those rows, their gradient is zeroed at the end)
         g_ce = g_ce.unsqueeze(1)  # (n, 1)
         # With x = z/τ: d ce/dz = q₁ − onehot(label); d log q_i/dx = onehot(i) − q_τ; and for a tail,
         # d log q_tail/dx_v = q_v ([v ∉ ids]/q_tail − 1). Where q_tail ≥ _CHEAP_TAIL_MIN, the last is folded into

@@ -241,9 +241,9 @@ def teacher_targets(logits: torch.Tensor, vocab_size: int, k: int | None, temper
         for t, tau in enumerate(temperatures):
             if tau in sums:
                 tail = sums[tau].log()  # log Σ_tail exp((z − lse)/τ), what the cache stores
-                # the check needs the sum relative to the row's largest term at τ (≥ what it is relative to lse)
-                redo = tail_underflows(tail + (lse_b - vals[:, 0]) / tau, vocab_size, sqrt=tau == 2.0) \
-                    if k < vocab_size else None
+                # terms are lost where p = exp(z − lse) < e^-87.3 (the softmax's exp(z − max) underflows there
+                # or earlier), so the check is on the sum of p^(1/τ) itself
+                redo = tail_underflows(tail, vocab_size, sqrt=tau == 2.0) if k < vocab_size else None
             else:
                 tail, redo = None, torch.ones(zb.shape[0], dtype=torch.bool, device=dev)
             if redo is not None and bool(redo.any()):
