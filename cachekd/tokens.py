@@ -179,6 +179,8 @@ class TokenStore:
             "path": str(self.path),
             "seq_len": m["seq_len"],
             "vocab_size": m["vocab_size"],
+            **({"vocab_size_requested": m["vocab_size_requested"]}
+               if m.get("vocab_size_requested") not in (None, m["vocab_size"]) else {}),
             "dtype": m["dtype"],
             "chunk_windows": m["chunk_windows"],
             "splits": m["splits"],
@@ -374,6 +376,7 @@ def prepare(cfg: PrepareConfig, *, force: bool = False, progress: bool = True) -
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "seq_len": cfg.seq_len,
             "vocab_size": vocab_size,
+            "vocab_size_requested": None if cfg.tokenizer else cfg.vocab_size,
             "dtype": dtype.name,
             "chunk_windows": cw,
             "special_tokens": {"pad": tokenizer.pad_token_id, "bos": tokenizer.bos_token_id, "eos": eos},

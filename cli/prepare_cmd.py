@@ -45,6 +45,13 @@ def prepare_command(inputs, output, seq_len, vocab_size, tokenizer, text_column,
     )
     store, built = prepare(cfg, force=force, progress=not quiet and not as_json)
     summary = store.summary() | {"built": built}
+    asked = summary.get("vocab_size_requested")
+    if built and asked:
+        click.echo(
+            f"note: the tokenizer learned {summary['vocab_size']} tokens, not the {asked} asked for: the training "
+            f"text has too few pairs that occur at least twice; models built on this store use {summary['vocab_size']}.",
+            err=True,
+        )
     if as_json:
         echo_json(summary)
         return

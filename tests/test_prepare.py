@@ -167,3 +167,16 @@ def test_babylm_like_token_count(tmp_path):
     assert s["train"]["num_documents"] + s["dev"]["num_documents"] == total_docs
     assert s["train"]["num_tokens"] + s["dev"]["num_tokens"] == total
     assert s["train"]["num_windows"] == s["train"]["num_tokens"] // 128
+
+
+def test_smaller_vocabulary_than_asked_is_reported(tmp_path, runner, corpus):
+    out = tmp_path / "s"
+    r = invoke(runner, ["prepare", corpus, "-o", out, "--vocab-size", "60000", "--seq-len", "16", "--json"])
+    assert r.exit_code == 0, r.output
+    summary = json.loads(r.stdout)
+    assert summary["vocab_size_requested"] == 60000 and summary["vocab_size"] < 60000
+    assert "learned" in r.stderr and "not the 60000 asked for" in r.stderr
+    assert TokenStore.open(out).manifest["vocab_size_requested"] == 60000
+    # asked-for size reached (or a given tokenizer): nothing to report
+    r = invoke(runner, ["prepare", corpus, "-o", tmp_path / "t", "--vocab-size", "300", "--seq-len", "16", "--json"])
+    assert "vocab_size_requested" not in json.loads(r.stdout) and "learned" not in r.stderr
