@@ -20,7 +20,8 @@ from torch import Tensor
 # parallel op also waits on preempted threads, which favours fewer, larger blocks.
 BLOCK_BYTES = 4 << 20
 
-# Tails are summed in linear space relative to the row maximum, where float32 exp() underflows below e^-87.3
+# Tails are summed in linear space, relative to the row maximum (the fused loss) or to the normaliser
+# (precompute's probabilities), where float32 exp() underflows below e^-87.3
 # (denormals lose precision from there): at most V such terms are lost, < V·e^-87.3. At τ = 2 the terms are the
 # square roots of the τ = 1 exponentials, so the lost ones are < e^-43.6 each. A row whose tail sum is below
 # V·e^(floor) with these floors (lost terms above ~1e-7 of the tail) must be redone in log space.
@@ -40,6 +41,7 @@ def row_blocks(z: Tensor) -> list[slice]:
 
 
 def tail_underflows(log_tail_sum: Tensor, vocab_size: int, sqrt: bool) -> Tensor:
-    """Rows whose linear-space tail sum (log, relative to the row max at that temperature) lost too much to
-    underflow: ``sqrt`` when the terms were square roots of τ = 1 exponentials (τ = 2)."""
+    """Rows whose linear-space tail sum lost too much to underflow. ``log_tail_sum`` is its log on the scale the
+    terms were formed on (relative to the row max, or to the normaliser, at that temperature); ``sqrt`` when the
+    terms were square roots of τ = 1 exponentials (τ = 2)."""
     return log_tail_sum < math.log(vocab_size) + _UNDERFLOW_FLOOR["sqrt" if sqrt else "exp"]
