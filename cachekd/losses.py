@@ -714,7 +714,7 @@ def _loss_on_rows(
     sparse = [t for t in targets if isinstance(t, _SparseRows)] if per_teacher and not mixing else []
     split = [t.k for t in sparse]
     log_tails: list[Tensor | None] = [None] * len(sparse)
-    if len(sparse) == len(targets) and cfg.tail_mode != "uniform":
+    if _fused(prep):
         # Only bucket/renormalize targets (or none): the fused path, no (n, V) log-softmax at all.
         index = torch.cat([labels.unsqueeze(1), *[t.ids for t in sparse]], dim=1)
         groups, start = [], 0
