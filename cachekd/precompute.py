@@ -215,8 +215,8 @@ def teacher_targets(logits: torch.Tensor, vocab_size: int, k: int | None, temper
             buf = torch.empty_like(zb)
         p = torch.softmax(zb, dim=-1, out=buf[: zb.shape[0]])        # (r, V), one fused pass into a reused buffer
         if k is None:
-            m = zb.amax(dim=-1)
-            lse_b = m - p.gather(1, zb.argmax(dim=-1, keepdim=True)).squeeze(1).log()
+            m, top = zb.max(dim=-1)
+            lse_b = m - p.gather(1, top[:, None]).squeeze(1).log()
         else:
             vals, idx = zb.topk(k, dim=-1)                            # sorted: column 0 is the max
             # log p at the max is −log Σ exp(z − max) ∈ [−log V, 0]: the normaliser to float32 precision.
