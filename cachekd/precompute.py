@@ -25,7 +25,7 @@ from cachekd import distributed
 from cachekd.cache import writer as cw
 from cachekd.cache.format import FORMAT, FORMAT_VERSION, TAIL_SCALE
 from cachekd.errors import CachekdError
-from cachekd.rows import row_blocks, tail_underflows
+from cachekd.rows import row_blocks, tail_underflows, topk_rows
 from cachekd.tokens import TokenStore
 
 
@@ -218,9 +218,10 @@ def teacher_targets(logits: torch.Tensor, vocab_size: int, k: int | None, temper
             m, top = zb.max(dim=-1)
             lse_b = m - p.gather(1, top[:, None]).squeeze(1).log()
         else:
-            vals, idx = zb.topk(k, dim=-1)                            # sorted: column 0 is the max
+            vals, idx = topk_rows(zb, k)                              # unsorted
+            top = vals.argmax(-1, keepdim=True)
             # log p at the max is −log Σ exp(z − max) ∈ [−log V, 0]: the normaliser to float32 precision.
-            lse_b = vals[:, 0] - p.gather(1, idx[:, :1]).squeeze(1).log()
+            lse_b = (vals.gather(1, top) - p.gather(1, idx.gather(1, top)).log()).squeeze(1)
         lse[rows] = lse_b
         r = torch.arange(rows.start, rows.stop, device=dev)
         sel = ((r % L) % ENTROPY_STRIDE == 0).nonzero().squeeze(1)

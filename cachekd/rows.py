@@ -45,3 +45,34 @@ def tail_underflows(log_tail_sum: Tensor, vocab_size: int, sqrt: bool) -> Tensor
     terms were formed on (relative to the row max, or to the normaliser, at that temperature); ``sqrt`` when the
     terms were square roots of τ = 1 exponentials (τ = 2)."""
     return log_tail_sum < math.log(vocab_size) + _UNDERFLOW_FLOOR["sqrt" if sqrt else "exp"]
+
+
+def _topk_group(vocab_size: int, k: int) -> int:
+    """Group size for `topk_rows`' first stage (0: one plain top-k). Measured on 2 cores, k=64: 8 is fastest
+    for V ≈ 8k, 16 for V from 32k to 152k; a stage pays off only with at least 2k groups."""
+    g = 8 if vocab_size < 16 * 1024 else 16
+    return g if vocab_size // g >= 2 * k else 0
+
+
+def topk_rows(z: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """The k largest values of each row of (r, V) ``z`` and their column ids, in no particular order.
+
+    Exact (the same values as ``torch.topk``; among equal values either id may be taken). On CPU, where
+    ``torch.topk`` costs about 1.2 ns an element, in two stages: the columns are cut into G = V // g strided
+    groups {c, c + G, c + 2G, ...} whose maxima one elementwise pass finds; every one of the k largest values
+    lies in a group whose maximum is among the k largest group maxima (a value outside those groups is below k
+    group maxima, i.e. below k values), so the final top-k runs over those k·g candidates plus the V mod g
+    leftover columns only. 1.6× (V = 8k) to 2.8× (V = 152k) faster than one top-k.
+    """
+    r, vocab = z.shape
+    g = _topk_group(vocab, k) if z.device.type == "cpu" else 0
+    if not g:
+        return z.topk(k, dim=-1, sorted=False)
+    groups = vocab // g
+    group_max = z[:, : groups * g].view(r, g, groups).amax(1)             # (r, G): column c + j·G is in group c
+    _, top_groups = group_max.topk(k, dim=-1, sorted=False)
+    cand = (top_groups[:, :, None] + groups * torch.arange(g, device=z.device)).view(r, k * g)
+    if groups * g < vocab:
+        cand = torch.cat([cand, torch.arange(groups * g, vocab, device=z.device).expand(r, -1)], 1)
+    vals, pos = z.gather(1, cand).topk(k, dim=-1, sorted=False)
+    return vals, cand.gather(1, pos)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -102,3 +103,71 @@ def test_nonfinite_logits_show_in_the_normaliser():
     _, stats = teacher_targets(logits, 40, 4, [1.0])
     bad = ~torch.isfinite(stats["lse"])
     assert bad[1, 7] and bad[2, 0] and int(bad.sum()) == 2
+
+
+# ------------------------------------------------------------------ two-stage top-k (cachekd.rows.topk_rows)
+
+
+def _adversarial_rows(V: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(9, V, generator=g) * 2
+    G = V // cachekd.rows._topk_group(V, 16)
+    z[1, ::G] += 50.0             # the largest values all in one strided group (column c ≡ 0 mod G)
+    z[2, -(V % 8 or 1):] += 50.0  # ... in the leftover columns past the last whole group
+    z[3] = 1.0                    # all tied
+    z[4, : V // 2] = -math.inf    # half the vocabulary masked
+    z[5] = torch.arange(V, dtype=torch.float32)  # increasing: the top-k are the last columns
+    z[6] = -torch.arange(V, dtype=torch.float32)  # decreasing: the first columns
+    z[7, 100:] = z[7, 100:].round()  # many ties, also at the k-th value
+    z[8, ::3] = -math.inf
+    return z
+
+
+@pytest.mark.parametrize("V", [2053, 40000])  # group sizes 8 and 16, both with leftover columns
+def test_two_stage_topk_equals_torch_topk(V):
+    k = 16
+    assert cachekd.rows._topk_group(V, k) > 0  # the two-stage path is the one under test
+    z = _adversarial_rows(V, V)
+    vals, ids = cachekd.rows.topk_rows(z, k)
+    ref = z.topk(k, -1).values
+    assert torch.equal(vals.sort(-1, descending=True).values, ref)
+    assert torch.equal(z.gather(1, ids), vals)  # ids point at their values
+    for row in ids:
+        assert row.unique().numel() == k and int(row.min()) >= 0 and int(row.max()) < V
+
+
+def test_two_stage_targets_match_float64():
+    """teacher_targets at a vocabulary large enough for the two-stage top-k, against the float64 reference."""
+    V, k, taus = 4099, 16, [1.0, 2.0]
+    logits = make_logits(3, b=3, L=9, V=V, pad=5)
+    assert cachekd.rows._topk_group(V, k) > 0
+    arrays, stats = teacher_targets(logits, V, k, taus)
+    ref = reference(logits, V, k, taus)
+    got = logits[..., :V].to(f64).gather(-1, arrays["ids"]).sort(-1).values
+    assert torch.equal(got, logits[..., :V].to(f64).gather(-1, ref["ids"]).sort(-1).values)
+    torch.testing.assert_close(stats["lse"].to(f64), ref["lse"], rtol=0, atol=2e-5)
+    torch.testing.assert_close(arrays["tail_lse"].to(f64), ref["tail_lse"], rtol=1e-6, atol=2e-5)
+    torch.testing.assert_close(stats["topk_mass"].to(f64), ref["topk_mass"], rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------ the stored encoding (cachekd.cache.format)
+
+
+@pytest.mark.parametrize("V,scale", [(7798, 512.0), (151936, 512.0), (1000, 1000.0)])
+def test_encode_topk_round_trip(V, scale):
+    """Sorted delta ids and fixed-point log-probabilities decode to the input (ids in id order, each value within
+    half a step), with uint32 ids past 2^16 and a scale that is not a power of two."""
+    from cachekd.cache import format as fmt
+
+    rng = np.random.default_rng(V)
+    ids = np.stack([rng.choice(V, 64, replace=False) for _ in range(30)]).reshape(5, 6, 64)
+    lp = (-rng.exponential(4.0, ids.shape)).astype(np.float32)
+    lp[0, 0, 0] = 1e-7  # float noise above 0 clips to 0
+    deltas, q = fmt.encode_topk(ids, lp, V, scale)
+    assert deltas.dtype == (np.uint16 if V <= 1 << 16 else np.uint32) and q.dtype == np.uint16
+    got_ids = fmt.decode_ids(deltas)
+    order = np.argsort(ids, -1)
+    assert np.array_equal(got_ids, np.take_along_axis(ids, order, -1))
+    want = np.take_along_axis(lp.astype(np.float64), order, -1)
+    err = np.abs(fmt.decode_logprobs(q, scale).astype(np.float64) - np.minimum(want, 0.0))
+    assert err.max() <= 0.5 / scale + 1e-6 * np.abs(want).max() / scale
