@@ -121,12 +121,17 @@ def main() -> None:
         mb_, mo = statistics.median(t_bare), statistics.median(t_ours)
         cache = LogitCache.open(work / "cache_k64")
         nbytes = cache.meta["bytes_on_disk"]
+        per_array = {name: sum(f.stat().st_size for f in (work / "cache_k64" / "train" / cache.teachers[0] / name).rglob("*")
+                               if f.is_file()) / positions for name in ("ids", "logprobs", "tail_lse")}
         speed = ["| what | seconds | positions/s |", "|---|---|---|",
                  f"| bare teacher forward ({positions:,} positions) | {mb_:.2f} | {positions / mb_:,.0f} |",
                  f"| cachekd precompute, top-64 | {mo:.2f} | {positions / mo:,.0f} |", "",
                  f"**precompute ÷ bare forward: {mo / mb_:.3f}×** (goal ≤ 1.15×); write rate "
                  f"{nbytes / mo / 1e6:.2f} MB/s compressed, {positions * 64 * 4 / mo / 1e6:.1f} MB/s of top-k data "
-                 f"before encoding."]
+                 f"before encoding.", "",
+                 f"**Train-split cache: {nbytes / positions:.1f} bytes/position** (goal ≤ 110): ids "
+                 f"{per_array['ids']:.1f}, log-probabilities {per_array['logprobs']:.1f}, tail_lse "
+                 f"{per_array['tail_lse']:.1f}, the rest metadata."]
 
         # Storage options (bytes/position on disk, the whole cache directory), on the dev split (smaller).
         dev_tokens = store.read("dev", 0, store.num_windows("dev"))

@@ -594,9 +594,10 @@ class Trainer:
                    disable=not (self.progress and self.is_main), dynamic_ncols=True)
         last_log_t, last_log_tokens = time.perf_counter(), self.tokens_seen
         stop_reason = "steps"
+        start_step, start_wall = self.step, self.wall_s
         try:
             while self.step < self.total_steps:
-                if cfg.optim.max_time_s is not None and self._time_is_up():
+                if cfg.optim.max_time_s is not None and self._time_is_up(start_step, start_wall):
                     stop_reason = "time"
                     break
                 t0 = time.perf_counter()
@@ -629,8 +630,13 @@ class Trainer:
         self._save_checkpoint()
         return self._finish(dev, stop_reason)
 
-    def _time_is_up(self) -> bool:
-        up = torch.tensor([1.0 if self.wall_s >= self.cfg.optim.max_time_s else 0.0])
+    def _time_is_up(self, start_step: int, start_wall: float) -> bool:
+        """Whether another step would end past optim.max_time_s (judged by this run's mean step time so far), so
+        a run stops within its time budget instead of overrunning it by one step."""
+        done = self.step - start_step
+        mean_step = (self.wall_s - start_wall) / done if done else 0.0
+        budget = self.cfg.optim.max_time_s
+        up = torch.tensor([1.0 if self.wall_s >= budget or self.wall_s + mean_step > budget else 0.0])
         if self.world > 1:
             import torch.distributed as dist
 

@@ -19,7 +19,7 @@ def _common(f):
         click.option("-o", "--output", default=None, help="Run directory to write (output)."),
         click.option("--name", default=None, help="Run name shown in tables and plots."),
         click.option("--max-steps", type=int, default=None, help="Stop after N optimizer steps (optim.max_steps)."),
-        click.option("--max-time", type=float, default=None, help="Stop after S seconds of training (optim.max_time_s)."),
+        click.option("--max-time", type=float, default=None, help="Train for at most S seconds (optim.max_time_s): stops before a step that would, at the mean step time so far, end past S."),
         click.option("--epochs", type=int, default=None, help="Epochs over the train split (optim.epochs)."),
         click.option("--batch-size", type=int, default=None, help="Global windows per optimizer step (data.batch_size)."),
         click.option("--lr", type=float, default=None, help="Peak learning rate (optim.lr)."),

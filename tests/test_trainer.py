@@ -71,6 +71,25 @@ def test_train_writes_hf_model_metrics_and_config(tmp_path, store_path):
     assert train[-1]["loss"] < train[0]["loss"]
 
 
+@pytest.mark.parametrize("budget,steps", [(3.5, 3), (4.0, 4), (0.0, 0)])
+def test_max_time_never_overruns_the_budget(tmp_path, store_path, monkeypatch, budget, steps):
+    """optim.max_time_s stops before a step that would end past the budget (here every step takes exactly 1 s
+    of a fake clock): a 3.5 s budget gives 3 steps (3.0 s), not 4 (4.0 s)."""
+    import cachekd.trainer as tr
+
+    clock = [0.0]
+    monkeypatch.setattr(tr.time, "perf_counter", lambda: clock[0])
+    real_step = tr.Trainer.train_step
+
+    def one_second_step(self, batch):
+        clock[0] += 1.0
+        return real_step(self, batch)
+
+    monkeypatch.setattr(tr.Trainer, "train_step", one_second_step)
+    s = run(_cfg(store_path, tmp_path / "t", **{"optim.max_steps": 6, "optim.max_time_s": budget}), progress=False)
+    assert s["steps"] == steps and s["wall_s"] <= budget
+
+
 def test_resume_gives_identical_weights(tmp_path, store_path, caches):
     distill = {"cache": str(caches / "topk"), "objective": "reverse_kl", "temperature": 1.0, "tail_mode": "uniform",
                "alpha": {"kind": "linear", "start": 0.9, "end": 0.5}, "teacher_combine": "losses"}

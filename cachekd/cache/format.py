@@ -20,7 +20,7 @@
 Why these encodings (measured on trained teachers, k=64, V=8000; benchmarks/bench_precompute.py reproduces
 the totals): sorted ids stored as deltas take ~20 B/position under Blosc-zstd with byte shuffle (random-order
 ids ~86); fixed-point log-probabilities keep every stored top-k log-probability within 2⁻¹⁰ ≈ 9.8e-4 nats of
-the fp32 value, which fp16 cannot (fp16 rounds a log-probability of −12 by up to 4e-3), at ~65–85 B/position;
+the fp32 value, which fp16 cannot (fp16 rounds a log-probability of −12 by up to 4e-3), at ~70–90 B/position;
 a finer 2⁻¹¹ step costs ~8 B/position more. The values are shift-invariant logits as far as the losses are
 concerned: softmax, mixing and averaging of several teachers all ignore a per-position constant, and `tail_lse`
 uses the same shift. The zstd level inside Blosc is chosen per array (4096 positions a chunk, trained teacher):
