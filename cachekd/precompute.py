@@ -110,13 +110,14 @@ def load_registry(path: str | None) -> dict[str, str]:
 
 
 def resolve_teachers(specs: list[str], registry: str | None = None) -> list[tuple[str, Path]]:
-    """Teacher specs → unique (name, checkpoint directory) pairs."""
+    """Teacher specs → unique (name, checkpoint directory) pairs; one checkpoint directory given twice is refused."""
     from cachekd.models import resolve_model_dir
 
     if not specs:
         raise CachekdError("no teacher given: pass --teacher PATH (or a name from the registry).")
     reg = None
     out: list[tuple[str, Path]] = []
+    given: dict[Path, str] = {}  # resolved checkpoint directory -> the spec that named it
     for spec in specs:
         name, _, path = spec.partition("=") if "=" in spec else ("", "", spec)
         if not Path(path).exists():
@@ -127,6 +128,12 @@ def resolve_teachers(specs: list[str], registry: str | None = None) -> list[tupl
                 known = f" (registered: {', '.join(sorted(reg))})" if reg else " and no registry (cachekd.yaml) lists it"
                 raise CachekdError(f"teacher {spec!r} is neither a checkpoint directory nor a registered name{known}.")
         d = resolve_model_dir(path)
+        if d.resolve() in given:
+            raise CachekdError(
+                f"teacher {spec!r} is the same checkpoint as teacher {given[d.resolve()]!r} ({str(d.resolve())!r}); "
+                f"pass each teacher once."
+            )
+        given[d.resolve()] = spec
         if not name:
             name = (d.parent.name if d.name == "model" else d.name) or "teacher"
         name = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
@@ -356,7 +363,14 @@ def precompute(cfg: PrecomputeConfig, *, force: bool = False, progress: bool = T
     models, infos = [], []
     for name, path in resolve_teachers(cfg.teachers, cfg.registry):
         m = load_model(path)
-        infos.append(check_teacher(name, path, m, store))
+        info = check_teacher(name, path, m, store)
+        for prev in infos:
+            if prev["fingerprint"] == info["fingerprint"]:
+                raise CachekdError(
+                    f"teachers {prev['name']!r} ({prev['path']!r}) and {name!r} ({info['path']!r}) are the same "
+                    f"checkpoint (identical config and weights); pass each teacher once."
+                )
+        infos.append(info)
         models.append(m.to(device).eval())
     plan = build_plan(cfg, store, infos, vocab)
     root = Path(cfg.output)

@@ -43,5 +43,9 @@ def info_command(path: Path, as_json: bool):
     summary = describe(path)
     if as_json:
         echo_json(summary)
+    elif summary.get("kind") == "logit cache":
+        from cachekd.cache.reader import summary_text
+
+        echo_mapping(summary_text(summary))
     else:
         echo_mapping(summary)

@@ -65,10 +65,10 @@ def precompute_command(store, teachers, output, top_k, full, temperatures, logpr
     click.echo(f"Computed {result['positions_computed']} positions in {result['seconds']:.1f} s"
                + (f" ({rate:,.0f} positions/s)" if rate else ""))
     if result["complete"]:
-        from cachekd.cache.reader import LogitCache
+        from cachekd.cache.reader import LogitCache, summary_text
 
         click.echo(f"Cache {output} is complete.")
-        echo_mapping(LogitCache.open(output).summary())
+        echo_mapping(summary_text(LogitCache.open(output).summary()))
     else:
         click.echo(f"{result['chunks_remaining']} chunks remain for other parts; run them, then the cache completes.")
 
@@ -76,24 +76,54 @@ def precompute_command(store, teachers, output, top_k, full, temperatures, logpr
 @cli.command("verify")
 @click.argument("cache", type=click.Path())
 @click.option("--store", type=click.Path(), default=None, help="Token store to check against (default: the recorded one).")
-@click.option("--recompute", default=0, show_default=True, type=int, help="Re-run the teachers on N random windows and report the largest difference.")
+@click.option("--recompute", default=0, show_default=True, type=click.IntRange(min=0), metavar="N",
+              help="Re-run the teachers on N random windows and report the largest difference.")
+@click.option("--repair", is_flag=True,
+              help="Mark every damaged chunk for recomputation (remove its done-marker and manifest.json); "
+                   "then re-run precompute with the same arguments.")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--json", "as_json", is_flag=True)
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def verify_command(cache, store, recompute, seed, as_json, quiet):
-    """Check a logit cache: every chunk present and finite, ids in range and unique per row, fingerprints matching
-    the token store; with --recompute N also re-run the teachers on N windows. Exits 1 when anything is wrong."""
+def verify_command(cache, store, recompute, repair, seed, as_json, quiet):
+    """Check a logit cache: every chunk present, readable (checksums match) and finite, ids in range and unique
+    per row, fingerprints matching the token store; with --recompute N also re-run the teachers on N windows.
+    Exits 1 when anything is wrong (also after --repair: the cache is complete again once precompute has
+    recomputed the marked chunks).
+
+    \b
+    Example, after a damaged chunk:
+      cachekd verify runs/cache --repair
+      cachekd precompute --store runs/tokens --teacher runs/teacher-llama -o runs/cache   # the same arguments
+    """
     from cachekd.cache.verify import verify_cache
 
-    report = verify_cache(cache, store_path=store, recompute=recompute, seed=seed, progress=not quiet and not as_json)
+    report = verify_cache(cache, store_path=store, recompute=recompute, seed=seed, repair=repair,
+                          progress=not quiet and not as_json)
     if as_json:
         echo_json(report)
     else:
         click.echo(f"Checked {report['chunks_checked']}/{report['chunks_total']} chunks of {cache}.")
+        if report.get("checksums") is False:
+            click.echo("note: this cache was written without checksums (before cachekd added them), so corruption "
+                       "that still decodes cannot be detected; precompute it again into a new directory to add them.")
         if "recompute" in report:
             echo_mapping({"recompute": report["recompute"]})
         for p in report["problems"]:
             click.echo(f"problem: {p}")
+        rep = report.get("repair")
+        if rep is not None:
+            marked = rep["marked_for_recompute"]
+            if "refused" in rep:
+                click.echo(f"repair refused: {rep['refused']}.")
+            elif marked:
+                n = sum(len(c) for c in marked.values())
+                where = "; ".join(f"{s} {', '.join(str(c) for c in cs)}" for s, cs in marked.items())
+                click.echo(f"Marked {n} chunk(s) for recomputation ({where}): removed their done-markers and "
+                           f"manifest.json, so the cache now reads as incomplete.")
+                click.echo(f"Next: {rep['next']}:")
+                click.echo(f"  {rep['command']}")
+            else:
+                click.echo("Nothing to repair: no damaged chunk.")
         click.echo("OK" if report["ok"] else f"{len(report['problems'])} problem(s) found.")
     if not report["ok"]:
         raise SystemExit(1)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -89,6 +90,10 @@ def test_full_mode_round_trip(tmp_path, runner, store_path, teacher_path):
     z = _teacher_logits(teacher_path, tokens).float()
     got = cache.read("dev", 0, len(tokens))[cache.teachers[0]].logits
     np.testing.assert_array_equal(got, z.half().numpy())
+    text = invoke(runner, ["info", tmp_path / "c"]).output
+    assert "full logits" in text and "None" not in text, text
+    info = json.loads(invoke(runner, ["info", tmp_path / "c", "--json"]).output)
+    assert info["mode"] == "full" and info["k"] is None and info["temperatures"] == []
 
 
 def test_two_teachers_and_info(tmp_path, runner, store_path, teacher_path, teacher_b_path):
@@ -97,8 +102,19 @@ def test_two_teachers_and_info(tmp_path, runner, store_path, teacher_path, teach
     blocks = cache.read("train", 0, 3)
     assert not np.array_equal(blocks["teacher_a"].ids, blocks["coach"].ids)
     info = json.loads(invoke(runner, ["info", tmp_path / "c", "--json"]).output)
-    assert info["kind"] == "logit cache" and set(info["teachers"]) == {"teacher_a", "coach"}
+    assert info["kind"] == "logit cache" and [t["name"] for t in info["teachers"]] == ["teacher_a", "coach"]
     assert "train/coach" in info["teacher_stats"]
+    # structured values, not the text table's strings
+    assert info["complete"] is True and info["k"] == 4 and info["temperatures"] == [1.0, 2.0]
+    st = TokenStore.open(store_path)
+    assert info["chunks"] == {s: {"done": st.num_chunks(s), "total": st.num_chunks(s)} for s in ("train", "dev")}
+    coach = info["teachers"][1]
+    assert coach["model_type"] == "gpt2" and isinstance(coach["num_params"], int) and coach["num_params"] > 0
+    assert coach["path"] == str(Path(teacher_b_path).resolve()) and coach["fingerprint"] == cache.meta["teachers"][1]["fingerprint"]
+    assert info["checksums"] is True and isinstance(info["bytes_on_disk"], int) and info["bytes_per_position"] > 0
+    text = invoke(runner, ["info", tmp_path / "c"]).output
+    assert re.search(r"temperatures +1, 2\n", text) and re.search(r"train +\d+/\d+ chunks\n", text), text
+    assert re.search(r"coach +gpt2, [\d.]+M params, ", text) and re.search(r"complete +True\n", text), text
     r = invoke(runner, ["verify", tmp_path / "c", "--recompute", "3"])
     assert r.exit_code == 0 and "OK" in r.output, r.output
 
@@ -269,3 +285,174 @@ def test_disk_full_marks_nothing_done_and_resumes(tmp_path, runner, store_path, 
     ref = _precompute(runner, store_path, [teacher_path], tmp_path / "ref", "--top-k", "4")
     a, b = _all_arrays(ref), _all_arrays(cache)
     assert all(np.array_equal(a[k], b[k]) for k in a)
+
+
+# ------------------------------------------------------------------------------------------ damage and repair
+
+TINY_STUDENT = ["--quiet", "--max-steps", "3", "--set", "model.hidden_size=32", "--set", "model.num_layers=1",
+                "--set", "model.num_heads=2", "--set", "model.intermediate_size=32", "--batch-size", "8",
+                "--temperature", "1"]
+
+
+def _chunk_file(cache_dir: Path, split: str, teacher: str, name: str, chunk: int) -> Path:
+    return cache_dir / split / teacher / name / "c" / str(chunk) / "0" / "0"
+
+
+def _chunk_mtimes(cache_dir: Path) -> dict[str, int]:
+    return {str(p.relative_to(cache_dir)): p.stat().st_mtime_ns for p in cache_dir.glob("*/*/*/c/*/0/0")}
+
+
+def test_truncated_chunk_clean_error_then_repair_recomputes_only_it(tmp_path, runner, store_path, teacher_path):
+    from cachekd.cache.reader import DamagedChunkError
+
+    out = tmp_path / "c"
+    ref = _all_arrays(_precompute(runner, store_path, [teacher_path], out, "--top-k", "8"))
+    st = TokenStore.open(store_path)
+    assert st.num_chunks("train") >= 4
+    bad = _chunk_file(out, "train", "teacher_a", "logprobs", 3)
+    os.truncate(bad, 1000)
+    cache = LogitCache.open(out)
+    with pytest.raises(DamagedChunkError) as e:
+        cache.read_chunk("train", 3)
+    assert (e.value.split, e.value.teacher, e.value.array, e.value.chunk) == ("train", "teacher_a", "logprobs", 3)
+    with pytest.raises(DamagedChunkError, match="chunk 3"):
+        cache.read("train", 0, st.num_windows("train"))  # a range over several chunks still names the bad one
+    cache.read_chunk("train", 2)  # the others read as before
+    # distill (loader thread, and DataLoader worker processes) stops with one sentence that says what to do
+    w0, w1 = 3 * st.chunk_windows, min(4 * st.chunk_windows, st.num_windows("train")) - 1
+    for i, extra in enumerate(([], ["--set", "data.num_workers=1"])):
+        r = invoke(runner, ["distill", "--store", store_path, "--cache", out, "-o", tmp_path / f"run{i}"]
+                   + TINY_STUDENT + extra)
+        assert_clean_error(r, "train split's chunk 3", f"windows {w0} to {w1}", "teacher 'teacher_a'", "logprobs",
+                           "checksum mismatch", f"cachekd verify {out} --repair", "re-run `cachekd precompute`")
+        assert len(r.output.strip().splitlines()) == 1, r.output
+    # verify names it and ends the line with the way out, changing nothing
+    markers = sorted(p.name for p in (out / "done" / "train").iterdir())
+    r = invoke(runner, ["verify", out, "--quiet"])
+    assert r.exit_code == 1, r.output
+    line = next(ln for ln in r.output.splitlines() if ln.startswith("problem:"))
+    assert "train chunk 3, teacher 'teacher_a': the logprobs data cannot be read (checksum mismatch)" in line, line
+    assert line.endswith("re-run `cachekd precompute` with the same arguments to recompute the damaged chunks"), line
+    assert sorted(p.name for p in (out / "done" / "train").iterdir()) == markers and (out / "manifest.json").exists()
+    # --repair: the chunk's done-marker and the manifest go, the cache reads as incomplete
+    r = invoke(runner, ["verify", out, "--quiet", "--repair"])
+    assert r.exit_code == 1 and "Marked 1 chunk(s) for recomputation (train 3)" in r.output, r.output
+    assert f"cachekd precompute --store {Path(store_path).resolve()} --teacher teacher_a=" in r.output, r.output
+    assert not (out / "manifest.json").exists() and not (out / "done" / "train" / "0000003.json").exists()
+    assert len(list((out / "done" / "train").iterdir())) == len(markers) - 1
+    info = json.loads(invoke(runner, ["info", out, "--json"]).output)
+    assert info["complete"] is False and info["missing"] == {"manifest": True, "chunks_not_done": {"train": [3]}}
+    assert info["chunks"]["train"] == {"done": len(markers) - 1, "total": len(markers)}
+    assert_clean_error(invoke(runner, ["distill", "--store", store_path, "--cache", out, "-o", tmp_path / "run9"]
+                              + TINY_STUDENT), "incomplete", "precompute")
+    # the same precompute command recomputes exactly that chunk; every other chunk file is left alone
+    before = _chunk_mtimes(out)
+    r = invoke(runner, ["precompute", "--store", store_path, "--teacher", teacher_path, "-o", out, "--top-k", "8",
+                        "--json"])
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.output)
+    assert res["complete"] is True and res["positions_computed"] == (w1 - w0 + 1) * st.seq_len
+    after = _chunk_mtimes(out)
+    changed = {k for k in after if after[k] != before.get(k)}
+    assert changed == {f"train/teacher_a/{n}/c/3/0/0" for n in ("ids", "logprobs", "tail_lse")}, changed
+    got = _all_arrays(LogitCache.open(out))
+    for k in ref:
+        np.testing.assert_array_equal(ref[k], got[k], err_msg=k)
+    r = invoke(runner, ["verify", out, "--quiet"])
+    assert r.exit_code == 0 and r.output.strip().endswith("OK"), r.output
+
+
+def test_overwritten_bytes_fail_the_checksum(tmp_path, runner, store_path, teacher_path):
+    out = tmp_path / "c"
+    _precompute(runner, store_path, [teacher_path], out, "--top-k", "8")
+    meta = json.loads((out / "train" / "teacher_a" / "logprobs" / "zarr.json").read_text())
+    assert [c["name"] for c in meta["codecs"]][-2:] == ["blosc", "crc32c"]
+    bad = _chunk_file(out, "train", "teacher_a", "logprobs", 1)
+    size = bad.stat().st_size
+    with open(bad, "r+b") as f:  # 64 bytes in the middle of the chunk, same file size
+        f.seek(size // 2)
+        f.write(bytes(64))
+    assert bad.stat().st_size == size
+    with pytest.raises(Exception, match="checksum mismatch.*cachekd verify"):
+        LogitCache.open(out).read_chunk("train", 1)
+    r = invoke(runner, ["verify", out, "--quiet", "--json"])
+    rep = json.loads(r.output)
+    assert r.exit_code == 1 and rep["damaged_chunks"] == {"train": [1]} and rep["checksums"] is True
+    assert any("teacher 'teacher_a': the logprobs data cannot be read (checksum mismatch)" in p for p in rep["problems"])
+
+
+def test_cache_without_checksums_still_reads(tmp_path, runner, store_path, teacher_path, monkeypatch):
+    from cachekd.cache import format as fmt
+    from cachekd.cache.reader import DamagedChunkError
+
+    new = _precompute(runner, store_path, [teacher_path], tmp_path / "new", "--top-k", "8")
+    monkeypatch.setattr(fmt, "CHECKSUM", False)  # arrays as written before the checksum existed
+    old_dir = tmp_path / "old"
+    old = _precompute(runner, store_path, [teacher_path], old_dir, "--top-k", "8")
+    monkeypatch.undo()
+    for name in ("ids", "logprobs", "tail_lse"):
+        meta = json.loads((old_dir / "train" / "teacher_a" / name / "zarr.json").read_text())
+        assert "crc32c" not in [c["name"] for c in meta["codecs"]]
+    a, b = _all_arrays(new), _all_arrays(LogitCache.open(old_dir))
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    assert old.has_checksums() is False and new.has_checksums() is True
+    r = invoke(runner, ["verify", old_dir, "--quiet"])
+    assert r.exit_code == 0 and "without checksums" in r.output and r.output.strip().endswith("OK"), r.output
+    assert json.loads(invoke(runner, ["info", old_dir, "--json"]).output)["checksums"] is False
+    # a truncated chunk of such a cache fails Blosc instead: the same clean error
+    os.truncate(_chunk_file(old_dir, "train", "teacher_a", "ids", 0), 100)
+    with pytest.raises(DamagedChunkError, match="ids data is corrupt or truncated"):
+        LogitCache.open(old_dir).read_chunk("train", 0)
+
+
+def test_verify_recompute_without_teacher_and_bad_counts(tmp_path, runner, store_path, teacher_path):
+    teacher = tmp_path / "t"
+    shutil.copytree(teacher_path, teacher)
+    out = tmp_path / "c"
+    _precompute(runner, store_path, [teacher], out, "--top-k", "8")
+    assert_clean_error(invoke(runner, ["verify", out, "--recompute", "-3"]), "--recompute", "-3")
+    shutil.rmtree(teacher)
+    r = invoke(runner, ["verify", out, "--quiet", "--recompute", "2"])
+    assert r.exit_code == 0 and r.output.strip().endswith("OK"), r.output
+    assert "skipped" in r.output and "no longer at" in r.output and "Traceback" not in r.output, r.output
+    # --repair refuses when precompute could not recompute the chunk: nothing is removed
+    os.truncate(_chunk_file(out, "train", "t", "tail_lse", 0), 10)
+    r = invoke(runner, ["verify", out, "--quiet", "--repair"])
+    assert r.exit_code == 1 and "repair refused" in r.output and "no longer at" in r.output, r.output
+    assert (out / "manifest.json").exists() and (out / "done" / "train" / "0000000.json").exists()
+
+
+def test_missing_done_marker_means_incomplete(tmp_path, runner, store_path, teacher_path):
+    out = tmp_path / "c"
+    _precompute(runner, store_path, [teacher_path], out, "--top-k", "4")
+    bytes_before = json.loads(invoke(runner, ["info", out, "--json"]).output)["bytes_on_disk"]
+    (out / "done" / "train" / "0000001.json").unlink()  # manifest still there
+    os.truncate(_chunk_file(out, "train", "teacher_a", "ids", 1), 50)
+    info = json.loads(invoke(runner, ["info", out, "--json"]).output)
+    assert info["complete"] is False and info["missing"] == {"manifest": False, "chunks_not_done": {"train": [1]}}
+    assert info["bytes_on_disk"] < bytes_before  # measured now, not copied from the manifest
+    text = invoke(runner, ["info", out]).output
+    assert re.search(r"complete +False\n", text) and "1 of " in text and "train chunks not done (1)" in text, text
+    with pytest.raises(Exception, match="incomplete"):
+        LogitCache.open(out)
+    # a part that does not hold the chunk leaves the cache incomplete (the old manifest does not count) ...
+    r = invoke(runner, ["precompute", "--store", store_path, "--teacher", teacher_path, "-o", out, "--top-k", "4",
+                        "--part", "1/2", "--json"])
+    assert r.exit_code == 0 and json.loads(r.output)["complete"] is False, r.output
+    # ... and the part that does completes it again
+    _precompute(runner, store_path, [teacher_path], out, "--top-k", "4", "--part", "2/2")
+    r = invoke(runner, ["verify", out, "--quiet"])
+    assert r.exit_code == 0, r.output
+
+
+def test_same_teacher_twice_is_refused(tmp_path, runner, store_path, teacher_path):
+    base = ["precompute", "--store", store_path, "--quiet", "--top-k", "4"]
+    r = invoke(runner, base + ["--teacher", teacher_path, "--teacher", f"other={teacher_path}", "-o", tmp_path / "o1"])
+    assert_clean_error(r, f"teacher 'other={teacher_path}' is the same checkpoint as teacher '{teacher_path}'",
+                       str(Path(teacher_path).resolve()), "pass each teacher once")
+    copy = tmp_path / "copy_of_a"
+    shutil.copytree(teacher_path, copy)
+    r = invoke(runner, base + ["--teacher", teacher_path, "--teacher", copy, "-o", tmp_path / "o2"])
+    assert_clean_error(r, "teacher_a", "copy_of_a", "same checkpoint", "identical")
+    assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()

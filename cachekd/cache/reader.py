@@ -35,26 +35,53 @@ class TeacherBlock:
         return TeacherBlock(*(None if a is None else a[rows] for a in (self.ids, self.logprobs, self.tail_lse, self.logits)))
 
 
+REPAIR_HINT = ("run `cachekd verify {path} --repair`, then re-run `cachekd precompute` with the same arguments "
+               "to recompute the damaged chunks")
+
+
+class DamagedChunkError(CachekdError):
+    """A chunk of a cache array that cannot be read or decoded (truncated, overwritten, checksum mismatch)."""
+
+    # (the keywords have defaults: torch's DataLoader re-raises a worker's exception as `type(e)(message)`)
+    def __init__(self, message: str, *, split: str = "", teacher: str = "", array: str = "", chunk: int | None = None,
+                 reason: str = ""):
+        super().__init__(message)
+        self.split, self.teacher, self.array, self.chunk, self.reason = split, teacher, array, chunk, reason
+
+
+def _reason(e: BaseException) -> str:
+    """A short description of a codec error (zarr and numcodecs raise ValueError/RuntimeError with their own text)."""
+    msg = str(e).lower()
+    if "checksum" in msg:
+        return "checksum mismatch"
+    if "decompress" in msg or "blosc" in msg or "zstd" in msg:
+        return "decompression failed"
+    return type(e).__name__
+
+
 class LogitCache:
-    def __init__(self, path: Path, meta: dict[str, Any], complete: bool):
+    def __init__(self, path: Path, meta: dict[str, Any], complete: bool, *, has_manifest: bool | None = None):
         self.path = Path(path)
         self.meta = meta
+        self.has_manifest = complete if has_manifest is None else has_manifest
         self.complete = complete
         self._arrays: dict[str, Any] = {}
 
     @classmethod
     def open(cls, path: str | Path, *, allow_incomplete: bool = False) -> "LogitCache":
+        """Open a cache. It is complete when manifest.json exists AND every chunk of every split is done; an
+        incomplete one is refused unless `allow_incomplete` (info, verify)."""
         p = Path(path)
         if not p.exists():
             raise CachekdError(f"cache {str(p)!r} does not exist; create it with `cachekd precompute`.")
         if (p / "manifest.json").exists():
-            meta, complete = read_json(p / "manifest.json"), True
+            meta, has_manifest = read_json(p / "manifest.json"), True
         elif (p / "plan.json").exists():
             if not allow_incomplete:
                 raise CachekdError(
                     f"cache {str(p)!r} is incomplete; run the same `cachekd precompute` command again to finish it."
                 )
-            meta, complete = read_json(p / "plan.json"), False
+            meta, has_manifest = read_json(p / "plan.json"), False
         else:
             raise CachekdError(f"{str(p)!r} is not a logit cache (no manifest.json); create one with `cachekd precompute`.")
         if meta.get("format") != fmt.FORMAT:
@@ -64,7 +91,14 @@ class LogitCache:
                 f"cache {str(p)!r} has format version {meta.get('format_version')}; this cachekd reads "
                 f"{fmt.FORMAT_VERSION}. Run precompute again."
             )
-        return cls(p, meta, complete)
+        cache = cls(p, meta, False, has_manifest=has_manifest)
+        cache.complete = has_manifest and not any(cache.pending_chunks().values())
+        if not cache.complete and not allow_incomplete:
+            raise CachekdError(
+                f"cache {str(p)!r} is incomplete ({cache.describe_missing()}); run the same `cachekd precompute` "
+                f"command again to finish it."
+            )
+        return cache
 
     # --- facts
     @property
@@ -147,28 +181,72 @@ class LogitCache:
         if key not in self._arrays:
             import zarr
 
-            self._arrays[key] = zarr.open_array(str(self.path / key), mode="r")
+            try:
+                self._arrays[key] = zarr.open_array(str(self.path / key), mode="r")
+            except (PermissionError, MemoryError):
+                raise
+            except Exception as e:  # missing or unparsable zarr.json
+                raise CachekdError(
+                    f"the {name} array of teacher {teacher!r} ({split} split) in cache {str(self.path)!r} cannot be "
+                    f"opened ({type(e).__name__}: its zarr.json is missing or damaged); rebuild the cache with the "
+                    f"same `cachekd precompute` command plus --force."
+                ) from e
         return self._arrays[key]
 
+    def _read_array(self, split: str, teacher: str, name: str, start: int, stop: int) -> np.ndarray:
+        """Windows [start, stop) of one array; a chunk that cannot be read or decoded is a DamagedChunkError
+        naming the split, teacher, array, chunk and windows, and saying how to repair it."""
+        arr = self._array(split, teacher, name)
+        try:
+            return arr[start:stop]
+        except (PermissionError, MemoryError):
+            raise  # not damage: the CLI reports these as they are
+        except Exception as e:  # codecs raise ValueError/RuntimeError/... with their own text
+            cw = self.chunk_windows
+            chunk, a, b = None, start, stop
+            for c in range(start // cw, (max(stop, start + 1) - 1) // cw + 1):  # which chunk: probe them one by one
+                lo, hi = max(start, c * cw), min(stop, (c + 1) * cw)
+                try:
+                    arr[lo:hi]
+                except Exception:  # noqa: BLE001 - any failure marks the damaged chunk
+                    chunk, a, b = c, lo, hi
+                    break
+            where = f"chunk {chunk} (windows {a} to {b - 1})" if chunk is not None else f"windows {a} to {b - 1}"
+            reason = _reason(e)
+            raise DamagedChunkError(
+                f"the {split} split's {where} of teacher {teacher!r} in cache {str(self.path)!r} cannot be read: its "
+                f"{name} data is corrupt or truncated ({reason}); " + REPAIR_HINT.format(path=self.path),
+                split=split, teacher=teacher, array=name, chunk=chunk, reason=reason,
+            ) from e
+
     def read(self, split: str, start: int, stop: int, teachers: Sequence[str] | None = None) -> dict[str, TeacherBlock]:
-        """Decoded outputs of windows [start, stop) for each teacher."""
+        """Decoded outputs of windows [start, stop) for each teacher. Raises DamagedChunkError (a CachekdError)
+        for a chunk that cannot be read or decoded."""
         if split not in self.meta["splits"]:
             raise CachekdError(f"the cache has no {split!r} split (it has {', '.join(self.splits())}).")
         out = {}
         for t in self.select_teachers(teachers):
+            def get(name: str, t: str = t) -> np.ndarray:
+                return self._read_array(split, t, name, start, stop)
+
             if self.mode == "full":
-                out[t] = TeacherBlock(logits=self._array(split, t, "logits")[start:stop])
+                out[t] = TeacherBlock(logits=get("logits"))
             else:
                 out[t] = TeacherBlock(
-                    ids=fmt.decode_ids(self._array(split, t, "ids")[start:stop]),
-                    logprobs=fmt.decode_logprobs(self._array(split, t, "logprobs")[start:stop], fmt.logprob_scale(self.meta)),
-                    tail_lse=fmt.decode_tail(self._array(split, t, "tail_lse")[start:stop]),
+                    ids=fmt.decode_ids(get("ids")),
+                    logprobs=fmt.decode_logprobs(get("logprobs"), fmt.logprob_scale(self.meta)),
+                    tail_lse=fmt.decode_tail(get("tail_lse")),
                 )
         return out
 
     def read_chunk(self, split: str, chunk: int, teachers: Sequence[str] | None = None) -> dict[str, TeacherBlock]:
+        start, stop = self.chunk_range(split, chunk)
+        return self.read(split, start, stop, teachers)
+
+    def chunk_range(self, split: str, chunk: int) -> tuple[int, int]:
+        """Windows [start, stop) of a chunk."""
         cw = self.chunk_windows
-        return self.read(split, chunk * cw, min((chunk + 1) * cw, self.num_windows(split)), teachers)
+        return chunk * cw, min((chunk + 1) * cw, self.num_windows(split))
 
     def num_chunks(self, split: str) -> int:
         return math.ceil(self.num_windows(split) / self.chunk_windows)
@@ -177,37 +255,105 @@ class LogitCache:
         d = self.path / "done" / split
         return sorted(int(p.stem) for p in d.glob("*.json")) if d.exists() else []
 
+    def pending_chunks(self) -> dict[str, list[int]]:
+        """Chunks without a done-marker, per split."""
+        out = {}
+        for s in self.splits():
+            done = set(self.done_chunks(s))
+            out[s] = [c for c in range(self.num_chunks(s)) if c not in done]
+        return out
+
+    def describe_missing(self) -> str:
+        """What keeps the cache from being complete, in words ('' when it is complete)."""
+        return _describe_missing({s: p for s, p in self.pending_chunks().items() if p},
+                                 {s: self.num_chunks(s) for s in self.splits()}, not self.has_manifest)
+
+    def has_checksums(self) -> bool | None:
+        """Whether every array stores a crc32c checksum per chunk (False for caches written before checksums;
+        None when an array cannot be opened)."""
+        try:
+            return all(fmt.has_checksum(self._array(s, t, name))
+                       for s in self.splits() for t in self.teachers for name in fmt.array_names(self.mode))
+        except CachekdError:
+            return None
+
     # --- summary
     def summary(self) -> dict[str, Any]:
+        """What the cache holds, as plain JSON values (`cachekd info --json`); `summary_text` formats it."""
         m = self.meta
+        pending = self.pending_chunks()
+        out: dict[str, Any] = {"kind": "logit cache", "path": str(self.path), "complete": self.complete}
+        if not self.complete:
+            out["missing"] = {"manifest": not self.has_manifest,
+                              "chunks_not_done": {s: p for s, p in pending.items() if p}}
+        nbytes = fmt.data_bytes(self.path)
         positions = {s: n * self.seq_len for s, n in m["splits"].items()}
-        done = {s: f"{len(self.done_chunks(s))}/{self.num_chunks(s)} chunks" for s in m["splits"]}
-        out: dict[str, Any] = {
-            "kind": "logit cache",
-            "path": str(self.path),
-            "complete": self.complete,
+        out.update({
             "mode": m["mode"],
             "k": m["k"],
-            "temperatures": ", ".join(f"{t:g}" for t in m["temperatures"]) or "-",
+            "temperatures": [float(t) for t in m["temperatures"]],
             "vocab_size": self.vocab_size,
             "seq_len": self.seq_len,
             "windows": {s: n for s, n in m["splits"].items()},
             "positions": positions,
-            "chunks_done": done,
-            "teachers": {
-                t["name"]: f"{t['model_type']}, {t['num_params'] / 1e6:.2f}M params, {t['path']}"
-                + (f" ({t['padded_logits_dropped']} padded logits dropped)" if t.get("padded_logits_dropped") else "")
+            "chunks": {s: {"done": self.num_chunks(s) - len(pending[s]), "total": self.num_chunks(s)}
+                       for s in m["splits"]},
+            "teachers": [
+                {"name": t["name"], "model_type": t["model_type"], "num_params": t["num_params"], "path": t["path"],
+                 "fingerprint": t.get("fingerprint"), "model_vocab_size": t.get("model_vocab_size"),
+                 "padded_logits_dropped": t.get("padded_logits_dropped", 0)}
                 for t in m["teachers"]
-            },
-        }
+            ],
+            "checksums": self.has_checksums(),
+            "bytes_on_disk": nbytes,
+        })
         if self.complete:
-            out["bytes_on_disk"] = m["bytes_on_disk"]
-            out["bytes_per_position"] = round(m["bytes_per_position"], 2)
-            for split, per_teacher in m["stats"].items():
-                for t, s in per_teacher.items():
-                    row = {"entropy_mean": round(s["entropy_mean"], 4), "entropy_min": round(s["entropy_min"], 4),
-                           "entropy_max": round(s["entropy_max"], 4)}
-                    for tau, v in s.get("mean_topk_mass", {}).items():
-                        row[f"topk_mass@tau={float(tau):g}"] = round(v, 5)
-                    out.setdefault("teacher_stats", {})[f"{split}/{t}"] = row
+            out["bytes_per_position"] = round(nbytes / max(sum(positions.values()), 1), 2)
+        for split, per_teacher in m.get("stats", {}).items():
+            for t, s in per_teacher.items():
+                row = {"entropy_mean": round(s["entropy_mean"], 4), "entropy_min": round(s["entropy_min"], 4),
+                       "entropy_max": round(s["entropy_max"], 4)}
+                for tau, v in s.get("mean_topk_mass", {}).items():
+                    row[f"topk_mass@tau={float(tau):g}"] = round(v, 5)
+                out.setdefault("teacher_stats", {})[f"{split}/{t}"] = row
         return out
+
+
+def summary_text(s: dict[str, Any]) -> dict[str, Any]:
+    """`LogitCache.summary()` as the strings `cachekd info` prints."""
+    out: dict[str, Any] = {"kind": s["kind"], "path": s["path"], "complete": s["complete"]}
+    if "missing" in s:
+        miss = s["missing"]
+        out["missing"] = (_describe_missing(miss["chunks_not_done"], {sp: c["total"] for sp, c in s["chunks"].items()},
+                                            miss["manifest"]) + " (run the same `cachekd precompute` command again)")
+    out.update({
+        "mode": s["mode"],
+        "k": "full logits" if s["mode"] == "full" else s["k"],
+        "temperatures": ", ".join(f"{t:g}" for t in s["temperatures"]) or "-",
+        "vocab_size": s["vocab_size"],
+        "seq_len": s["seq_len"],
+        "windows": s["windows"],
+        "positions": s["positions"],
+        "chunks_done": {sp: f"{c['done']}/{c['total']} chunks" for sp, c in s["chunks"].items()},
+        "teachers": {
+            t["name"]: f"{t['model_type']}, {t['num_params'] / 1e6:.2f}M params, {t['path']}"
+            + (f" ({t['padded_logits_dropped']} padded logits dropped)" if t.get("padded_logits_dropped") else "")
+            for t in s["teachers"]
+        },
+        "checksums": {True: "crc32c per chunk", False: "none (written before checksums were added)",
+                      None: "unknown (an array cannot be opened)"}[s["checksums"]],
+        "bytes_on_disk": s["bytes_on_disk"],
+    })
+    if "bytes_per_position" in s:
+        out["bytes_per_position"] = s["bytes_per_position"]
+    if "teacher_stats" in s:
+        out["teacher_stats"] = s["teacher_stats"]
+    return out
+
+
+def _describe_missing(not_done: dict[str, list[int]], totals: dict[str, int], no_manifest: bool) -> str:
+    parts = [f"{len(p)} of {totals[sp]} {sp} chunks not done ({', '.join(str(c) for c in p[:10])}"
+             f"{', ...' if len(p) > 10 else ''})" for sp, p in not_done.items() if p]
+    if no_manifest:
+        parts.append("no manifest.json")
+    return "; ".join(parts)

@@ -1,38 +1,50 @@
-"""`cachekd verify`: every chunk present, readable and finite, ids valid, fingerprints matching; optional recompute."""
+"""`cachekd verify`: every chunk present, readable (checksums match) and finite, ids valid, fingerprints matching;
+optional recompute; `--repair` marks the damaged chunks for recomputation by the same precompute command."""
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from cachekd.cache.reader import LogitCache
+from cachekd.cache.reader import REPAIR_HINT, DamagedChunkError, LogitCache
 from cachekd.errors import CachekdError
 
 
 def verify_cache(path: str | Path, *, store_path: str | Path | None = None, recompute: int = 0, seed: int = 0,
-                 progress: bool = True) -> dict[str, Any]:
+                 repair: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Check every chunk of a cache. Returns a report: `problems` (sentences), `damaged_chunks` ({split: [chunk]}:
+    unreadable, checksum mismatch, non-finite, ids out of range or repeated, bad tail_lse), `ok`, and with
+    `repair` the chunks whose done-markers were removed (with manifest.json) so precompute recomputes them."""
     from tqdm.auto import tqdm
 
     from cachekd.tokens import TokenStore
 
     cache = LogitCache.open(path, allow_incomplete=True)
     problems: list[str] = []
+    hint = "" if repair else "; " + REPAIR_HINT.format(path=cache.path)
     if not cache.complete:
-        problems.append("the cache is incomplete (no manifest); run the same precompute command again")
+        problems.append(f"the cache is incomplete ({cache.describe_missing()}); run the same precompute command again "
+                        f"to finish it")
     sp = Path(store_path) if store_path else Path(cache.meta["token_store"]["path"])
-    store = None
+    store, store_problem = None, None
     if sp.exists():
         store = TokenStore.open(sp)
         try:
             cache.check_store(store)
         except CachekdError as e:
-            problems.append(str(e))
+            store_problem = str(e)
     else:
-        problems.append(f"the token store {str(sp)!r} recorded in the cache is not there to check against (pass --store)")
+        store_problem = (f"the token store {str(sp)!r} recorded in the cache is not there to check against "
+                         f"(pass --store)")
+    if store_problem:
+        problems.append(store_problem)
     V, checked = cache.vocab_size, 0
     total = sum(cache.num_chunks(s) for s in cache.splits())
+    damaged: dict[tuple[str, int], list[str]] = {}
+    unopenable: dict[str, str] = {}  # split/teacher -> why its arrays cannot be opened (reported once)
     with tqdm(total=total, desc="verify", unit="chunk", disable=not progress) as bar:
         for split in cache.splits():
             done = set(cache.done_chunks(split))
@@ -41,39 +53,113 @@ def verify_cache(path: str | Path, *, store_path: str | Path | None = None, reco
                 if c not in done:
                     problems.append(f"{split} chunk {c} is not done")
                     continue
-                try:
-                    blocks = cache.read_chunk(split, c)
-                except Exception as e:  # noqa: BLE001 - a corrupt chunk raises codec-specific errors
-                    problems.append(f"{split} chunk {c} cannot be read ({type(e).__name__}); it may be corrupt")
-                    continue
-                for t, b in blocks.items():
+                found: list[str] = []
+                for t in cache.teachers:
                     where = f"{split} chunk {c}, teacher {t!r}"
+                    if f"{split}/{t}" in unopenable:
+                        continue
+                    try:
+                        b = cache.read_chunk(split, c, [t])[t]
+                    except DamagedChunkError as e:
+                        found.append(f"{where}: the {e.array} data cannot be read ({e.reason})")
+                        continue
+                    except CachekdError as e:  # an array's zarr.json: not a chunk that precompute can redo
+                        unopenable[f"{split}/{t}"] = str(e)
+                        continue
                     if b.logits is not None:
                         if not np.isfinite(b.logits).all():
-                            problems.append(f"{where}: non-finite logits")
+                            found.append(f"{where}: non-finite logits")
                         continue
                     if b.ids.min() < 0 or b.ids.max() >= V:
-                        problems.append(f"{where}: token ids outside [0, {V})")
+                        found.append(f"{where}: token ids outside [0, {V})")
                     if b.ids.shape[-1] > 1 and not (np.diff(b.ids, axis=-1) > 0).all():
-                        problems.append(f"{where}: repeated token ids within a position")
+                        found.append(f"{where}: repeated token ids within a position")
                     if np.isnan(b.tail_lse).any() or np.isposinf(b.tail_lse).any():
-                        problems.append(f"{where}: NaN or +inf in tail_lse")
+                        found.append(f"{where}: NaN or +inf in tail_lse")
                     if cache.k < V and np.isneginf(b.tail_lse).any():
-                        problems.append(f"{where}: tail_lse is -inf although k < V")
+                        found.append(f"{where}: tail_lse is -inf although k < V")
+                if found:
+                    damaged[(split, c)] = found
+                    problems.extend(f + hint for f in found)
                 checked += 1
-    report: dict[str, Any] = {"cache": str(cache.path), "chunks_checked": checked, "chunks_total": total}
+    problems.extend(unopenable.values())
+    report: dict[str, Any] = {"cache": str(cache.path), "chunks_checked": checked, "chunks_total": total,
+                              "checksums": cache.has_checksums()}
     if recompute:
         if store is None:
             problems.append("cannot --recompute without the token store")
         else:
             report["recompute"] = recompute_windows(cache, store, recompute, seed)
+    report["damaged_chunks"] = _by_split(damaged)
+    if repair:
+        report["repair"] = repair_chunks(cache, sorted(damaged), store_problem)
     report["problems"] = problems
     report["ok"] = not problems
     return report
 
 
+def _by_split(chunks) -> dict[str, list[int]]:
+    out: dict[str, list[int]] = {}
+    for split, c in sorted(chunks):
+        out.setdefault(split, []).append(c)
+    return out
+
+
+def repair_chunks(cache: LogitCache, chunks: list[tuple[str, int]], store_problem: str | None) -> dict[str, Any]:
+    """Remove the done-markers of damaged `chunks` and manifest.json, so that re-running precompute with the same
+    arguments recomputes exactly those chunks. Refused (nothing changed) when precompute could not run: a teacher
+    checkpoint or the token store is missing or changed."""
+    from cachekd.cache import writer as cw
+    from cachekd.models import checkpoint_fingerprint
+
+    if not chunks:
+        return {"marked_for_recompute": {}, "next": "nothing to repair"}
+    blockers = []
+    if store_problem:
+        blockers.append(store_problem)
+    for t in cache.meta["teachers"]:
+        p = Path(t["path"])
+        if not p.exists():
+            blockers.append(f"teacher {t['name']!r} is no longer at {str(p)!r}")
+        elif checkpoint_fingerprint(p) != t["fingerprint"]:
+            blockers.append(f"teacher {t['name']!r} at {str(p)!r} changed since the cache was built")
+    if blockers:
+        return {"marked_for_recompute": {}, "refused": (
+            "; ".join(blockers) + ", so precompute could not recompute the damaged chunks; nothing was changed: "
+            "restore the teacher checkpoints and the token store the cache was built from, then run "
+            f"`cachekd verify {cache.path} --repair` again")}
+    removed = cw.mark_for_recompute(cache.path, chunks)
+    return {"marked_for_recompute": _by_split(removed),
+            "next": (f"re-run `cachekd precompute` with the same arguments as the run that built {str(cache.path)!r}; "
+                     f"it recomputes only these {len(removed)} chunk(s), then `cachekd verify {cache.path}`"),
+            "command": precompute_command(cache)}
+
+
+def precompute_command(cache: LogitCache) -> str:
+    """The precompute command line that recreates this cache's plan (its identity: store, teachers by name and
+    path, k or --full, temperatures, splits, logprob step)."""
+    m = cache.meta
+    q = shlex.quote
+    args = ["cachekd", "precompute", "--store", q(m["token_store"]["path"])]
+    for t in m["teachers"]:
+        args += ["--teacher", q(f"{t['name']}={t['path']}")]
+    args += ["-o", q(str(cache.path))]
+    if m["mode"] == "full":
+        args.append("--full")
+    else:
+        args += ["--top-k", str(m["k"])]
+        temps = [f"{t:g}" if float(f"{t:g}") == t else repr(float(t)) for t in m["temperatures"]]
+        args += ["--temperatures", ",".join(temps)]
+    args += ["--splits", ",".join(m["splits"])]
+    scale = float(m.get("encoding", {}).get("logprob_scale", 512.0))
+    if scale != 512.0:
+        args += ["--logprob-step", repr(1.0 / scale)]
+    return " ".join(args)
+
+
 def recompute_windows(cache: LogitCache, store, n: int, seed: int) -> dict[str, Any]:
-    """Re-run each teacher (float32, CPU) on n random train windows; largest differences to the cache."""
+    """Re-run each teacher (float32, CPU) on n random train windows; largest differences to the cache. A teacher
+    that cannot be loaded (deleted, changed) or whose windows cannot be read is reported as skipped, with why."""
     import torch
 
     from cachekd.models import checkpoint_fingerprint, load_model
@@ -85,15 +171,19 @@ def recompute_windows(cache: LogitCache, store, n: int, seed: int) -> dict[str, 
     out: dict[str, Any] = {"split": split, "windows": len(rows)}
     for info in cache.meta["teachers"]:
         path = Path(info["path"])
-        if not path.exists():
-            raise CachekdError(f"teacher {info['name']!r} is no longer at {str(path)!r}; cannot recompute.")
-        if checkpoint_fingerprint(path) != info["fingerprint"]:
-            raise CachekdError(f"teacher {info['name']!r} at {str(path)!r} changed since the cache was built.")
-        model = load_model(path).eval()
+        try:
+            if not path.exists():
+                raise CachekdError(f"teacher {info['name']!r} is no longer at {str(path)!r}")
+            if checkpoint_fingerprint(path) != info["fingerprint"]:
+                raise CachekdError(f"teacher {info['name']!r} at {str(path)!r} changed since the cache was built")
+            model = load_model(path).eval()
+            blocks = [cache.read(split, int(r), int(r) + 1, [info["name"]])[info["name"]] for r in rows]
+        except CachekdError as e:
+            out[info["name"]] = {"skipped": str(e).rstrip(".")}
+            continue
         x = torch.from_numpy(np.stack([store.read(split, r, r + 1)[0] for r in rows]).astype(np.int64))
         with torch.inference_mode():
             logits = model(input_ids=x).logits
-        blocks = [cache.read(split, int(r), int(r) + 1, [info["name"]])[info["name"]] for r in rows]
         if cache.mode == "full":
             fresh, _ = teacher_targets(logits, cache.vocab_size, None, [])
             got = np.concatenate([b.logits for b in blocks]).astype(np.float32)

@@ -145,6 +145,22 @@ class ChunkWriter:
         mark_done(self.root, split, chunk, stats)
 
 
+def mark_for_recompute(root: Path, chunks: list[tuple[str, int]]) -> list[tuple[str, int]]:
+    """Remove manifest.json and the done-markers of `chunks` (split, chunk), so that the cache reads as
+    incomplete and the same precompute command recomputes exactly these chunks, then writes a new manifest.
+    The chunks' data stays until precompute overwrites it. Returns the chunks whose marker was removed."""
+    root = Path(root)
+    removed = []
+    with _lock(root):
+        (root / "manifest.json").unlink(missing_ok=True)  # first: a cache without it never reads as complete
+        for split, chunk in chunks:
+            p = fmt.done_path(root, split, chunk)
+            if p.exists():
+                p.unlink()
+                removed.append((split, chunk))
+    return removed
+
+
 def pending_chunks(root: Path, split: str, num_chunks: int) -> list[int]:
     done_dir = Path(root) / "done" / split
     done = {int(p.stem) for p in done_dir.glob("*.json")} if done_dir.exists() else set()
@@ -157,17 +173,16 @@ def finalize(root: Path, plan: dict[str, Any]) -> dict[str, Any] | None:
 
     root = Path(root)
     with _lock(root):
+        cw = plan["token_store"]["chunk_windows"]
+        num_chunks = {split: math.ceil(n / cw) for split, n in plan["splits"].items()}
+        if any(pending_chunks(root, split, n) for split, n in num_chunks.items()):
+            return None  # (a manifest left beside a chunk that is not done does not make the cache complete)
         if (root / "manifest.json").exists():
             return read_json(root / "manifest.json")
-        cw = plan["token_store"]["chunk_windows"]
         stats: dict[str, Any] = {}
-        for split, num_windows in plan["splits"].items():
-            num_chunks = math.ceil(num_windows / cw)
-            if pending_chunks(root, split, num_chunks):
-                return None
-            per_chunk = [read_json(fmt.done_path(root, split, c)) for c in range(num_chunks)]
-            stats[split] = _merge_stats(per_chunk)
-        nbytes = sum(f.stat().st_size for f in root.rglob("*") if f.is_file() and "done" not in f.parts)
+        for split, n in num_chunks.items():
+            stats[split] = _merge_stats([read_json(fmt.done_path(root, split, c)) for c in range(n)])
+        nbytes = fmt.data_bytes(root)
         positions = sum(plan["splits"].values()) * plan["token_store"]["seq_len"]
         manifest = dict(plan)
         manifest.update({
