@@ -11,6 +11,7 @@ import glob
 import json
 import os
 import re
+import sys
 import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
@@ -191,7 +192,8 @@ def train_bpe_tokenizer(texts: Iterator[str], vocab_size: int, *, show_progress:
         vocab_size=vocab_size,
         special_tokens=list(SPECIAL_TOKENS),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=show_progress,
+        # the Rust progress bar writes to stdout: only onto a terminal, never into piped output (blank lines)
+        show_progress=show_progress and sys.stdout.isatty(),
         min_frequency=2,
     )
     tok.train_from_iterator(texts, trainer=trainer, length=length)

@@ -17,7 +17,7 @@ from cachekd_cli.main import cli
               help="What one document is in plain text files.")
 @click.option("--clean/--no-clean", default=False, show_default=True,
               help="Light cleaning: Unicode NFC, collapse spaces, strip lines, drop empty lines.")
-@click.option("--dev-fraction", default=0.05, show_default=True, type=float, help="Share of documents held out for dev (0: none).")
+@click.option("--dev-fraction", default=0.05, show_default=True, type=float, help="Share of each source's documents held out for dev (0: none); a note says when the dev share of tokens differs much from it.")
 @click.option("--dev-mode", type=click.Choice(["tail", "docs"]), default="tail", show_default=True,
               help="tail: the last documents of each source file; docs: a seeded random choice of documents.")
 @click.option("--seed", default=0, show_default=True, type=int)
@@ -52,6 +52,17 @@ def prepare_command(inputs, output, seq_len, vocab_size, tokenizer, text_column,
             f"text has too few pairs that occur at least twice; models built on this store use {summary['vocab_size']}.",
             err=True,
         )
+    splits = summary.get("splits", {})
+    if built and dev_fraction > 0 and "dev" in splits:
+        dev_tokens = splits["dev"]["num_tokens"]
+        share = dev_tokens / max(dev_tokens + splits["train"]["num_tokens"], 1)
+        if share > 2 * dev_fraction or share < dev_fraction / 2:
+            click.echo(
+                f"note: the dev split holds {share:.0%} of the tokens, while --dev-fraction {dev_fraction:g} holds out "
+                f"that share of each file's documents: the documents differ much in size. Cut the text into smaller "
+                f"documents (--doc-sep line) or pick the share to match, then prepare again with --force.",
+                err=True,
+            )
     if as_json:
         echo_json(summary)
         return

@@ -180,3 +180,34 @@ def test_smaller_vocabulary_than_asked_is_reported(tmp_path, runner, corpus):
     # asked-for size reached (or a given tokenizer): nothing to report
     r = invoke(runner, ["prepare", corpus, "-o", tmp_path / "t", "--vocab-size", "300", "--seq-len", "16", "--json"])
     assert "vocab_size_requested" not in json.loads(r.stdout) and "learned" not in r.stderr
+
+
+def test_uneven_documents_dev_share_is_reported(tmp_path, runner):
+    """--dev-fraction holds out a share of each file's documents; when one huge last document makes the dev split
+    hold far more of the tokens than asked, prepare says so (stderr) and still builds the store."""
+    src = write_corpus(tmp_path / "a.txt", num_docs=40)
+    with open(src, "a") as f:  # the last document (dev in --dev-mode tail) is as long as all others together
+        f.write("\n".join(" ".join(["the", "cat", "sat", "."] * 8) for _ in range(120)) + "\n")
+    r = invoke(runner, ["prepare", src, "-o", tmp_path / "s", "--vocab-size", "300", "--seq-len", "16",
+                        "--dev-fraction", "0.02", "--json"])
+    assert r.exit_code == 0, r.output
+    s = json.loads(r.stdout)["splits"]
+    assert s["dev"]["num_tokens"] > s["train"]["num_tokens"] * 0.1
+    assert "dev split holds" in r.stderr and "--doc-sep line" in r.stderr
+    # an even corpus: no note
+    r = invoke(runner, ["prepare", write_corpus(tmp_path / "b.txt"), "-o", tmp_path / "t", "--vocab-size", "300",
+                        "--seq-len", "16", "--dev-fraction", "0.1", "--json"])
+    assert r.exit_code == 0 and "dev split holds" not in r.stderr
+
+
+def test_written_files_have_the_usual_mode(tmp_path):
+    """Atomically written files (manifests, configs, summaries) get the mode open() would give, not mkstemp's
+    owner-only 0600."""
+    import os
+
+    from cachekd.io import atomic_write_json
+
+    mask = os.umask(0o022)
+    os.umask(mask)
+    atomic_write_json(tmp_path / "m.json", {"a": 1})
+    assert (tmp_path / "m.json").stat().st_mode & 0o777 == 0o666 & ~mask
