@@ -2,11 +2,14 @@
 
 A run directory is what `cachekd train` / `cachekd distill` write: ``summary.json`` (written at the end),
 ``metrics.jsonl`` (one JSON object a line: ``"kind": "train"`` and ``"kind": "dev"`` lines) and, after
-`cachekd eval`, ``eval.json``. A run still in progress (no ``summary.json`` yet) is compared from its metrics.
+`cachekd eval`, ``eval.json``. A run without ``summary.json`` is compared from its metrics; it is ``(running)``
+when a live process trains it (its ``running.json`` names a process that still exists) and ``(unfinished)``
+otherwise (stopped, crashed or killed: `--resume` continues it).
 
-Dev loss in the table comes from ``eval.json`` when `cachekd eval` was run with a token store (column
-``dev_from`` = ``eval``), else from the run's summary or last dev line (``train``): the trainer may evaluate on
-part of the dev split only, so compare runs whose ``dev_from`` agree.
+Dev loss in the table comes from ``eval.json`` when `cachekd eval` measured the whole dev split (column
+``dev_from`` = ``eval``), else from the run's summary or last dev line (``train``: the trainer scores the first
+``data.eval_windows`` dev windows), else from an `cachekd eval --max-windows N` on the dev split
+(``eval:firstN``). Losses on the train split are never used. Compare runs whose ``dev_from`` agree.
 """
 
 from __future__ import annotations
@@ -14,6 +17,9 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
+import socket
+import time
 from pathlib import Path
 from typing import Any
 
@@ -64,10 +70,45 @@ def load_run(run_dir: str | Path) -> dict[str, Any]:
         "dir": d,
         "summary": summary,
         "complete": summary_path.exists(),
+        "running": not summary_path.exists() and is_running(d),
         "train": [m for m in metrics if m.get("kind") == "train"],
         "dev": [m for m in metrics if m.get("kind") == "dev"],
         "eval": load_eval(d),
     }
+
+
+LIVE_METRICS_S = 600.0
+"""A run trained on another machine counts as running while its metrics.jsonl changed this recently."""
+
+
+def is_running(run_dir: str | Path) -> bool:
+    """Whether a process is training this run now: its ``running.json`` (written by the trainer, removed when it
+    stops) names a live process on this machine, or, from another machine, its metrics changed in the last
+    LIVE_METRICS_S seconds. A crashed or killed run leaves a stale file: its process is gone."""
+    d = Path(run_dir)
+    try:
+        info = json.loads((d / "running.json").read_text())
+        pid, host = int(info["pid"]), str(info["host"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    if host != socket.gethostname():
+        try:
+            return time.time() - (d / "metrics.jsonl").stat().st_mtime < LIVE_METRICS_S
+        except OSError:
+            return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    except OSError:
+        return False
+    return True
+
+
+def _state(run: dict[str, Any]) -> str:
+    return "complete" if run["complete"] else "running" if run.get("running") else "unfinished"
 
 
 def _num(v: Any) -> float | None:
@@ -86,20 +127,29 @@ def run_row(run: dict[str, Any], name: str) -> dict[str, Any]:
     last = train[-1] if train else {}
     row: dict[str, Any] = {
         "run": name,
-        "mode": s.get("mode") or ("(running)" if not run["complete"] else None),
+        "mode": s.get("mode") or (f"({_state(run)})" if not run["complete"] else None),
         "objective": s.get("objective"),
         "steps": s.get("steps", last.get("step")),
         "tokens": s.get("tokens", last.get("tokens")),
         "wall_s": _num(s.get("wall_s", last.get("wall_s"))),
         "num_params": s.get("num_params", ev.get("num_params")),
     }
+    from cachekd.evaluate import full_dev_loss, loss_key
+
     dev_loss, source = None, None
-    if isinstance(ev.get("dev"), dict) and _num(ev["dev"].get("loss")) is not None:
-        dev_loss, source = _num(ev["dev"]["loss"]), "eval"
+    full = full_dev_loss(ev)
+    partial = [e for e in (ev.get("losses") or {}).values()
+               if isinstance(e, dict) and e.get("split", "dev") == "dev" and _num(e.get("loss")) is not None]
+    if full is not None and _num(full.get("loss")) is not None:
+        dev_loss, source = _num(full["loss"]), "eval"
     elif _num(s.get("final_dev_loss")) is not None:
         dev_loss, source = _num(s["final_dev_loss"]), "train"
     elif dev and _num(dev[-1].get("dev_loss")) is not None:
         dev_loss, source = _num(dev[-1]["dev_loss"]), "train"
+    elif partial:  # only a quick `cachekd eval --max-windows N` on the dev split: say so
+        best = max(partial, key=lambda e: e.get("num_windows") or 0)
+        dev_loss, source = _num(best["loss"]), loss_key(best)
+        source = "eval:" + source.split(":", 1)[1] if ":" in source else "eval"
     row["dev_loss"] = dev_loss
     row["dev_ppl"] = math.exp(dev_loss) if dev_loss is not None and dev_loss < 700 else None
     row["dev_from"] = source
@@ -119,6 +169,10 @@ def _unique_names(runs: list[dict[str, Any]]) -> list[str]:
     return names
 
 
+OUTPUT_FILES = ("compare.md", "compare.csv", "curves.png", "accuracy_by_group.png")
+"""What `compare_runs` writes into its output directory (an earlier comparison's files are replaced)."""
+
+
 def default_out_dir(run_dirs: list[str | Path]) -> Path:
     """``<common parent>/compare`` when the runs share a parent directory, else ``./compare``."""
     parents = {Path(d).resolve().parent for d in run_dirs}
@@ -127,7 +181,9 @@ def default_out_dir(run_dirs: list[str | Path]) -> Path:
 
 def compare_runs(run_dirs: list[str | Path], out_dir: str | Path | None = None) -> dict[str, Any]:
     """Read each run, write ``compare.md``, ``compare.csv``, ``curves.png`` and (when any run has minimal-pair
-    results in eval.json) ``accuracy_by_group.png`` into `out_dir`. Returns ``{"rows", "columns", "files"}``."""
+    results in eval.json) ``accuracy_by_group.png`` into `out_dir`. Returns ``{"rows", "columns", "files", "out",
+    "replaced"}``; ``replaced`` names the files of an earlier comparison in `out_dir` that this one replaced (or, for
+    a stale accuracy plot, removed)."""
     from cachekd.io import atomic_write_bytes
     from cachekd.report import markdown_table
 
@@ -144,6 +200,7 @@ def compare_runs(run_dirs: list[str | Path], out_dir: str | Path | None = None) 
     columns = BASE_COLUMNS + groups
     out = Path(out_dir) if out_dir is not None else default_out_dir(run_dirs)
     out.mkdir(parents=True, exist_ok=True)
+    replaced = [n for n in OUTPUT_FILES if (out / n).exists()]
 
     files: dict[str, str | None] = {}
     curves = out / "curves.png"
@@ -159,14 +216,17 @@ def compare_runs(run_dirs: list[str | Path], out_dir: str | Path | None = None) 
 
     lines = ["# Run comparison", "", markdown_table(rows, columns)]
     lines += [
-        "`dev_from`: `eval` = `cachekd eval` on a token store (eval.json), `train` = the trainer's own dev loss. "
-        "`mp_macro_acc`: mean minimal-pair accuracy over phenomena; `acc:<group>`: mean over a group's phenomena.",
+        "`dev_from`: `eval` = `cachekd eval` over the whole dev split (eval.json), `train` = the trainer's own dev "
+        "loss (the first `data.eval_windows` dev windows), `eval:firstN` = `cachekd eval --max-windows N` on the dev "
+        "split. `mp_macro_acc`: mean minimal-pair accuracy over phenomena; `acc:<group>`: mean over a group's "
+        "phenomena.",
         "",
         "Runs:",
         "",
     ]
-    lines += [f"- {n}: `{r['dir']}`" + ("" if r["complete"] else " (no summary.json yet: in progress)")
-              for r, n in zip(runs, names)]
+    notes = {"complete": "", "running": " (running: no summary.json yet)",
+             "unfinished": " (unfinished: no summary.json and no process training it; `--resume` continues it)"}
+    lines += [f"- {n}: `{r['dir']}`{notes[_state(r)]}" for r, n in zip(runs, names)]
     lines += ["", f"![training and dev curves]({curves.name})", ""]
     if files["accuracy_by_group"]:
         lines += [f"![minimal-pair accuracy]({acc.name})", ""]
@@ -181,7 +241,7 @@ def compare_runs(run_dirs: list[str | Path], out_dir: str | Path | None = None) 
         for row in rows:
             w.writerow({c: ("" if row.get(c) is None else row.get(c)) for c in columns})
     files["csv"] = str(csv_path)
-    return {"rows": rows, "columns": columns, "files": files}
+    return {"rows": rows, "columns": columns, "files": files, "out": str(out), "replaced": replaced}
 
 
 # ------------------------------------------------------------------------------------------------ plots

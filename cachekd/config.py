@@ -173,6 +173,13 @@ def list_presets() -> list[str]:
     return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
 
 
+def preset_description(name: str) -> str:
+    """The one-line description of a shipped preset: the first line of its file, a ``#`` comment."""
+    path = PRESET_DIR / f"{name.removesuffix('.yaml')}.yaml"
+    first = path.read_text(encoding="utf-8").splitlines()[0] if path.exists() else ""
+    return first.lstrip("#").strip()
+
+
 def save_yaml(path: Path, obj: Any) -> None:
     from cachekd.io import atomic_write_bytes
 

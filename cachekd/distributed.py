@@ -29,10 +29,28 @@ def all_reduce(t: torch.Tensor, world: int) -> torch.Tensor:
     return t
 
 
+DEVICE_FORMS = "auto, cpu, cuda, cuda:N (N a GPU index, e.g. cuda:0), mps"
+
+
 def resolve_device(spec: str, local_rank: int = 0) -> torch.device:
-    """`auto` → this process's GPU (cuda:LOCAL_RANK) when CUDA is present, else the CPU; refuses CUDA without a GPU."""
+    """`auto` → this process's GPU (cuda:LOCAL_RANK) when CUDA is present, else the CPU; refuses CUDA without a GPU
+    and any string that is not a device, listing the forms it takes."""
+    spec = str(spec).strip()
     if spec == "auto":
         return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    if spec.startswith("cuda") and not torch.cuda.is_available():
-        raise CachekdError(f"device {spec} was asked for but no CUDA GPU is available; use --device cpu.")
-    return torch.device(spec)
+    try:
+        device = torch.device(spec)
+    except (RuntimeError, ValueError):
+        raise CachekdError(f"--device {spec!r} is not a device; use one of {DEVICE_FORMS}.") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise CachekdError(f"device {spec} was asked for but no CUDA GPU is available; use --device cpu.")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise CachekdError(f"device {spec} does not exist: this machine has {torch.cuda.device_count()} CUDA "
+                               f"GPU(s), cuda:0 to cuda:{torch.cuda.device_count() - 1}.")
+    elif device.type == "mps":
+        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise CachekdError(f"device {spec} was asked for but MPS (Apple GPU) is not available; use --device cpu.")
+    elif device.type != "cpu":
+        raise CachekdError(f"--device {spec!r} is not supported; use one of {DEVICE_FORMS}.")
+    return device

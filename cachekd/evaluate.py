@@ -28,7 +28,11 @@ from cachekd.errors import CachekdError
 from cachekd.tokens import TokenStore
 
 EVAL_FILE = "eval.json"
-"""Where `cachekd eval` saves its result inside a run directory (read by `cachekd compare`)."""
+"""Where `cachekd eval` saves its result inside a run directory (read by `cachekd compare`).
+
+Its losses are kept apart by what was measured: ``"losses"`` maps a key (`loss_key`: ``"dev"`` for the whole dev
+split, ``"train:first50"`` for the first 50 train windows, ...) to each measurement, and the top-level ``"dev"`` is
+only ever the whole dev split, the one number `cachekd compare` reports as a run's dev loss."""
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -54,6 +58,26 @@ def _output_size(model) -> int | None:
     if head is not None and getattr(head, "weight", None) is not None:
         return int(head.weight.shape[0])
     return int(getattr(getattr(model, "config", None), "vocab_size", 0)) or None
+
+
+def loss_key(entry: dict[str, Any]) -> str:
+    """What a loss entry measured: the split (``"dev"``), with ``":firstN"`` when only its first N windows were."""
+    split = str(entry.get("split", "dev"))
+    complete = entry.get("complete")
+    if complete is None:  # eval.json written before "complete" was recorded
+        complete = entry.get("max_windows") is None
+    return split if complete else f"{split}:first{entry.get('num_windows')}"
+
+
+def full_dev_loss(ev: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The loss entry of an eval.json measured on the whole dev split, or None."""
+    if not isinstance(ev, dict):
+        return None
+    entries = [(ev.get("losses") or {}).get("dev"), ev.get("dev")]
+    for e in entries:
+        if isinstance(e, dict) and loss_key(e) == "dev":
+            return e
+    return None
 
 
 def run_dir_of(path: str | Path) -> Path | None:
@@ -457,7 +481,10 @@ def evaluate(
         d = dev_loss(model, store, split=split, batch_size=batch_size, device=device, max_windows=max_windows,
                      progress=progress)
         result["dev"] = {"store": str(store.path), "split": split, "store_fingerprint": store.fingerprint,
-                         "max_windows": max_windows, **d}
+                         "max_windows": max_windows, **d,
+                         "split_windows": store.num_windows(split),
+                         "complete": d["num_windows"] == store.num_windows(split)}
+        result["dev"]["key"] = loss_key(result["dev"])
     if against_cache is not None:
         from cachekd.cache.reader import LogitCache
 
@@ -531,21 +558,38 @@ def agreement_with_cache(model, cache, store: TokenStore, *, split: str = "dev",
 
 
 def save_eval(result: dict[str, Any], run_dir: str | Path) -> Path:
-    """Write `result` to ``run_dir/eval.json``. Sections of an earlier result for the same checkpoint that this
-    one did not recompute (e.g. minimal pairs when only the dev loss was run now) are kept."""
+    """Merge `result` into ``run_dir/eval.json`` and return its path.
+
+    A loss is stored under ``"losses"`` by what was measured (`loss_key`: split and, for part of a split, the
+    number of windows), so a quick ``--split train --max-windows 50`` never replaces the dev-split loss. The top-level
+    ``"dev"`` is the whole-dev-split loss only (absent until one is measured). Minimal pairs and agreement with a
+    cache are replaced by a new result of the same kind. Everything is kept from an earlier result for the same
+    checkpoint; a result for another checkpoint (the run was trained again) starts the file afresh."""
     from cachekd.io import atomic_write_json, read_json
 
     path = Path(run_dir) / EVAL_FILE
-    merged = dict(result)
+    old: dict[str, Any] = {}
     if path.exists():
         try:
             old = read_json(path)
         except ValueError:
             old = {}
-        if isinstance(old, dict) and old.get("checkpoint_fingerprint") == result.get("checkpoint_fingerprint"):
-            for key in ("dev", "minimal_pairs", "against_cache"):
-                if key not in merged and key in old:
-                    merged[key] = old[key]
+        if not isinstance(old, dict) or old.get("checkpoint_fingerprint") != result.get("checkpoint_fingerprint"):
+            old = {}
+    losses: dict[str, Any] = dict(old.get("losses") or {})
+    if isinstance(old.get("dev"), dict) and "losses" not in old:  # an eval.json from before the keyed losses
+        losses.setdefault(loss_key(old["dev"]), old["dev"])
+    merged = {k: v for k, v in result.items() if k != "dev"}
+    if isinstance(result.get("dev"), dict):
+        losses[loss_key(result["dev"])] = result["dev"]
+    for key in ("minimal_pairs", "against_cache"):
+        if key not in merged and key in old:
+            merged[key] = old[key]
+    if losses:
+        merged["losses"] = dict(sorted(losses.items()))
+    full = full_dev_loss({"losses": losses})
+    if full is not None:
+        merged["dev"] = full
     atomic_write_json(path, merged)
     return path
 

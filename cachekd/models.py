@@ -35,14 +35,18 @@ class ModelConfig:
     """Start from this HF checkpoint directory instead of a fresh initialisation."""
 
     def __post_init__(self) -> None:
+        for name in ("hidden_size", "num_layers", "num_heads", "intermediate_size"):
+            if getattr(self, name) < 1:
+                raise CachekdError(f"model.{name} must be at least 1 (got {getattr(self, name)}).")
+        if self.num_kv_heads is not None and self.num_kv_heads < 1:
+            raise CachekdError(f"model.num_kv_heads must be at least 1, or null for num_heads (got {self.num_kv_heads}).")
+        if not 0 <= self.dropout < 1:
+            raise CachekdError(f"model.dropout must be in [0, 1) (got {self.dropout}).")
         if self.hidden_size % self.num_heads:
             raise CachekdError(f"model.hidden_size ({self.hidden_size}) must be divisible by model.num_heads ({self.num_heads}).")
         kv = self.num_kv_heads or self.num_heads
         if self.num_heads % kv:
             raise CachekdError(f"model.num_heads ({self.num_heads}) must be a multiple of model.num_kv_heads ({kv}).")
-        for name in ("hidden_size", "num_layers", "num_heads", "intermediate_size"):
-            if getattr(self, name) < 1:
-                raise CachekdError(f"model.{name} must be at least 1.")
 
 
 def build_model(cfg: ModelConfig, vocab_size: int, max_positions: int, special: dict[str, int | None] | None = None):
@@ -77,13 +81,36 @@ def build_model(cfg: ModelConfig, vocab_size: int, max_positions: int, special: 
 def resolve_model_dir(path: str | Path) -> Path:
     """A checkpoint directory: the path itself, or `<run>/model` for an output directory of `cachekd train`."""
     p = Path(path)
-    if not p.exists():
-        raise CachekdError(f"model {str(p)!r} does not exist; give an HF checkpoint directory or a run directory.")
     if (p / "model" / "config.json").exists():
         return p / "model"
     if not (p / "config.json").exists():
+        run = p.parent if p.name == "model" else p
+        if (run / "config.yaml").exists() and (run / "metrics.jsonl").exists():
+            raise CachekdError(_unfinished_run_message(run))
+    if not p.exists():
+        raise CachekdError(f"model {str(p)!r} does not exist; give an HF checkpoint directory or a run directory.")
+    if not (p / "config.json").exists():
         raise CachekdError(f"{str(p)!r} is not an HF checkpoint (no config.json) nor a run directory with model/.")
     return p
+
+
+def _unfinished_run_message(run: Path) -> str:
+    """A cachekd run directory without model/ yet: say how to finish it."""
+    import yaml
+
+    try:
+        cfg = yaml.safe_load((run / "config.yaml").read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        cfg = {}
+    command = "distill" if isinstance(cfg, dict) and cfg.get("distill") else "train"
+    ckpts = sorted((run / "checkpoints").glob("step_*.pt"))
+    if (run / "summary.json").exists():
+        fix = "--resume` writes it again from the last checkpoint" if ckpts else "--force` trains it again"
+        return (f"{str(run)!r} is a finished cachekd run but its model/ is missing: "
+                f"`cachekd {command} -c {run / 'config.yaml'} {fix}.")
+    where = f" (last checkpoint: step {int(ckpts[-1].stem.split('_')[1])})" if ckpts else ""
+    return (f"{str(run)!r} is a cachekd run that has not finished, so it has no model/ yet{where}: finish it with "
+            f"`cachekd {command} -c {run / 'config.yaml'} --resume`, or evaluate a finished run or an HF checkpoint.")
 
 
 def quiet_transformers() -> None:

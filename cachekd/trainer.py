@@ -16,7 +16,11 @@ import math
 import os
 import random
 import shutil
+import signal
+import socket
+import threading
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -137,16 +141,7 @@ class TrainConfig:
     tensorboard: bool = False
 
     def __post_init__(self) -> None:
-        if self.data.batch_size < 1:
-            raise CachekdError("data.batch_size must be at least 1.")
-        if self.optim.lr <= 0:
-            raise CachekdError(f"optim.lr must be positive (got {self.optim.lr}).")
-        if self.optim.epochs < 1 and not self.optim.max_steps:
-            raise CachekdError("optim.epochs must be at least 1 (or set optim.max_steps).")
-        if self.precision == "fp16" and self.device == "cpu":
-            raise CachekdError("precision fp16 needs a CUDA device; use bf16 or fp32 on CPU.")
-        if self.distill is not None:
-            self.kd_config(1.0)  # validates the loss options early, naming the bad one
+        validate_config(self)
 
 
     def kd_config(self, temperature: float):
@@ -162,7 +157,111 @@ class TrainConfig:
                 detach_mix=d.detach_mix, reduction=d.reduction,
             )
         except ValueError as e:
-            raise CachekdError(f"distill: {e}") from None
+            msg = str(e)  # "unknown tail_mode 'x'; ..." or "beta must be in [0, 1] ...": name the config key
+            words = msg.split(" ")
+            i = 1 if msg.startswith("unknown ") else 0
+            if len(words) > i and hasattr(d, words[i]):
+                words[i] = key_name(f"distill.{words[i]}")
+                raise CachekdError(" ".join(words)) from None
+            raise CachekdError(f"distill: {msg}") from None
+
+
+# ------------------------------------------------------------------------------------------------ validation
+# Every value check of a training config happens here, when the config is built: before a run directory is
+# created, replaced or resumed, so a bad value never costs an earlier run or leaves a half-made one behind.
+
+CLI_FLAGS = {
+    "data.batch_size": "--batch-size", "optim.lr": "--lr", "optim.epochs": "--epochs", "optim.max_steps": "--max-steps",
+    "optim.max_time_s": "--max-time", "distill.temperature": "--temperature", "distill.ce_weight": "--ce-weight",
+    "distill.alpha": "--alpha", "distill.chunk_size": "--chunk-size", "distill.tail_mode": "--tail-mode",
+    "distill.teacher_combine": "--teacher-combine", "device": "--device", "seed": "--seed",
+}
+"""Config keys that `cachekd train` / `cachekd distill` also take as an option; errors name both."""
+
+
+def key_name(key: str) -> str:
+    """``distill.alpha (--alpha)`` for a key with a command-line option, else the key."""
+    flag = CLI_FLAGS.get(key)
+    return f"{key} ({flag})" if flag else key
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _require(ok: bool, key: str, rule: str, value: Any) -> None:
+    if not ok:
+        raise CachekdError(f"{key_name(key)} must be {rule} (got {value!r}).")
+
+
+def _check_int(key: str, value: Any, minimum: int, rule: str | None = None, optional: bool = False) -> None:
+    if optional and value is None:
+        return
+    _require(isinstance(value, int) and not isinstance(value, bool) and value >= minimum, key,
+             rule or f"a whole number of at least {minimum}", value)
+
+
+def _check_scalar(key: str, value: Any, ok, rule: str, extra: str = "") -> None:
+    """`value` is a plain number or a Schedule; every value the schedule can take must pass `ok`."""
+    from cachekd.schedules import Schedule
+
+    if isinstance(value, Schedule):
+        points = [("start", value.start)] if value.kind == "constant" else [("start", value.start), ("end", value.end)]
+        for part, v in points:
+            if not ok(v, part, value.kind):
+                raise CachekdError(f"{key}.{part} ({value.kind} schedule) must be {rule} (got {v!r}).")
+        return
+    if not (_is_num(value) and ok(value, "start", "constant")):
+        raise CachekdError(f"{key_name(key)} must be {rule} (got {value!r}){extra}.")
+
+
+def validate_config(cfg: TrainConfig) -> None:
+    """Refuse any value of `cfg` that cannot work, with one sentence naming the key (and its option)."""
+    d, o = cfg.data, cfg.optim
+    _check_int("data.batch_size", d.batch_size, 1)
+    _check_int("data.micro_batch_size", d.micro_batch_size, 1, "a whole number of at least 1, or null for no "
+               "gradient accumulation", optional=True)
+    _check_int("data.block_chunks", d.block_chunks, 1)
+    _check_int("data.prefetch", d.prefetch, 1)
+    _check_int("data.num_workers", d.num_workers, 0)
+    _check_int("data.eval_windows", d.eval_windows, 0, "a whole number of at least 0 (0: every dev window)")
+    _require(_is_num(o.lr) and o.lr > 0, "optim.lr", "a positive number", o.lr)
+    _require(_is_num(o.weight_decay) and o.weight_decay >= 0, "optim.weight_decay", "a number >= 0", o.weight_decay)
+    for k in ("beta1", "beta2"):
+        v = getattr(o, k)
+        _require(_is_num(v) and 0 <= v < 1, f"optim.{k}", "in [0, 1)", v)
+    _require(_is_num(o.eps) and o.eps > 0, "optim.eps", "a positive number", o.eps)
+    _check_int("optim.warmup_steps", o.warmup_steps, 0)
+    _require(_is_num(o.min_lr_ratio) and 0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", "in [0, 1]", o.min_lr_ratio)
+    _require(_is_num(o.grad_clip) and o.grad_clip >= 0, "optim.grad_clip", "a number >= 0 (0: no clipping)",
+             o.grad_clip)
+    _check_int("optim.max_steps", o.max_steps, 1, "a whole number of at least 1 (leave it unset, null, for no step "
+               "limit)", optional=True)
+    if o.max_steps is None:
+        _check_int("optim.epochs", o.epochs, 1, "a whole number of at least 1 (or set optim.max_steps)")
+    if o.max_time_s is not None:
+        _require(_is_num(o.max_time_s) and o.max_time_s >= 0, "optim.max_time_s", "a number of seconds >= 0, or null "
+                 "for no time limit", o.max_time_s)
+    _check_int("log_every", cfg.log_every, 1)
+    _check_int("eval_every", cfg.eval_every, 0, "a whole number of at least 0 (0: evaluate only at the end)")
+    _check_int("save_every", cfg.save_every, 0, "a whole number of at least 0 (0: checkpoint only at the end)")
+    _check_int("keep_checkpoints", cfg.keep_checkpoints, 1)
+    if cfg.precision == "fp16" and cfg.device == "cpu":
+        raise CachekdError("precision fp16 needs a CUDA device; use bf16 or fp32 on CPU.")
+    ds = cfg.distill
+    if ds is None:
+        return
+    _check_scalar("distill.temperature", ds.temperature,
+                  lambda v, part, kind: v > 0 or (part == "end" and kind == "epoch_linear" and v == 0),
+                  "a positive number", ": the logits are divided by it")
+    _check_scalar("distill.ce_weight", ds.ce_weight, lambda v, part, kind: 0 <= v <= 1, "in [0, 1]",
+                  ": it is λ in λ·CE + (1−λ)·τ²·KD, so 1 means cross-entropy only and 0 distillation only")
+    _check_scalar("distill.alpha", ds.alpha, lambda v, part, kind: 0 <= v <= 1, "in [0, 1]",
+                  ": it is the teacher's share of the mixed target logits, 1 meaning no mixing")
+    _check_int("distill.chunk_size", ds.chunk_size, 1, "a whole number of positions of at least 1, or null for no "
+               "step-wise loss", optional=True)
+    tau = ds.temperature if _is_num(ds.temperature) else ds.temperature.start
+    cfg.kd_config(float(tau))  # objective, beta, skew_lambda, tail_mode, teacher_combine, weights, reduction
 
 
 # Fields that may change between a run and its resumption.
@@ -237,8 +336,57 @@ class _StudentLoss(torch.nn.Module):
 # ---------------------------------------------------------------------------------------------- trainer
 
 
+RUN_FILES = ("model", ".model.tmp", "checkpoints", "metrics.jsonl", "config.yaml", "summary.json", "eval.json",
+             "tensorboard", "running.json")
+"""Everything cachekd writes into a run directory (`cachekd eval` adds eval.json); --force removes only these."""
+
+RUNNING_FILE = "running.json"
+"""{pid, host, started} of the process training the run right now; removed when it stops (`cachekd compare` tells a
+live run from an unfinished one with it)."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """SIGINT/SIGTERM stopped a single-process run at a step boundary, after saving a checkpoint there. A
+    KeyboardInterrupt, so code that handles Ctrl-C (and no `except Exception`) handles it too."""
+
+    def __init__(self, step: int, total_steps: int, checkpoint: Path, signum: int):
+        super().__init__(f"interrupted at step {step}")
+        self.step, self.total_steps, self.checkpoint, self.signum = step, total_steps, checkpoint, signum
+
+
+def run_state(out: str | Path) -> dict[str, Any]:
+    """What a run directory holds now: {"exists", "is_run", "finished", "last_checkpoint_step"}; the CLI says
+    from it how an interrupted run can go on."""
+    p = Path(out)
+    ckpts = sorted((p / "checkpoints").glob("step_*.pt")) if p.is_dir() else []
+    return {
+        "exists": p.is_dir() and any(p.iterdir()),
+        "is_run": (p / "config.yaml").exists(),
+        "finished": (p / "summary.json").exists(),
+        "last_checkpoint_step": int(ckpts[-1].stem.split("_")[1]) if ckpts else None,
+    }
+
+
+def _remove_run_files(out: Path) -> list[str]:
+    """Delete what cachekd wrote into `out` (RUN_FILES); return the names of the other entries, left in place."""
+    kept = []
+    for entry in sorted(out.iterdir()):
+        # also the temporary file of an atomic write cut off by a crash (".summary.json.x1y2.tmp")
+        ours = entry.name in RUN_FILES or (entry.name.endswith(".tmp") and any(
+            entry.name.startswith(f".{name}.") for name in RUN_FILES))
+        if ours:
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+        else:
+            kept.append(entry.name)
+    return kept
+
+
 class Trainer:
-    def __init__(self, cfg: TrainConfig, *, resume: bool = False, force: bool = False, progress: bool = True):
+    def __init__(self, cfg: TrainConfig, *, resume: bool = False, force: bool = False, progress: bool = True,
+                 say: Callable[[str], None] | None = None):
         from cachekd.cache.reader import LogitCache
         from cachekd.loader import Order
         from cachekd.models import build_model, count_parameters, quiet_transformers
@@ -246,9 +394,12 @@ class Trainer:
 
         quiet_transformers()
         self.cfg, self.progress = cfg, progress
+        self.say = say or (lambda msg: None)
         self.rank, self.world, local_rank = distributed.setup()
         self.is_main = self.rank == 0
         self.device = distributed.resolve_device(cfg.device, local_rank)
+        if cfg.precision == "fp16" and self.device.type != "cuda":
+            raise CachekdError(f"precision fp16 needs a CUDA device (the device is {self.device}); use bf16 or fp32.")
         if not cfg.output:
             raise CachekdError("no output directory given: pass --output DIR.")
         self.out = Path(cfg.output)
@@ -280,14 +431,14 @@ class Trainer:
                 mixing = self.alpha_sched.kind != "constant" or self.alpha_sched.start != 1.0
                 if self.cache.mode == "topk" and mixing and d.tail_mode != "uniform":
                     raise CachekdError(
-                        f"mixing teacher and student logits needs a dense target: with a top-k cache set "
-                        f"distill.tail_mode to uniform (it is {d.tail_mode})."
+                        f"mixing teacher and student logits (distill.alpha below 1) needs a dense target: with a "
+                        f"top-k cache pass --tail-mode uniform (distill.tail_mode: uniform; it is {d.tail_mode})."
                     )
                 if (self.cache.mode == "topk" and len(self.teachers) > 1 and d.teacher_combine != "losses"
                         and d.tail_mode != "uniform"):
                     raise CachekdError(
-                        f"combining several top-k teachers by {d.teacher_combine} needs distill.tail_mode uniform; "
-                        f"use teacher_combine losses or tail_mode uniform."
+                        f"combining several top-k teachers by {d.teacher_combine} needs the uniform tail: pass "
+                        f"--tail-mode uniform or --teacher-combine losses (distill.tail_mode, distill.teacher_combine)."
                     )
             if d.teacher_weights and len(d.teacher_weights) != max(len(self.teachers), len(self.teacher_models)):
                 raise CachekdError(f"distill.teacher_weights has {len(d.teacher_weights)} weights for "
@@ -338,6 +489,7 @@ class Trainer:
             self.loss_module = DDP(self.loss_module, device_ids=[self.device.index] if self.device.type == "cuda" else None)
 
         self.step, self.tokens_seen, self.wall_s = 0, 0, 0.0
+        self._stop_signal: int | None = None
         self._prepare_output(resume, force)
 
     # ---------------------------------------------------------------------------------- helpers
@@ -376,39 +528,70 @@ class Trainer:
         return self.out / "checkpoints"
 
     def _prepare_output(self, resume: bool, force: bool) -> None:
+        """Create the run directory, or resume / replace the run in it. Runs after every check of the config."""
         exists = self.out.exists() and any(self.out.iterdir())
         ckpts = sorted(self._ckpt_dir().glob("step_*.pt")) if self.out.exists() else []
-        if resume:
-            if not ckpts:
-                if exists and (self.out / "summary.json").exists():
-                    raise CachekdError(f"the run in {str(self.out)!r} already finished; nothing to resume.")
-                if exists:
-                    raise CachekdError(f"{str(self.out)!r} has no checkpoint to resume from.")
-            else:
-                self._load_checkpoint(ckpts[-1])
-                return
-        elif exists:
-            is_run = (self.out / "config.yaml").exists()
+        is_run = (self.out / "config.yaml").exists()
+        finished = (self.out / "summary.json").exists()
+        if resume and ckpts:
+            self._load_checkpoint(ckpts[-1])
+            return
+        if resume and exists:
+            if not is_run:
+                raise CachekdError(f"{str(self.out)!r} is not a cachekd run, so there is nothing to resume; "
+                                   f"choose another output.")
+            if finished:
+                raise CachekdError(f"the run in {str(self.out)!r} already finished; nothing to resume.")
+            # Stopped before its first checkpoint: start again from step 0 in the same directory, same config.
+            self._check_saved_config()
+            if self.is_main:
+                (self.out / "metrics.jsonl").write_text("")
+                self.say(f"{self.out} has no checkpoint yet: starting it again from step 0.")
+            self._barrier()
+            return
+        if exists and not resume:
             if not is_run:
                 raise CachekdError(f"output {str(self.out)!r} is not empty and is not a cachekd run; choose another path.")
             if not force:
-                what = "a finished run" if (self.out / "summary.json").exists() else "an unfinished run"
-                hint = "" if (self.out / "summary.json").exists() else " pass --resume to continue it,"
+                what = "a finished run" if finished else "an unfinished run"
+                hint = "" if finished else " pass --resume to continue it,"
                 raise CachekdError(f"{str(self.out)!r} holds {what};{hint} pass --force to start over, or choose another output.")
             if self.is_main:
-                shutil.rmtree(self.out)
-        if self.world > 1:
-            import torch.distributed as dist
-
-            dist.barrier()
+                kept = _remove_run_files(self.out)
+                if kept:
+                    self.say(f"--force: replaced the run in {self.out}; kept what cachekd did not write there: "
+                             f"{', '.join(kept)}")
+        self._barrier()
         if self.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             save_yaml(self.out / "config.yaml", self.cfg)
             (self.out / "metrics.jsonl").write_text("")
 
-    def _save_checkpoint(self) -> None:
+    def _barrier(self) -> None:
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def _check_saved_config(self) -> None:
+        """Refuse to resume a run directory whose config.yaml differs from this config (beyond runtime options)."""
+        import yaml
+
+        try:
+            saved = config_identity(load_train_config(yaml.safe_load((self.out / "config.yaml").read_text()) or {}))
+        except (CachekdError, yaml.YAMLError, OSError):
+            raise CachekdError(f"the config.yaml in {str(self.out)!r} cannot be read; pass --force to start over.") from None
+        if saved != config_identity(self.cfg):
+            diff = _first_difference(saved, config_identity(self.cfg))
+            raise CachekdError(
+                f"the run in {str(self.out)!r} was started with a different config ({diff}); resume with the same "
+                f"config, or pass --force to start over."
+            )
+
+    def _save_checkpoint(self) -> Path | None:
+        """Write a resumable checkpoint of the current step (rank 0); returns its path."""
         if not self.is_main:
-            return
+            return None
         d = self._ckpt_dir()
         d.mkdir(parents=True, exist_ok=True)
         state = {
@@ -427,6 +610,7 @@ class Trainer:
         os.replace(tmp, path)
         for old in sorted(d.glob("step_*.pt"))[: -self.cfg.keep_checkpoints]:
             old.unlink()
+        return path
 
     def _load_checkpoint(self, path: Path) -> None:
         try:
@@ -579,6 +763,8 @@ class Trainer:
         return float(res["loss"])
 
     def train(self) -> dict[str, Any]:
+        """Run the loop to the end (or the time budget); returns the summary. In a single process, SIGINT/SIGTERM
+        stop it at the next step boundary with a checkpoint there (TrainingInterrupted); a second one aborts."""
         from tqdm.auto import tqdm
 
         self._tb = None
@@ -588,20 +774,49 @@ class Trainer:
             except ImportError:
                 raise CachekdError("tensorboard: true needs the tensorboard package (pip install tensorboard).") from None
             self._tb = SummaryWriter(str(self.out / "tensorboard"))
+        self._mark_running(True)
+        try:
+            previous = self._install_signal_handlers()
+            try:
+                stop_reason = self._loop(tqdm)
+            finally:
+                self._restore_signal_handlers(previous)
+            if stop_reason == "signal":
+                path = self._ckpt_dir() / f"step_{self.step:08d}.pt"
+                if not path.exists():
+                    path = self._save_checkpoint()
+                if self._tb is not None:
+                    self._tb.close()
+                raise TrainingInterrupted(self.step, self.total_steps, path, self._stop_signal)
+            self._save_checkpoint()
+            dev = self._eval_and_log()
+            return self._finish(dev, stop_reason)
+        finally:
+            self._mark_running(False)
+
+    def _loop(self, tqdm) -> str:
+        """Optimizer steps until the end; returns why it stopped: steps, epochs, time or signal."""
         cfg = self.cfg
         it = self.batches()
         bar = tqdm(total=self.total_steps, initial=self.step, desc=f"{self.mode} {cfg.name}", unit="step",
                    disable=not (self.progress and self.is_main), dynamic_ncols=True)
         last_log_t, last_log_tokens = time.perf_counter(), self.tokens_seen
-        stop_reason = "steps"
+        # max_steps given: the run ends at that step; otherwise it ends when its epochs are done.
+        stop_reason = "steps" if cfg.optim.max_steps is not None else "epochs"
         start_step, start_wall = self.step, self.wall_s
         try:
             while self.step < self.total_steps:
+                if self._stop_signal is not None:
+                    return "signal"
                 if cfg.optim.max_time_s is not None and self._time_is_up(start_step, start_wall):
-                    stop_reason = "time"
-                    break
+                    return "time"
                 t0 = time.perf_counter()
-                batch = next(it)
+                try:
+                    batch = next(it)
+                except Exception:
+                    if self._stop_signal is not None:  # e.g. DataLoader workers killed by the same Ctrl-C
+                        return "signal"
+                    raise
                 m = self.train_step(batch)
                 self.step += 1
                 self.tokens_seen += m["tokens"]
@@ -625,10 +840,47 @@ class Trainer:
         finally:
             bar.close()
             if hasattr(it, "close"):
-                it.close()
-        dev = self._eval_and_log()
-        self._save_checkpoint()
-        return self._finish(dev, stop_reason)
+                try:
+                    it.close()
+                except Exception:  # a loader broken by the interrupt: the interrupt is what is reported
+                    if self._stop_signal is None:
+                        raise
+        return stop_reason
+
+    # ---------------------------------------------------------------------------------- interrupts
+    def _install_signal_handlers(self) -> dict[int, Any] | None:
+        """In a single process on the main thread: SIGINT and SIGTERM set a flag the loop checks after each
+        optimizer step. Multi-process runs keep the default (an interrupt stops at once; --resume goes back to the
+        last periodic checkpoint), since the ranks would have to agree on the step to stop at."""
+        if self.world > 1 or threading.current_thread() is not threading.main_thread():
+            return None
+        previous = {}
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.getsignal(sig)
+            signal.signal(sig, self._on_signal)
+        return previous
+
+    @staticmethod
+    def _restore_signal_handlers(previous: dict[int, Any] | None) -> None:
+        for sig, handler in (previous or {}).items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        if self._stop_signal is not None:
+            raise KeyboardInterrupt  # the second one: abort now
+        self._stop_signal = signum
+        self.say(f"\n{signal.Signals(signum).name} received: stopping after the current step and saving a checkpoint "
+                 f"(press Ctrl-C again to abort at once).")
+
+    def _mark_running(self, on: bool) -> None:
+        if not self.is_main:
+            return
+        path = self.out / RUNNING_FILE
+        if on:
+            atomic_write_json(path, {"pid": os.getpid(), "host": socket.gethostname(),
+                                     "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+        else:
+            path.unlink(missing_ok=True)
 
     def _time_is_up(self, start_step: int, start_wall: float) -> bool:
         """Whether another step would end past optim.max_time_s (judged by this run's mean step time so far), so
@@ -689,6 +941,9 @@ def _first_difference(a: Any, b: Any, prefix: str = "") -> str:
     return f"{prefix.rstrip('.')}: {a!r} then, {b!r} now"
 
 
-def run(cfg: TrainConfig, *, resume: bool = False, force: bool = False, progress: bool = True) -> dict[str, Any]:
-    """Train or distil according to `cfg`; returns the run summary."""
-    return Trainer(cfg, resume=resume, force=force, progress=progress).train()
+def run(cfg: TrainConfig, *, resume: bool = False, force: bool = False, progress: bool = True,
+        say: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Train or distil according to `cfg`; returns the run summary. `say` receives notes for the user (what
+    --force kept, an interrupt being handled). A single-process run stopped by SIGINT/SIGTERM raises
+    TrainingInterrupted after saving a checkpoint at the step it reached."""
+    return Trainer(cfg, resume=resume, force=force, progress=progress, say=say).train()

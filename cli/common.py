@@ -18,7 +18,7 @@ class CachekdGroup(click.Group):
         try:
             return super().invoke(ctx)
         except CachekdError as e:
-            raise click.ClickException(_sentence(str(e))) from None
+            raise click.ClickException(_sentence(_user_message(e))) from None
         except FileNotFoundError as e:
             raise click.ClickException(f"file not found: {e.filename or e}.") from None
         except BrokenPipeError:
@@ -32,13 +32,31 @@ class CachekdGroup(click.Group):
                 ) from None
             raise click.ClickException(f"{e.strerror or e}: {e.filename or ''}".strip(": ") + ".") from None
         except KeyboardInterrupt:
-            click.echo("\nInterrupted; run the same command again to continue where it stopped.", err=True)
+            # train/distill say themselves how to continue (with --resume); these start again from scratch.
+            if ctx.invoked_subcommand in ("eval", "compare", "presets"):
+                click.echo("\nInterrupted; nothing was saved: run the same command again.", err=True)
+            else:
+                click.echo("\nInterrupted; run the same command again to continue where it stopped.", err=True)
             sys.exit(130)
+
+
+def _user_message(e: CachekdError) -> str:
+    """The error's own sentence. torch's DataLoader re-raises an exception from a worker process as the same type
+    with the worker's whole traceback as its message ("Caught ... Original Traceback ..."): keep its last line."""
+    msg = str(e)
+    if msg.startswith("Caught ") and "\nOriginal Traceback" in msg:
+        last = [ln for ln in msg.splitlines() if ln.strip()][-1]
+        prefix = f"{type(e).__module__}.{type(e).__qualname__}: "
+        if last.startswith(prefix):
+            return last[len(prefix):]
+        return last.split(": ", 1)[-1]
+    return msg
 
 
 def _sentence(msg: str) -> str:
     msg = msg.strip()
-    if msg and msg[0].islower():
+    first = msg.split(" ", 1)[0]
+    if msg and msg[0].islower() and not any(c in first for c in "._"):  # leave config keys (distill.alpha) as written
         msg = msg[0].upper() + msg[1:]
     return msg if msg.endswith((".", "?", "!")) else msg + "."
 

@@ -11,14 +11,17 @@ from cachekd_cli.main import cli
 @cli.command("compare")
 @click.argument("runs", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), default=None,
-              help="Directory for compare.md, compare.csv and the plots [default: <runs' parent>/compare].")
+              help="Directory for compare.md, compare.csv and the plots [default: <runs' parent>/compare]; an earlier "
+                   "comparison's files there are replaced (and said so).")
 @click.option("--json", "as_json", is_flag=True, help="Print the rows and file paths as JSON.")
 def compare_command(runs, out_dir, as_json):
     """Compare runs in one table (steps, tokens, wall time, dev loss and perplexity, minimal-pair accuracy per
     group) and plot their training and dev curves, at equal steps and at equal wall-clock time.
 
     RUNS are output directories of `cachekd train` / `cachekd distill`; run `cachekd eval RUN ...` first to add
-    minimal-pair accuracies (saved as RUN/eval.json).
+    minimal-pair accuracies (saved as RUN/eval.json). The dev loss is `cachekd eval`'s over the whole dev split when
+    there is one, else the trainer's own (column dev_from says which); a run without a summary is "(running)" while
+    a process trains it and "(unfinished)" otherwise.
 
     \b
     Example:
@@ -34,6 +37,8 @@ def compare_command(runs, out_dir, as_json):
     click.echo(format_table(result["rows"], result["columns"]))
     files = result["files"]
     click.echo("")
+    if result["replaced"]:
+        click.echo(f"Replaced the earlier comparison in {result['out']} ({', '.join(result['replaced'])}).")
     click.echo(f"Markdown table: {files['markdown']}")
     click.echo(f"CSV:            {files['csv']}")
     click.echo(f"Curves:         {files['curves']}")

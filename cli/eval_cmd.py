@@ -46,22 +46,28 @@ def _report_rows(result: dict) -> tuple[list[dict], list[dict], list[dict]]:
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1),
               help="Windows or sentences a batch.")
 @click.option("--device", default="cpu", show_default=True, help="torch device, e.g. cpu, cuda, cuda:1.")
-@click.option("--max-windows", default=None, type=click.IntRange(min=1), help="Evaluate only the first N dev windows.")
+@click.option("--max-windows", default=None, type=click.IntRange(min=1),
+              help="Evaluate only the first N windows of --split (a quick check: saved apart from the whole-split "
+                   "loss, and not reported by `cachekd compare`).")
 @click.option("--against-cache", type=click.Path(path_type=Path), default=None,
               help="Also report mean KL(teacher || student) and top-1 agreement with each teacher of this logit cache "
                    "(on --split of the cache's token store).")
 @click.option("--json", "as_json", is_flag=True, help="Print the full result as JSON.")
 @click.option("--markdown", is_flag=True, help="Print Markdown tables.")
 @click.option("--save/--no-save", default=True, show_default=True,
-              help="When MODEL is a run directory, save the result to RUN/eval.json (read by `cachekd compare`).")
+              help="When MODEL is a run directory or its RUN/model, merge the result into RUN/eval.json (read by "
+                   "`cachekd compare`).")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def eval_command(model, dev_store, split, minimal_pairs, prefix, no_prefix, batch_size, device, max_windows,
                  against_cache, as_json, markdown, save, quiet):
     """Evaluate a checkpoint: dev loss / perplexity on a token store, and accuracy on BLiMP-style minimal pairs
     (a pair counts when the model gives the good sentence a higher log-probability than the bad one).
 
-    MODEL is a run directory of `cachekd train`/`distill` (its model/ is used and the result is saved to
-    RUN/eval.json) or any Hugging Face checkpoint directory.
+    MODEL is a run directory of `cachekd train`/`distill`, or its RUN/model directory (either way the model in
+    RUN/model is evaluated and the result is saved into RUN/eval.json, unless --no-save), or any Hugging Face
+    checkpoint directory (nothing is saved). In RUN/eval.json each loss is kept under what was measured: "dev" for
+    the whole dev split, "train:first50" for --split train --max-windows 50, and so on; `cachekd compare` reports
+    only the whole dev split as a run's dev loss.
 
     \b
     Examples:
@@ -98,4 +104,21 @@ def eval_command(model, dev_store, split, minimal_pairs, prefix, no_prefix, batc
         click.echo("")
         click.echo(table(groups))
     if saved:
-        click.echo(f"\nSaved {saved}")
+        click.echo("")
+        click.echo(_saved_note(result, saved))
+
+
+def _saved_note(result: dict, saved: Path) -> str:
+    """Where the result went in RUN/eval.json, and whether `cachekd compare` will report its loss."""
+    from cachekd.evaluate import loss_key
+
+    parts = []
+    if "dev" in result:
+        key = loss_key(result["dev"])
+        parts.append(f"the loss under losses[{key!r}]" + (" (the run's dev loss for `cachekd compare`)" if key == "dev"
+                     else " (not the whole dev split, so `cachekd compare` does not report it)"))
+    if "minimal_pairs" in result:
+        parts.append("minimal pairs")
+    if "against_cache" in result:
+        parts.append(f"agreement with the cache ({result['against_cache']['split']} split)")
+    return f"Saved to {saved}: {', '.join(parts)}."

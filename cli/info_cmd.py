@@ -39,7 +39,14 @@ def describe(path: Path) -> dict:
 @click.argument("path", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def info_command(path: Path, as_json: bool):
-    """Show what a token store or a logit cache holds."""
+    """Show what a token store or a logit cache holds: for a store its splits, windows and tokenizer; for a cache
+    its teachers, k, temperatures, chunks done, bytes/position, captured top-k mass and teacher entropy.
+
+    \b
+    Examples:
+      cachekd info runs/tokens
+      cachekd info runs/cache --json
+    """
     summary = describe(path)
     if as_json:
         echo_json(summary)

@@ -43,7 +43,7 @@ def precompute_command(store, teachers, output, top_k, full, temperatures, logpr
 
     Per position it keeps the top-k teacher log-probabilities and ids plus the exact log-sum-exp of the rest
     (tail_lse) at each --temperatures value, or with --full every logit. Killed at any moment, the same command
-    resumes where it stopped. Under `torchrun --nproc-per-node N cachekd precompute ...` each rank takes its own
+    resumes where it stopped. Under `torchrun --nproc-per-node N -m cachekd_cli precompute ...` each rank takes its own
     chunks; `--part i/n` does the same for independent jobs.
 
     \b
@@ -91,7 +91,9 @@ def verify_command(cache, store, recompute, repair, seed, as_json, quiet):
     recomputed the marked chunks).
 
     \b
-    Example, after a damaged chunk:
+    Examples:
+      cachekd verify runs/cache --recompute 16
+      # after a damaged chunk: mark it, then recompute only it
       cachekd verify runs/cache --repair
       cachekd precompute --store runs/tokens --teacher runs/teacher-llama -o runs/cache   # the same arguments
     """

@@ -1,9 +1,13 @@
 from __future__ import annotations
 
+import os
+import shlex
+import sys
 from typing import Any
 
 import click
 
+from cachekd.errors import CachekdError
 from cachekd_cli.common import echo_json, echo_mapping
 from cachekd_cli.main import cli
 
@@ -18,18 +22,20 @@ def _common(f):
         click.option("--store", default=None, help="Token store (data.store)."),
         click.option("-o", "--output", default=None, help="Run directory to write (output)."),
         click.option("--name", default=None, help="Run name shown in tables and plots."),
-        click.option("--max-steps", type=int, default=None, help="Stop after N optimizer steps (optim.max_steps)."),
+        click.option("--max-steps", type=int, default=None, help="Stop after N ≥ 1 optimizer steps (optim.max_steps); unset, the epochs decide."),
         click.option("--max-time", type=float, default=None, help="Train for at most S seconds (optim.max_time_s): stops before a step that would, at the mean step time so far, end past S."),
-        click.option("--epochs", type=int, default=None, help="Epochs over the train split (optim.epochs)."),
+        click.option("--epochs", type=int, default=None, help="Epochs over the train split (optim.epochs); --max-steps overrides it."),
         click.option("--batch-size", type=int, default=None, help="Global windows per optimizer step (data.batch_size)."),
         click.option("--lr", type=float, default=None, help="Peak learning rate (optim.lr)."),
-        click.option("--device", default=None, help="auto, cpu, cuda, cuda:N."),
+        click.option("--device", default=None, help="auto (a GPU when there is one, else the CPU), cpu, cuda, cuda:N, mps."),
         click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default=None, help="Autocast dtype."),
         click.option("--seed", type=int, default=None),
         click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
                      help="Override any config value, e.g. --set optim.weight_decay=0.1 (repeatable)."),
-        click.option("--resume", is_flag=True, help="Continue the run in --output from its last checkpoint."),
-        click.option("--force", is_flag=True, help="Replace an existing run in --output."),
+        click.option("--resume", is_flag=True, help="Continue the run in --output from its last checkpoint (a run stopped "
+                     "before its first checkpoint starts again from step 0)."),
+        click.option("--force", is_flag=True, help="Replace an existing run in --output: removes what cachekd wrote there "
+                     "(model/, checkpoints/, metrics, summary, eval.json, ...) and keeps any other file."),
         click.option("--json", "as_json", is_flag=True, help="Print the run summary as JSON."),
         click.option("--quiet", is_flag=True, help="No progress bar."),
     ]
@@ -56,17 +62,71 @@ def _base_overrides(kw: dict[str, Any]) -> dict[str, Any]:
     return o
 
 
+def _continue_command(ctx: click.Context) -> str:
+    """The command line that continues this run: the options given, less --force, plus --resume."""
+    words = ["cachekd", ctx.info_name or "train"]
+    for param in ctx.command.params:
+        if not isinstance(param, click.Option) or param.name in ("force", "resume"):
+            continue
+        if ctx.get_parameter_source(param.name) != click.core.ParameterSource.COMMANDLINE:
+            continue
+        opt = next((o for o in param.opts if o.startswith("--")), param.opts[0])
+        value = ctx.params[param.name]
+        if param.is_flag:
+            if value:
+                words.append(opt)
+            continue
+        for v in (value if param.multiple else [value]):
+            words += [opt, str(v)]
+    words.append("--resume")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        n = os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"])
+        return (f"your torchrun command with --resume added, e.g. "
+                f"{shlex.join(['torchrun', '--nproc-per-node', n, '-m', 'cachekd_cli', *words[1:]])}")
+    return shlex.join(words)
+
+
+def _interrupted_message(ctx: click.Context, out: str) -> str:
+    """Why a run stopped by an interrupt (not at a step boundary) can go on, from what its directory holds."""
+    from cachekd.trainer import run_state
+
+    st = run_state(out)
+    cont = _continue_command(ctx)
+    if not st["is_run"]:
+        return "Interrupted before the run started; nothing was written. Run the same command again."
+    if st["finished"]:
+        return f"Interrupted after the run finished; its model and summary are in {out}."
+    if st["last_checkpoint_step"] is None:
+        return f"Interrupted before the first checkpoint was saved; start the run again from step 0 with: {cont}"
+    return (f"Interrupted; the last checkpoint in {out} is at step {st['last_checkpoint_step']}; continue from there "
+            f"with: {cont}")
+
+
+def _human(v: Any) -> str:
+    """A summary value for people: rounded numbers, lists joined (--json keeps the exact values)."""
+    if isinstance(v, bool) or v is None:
+        return str(v)
+    if isinstance(v, float):
+        return f"{v:,.0f}" if abs(v) >= 1000 else f"{v:.4g}"
+    if isinstance(v, (list, tuple)):
+        return ", ".join(map(str, v))
+    return str(v)
+
+
 def _run(kw: dict[str, Any], extra: dict[str, Any], mode: str) -> None:
     from cachekd.config import deep_merge, load_yaml, parse_overrides
-    from cachekd.trainer import load_train_config, run
+    from cachekd.trainer import TrainingInterrupted, load_train_config, run
 
+    if kw["max_time"] is not None and not kw["max_time"] > 0:
+        raise CachekdError(f"--max-time must be a positive number of seconds (got {kw['max_time']}).")
     data = load_yaml(kw["config"]) if kw["config"] else {}
     data = deep_merge(data, _base_overrides(kw))
     data = deep_merge(data, extra)
     data = deep_merge(data, parse_overrides(kw["overrides"]))
     if mode == "train":
         if data.get("distill") is not None:
-            raise click.UsageError("this config has a distill section; run it with `cachekd distill`.")
+            raise click.UsageError("this config has a distill section; run it with `cachekd distill`, or add "
+                                   "`--set distill=null` to train it with plain cross-entropy.")
     elif data.get("distill") is None:
         data["distill"] = {}
     cfg = load_train_config(data)
@@ -74,12 +134,26 @@ def _run(kw: dict[str, Any], extra: dict[str, Any], mode: str) -> None:
         raise click.UsageError("no token store given: pass --store or set data.store in the config.")
     if not cfg.output:
         raise click.UsageError("no run directory given: pass --output or set output in the config.")
-    summary = run(cfg, resume=kw["resume"], force=kw["force"], progress=not kw["quiet"] and not kw["as_json"])
+    ctx = click.get_current_context()
+    main_rank = os.environ.get("RANK", "0") == "0"
+    try:
+        summary = run(cfg, resume=kw["resume"], force=kw["force"], progress=not kw["quiet"] and not kw["as_json"],
+                      say=lambda msg: click.echo(msg, err=True))
+    except TrainingInterrupted as e:
+        import signal
+
+        click.echo(f"\nStopped by {signal.Signals(e.signum).name} at step {e.step} of {e.total_steps}; checkpoint "
+                   f"saved to {e.checkpoint}. Continue with: {_continue_command(ctx)}", err=True)
+        sys.exit(128 + e.signum)
+    except KeyboardInterrupt:
+        if main_rank:
+            click.echo("\n" + _interrupted_message(ctx, cfg.output), err=True)
+        sys.exit(130)
     if kw["as_json"]:
         echo_json(summary)
     else:
         click.echo(f"Finished {summary['steps']} steps in {summary['wall_s']:.1f} s; model saved to {cfg.output}/model")
-        echo_mapping({k: v for k, v in summary.items() if v is not None})
+        echo_mapping({k: _human(v) for k, v in summary.items() if v is not None})
 
 
 @cli.command("train")
@@ -89,8 +163,9 @@ def train_command(**kw):
 
     Settings come from a YAML config (a file or a preset name), then the options here, then --set overrides; the
     resolved config is saved as RUN/config.yaml. Writes RUN/model (HF format: AutoModelForCausalLM loads it),
-    RUN/metrics.jsonl, RUN/summary.json and resumable checkpoints. Under `torchrun --nproc-per-node N` it runs
-    data-parallel with the same global batch.
+    RUN/metrics.jsonl, RUN/summary.json and resumable checkpoints. Ctrl-C stops after the current step with a
+    checkpoint there and prints the command (with --resume) that continues. Under
+    `torchrun --nproc-per-node N -m cachekd_cli train ...` it runs data-parallel with the same global batch.
 
     \b
     Example:
@@ -104,9 +179,9 @@ def train_command(**kw):
 @click.option("--cache", default=None, help="Logit cache from `cachekd precompute` (distill.cache).")
 @click.option("--objective", default=None,
               help="forward_kl (forward), reverse_kl (reverse), jsd, skew_forward_kl, skew_reverse_kl, tv.")
-@click.option("--temperature", type=float, default=None, help="τ; a top-k cache must have tail_lse for it.")
-@click.option("--ce-weight", type=float, default=None, help="λ in λ·CE + (1−λ)·τ²·KD.")
-@click.option("--alpha", type=float, default=None, help="Constant mixing α (1 = no mixing); schedules via the config.")
+@click.option("--temperature", type=float, default=None, help="τ > 0; a top-k cache must have tail_lse for it.")
+@click.option("--ce-weight", type=float, default=None, help="λ in [0, 1] in λ·CE + (1−λ)·τ²·KD (1: cross-entropy only).")
+@click.option("--alpha", type=float, default=None, help="Constant mixing α in [0, 1] (1 = no mixing; below 1 a top-k cache needs --tail-mode uniform); schedules via the config.")
 @click.option("--tail-mode", type=click.Choice(["bucket", "uniform", "renormalize"]), default=None,
               help="How the teacher's tail beyond the top-k is treated.")
 @click.option("--teacher-combine", type=click.Choice(["logits", "probs", "losses"]), default=None)
@@ -120,6 +195,8 @@ def distill_command(cache, objective, temperature, ce_weight, alpha, tail_mode, 
 
     The loss is λ·CE + (1−λ)·τ²·D(teacher, student) with D any of the objectives; ChooBaCa's mixing of teacher and
     student logits and its progressive α are config values (distill.alpha: {kind: epoch_linear, start, end}).
+    Ctrl-C stops after the current step with a checkpoint there and prints the command (with --resume) that
+    continues; `torchrun --nproc-per-node N -m cachekd_cli distill ...` runs data-parallel.
 
     \b
     Examples:
@@ -148,16 +225,31 @@ def distill_command(cache, objective, temperature, ce_weight, alpha, tail_mode, 
 
 @cli.command("presets")
 @click.option("--show", default=None, help="Print one preset's YAML.")
-def presets_command(show):
-    """List the shipped configs (use them with -c NAME)."""
-    from cachekd.config import PRESET_DIR, list_presets
+@click.option("--json", "as_json", is_flag=True, help="Print the list as JSON: [{name, description}, ...].")
+def presets_command(show, as_json):
+    """List the shipped configs (use them with -c NAME).
+
+    \b
+    Examples:
+      cachekd presets
+      cachekd presets --show tiny-distill-forward
+      cachekd presets --json
+    """
+    from cachekd.config import PRESET_DIR, list_presets, preset_description
 
     if show:
         from cachekd.config import load_yaml
 
         load_yaml(show)  # refuses unknown names with the list
-        click.echo((PRESET_DIR / f"{show.removesuffix('.yaml')}.yaml").read_text())
+        text = (PRESET_DIR / f"{show.removesuffix('.yaml')}.yaml").read_text()
+        if as_json:
+            echo_json({"name": show.removesuffix(".yaml"), "description": preset_description(show), "yaml": text})
+        else:
+            click.echo(text)
         return
-    for name in list_presets():
-        first = (PRESET_DIR / f"{name}.yaml").read_text().splitlines()[0].lstrip("# ")
-        click.echo(f"{name:34s} {first}")
+    items = [{"name": name, "description": preset_description(name)} for name in list_presets()]
+    if as_json:
+        echo_json(items)
+        return
+    for it in items:
+        click.echo(f"{it['name']:34s} {it['description']}")

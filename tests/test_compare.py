@@ -64,7 +64,7 @@ def test_compare_writes_parseable_md_csv_png(runs, tmp_path):
     assert float(ce["dev_ppl"]) == pytest.approx(2.718281828 ** 3, rel=1e-6)
     assert kd["dev_from"] == "train" and float(kd["dev_loss"]) == pytest.approx(4.0 * 0.97 ** 30 + 0.1)
     assert float(kd["mp_macro_acc"]) == pytest.approx(0.65) and float(kd["acc:morphology"]) == pytest.approx(0.8)
-    assert live["mode"] == "(running)" and live["steps"] == "12" and live["mp_macro_acc"] == ""
+    assert live["mode"] == "(unfinished)" and live["steps"] == "12" and live["mp_macro_acc"] == ""
     assert float(live["dev_loss"]) == pytest.approx(5.0 * 0.97 ** 10 + 0.1)  # its last dev line
     assert r["columns"][-2:] == ["acc:morphology", "acc:syntax"]
 
@@ -74,7 +74,53 @@ def test_compare_writes_parseable_md_csv_png(runs, tmp_path):
     header = [c.strip() for c in table[0].strip("|").split("|")]
     assert header == r["columns"]
     assert all(len(line.strip("|").split("|")) == len(header) for line in table)
-    assert "curves.png" in md and "accuracy_by_group.png" in md and "in progress" in md
+    assert "curves.png" in md and "accuracy_by_group.png" in md and "unfinished" in md and "running" not in md
+    assert r["replaced"] == []
+
+
+def test_compare_tells_running_from_unfinished(runs, tmp_path):
+    """A run without a summary is "(running)" only while the process named in its running.json lives."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    live = runs[2]
+    (live / "running.json").write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
+    r = compare_runs([live], tmp_path / "cmp")
+    assert r["rows"][0]["mode"] == "(running)"
+    assert "(running: no summary.json yet)" in Path(r["files"]["markdown"]).read_text()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                          check=True)
+    (live / "running.json").write_text(json.dumps({"pid": int(dead.stdout), "host": socket.gethostname()}))
+    assert compare_runs([live], tmp_path / "cmp")["rows"][0]["mode"] == "(unfinished)"  # crashed or killed
+    # another machine: running while its metrics keep changing
+    (live / "running.json").write_text(json.dumps({"pid": 1, "host": "elsewhere-" + socket.gethostname()}))
+    assert compare_runs([live], tmp_path / "cmp")["rows"][0]["mode"] == "(running)"
+    old = (live / "metrics.jsonl").stat().st_mtime - 3600
+    os.utime(live / "metrics.jsonl", (old, old))
+    assert compare_runs([live], tmp_path / "cmp")["rows"][0]["mode"] == "(unfinished)"
+    # a finished run is never either
+    assert compare_runs([runs[0]], tmp_path / "cmp")["rows"][0]["mode"] == "train"
+
+
+def test_compare_dev_loss_only_from_the_whole_dev_split(runs, tmp_path):
+    ce, _, live = runs
+    ev = json.loads((ce / "eval.json").read_text())
+    part = {"split": "dev", "loss": 9.0, "num_windows": 50, "max_windows": 50, "complete": False}
+    train = {"split": "train", "loss": 8.0, "num_windows": 50, "max_windows": 50, "complete": False}
+    ev["losses"] = {"dev:first50": part, "train:first50": train}
+    del ev["dev"]
+    (ce / "eval.json").write_text(json.dumps(ev))
+    row = compare_runs([ce], tmp_path / "cmp")["rows"][0]
+    assert row["dev_from"] == "train" and row["dev_loss"] == pytest.approx(5.0 * 0.97 ** 30 + 0.1)
+    (ce / "summary.json").unlink()
+    (ce / "metrics.jsonl").write_text(
+        "".join(json.dumps(x) + "\n" for x in read_metrics(live / "metrics.jsonl") if x["kind"] == "train"))
+    row = compare_runs([ce], tmp_path / "cmp")["rows"][0]
+    assert row["dev_from"] == "eval:first50" and row["dev_loss"] == 9.0  # labelled, and never the train split's 8.0
+    md = Path(compare_runs([ce], tmp_path / "cmp")["files"]["markdown"]).read_text()
+    assert "`eval:firstN`" in md
 
 
 def test_compare_without_eval_has_no_accuracy_plot(runs, tmp_path):
@@ -112,9 +158,14 @@ def test_cli_compare(runs, tmp_path):
     assert res.exit_code == 0, res.output
     assert "kd-forward" in res.output and str(out / "compare.md") in res.output
     assert (out / "compare.csv").exists() and (out / "curves.png").exists()
+    assert "Replaced" not in res.output
     res = invoke("compare", *runs[:2], "--out", out, "--json")
     assert res.exit_code == 0
     assert [row["run"] for row in json.loads(res.stdout)["rows"]] == ["ce", "kd-forward"]
+    assert set(json.loads(res.stdout)["replaced"]) == {"compare.md", "compare.csv", "curves.png",
+                                                      "accuracy_by_group.png"}
+    res = invoke("compare", *runs[:2], "--out", out)
+    assert res.exit_code == 0 and f"Replaced the earlier comparison in {out} (compare.md" in res.output
     res = invoke("compare", runs[0], tmp_path / "missing-run")
     assert_one_clean_error(res, "missing-run", "does not exist")
     # default output directory: next to the runs
@@ -132,7 +183,7 @@ def test_eval_then_compare_end_to_end(store, tmp_path):
     pairs.mkdir()
     for uid, recs in demo_data.generate_minimal_pairs(3).items():
         (pairs / f"{uid}.jsonl").write_text("".join(json.dumps(x) + "\n" for x in recs))
-    res = invoke("eval", run, "--dev", store.path, "--minimal-pairs", pairs, "--quiet", "--max-windows", 4)
+    res = invoke("eval", run, "--dev", store.path, "--minimal-pairs", pairs, "--quiet")  # the whole dev split
     assert res.exit_code == 0, res.output
     r = compare_runs([run], tmp_path / "cmp")
     row = r["rows"][0]

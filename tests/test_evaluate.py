@@ -278,11 +278,14 @@ def test_evaluate_bundle_and_save(store, tmp_path):
     assert r["run_dir"] == str(run) and r["model"] == str(run / "model")
     assert r["num_params"] == sum(p.numel() for p in model.parameters())
     assert r["dev"]["loss"] == pytest.approx(dev_loss(model, store, max_windows=4, progress=False)["loss"], rel=1e-6)
+    assert r["dev"]["key"] == "dev:first4" and not r["dev"]["complete"]
     path = save_eval(r, run)
     only_dev = evaluate(run, dev_store=store.path, max_windows=2, progress=False)
     save_eval(only_dev, run)
     saved = json.loads(path.read_text())
-    assert saved["dev"]["num_windows"] == 2 and saved["minimal_pairs"]["num_pairs"] == 3  # kept: same checkpoint
+    assert saved["minimal_pairs"]["num_pairs"] == 3  # kept: same checkpoint
+    assert {k: v["num_windows"] for k, v in saved["losses"].items()} == {"dev:first2": 2, "dev:first4": 4}
+    assert "dev" not in saved  # the top-level "dev" is only ever the whole dev split
     with pytest.raises(CachekdError, match="not a logit cache"):
         evaluate(run, dev_store=store.path, against_cache=tmp_path)
     with pytest.raises(CachekdError, match="nothing to evaluate"):
@@ -369,3 +372,48 @@ def test_against_cache_teacher_agrees_with_itself(tmp_path, store_path, teacher_
         other = evaluate(teacher_b_path, dev_store=store_path, against_cache=c, progress=False)["against_cache"]
         (res_b,) = other["teachers"].values()
         assert res_b["kl"] > 10 * max(res["kl"], 1e-4)
+
+
+def test_eval_results_are_kept_by_what_was_measured(store, tmp_path):
+    """A quick train-split check never replaces the run's dev loss; compare reports only the whole dev split."""
+    from cachekd.compare import compare_runs
+
+    run = make_run(tmp_path, "run", tiny_model(store.vocab_size), store.load_tokenizer())
+    pairs = _write_jsonl(tmp_path / "p" / "x.jsonl", demo_data.generate_minimal_pairs(3)["transitive"])
+    res = invoke("eval", run, "--dev", store.path, "--minimal-pairs", pairs, "--quiet")
+    assert res.exit_code == 0, res.output
+    assert f"Saved to {run / 'eval.json'}" in res.output and "losses['dev']" in res.output
+    full = json.loads((run / "eval.json").read_text())["dev"]
+    assert full["complete"] and full["split"] == "dev" and full["num_windows"] == store.num_windows("dev")
+
+    res = invoke("eval", run / "model", "--dev", store.path, "--split", "train", "--max-windows", 5, "--quiet")
+    assert res.exit_code == 0, res.output
+    assert "losses['train:first5']" in res.output and "does not report it" in res.output
+    saved = json.loads((run / "eval.json").read_text())
+    assert saved["dev"] == full and saved["minimal_pairs"]["num_pairs"] == 3
+    assert saved["losses"]["train:first5"]["split"] == "train" and saved["losses"]["dev"] == full
+    row = compare_runs([run], tmp_path / "cmp")["rows"][0]
+    assert row["dev_loss"] == pytest.approx(full["loss"]) and row["dev_from"] == "eval"
+
+    # an eval.json from before the keyed losses: a train-split "dev" entry is never taken for the dev loss
+    legacy = {"model": str(run / "model"), "checkpoint_fingerprint": saved["checkpoint_fingerprint"],
+              "dev": {**saved["losses"]["train:first5"], "max_windows": 5}}
+    for k in ("complete", "key", "split_windows"):
+        legacy["dev"].pop(k)
+    (run / "eval.json").write_text(json.dumps(legacy))
+    row = compare_runs([run], tmp_path / "cmp")["rows"][0]
+    assert row["dev_from"] == "train"  # the trainer's own dev loss instead
+    save_eval(evaluate(run, dev_store=store.path, max_windows=3, progress=False), run)
+    saved = json.loads((run / "eval.json").read_text())
+    assert set(saved["losses"]) == {"train:first5", "dev:first3"} and "dev" not in saved
+
+
+def test_eval_of_an_unfinished_run_says_so(store, tmp_path):
+    run = tmp_path / "unfinished"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.yaml").write_text("name: u\ndistill:\n  cache: c\n")
+    (run / "metrics.jsonl").write_text("")
+    (run / "checkpoints" / "step_00000100.pt").write_bytes(b"")
+    for target in (run, run / "model"):
+        res = invoke("eval", target, "--dev", store.path, "--quiet")
+        assert_one_clean_error(res, "has not finished", "step 100", f"cachekd distill -c {run / 'config.yaml'} --resume")

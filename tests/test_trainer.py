@@ -223,7 +223,9 @@ def test_refusals_via_cli(tmp_path, runner, store_path, caches, corpus):
     assert_clean_error(r, "temperatures 1, 2 only", "not 3")
     r = invoke(runner, base + ["--cache", caches / "topk", "-o", tmp_path / "r2", "--temperature", "1",
                                "--alpha", "0.5", "--tail-mode", "bucket", "--teacher-combine", "losses"])
-    assert_clean_error(r, "tail_mode")
+    assert_clean_error(r, "tail_mode", "--tail-mode uniform")
+    r = invoke(runner, base + ["--cache", caches / "topk", "-o", tmp_path / "r2", "--temperature", "1"])
+    assert_clean_error(r, "--tail-mode uniform", "--teacher-combine losses")  # two top-k teachers combined by logits
     r = invoke(runner, base + ["--cache", caches / "topk", "-o", tmp_path / "r3", "--objective", "nonsense"])
     assert_clean_error(r, "objective")
     tok = str(Path(store_path) / "tokenizer")
@@ -255,3 +257,328 @@ def test_refusals_via_cli(tmp_path, runner, store_path, caches, corpus):
     assert_clean_error(r, "--force")
     r = invoke(runner, ["train", "--store", store_path, "-o", tmp_path / "r7", "--set", "nonsense.key=1"])
     assert_clean_error(r, "unknown option 'nonsense'")
+
+
+# ---------------------------------------------------------------------------------------------- config checks
+
+
+TINY_CLI = ["--set", "model.hidden_size=32", "--set", "model.num_layers=1", "--set", "model.num_heads=2",
+            "--set", "model.intermediate_size=32", "--batch-size", "8", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, store_path, caches):
+    """A finished distillation run, made through the CLI (its files are checked, never changed, by the tests)."""
+    from click.testing import CliRunner
+
+    out = tmp_path_factory.mktemp("finished") / "run"
+    r = invoke(CliRunner(), ["distill", "--store", store_path, "--cache", caches / "topk", "-o", out, "--max-steps",
+                             "2", "--temperature", "1", "--teacher-combine", "losses", *TINY_CLI])
+    assert r.exit_code == 0, r.output
+    return out
+
+
+def _snapshot(d: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("args,fragments", [
+    (["--alpha", "2", "--tail-mode", "uniform"], ["distill.alpha", "--alpha", "[0, 1]", "got 2.0"]),
+    (["--alpha", "-0.5", "--tail-mode", "uniform"], ["--alpha", "[0, 1]"]),
+    (["--ce-weight", "1.5"], ["distill.ce_weight", "--ce-weight", "[0, 1]"]),
+    (["--ce-weight", "-0.1"], ["--ce-weight", "[0, 1]"]),
+    (["--temperature", "0"], ["--temperature", "positive"]),
+    (["--temperature", "-2"], ["--temperature", "positive"]),
+    (["--device", "banana"], ["--device", "banana", "cpu", "cuda:N", "mps"]),
+    (["--max-steps", "0"], ["--max-steps", "at least 1"]),
+    (["--max-steps", "-5"], ["--max-steps", "at least 1"]),
+    (["--max-time", "0"], ["--max-time", "positive"]),
+    (["--epochs", "0", "--set", "optim.max_steps=null"], ["optim.epochs", "at least 1"]),
+    (["--chunk-size", "0"], ["--chunk-size", "at least 1"]),
+    (["--set", "distill.alpha={kind: linear, start: 0.9, end: 1.5}", "--tail-mode", "uniform"],
+     ["distill.alpha.end", "[0, 1]"]),
+    (["--set", "distill.beta=3"], ["distill.beta", "[0, 1]"]),
+    (["--set", "log_every=0"], ["log_every", "at least 1"]),
+    (["--set", "keep_checkpoints=0"], ["keep_checkpoints", "at least 1"]),
+    (["--set", "data.prefetch=0"], ["data.prefetch", "at least 1"]),
+    (["--set", "optim.beta2=1.5"], ["optim.beta2", "[0, 1)"]),
+    (["--set", "model.num_heads=0"], ["model.num_heads", "at least 1"]),
+])
+def test_bad_values_refused_before_the_run_directory_is_touched(tmp_path, runner, store_path, caches, finished_run,
+                                                                 args, fragments):
+    """Every bad value is one clean sentence naming the key/option and the range; a new output directory is not
+    created, and --force over a finished run leaves every file of it as it was."""
+    base = ["distill", "--store", store_path, "--cache", caches / "topk", "--temperature", "1", "--teacher-combine",
+            "losses", "--max-steps", "2", *TINY_CLI]
+    r = invoke(runner, base + ["-o", tmp_path / "new", *args])
+    assert_clean_error(r, *fragments)
+    assert not (tmp_path / "new").exists()
+    before = _snapshot(finished_run)
+    r = invoke(runner, base + ["-o", finished_run, "--force", *args])
+    assert_clean_error(r, *fragments)
+    assert _snapshot(finished_run) == before
+
+
+def test_config_checks_in_the_library():
+    from cachekd.errors import CachekdError
+
+    with pytest.raises(CachekdError, match=r"optim.max_steps \(--max-steps\) must be a whole number of at least 1"):
+        load_train_config({"output": "x", "optim": {"max_steps": 0}})
+    with pytest.raises(CachekdError, match="distill.temperature.end"):
+        load_train_config({"output": "x", "distill": {"temperature": {"kind": "linear", "start": 2, "end": 0}}})
+    # an epoch_linear floor of 0 never reaches 0: allowed; a constant schedule's unused end is not checked
+    load_train_config({"output": "x", "distill": {"temperature": {"kind": "epoch_linear", "start": 2, "end": 0},
+                                                  "alpha": {"kind": "constant", "start": 0.5, "end": 7}}})
+    load_train_config({"output": "x", "optim": {"max_steps": None, "max_time_s": 0.0}})
+
+
+def test_resolve_device_names_the_valid_forms():
+    from cachekd.distributed import resolve_device
+    from cachekd.errors import CachekdError
+
+    assert resolve_device("cpu").type == "cpu"
+    assert resolve_device("auto").type in ("cpu", "cuda")
+    for bad in ("banana", "meta", "CPU", ""):
+        with pytest.raises(CachekdError, match="cpu, cuda, cuda:N"):
+            resolve_device(bad)
+    if not torch.cuda.is_available():
+        with pytest.raises(CachekdError, match="no CUDA GPU"):
+            resolve_device("cuda:0")
+
+
+def test_train_with_a_distill_preset_suggests_distill_null(tmp_path, runner, store_path):
+    r = invoke(runner, ["train", "-c", "babyllama-student-58m", "--store", store_path, "-o", tmp_path / "x"])
+    assert r.exit_code != 0 and "cachekd distill" in r.output and "--set distill=null" in r.output, r.output
+    assert not (tmp_path / "x").exists()
+
+
+def test_stopped_by_says_epochs_or_steps(tmp_path, store_path):
+    s = run(_cfg(store_path, tmp_path / "e", **{"optim.max_steps": None, "optim.epochs": 1, "data.batch_size": 64}),
+            progress=False)
+    assert s["stopped_by"] == "epochs" and s["steps"] >= 1
+    s = run(_cfg(store_path, tmp_path / "s", **{"optim.max_steps": 2}), progress=False)
+    assert s["stopped_by"] == "steps" and s["steps"] == 2
+
+
+def test_human_summary_is_rounded_and_json_exact(tmp_path, runner, store_path, caches):
+    base = ["distill", "--store", store_path, "--cache", caches / "topk", "--temperature", "1", "--teacher-combine",
+            "losses", "--max-steps", "2", *TINY_CLI]
+    r = invoke(runner, base + ["-o", tmp_path / "h"])
+    assert r.exit_code == 0, r.output
+    lines = {ln.split()[0]: ln.split(None, 1)[1] for ln in r.output.splitlines()[1:] if ln.strip()}
+    assert lines["teachers"] == "teacher_a, teacher_b"
+    tps = lines["tokens_per_s"].replace(",", "")
+    assert len(tps.replace(".", "").lstrip("0")) <= 5, lines["tokens_per_s"]  # 4-5 significant digits, not 16
+    r = invoke(runner, base + ["-o", tmp_path / "j", "--json"])
+    out = json.loads(r.stdout)
+    assert out["teachers"] == ["teacher_a", "teacher_b"] and isinstance(out["tokens_per_s"], float)
+
+
+# ---------------------------------------------------------------------------------------------- --force, --resume
+
+
+def test_force_removes_only_what_cachekd_wrote(tmp_path, runner, store_path):
+    out = tmp_path / "run"
+    base = ["train", "--store", store_path, "-o", out, "--max-steps", "2", *TINY_CLI]
+    r = invoke(runner, base)
+    assert r.exit_code == 0, r.output
+    (out / "mynotes.txt").write_text("my notes")
+    (out / "plots").mkdir()
+    (out / "plots" / "a.png").write_bytes(b"png")
+    (out / "eval.json").write_text("{}")
+    (out / ".summary.json.x1y2.tmp").write_text("{")  # left by a crash in the middle of an atomic write
+    old_model = (out / "model" / "model.safetensors").read_bytes()
+    r = invoke(runner, base + ["--force", "--seed", "1"])
+    assert r.exit_code == 0, r.output
+    assert "kept what cachekd did not write there: mynotes.txt, plots" in r.output
+    assert (out / "mynotes.txt").read_text() == "my notes" and (out / "plots" / "a.png").read_bytes() == b"png"
+    assert not (out / "eval.json").exists()  # it described the replaced model
+    assert not (out / ".summary.json.x1y2.tmp").exists()
+    assert (out / "model" / "model.safetensors").read_bytes() != old_model
+    assert load_yaml(out / "config.yaml")["seed"] == 1
+    # a directory that is not a cachekd run is never touched, --force or not
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "data.txt").write_text("x")
+    r = invoke(runner, ["train", "--store", store_path, "-o", other, "--max-steps", "2", "--force", *TINY_CLI])
+    assert_clean_error(r, "not a cachekd run")
+    assert (other / "data.txt").read_text() == "x"
+
+
+def test_resume_before_the_first_checkpoint_starts_from_step_zero(tmp_path, store_path):
+    from cachekd.errors import CachekdError
+    from cachekd.trainer import Trainer
+
+    cfg = _cfg(store_path, tmp_path / "r", **{"optim.max_steps": 4})
+    Trainer(cfg, progress=False)  # the run directory is made; then the process "dies" before any checkpoint
+    assert (tmp_path / "r" / "config.yaml").exists() and not (tmp_path / "r" / "checkpoints").exists()
+    with pytest.raises(CachekdError, match="different config"):
+        run(_cfg(store_path, tmp_path / "r", **{"optim.max_steps": 4, "optim.lr": 1e-3}), resume=True, progress=False)
+    s = run(cfg, resume=True, progress=False)
+    assert s["steps"] == 4
+    ref = run(_cfg(store_path, tmp_path / "ref", **{"optim.max_steps": 4}), progress=False)
+    wa, wb = _weights(tmp_path / "r"), _weights(tmp_path / "ref")
+    assert ref["steps"] == 4 and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+# ---------------------------------------------------------------------------------------------- interrupts
+
+# The CLI in a subprocess with every optimizer step slowed by 50 ms (the weights are unaffected), so that the
+# signal reliably arrives mid-run.
+SLOW_CLI = ("import sys, time\n"
+            "import cachekd.trainer as t\n"
+            "step = t.Trainer.train_step\n"
+            "def slow(self, batch):\n"
+            "    time.sleep(0.05)\n"
+            "    return step(self, batch)\n"
+            "t.Trainer.train_step = slow\n"
+            "from cachekd_cli.main import main\n"
+            "sys.argv[0] = 'cachekd'\n"
+            "main()\n")
+
+
+def _train_lines(run_dir: Path) -> list[dict]:
+    p = run_dir / "metrics.jsonl"
+    if not p.exists():
+        return []
+    out = []
+    for ln in p.read_text().splitlines():
+        try:
+            rec = json.loads(ln)
+        except ValueError:
+            continue
+        if rec.get("kind") == "train":
+            out.append(rec)
+    return out
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_interrupt_saves_a_checkpoint_at_the_step_and_resume_is_exact(tmp_path, store_path, caches, sig):
+    import signal
+    import time
+
+    distill = {"cache": str(caches / "topk"), "objective": "forward_kl", "temperature": 1.0,
+               "teacher_combine": "losses"}
+    cfg = _cfg(store_path, tmp_path / "run", distill, **{"optim.max_steps": 60, "save_every": 1000})
+    from cachekd.config import save_yaml
+
+    save_yaml(tmp_path / "cfg.yaml", cfg)
+    args = ["distill", "-c", str(tmp_path / "cfg.yaml"), "--quiet", "--device", "cpu"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_CLI, *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while len(_train_lines(tmp_path / "run")) < 3:
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "no training progress"
+            time.sleep(0.02)
+        proc.send_signal(getattr(signal, sig))
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 128 + getattr(signal, sig), stdout + stderr
+    assert "Traceback" not in stderr and "Traceback" not in stdout, stderr
+    step = _train_lines(tmp_path / "run")[-1]["step"]
+    assert 3 <= step < 60
+    ckpt = tmp_path / "run" / "checkpoints" / f"step_{step:08d}.pt"
+    assert ckpt.exists(), list((tmp_path / "run").rglob("*"))
+    assert f"at step {step} of 60" in stderr and str(ckpt) in stderr, stderr
+    cont = stderr.split("Continue with: ", 1)[1].strip()
+    assert cont.startswith("cachekd distill") and cont.endswith("--resume") and "--force" not in cont, cont
+    assert not (tmp_path / "run" / "running.json").exists()
+    assert not (tmp_path / "run" / "summary.json").exists()
+    # the printed command continues the run (here in-process, without the slow-down)
+    import shlex
+
+    from click.testing import CliRunner
+
+    r = invoke(CliRunner(), shlex.split(cont)[1:])
+    assert r.exit_code == 0, r.output
+    steps = [x["step"] for x in _train_lines(tmp_path / "run")]
+    assert steps == list(range(1, 61))
+    ref = run(_cfg(store_path, tmp_path / "ref", distill, **{"optim.max_steps": 60, "save_every": 1000}),
+              progress=False)
+    wa, wb = _weights(tmp_path / "run"), _weights(tmp_path / "ref")
+    assert ref["steps"] == 60 and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_interrupt_handler_is_restored_and_second_signal_aborts(tmp_path, store_path, monkeypatch):
+    """In-process: the first SIGINT asks for a stop at the next step boundary; a second one raises
+    KeyboardInterrupt at once; the previous handler is back afterwards, whatever happened."""
+    import signal
+
+    from cachekd.trainer import Trainer, TrainingInterrupted
+
+    before = signal.getsignal(signal.SIGINT)
+    t = Trainer(_cfg(store_path, tmp_path / "a", **{"optim.max_steps": 20}), progress=False)
+    real = Trainer.train_step
+    calls = []
+
+    def step_then_signal(self, batch):
+        out = real(self, batch)
+        calls.append(1)
+        if len(calls) == 2:
+            signal.raise_signal(signal.SIGINT)
+        return out
+
+    monkeypatch.setattr(Trainer, "train_step", step_then_signal)
+    with pytest.raises(TrainingInterrupted) as e:
+        t.train()
+    assert e.value.step == 2 and e.value.checkpoint.exists() and signal.getsignal(signal.SIGINT) == before
+
+    t = Trainer(_cfg(store_path, tmp_path / "b", **{"optim.max_steps": 20}), progress=False)
+    calls.clear()
+
+    def two_signals(self, batch):
+        out = real(self, batch)
+        calls.append(1)
+        if len(calls) == 2:
+            signal.raise_signal(signal.SIGINT)
+            signal.raise_signal(signal.SIGINT)
+        return out
+
+    monkeypatch.setattr(Trainer, "train_step", two_signals)
+    with pytest.raises(KeyboardInterrupt) as e:
+        t.train()
+    assert type(e.value) is KeyboardInterrupt  # aborted at once, not stopped at a step boundary
+    assert signal.getsignal(signal.SIGINT) == before
+    assert not (tmp_path / "b" / "running.json").exists()
+
+
+def test_interrupt_message_from_the_run_directory(tmp_path, store_path):
+    from cachekd.trainer import run_state
+
+    assert run_state(tmp_path / "none") == {"exists": False, "is_run": False, "finished": False,
+                                            "last_checkpoint_step": None}
+    d = tmp_path / "r"
+    (d / "checkpoints").mkdir(parents=True)
+    (d / "config.yaml").write_text("name: r\n")
+    (d / "checkpoints" / "step_00000042.pt").write_bytes(b"")
+    assert run_state(d)["last_checkpoint_step"] == 42 and not run_state(d)["finished"]
+
+
+# ---------------------------------------------------------------------------------------------- presets
+
+
+def test_presets_list_json_and_complete_descriptions(runner):
+    r = invoke(runner, ["presets", "--json"])
+    assert r.exit_code == 0, r.output
+    items = json.loads(r.stdout)
+    assert [x["name"] for x in items] == list_presets()
+    for x in items:
+        assert x["description"] and x["description"].endswith((".", ")")), x  # a whole sentence, not cut off
+    r = invoke(runner, ["presets"])
+    assert "babyllama2-345m" in r.output and "α = 0.5." in r.output
+    assert "Example" in invoke(runner, ["presets", "--help"]).output
+
+
+@pytest.mark.parametrize("name,count", [("tiny-teacher", 1_303_680), ("tiny-student", 355_136)])
+def test_preset_parameter_counts_are_right(name, count):
+    from cachekd.config import from_dict, preset_description
+    from cachekd.models import ModelConfig, build_model, count_parameters
+
+    m = build_model(from_dict(ModelConfig, load_yaml(name)["model"], "model"), 2000, 64)
+    assert count_parameters(m) == count
+    assert f"{count / 1e6:.2f}M parameters at vocab 2000" in preset_description(name)
