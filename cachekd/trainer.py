@@ -533,7 +533,11 @@ class Trainer:
         ckpts = sorted(self._ckpt_dir().glob("step_*.pt")) if self.out.exists() else []
         is_run = (self.out / "config.yaml").exists()
         finished = (self.out / "summary.json").exists()
+        if resume and finished:
+            raise CachekdError(f"the run in {str(self.out)!r} already finished; nothing to resume (pass --force to "
+                               f"train it again, or choose another output).")
         if resume and ckpts:
+            self._check_same_length()
             self._load_checkpoint(ckpts[-1])
             return
         if resume and exists:
@@ -572,6 +576,25 @@ class Trainer:
             import torch.distributed as dist
 
             dist.barrier()
+
+    def _check_same_length(self) -> None:
+        """Refuse to resume with another optim.max_steps: the learning-rate (and α, τ) schedules run over the run's
+        planned length, so changing it midway would jump them (a cosine ending at 20 steps restarted high for 40)."""
+        import yaml
+
+        try:
+            saved = (yaml.safe_load((self.out / "config.yaml").read_text()) or {}).get("optim", {}).get("max_steps")
+        except (yaml.YAMLError, OSError, AttributeError):
+            return  # an unreadable config.yaml is reported by the checkpoint's own config check
+        if saved != self.cfg.optim.max_steps:
+            def show(v):
+                return "unset (the epochs decide)" if v is None else str(v)
+            raise CachekdError(
+                f"the run in {str(self.out)!r} was planned for max_steps {show(saved)} and this command asks for "
+                f"{show(self.cfg.optim.max_steps)}; its schedules run over the planned length, so resume "
+                f"{'with --max-steps ' + str(saved) if saved is not None else 'without --max-steps'}, or start a new "
+                f"run (another --output, or --force)."
+            )
 
     def _check_saved_config(self) -> None:
         """Refuse to resume a run directory whose config.yaml differs from this config (beyond runtime options)."""

@@ -421,6 +421,28 @@ def test_resume_before_the_first_checkpoint_starts_from_step_zero(tmp_path, stor
     assert ref["steps"] == 4 and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+def test_resume_refuses_another_length_and_finished_runs(tmp_path, store_path):
+    """A resumed run keeps its planned max_steps (its cosine schedule ends there); a finished run has nothing to
+    resume."""
+    from cachekd.errors import CachekdError
+    from cachekd.trainer import Trainer
+
+    cfg = _cfg(store_path, tmp_path / "r", **{"optim.max_steps": 6})
+    t = Trainer(cfg, progress=False)
+    it = t.batches()
+    for _ in range(2):
+        t.train_step(next(it))
+        t.step += 1
+    t._save_checkpoint()
+    it.close()
+    del t
+    with pytest.raises(CachekdError, match="planned for max_steps 6 and this command asks for 12.*--max-steps 6"):
+        run(_cfg(store_path, tmp_path / "r", **{"optim.max_steps": 12}), resume=True, progress=False)
+    assert run(cfg, resume=True, progress=False)["steps"] == 6
+    with pytest.raises(CachekdError, match="already finished; nothing to resume"):
+        run(cfg, resume=True, progress=False)
+
+
 # ---------------------------------------------------------------------------------------------- interrupts
 
 # The CLI in a subprocess with every optimizer step slowed by 50 ms (the weights are unaffected), so that the
