@@ -134,10 +134,13 @@ def resolve_teachers(specs: list[str], registry: str | None = None) -> list[tupl
                 f"pass each teacher once."
             )
         given[d.resolve()] = spec
+        explicit = bool(name)
         if not name:
             name = (d.parent.name if d.name == "model" else d.name) or "teacher"
         name = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
-        if name in (n for n, _ in out):
+        if explicit and name in (n for n, _ in out):
+            raise CachekdError(f"the teacher name {name!r} is given twice ({spec!r}); give each teacher its own name.")
+        if name in (n for n, _ in out):  # two directories with the same folder name: number the second
             i = 2
             while f"{name}-{i}" in (n for n, _ in out):
                 i += 1

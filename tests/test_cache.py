@@ -94,6 +94,11 @@ def test_full_mode_round_trip(tmp_path, runner, store_path, teacher_path):
     assert "full logits" in text and "None" not in text, text
     info = json.loads(invoke(runner, ["info", tmp_path / "c", "--json"]).output)
     assert info["mode"] == "full" and info["k"] is None and info["temperatures"] == []
+    # verify --recompute measures the fp16 storage error against the fp32 logits: above 0, within fp16 rounding
+    r = invoke(runner, ["verify", tmp_path / "c", "--recompute", "4", "--json", "--quiet"])
+    assert r.exit_code == 0, r.output
+    diff = json.loads(r.output)["recompute"][cache.teachers[0]]["max_abs_logit_diff"]
+    assert 0 < diff <= float(z.abs().max()) * 2 ** -11 * 1.01
 
 
 def test_two_teachers_and_info(tmp_path, runner, store_path, teacher_path, teacher_b_path):
@@ -381,6 +386,21 @@ def test_overwritten_bytes_fail_the_checksum(tmp_path, runner, store_path, teach
     assert any("teacher 'teacher_a': the logprobs data cannot be read (checksum mismatch)" in p for p in rep["problems"])
 
 
+@pytest.mark.parametrize("name", ["logprobs", "tail_lse"])
+def test_deleted_chunk_file_is_reported_not_read_as_zeros(tmp_path, runner, store_path, teacher_path, name):
+    """zarr reads a missing chunk file as zeros; a deleted top-k chunk file is a damaged chunk instead (reads,
+    verify and --repair), not silently zero log-probabilities or tails."""
+    out = tmp_path / "c"
+    _precompute(runner, store_path, [teacher_path], out, "--top-k", "8")
+    _chunk_file(out, "train", "teacher_a", name, 1).unlink()
+    with pytest.raises(Exception, match=f"chunk 1 .*{name} file is missing.*cachekd verify"):
+        LogitCache.open(out).read_chunk("train", 1)
+    LogitCache.open(out).read_chunk("train", 0)  # the others read
+    r = invoke(runner, ["verify", out, "--quiet", "--json"])
+    rep = json.loads(r.output)
+    assert r.exit_code == 1 and rep["damaged_chunks"] == {"train": [1]}
+
+
 def test_cache_without_checksums_still_reads(tmp_path, runner, store_path, teacher_path, monkeypatch):
     from cachekd.cache import format as fmt
     from cachekd.cache.reader import DamagedChunkError
@@ -446,7 +466,7 @@ def test_missing_done_marker_means_incomplete(tmp_path, runner, store_path, teac
     assert r.exit_code == 0, r.output
 
 
-def test_same_teacher_twice_is_refused(tmp_path, runner, store_path, teacher_path):
+def test_same_teacher_twice_is_refused(tmp_path, runner, store_path, teacher_path, teacher_b_path):
     base = ["precompute", "--store", store_path, "--quiet", "--top-k", "4"]
     r = invoke(runner, base + ["--teacher", teacher_path, "--teacher", f"other={teacher_path}", "-o", tmp_path / "o1"])
     assert_clean_error(r, f"teacher 'other={teacher_path}' is the same checkpoint as teacher '{teacher_path}'",
@@ -456,3 +476,7 @@ def test_same_teacher_twice_is_refused(tmp_path, runner, store_path, teacher_pat
     r = invoke(runner, base + ["--teacher", teacher_path, "--teacher", copy, "-o", tmp_path / "o2"])
     assert_clean_error(r, "teacher_a", "copy_of_a", "same checkpoint", "identical")
     assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
+    # one explicit name for two different checkpoints
+    r = invoke(runner, base + ["--teacher", f"a={teacher_path}", "--teacher", f"a={teacher_b_path}", "-o", tmp_path / "o3"])
+    assert_clean_error(r, "the teacher name 'a' is given twice", "its own name")
+    assert not (tmp_path / "o3").exists()

@@ -197,6 +197,8 @@ class LogitCache:
         """Windows [start, stop) of one array; a chunk that cannot be read or decoded is a DamagedChunkError
         naming the split, teacher, array, chunk and windows, and saying how to repair it."""
         arr = self._array(split, teacher, name)
+        if self.mode == "topk":
+            self._check_chunk_files(arr, split, teacher, name, start, stop)
         try:
             return arr[start:stop]
         except (PermissionError, MemoryError):
@@ -218,6 +220,22 @@ class LogitCache:
                 f"{name} data is corrupt or truncated ({reason}); " + REPAIR_HINT.format(path=self.path),
                 split=split, teacher=teacher, array=name, chunk=chunk, reason=reason,
             ) from e
+
+    def _check_chunk_files(self, arr, split: str, teacher: str, name: str, start: int, stop: int) -> None:
+        """zarr reads a missing chunk file as the fill value (zeros) without a word. A top-k chunk can never be all
+        zeros (ids are distinct, log-probabilities and tails below 0), so zarr never skips writing one: a missing
+        file is a deleted one. (Full-logit chunks are not checked: a degenerate teacher could write all-zero
+        logits, which zarr stores as no file.)"""
+        ch = arr.chunks[0]
+        base = self.path / fmt.array_path(split, teacher, name)
+        for c in range(start // ch, (max(stop, start + 1) - 1) // ch + 1):
+            if not (base / arr.metadata.encode_chunk_key((c,) + (0,) * (arr.ndim - 1))).exists():
+                a, b = c * ch, min((c + 1) * ch, arr.shape[0])
+                raise DamagedChunkError(
+                    f"the {split} split's chunk {c} (windows {a} to {b - 1}) of teacher {teacher!r} in cache "
+                    f"{str(self.path)!r} cannot be read: its {name} file is missing; " + REPAIR_HINT.format(path=self.path),
+                    split=split, teacher=teacher, array=name, chunk=c, reason="file missing",
+                )
 
     def read(self, split: str, start: int, stop: int, teachers: Sequence[str] | None = None) -> dict[str, TeacherBlock]:
         """Decoded outputs of windows [start, stop) for each teacher. Raises DamagedChunkError (a CachekdError)
