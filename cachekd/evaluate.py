@@ -305,6 +305,8 @@ def read_pairs(path: str | Path) -> list[dict[str, Any]]:
             if not isinstance(rec.get(key), str):
                 what = "has no" if key not in rec else "has a non-text"
                 raise CachekdError(f"{str(p)!r} line {lineno} {what} {key!r} field.")
+            if not rec[key].strip():
+                raise CachekdError(f"{str(p)!r} line {lineno} has an empty {key!r}; every pair needs two sentences.")
         records.append(rec)
     if not records:
         raise CachekdError(f"{str(p)!r} holds no minimal pairs.")
@@ -489,7 +491,16 @@ def evaluate(
         from cachekd.cache.reader import LogitCache
 
         cache = LogitCache.open(against_cache)
-        cstore = store if store is not None else _open_store(cache.meta["token_store"]["path"])
+        if store is not None:
+            cstore = store
+        else:
+            recorded = cache.meta["token_store"]["path"]
+            if not Path(recorded).exists():
+                raise CachekdError(
+                    f"the token store this cache was built from ({recorded!r}) is not there any more; pass its new "
+                    f"location with --dev STORE."
+                )
+            cstore = _open_store(recorded)
         check_tokenizer_matches(model_dir, cstore)
         result["against_cache"] = agreement_with_cache(model, cache, cstore, split=split, batch_size=batch_size,
                                                        device=device, max_windows=max_windows, progress=progress)

@@ -243,6 +243,9 @@ def test_bad_pair_files(store, tmp_path):
                                                         {"sentence_good": "A."}])
     with pytest.raises(CachekdError, match="line 2 has no 'sentence_bad'"):
         minimal_pair_accuracy(model, tok, missing, progress=False)
+    empty = _write_jsonl(tmp_path / "empty_sentence.jsonl", [{"sentence_good": " ", "sentence_bad": "B."}])
+    with pytest.raises(CachekdError, match="line 1 has an empty 'sentence_good'"):
+        minimal_pair_accuracy(model, tok, empty, progress=False)
     with pytest.raises(CachekdError, match="holds no .jsonl"):
         minimal_pair_accuracy(model, tok, _empty_dir(tmp_path), progress=False)
 
@@ -372,6 +375,27 @@ def test_against_cache_teacher_agrees_with_itself(tmp_path, store_path, teacher_
         other = evaluate(teacher_b_path, dev_store=store_path, against_cache=c, progress=False)["against_cache"]
         (res_b,) = other["teachers"].values()
         assert res_b["kl"] > 10 * max(res["kl"], 1e-4)
+
+
+def test_against_cache_with_a_moved_store_says_pass_dev(tmp_path, store_path, teacher_path):
+    import shutil
+
+    from click.testing import CliRunner
+
+    from cachekd.errors import CachekdError
+    from cachekd.evaluate import evaluate
+    from tests.conftest import invoke
+
+    st = tmp_path / "st"
+    shutil.copytree(store_path, st)
+    r = invoke(CliRunner(), ["precompute", "--store", st, "--teacher", teacher_path, "-o", tmp_path / "c", "--quiet",
+                             "--top-k", "4"])
+    assert r.exit_code == 0, r.output
+    st.rename(tmp_path / "moved")
+    with pytest.raises(CachekdError, match="is not there any more; pass its new location with --dev STORE"):
+        evaluate(teacher_path, against_cache=tmp_path / "c", progress=False)
+    res = evaluate(teacher_path, dev_store=tmp_path / "moved", against_cache=tmp_path / "c", progress=False)
+    assert res["against_cache"]["teachers"]
 
 
 def test_eval_results_are_kept_by_what_was_measured(store, tmp_path):
