@@ -161,9 +161,11 @@ def run_row(run: dict[str, Any], name: str) -> dict[str, Any]:
 
 
 def _unique_names(runs: list[dict[str, Any]]) -> list[str]:
-    names = [str(r["summary"].get("name") or r["dir"].name) for r in runs]
+    """Runs are labelled by their directory (what the user chose with -o, and the same in every comparison);
+    config names are not used: a preset's name stays the same whatever options the run overrode."""
+    names = [r["dir"].name for r in runs]
     if len(set(names)) < len(names):
-        names = [r["dir"].name for r in runs]
+        names = [f"{r['dir'].parent.name}/{r['dir'].name}" for r in runs]
     if len(set(names)) < len(names):
         names = [f"{n}#{i + 1}" for i, n in enumerate(names)]
     return names

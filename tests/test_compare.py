@@ -192,3 +192,21 @@ def test_eval_then_compare_end_to_end(store, tmp_path):
     assert row["mp_macro_acc"] == pytest.approx(ev["minimal_pairs"]["macro_accuracy"])
     assert {"acc:morphology", "acc:syntax"} <= set(r["columns"])
     assert Path(r["files"]["accuracy_by_group"]).read_bytes()[:8] == PNG_MAGIC
+
+
+def test_runs_are_labelled_by_their_directory(store, tmp_path):
+    """Two runs made from one preset keep its name in summary.json; compare tells them apart by directory, the
+    same way in every comparison, and by parent/directory when the directory names collide."""
+    model, tok = tiny_model(store.vocab_size), store.load_tokenizer()
+    a = make_run(tmp_path / "x", "student-fkl", model, tok, steps=3)
+    b = make_run(tmp_path / "x", "student-rkl", model, tok, steps=3)
+    c = make_run(tmp_path / "y", "student-fkl", model, tok, steps=3)
+    for run in (a, b, c):
+        s = json.loads((run / "summary.json").read_text())
+        (run / "summary.json").write_text(json.dumps(s | {"name": "tiny-forward-kl"}))
+    rows = compare_runs([a, b], tmp_path / "cmp1")["rows"]
+    assert [r["run"] for r in rows] == ["student-fkl", "student-rkl"]
+    rows = compare_runs([a], tmp_path / "cmp2")["rows"]
+    assert [r["run"] for r in rows] == ["student-fkl"]
+    rows = compare_runs([a, c], tmp_path / "cmp3")["rows"]
+    assert [r["run"] for r in rows] == ["x/student-fkl", "y/student-fkl"]
