@@ -21,7 +21,7 @@ def _common(f):
                      help="YAML config file or the name of a shipped preset (see `cachekd presets`)."),
         click.option("--store", default=None, help="Token store (data.store)."),
         click.option("-o", "--output", default=None, help="Run directory to write (output)."),
-        click.option("--name", default=None, help="Run name shown in tables and plots."),
+        click.option("--name", default=None, help="Run name (config `name`), shown in progress bars and summary.json; `cachekd compare` labels runs by directory."),
         click.option("--max-steps", type=int, default=None, help="Stop after N ≥ 1 optimizer steps (optim.max_steps); unset, the epochs decide."),
         click.option("--max-time", type=float, default=None, help="Train for at most S seconds (optim.max_time_s): stops before a step that would, at the mean step time so far, end past S."),
         click.option("--epochs", type=int, default=None, help="Epochs over the train split (optim.epochs); --max-steps overrides it."),
