@@ -3,6 +3,7 @@ from __future__ import annotations
 import os
 import shlex
 import sys
+from pathlib import Path
 from typing import Any
 
 import click
@@ -241,9 +242,12 @@ def presets_command(show, as_json):
         from cachekd.config import load_yaml
 
         load_yaml(show)  # refuses unknown names with the list
-        text = (PRESET_DIR / f"{show.removesuffix('.yaml')}.yaml").read_text()
+        # a YAML file (e.g. RUN/config.yaml) is shown as it is; otherwise the shipped preset of that name
+        path = Path(show) if Path(show).is_file() else PRESET_DIR / f"{show.removesuffix('.yaml')}.yaml"
+        text = path.read_text()
         if as_json:
-            echo_json({"name": show.removesuffix(".yaml"), "description": preset_description(show), "yaml": text})
+            desc = preset_description(show) if path.parent == PRESET_DIR else None
+            echo_json({"name": path.stem if path.parent == PRESET_DIR else str(path), "description": desc, "yaml": text})
         else:
             click.echo(text)
         return

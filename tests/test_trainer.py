@@ -596,6 +596,17 @@ def test_presets_list_json_and_complete_descriptions(runner):
     assert "Example" in invoke(runner, ["presets", "--help"]).output
 
 
+def test_presets_show_a_name_or_a_yaml_file(runner, tmp_path):
+    r = invoke(runner, ["presets", "--show", "tiny-student"])
+    assert r.exit_code == 0 and (PRESET_DIR / "tiny-student.yaml").read_text() in r.output
+    f = tmp_path / "config.yaml"
+    f.write_text("name: mine\noptim:\n  lr: 0.001\n")
+    r = invoke(runner, ["presets", "--show", f, "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout) == {"name": str(f), "description": None, "yaml": f.read_text()}
+    assert_clean_error(invoke(runner, ["presets", "--show", "no-such-preset"]), "not found", "tiny-student")
+
+
 @pytest.mark.parametrize("name,count", [("tiny-teacher", 1_303_680), ("tiny-student", 355_136)])
 def test_preset_parameter_counts_are_right(name, count):
     from cachekd.config import from_dict, preset_description
