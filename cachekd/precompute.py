@@ -324,6 +324,26 @@ class _BackgroundWriter:
             raise self.error
 
 
+def _slot_lock(root: Path, slot: int, slots: int, part_i: int, part_n: int, world: int):
+    """Hold an exclusive lock on this share of the chunks for the whole run, so that a second identical
+    precompute on the same output stops at once instead of recomputing the same chunks beside the first. The
+    kernel drops the lock when the process ends, however it ends (a kill -9 leaves nothing to clean up)."""
+    import fcntl
+
+    f = open(root / f".precompute-{slot}-of-{slots}.lock", "w")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        share = f"part {part_i + 1}/{part_n} of it" if part_n > 1 else "it"
+        share += f" (rank {slot % world} of {world})" if world > 1 else ""
+        raise CachekdError(
+            f"another precompute is already filling {share} in {str(root)!r}; wait for it to finish (it resumes "
+            f"from the done chunks if stopped), or split the work between processes with --part i/n."
+        ) from None
+    return f
+
+
 def build_plan(cfg: PrecomputeConfig, store: TokenStore, teachers: list[dict[str, Any]], vocab: int) -> dict[str, Any]:
     splits = {}
     for s in cfg.splits:
@@ -392,79 +412,83 @@ def precompute(cfg: PrecomputeConfig, *, force: bool = False, progress: bool = T
     part_i, part_n = parse_part(cfg.part)
     slot, slots = part_i * world + rank, part_n * world
 
-    k = None if cfg.full else cfg.top_k
-    temps = plan["temperatures"]
-    chunkw = store.chunk_windows
-    todo: list[tuple[str, int]] = []
-    for split, n in plan["splits"].items():
-        for c in cw.pending_chunks(root, split, math.ceil(n / chunkw)):
-            if c % slots == slot:
-                todo.append((split, c))
-    positions = sum(min((c + 1) * chunkw, plan["splits"][s]) - c * chunkw for s, c in todo) * store.seq_len
-
-    bg = _BackgroundWriter(cw.ChunkWriter(root, plan), cfg.queue_size)
-    t0 = time.perf_counter()
-    done_positions = 0
+    lock = _slot_lock(root, slot, slots, part_i, part_n, world)
     try:
-        with tqdm(total=positions, desc="precompute", unit="pos", unit_scale=True, disable=not progress) as bar:
-            for split, chunk in todo:
-                tokens = store.read_chunk(split, chunk)
-                results: dict[str, dict[str, np.ndarray]] = {}
-                stats: dict[str, Any] = {"teachers": {}}
-                for info, model in zip(infos, models):
-                    parts: dict[str, list[torch.Tensor]] = {}
-                    ent, mass = [], []
-                    for b in range(0, len(tokens), cfg.batch_size):
-                        x = torch.from_numpy(tokens[b:b + cfg.batch_size].astype(np.int64)).to(device)
-                        with torch.inference_mode(), torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-                            logits = model(input_ids=x).logits
-                        arrays, st = teacher_targets(logits, vocab, k, temps)
-                        bad = ~torch.isfinite(st["lse"]).all(dim=-1)
-                        if bool(bad.any()):
-                            w = chunk * chunkw + b + int(bad.nonzero()[0])
-                            raise CachekdError(
-                                f"teacher {info['name']!r} produced NaN or inf logits on {split} window {w}; "
-                                f"check the checkpoint (or try --dtype fp32)."
-                            )
-                        for key, v in arrays.items():
-                            parts.setdefault(key, []).append(v.to("cpu", non_blocking=True))
-                        ent.append(st["entropy"].cpu())
-                        if "topk_mass" in st:
-                            mass.append(st["topk_mass"].cpu())
-                    results[info["name"]] = {key: torch.cat(v).numpy() for key, v in parts.items()}
-                    e = torch.cat(ent).double()
-                    s: dict[str, Any] = {"positions": int(tokens.size), "entropy_positions": int(e.numel()),
-                                         "entropy_sum": float(e.sum()),
-                                         "entropy_min": float(e.min()), "entropy_max": float(e.max())}
-                    if mass:
-                        msum = torch.cat(mass).double().flatten(0, -2).sum(0)
-                        s["topk_mass_sum"] = {str(t): float(v) for t, v in zip(temps, msum)}
-                    stats["teachers"][info["name"]] = s
-                bg.put((split, chunk, results, stats))
-                done_positions += tokens.size
-                bar.update(tokens.size)
-        bg.close()
-    except BaseException:
-        try:
-            bg.close()
-        except BaseException:  # noqa: BLE001 - the first error is the one to report
-            pass
-        raise
-    elapsed = time.perf_counter() - t0
-    if world > 1:
-        import torch.distributed as dist
+        k = None if cfg.full else cfg.top_k
+        temps = plan["temperatures"]
+        chunkw = store.chunk_windows
+        todo: list[tuple[str, int]] = []
+        for split, n in plan["splits"].items():
+            for c in cw.pending_chunks(root, split, math.ceil(n / chunkw)):
+                if c % slots == slot:
+                    todo.append((split, c))
+        positions = sum(min((c + 1) * chunkw, plan["splits"][s]) - c * chunkw for s, c in todo) * store.seq_len
 
-        dist.barrier()
-    manifest = cw.finalize(root, plan) if rank == 0 or world == 1 else None
-    remaining = 0
-    if manifest is None:
-        remaining = sum(len(cw.pending_chunks(root, s, math.ceil(n / chunkw))) for s, n in plan["splits"].items())
-    return {
-        "output": str(root),
-        "positions_computed": done_positions,
-        "seconds": elapsed,
-        "positions_per_s": done_positions / elapsed if elapsed > 0 else None,
-        "complete": manifest is not None,
-        "chunks_remaining": remaining,
-        "manifest": manifest,
-    }
+        bg = _BackgroundWriter(cw.ChunkWriter(root, plan), cfg.queue_size)
+        t0 = time.perf_counter()
+        done_positions = 0
+        try:
+            with tqdm(total=positions, desc="precompute", unit="pos", unit_scale=True, disable=not progress) as bar:
+                for split, chunk in todo:
+                    tokens = store.read_chunk(split, chunk)
+                    results: dict[str, dict[str, np.ndarray]] = {}
+                    stats: dict[str, Any] = {"teachers": {}}
+                    for info, model in zip(infos, models):
+                        parts: dict[str, list[torch.Tensor]] = {}
+                        ent, mass = [], []
+                        for b in range(0, len(tokens), cfg.batch_size):
+                            x = torch.from_numpy(tokens[b:b + cfg.batch_size].astype(np.int64)).to(device)
+                            with torch.inference_mode(), torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+                                logits = model(input_ids=x).logits
+                            arrays, st = teacher_targets(logits, vocab, k, temps)
+                            bad = ~torch.isfinite(st["lse"]).all(dim=-1)
+                            if bool(bad.any()):
+                                w = chunk * chunkw + b + int(bad.nonzero()[0])
+                                raise CachekdError(
+                                    f"teacher {info['name']!r} produced NaN or inf logits on {split} window {w}; "
+                                    f"check the checkpoint (or try --dtype fp32)."
+                                )
+                            for key, v in arrays.items():
+                                parts.setdefault(key, []).append(v.to("cpu", non_blocking=True))
+                            ent.append(st["entropy"].cpu())
+                            if "topk_mass" in st:
+                                mass.append(st["topk_mass"].cpu())
+                        results[info["name"]] = {key: torch.cat(v).numpy() for key, v in parts.items()}
+                        e = torch.cat(ent).double()
+                        s: dict[str, Any] = {"positions": int(tokens.size), "entropy_positions": int(e.numel()),
+                                             "entropy_sum": float(e.sum()),
+                                             "entropy_min": float(e.min()), "entropy_max": float(e.max())}
+                        if mass:
+                            msum = torch.cat(mass).double().flatten(0, -2).sum(0)
+                            s["topk_mass_sum"] = {str(t): float(v) for t, v in zip(temps, msum)}
+                        stats["teachers"][info["name"]] = s
+                    bg.put((split, chunk, results, stats))
+                    done_positions += tokens.size
+                    bar.update(tokens.size)
+            bg.close()
+        except BaseException:
+            try:
+                bg.close()
+            except BaseException:  # noqa: BLE001 - the first error is the one to report
+                pass
+            raise
+        elapsed = time.perf_counter() - t0
+        if world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+        manifest = cw.finalize(root, plan) if rank == 0 or world == 1 else None
+        remaining = 0
+        if manifest is None:
+            remaining = sum(len(cw.pending_chunks(root, s, math.ceil(n / chunkw))) for s, n in plan["splits"].items())
+        return {
+            "output": str(root),
+            "positions_computed": done_positions,
+            "seconds": elapsed,
+            "positions_per_s": done_positions / elapsed if elapsed > 0 else None,
+            "complete": manifest is not None,
+            "chunks_remaining": remaining,
+            "manifest": manifest,
+        }
+    finally:
+        lock.close()

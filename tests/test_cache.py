@@ -480,3 +480,27 @@ def test_same_teacher_twice_is_refused(tmp_path, runner, store_path, teacher_pat
     r = invoke(runner, base + ["--teacher", f"a={teacher_path}", "--teacher", f"a={teacher_b_path}", "-o", tmp_path / "o3"])
     assert_clean_error(r, "the teacher name 'a' is given twice", "its own name")
     assert not (tmp_path / "o3").exists()
+
+
+def test_a_second_precompute_on_the_same_output_stops_at_once(tmp_path, runner, store_path, teacher_path):
+    """While a precompute fills a cache (it holds the lock of its share of the chunks), the same command on the
+    same output is refused instead of recomputing the same chunks, and so is --force with other settings; another
+    --part runs beside it; once the first process is gone (however it ended) the lock is free again."""
+    import fcntl
+
+    out = tmp_path / "c"
+    base = ["precompute", "--store", store_path, "--teacher", teacher_path, "-o", out, "--quiet", "--top-k", "4"]
+    assert invoke(runner, base + ["--part", "1/2"]).exit_code == 0
+    with open(out / ".precompute-0-of-1.lock", "w") as held:  # "another process" filling the whole cache
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        before = sorted(p.name for p in (out / "done" / "train").iterdir())
+        assert_clean_error(invoke(runner, base), "another precompute is already filling it", "--part i/n")
+        assert sorted(p.name for p in (out / "done" / "train").iterdir()) == before
+        assert_clean_error(invoke(runner, base[:-1] + ["8", "--force"]), "another precompute is filling the cache",
+                           "stop it before")
+        assert (out / "plan.json").exists() and sorted(p.name for p in (out / "done" / "train").iterdir()) == before
+        r = invoke(runner, base + ["--part", "2/2"])  # another share: its own lock
+        assert r.exit_code == 0, r.output
+    r = invoke(runner, base)  # the holder is gone: the same command runs (and has nothing left to do)
+    assert r.exit_code == 0, r.output
+    assert LogitCache.open(out).meta["complete"]

@@ -91,8 +91,20 @@ def open_or_create(root: Path, plan: dict[str, Any], *, force: bool = False) -> 
 
 
 def _clear(root: Path) -> None:
+    """Empty the cache directory for --force, unless a precompute is filling it right now (it holds the lock of
+    its share of the chunks: see cachekd.precompute._slot_lock)."""
     import shutil
 
+    for lock in root.glob(".precompute-*.lock"):
+        with open(lock) as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise CachekdError(
+                    f"another precompute is filling the cache at {str(root)!r} right now; stop it before starting "
+                    f"the cache again with --force."
+                ) from None
+            fcntl.flock(f, fcntl.LOCK_UN)
     for p in root.iterdir():
         if p.name == ".lock":
             continue
