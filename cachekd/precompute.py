@@ -324,24 +324,13 @@ class _BackgroundWriter:
             raise self.error
 
 
-def _slot_lock(root: Path, slot: int, slots: int, part_i: int, part_n: int, world: int):
-    """Hold an exclusive lock on this share of the chunks for the whole run, so that a second identical
-    precompute on the same output stops at once instead of recomputing the same chunks beside the first. The
-    kernel drops the lock when the process ends, however it ends (a kill -9 leaves nothing to clean up)."""
-    import fcntl
-
-    f = open(root / f".precompute-{slot}-of-{slots}.lock", "w")
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.close()
-        share = f"part {part_i + 1}/{part_n} of it" if part_n > 1 else "it"
-        share += f" (rank {slot % world} of {world})" if world > 1 else ""
-        raise CachekdError(
-            f"another precompute is already filling {share} in {str(root)!r}; wait for it to finish (it resumes "
-            f"from the done chunks if stopped), or split the work between processes with --part i/n."
-        ) from None
-    return f
+def _busy_error(root: Path, part_i: int, part_n: int, rank: int, world: int) -> CachekdError:
+    share = f"part {part_i + 1}/{part_n} of it" if part_n > 1 else "it"
+    share += f" (rank {rank} of {world})" if world > 1 else ""
+    return CachekdError(
+        f"another precompute is already filling {share} in {str(root)!r}; wait for it to finish (it resumes from "
+        f"the done chunks if stopped), or split the work between processes with --part i/n."
+    )
 
 
 def build_plan(cfg: PrecomputeConfig, store: TokenStore, teachers: list[dict[str, Any]], vocab: int) -> dict[str, Any]:
@@ -383,6 +372,11 @@ def precompute(cfg: PrecomputeConfig, *, force: bool = False, progress: bool = T
     rank, world, local_rank = distributed.setup()
     device = distributed.resolve_device(cfg.device, local_rank)
     amp = autocast_dtype(cfg.dtype, device)
+    root = Path(cfg.output)
+    part_i, part_n = parse_part(cfg.part)
+    slot, slots = part_i * world + rank, part_n * world
+    if cw.share_is_busy(root, slot, slots):  # stop at once, before loading any teacher
+        raise _busy_error(root, part_i, part_n, rank, world)
     models, infos = [], []
     for name, path in resolve_teachers(cfg.teachers, cfg.registry):
         m = load_model(path)
@@ -396,23 +390,22 @@ def precompute(cfg: PrecomputeConfig, *, force: bool = False, progress: bool = T
         infos.append(info)
         models.append(m.to(device).eval())
     plan = build_plan(cfg, store, infos, vocab)
-    root = Path(cfg.output)
     if world > 1 and force and rank != 0:
         force = False  # only rank 0 may clear; the others then find its plan
+    # Each process holds the lock of its share of the chunks for the whole run, taken in the same critical
+    # section as the plan, so a second identical precompute stops and --force elsewhere cannot clear it meanwhile.
     if world > 1:
         import torch.distributed as dist
 
         if rank == 0:
-            plan = cw.open_or_create(root, plan, force=force)
+            plan, lock = cw.open_or_create(root, plan, force=force, share=(slot, slots))
         dist.barrier()
         if rank != 0:
-            plan = cw.open_or_create(root, plan)
+            plan, lock = cw.open_or_create(root, plan, share=(slot, slots))
     else:
-        plan = cw.open_or_create(root, plan, force=force)
-    part_i, part_n = parse_part(cfg.part)
-    slot, slots = part_i * world + rank, part_n * world
-
-    lock = _slot_lock(root, slot, slots, part_i, part_n, world)
+        plan, lock = cw.open_or_create(root, plan, force=force, share=(slot, slots))
+    if lock is None:
+        raise _busy_error(root, part_i, part_n, rank, world)
     try:
         k = None if cfg.full else cfg.top_k
         temps = plan["temperatures"]

@@ -544,8 +544,6 @@ class Trainer:
             if not is_run:
                 raise CachekdError(f"{str(self.out)!r} is not a cachekd run, so there is nothing to resume; "
                                    f"choose another output.")
-            if finished:
-                raise CachekdError(f"the run in {str(self.out)!r} already finished; nothing to resume.")
             # Stopped before its first checkpoint: start again from step 0 in the same directory, same config.
             self._check_saved_config()
             if self.is_main:

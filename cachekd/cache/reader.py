@@ -275,11 +275,9 @@ class LogitCache:
 
     def pending_chunks(self) -> dict[str, list[int]]:
         """Chunks without a done-marker, per split."""
-        out = {}
-        for s in self.splits():
-            done = set(self.done_chunks(s))
-            out[s] = [c for c in range(self.num_chunks(s)) if c not in done]
-        return out
+        from cachekd.cache.writer import pending_chunks
+
+        return {s: pending_chunks(self.path, s, self.num_chunks(s)) for s in self.splits()}
 
     def describe_missing(self) -> str:
         """What keeps the cache from being complete, in words ('' when it is complete)."""

@@ -92,7 +92,7 @@ def verify_cache(path: str | Path, *, store_path: str | Path | None = None, reco
             report["recompute"] = recompute_windows(cache, store, recompute, seed)
     report["damaged_chunks"] = _by_split(damaged)
     if repair:
-        report["repair"] = repair_chunks(cache, sorted(damaged), store_problem)
+        report["repair"] = repair_chunks(cache, sorted(damaged), store_problem, store_path=sp)
     report["problems"] = problems
     report["ok"] = not problems
     return report
@@ -105,7 +105,8 @@ def _by_split(chunks) -> dict[str, list[int]]:
     return out
 
 
-def repair_chunks(cache: LogitCache, chunks: list[tuple[str, int]], store_problem: str | None) -> dict[str, Any]:
+def repair_chunks(cache: LogitCache, chunks: list[tuple[str, int]], store_problem: str | None,
+                  store_path: Path | None = None) -> dict[str, Any]:
     """Remove the done-markers of damaged `chunks` and manifest.json, so that re-running precompute with the same
     arguments recomputes exactly those chunks. Refused (nothing changed) when precompute could not run: a teacher
     checkpoint or the token store is missing or changed."""
@@ -132,15 +133,16 @@ def repair_chunks(cache: LogitCache, chunks: list[tuple[str, int]], store_proble
     return {"marked_for_recompute": _by_split(removed),
             "next": (f"re-run `cachekd precompute` with the same arguments as the run that built {str(cache.path)!r}; "
                      f"it recomputes only these {len(removed)} chunk(s), then `cachekd verify {cache.path}`"),
-            "command": precompute_command(cache)}
+            "command": precompute_command(cache, store_path)}
 
 
-def precompute_command(cache: LogitCache) -> str:
+def precompute_command(cache: LogitCache, store_path: Path | None = None) -> str:
     """The precompute command line that recreates this cache's plan (its identity: store, teachers by name and
-    path, k or --full, temperatures, splits, logprob step)."""
+    path, k or --full, temperatures, splits, logprob step). `store_path`: where the token store is now (verify
+    --store), when it moved; the cache matches a store by fingerprint, not by path."""
     m = cache.meta
     q = shlex.quote
-    args = ["cachekd", "precompute", "--store", q(m["token_store"]["path"])]
+    args = ["cachekd", "precompute", "--store", q(str(store_path or m["token_store"]["path"]))]
     for t in m["teachers"]:
         args += ["--teacher", q(f"{t['name']}={t['path']}")]
     args += ["-o", q(str(cache.path))]

@@ -52,61 +52,102 @@ def _describe_difference(old: dict[str, Any], new: dict[str, Any]) -> str:
     return "unknown difference"
 
 
-def open_or_create(root: Path, plan: dict[str, Any], *, force: bool = False) -> dict[str, Any]:
+SHARE_LOCK = ".precompute-{slot}-of-{slots}.lock"  # held by the process filling that share of the chunks
+
+
+def _is_lock_file(name: str) -> bool:
+    return name == ".lock" or (name.startswith(".precompute-") and name.endswith(".lock"))
+
+
+def try_flock(path: Path):
+    """The open lock file with an exclusive lock on it, or None when another process holds it. The kernel drops
+    the lock when the holder ends, however it ends (a kill -9 leaves nothing to clean up)."""
+    f = open(path, "a")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        return None
+    return f
+
+
+def share_is_busy(root: Path, slot: int, slots: int) -> bool:
+    """Whether a precompute is filling this share of the cache right now (a quick check before loading teachers)."""
+    path = Path(root) / SHARE_LOCK.format(slot=slot, slots=slots)
+    if not path.exists():
+        return False
+    f = try_flock(path)
+    if f is None:
+        return True
+    f.close()
+    return False
+
+
+def open_or_create(root: Path, plan: dict[str, Any], *, force: bool = False,
+                   share: tuple[int, int] | None = None) -> tuple[dict[str, Any], Any]:
     """Create the cache described by `plan`, or open it for resuming when it already holds the same plan.
+    Returns (plan, share lock): with ``share`` = (slot, slots), the lock of that share of the chunks, taken in the
+    same critical section (so --force elsewhere cannot clear the cache between the two); None when another
+    process holds it. The caller keeps the lock file open for the whole run.
 
     Safe to call from several processes at once (`--part`, torchrun ranks): a file lock serialises creation.
     """
-    import zarr
-
     root = Path(root)
     if root.exists() and root.is_file():
         raise CachekdError(f"output {str(root)!r} is a file; choose a directory for the cache.")
     with _lock(root):
-        plan_file = root / "plan.json"
-        if plan_file.exists():
-            old = read_json(plan_file)
-            if _identity(old) == _identity(plan):
-                return old
-            if not force:
-                raise CachekdError(
-                    f"the cache at {str(root)!r} was started with different settings ({_describe_difference(old, plan)}); "
-                    f"choose another output or pass --force to start it again."
-                )
-            _clear(root)
-        elif any(p.name != ".lock" for p in root.iterdir()):
-            raise CachekdError(f"output {str(root)!r} is not empty and is not a logit cache; choose another path.")
-        group = zarr.open_group(str(root), mode="w", zarr_format=3)
-        group.attrs["cachekd"] = fmt.FORMAT
-        ts = plan["token_store"]
-        for split, num_windows in plan["splits"].items():
-            for t in plan["teachers"]:
-                fmt.create_arrays(
-                    group, split, t["name"], num_windows=num_windows, seq_len=ts["seq_len"],
-                    chunk_windows=ts["chunk_windows"], vocab_size=ts["vocab_size"], mode=plan["mode"],
-                    k=plan["k"], num_temperatures=len(plan["temperatures"]),
-                )
-        atomic_write_json(plan_file, plan)
-        return plan
+        plan = _open_or_create(root, plan, force)
+        if share is None:
+            return plan, None
+        return plan, try_flock(Path(root) / SHARE_LOCK.format(slot=share[0], slots=share[1]))
+
+
+def _open_or_create(root: Path, plan: dict[str, Any], force: bool) -> dict[str, Any]:
+    import zarr
+
+    plan_file = root / "plan.json"
+    if plan_file.exists():
+        old = read_json(plan_file)
+        if _identity(old) == _identity(plan):
+            return old
+        if not force:
+            raise CachekdError(
+                f"the cache at {str(root)!r} was started with different settings ({_describe_difference(old, plan)}); "
+                f"choose another output or pass --force to start it again."
+            )
+        _clear(root)
+    elif any(not _is_lock_file(p.name) for p in root.iterdir()):
+        raise CachekdError(f"output {str(root)!r} is not empty and is not a logit cache; choose another path.")
+    # mode "a", not "w": "w" empties the directory, lock files included (.lock is held right now)
+    group = zarr.open_group(str(root), mode="a", zarr_format=3)
+    group.attrs["cachekd"] = fmt.FORMAT
+    ts = plan["token_store"]
+    for split, num_windows in plan["splits"].items():
+        for t in plan["teachers"]:
+            fmt.create_arrays(
+                group, split, t["name"], num_windows=num_windows, seq_len=ts["seq_len"],
+                chunk_windows=ts["chunk_windows"], vocab_size=ts["vocab_size"], mode=plan["mode"],
+                k=plan["k"], num_temperatures=len(plan["temperatures"]),
+            )
+    atomic_write_json(plan_file, plan)
+    return plan
 
 
 def _clear(root: Path) -> None:
     """Empty the cache directory for --force, unless a precompute is filling it right now (it holds the lock of
-    its share of the chunks: see cachekd.precompute._slot_lock)."""
+    its share of the chunks); lock files stay, so a lock is never split across two files."""
     import shutil
 
     for lock in root.glob(".precompute-*.lock"):
-        with open(lock) as f:
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise CachekdError(
-                    f"another precompute is filling the cache at {str(root)!r} right now; stop it before starting "
-                    f"the cache again with --force."
-                ) from None
-            fcntl.flock(f, fcntl.LOCK_UN)
+        f = try_flock(lock)
+        if f is None:
+            raise CachekdError(
+                f"another precompute is filling the cache at {str(root)!r} right now; stop it before starting the "
+                f"cache again with --force."
+            )
+        f.close()
     for p in root.iterdir():
-        if p.name == ".lock":
+        if _is_lock_file(p.name):
             continue
         shutil.rmtree(p) if p.is_dir() else p.unlink()
 
