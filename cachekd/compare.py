@@ -162,13 +162,11 @@ def run_row(run: dict[str, Any], name: str) -> dict[str, Any]:
 
 def _unique_names(runs: list[dict[str, Any]]) -> list[str]:
     """Runs are labelled by their directory (what the user chose with -o, and the same in every comparison);
-    config names are not used: a preset's name stays the same whatever options the run overrode."""
-    names = [r["dir"].name for r in runs]
-    if len(set(names)) < len(names):
-        names = [f"{r['dir'].parent.name}/{r['dir'].name}" for r in runs]
-    if len(set(names)) < len(names):
-        names = [f"{n}#{i + 1}" for i, n in enumerate(names)]
-    return names
+    config names are not used: a preset's name stays the same whatever options the run overrode. Only runs
+    whose directory names collide get their parent directory in front (`parent/dir`)."""
+    paths = [Path(r["dir"]).resolve() for r in runs]
+    base = [p.name for p in paths]
+    return [f"{p.parent.name}/{p.name}" if base.count(p.name) > 1 else p.name for p in paths]
 
 
 OUTPUT_FILES = ("compare.md", "compare.csv", "curves.png", "accuracy_by_group.png")
@@ -195,7 +193,10 @@ def compare_runs(run_dirs: list[str | Path], out_dir: str | Path | None = None) 
     if missing:
         raise CachekdError(f"run director{'ies' if len(missing) > 1 else 'y'} {', '.join(map(repr, missing))} "
                            f"do{'' if len(missing) > 1 else 'es'} not exist.")
-    runs = [load_run(d) for d in run_dirs]
+    unique: dict[Path, str | Path] = {}
+    for d in run_dirs:  # the same run given twice (`run`, `./run`) is compared once
+        unique.setdefault(Path(d).resolve(), d)
+    runs = [load_run(d) for d in unique.values()]
     names = _unique_names(runs)
     rows = [run_row(r, n) for r, n in zip(runs, names)]
     groups = sorted({k for row in rows for k in row if k.startswith("acc:")})

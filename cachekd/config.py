@@ -44,6 +44,8 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
             raise CachekdError(f"{where} must be a mapping of options, not {value!r}.")
         return from_dict(tp, value, where)
     if origin in (list, tuple):
+        if value is None:  # `key: null` / `--set key=null` for a list means none (the list's default meaning)
+            value = []
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, (list, tuple)):
@@ -167,6 +169,10 @@ def load_yaml(path: Path | str) -> dict[str, Any]:
 
 
 PRESET_DIR = Path(__file__).parent / "configs"
+
+# Short names accepted for distill.objective, in YAML, --set and --objective alike (stored by the full name).
+OBJECTIVE_ALIASES = {"forward": "forward_kl", "fkl": "forward_kl", "reverse": "reverse_kl", "rkl": "reverse_kl",
+                     "skew_forward": "skew_forward_kl", "skew_reverse": "skew_reverse_kl"}
 
 
 def list_presets() -> list[str]:

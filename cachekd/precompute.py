@@ -324,12 +324,11 @@ class _BackgroundWriter:
             raise self.error
 
 
-def _busy_error(root: Path, part_i: int, part_n: int, rank: int, world: int) -> CachekdError:
-    share = f"part {part_i + 1}/{part_n} of it" if part_n > 1 else "it"
-    share += f" (rank {rank} of {world})" if world > 1 else ""
+def _busy_error(root: Path, what: str) -> CachekdError:
     return CachekdError(
-        f"another precompute is already filling {share} in {str(root)!r}; wait for it to finish (it resumes from "
-        f"the done chunks if stopped), or split the work between processes with --part i/n."
+        f"another precompute is already filling {what} of {str(root)!r}; wait for it to finish (a stopped one "
+        f"resumes from the done chunks), or stop it first. To share the work between processes, start them all "
+        f"with --part i/n (the same n) or under torchrun."
     )
 
 
@@ -375,8 +374,9 @@ def precompute(cfg: PrecomputeConfig, *, force: bool = False, progress: bool = T
     root = Path(cfg.output)
     part_i, part_n = parse_part(cfg.part)
     slot, slots = part_i * world + rank, part_n * world
-    if cw.share_is_busy(root, slot, slots):  # stop at once, before loading any teacher
-        raise _busy_error(root, part_i, part_n, rank, world)
+    busy = cw.busy_share(root, slot, slots)
+    if busy:  # stop at once, before loading any teacher
+        raise _busy_error(root, busy)
     models, infos = [], []
     for name, path in resolve_teachers(cfg.teachers, cfg.registry):
         m = load_model(path)
@@ -405,7 +405,7 @@ def precompute(cfg: PrecomputeConfig, *, force: bool = False, progress: bool = T
     else:
         plan, lock = cw.open_or_create(root, plan, force=force, share=(slot, slots))
     if lock is None:
-        raise _busy_error(root, part_i, part_n, rank, world)
+        raise _busy_error(root, cw.busy_share(root, slot, slots) or "an overlapping share")
     try:
         k = None if cfg.full else cfg.top_k
         temps = plan["temperatures"]

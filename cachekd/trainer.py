@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from cachekd import __version__, distributed
-from cachekd.config import from_dict, save_yaml, to_dict
+from cachekd.config import OBJECTIVE_ALIASES, from_dict, save_yaml, to_dict
 from cachekd.errors import CachekdError
 from cachekd.io import atomic_write_json, sha256_json
 from cachekd.models import ModelConfig
@@ -113,6 +113,9 @@ class DistillConfig:
     """token_mean (default) | batchmean (Baby Llama compatibility: sum over positions, mean over sequences)."""
     chunk_size: int | None = None
     """Step-wise loss: positions per chunk; the student's logits are formed chunk by chunk and never all exist."""
+
+    def __post_init__(self) -> None:
+        self.objective = OBJECTIVE_ALIASES.get(self.objective, self.objective)
 
 
 @dataclass

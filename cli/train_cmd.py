@@ -12,8 +12,7 @@ from cachekd.errors import CachekdError
 from cachekd_cli.common import echo_json, echo_mapping
 from cachekd_cli.main import cli
 
-OBJECTIVE_ALIASES = {"forward": "forward_kl", "fkl": "forward_kl", "reverse": "reverse_kl", "rkl": "reverse_kl",
-                     "skew_forward": "skew_forward_kl", "skew_reverse": "skew_reverse_kl"}
+from cachekd.config import OBJECTIVE_ALIASES
 
 
 def _common(f):

@@ -122,6 +122,9 @@ def test_two_teachers_and_info(tmp_path, runner, store_path, teacher_path, teach
     assert re.search(r"coach +gpt2, [\d.]+M params, ", text) and re.search(r"complete +True\n", text), text
     r = invoke(runner, ["verify", tmp_path / "c", "--recompute", "3"])
     assert r.exit_code == 0 and "OK" in r.output, r.output
+    assert cache.select_teachers(["coach"]) == ["coach"] and cache.select_teachers(None) == ["teacher_a", "coach"]
+    with pytest.raises(Exception, match="teacher 'coach' is named twice"):
+        cache.select_teachers(["coach", "teacher_a", "coach"])
 
 
 def test_registry_name_and_padded_vocab(tmp_path, runner, store_path):
@@ -380,6 +383,10 @@ def test_overwritten_bytes_fail_the_checksum(tmp_path, runner, store_path, teach
     assert bad.stat().st_size == size
     with pytest.raises(Exception, match="checksum mismatch.*cachekd verify"):
         LogitCache.open(out).read_chunk("train", 1)
+    c = LogitCache.open(out)
+    cw = c.chunk_windows
+    with pytest.raises(Exception, match=rf"chunk 1 \(windows {cw} to {2 * cw - 1}\)"):  # the chunk, not the read
+        c.read("train", cw + 1, cw + 2)
     r = invoke(runner, ["verify", out, "--quiet", "--json"])
     rep = json.loads(r.output)
     assert r.exit_code == 1 and rep["damaged_chunks"] == {"train": [1]} and rep["checksums"] is True
@@ -491,18 +498,23 @@ def test_a_second_precompute_on_the_same_output_stops_at_once(tmp_path, runner, 
     out = tmp_path / "c"
     base = ["precompute", "--store", store_path, "--teacher", teacher_path, "-o", out, "--quiet", "--top-k", "4"]
     assert invoke(runner, base + ["--part", "1/2"]).exit_code == 0
-    assert (out / ".lock").exists() and (out / ".precompute-0-of-2.lock").exists()  # creating the group kept them
-    with open(out / ".precompute-0-of-1.lock", "w") as held:  # "another process" filling the whole cache
+    assert (out / ".lock").exists() and (out / ".precompute-1-of-2.lock").exists()  # creating the group kept them
+    with open(out / ".precompute-1-of-1.lock", "w") as held:  # "another process" filling the whole cache
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
         before = sorted(p.name for p in (out / "done" / "train").iterdir())
-        assert_clean_error(invoke(runner, base), "another precompute is already filling it", "--part i/n")
+        assert_clean_error(invoke(runner, base), "another precompute is already filling the whole cache", "--part i/n")
         assert sorted(p.name for p in (out / "done" / "train").iterdir()) == before
-        # --force with other settings, from another share (so the quick check before loading passes): the cache
-        # is not cleared under the running process
-        assert_clean_error(invoke(runner, base[:-1] + ["8", "--force", "--part", "1/2"]),
+        # a share of another split of the chunks overlaps the whole-cache run: refused too
+        assert_clean_error(invoke(runner, base + ["--part", "2/2"]), "already filling the whole cache")
+    with open(out / ".precompute-1-of-2.lock", "w") as held:  # "another process" running --part 1/2
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert_clean_error(invoke(runner, base), "already filling share 1 of 2")
+        # --force with other settings from the other share (the quick check before loading passes): the cache is
+        # not cleared under the running process
+        assert_clean_error(invoke(runner, base[:-1] + ["8", "--force", "--part", "2/2"]),
                            "another precompute is filling the cache", "stop it before")
         assert (out / "plan.json").exists() and sorted(p.name for p in (out / "done" / "train").iterdir()) == before
-        r = invoke(runner, base + ["--part", "2/2"])  # another share: its own lock
+        r = invoke(runner, base + ["--part", "2/2"])  # the other share of the same split runs beside it
         assert r.exit_code == 0, r.output
     r = invoke(runner, base)  # the holder is gone: the same command runs (and has nothing left to do)
     assert r.exit_code == 0, r.output

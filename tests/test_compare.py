@@ -210,3 +210,13 @@ def test_runs_are_labelled_by_their_directory(store, tmp_path):
     assert [r["run"] for r in rows] == ["student-fkl"]
     rows = compare_runs([a, c], tmp_path / "cmp3")["rows"]
     assert [r["run"] for r in rows] == ["x/student-fkl", "y/student-fkl"]
+    # relative paths, a collision among three runs, and one run given twice
+    import os
+
+    cwd = os.getcwd()
+    try:
+        os.chdir(tmp_path / "x")
+        rows = compare_runs(["student-fkl", "student-rkl", "../y/student-fkl", "./student-fkl"], tmp_path / "cmp4")["rows"]
+    finally:
+        os.chdir(cwd)
+    assert [r["run"] for r in rows] == ["x/student-fkl", "student-rkl", "y/student-fkl"]

@@ -421,6 +421,16 @@ def test_resume_before_the_first_checkpoint_starts_from_step_zero(tmp_path, stor
     assert ref["steps"] == 4 and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+def test_null_list_option_means_none_and_objective_aliases_in_yaml():
+    from cachekd.config import from_dict
+    from cachekd.trainer import DistillConfig
+
+    assert from_dict(DistillConfig, {"teachers": None}, "distill").teachers == []
+    # the short objective names the CLI accepts work in YAML and --set too, stored by the full name
+    assert from_dict(DistillConfig, {"objective": "reverse"}, "distill").objective == "reverse_kl"
+    assert from_dict(DistillConfig, {"objective": "fkl"}, "distill").objective == "forward_kl"
+
+
 def test_resume_refuses_another_length_and_finished_runs(tmp_path, store_path):
     """A resumed run keeps its planned max_steps (its cosine schedule ends there); a finished run has nothing to
     resume."""

@@ -39,6 +39,10 @@ REPAIR_HINT = ("run `cachekd verify {path} --repair`, then re-run `cachekd preco
                "to recompute the damaged chunks")
 
 
+FINISH_HINT = ("run the same `cachekd precompute` command again to finish it"
+               " (after `--part i/n` jobs: run the parts not yet run, or once without --part)")
+
+
 class DamagedChunkError(CachekdError):
     """A chunk of a cache array that cannot be read or decoded (truncated, overwritten, checksum mismatch)."""
 
@@ -79,7 +83,7 @@ class LogitCache:
         elif (p / "plan.json").exists():
             if not allow_incomplete:
                 raise CachekdError(
-                    f"cache {str(p)!r} is incomplete; run the same `cachekd precompute` command again to finish it."
+                    f"cache {str(p)!r} is incomplete; " + FINISH_HINT + "."
                 )
             meta, has_manifest = read_json(p / "plan.json"), False
         else:
@@ -173,6 +177,10 @@ class LogitCache:
         for n in names:
             if n not in self.teachers:
                 raise CachekdError(f"the cache has no teacher {n!r}; it has {', '.join(self.teachers)}.")
+        twice = sorted({n for n in names if list(names).count(n) > 1})
+        if twice:
+            raise CachekdError(f"teacher {twice[0]!r} is named twice in the teacher list; name each teacher once "
+                               f"(use distill.teacher_weights to weight one more).")
         return list(names)
 
     # --- data
@@ -211,7 +219,7 @@ class LogitCache:
                 try:
                     arr[lo:hi]
                 except Exception:  # noqa: BLE001 - any failure marks the damaged chunk
-                    chunk, a, b = c, lo, hi
+                    chunk, a, b = c, c * cw, min((c + 1) * cw, arr.shape[0])  # the whole chunk, not the read
                     break
             where = f"chunk {chunk} (windows {a} to {b - 1})" if chunk is not None else f"windows {a} to {b - 1}"
             reason = _reason(e)
@@ -341,7 +349,7 @@ def summary_text(s: dict[str, Any]) -> dict[str, Any]:
     if "missing" in s:
         miss = s["missing"]
         out["missing"] = (_describe_missing(miss["chunks_not_done"], {sp: c["total"] for sp, c in s["chunks"].items()},
-                                            miss["manifest"]) + " (run the same `cachekd precompute` command again)")
+                                            miss["manifest"]) + f" ({FINISH_HINT})")
     out.update({
         "mode": s["mode"],
         "k": "full logits" if s["mode"] == "full" else s["k"],

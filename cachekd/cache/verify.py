@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from cachekd.cache.reader import REPAIR_HINT, DamagedChunkError, LogitCache
+from cachekd.cache.reader import FINISH_HINT, REPAIR_HINT, DamagedChunkError, LogitCache
 from cachekd.errors import CachekdError
 
 
@@ -26,8 +26,7 @@ def verify_cache(path: str | Path, *, store_path: str | Path | None = None, reco
     problems: list[str] = []
     hint = "" if repair else "; " + REPAIR_HINT.format(path=cache.path)
     if not cache.complete:
-        problems.append(f"the cache is incomplete ({cache.describe_missing()}); run the same precompute command again "
-                        f"to finish it")
+        problems.append(f"the cache is incomplete ({cache.describe_missing()}); {FINISH_HINT}")
     sp = Path(store_path) if store_path else Path(cache.meta["token_store"]["path"])
     store, store_problem = None, None
     if sp.exists():

@@ -52,7 +52,7 @@ def _describe_difference(old: dict[str, Any], new: dict[str, Any]) -> str:
     return "unknown difference"
 
 
-SHARE_LOCK = ".precompute-{slot}-of-{slots}.lock"  # held by the process filling that share of the chunks
+SHARE_LOCK = ".precompute-{share}-of-{shares}.lock"  # held by the process filling that share (1-based) of the chunks
 
 
 def _is_lock_file(name: str) -> bool:
@@ -71,16 +71,27 @@ def try_flock(path: Path):
     return f
 
 
-def share_is_busy(root: Path, slot: int, slots: int) -> bool:
-    """Whether a precompute is filling this share of the cache right now (a quick check before loading teachers)."""
-    path = Path(root) / SHARE_LOCK.format(slot=slot, slots=slots)
-    if not path.exists():
-        return False
+def _held(path: Path) -> bool:
     f = try_flock(path)
     if f is None:
         return True
     f.close()
     return False
+
+
+def busy_share(root: Path, slot: int, slots: int, *, own: bool = True) -> str | None:
+    """What a running precompute is filling that overlaps share `slot` of `slots` (the same share, or any share
+    of another split of the chunks, which always overlaps), e.g. "the whole cache" or "share 2 of 2"; None when
+    nothing is. ``own=False`` once this process holds its own share's lock (flock would count it as taken)."""
+    root = Path(root)
+    if not root.is_dir():
+        return None
+    mine = SHARE_LOCK.format(share=slot + 1, shares=slots)
+    for lock in sorted(root.glob(".precompute-*-of-*.lock")):
+        share, _, shares = lock.name[len(".precompute-"):-len(".lock")].partition("-of-")
+        if ((lock.name == mine and own) or shares != str(slots)) and _held(lock):
+            return "the whole cache" if shares == "1" else f"share {share} of {shares}"
+    return None
 
 
 def open_or_create(root: Path, plan: dict[str, Any], *, force: bool = False,
@@ -99,7 +110,11 @@ def open_or_create(root: Path, plan: dict[str, Any], *, force: bool = False,
         plan = _open_or_create(root, plan, force)
         if share is None:
             return plan, None
-        return plan, try_flock(Path(root) / SHARE_LOCK.format(slot=share[0], slots=share[1]))
+        lock = try_flock(root / SHARE_LOCK.format(share=share[0] + 1, shares=share[1]))
+        if lock is not None and busy_share(root, *share, own=False) is not None:  # another split is running
+            lock.close()
+            lock = None
+        return plan, lock
 
 
 def _open_or_create(root: Path, plan: dict[str, Any], force: bool) -> dict[str, Any]:
@@ -139,13 +154,11 @@ def _clear(root: Path) -> None:
     import shutil
 
     for lock in root.glob(".precompute-*.lock"):
-        f = try_flock(lock)
-        if f is None:
+        if _held(lock):
             raise CachekdError(
                 f"another precompute is filling the cache at {str(root)!r} right now; stop it before starting the "
                 f"cache again with --force."
             )
-        f.close()
     for p in root.iterdir():
         if _is_lock_file(p.name):
             continue
