@@ -7,12 +7,11 @@ from pathlib import Path
 from typing import Any
 
 import click
-
-from cachekd.errors import CachekdError
 from cachekd_cli.common import echo_json, echo_mapping
 from cachekd_cli.main import cli
 
 from cachekd.config import OBJECTIVE_ALIASES
+from cachekd.errors import CachekdError
 
 
 def _common(f):
