@@ -7,7 +7,7 @@ when a live process trains it (its ``running.json`` names a process that still e
 otherwise (stopped, crashed or killed: `--resume` continues it).
 
 Dev loss in the table comes from ``eval.json`` when `cachekd eval` measured the whole dev split (column
-``dev_from`` = ``eval``), else from the run's summary or last dev line (``train``: the trainer scores the first
+``dev_from`` = ``eval``), else from the run's summary or last dev line (``trainer``: the trainer scores the first
 ``data.eval_windows`` dev windows), else from an `cachekd eval --max-windows N` on the dev split
 (``eval:firstN``). Losses on the train split are never used. Compare runs whose ``dev_from`` agree.
 """
@@ -143,9 +143,9 @@ def run_row(run: dict[str, Any], name: str) -> dict[str, Any]:
     if full is not None and _num(full.get("loss")) is not None:
         dev_loss, source = _num(full["loss"]), "eval"
     elif _num(s.get("final_dev_loss")) is not None:
-        dev_loss, source = _num(s["final_dev_loss"]), "train"
+        dev_loss, source = _num(s["final_dev_loss"]), "trainer"
     elif dev and _num(dev[-1].get("dev_loss")) is not None:
-        dev_loss, source = _num(dev[-1]["dev_loss"]), "train"
+        dev_loss, source = _num(dev[-1]["dev_loss"]), "trainer"
     elif partial:  # only a quick `cachekd eval --max-windows N` on the dev split: say so
         best = max(partial, key=lambda e: e.get("num_windows") or 0)
         dev_loss, source = _num(best["loss"]), loss_key(best)
@@ -219,7 +219,7 @@ def compare_runs(run_dirs: list[str | Path], out_dir: str | Path | None = None) 
 
     lines = ["# Run comparison", "", markdown_table(rows, columns)]
     lines += [
-        "`dev_from`: `eval` = `cachekd eval` over the whole dev split (eval.json), `train` = the trainer's own dev "
+        "`dev_from`: `eval` = `cachekd eval` over the whole dev split (eval.json), `trainer` = the trainer's own dev "
         "loss (the first `data.eval_windows` dev windows), `eval:firstN` = `cachekd eval --max-windows N` on the dev "
         "split. `mp_macro_acc`: mean minimal-pair accuracy over phenomena; `acc:<group>`: mean over a group's "
         "phenomena.",

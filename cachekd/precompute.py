@@ -86,7 +86,7 @@ def parse_part(part: str | None) -> tuple[int, int]:
     except ValueError:
         raise CachekdError(f"--part must look like i/n, for example 1/4 (got {part!r}).") from None
     if not 1 <= i <= n:
-        raise CachekdError(f"--part {part}: i must be between 1 and n.")
+        raise CachekdError(f"--part {part}: in i/n, n must be at least 1 and i between 1 and n (e.g. 1/4 to 4/4).")
     return i - 1, n
 
 

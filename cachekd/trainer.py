@@ -411,6 +411,7 @@ class Trainer:
 
         # Teacher side: the cache (default) or live teachers (--online).
         self.cache, self.teachers, self.teacher_models = None, [], []
+        self.online_teachers: list[dict[str, str]] = []  # name, path, fingerprint of each live teacher
         self.tau_sched = self.lam_sched = self.alpha_sched = None
         d = cfg.distill
         if d is not None:
@@ -515,7 +516,8 @@ class Trainer:
             specs = [t["path"] for t in LogitCache.open(d.cache).meta["teachers"]]
         for name, path in resolve_teachers(specs):
             m = load_model(path)
-            check_teacher(name, path, m, self.store)
+            info = check_teacher(name, path, m, self.store)
+            self.online_teachers.append({"name": name, "path": str(path), "fingerprint": info["fingerprint"]})
             self.teacher_models.append(m.to(self.device).eval().requires_grad_(False))
 
     def schedule_values(self, step: int) -> dict[str, float]:
@@ -894,7 +896,7 @@ class Trainer:
             raise KeyboardInterrupt  # the second one: abort now
         self._stop_signal = signum
         self.say(f"\n{signal.Signals(signum).name} received: stopping after the current step and saving a checkpoint "
-                 f"(press Ctrl-C again to abort at once).")
+                 f"({'press Ctrl-C' if signum == signal.SIGINT else 'send it'} again to abort at once).")
 
     def _mark_running(self, on: bool) -> None:
         if not self.is_main:
@@ -936,7 +938,8 @@ class Trainer:
             "final_dev_ppl": math.exp(dev) if dev is not None and dev < 50 else None,
             "stopped_by": stop_reason, "processes": self.world,
             "cache": self.cfg.distill.cache if self.cfg.distill else None,
-            "teachers": self.teachers or None,
+            "teachers": self.teachers or [t["name"] for t in self.online_teachers] or None,
+            **({"online_teachers": self.online_teachers} if self.online_teachers else {}),
         }
         if self.is_main:
             tmp = self.out / ".model.tmp"

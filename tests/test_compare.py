@@ -62,7 +62,7 @@ def test_compare_writes_parseable_md_csv_png(runs, tmp_path):
     assert (ce["mode"], ce["objective"], ce["steps"], ce["tokens"]) == ("train", "ce", "30", str(30 * 512))
     assert float(ce["dev_loss"]) == 3.0 and ce["dev_from"] == "eval"  # eval.json wins over the trainer's number
     assert float(ce["dev_ppl"]) == pytest.approx(2.718281828 ** 3, rel=1e-6)
-    assert kd["dev_from"] == "train" and float(kd["dev_loss"]) == pytest.approx(4.0 * 0.97 ** 30 + 0.1)
+    assert kd["dev_from"] == "trainer" and float(kd["dev_loss"]) == pytest.approx(4.0 * 0.97 ** 30 + 0.1)
     assert float(kd["mp_macro_acc"]) == pytest.approx(0.65) and float(kd["acc:morphology"]) == pytest.approx(0.8)
     assert live["mode"] == "(unfinished)" and live["steps"] == "12" and live["mp_macro_acc"] == ""
     assert float(live["dev_loss"]) == pytest.approx(5.0 * 0.97 ** 10 + 0.1)  # its last dev line
@@ -113,7 +113,7 @@ def test_compare_dev_loss_only_from_the_whole_dev_split(runs, tmp_path):
     del ev["dev"]
     (ce / "eval.json").write_text(json.dumps(ev))
     row = compare_runs([ce], tmp_path / "cmp")["rows"][0]
-    assert row["dev_from"] == "train" and row["dev_loss"] == pytest.approx(5.0 * 0.97 ** 30 + 0.1)
+    assert row["dev_from"] == "trainer" and row["dev_loss"] == pytest.approx(5.0 * 0.97 ** 30 + 0.1)
     (ce / "summary.json").unlink()
     (ce / "metrics.jsonl").write_text(
         "".join(json.dumps(x) + "\n" for x in read_metrics(live / "metrics.jsonl") if x["kind"] == "train"))

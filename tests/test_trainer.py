@@ -161,6 +161,7 @@ def test_online_equals_offline_with_full_cache(tmp_path, store_path, teacher_pat
         assert abs(x["kd"] - y["kd"]) <= 2e-3 * max(1.0, abs(y["kd"])), (x["kd"], y["kd"])
         assert abs(x["ce"] - y["ce"]) <= 1e-3, (x["ce"], y["ce"])
     assert on["online"] and not off["online"]
+    assert on["teachers"] == [Path(teacher_path).name] and on["online_teachers"][0]["path"] == str(teacher_path)
 
 
 def test_torchrun_two_processes_equal_one(tmp_path, store_path, caches):
