@@ -426,7 +426,7 @@ def test_eval_results_are_kept_by_what_was_measured(store, tmp_path):
         legacy["dev"].pop(k)
     (run / "eval.json").write_text(json.dumps(legacy))
     row = compare_runs([run], tmp_path / "cmp")["rows"][0]
-    assert row["dev_from"] == "train"  # the trainer's own dev loss instead
+    assert row["dev_from"] == "trainer"  # the trainer's own dev loss instead
     save_eval(evaluate(run, dev_store=store.path, max_windows=3, progress=False), run)
     saved = json.loads((run / "eval.json").read_text())
     assert set(saved["losses"]) == {"train:first5", "dev:first3"} and "dev" not in saved
