@@ -8,6 +8,7 @@ silently. Overrides use dotted keys: ``--set optim.lr=3e-4``.
 from __future__ import annotations
 
 import dataclasses
+import json
 import types
 import typing
 from pathlib import Path
@@ -36,12 +37,12 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
                 return _convert(value, a, where)
             except CachekdError as e:
                 errors.append(str(e))
-        raise CachekdError(errors[0] if errors else f"{where}: cannot use {value!r}.")
+        raise CachekdError(errors[0] if errors else f"{where}: cannot use {_show(value)}.")
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
         if not isinstance(value, dict):
-            raise CachekdError(f"{where} must be a mapping of options, not {value!r}.")
+            raise CachekdError(f"{where} must be a mapping of options, not {_show(value)}.")
         return from_dict(tp, value, where)
     if origin in (list, tuple):
         if value is None:  # `key: null` / `--set key=null` for a list means none (the list's default meaning)
@@ -55,11 +56,11 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
         return tuple(items) if origin is tuple else items
     if origin is dict:
         if not isinstance(value, dict):
-            raise CachekdError(f"{where} must be a mapping, not {value!r}.")
+            raise CachekdError(f"{where} must be a mapping, not {_show(value)}.")
         return dict(value)
     if origin is typing.Literal:
         if value not in args:
-            raise CachekdError(f"{where} must be one of {', '.join(map(str, args))} (got {value!r}).")
+            raise CachekdError(f"{where} must be one of {', '.join(map(str, args))} (got {_show(value)}).")
         return value
     if tp is bool:
         if isinstance(value, bool):
@@ -68,20 +69,20 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
             return value.lower() in ("true", "yes", "1", "on")
         if isinstance(value, int) and value in (0, 1):
             return bool(value)
-        raise CachekdError(f"{where} must be true or false (got {value!r}).")
+        raise CachekdError(f"{where} must be true or false (got {_show(value)}).")
     if tp in (int, float):
         if isinstance(value, bool):
-            raise CachekdError(f"{where} must be a number (got {value!r}).")
+            raise CachekdError(f"{where} must be a number (got {_show(value)}).")
         try:
             out = tp(value) if not isinstance(value, str) else tp(float(value)) if tp is int else tp(value)
         except (TypeError, ValueError):
-            raise CachekdError(f"{where} must be a number (got {value!r}).") from None
+            raise CachekdError(f"{where} must be a number (got {_show(value)}).") from None
         if tp is int and float(value) != out:
-            raise CachekdError(f"{where} must be a whole number (got {value!r}).")
+            raise CachekdError(f"{where} must be a whole number (got {_show(value)}).")
         return out
     if tp is str:
         if isinstance(value, (dict, list)):
-            raise CachekdError(f"{where} must be text (got {value!r}).")
+            raise CachekdError(f"{where} must be text (got {_show(value)}).")
         return str(value)
     if tp is Path:
         return Path(value)
@@ -147,6 +148,28 @@ def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _show(value: Any) -> str:
+    """A value as it would be written in YAML/JSON (true, [1, 2], "text"), not as a Python repr."""
+    try:
+        return json.dumps(value)
+    except (TypeError, ValueError):
+        return repr(value)
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """safe_load, but a key given twice in one mapping is an error instead of the last one silently winning."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"the key {key!r} is given twice in one mapping", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_yaml(path: Path | str) -> dict[str, Any]:
     """Read a YAML config file (a path, or the name of a shipped preset in cachekd/configs/)."""
     p = Path(path)
@@ -160,9 +183,12 @@ def load_yaml(path: Path | str) -> dict[str, Any]:
                 f"({', '.join(list_presets())})."
             )
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        data = yaml.load(p.read_text(), Loader=_StrictLoader) or {}
     except yaml.YAMLError as e:
-        raise CachekdError(f"config {p} is not valid YAML: {str(e).splitlines()[0]}.") from None
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        what = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise CachekdError(f"config {p} is not valid YAML{where}: {what}.") from None
     if not isinstance(data, dict):
         raise CachekdError(f"config {p} must be a mapping of options at the top level.")
     return data

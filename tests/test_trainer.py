@@ -432,6 +432,26 @@ def test_null_list_option_means_none_and_objective_aliases_in_yaml():
     assert from_dict(DistillConfig, {"objective": "fkl"}, "distill").objective == "forward_kl"
 
 
+def test_yaml_config_mistakes_are_named(tmp_path):
+    """A key given twice, a YAML syntax error (with its line) and a wrong type, each shown as YAML, not Python."""
+    from cachekd.config import from_dict
+    from cachekd.errors import CachekdError
+    from cachekd.models import ModelConfig
+
+    dup = tmp_path / "dup.yaml"
+    dup.write_text("name: x\noptim:\n  lr: 1e-3\n  lr: 0.5\n")
+    with pytest.raises(CachekdError, match=r"\(line 4, column 3\): the key 'lr' is given twice"):
+        load_yaml(dup)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\noptim:\n  lr: 1e-3\n warmup: 3\n")
+    with pytest.raises(CachekdError, match=r"not valid YAML \(line 4"):
+        load_yaml(bad)
+    with pytest.raises(CachekdError, match=r"model.num_layers must be a number \(got true\)"):
+        from_dict(ModelConfig, {"num_layers": True}, "model")
+    for name in list_presets():  # the shipped presets pass the strict loader
+        load_yaml(name)
+
+
 def test_resume_refuses_another_length_and_finished_runs(tmp_path, store_path):
     """A resumed run keeps its planned max_steps (its cosine schedule ends there); a finished run has nothing to
     resume."""
