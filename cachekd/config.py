@@ -37,12 +37,12 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
                 return _convert(value, a, where)
             except CachekdError as e:
                 errors.append(str(e))
-        raise CachekdError(errors[0] if errors else f"{where}: cannot use {_show(value)}.")
+        raise CachekdError(errors[0] if errors else f"{where}: cannot use {show_value(value)}.")
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
         if not isinstance(value, dict):
-            raise CachekdError(f"{where} must be a mapping of options, not {_show(value)}.")
+            raise CachekdError(f"{where} must be a mapping of options, not {show_value(value)}.")
         return from_dict(tp, value, where)
     if origin in (list, tuple):
         if value is None:  # `key: null` / `--set key=null` for a list means none (the list's default meaning)
@@ -56,11 +56,11 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
         return tuple(items) if origin is tuple else items
     if origin is dict:
         if not isinstance(value, dict):
-            raise CachekdError(f"{where} must be a mapping, not {_show(value)}.")
+            raise CachekdError(f"{where} must be a mapping, not {show_value(value)}.")
         return dict(value)
     if origin is typing.Literal:
         if value not in args:
-            raise CachekdError(f"{where} must be one of {', '.join(map(str, args))} (got {_show(value)}).")
+            raise CachekdError(f"{where} must be one of {', '.join(map(str, args))} (got {show_value(value)}).")
         return value
     if tp is bool:
         if isinstance(value, bool):
@@ -69,20 +69,20 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
             return value.lower() in ("true", "yes", "1", "on")
         if isinstance(value, int) and value in (0, 1):
             return bool(value)
-        raise CachekdError(f"{where} must be true or false (got {_show(value)}).")
+        raise CachekdError(f"{where} must be true or false (got {show_value(value)}).")
     if tp in (int, float):
         if isinstance(value, bool):
-            raise CachekdError(f"{where} must be a number (got {_show(value)}).")
+            raise CachekdError(f"{where} must be a number (got {show_value(value)}).")
         try:
             out = tp(value) if not isinstance(value, str) else tp(float(value)) if tp is int else tp(value)
         except (TypeError, ValueError):
-            raise CachekdError(f"{where} must be a number (got {_show(value)}).") from None
+            raise CachekdError(f"{where} must be a number (got {show_value(value)}).") from None
         if tp is int and float(value) != out:
-            raise CachekdError(f"{where} must be a whole number (got {_show(value)}).")
+            raise CachekdError(f"{where} must be a whole number (got {show_value(value)}).")
         return out
     if tp is str:
         if isinstance(value, (dict, list)):
-            raise CachekdError(f"{where} must be text (got {_show(value)}).")
+            raise CachekdError(f"{where} must be text (got {show_value(value)}).")
         return str(value)
     if tp is Path:
         return Path(value)
@@ -148,7 +148,7 @@ def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _show(value: Any) -> str:
+def show_value(value: Any) -> str:
     """A value as it would be written in YAML/JSON (true, [1, 2], "text"), not as a Python repr."""
     try:
         return json.dumps(value)

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from cachekd import __version__, distributed
-from cachekd.config import OBJECTIVE_ALIASES, from_dict, save_yaml, to_dict
+from cachekd.config import OBJECTIVE_ALIASES, show_value, from_dict, save_yaml, to_dict
 from cachekd.errors import CachekdError
 from cachekd.io import atomic_write_json, sha256_json
 from cachekd.models import ModelConfig
@@ -194,7 +194,7 @@ def _is_num(v: Any) -> bool:
 
 def _require(ok: bool, key: str, rule: str, value: Any) -> None:
     if not ok:
-        raise CachekdError(f"{key_name(key)} must be {rule} (got {value!r}).")
+        raise CachekdError(f"{key_name(key)} must be {rule} (got {show_value(value)}).")
 
 
 def _check_int(key: str, value: Any, minimum: int, rule: str | None = None, optional: bool = False) -> None:
@@ -212,10 +212,10 @@ def _check_scalar(key: str, value: Any, ok, rule: str, extra: str = "") -> None:
         points = [("start", value.start)] if value.kind == "constant" else [("start", value.start), ("end", value.end)]
         for part, v in points:
             if not ok(v, part, value.kind):
-                raise CachekdError(f"{key}.{part} ({value.kind} schedule) must be {rule} (got {v!r}).")
+                raise CachekdError(f"{key}.{part} ({value.kind} schedule) must be {rule} (got {show_value(v)}).")
         return
     if not (_is_num(value) and ok(value, "start", "constant")):
-        raise CachekdError(f"{key_name(key)} must be {rule} (got {value!r}){extra}.")
+        raise CachekdError(f"{key_name(key)} must be {rule} (got {show_value(value)}){extra}.")
 
 
 def validate_config(cfg: TrainConfig) -> None:
