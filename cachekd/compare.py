@@ -127,6 +127,7 @@ def run_row(run: dict[str, Any], name: str) -> dict[str, Any]:
     last = train[-1] if train else {}
     row: dict[str, Any] = {
         "run": name,
+        "state": _state(run),  # complete | running | unfinished (the table shows the last two in `mode`)
         "mode": s.get("mode") or (f"({_state(run)})" if not run["complete"] else None),
         "objective": s.get("objective"),
         "steps": s.get("steps", last.get("step")),

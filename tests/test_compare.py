@@ -65,6 +65,8 @@ def test_compare_writes_parseable_md_csv_png(runs, tmp_path):
     assert kd["dev_from"] == "trainer" and float(kd["dev_loss"]) == pytest.approx(4.0 * 0.97 ** 30 + 0.1)
     assert float(kd["mp_macro_acc"]) == pytest.approx(0.65) and float(kd["acc:morphology"]) == pytest.approx(0.8)
     assert live["mode"] == "(unfinished)" and live["steps"] == "12" and live["mp_macro_acc"] == ""
+    assert [row["state"] for row in compare_runs(runs, tmp_path / "cmp_state")["rows"]] == ["complete", "complete",
+                                                                                          "unfinished"]
     assert float(live["dev_loss"]) == pytest.approx(5.0 * 0.97 ** 10 + 0.1)  # its last dev line
     assert r["columns"][-2:] == ["acc:morphology", "acc:syntax"]
 
