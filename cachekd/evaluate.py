@@ -272,13 +272,14 @@ def sentence_logprobs(
 
 
 def pair_files(path: str | Path) -> list[Path]:
-    """`path` itself when it is a file, else the ``*.jsonl`` files directly inside the directory, sorted."""
+    """`path` itself when it is a file, else the ``*.jsonl`` files in the directory and its subdirectories (as in
+    BabyLM's evaluation data: blimp_filtered/, supplement_filtered/), sorted."""
     p = Path(path)
     if not p.exists():
         raise CachekdError(f"minimal pairs {str(p)!r} do not exist; give a .jsonl file or a directory of them.")
     if p.is_file():
         return [p]
-    files = sorted(f for f in p.glob("*.jsonl") if f.is_file())
+    files = sorted(f for f in p.rglob("*.jsonl") if f.is_file())
     if not files:
         raise CachekdError(f"directory {str(p)!r} holds no .jsonl minimal-pair files.")
     return files

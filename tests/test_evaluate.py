@@ -248,6 +248,11 @@ def test_bad_pair_files(store, tmp_path):
         minimal_pair_accuracy(model, tok, empty, progress=False)
     with pytest.raises(CachekdError, match="holds no .jsonl"):
         minimal_pair_accuracy(model, tok, _empty_dir(tmp_path), progress=False)
+    # files in subdirectories count (BabyLM ships blimp_filtered/ and supplement_filtered/ side by side)
+    nested = tmp_path / "nested"
+    _write_jsonl(nested / "a.jsonl", [{"sentence_good": "A.", "sentence_bad": "B."}])
+    _write_jsonl(nested / "sub" / "b.jsonl", [{"sentence_good": "A.", "sentence_bad": "B."}])
+    assert minimal_pair_accuracy(model, tok, nested, progress=False)["num_files"] == 2
 
 
 def _empty_dir(root: Path) -> Path:
