@@ -34,6 +34,19 @@ def _cfg(store, out, distill=None, **over):
     return load_train_config(d)
 
 
+def _stopped_run(cfg, steps: int) -> None:
+    """A run that stopped after `steps` optimizer steps with a checkpoint there (what a crash after a save leaves)."""
+    from cachekd.trainer import Trainer
+
+    t = Trainer(cfg, progress=False)
+    it = t.batches()
+    for _ in range(steps):
+        t.train_step(next(it))
+        t.step += 1
+    t._save_checkpoint()
+    it.close()
+
+
 def _weights(run_dir):
     from transformers import AutoModelForCausalLM
 
@@ -96,18 +109,7 @@ def test_resume_gives_identical_weights(tmp_path, store_path, caches):
     full = run(_cfg(store_path, tmp_path / "a", distill, **{"optim.max_steps": 8}), progress=False)
     # interrupted: stop after 3 steps (a checkpoint each step), then resume to 8
     cfg_b = _cfg(store_path, tmp_path / "b", distill, **{"optim.max_steps": 8, "save_every": 1})
-    part = load_train_config({**_as_dict(cfg_b), "optim": {**_as_dict(cfg_b)["optim"], "max_time_s": 0.0}})
-    # max_time_s 0 stops before the first step; use a real partial run instead:
-    from cachekd.trainer import Trainer
-
-    t = Trainer(cfg_b, progress=False)
-    it = t.batches()
-    for _ in range(3):
-        t.train_step(next(it))
-        t.step += 1
-    t._save_checkpoint()
-    it.close()
-    del t, part
+    _stopped_run(cfg_b, 3)
     resumed = run(cfg_b, resume=True, progress=False)
     assert resumed["steps"] == full["steps"] == 8
     wa, wb = _weights(tmp_path / "a"), _weights(tmp_path / "b")
@@ -456,17 +458,9 @@ def test_resume_refuses_another_length_and_finished_runs(tmp_path, store_path):
     """A resumed run keeps its planned max_steps (its cosine schedule ends there); a finished run has nothing to
     resume."""
     from cachekd.errors import CachekdError
-    from cachekd.trainer import Trainer
 
     cfg = _cfg(store_path, tmp_path / "r", **{"optim.max_steps": 6})
-    t = Trainer(cfg, progress=False)
-    it = t.batches()
-    for _ in range(2):
-        t.train_step(next(it))
-        t.step += 1
-    t._save_checkpoint()
-    it.close()
-    del t
+    _stopped_run(cfg, 2)
     with pytest.raises(CachekdError, match="planned for max_steps 6 and this command asks for 12.*--max-steps 6"):
         run(_cfg(store_path, tmp_path / "r", **{"optim.max_steps": 12}), resume=True, progress=False)
     assert run(cfg, resume=True, progress=False)["steps"] == 6

@@ -201,6 +201,25 @@ class LogitCache:
                 ) from e
         return self._arrays[key]
 
+    def _chunks(self, start: int, stop: int) -> range:
+        """The (token-store) chunks that windows [start, stop) touch."""
+        cw = self.chunk_windows
+        return range(start // cw, (max(stop, start + 1) - 1) // cw + 1)
+
+    def _damaged(self, split: str, teacher: str, name: str, chunk: int | None, windows: tuple[int, int],
+                 problem: str, reason: str) -> DamagedChunkError:
+        where = f"chunk {chunk} (windows {windows[0]} to {windows[1] - 1})" if chunk is not None else \
+            f"windows {windows[0]} to {windows[1] - 1}"
+        return DamagedChunkError(
+            f"the {split} split's {where} of teacher {teacher!r} in cache {str(self.path)!r} cannot be read: its "
+            f"{name} {problem}; " + REPAIR_HINT.format(path=self.path),
+            split=split, teacher=teacher, array=name, chunk=chunk, reason=reason,
+        )
+
+    def _chunk_windows(self, chunk: int, arr) -> tuple[int, int]:
+        cw = self.chunk_windows
+        return chunk * cw, min((chunk + 1) * cw, arr.shape[0])
+
     def _read_array(self, split: str, teacher: str, name: str, start: int, stop: int) -> np.ndarray:
         """Windows [start, stop) of one array; a chunk that cannot be read or decoded is a DamagedChunkError
         naming the split, teacher, array, chunk and windows, and saying how to repair it."""
@@ -212,38 +231,28 @@ class LogitCache:
         except (PermissionError, MemoryError):
             raise  # not damage: the CLI reports these as they are
         except Exception as e:  # codecs raise ValueError/RuntimeError/... with their own text
-            cw = self.chunk_windows
-            chunk, a, b = None, start, stop
-            for c in range(start // cw, (max(stop, start + 1) - 1) // cw + 1):  # which chunk: probe them one by one
-                lo, hi = max(start, c * cw), min(stop, (c + 1) * cw)
+            chunk, windows = None, (start, stop)
+            for c in self._chunks(start, stop):  # which chunk: probe them one by one
+                lo, hi = max(start, c * self.chunk_windows), min(stop, (c + 1) * self.chunk_windows)
                 try:
                     arr[lo:hi]
                 except Exception:  # noqa: BLE001 - any failure marks the damaged chunk
-                    chunk, a, b = c, c * cw, min((c + 1) * cw, arr.shape[0])  # the whole chunk, not the read
+                    chunk, windows = c, self._chunk_windows(c, arr)  # the whole chunk, not the read
                     break
-            where = f"chunk {chunk} (windows {a} to {b - 1})" if chunk is not None else f"windows {a} to {b - 1}"
             reason = _reason(e)
-            raise DamagedChunkError(
-                f"the {split} split's {where} of teacher {teacher!r} in cache {str(self.path)!r} cannot be read: its "
-                f"{name} data is corrupt or truncated ({reason}); " + REPAIR_HINT.format(path=self.path),
-                split=split, teacher=teacher, array=name, chunk=chunk, reason=reason,
-            ) from e
+            raise self._damaged(split, teacher, name, chunk, windows, f"data is corrupt or truncated ({reason})",
+                                reason) from e
 
     def _check_chunk_files(self, arr, split: str, teacher: str, name: str, start: int, stop: int) -> None:
         """zarr reads a missing chunk file as the fill value (zeros) without a word. A top-k chunk can never be all
         zeros (ids are distinct, log-probabilities and tails below 0), so zarr never skips writing one: a missing
         file is a deleted one. (Full-logit chunks are not checked: a degenerate teacher could write all-zero
-        logits, which zarr stores as no file.)"""
-        ch = arr.chunks[0]
+        logits, which zarr stores as no file; top-k arrays are chunked like the token store.)"""
         base = self.path / fmt.array_path(split, teacher, name)
-        for c in range(start // ch, (max(stop, start + 1) - 1) // ch + 1):
+        for c in self._chunks(start, stop):
             if not (base / arr.metadata.encode_chunk_key((c,) + (0,) * (arr.ndim - 1))).exists():
-                a, b = c * ch, min((c + 1) * ch, arr.shape[0])
-                raise DamagedChunkError(
-                    f"the {split} split's chunk {c} (windows {a} to {b - 1}) of teacher {teacher!r} in cache "
-                    f"{str(self.path)!r} cannot be read: its {name} file is missing; " + REPAIR_HINT.format(path=self.path),
-                    split=split, teacher=teacher, array=name, chunk=c, reason="file missing",
-                )
+                raise self._damaged(split, teacher, name, c, self._chunk_windows(c, arr), "file is missing",
+                                    "file missing")
 
     def read(self, split: str, start: int, stop: int, teachers: Sequence[str] | None = None) -> dict[str, TeacherBlock]:
         """Decoded outputs of windows [start, stop) for each teacher. Raises DamagedChunkError (a CachekdError)
