@@ -90,7 +90,8 @@ class CheckpointManager:
         try:
             state = torch.load(path, map_location="cpu", weights_only=False)
         except Exception as e:  # noqa: BLE001
-            raise CachekdError(f"checkpoint {str(path)!r} cannot be read ({type(e).__name__}); it may be corrupt.") from None
+            raise CachekdError(
+                f"checkpoint {str(path)!r} cannot be read ({type(e).__name__}); it may be corrupt.") from None
         if state["config_identity"] != self.identity_hash:
             diff = first_difference(state.get("config", {}), self.identity)
             raise CachekdError(

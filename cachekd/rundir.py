@@ -210,7 +210,8 @@ class RunDir:
         command, config = self.saved_command(), self.config_path
         step = self.last_checkpoint_step
         if self.finished:
-            fix = "--resume` writes it again from the last checkpoint" if step is not None else "--force` trains it again"
+            fix = ("--resume` writes it again from the last checkpoint" if step is not None
+                   else "--force` trains it again")
             return (f"{str(self.path)!r} is a finished cachekd run but its model/ is missing: "
                     f"`cachekd {command} -c {config} {fix}.")
         where = f" (last checkpoint: step {step})" if step is not None else ""

@@ -1,8 +1,11 @@
 """One training loop for plain language-model training (`cachekd train`) and distillation (`cachekd distill`).
 
-The stages of a step are methods: `batches` (aligned tokens + cached teacher outputs), `targets` (cached or
-live teacher outputs as loss targets), `micro_step` (forward, loss as local sums, backward), `train_step`
-(global counts, optimizer, schedules) and `train` (the loop, evaluation, checkpoints, metrics).
+Components: the run directory (`cachekd.rundir.RunDir`: layout, state, metrics, model/ and summary.json), its
+checkpoints (`cachekd.checkpoint.CheckpointManager`) and the teachers (`cachekd.teachers.TeacherSource`: a logit
+cache or live models). The stages of a step are methods: `batches` (aligned tokens + cached teacher outputs),
+`targets` (the teacher source's targets for a micro-batch), `micro_step` (forward, loss as local sums,
+backward), `train_step` (global counts, optimizer, schedules) and `train` (the loop, evaluation, checkpoints,
+metrics).
 
 Loss normalisation: each micro-batch's loss is its local *sum* divided by the *global* number of tokens (or
 sequences, for `batchmean`) of the whole optimizer step, known before the forward from the labels. So gradient
@@ -26,9 +29,9 @@ import numpy as np
 import torch
 
 from cachekd import distributed
+from cachekd.checkpoint import CheckpointManager
 from cachekd.config import OBJECTIVE_ALIASES, show_value, from_dict, to_dict
 from cachekd.errors import CachekdError
-from cachekd.checkpoint import CheckpointManager
 from cachekd.models import ModelConfig
 from cachekd.rundir import RunDir
 from cachekd.schedules import Schedule
@@ -353,16 +356,7 @@ class Trainer:
         self.store = TokenStore.open(cfg.data.store)
         self.mode = "distill" if cfg.distill is not None else "train"
 
-        # Teacher side: the cache (default) or live teachers (--online).
-        self.teacher_source: TeacherSource | None = None
-        self.tau_sched = self.lam_sched = self.alpha_sched = None
-        d = cfg.distill
-        if d is not None:
-            self.tau_sched, self.lam_sched, self.alpha_sched = (as_schedule(d.temperature), as_schedule(d.ce_weight),
-                                                                as_schedule(d.alpha))
-            self.teacher_source = open_teacher_source(d, self.store, temperature=self.tau_sched,
-                                                      alpha=self.alpha_sched, device=self.device,
-                                                      autocast=self._autocast)
+        self._open_teachers(cfg.distill)
 
         # Data order and step counts.
         G = cfg.data.batch_size
@@ -422,6 +416,17 @@ class Trainer:
         span = max(1, self.total_steps - o.warmup_steps)
         progress = min(1.0, (step - o.warmup_steps) / span)
         return o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    def _open_teachers(self, d: DistillConfig | None) -> None:
+        """The schedules of τ, λ and α, and the teacher side: the cache (default) or live teachers (--online)."""
+        self.teacher_source: TeacherSource | None = None
+        self.tau_sched = self.lam_sched = self.alpha_sched = None
+        if d is not None:
+            self.tau_sched, self.lam_sched, self.alpha_sched = (as_schedule(d.temperature), as_schedule(d.ce_weight),
+                                                                as_schedule(d.alpha))
+            self.teacher_source = open_teacher_source(d, self.store, temperature=self.tau_sched,
+                                                      alpha=self.alpha_sched, device=self.device,
+                                                      autocast=self._autocast)
 
     def schedule_values(self, step: int) -> dict[str, float]:
         if self.cfg.distill is None:
