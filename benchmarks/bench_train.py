@@ -357,7 +357,7 @@ def part_b(args, store: str, cache: str, teacher_dir: str, tmp: Path) -> tuple[s
         eval_windows=args.eval_windows, distill=distill), force=True, progress=False))
     cached = mk("b-cached", {"cache": cache, **FKL})
     online = mk("b-online", {"online": True, "teachers": [teacher_dir], **FKL})
-    teacher = online.tr.teacher_models[0]
+    teacher = online.tr.teacher_source.models[0]
     fixed = next(online.it)  # one batch for the teacher-forward-only timing
 
     def teacher_fwd(n: int, min_s: float = 0.0) -> tuple[float, int, int]:

@@ -15,96 +15,37 @@ Dev loss in the table comes from ``eval.json`` when `cachekd eval` measured the 
 from __future__ import annotations
 
 import csv
-import json
 import math
-import os
-import socket
-import time
 from pathlib import Path
 from typing import Any
 
 from cachekd.errors import CachekdError
+from cachekd.rundir import RunDir, full_dev_loss, loss_key
 
 BASE_COLUMNS = ["run", "mode", "objective", "steps", "tokens", "wall_s", "num_params", "dev_loss", "dev_ppl",
                 "dev_from", "mp_macro_acc"]
 """Columns of the comparison table; per-group minimal-pair accuracies follow as ``acc:<group>``."""
 
 
-def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """The JSON objects of a metrics.jsonl file. A cut-off last line (a run writing right now) is skipped; any
-    other malformed line raises CachekdError naming the file and line."""
-    p = Path(path)
-    lines = p.read_text(encoding="utf-8", errors="replace").splitlines()
-    out = []
-    last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
-    for i, line in enumerate(lines):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            if i == last:
-                break
-            raise CachekdError(f"{str(p)!r} line {i + 1} is not valid JSON; the metrics file is damaged.") from None
-        if isinstance(rec, dict):
-            out.append(rec)
-    return out
-
-
 def load_run(run_dir: str | Path) -> dict[str, Any]:
     """Summary, metrics and evaluation of one run directory."""
-    from cachekd.evaluate import load_eval
-    from cachekd.io import read_json_dict
-
-    d = Path(run_dir)
+    run = RunDir(run_dir)
+    d = run.path
     if not d.is_dir():
         raise CachekdError(f"run directory {str(d)!r} does not exist.")
-    summary_path, metrics_path = d / "summary.json", d / "metrics.jsonl"
-    if not summary_path.exists() and not metrics_path.exists():
+    if not run.is_run:
         raise CachekdError(f"{str(d)!r} is not a run directory (it has no summary.json or metrics.jsonl).")
-    summary: dict[str, Any] = {}
-    if summary_path.exists():
-        summary = read_json_dict(summary_path, "the run's summary is damaged.")
-    metrics = read_metrics(metrics_path) if metrics_path.exists() else []
+    metrics = run.read_metrics()
+    state = run.state
     return {
         "dir": d,
-        "summary": summary,
-        "complete": summary_path.exists(),
-        "running": not summary_path.exists() and is_running(d),
+        "summary": run.read_summary(),
+        "complete": state == "finished",
+        "running": state == "running",
         "train": [m for m in metrics if m.get("kind") == "train"],
         "dev": [m for m in metrics if m.get("kind") == "dev"],
-        "eval": load_eval(d),
+        "eval": run.load_eval(),
     }
-
-
-LIVE_METRICS_S = 600.0
-"""A run trained on another machine counts as running while its metrics.jsonl changed this recently."""
-
-
-def is_running(run_dir: str | Path) -> bool:
-    """Whether a process is training this run now: its ``running.json`` (written by the trainer, removed when it
-    stops) names a live process on this machine, or, from another machine, its metrics changed in the last
-    LIVE_METRICS_S seconds. A crashed or killed run leaves a stale file: its process is gone."""
-    d = Path(run_dir)
-    try:
-        info = json.loads((d / "running.json").read_text())
-        pid, host = int(info["pid"]), str(info["host"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return False
-    if host != socket.gethostname():
-        try:
-            return time.time() - (d / "metrics.jsonl").stat().st_mtime < LIVE_METRICS_S
-        except OSError:
-            return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's live process
-        return True
-    except OSError:
-        return False
-    return True
 
 
 def _state(run: dict[str, Any]) -> str:
@@ -135,8 +76,6 @@ def run_row(run: dict[str, Any], name: str) -> dict[str, Any]:
         "wall_s": _num(s.get("wall_s", last.get("wall_s"))),
         "num_params": s.get("num_params", ev.get("num_params")),
     }
-    from cachekd.evaluate import full_dev_loss, loss_key
-
     dev_loss, source = None, None
     full = full_dev_loss(ev)
     partial = [e for e in (ev.get("losses") or {}).values()

@@ -56,7 +56,8 @@ def run_demo(out_dir: str | Path = "demo_out", *, corpus: str | None = None, sma
     """Run the demo; returns the comparison (rows, files) plus per-stage timings."""
     from cachekd.compare import compare_runs
     from cachekd.demo_data import write_demo_data
-    from cachekd.evaluate import evaluate, save_eval
+    from cachekd.evaluate import evaluate
+    from cachekd.rundir import save_eval
     from cachekd.precompute import PrecomputeConfig, precompute
     from cachekd.tokens import PrepareConfig, prepare
     from cachekd.trainer import load_train_config, run

@@ -25,15 +25,9 @@ import torch
 
 from cachekd import __version__
 from cachekd.errors import CachekdError
+from cachekd.rundir import RunDir, loss_key
+from cachekd.teachers import check_tokenizer, has_tokenizer, tokenizer_fingerprint_of
 from cachekd.tokens import TokenStore
-
-EVAL_FILE = "eval.json"
-"""Where `cachekd eval` saves its result inside a run directory (read by `cachekd compare`).
-
-Its losses are kept apart by what was measured: ``"losses"`` maps a key (`loss_key`: ``"dev"`` for the whole dev
-split, ``"train:first50"`` for the first 50 train windows, ...) to each measurement, and the top-level ``"dev"`` is
-only ever the whole dev split, the one number `cachekd compare` reports as a run's dev loss."""
-
 
 # ------------------------------------------------------------------------------------------------ helpers
 
@@ -58,41 +52,6 @@ def _output_size(model) -> int | None:
     if head is not None and getattr(head, "weight", None) is not None:
         return int(head.weight.shape[0])
     return int(getattr(getattr(model, "config", None), "vocab_size", 0)) or None
-
-
-def loss_key(entry: dict[str, Any]) -> str:
-    """What a loss entry measured: the split (``"dev"``), with ``":firstN"`` when only its first N windows were."""
-    split = str(entry.get("split", "dev"))
-    complete = entry.get("complete")
-    if complete is None:  # eval.json written before "complete" was recorded
-        complete = entry.get("max_windows") is None
-    return split if complete else f"{split}:first{entry.get('num_windows')}"
-
-
-def full_dev_loss(ev: dict[str, Any] | None) -> dict[str, Any] | None:
-    """The loss entry of an eval.json measured on the whole dev split, or None."""
-    if not isinstance(ev, dict):
-        return None
-    entries = [(ev.get("losses") or {}).get("dev"), ev.get("dev")]
-    for e in entries:
-        if isinstance(e, dict) and loss_key(e) == "dev":
-            return e
-    return None
-
-
-def run_dir_of(path: str | Path) -> Path | None:
-    """The run directory a model path belongs to: `path` itself when it holds ``model/``, the parent when `path`
-    is a run's ``model/`` directory; None for a bare checkpoint."""
-    p = Path(path)
-    if (p / "model" / "config.json").exists():
-        return p
-    if p.name == "model" and any((p.parent / f).exists() for f in ("summary.json", "metrics.jsonl", "config.yaml")):
-        return p.parent
-    return None
-
-
-def _has_tokenizer(d: Path) -> bool:
-    return (d / "tokenizer.json").exists() or (d / "tokenizer_config.json").exists()
 
 
 def _config_vocab_size(model_dir: Path) -> int | None:
@@ -399,32 +358,29 @@ def check_tokenizer_matches(
     Compares `cachekd.corpus.tokenizer_fingerprint` with the store's, and requires the model's vocabulary to
     cover the store's.
     """
-    from cachekd.corpus import load_tokenizer, tokenizer_fingerprint
+    from cachekd.corpus import tokenizer_fingerprint
     from cachekd.models import resolve_model_dir
 
     store = _open_store(store)
     if isinstance(model_dir_or_tokenizer, (str, Path)):
         model_dir = resolve_model_dir(model_dir_or_tokenizer)
         where = f"the model {str(model_dir)!r}"
-        tokenizer = load_tokenizer(model_dir) if _has_tokenizer(model_dir) else None
+        fp = tokenizer_fingerprint_of(model_dir)
         vocab = model_vocab_size if model_vocab_size is not None else _config_vocab_size(model_dir)
     else:
         model_dir, where = None, "the given tokenizer"
-        tokenizer, vocab = model_dir_or_tokenizer, model_vocab_size
-    if tokenizer is not None:
-        fp = tokenizer_fingerprint(tokenizer)
-        if fp != store.tokenizer_fingerprint:
-            hint = f" (cachekd prepare ... --tokenizer {model_dir})" if model_dir is not None else ""
-            raise CachekdError(
-                f"the token store {str(store.path)!r} was built with a different tokenizer than {where} "
-                f"(tokenizer fingerprints {store.tokenizer_fingerprint[:12]} vs {fp[:12]}); evaluate on a store "
-                f"prepared with the model's tokenizer{hint}."
-            )
-    if vocab is not None and vocab < store.vocab_size:
-        raise CachekdError(
+        fp, vocab = tokenizer_fingerprint(model_dir_or_tokenizer), model_vocab_size
+    hint = f" (cachekd prepare ... --tokenizer {model_dir})" if model_dir is not None else ""
+    check_tokenizer(
+        store, fingerprint=fp, vocab_size=vocab,
+        tokenizer_error=lambda fp: (
+            f"the token store {str(store.path)!r} was built with a different tokenizer than {where} "
+            f"(tokenizer fingerprints {store.tokenizer_fingerprint[:12]} vs {fp[:12]}); evaluate on a store "
+            f"prepared with the model's tokenizer{hint}."),
+        vocab_error=lambda v: (
             f"the token store {str(store.path)!r} has a vocabulary of {store.vocab_size} but {where} has "
-            f"{vocab} outputs; it was built with another tokenizer."
-        )
+            f"{v} outputs; it was built with another tokenizer."),
+    )
 
 
 # ------------------------------------------------------------------------------------------------ all together
@@ -466,16 +422,16 @@ def evaluate(
     if store is not None:
         check_tokenizer_matches(model_dir, store)
     model = load_model(model_dir)
-    if _has_tokenizer(model_dir):
+    if has_tokenizer(model_dir):
         tokenizer = load_tokenizer(model_dir)
     elif store is not None:
         tokenizer = store.load_tokenizer()
     else:
         tokenizer = None
-    run_dir = run_dir_of(model_path)
+    run_dir = RunDir.of_model_path(model_path)
     result: dict[str, Any] = {
         "model": str(model_dir),
-        "run_dir": str(run_dir) if run_dir is not None else None,
+        "run_dir": str(run_dir.path) if run_dir is not None else None,
         "num_params": count_parameters(model),
         "checkpoint_fingerprint": checkpoint_fingerprint(model_dir),
         "device": str(device),
@@ -567,50 +523,3 @@ def agreement_with_cache(model, cache, store: TokenStore, *, split: str = "dev",
         "teachers": {t: {"kl": s[0] / max(s[2], 1), "top1_agreement": s[1] / max(s[2], 1), "positions": s[2]}
                      for t, s in sums.items()},
     }
-
-
-def save_eval(result: dict[str, Any], run_dir: str | Path) -> Path:
-    """Merge `result` into ``run_dir/eval.json`` and return its path.
-
-    A loss is stored under ``"losses"`` by what was measured (`loss_key`: split and, for part of a split, the
-    number of windows), so a quick ``--split train --max-windows 50`` never replaces the dev-split loss. The top-level
-    ``"dev"`` is the whole-dev-split loss only (absent until one is measured). Minimal pairs and agreement with a
-    cache are replaced by a new result of the same kind. Everything is kept from an earlier result for the same
-    checkpoint; a result for another checkpoint (the run was trained again) starts the file afresh."""
-    from cachekd.io import atomic_write_json, read_json
-
-    path = Path(run_dir) / EVAL_FILE
-    old: dict[str, Any] = {}
-    if path.exists():
-        try:
-            old = read_json(path)
-        except ValueError:
-            old = {}
-        if not isinstance(old, dict) or old.get("checkpoint_fingerprint") != result.get("checkpoint_fingerprint"):
-            old = {}
-    losses: dict[str, Any] = dict(old.get("losses") or {})
-    if isinstance(old.get("dev"), dict) and "losses" not in old:  # an eval.json from before the keyed losses
-        losses.setdefault(loss_key(old["dev"]), old["dev"])
-    merged = {k: v for k, v in result.items() if k != "dev"}
-    if isinstance(result.get("dev"), dict):
-        losses[loss_key(result["dev"])] = result["dev"]
-    for key in ("minimal_pairs", "against_cache"):
-        if key not in merged and key in old:
-            merged[key] = old[key]
-    if losses:
-        merged["losses"] = dict(sorted(losses.items()))
-    full = full_dev_loss({"losses": losses})
-    if full is not None:
-        merged["dev"] = full
-    atomic_write_json(path, merged)
-    return path
-
-
-def load_eval(run_dir: str | Path) -> dict[str, Any] | None:
-    """``run_dir/eval.json`` or None when there is none; an unreadable file raises CachekdError."""
-    from cachekd.io import read_json_dict
-
-    path = Path(run_dir) / EVAL_FILE
-    if not path.exists():
-        return None
-    return read_json_dict(path, "run `cachekd eval` on the run again.")

@@ -80,37 +80,20 @@ def build_model(cfg: ModelConfig, vocab_size: int, max_positions: int, special: 
 
 def resolve_model_dir(path: str | Path) -> Path:
     """A checkpoint directory: the path itself, or `<run>/model` for an output directory of `cachekd train`."""
+    from cachekd.rundir import MODEL_DIR, RunDir
+
     p = Path(path)
-    if (p / "model" / "config.json").exists():
-        return p / "model"
+    if (p / MODEL_DIR / "config.json").exists():
+        return p / MODEL_DIR
     if not (p / "config.json").exists():
-        run = p.parent if p.name == "model" else p
-        if (run / "config.yaml").exists() and (run / "metrics.jsonl").exists():
-            raise CachekdError(_unfinished_run_message(run))
+        run = RunDir(p.parent if p.name == MODEL_DIR else p)
+        if run.is_run:
+            raise CachekdError(run.unfinished_message())
     if not p.exists():
         raise CachekdError(f"model {str(p)!r} does not exist; give an HF checkpoint directory or a run directory.")
     if not (p / "config.json").exists():
         raise CachekdError(f"{str(p)!r} is not an HF checkpoint (no config.json) nor a run directory with model/.")
     return p
-
-
-def _unfinished_run_message(run: Path) -> str:
-    """A cachekd run directory without model/ yet: say how to finish it."""
-    import yaml
-
-    try:
-        cfg = yaml.safe_load((run / "config.yaml").read_text()) or {}
-    except (OSError, yaml.YAMLError):
-        cfg = {}
-    command = "distill" if isinstance(cfg, dict) and cfg.get("distill") else "train"
-    ckpts = sorted((run / "checkpoints").glob("step_*.pt"))
-    if (run / "summary.json").exists():
-        fix = "--resume` writes it again from the last checkpoint" if ckpts else "--force` trains it again"
-        return (f"{str(run)!r} is a finished cachekd run but its model/ is missing: "
-                f"`cachekd {command} -c {run / 'config.yaml'} {fix}.")
-    where = f" (last checkpoint: step {int(ckpts[-1].stem.split('_')[1])})" if ckpts else ""
-    return (f"{str(run)!r} is a cachekd run that has not finished, so it has no model/ yet{where}: finish it with "
-            f"`cachekd {command} -c {run / 'config.yaml'} --resume`, or evaluate a finished run or an HF checkpoint.")
 
 
 def quiet_transformers() -> None:

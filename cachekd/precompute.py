@@ -10,7 +10,6 @@ disjoint chunks.
 from __future__ import annotations
 
 import math
-import os
 import queue
 import threading
 import time
@@ -88,101 +87,6 @@ def parse_part(part: str | None) -> tuple[int, int]:
     if not 1 <= i <= n:
         raise CachekdError(f"--part {part}: in i/n, n must be at least 1 and i between 1 and n (e.g. 1/4 to 4/4).")
     return i - 1, n
-
-
-# --------------------------------------------------------------------------------------------- teachers
-
-
-def load_registry(path: str | None) -> dict[str, str]:
-    import yaml
-
-    p = Path(path) if path else Path(os.environ.get("CACHEKD_REGISTRY", "cachekd.yaml"))
-    if not p.exists():
-        if path:
-            raise CachekdError(f"registry {str(p)!r} does not exist.")
-        return {}
-    data = yaml.safe_load(p.read_text()) or {}
-    teachers = data.get("teachers", {}) if isinstance(data, dict) else {}
-    if not isinstance(teachers, dict):
-        raise CachekdError(f"registry {str(p)!r}: `teachers` must map names to checkpoint paths.")
-    base = p.parent
-    return {str(k): str(v if Path(v).is_absolute() else base / v) for k, v in teachers.items()}
-
-
-def resolve_teachers(specs: list[str], registry: str | None = None) -> list[tuple[str, Path]]:
-    """Teacher specs → unique (name, checkpoint directory) pairs; one checkpoint directory given twice is refused."""
-    from cachekd.models import resolve_model_dir
-
-    if not specs:
-        raise CachekdError("no teacher given: pass --teacher PATH (or a name from the registry).")
-    reg = None
-    out: list[tuple[str, Path]] = []
-    given: dict[Path, str] = {}  # resolved checkpoint directory -> the spec that named it
-    for spec in specs:
-        name, _, path = spec.partition("=") if "=" in spec else ("", "", spec)
-        if not Path(path).exists():
-            reg = load_registry(registry) if reg is None else reg
-            if path in reg:
-                name, path = name or path, reg[path]
-            else:
-                known = f" (registered: {', '.join(sorted(reg))})" if reg else " and no registry (cachekd.yaml) lists it"
-                raise CachekdError(f"teacher {spec!r} is neither a checkpoint directory nor a registered name{known}.")
-        d = resolve_model_dir(path)
-        if d.resolve() in given:
-            raise CachekdError(
-                f"teacher {spec!r} is the same checkpoint as teacher {given[d.resolve()]!r} ({str(d.resolve())!r}); "
-                f"pass each teacher once."
-            )
-        given[d.resolve()] = spec
-        explicit = bool(name)
-        if not name:
-            name = (d.parent.name if d.name == "model" else d.name) or "teacher"
-        name = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
-        if explicit and name in (n for n, _ in out):
-            raise CachekdError(f"the teacher name {name!r} is given twice ({spec!r}); give each teacher its own name.")
-        if name in (n for n, _ in out):  # two directories with the same folder name: number the second
-            i = 2
-            while f"{name}-{i}" in (n for n, _ in out):
-                i += 1
-            name = f"{name}-{i}"
-        out.append((name, d))
-    return out
-
-
-def _teacher_vocab(model) -> int:
-    from cachekd.models import output_embedding
-
-    head = output_embedding(model)
-    return int(getattr(head, "out_features", None) or head.weight.shape[0])
-
-
-def check_teacher(name: str, path: Path, model, store: TokenStore) -> dict[str, Any]:
-    """Refuse a teacher whose vocabulary does not fit the store; accept padded embeddings (logits dropped)."""
-    from cachekd.corpus import load_tokenizer, tokenizer_fingerprint
-    from cachekd.models import checkpoint_fingerprint, count_parameters
-
-    v_model, v_store = _teacher_vocab(model), store.vocab_size
-    if v_model < v_store:
-        raise CachekdError(
-            f"teacher {name!r} has a vocabulary of {v_model} tokens but the token store's tokenizer has {v_store}; "
-            f"use a teacher trained with this tokenizer."
-        )
-    if (path / "tokenizer.json").exists():
-        fp = tokenizer_fingerprint(load_tokenizer(path))
-        if fp != store.tokenizer_fingerprint:
-            raise CachekdError(
-                f"teacher {name!r} comes with a different tokenizer than the token store {str(store.path)!r}; "
-                f"prepare the store with --tokenizer {path} or use a matching teacher."
-            )
-    return {
-        "name": name,
-        "path": str(path.resolve()),
-        "fingerprint": checkpoint_fingerprint(path),
-        "model_type": getattr(model.config, "model_type", type(model).__name__),
-        "num_params": count_parameters(model),
-        "model_vocab_size": v_model,
-        "padded_logits_dropped": v_model - v_store,
-    }
 
 
 # ----------------------------------------------------------------------------------------- the math
@@ -360,7 +264,7 @@ def precompute(cfg: PrecomputeConfig, *, force: bool = False, progress: bool = T
     """Fill the cache. Returns a summary (and the manifest once the cache is complete)."""
     from tqdm.auto import tqdm
 
-    from cachekd.models import load_model
+    from cachekd.teachers import load_teachers
 
     if not cfg.output:
         raise CachekdError("no output path given: pass --output DIR for the cache.")
@@ -377,18 +281,9 @@ def precompute(cfg: PrecomputeConfig, *, force: bool = False, progress: bool = T
     busy = cw.busy_share(root, slot, slots)
     if busy:  # stop at once, before loading any teacher
         raise _busy_error(root, busy)
-    models, infos = [], []
-    for name, path in resolve_teachers(cfg.teachers, cfg.registry):
-        m = load_model(path)
-        info = check_teacher(name, path, m, store)
-        for prev in infos:
-            if prev["fingerprint"] == info["fingerprint"]:
-                raise CachekdError(
-                    f"teachers {prev['name']!r} ({prev['path']!r}) and {name!r} ({info['path']!r}) are the same "
-                    f"checkpoint (identical config and weights); pass each teacher once."
-                )
-        infos.append(info)
-        models.append(m.to(device).eval())
+    loaded = load_teachers(cfg.teachers, store, cfg.registry)
+    models = [m.to(device).eval() for m, _, _ in loaded]
+    infos = [info for _, _, info in loaded]
     plan = build_plan(cfg, store, infos, vocab)
     if world > 1 and force and rank != 0:
         force = False  # only rank 0 may clear; the others then find its plan

@@ -1,8 +1,11 @@
 """One training loop for plain language-model training (`cachekd train`) and distillation (`cachekd distill`).
 
-The stages of a step are methods: `batches` (aligned tokens + cached teacher outputs), `targets` (cached or
-live teacher outputs as loss targets), `micro_step` (forward, loss as local sums, backward), `train_step`
-(global counts, optimizer, schedules) and `train` (the loop, evaluation, checkpoints, metrics).
+Components: the run directory (`cachekd.rundir.RunDir`: layout, state, metrics, model/ and summary.json), its
+checkpoints (`cachekd.checkpoint.CheckpointManager`) and the teachers (`cachekd.teachers.TeacherSource`: a logit
+cache or live models). The stages of a step are methods: `batches` (aligned tokens + cached teacher outputs),
+`targets` (the teacher source's targets for a micro-batch), `micro_step` (forward, loss as local sums,
+backward), `train_step` (global counts, optimizer, schedules) and `train` (the loop, evaluation, checkpoints,
+metrics).
 
 Loss normalisation: each micro-batch's loss is its local *sum* divided by the *global* number of tokens (or
 sequences, for `batchmean`) of the whole optimizer step, known before the forward from the labels. So gradient
@@ -11,13 +14,9 @@ accumulation and data parallelism give the same update as one big batch.
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import random
-import shutil
 import signal
-import socket
 import threading
 import time
 from collections.abc import Callable
@@ -29,12 +28,14 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from cachekd import __version__, distributed
-from cachekd.config import OBJECTIVE_ALIASES, show_value, from_dict, save_yaml, to_dict
+from cachekd import distributed
+from cachekd.checkpoint import CheckpointManager
+from cachekd.config import OBJECTIVE_ALIASES, show_value, from_dict, to_dict
 from cachekd.errors import CachekdError
-from cachekd.io import atomic_write_json, sha256_json
 from cachekd.models import ModelConfig
+from cachekd.rundir import RunDir
 from cachekd.schedules import Schedule
+from cachekd.teachers import CachedTeachers, TeacherSource, open_teacher_source
 
 
 @dataclass
@@ -301,21 +302,6 @@ def _seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _rng_state() -> dict[str, Any]:
-    return {
-        "python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-    }
-
-
-def _set_rng_state(s: dict[str, Any]) -> None:
-    random.setstate(s["python"])
-    np.random.set_state(s["numpy"])
-    torch.set_rng_state(s["torch"])
-    if s.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
-
-
 class _StudentLoss(torch.nn.Module):
     """The student plus its loss in one forward, so DistributedDataParallel sees every parameter use."""
 
@@ -339,15 +325,6 @@ class _StudentLoss(torch.nn.Module):
 # ---------------------------------------------------------------------------------------------- trainer
 
 
-RUN_FILES = ("model", ".model.tmp", "checkpoints", "metrics.jsonl", "config.yaml", "summary.json", "eval.json",
-             "tensorboard", "running.json")
-"""Everything cachekd writes into a run directory (`cachekd eval` adds eval.json); --force removes only these."""
-
-RUNNING_FILE = "running.json"
-"""{pid, host, started} of the process training the run right now; removed when it stops (`cachekd compare` tells a
-live run from an unfinished one with it)."""
-
-
 class TrainingInterrupted(KeyboardInterrupt):
     """SIGINT/SIGTERM stopped a single-process run at a step boundary, after saving a checkpoint there. A
     KeyboardInterrupt, so code that handles Ctrl-C (and no `except Exception`) handles it too."""
@@ -357,40 +334,9 @@ class TrainingInterrupted(KeyboardInterrupt):
         self.step, self.total_steps, self.checkpoint, self.signum = step, total_steps, checkpoint, signum
 
 
-def run_state(out: str | Path) -> dict[str, Any]:
-    """What a run directory holds now: {"exists", "is_run", "finished", "last_checkpoint_step"}; the CLI says
-    from it how an interrupted run can go on."""
-    p = Path(out)
-    ckpts = sorted((p / "checkpoints").glob("step_*.pt")) if p.is_dir() else []
-    return {
-        "exists": p.is_dir() and any(p.iterdir()),
-        "is_run": (p / "config.yaml").exists(),
-        "finished": (p / "summary.json").exists(),
-        "last_checkpoint_step": int(ckpts[-1].stem.split("_")[1]) if ckpts else None,
-    }
-
-
-def _remove_run_files(out: Path) -> list[str]:
-    """Delete what cachekd wrote into `out` (RUN_FILES); return the names of the other entries, left in place."""
-    kept = []
-    for entry in sorted(out.iterdir()):
-        # also the temporary file of an atomic write cut off by a crash (".summary.json.x1y2.tmp")
-        ours = entry.name in RUN_FILES or (entry.name.endswith(".tmp") and any(
-            entry.name.startswith(f".{name}.") for name in RUN_FILES))
-        if ours:
-            if entry.is_dir() and not entry.is_symlink():
-                shutil.rmtree(entry)
-            else:
-                entry.unlink()
-        else:
-            kept.append(entry.name)
-    return kept
-
-
 class Trainer:
     def __init__(self, cfg: TrainConfig, *, resume: bool = False, force: bool = False, progress: bool = True,
                  say: Callable[[str], None] | None = None):
-        from cachekd.cache.reader import LogitCache
         from cachekd.loader import Order
         from cachekd.models import build_model, count_parameters, quiet_transformers
         from cachekd.tokens import TokenStore
@@ -406,47 +352,11 @@ class Trainer:
         if not cfg.output:
             raise CachekdError("no output directory given: pass --output DIR.")
         self.out = Path(cfg.output)
+        self.run_dir = RunDir(self.out)
         self.store = TokenStore.open(cfg.data.store)
         self.mode = "distill" if cfg.distill is not None else "train"
 
-        # Teacher side: the cache (default) or live teachers (--online).
-        self.cache, self.teachers, self.teacher_models = None, [], []
-        self.online_teachers: list[dict[str, str]] = []  # name, path, fingerprint of each live teacher
-        self.tau_sched = self.lam_sched = self.alpha_sched = None
-        d = cfg.distill
-        if d is not None:
-            self.tau_sched, self.lam_sched, self.alpha_sched = (as_schedule(d.temperature), as_schedule(d.ce_weight),
-                                                                as_schedule(d.alpha))
-            if d.online:
-                self._load_online_teachers(d)
-            else:
-                if not d.cache:
-                    raise CachekdError("distillation needs --cache (or --online with --teacher checkpoints).")
-                self.cache = LogitCache.open(d.cache)
-                self.cache.check_store(self.store)
-                self.teachers = self.cache.select_teachers(d.teachers)
-                if "train" not in self.cache.splits():
-                    raise CachekdError(f"cache {d.cache!r} has no train split.")
-                if self.cache.mode == "topk" and self.tau_sched.kind != "constant":
-                    raise CachekdError("a temperature schedule needs a --full cache: a top-k cache only has tail_lse "
-                                       f"for temperatures {self.cache.temperatures}.")
-                if self.cache.mode == "topk":
-                    self.cache.temperature_index(self.tau_sched.start)
-                mixing = self.alpha_sched.kind != "constant" or self.alpha_sched.start != 1.0
-                if self.cache.mode == "topk" and mixing and d.tail_mode != "uniform":
-                    raise CachekdError(
-                        f"mixing teacher and student logits (distill.alpha below 1) needs a dense target: with a "
-                        f"top-k cache pass --tail-mode uniform (distill.tail_mode: uniform; it is {d.tail_mode})."
-                    )
-                if (self.cache.mode == "topk" and len(self.teachers) > 1 and d.teacher_combine != "losses"
-                        and d.tail_mode != "uniform"):
-                    raise CachekdError(
-                        f"combining several top-k teachers by {d.teacher_combine} needs the uniform tail: pass "
-                        f"--tail-mode uniform or --teacher-combine losses (distill.tail_mode, distill.teacher_combine)."
-                    )
-            if d.teacher_weights and len(d.teacher_weights) != max(len(self.teachers), len(self.teacher_models)):
-                raise CachekdError(f"distill.teacher_weights has {len(d.teacher_weights)} weights for "
-                                   f"{max(len(self.teachers), len(self.teacher_models))} teachers.")
+        self._open_teachers(cfg.distill)
 
         # Data order and step counts.
         G = cfg.data.batch_size
@@ -494,6 +404,8 @@ class Trainer:
 
         self.step, self.tokens_seen, self.wall_s = 0, 0, 0.0
         self._stop_signal: int | None = None
+        self.checkpoints = CheckpointManager(self.run_dir, config_identity(cfg), keep=cfg.keep_checkpoints,
+                                             identity_of_saved=lambda data: config_identity(load_train_config(data)))
         self._prepare_output(resume, force)
 
     # ---------------------------------------------------------------------------------- helpers
@@ -505,20 +417,16 @@ class Trainer:
         progress = min(1.0, (step - o.warmup_steps) / span)
         return o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
-    def _load_online_teachers(self, d: DistillConfig) -> None:
-        from cachekd.models import load_model
-        from cachekd.precompute import check_teacher, resolve_teachers
-
-        specs = list(d.teachers)
-        if not specs and d.cache:
-            from cachekd.cache.reader import LogitCache
-
-            specs = [t["path"] for t in LogitCache.open(d.cache).meta["teachers"]]
-        for name, path in resolve_teachers(specs):
-            m = load_model(path)
-            info = check_teacher(name, path, m, self.store)
-            self.online_teachers.append({"name": name, "path": str(path), "fingerprint": info["fingerprint"]})
-            self.teacher_models.append(m.to(self.device).eval().requires_grad_(False))
+    def _open_teachers(self, d: DistillConfig | None) -> None:
+        """The schedules of τ, λ and α, and the teacher side: the cache (default) or live teachers (--online)."""
+        self.teacher_source: TeacherSource | None = None
+        self.tau_sched = self.lam_sched = self.alpha_sched = None
+        if d is not None:
+            self.tau_sched, self.lam_sched, self.alpha_sched = (as_schedule(d.temperature), as_schedule(d.ce_weight),
+                                                                as_schedule(d.alpha))
+            self.teacher_source = open_teacher_source(d, self.store, temperature=self.tau_sched,
+                                                      alpha=self.alpha_sched, device=self.device,
+                                                      autocast=self._autocast)
 
     def schedule_values(self, step: int) -> dict[str, float]:
         if self.cfg.distill is None:
@@ -529,50 +437,29 @@ class Trainer:
                 "alpha": self.alpha_sched.value(**args)}
 
     # ---------------------------------------------------------------------------------- output
-    def _ckpt_dir(self) -> Path:
-        return self.out / "checkpoints"
-
     def _prepare_output(self, resume: bool, force: bool) -> None:
         """Create the run directory, or resume / replace the run in it. Runs after every check of the config."""
-        exists = self.out.exists() and any(self.out.iterdir())
-        ckpts = sorted(self._ckpt_dir().glob("step_*.pt")) if self.out.exists() else []
-        is_run = (self.out / "config.yaml").exists()
-        finished = (self.out / "summary.json").exists()
-        if resume and finished:
-            raise CachekdError(f"the run in {str(self.out)!r} already finished; nothing to resume (pass --force to "
-                               f"train it again, or choose another output).")
-        if resume and ckpts:
-            self._check_same_length()
-            self._load_checkpoint(ckpts[-1])
+        plan = self.run_dir.plan_start(resume=resume, force=force)
+        if plan.action == "resume":
+            self.checkpoints.check_same_length(self.cfg.optim.max_steps)
+            self._load_checkpoint(plan.checkpoint)
             return
-        if resume and exists:
-            if not is_run:
-                raise CachekdError(f"{str(self.out)!r} is not a cachekd run, so there is nothing to resume; "
-                                   f"choose another output.")
+        if plan.action == "restart":
             # Stopped before its first checkpoint: start again from step 0 in the same directory, same config.
-            self._check_saved_config()
+            self.checkpoints.check_saved_config()
             if self.is_main:
-                (self.out / "metrics.jsonl").write_text("")
+                self.run_dir.reset_metrics()
                 self.say(f"{self.out} has no checkpoint yet: starting it again from step 0.")
             self._barrier()
             return
-        if exists and not resume:
-            if not is_run:
-                raise CachekdError(f"output {str(self.out)!r} is not empty and is not a cachekd run; choose another path.")
-            if not force:
-                what = "a finished run" if finished else "an unfinished run"
-                hint = "" if finished else " pass --resume to continue it,"
-                raise CachekdError(f"{str(self.out)!r} holds {what};{hint} pass --force to start over, or choose another output.")
-            if self.is_main:
-                kept = _remove_run_files(self.out)
-                if kept:
-                    self.say(f"--force: replaced the run in {self.out}; kept what cachekd did not write there: "
-                             f"{', '.join(kept)}")
+        if plan.replace and self.is_main:
+            kept = self.run_dir.remove_run_files()
+            if kept:
+                self.say(f"--force: replaced the run in {self.out}; kept what cachekd did not write there: "
+                         f"{', '.join(kept)}")
         self._barrier()
         if self.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            save_yaml(self.out / "config.yaml", self.cfg)
-            (self.out / "metrics.jsonl").write_text("")
+            self.run_dir.create(self.cfg)
 
     def _barrier(self) -> None:
         if self.world > 1:
@@ -580,94 +467,32 @@ class Trainer:
 
             dist.barrier()
 
-    def _check_same_length(self) -> None:
-        """Refuse to resume with another optim.max_steps: the learning-rate (and α, τ) schedules run over the run's
-        planned length, so changing it midway would jump them (a cosine ending at 20 steps restarted high for 40)."""
-        import yaml
-
-        try:
-            saved = (yaml.safe_load((self.out / "config.yaml").read_text()) or {}).get("optim", {}).get("max_steps")
-        except (yaml.YAMLError, OSError, AttributeError):
-            return  # an unreadable config.yaml is reported by the checkpoint's own config check
-        if saved != self.cfg.optim.max_steps:
-            def show(v):
-                return "unset (the epochs decide)" if v is None else str(v)
-            raise CachekdError(
-                f"the run in {str(self.out)!r} was planned for max_steps {show(saved)} and this command asks for "
-                f"{show(self.cfg.optim.max_steps)}; its schedules run over the planned length, so resume "
-                f"{'with --max-steps ' + str(saved) if saved is not None else 'without --max-steps'}, or start a new "
-                f"run (another --output, or --force)."
-            )
-
-    def _check_saved_config(self) -> None:
-        """Refuse to resume a run directory whose config.yaml differs from this config (beyond runtime options)."""
-        import yaml
-
-        try:
-            saved = config_identity(load_train_config(yaml.safe_load((self.out / "config.yaml").read_text()) or {}))
-        except (CachekdError, yaml.YAMLError, OSError):
-            raise CachekdError(f"the config.yaml in {str(self.out)!r} cannot be read; pass --force to start over.") from None
-        if saved != config_identity(self.cfg):
-            diff = _first_difference(saved, config_identity(self.cfg))
-            raise CachekdError(
-                f"the run in {str(self.out)!r} was started with a different config ({diff}); resume with the same "
-                f"config, or pass --force to start over."
-            )
-
     def _save_checkpoint(self) -> Path | None:
         """Write a resumable checkpoint of the current step (rank 0); returns its path."""
         if not self.is_main:
             return None
-        d = self._ckpt_dir()
-        d.mkdir(parents=True, exist_ok=True)
-        state = {
-            "cachekd_version": __version__,
-            "config_identity": sha256_json(config_identity(self.cfg)),
-            "config": config_identity(self.cfg),
-            "step": self.step, "tokens": self.tokens_seen, "wall_s": self.wall_s,
+        return self.checkpoints.save(self.step, {
+            "tokens": self.tokens_seen, "wall_s": self.wall_s,
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler else None,
-            "rng": _rng_state(),
-        }
-        path = d / f"step_{self.step:08d}.pt"
-        tmp = d / f".{path.name}.tmp"
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-        for old in sorted(d.glob("step_*.pt"))[: -self.cfg.keep_checkpoints]:
-            old.unlink()
-        return path
+        })
 
     def _load_checkpoint(self, path: Path) -> None:
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as e:  # noqa: BLE001
-            raise CachekdError(f"checkpoint {str(path)!r} cannot be read ({type(e).__name__}); it may be corrupt.") from None
-        if state["config_identity"] != sha256_json(config_identity(self.cfg)):
-            diff = _first_difference(state.get("config", {}), config_identity(self.cfg))
-            raise CachekdError(
-                f"the checkpoint in {str(self.out)!r} was written with a different config ({diff}); resume with the "
-                f"same config, or pass --force to start over."
-            )
+        state = self.checkpoints.load(path)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if self.scaler and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
-        _set_rng_state(state["rng"])
         self.step, self.tokens_seen, self.wall_s = state["step"], state["tokens"], state["wall_s"]
         if self.is_main:
-            # Drop metrics logged after the checkpoint: they will be logged again.
-            mpath = self.out / "metrics.jsonl"
-            if mpath.exists():
-                keep = [ln for ln in mpath.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= self.step]
-                mpath.write_text("".join(ln + "\n" for ln in keep))
+            self.run_dir.truncate_metrics(self.step)  # records after the checkpoint will be logged again
 
     def _log(self, record: dict[str, Any]) -> None:
         if not self.is_main:
             return
-        with open(self.out / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
+        self.run_dir.append_metrics(record)
         if self._tb is not None:
             for k, v in record.items():
                 if isinstance(v, (int, float)) and k not in ("step",) and v is not None:
@@ -678,12 +503,11 @@ class Trainer:
         """Local batches from the current step on (tokens + aligned cached teacher outputs)."""
         from cachekd.loader import CachedBatches, Prefetcher
 
-        ti = None
-        if self.cache is not None and self.cache.mode == "topk":
-            ti = self.cache.temperature_index(self.tau_sched.start)
+        src = self.teacher_source if isinstance(self.teacher_source, CachedTeachers) else None
         ds = CachedBatches(
-            self.store, "train", self.order, rank=self.rank, world=self.world, cache=self.cache,
-            teachers=self.teachers or None, temperature_index=ti,
+            self.store, "train", self.order, rank=self.rank, world=self.world,
+            cache=src.cache if src else None, teachers=src.names if src else None,
+            temperature_index=src.temperature_index(self.tau_sched.start) if src else None,
             start_epoch=self.step // self.steps_per_epoch, start_step=self.step % self.steps_per_epoch,
         )
         pin = self.device.type == "cuda"
@@ -694,24 +518,10 @@ class Trainer:
         return Prefetcher(iter(ds), depth=self.cfg.data.prefetch, pin=pin)
 
     def targets(self, batch: dict[str, Any], input_ids: torch.Tensor, temperature: float) -> list:
-        """Loss targets for a micro-batch: cached (sparse or full) or from live teachers."""
-        from cachekd.losses import DenseTarget, SparseTarget
-
-        if self.cfg.distill is None:
+        """Loss targets for a micro-batch, from the teacher source (cached or live teachers); [] without one."""
+        if self.teacher_source is None:
             return []
-        V = self.store.vocab_size
-        if self.teacher_models:
-            with torch.inference_mode(), self._autocast():
-                outs = [m(input_ids=input_ids).logits[..., :V] for m in self.teacher_models]
-            return [DenseTarget(o.float().clone()) for o in outs]
-        out = []
-        for t in self.teachers:
-            b = batch["teachers"][t]
-            if "logits" in b:
-                out.append(DenseTarget(b["logits"]))
-            else:
-                out.append(SparseTarget(ids=b["ids"].long(), logits=b["logprobs"], tail_lse=b["tail_lse"]))
-        return out
+        return self.teacher_source.targets(batch, input_ids)
 
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None)
@@ -799,7 +609,7 @@ class Trainer:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
                 raise CachekdError("tensorboard: true needs the tensorboard package (pip install tensorboard).") from None
-            self._tb = SummaryWriter(str(self.out / "tensorboard"))
+            self._tb = SummaryWriter(str(self.run_dir.tensorboard_dir))
         self._mark_running(True)
         try:
             previous = self._install_signal_handlers()
@@ -808,7 +618,7 @@ class Trainer:
             finally:
                 self._restore_signal_handlers(previous)
             if stop_reason == "signal":
-                path = self._ckpt_dir() / f"step_{self.step:08d}.pt"
+                path = self.checkpoints.path_for(self.step)
                 if not path.exists():
                     path = self._save_checkpoint()
                 if self._tb is not None:
@@ -901,12 +711,7 @@ class Trainer:
     def _mark_running(self, on: bool) -> None:
         if not self.is_main:
             return
-        path = self.out / RUNNING_FILE
-        if on:
-            atomic_write_json(path, {"pid": os.getpid(), "host": socket.gethostname(),
-                                     "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
-        else:
-            path.unlink(missing_ok=True)
+        self.run_dir.mark_running(on)
 
     def _time_is_up(self, start_step: int, start_wall: float) -> bool:
         """Whether another step would end past optim.max_time_s (judged by this run's mean step time so far), so
@@ -937,20 +742,11 @@ class Trainer:
             "num_params": self.num_params, "final_dev_loss": dev,
             "final_dev_ppl": math.exp(dev) if dev is not None and dev < 50 else None,
             "stopped_by": stop_reason, "processes": self.world,
-            "cache": self.cfg.distill.cache if self.cfg.distill else None,
-            "teachers": self.teachers or [t["name"] for t in self.online_teachers] or None,
-            **({"online_teachers": self.online_teachers} if self.online_teachers else {}),
+            **(self.teacher_source.summary() if self.teacher_source else {"cache": None, "teachers": None}),
         }
         if self.is_main:
-            tmp = self.out / ".model.tmp"
-            if tmp.exists():
-                shutil.rmtree(tmp)
-            self.model.save_pretrained(str(tmp))
-            self.store.load_tokenizer().save_pretrained(str(tmp))
-            if (self.out / "model").exists():
-                shutil.rmtree(self.out / "model")
-            os.replace(tmp, self.out / "model")
-            atomic_write_json(self.out / "summary.json", summary)
+            self.run_dir.save_model(self.model, self.store.load_tokenizer())
+            self.run_dir.write_summary(summary)
             if self._tb is not None:
                 self._tb.close()
         if self.world > 1:
@@ -958,14 +754,6 @@ class Trainer:
 
             dist.barrier()
         return summary
-
-
-def _first_difference(a: Any, b: Any, prefix: str = "") -> str:
-    if isinstance(a, dict) and isinstance(b, dict):
-        for k in sorted(set(a) | set(b)):
-            if a.get(k) != b.get(k):
-                return _first_difference(a.get(k), b.get(k), f"{prefix}{k}.")
-    return f"{prefix.rstrip('.')}: {a!r} then, {b!r} now"
 
 
 def run(cfg: TrainConfig, *, resume: bool = False, force: bool = False, progress: bool = True,

@@ -76,7 +76,8 @@ def eval_command(model, dev_store, split, minimal_pairs, prefix, no_prefix, batc
       cachekd eval path/to/hf-checkpoint --dev runs/tokens --max-windows 200 --device cuda
       cachekd eval runs/student --dev runs/tokens --against-cache runs/cache
     """
-    from cachekd.evaluate import evaluate, run_dir_of, save_eval
+    from cachekd.evaluate import evaluate
+    from cachekd.rundir import RunDir
     from cachekd.report import format_table, markdown_table
 
     if no_prefix and prefix is not None:
@@ -89,9 +90,9 @@ def eval_command(model, dev_store, split, minimal_pairs, prefix, no_prefix, batc
         device=device, max_windows=max_windows, against_cache=against_cache, progress=not quiet and not as_json,
     )
     saved = None
-    run_dir = run_dir_of(model)
+    run_dir = RunDir.of_model_path(model)
     if save and run_dir is not None:
-        saved = save_eval(result, run_dir)
+        saved = run_dir.save_eval(result)
     if as_json:
         echo_json(result | ({"saved": str(saved)} if saved else {}))
         return
@@ -110,7 +111,7 @@ def eval_command(model, dev_store, split, minimal_pairs, prefix, no_prefix, batc
 
 def _saved_note(result: dict, saved: Path) -> str:
     """Where the result went in RUN/eval.json, and whether `cachekd compare` will report its loss."""
-    from cachekd.evaluate import loss_key
+    from cachekd.rundir import loss_key
 
     parts = []
     if "dev" in result:

@@ -87,7 +87,7 @@ def _continue_command(ctx: click.Context) -> str:
 
 def _interrupted_message(ctx: click.Context, out: str) -> str:
     """Why a run stopped by an interrupt (not at a step boundary) can go on, from what its directory holds."""
-    from cachekd.trainer import run_state
+    from cachekd.rundir import run_state
 
     st = run_state(out)
     cont = _continue_command(ctx)

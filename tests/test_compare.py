@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from cachekd.compare import compare_runs, read_metrics
+from cachekd.compare import compare_runs
+from cachekd.rundir import read_metrics
 from cachekd.errors import CachekdError
 from tests.test_evaluate import assert_one_clean_error, invoke, make_run, store, stores, tiny_model  # noqa: F401
 

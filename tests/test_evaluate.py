@@ -15,9 +15,10 @@ from click.testing import CliRunner
 from cachekd import demo_data
 from cachekd.errors import CachekdError
 from cachekd.evaluate import (
-    check_tokenizer_matches, dev_loss, evaluate, minimal_pair_accuracy, prefix_ids, save_eval, sentence_logprobs,
+    check_tokenizer_matches, dev_loss, evaluate, minimal_pair_accuracy, prefix_ids, sentence_logprobs,
 )
 from cachekd.models import ModelConfig, build_model
+from cachekd.rundir import save_eval
 from cachekd.tokens import PrepareConfig, TokenStore, prepare
 from cachekd_cli.main import cli
 

@@ -595,7 +595,7 @@ def test_interrupt_handler_is_restored_and_second_signal_aborts(tmp_path, store_
 
 
 def test_interrupt_message_from_the_run_directory(tmp_path, store_path):
-    from cachekd.trainer import run_state
+    from cachekd.rundir import run_state
 
     assert run_state(tmp_path / "none") == {"exists": False, "is_run": False, "finished": False,
                                             "last_checkpoint_step": None}

@@ -154,12 +154,14 @@ class LogitCache:
 
     def check_store(self, store) -> None:
         """Refuse a token store that is not the one this cache was computed from, saying what differs."""
+        from cachekd.teachers import check_tokenizer
+
         ts = self.meta["token_store"]
-        if ts["tokenizer_fingerprint"] != store.tokenizer_fingerprint:
-            raise CachekdError(
-                f"cache {str(self.path)!r} was built with another tokenizer than token store {str(store.path)!r}; "
-                f"precompute a cache for this store."
-            )
+        check_tokenizer(
+            store, fingerprint=ts["tokenizer_fingerprint"], vocab_size=None,
+            tokenizer_error=lambda fp: (f"cache {str(self.path)!r} was built with another tokenizer than token store "
+                                        f"{str(store.path)!r}; precompute a cache for this store."),
+        )
         if ts["seq_len"] != store.seq_len:
             raise CachekdError(
                 f"cache {str(self.path)!r} has windows of {ts['seq_len']} tokens but token store {str(store.path)!r} "

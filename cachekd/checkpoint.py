@@ -1,0 +1,138 @@
+"""Resumable checkpoints of one run: save (atomic, keep the last N), load, and the identity check against the config.
+
+A checkpoint (``RUN/checkpoints/step_00000042.pt``) holds the training state the caller gives (model, optimizer,
+scheduler, scaler, counters) plus what this module adds: the cachekd version, the config identity (the config
+without runtime options) and its sha256, and the Python / NumPy / torch / CUDA random states. A resume is refused
+when the identity differs, saying which value; so is one whose planned length (``optim.max_steps``) changed.
+
+One manager per run directory: a cohort of students trained in one loop has one manager per student.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from cachekd import __version__
+from cachekd.errors import CachekdError
+from cachekd.io import sha256_json
+from cachekd.rundir import RunDir, checkpoint_name
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """The Python, NumPy, torch and (when present) CUDA random states."""
+    return {
+        "python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
+
+
+def restore_rng_state(s: dict[str, Any]) -> None:
+    """Put back what `capture_rng_state` returned."""
+    random.setstate(s["python"])
+    np.random.set_state(s["numpy"])
+    torch.set_rng_state(s["torch"])
+    if s.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+def first_difference(a: Any, b: Any, prefix: str = "") -> str:
+    """The first key (dotted path) where two nested mappings differ, as ``key: old then, new now``."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in sorted(set(a) | set(b)):
+            if a.get(k) != b.get(k):
+                return first_difference(a.get(k), b.get(k), f"{prefix}{k}.")
+    return f"{prefix.rstrip('.')}: {a!r} then, {b!r} now"
+
+
+class CheckpointManager:
+    """Saves and loads the checkpoints of one run directory for a config whose identity is `identity`.
+
+    `identity_of_saved` turns the run's saved config.yaml (a mapping) into the same identity form, raising
+    CachekdError (or yaml.YAMLError / OSError) when it cannot; `keep` is how many checkpoints stay on disk."""
+
+    def __init__(self, run: RunDir, identity: dict[str, Any], *, keep: int,
+                 identity_of_saved: Callable[[dict[str, Any]], dict[str, Any]]):
+        self.run, self.identity, self.keep = run, identity, keep
+        self.identity_hash = sha256_json(identity)
+        self._identity_of_saved = identity_of_saved
+
+    @property
+    def directory(self) -> Path:
+        return self.run.checkpoint_dir
+
+    def path_for(self, step: int) -> Path:
+        return self.directory / checkpoint_name(step)
+
+    def save(self, step: int, state: dict[str, Any]) -> Path:
+        """Write `state` (with the step, identity and random states added) as the checkpoint of `step`, atomically,
+        then delete all but the newest `keep`; returns its path."""
+        d = self.directory
+        d.mkdir(parents=True, exist_ok=True)
+        full = {"cachekd_version": __version__, "config_identity": self.identity_hash, "config": self.identity,
+                "step": step, **state, "rng": capture_rng_state()}
+        path = self.path_for(step)
+        tmp = d / f".{path.name}.tmp"
+        torch.save(full, tmp)
+        os.replace(tmp, path)
+        for old in self.run.checkpoints()[: -self.keep]:
+            old.unlink()
+        return path
+
+    def load(self, path: Path, *, restore_rng: bool = True) -> dict[str, Any]:
+        """The state saved in `path`, after checking it was written with this config; restores the random states."""
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as e:  # noqa: BLE001
+            raise CachekdError(
+                f"checkpoint {str(path)!r} cannot be read ({type(e).__name__}); it may be corrupt.") from None
+        if state["config_identity"] != self.identity_hash:
+            diff = first_difference(state.get("config", {}), self.identity)
+            raise CachekdError(
+                f"the checkpoint in {str(self.run.path)!r} was written with a different config ({diff}); resume with "
+                f"the same config, or pass --force to start over."
+            )
+        if restore_rng:
+            restore_rng_state(state["rng"])
+        return state
+
+    def check_saved_config(self) -> None:
+        """Refuse to go on in a run directory whose config.yaml differs from this config (beyond runtime options)."""
+        import yaml
+
+        out = str(self.run.path)
+        try:
+            saved = self._identity_of_saved(self.run.read_config_mapping())
+        except (CachekdError, yaml.YAMLError, OSError):
+            raise CachekdError(f"the config.yaml in {out!r} cannot be read; pass --force to start over.") from None
+        if saved != self.identity:
+            diff = first_difference(saved, self.identity)
+            raise CachekdError(
+                f"the run in {out!r} was started with a different config ({diff}); resume with the same "
+                f"config, or pass --force to start over."
+            )
+
+    def check_same_length(self, max_steps: int | None) -> None:
+        """Refuse to resume with another optim.max_steps: the learning-rate (and α, τ) schedules run over the run's
+        planned length, so changing it midway would jump them (a cosine ending at 20 steps restarted high for 40)."""
+        import yaml
+
+        try:
+            saved = self.run.read_config_mapping().get("optim", {}).get("max_steps")
+        except (CachekdError, yaml.YAMLError, OSError, AttributeError):
+            return  # an unreadable config.yaml is reported by the checkpoint's own config check
+        if saved != max_steps:
+            def show(v):
+                return "unset (the epochs decide)" if v is None else str(v)
+            raise CachekdError(
+                f"the run in {str(self.run.path)!r} was planned for max_steps {show(saved)} and this command asks for "
+                f"{show(max_steps)}; its schedules run over the planned length, so resume "
+                f"{'with --max-steps ' + str(saved) if saved is not None else 'without --max-steps'}, or start a new "
+                f"run (another --output, or --force)."
+            )

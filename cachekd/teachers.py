@@ -1,0 +1,319 @@
+"""Teachers: where they are (resolution), loading them, the one tokenizer/vocabulary check, and the teacher
+signal a training step asks for (`TeacherSource`).
+
+* Resolution (`resolve_teachers`): a teacher spec is an HF checkpoint directory, a `cachekd train` run directory
+  (its ``model/``), a name from the registry file (``cachekd.yaml``'s ``teachers:`` mapping, or
+  ``$CACHEKD_REGISTRY``), or ``NAME=PATH``.
+* `check_tokenizer` is the single rule for "does this tokenizer / vocabulary fit that token store": the same
+  tokenizer fingerprint, and at least the store's vocabulary. Teachers, evaluated models and logit caches all go
+  through it; each caller words the refusal for its user.
+* `TeacherSource` gives the loss targets of a micro-batch: `CachedTeachers` reads them from a logit cache (the
+  loader brings them aligned with the tokens), `OnlineTeachers` runs live teacher models (``--online``). A cohort
+  of students shares one source.
+"""
+
+from __future__ import annotations
+
+import os
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from cachekd.errors import CachekdError
+
+if TYPE_CHECKING:
+    from cachekd.cache.reader import LogitCache
+    from cachekd.losses import DenseTarget, SparseTarget
+    from cachekd.schedules import Schedule
+    from cachekd.tokens import TokenStore
+
+
+# ------------------------------------------------------------------------------------------ the check
+
+
+def check_tokenizer(store: TokenStore, *, fingerprint: str | None, vocab_size: int | None = None,
+                    tokenizer_error: Callable[[str], str], vocab_error: Callable[[int], str] | None = None) -> None:
+    """Refuse a tokenizer (its `cachekd.corpus.tokenizer_fingerprint`) or an output size that does not fit `store`.
+
+    The fingerprint must equal the store's (None: no tokenizer to compare), and `vocab_size` (the number of outputs
+    a position; None: unknown) must cover the store's vocabulary: padded output layers are accepted, their extra
+    logits are dropped. The errors are worded by the caller: `tokenizer_error(fingerprint)` and
+    `vocab_error(vocab_size)` (needed with `vocab_size`) return the sentence to raise."""
+    if fingerprint is not None and fingerprint != store.tokenizer_fingerprint:
+        raise CachekdError(tokenizer_error(fingerprint))
+    if vocab_size is not None and vocab_size < store.vocab_size:
+        assert vocab_error is not None, "check_tokenizer: a vocab_size needs a vocab_error"
+        raise CachekdError(vocab_error(vocab_size))
+
+
+def has_tokenizer(model_dir: Path) -> bool:
+    """Whether a checkpoint directory carries its tokenizer."""
+    return (model_dir / "tokenizer.json").exists() or (model_dir / "tokenizer_config.json").exists()
+
+
+def tokenizer_fingerprint_of(model_dir: Path) -> str | None:
+    """The fingerprint of the tokenizer saved with a checkpoint, or None when it has none."""
+    from cachekd.corpus import load_tokenizer, tokenizer_fingerprint
+
+    return tokenizer_fingerprint(load_tokenizer(model_dir)) if has_tokenizer(model_dir) else None
+
+
+def output_size(model) -> int:
+    """Number of logits a causal LM emits a position (the rows of its output embedding)."""
+    from cachekd.models import output_embedding
+
+    head = output_embedding(model)
+    return int(getattr(head, "out_features", None) or head.weight.shape[0])
+
+
+# ------------------------------------------------------------------------------------------ resolution
+
+
+def load_registry(path: str | None) -> dict[str, str]:
+    """Teacher names → checkpoint paths from a registry YAML (``teachers:``); paths are relative to its folder.
+    Without `path`: ``$CACHEKD_REGISTRY`` or ./cachekd.yaml when present, else no names."""
+    import yaml
+
+    p = Path(path) if path else Path(os.environ.get("CACHEKD_REGISTRY", "cachekd.yaml"))
+    if not p.exists():
+        if path:
+            raise CachekdError(f"registry {str(p)!r} does not exist.")
+        return {}
+    data = yaml.safe_load(p.read_text()) or {}
+    teachers = data.get("teachers", {}) if isinstance(data, dict) else {}
+    if not isinstance(teachers, dict):
+        raise CachekdError(f"registry {str(p)!r}: `teachers` must map names to checkpoint paths.")
+    base = p.parent
+    return {str(k): str(v if Path(v).is_absolute() else base / v) for k, v in teachers.items()}
+
+
+def _unique_name(name: str, explicit: bool, spec: str, taken: list[str]) -> str:
+    name = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+    if explicit and name in taken:
+        raise CachekdError(f"the teacher name {name!r} is given twice ({spec!r}); give each teacher its own name.")
+    if name in taken:  # two directories with the same folder name: number the second
+        i = 2
+        while f"{name}-{i}" in taken:
+            i += 1
+        name = f"{name}-{i}"
+    return name
+
+
+def resolve_teachers(specs: list[str], registry: str | None = None) -> list[tuple[str, Path]]:
+    """Teacher specs → unique (name, checkpoint directory) pairs; one checkpoint directory given twice is refused."""
+    from cachekd.models import resolve_model_dir
+
+    if not specs:
+        raise CachekdError("no teacher given: pass --teacher PATH (or a name from the registry).")
+    reg = None
+    out: list[tuple[str, Path]] = []
+    given: dict[Path, str] = {}  # resolved checkpoint directory -> the spec that named it
+    for spec in specs:
+        name, _, path = spec.partition("=") if "=" in spec else ("", "", spec)
+        if not Path(path).exists():
+            reg = load_registry(registry) if reg is None else reg
+            if path in reg:
+                name, path = name or path, reg[path]
+            else:
+                known = f" (registered: {', '.join(sorted(reg))})" if reg else " and no registry (cachekd.yaml) lists it"
+                raise CachekdError(f"teacher {spec!r} is neither a checkpoint directory nor a registered name{known}.")
+        d = resolve_model_dir(path)
+        if d.resolve() in given:
+            raise CachekdError(
+                f"teacher {spec!r} is the same checkpoint as teacher {given[d.resolve()]!r} ({str(d.resolve())!r}); "
+                f"pass each teacher once."
+            )
+        given[d.resolve()] = spec
+        explicit = bool(name)
+        if not name:
+            name = (d.parent.name if d.name == "model" else d.name) or "teacher"
+        out.append((_unique_name(name, explicit, spec, [n for n, _ in out]), d))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+
+def check_teacher(name: str, path: Path, model, store: TokenStore) -> dict[str, Any]:
+    """Refuse a teacher whose tokenizer or vocabulary does not fit the store (padded embeddings are accepted: their
+    extra logits are dropped); returns what the cache manifest and run summary record about it."""
+    from cachekd.models import checkpoint_fingerprint, count_parameters
+
+    v_model = output_size(model)
+    check_tokenizer(
+        store, fingerprint=tokenizer_fingerprint_of(path), vocab_size=v_model,
+        tokenizer_error=lambda fp: (f"teacher {name!r} comes with a different tokenizer than the token store "
+                                    f"{str(store.path)!r}; prepare the store with --tokenizer {path} or use a "
+                                    f"matching teacher."),
+        vocab_error=lambda v: (f"teacher {name!r} has a vocabulary of {v} tokens but the token store's tokenizer has "
+                               f"{store.vocab_size}; use a teacher trained with this tokenizer."),
+    )
+    return {
+        "name": name,
+        "path": str(path.resolve()),
+        "fingerprint": checkpoint_fingerprint(path),
+        "model_type": getattr(model.config, "model_type", type(model).__name__),
+        "num_params": count_parameters(model),
+        "model_vocab_size": v_model,
+        "padded_logits_dropped": v_model - store.vocab_size,
+    }
+
+
+def load_teachers(specs: list[str], store: TokenStore,
+                  registry: str | None = None) -> list[tuple[Any, Path, dict[str, Any]]]:
+    """Resolve, load and check each teacher: [(model on the CPU, checkpoint directory, `check_teacher` info)]. Two
+    specs naming the same checkpoint (identical config and weights) are refused."""
+    from cachekd.models import load_model
+
+    loaded: list[tuple[Any, Path, dict[str, Any]]] = []
+    for name, path in resolve_teachers(specs, registry):
+        m = load_model(path)
+        info = check_teacher(name, path, m, store)
+        for _, _, prev in loaded:
+            if prev["fingerprint"] == info["fingerprint"]:
+                raise CachekdError(
+                    f"teachers {prev['name']!r} ({prev['path']!r}) and {name!r} ({info['path']!r}) are the same "
+                    f"checkpoint (identical config and weights); pass each teacher once."
+                )
+        loaded.append((m, path, info))
+    return loaded
+
+
+# -------------------------------------------------------------------------------------------- sources
+
+
+class TeacherSource(ABC):
+    """The teachers' side of distillation: their names and the loss targets of a micro-batch."""
+
+    names: list[str]
+    """One name a teacher, in the order of the targets (and of distill.teacher_weights)."""
+
+    @property
+    def num_teachers(self) -> int:
+        return len(self.names)
+
+    @abstractmethod
+    def targets(self, batch: dict[str, Any], input_ids: torch.Tensor) -> list[DenseTarget | SparseTarget]:
+        """One target a teacher for the micro-batch `input_ids` (B, T); `batch["teachers"]` holds what the loader
+        read from a cache for these rows."""
+
+    @abstractmethod
+    def summary(self) -> dict[str, Any]:
+        """What the run summary records: ``cache``, ``teachers`` and (online) ``online_teachers``."""
+
+
+class CachedTeachers(TeacherSource):
+    """Targets read from a logit cache: sparse (top-k + tail_lse) or full logits."""
+
+    def __init__(self, cache: LogitCache, names: list[str], cache_spec: str):
+        self.cache, self.names, self.cache_spec = cache, names, cache_spec
+
+    @classmethod
+    def open(cls, d: Any, store: TokenStore, temperature: Schedule, alpha: Schedule) -> CachedTeachers:
+        """The cache of distill config `d` for `store`, refusing settings it cannot serve (a temperature it has no
+        tail_lse for, a schedule of τ with a top-k cache, mixing or combining top-k teachers without the uniform
+        tail)."""
+        from cachekd.cache.reader import LogitCache
+
+        if not d.cache:
+            raise CachekdError("distillation needs --cache (or --online with --teacher checkpoints).")
+        cache = LogitCache.open(d.cache)
+        cache.check_store(store)
+        names = cache.select_teachers(d.teachers)
+        if "train" not in cache.splits():
+            raise CachekdError(f"cache {d.cache!r} has no train split.")
+        if cache.mode == "topk":
+            _check_topk_settings(cache, d, len(names), temperature, alpha)
+        return cls(cache, names, d.cache)
+
+    def temperature_index(self, tau: float) -> int | None:
+        """Which stored tail_lse the loader reads (top-k caches), None for full logits."""
+        return self.cache.temperature_index(tau) if self.cache.mode == "topk" else None
+
+    def targets(self, batch: dict[str, Any], input_ids: torch.Tensor) -> list[DenseTarget | SparseTarget]:
+        from cachekd.losses import DenseTarget, SparseTarget
+
+        out: list[DenseTarget | SparseTarget] = []
+        for t in self.names:
+            b = batch["teachers"][t]
+            if "logits" in b:
+                out.append(DenseTarget(b["logits"]))
+            else:
+                out.append(SparseTarget(ids=b["ids"].long(), logits=b["logprobs"], tail_lse=b["tail_lse"]))
+        return out
+
+    def summary(self) -> dict[str, Any]:
+        return {"cache": self.cache_spec, "teachers": self.names}
+
+
+def _check_topk_settings(cache: LogitCache, d: Any, num_teachers: int, temperature: Schedule, alpha: Schedule) -> None:
+    if temperature.kind != "constant":
+        raise CachekdError("a temperature schedule needs a --full cache: a top-k cache only has tail_lse "
+                           f"for temperatures {cache.temperatures}.")
+    cache.temperature_index(temperature.start)
+    mixing = alpha.kind != "constant" or alpha.start != 1.0
+    if mixing and d.tail_mode != "uniform":
+        raise CachekdError(
+            f"mixing teacher and student logits (distill.alpha below 1) needs a dense target: with a "
+            f"top-k cache pass --tail-mode uniform (distill.tail_mode: uniform; it is {d.tail_mode})."
+        )
+    if num_teachers > 1 and d.teacher_combine != "losses" and d.tail_mode != "uniform":
+        raise CachekdError(
+            f"combining several top-k teachers by {d.teacher_combine} needs the uniform tail: pass "
+            f"--tail-mode uniform or --teacher-combine losses (distill.tail_mode, distill.teacher_combine)."
+        )
+
+
+class OnlineTeachers(TeacherSource):
+    """Live teacher models run on each micro-batch (``--online``): dense targets over the store's vocabulary."""
+
+    def __init__(self, models: list[torch.nn.Module], infos: list[dict[str, str]], vocab_size: int,
+                 autocast: Callable[[], AbstractContextManager], cache_spec: str | None = None):
+        self.models, self.infos, self.vocab_size = models, infos, vocab_size
+        self.names = [i["name"] for i in infos]
+        self._autocast, self.cache_spec = autocast, cache_spec
+
+    @classmethod
+    def open(cls, d: Any, store: TokenStore, device: torch.device,
+             autocast: Callable[[], AbstractContextManager]) -> OnlineTeachers:
+        """The teachers of distill config `d` (its `teachers`, else those its cache was computed from), loaded,
+        checked against `store` and frozen on `device`."""
+        specs = list(d.teachers)
+        if not specs and d.cache:
+            from cachekd.cache.reader import LogitCache
+
+            specs = [t["path"] for t in LogitCache.open(d.cache).meta["teachers"]]
+        models, infos = [], []
+        for m, path, info in load_teachers(specs, store):
+            infos.append({"name": info["name"], "path": str(path), "fingerprint": info["fingerprint"]})
+            models.append(m.to(device).eval().requires_grad_(False))
+        return cls(models, infos, store.vocab_size, autocast, d.cache)
+
+    def targets(self, batch: dict[str, Any], input_ids: torch.Tensor) -> list[DenseTarget | SparseTarget]:
+        from cachekd.losses import DenseTarget
+
+        with torch.inference_mode(), self._autocast():
+            outs = [m(input_ids=input_ids).logits[..., :self.vocab_size] for m in self.models]
+        return [DenseTarget(o.float().clone()) for o in outs]
+
+    def summary(self) -> dict[str, Any]:
+        return {"cache": self.cache_spec, "teachers": self.names or None, "online_teachers": self.infos}
+
+
+def open_teacher_source(d: Any, store: TokenStore, *, temperature: Schedule, alpha: Schedule, device: torch.device,
+                        autocast: Callable[[], AbstractContextManager]) -> TeacherSource:
+    """Cached or online teachers for distill config `d` (distill.temperature and distill.alpha as schedules), with
+    the number of teacher weights checked."""
+    source: TeacherSource
+    if d.online:
+        source = OnlineTeachers.open(d, store, device, autocast)
+    else:
+        source = CachedTeachers.open(d, store, temperature, alpha)
+    if d.teacher_weights and len(d.teacher_weights) != source.num_teachers:
+        raise CachekdError(f"distill.teacher_weights has {len(d.teacher_weights)} weights for "
+                           f"{source.num_teachers} teachers.")
+    return source
