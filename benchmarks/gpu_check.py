@@ -9,8 +9,8 @@ benchmarks/results/gpu_check_<hardware>_<date>.md:
 
 * precompute positions/s, and ÷ a bare bf16 forward of the teacher over the same windows (the cost of top-k,
   tail sums and writing the cache);
-* teacher training MFU: (6·N + 12·L·d·T) FLOPs a token (N: weights in matrix products) × tokens/s ÷ the GPU's dense bf16 peak (`--peak-tflops`
-  for a GPU not in PEAK_BF16_TFLOPS);
+* teacher training MFU: (6·N + 12·L·d·T) FLOPs a token (N: weights in matrix products) × tokens/s ÷ the GPU's
+  dense bf16 peak (`--peak-tflops` for a GPU not in PEAK_BF16_TFLOPS);
 * student step time cached vs online vs CE, from each run's metrics.jsonl after a warm-up (step times include
   waiting for data);
 * the share of step time the training loop waits for data: the student runs use the DataLoader path
@@ -75,9 +75,11 @@ GPU = Sizes(num_documents=15_000, vocab_size=4096, seq_len=256,
             student={"arch": "llama", "hidden_size": 256, "num_layers": 4, "num_heads": 4, "intermediate_size": 688},
             student_steps=200, student_lr=2e-3, profiled_steps=60, num_workers=2, log_every=5, eval_windows=64)
 CPU_SMOKE = Sizes(num_documents=100, vocab_size=300, seq_len=32,
-                  teacher={"arch": "llama", "hidden_size": 48, "num_layers": 2, "num_heads": 2, "intermediate_size": 96},
+                  teacher={"arch": "llama", "hidden_size": 48, "num_layers": 2, "num_heads": 2,
+                           "intermediate_size": 96},
                   teacher_steps=6, teacher_lr=3e-3, batch_size=4, top_k=8, precompute_batch=8,
-                  student={"arch": "llama", "hidden_size": 32, "num_layers": 1, "num_heads": 2, "intermediate_size": 64},
+                  student={"arch": "llama", "hidden_size": 32, "num_layers": 1, "num_heads": 2,
+                           "intermediate_size": 64},
                   student_steps=6, student_lr=3e-3, profiled_steps=4, num_workers=1, log_every=1, eval_windows=8)
 
 PEAK_BF16_TFLOPS = {"H200": 989.4, "H100": 989.4, "GH200": 989.4, "A100": 312.0, "L40S": 362.1, "A10G": 70.0}

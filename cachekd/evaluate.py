@@ -400,7 +400,8 @@ def minimal_pair_accuracy(
     return result
 
 
-def choose_pairs(records: list[dict[str, Any]], name: str, max_pairs: int | None, seed: int = 0) -> list[dict[str, Any]]:
+def choose_pairs(records: list[dict[str, Any]], name: str, max_pairs: int | None,
+                 seed: int = 0) -> list[dict[str, Any]]:
     """At most `max_pairs` of a file's records, in file order: all of them when there are no more, else a uniform
     random choice without replacement drawn by ``numpy.random.default_rng([seed, crc32(name)])``, so the same file
     name and seed always give the same pairs."""

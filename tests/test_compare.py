@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import shutil
 import json
 from pathlib import Path
 
@@ -279,3 +280,21 @@ def test_accuracy_plots_are_readable_with_many_files_and_mark_the_teacher(runs, 
     few = compare_runs([kd], tmp_path / "few")
     assert few["teachers"] == [] and all(_png_size(few["files"][k])[0] <= 2000
                                          for k in ("accuracy_by_group", "accuracy_by_file"))
+
+
+def test_the_teacher_is_found_through_the_cache_manifest(store, tmp_path):
+    """A distilled run names its cache; the cache's manifest names the teacher's checkpoint: that run is the teacher."""
+    tok = store.load_tokenizer()
+    teacher = make_run(tmp_path / "runs", "teacher", tiny_model(store.vocab_size, seed=3), tok, steps=3)
+    student = make_run(tmp_path / "runs", "student", tiny_model(store.vocab_size), tok, mode="distill",
+                       objective="forward_kl", steps=3)
+    other = make_run(tmp_path / "runs", "other", tiny_model(store.vocab_size, seed=4), tok, steps=3)
+    cache = tmp_path / "cache"
+    res = invoke("precompute", "--store", store.path, "--teacher", teacher, "-o", cache, "--top-k", 4, "--splits",
+                 "dev", "--quiet")
+    assert res.exit_code == 0, res.output
+    s = json.loads((student / "summary.json").read_text())
+    (student / "summary.json").write_text(json.dumps(s | {"cache": str(cache), "teachers": ["teacher"]}))
+    assert compare_runs([other, teacher, student], tmp_path / "cmp")["teachers"] == ["teacher"]
+    shutil.rmtree(cache)  # a cache that is gone: no teacher is marked, and nothing fails
+    assert compare_runs([other, teacher, student], tmp_path / "cmp")["teachers"] == []
