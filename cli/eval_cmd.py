@@ -95,6 +95,8 @@ def eval_command(model, dev_store, split, minimal_pairs, prefix, no_prefix, max_
         raise click.UsageError("--prefix and --no-prefix exclude each other; give one.")
     if as_json and markdown:
         raise click.UsageError("--json and --markdown exclude each other; give one.")
+    if max_pairs is not None and minimal_pairs is None:
+        raise click.UsageError("--max-pairs limits the pairs of --minimal-pairs; give the pairs too.")
     result = evaluate(
         model, dev_store=dev_store, minimal_pairs=minimal_pairs, split=split,
         prefix=None if no_prefix else (prefix if prefix is not None else "eos"), batch_size=batch_size,

@@ -540,3 +540,5 @@ def test_max_pairs_is_a_seeded_choice_per_file(store, tmp_path):
     assert res.exit_code == 0, res.output
     assert json.loads(res.stdout)["minimal_pairs"]["by_file"] == r["by_file"]
     assert_one_clean_error(invoke("eval", tmp_path / "run", "--minimal-pairs", d, "--max-pairs", 0), "max-pairs")
+    res = invoke("eval", tmp_path / "run", "--dev", store.path, "--max-pairs", 5)
+    assert res.exit_code == 2 and "give the pairs too" in res.output
