@@ -8,7 +8,8 @@ from typing import Any
 
 import click
 
-from cachekd.errors import CachekdError
+from cachekd.errors import CachekdError, ConfigFieldError
+from cachekd_cli.config_options import field_error_message
 
 
 class CachekdGroup(click.Group):
@@ -41,8 +42,11 @@ class CachekdGroup(click.Group):
 
 
 def _user_message(e: CachekdError) -> str:
-    """The error's own sentence. torch's DataLoader re-raises an exception from a worker process as the same type
-    with the worker's whole traceback as its message ("Caught ... Original Traceback ..."): keep its last line."""
+    """The error's own sentence (a config value's error names the option that sets it, if any). torch's
+    DataLoader re-raises an exception from a worker process as the same type with the worker's whole traceback as
+    its message ("Caught ... Original Traceback ..."): keep its last line."""
+    if isinstance(e, ConfigFieldError):
+        return field_error_message(e)
     msg = str(e)
     if msg.startswith("Caught ") and "\nOriginal Traceback" in msg:
         last = [ln for ln in msg.splitlines() if ln.strip()][-1]
