@@ -74,20 +74,20 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
             return value.lower() in ("true", "yes", "1", "on")
         if isinstance(value, int) and value in (0, 1):
             return bool(value)
-        raise CachekdError(f"{where} must be true or false (got {show_value(value)}).")
+        raise ConfigFieldError(where, "true or false", value)
     if tp in (int, float):
         if isinstance(value, bool):
-            raise CachekdError(f"{where} must be a number (got {show_value(value)}).")
+            raise ConfigFieldError(where, "a number", value)
         try:
             out = tp(value) if not isinstance(value, str) else tp(float(value)) if tp is int else tp(value)
         except (TypeError, ValueError):
-            raise CachekdError(f"{where} must be a number (got {show_value(value)}).") from None
+            raise ConfigFieldError(where, "a number", value) from None
         if tp is int and float(value) != out:
-            raise CachekdError(f"{where} must be a whole number (got {show_value(value)}).")
+            raise ConfigFieldError(where, "a whole number", value)
         return out
     if tp is str:
         if isinstance(value, (dict, list)):
-            raise CachekdError(f"{where} must be text (got {show_value(value)}).")
+            raise ConfigFieldError(where, "text", value)
         return str(value)
     if tp is Path:
         return Path(value)

@@ -102,7 +102,7 @@ class KDOptions:
             if not all(is_real(w) and w >= 0 for w in weights):
                 raise ConfigFieldError("teacher_weights", "finite and >= 0", list(weights))
             if sum(weights) <= 0:
-                raise ConfigFieldError("teacher_weights", "not all 0", list(weights))
+                raise ConfigFieldError("teacher_weights", "a list with at least one positive weight", list(weights))
             object.__setattr__(self, "teacher_weights", tuple(float(w) for w in weights))
         if not isinstance(self.detach_mix, bool):
             raise ConfigFieldError("detach_mix", "true or false", self.detach_mix)

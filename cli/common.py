@@ -18,6 +18,8 @@ class CachekdGroup(click.Group):
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
+        except ConfigFieldError as e:  # starts with the config key, written as it is (distill.alpha, seed)
+            raise click.ClickException(field_error_message(e)) from None
         except CachekdError as e:
             raise click.ClickException(_sentence(_user_message(e))) from None
         except FileNotFoundError as e:
@@ -42,11 +44,8 @@ class CachekdGroup(click.Group):
 
 
 def _user_message(e: CachekdError) -> str:
-    """The error's own sentence (a config value's error names the option that sets it, if any). torch's
-    DataLoader re-raises an exception from a worker process as the same type with the worker's whole traceback as
-    its message ("Caught ... Original Traceback ..."): keep its last line."""
-    if isinstance(e, ConfigFieldError):
-        return field_error_message(e)
+    """The error's own sentence. torch's DataLoader re-raises an exception from a worker process as the same type
+    with the worker's whole traceback as its message ("Caught ... Original Traceback ..."): keep its last line."""
     msg = str(e)
     if msg.startswith("Caught ") and "\nOriginal Traceback" in msg:
         last = [ln for ln in msg.splitlines() if ln.strip()][-1]
