@@ -132,9 +132,11 @@ def field_docs(cls: type) -> dict[str, str]:
 
 
 def to_dict(obj: Any) -> Any:
-    """Plain YAML/JSON-able view of a (nested) dataclass."""
+    """Plain YAML/JSON-able view of a (nested) dataclass, its keys in the order of the class's ``key_order``
+    (a tuple of field names) where it has one, else in field order."""
     if dataclasses.is_dataclass(obj):
-        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        names = getattr(type(obj), "key_order", None) or [f.name for f in dataclasses.fields(obj)]
+        return {name: to_dict(getattr(obj, name)) for name in names}
     if isinstance(obj, (list, tuple)):
         return [to_dict(v) for v in obj]
     if isinstance(obj, dict):

@@ -10,8 +10,8 @@ derived from the config (micro-batch, accumulation steps, tokens per step) are m
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar, Literal
 
 from cachekd.config import from_dict, to_dict
 from cachekd.errors import CachekdError, ConfigFieldError
@@ -121,7 +121,13 @@ class DistillConfig(KDOptions):
     """Step-wise loss over chunks of this many positions: the student's logits are formed chunk by chunk and
     never all exist."""
 
+    key_order: ClassVar[tuple[str, ...]] = (
+        "cache", "teachers", "online", "objective", "temperature", "ce_weight", "alpha", "tail_mode", "teacher_combine",
+        "teacher_weights", "beta", "skew_lambda", "detach_mix", "reduction", "chunk_size")
+    """The order of the keys in a saved config.yaml: the teachers, then the loss from its main choices down."""
+
     def __post_init__(self) -> None:
+        assert sorted(self.key_order) == sorted(f.name for f in fields(self)), "key_order lists every field once"
         if self.teacher_weights is not None and len(self.teacher_weights) == 0:
             object.__setattr__(self, "teacher_weights", None)  # `teacher_weights: []` means equal weights
         try:
