@@ -19,7 +19,6 @@ from typing import Any, TypeVar
 import yaml
 
 from cachekd.errors import CachekdError, ConfigFieldError, show_value
-from cachekd.kd_options import OBJECTIVE_ALIASES  # noqa: F401  (re-exported: the CLI's --objective takes them)
 
 T = TypeVar("T")
 

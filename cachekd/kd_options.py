@@ -39,15 +39,23 @@ def is_real(x: object) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
-def check_temperature(key: str, value: Any, reason: str = "") -> None:
+def is_temperature(value: Any) -> bool:
     """τ > 0 and finite."""
-    if not (is_real(value) and value > 0):
+    return is_real(value) and value > 0
+
+
+def in_unit_interval(value: Any) -> bool:
+    """A finite number in [0, 1]."""
+    return is_real(value) and 0 <= value <= 1
+
+
+def check_temperature(key: str, value: Any, reason: str = "") -> None:
+    if not is_temperature(value):
         raise ConfigFieldError(key, TEMPERATURE_RULE, value, reason)
 
 
 def check_unit_interval(key: str, value: Any, reason: str = "") -> None:
-    """A number in [0, 1]."""
-    if not (is_real(value) and 0 <= value <= 1):
+    if not in_unit_interval(value):
         raise ConfigFieldError(key, "in [0, 1]", value, reason)
 
 

@@ -19,9 +19,10 @@ from cachekd.kd_options import (
     TEMPERATURE_REASON,
     TEMPERATURE_RULE,
     KDOptions,
-    check_temperature,
     check_unit_interval,
+    in_unit_interval,
     is_real,
+    is_temperature,
 )
 from cachekd.models import ModelConfig
 from cachekd.schedules import Schedule
@@ -135,11 +136,12 @@ class DistillConfig(KDOptions):
         except ConfigFieldError as e:
             raise e.within("distill") from None
         _check_scalar("distill.temperature", self.temperature,
-                      lambda v, part, kind: v > 0 or (part == "end" and kind == "epoch_linear" and v == 0),
+                      # an epoch_linear floor of 0 is never reached (the value stays above it)
+                      lambda v, part, kind: is_temperature(v) or (part == "end" and kind == "epoch_linear" and v == 0),
                       TEMPERATURE_RULE, TEMPERATURE_REASON)
-        _check_scalar("distill.ce_weight", self.ce_weight, lambda v, part, kind: 0 <= v <= 1, "in [0, 1]",
+        _check_scalar("distill.ce_weight", self.ce_weight, lambda v, part, kind: in_unit_interval(v), "in [0, 1]",
                       "it is λ in λ·CE + (1−λ)·τ²·KD, so 1 means cross-entropy only and 0 distillation only")
-        _check_scalar("distill.alpha", self.alpha, lambda v, part, kind: 0 <= v <= 1, "in [0, 1]",
+        _check_scalar("distill.alpha", self.alpha, lambda v, part, kind: in_unit_interval(v), "in [0, 1]",
                       "it is the teacher's share of the mixed target logits, 1 meaning no mixing")
         _check_int("distill.chunk_size", self.chunk_size, 1, "a whole number of positions of at least 1, or null "
                    "for no step-wise loss", optional=True)
@@ -225,7 +227,7 @@ def _check_scalar(key: str, value: Any, ok, rule: str, reason: str = "") -> None
             if not ok(v, part, value.kind):
                 raise ConfigFieldError(key, rule, v, part=part, kind=value.kind)
         return
-    if not (is_real(value) and ok(value, "start", "constant")):
+    if not ok(value, "start", "constant"):
         raise ConfigFieldError(key, rule, value, reason)
 
 
