@@ -42,10 +42,16 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from cachekd.rows import block_rows, row_blocks, tail_underflows
-
 from cachekd.errors import ConfigFieldError
-from cachekd.kd_options import OBJECTIVES, REDUCTIONS, TAIL_MODES, TEACHER_COMBINES, KDOptions, check_temperature  # noqa: F401
+from cachekd.kd_options import (  # noqa: F401  (the choices are re-exported: the losses' callers list them)
+    OBJECTIVES,
+    REDUCTIONS,
+    TAIL_MODES,
+    TEACHER_COMBINES,
+    KDOptions,
+    check_temperature,
+)
+from cachekd.rows import block_rows, row_blocks, tail_underflows
 
 # Log-probabilities of exactly-zero probabilities (-inf) are raised to this finite floor before they enter a
 # divergence, so that 0·log 0 terms give 0 (and a zero gradient) instead of NaN, while a genuinely infinite

@@ -68,7 +68,8 @@ def _field(key: str) -> tuple[dataclasses.Field, Any, str]:
     *sections, name = key.split(".")
     for section in sections:
         cls = _dataclass_in(typing.get_type_hints(cls)[section])
-    return {f.name: f for f in dataclasses.fields(cls)}[name], typing.get_type_hints(cls)[name], field_docs(cls).get(name, "")
+    f = {f.name: f for f in dataclasses.fields(cls)}[name]
+    return f, typing.get_type_hints(cls)[name], field_docs(cls).get(name, "")
 
 
 def _dataclass_in(tp: Any) -> type:
