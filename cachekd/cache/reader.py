@@ -64,10 +64,14 @@ def _reason(e: BaseException) -> str:
 
 
 class LogitCache:
+    """Read access to a logit cache. `plan` is its typed plan (a `CacheManifest` once complete); `meta` the same
+    as the JSON object it was read from."""
+
     def __init__(self, path: Path, meta: dict[str, Any], complete: bool, *, has_manifest: bool | None = None):
         self.path = Path(path)
         self.meta = meta
         self.has_manifest = complete if has_manifest is None else has_manifest
+        self.plan: fmt.CachePlan = (fmt.CacheManifest if self.has_manifest else fmt.CachePlan).from_dict(meta)
         self.complete = complete
         self._arrays: dict[str, Any] = {}
 
@@ -78,14 +82,14 @@ class LogitCache:
         p = Path(path)
         if not p.exists():
             raise CachekdError(f"cache {str(p)!r} does not exist; create it with `cachekd precompute`.")
-        if (p / "manifest.json").exists():
-            meta, has_manifest = read_json(p / "manifest.json"), True
-        elif (p / "plan.json").exists():
+        if fmt.manifest_path(p).exists():
+            meta, has_manifest = read_json(fmt.manifest_path(p)), True
+        elif fmt.plan_path(p).exists():
             if not allow_incomplete:
                 raise CachekdError(
                     f"cache {str(p)!r} is incomplete; " + FINISH_HINT + "."
                 )
-            meta, has_manifest = read_json(p / "plan.json"), False
+            meta, has_manifest = read_json(fmt.plan_path(p)), False
         else:
             raise CachekdError(f"{str(p)!r} is not a logit cache (no manifest.json); create one with `cachekd precompute`.")
         if meta.get("format") != fmt.FORMAT:
@@ -107,37 +111,37 @@ class LogitCache:
     # --- facts
     @property
     def teachers(self) -> list[str]:
-        return [t["name"] for t in self.meta["teachers"]]
+        return self.plan.teacher_names
 
     @property
     def mode(self) -> str:
-        return self.meta["mode"]
+        return self.plan.mode
 
     @property
     def k(self) -> int | None:
-        return self.meta["k"]
+        return self.plan.k
 
     @property
     def temperatures(self) -> list[float]:
-        return list(self.meta["temperatures"])
+        return list(self.plan.temperatures)
 
     @property
     def vocab_size(self) -> int:
-        return int(self.meta["token_store"]["vocab_size"])
+        return int(self.plan.token_store.vocab_size)
 
     @property
     def seq_len(self) -> int:
-        return int(self.meta["token_store"]["seq_len"])
+        return int(self.plan.token_store.seq_len)
 
     @property
     def chunk_windows(self) -> int:
-        return int(self.meta["token_store"]["chunk_windows"])
+        return self.plan.chunk_windows
 
     def splits(self) -> list[str]:
-        return list(self.meta["splits"])
+        return list(self.plan.splits)
 
     def num_windows(self, split: str) -> int:
-        return int(self.meta["splits"][split])
+        return int(self.plan.splits[split])
 
     def temperature_index(self, tau: float) -> int:
         """Index of τ in the cached `tail_lse`, or a clear refusal listing what the cache has."""
@@ -154,20 +158,20 @@ class LogitCache:
 
     def check_store(self, store) -> None:
         """Refuse a token store that is not the one this cache was computed from, saying what differs."""
-        ts = self.meta["token_store"]
-        if ts["tokenizer_fingerprint"] != store.tokenizer_fingerprint:
+        ts = self.plan.token_store
+        if ts.tokenizer_fingerprint != store.tokenizer_fingerprint:
             raise CachekdError(
                 f"cache {str(self.path)!r} was built with another tokenizer than token store {str(store.path)!r}; "
                 f"precompute a cache for this store."
             )
-        if ts["seq_len"] != store.seq_len:
+        if ts.seq_len != store.seq_len:
             raise CachekdError(
-                f"cache {str(self.path)!r} has windows of {ts['seq_len']} tokens but token store {str(store.path)!r} "
+                f"cache {str(self.path)!r} has windows of {ts.seq_len} tokens but token store {str(store.path)!r} "
                 f"has {store.seq_len}; precompute a cache for this store."
             )
-        if ts["fingerprint"] != store.fingerprint:
+        if ts.fingerprint != store.fingerprint:
             raise CachekdError(
-                f"cache {str(self.path)!r} was built from another token store (fingerprint {ts['fingerprint'][:12]} vs "
+                f"cache {str(self.path)!r} was built from another token store (fingerprint {ts.fingerprint[:12]} vs "
                 f"{store.fingerprint[:12]} of {str(store.path)!r}); precompute a cache for this store."
             )
 
@@ -257,7 +261,7 @@ class LogitCache:
     def read(self, split: str, start: int, stop: int, teachers: Sequence[str] | None = None) -> dict[str, TeacherBlock]:
         """Decoded outputs of windows [start, stop) for each teacher. Raises DamagedChunkError (a CachekdError)
         for a chunk that cannot be read or decoded."""
-        if split not in self.meta["splits"]:
+        if split not in self.plan.splits:
             raise CachekdError(f"the cache has no {split!r} split (it has {', '.join(self.splits())}).")
         out = {}
         for t in self.select_teachers(teachers):
@@ -269,7 +273,7 @@ class LogitCache:
             else:
                 out[t] = TeacherBlock(
                     ids=fmt.decode_ids(get("ids")),
-                    logprobs=fmt.decode_logprobs(get("logprobs"), fmt.logprob_scale(self.meta)),
+                    logprobs=fmt.decode_logprobs(get("logprobs"), self.plan.logprob_scale),
                     tail_lse=fmt.decode_tail(get("tail_lse")),
                 )
         return out
@@ -280,21 +284,17 @@ class LogitCache:
 
     def chunk_range(self, split: str, chunk: int) -> tuple[int, int]:
         """Windows [start, stop) of a chunk."""
-        cw = self.chunk_windows
-        return chunk * cw, min((chunk + 1) * cw, self.num_windows(split))
+        return self.plan.chunk_range(split, chunk)
 
     def num_chunks(self, split: str) -> int:
-        return math.ceil(self.num_windows(split) / self.chunk_windows)
+        return self.plan.num_chunks(split)
 
     def done_chunks(self, split: str) -> list[int]:
-        d = self.path / "done" / split
-        return sorted(int(p.stem) for p in d.glob("*.json")) if d.exists() else []
+        return fmt.done_chunks(self.path, split)
 
     def pending_chunks(self) -> dict[str, list[int]]:
         """Chunks without a done-marker, per split."""
-        from cachekd.cache.writer import pending_chunks
-
-        return {s: pending_chunks(self.path, s, self.num_chunks(s)) for s in self.splits()}
+        return {s: fmt.pending_chunks(self.path, s, self.num_chunks(s)) for s in self.splits()}
 
     def describe_missing(self) -> str:
         """What keeps the cache from being complete, in words ('' when it is complete)."""
@@ -313,36 +313,36 @@ class LogitCache:
     # --- summary
     def summary(self) -> dict[str, Any]:
         """What the cache holds, as plain JSON values (`cachekd info --json`); `summary_text` formats it."""
-        m = self.meta
+        plan = self.plan
         pending = self.pending_chunks()
         out: dict[str, Any] = {"kind": "logit cache", "path": str(self.path), "complete": self.complete}
         if not self.complete:
             out["missing"] = {"manifest": not self.has_manifest,
                               "chunks_not_done": {s: p for s, p in pending.items() if p}}
         nbytes = fmt.data_bytes(self.path)
-        positions = {s: n * self.seq_len for s, n in m["splits"].items()}
+        positions = {s: n * self.seq_len for s, n in plan.splits.items()}
         out.update({
-            "mode": m["mode"],
-            "k": m["k"],
-            "temperatures": [float(t) for t in m["temperatures"]],
+            "mode": plan.mode,
+            "k": plan.k,
+            "temperatures": [float(t) for t in plan.temperatures],
             "vocab_size": self.vocab_size,
             "seq_len": self.seq_len,
-            "windows": {s: n for s, n in m["splits"].items()},
+            "windows": dict(plan.splits),
             "positions": positions,
             "chunks": {s: {"done": self.num_chunks(s) - len(pending[s]), "total": self.num_chunks(s)}
-                       for s in m["splits"]},
+                       for s in plan.splits},
             "teachers": [
                 {"name": t["name"], "model_type": t["model_type"], "num_params": t["num_params"], "path": t["path"],
                  "fingerprint": t.get("fingerprint"), "model_vocab_size": t.get("model_vocab_size"),
                  "padded_logits_dropped": t.get("padded_logits_dropped", 0)}
-                for t in m["teachers"]
+                for t in plan.teachers
             ],
             "checksums": self.has_checksums(),
             "bytes_on_disk": nbytes,
         })
         if self.complete:
             out["bytes_per_position"] = round(nbytes / max(sum(positions.values()), 1), 2)
-        for split, per_teacher in m.get("stats", {}).items():
+        for split, per_teacher in (plan.stats if isinstance(plan, fmt.CacheManifest) else {}).items():
             for t, s in per_teacher.items():
                 row = {"entropy_mean": round(s["entropy_mean"], 4), "entropy_min": round(s["entropy_min"], 4),
                        "entropy_max": round(s["entropy_max"], 4)}

@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from cachekd.cache import format as fmt
 from cachekd.cache.reader import FINISH_HINT, REPAIR_HINT, DamagedChunkError, LogitCache
 from cachekd.errors import CachekdError
 
@@ -27,7 +28,7 @@ def verify_cache(path: str | Path, *, store_path: str | Path | None = None, reco
     hint = "" if repair else "; " + REPAIR_HINT.format(path=cache.path)
     if not cache.complete:
         problems.append(f"the cache is incomplete ({cache.describe_missing()}); {FINISH_HINT}")
-    sp = Path(store_path) if store_path else Path(cache.meta["token_store"]["path"])
+    sp = Path(store_path) if store_path else Path(cache.plan.token_store.path)
     store, store_problem = None, None
     if sp.exists():
         store = TokenStore.open(sp)
@@ -117,7 +118,7 @@ def repair_chunks(cache: LogitCache, chunks: list[tuple[str, int]], store_proble
     blockers = []
     if store_problem:
         blockers.append(store_problem)
-    for t in cache.meta["teachers"]:
+    for t in cache.plan.teachers:
         p = Path(t["path"])
         if not p.exists():
             blockers.append(f"teacher {t['name']!r} is no longer at {str(p)!r}")
@@ -139,21 +140,21 @@ def precompute_command(cache: LogitCache, store_path: Path | None = None) -> str
     """The precompute command line that recreates this cache's plan (its identity: store, teachers by name and
     path, k or --full, temperatures, splits, logprob step). `store_path`: where the token store is now (verify
     --store), when it moved; the cache matches a store by fingerprint, not by path."""
-    m = cache.meta
+    plan = cache.plan
     q = shlex.quote
-    args = ["cachekd", "precompute", "--store", q(str(store_path or m["token_store"]["path"]))]
-    for t in m["teachers"]:
+    args = ["cachekd", "precompute", "--store", q(str(store_path or plan.token_store.path))]
+    for t in plan.teachers:
         args += ["--teacher", q(f"{t['name']}={t['path']}")]
     args += ["-o", q(str(cache.path))]
-    if m["mode"] == "full":
+    if plan.mode == "full":
         args.append("--full")
     else:
-        args += ["--top-k", str(m["k"])]
-        temps = [f"{t:g}" if float(f"{t:g}") == t else repr(float(t)) for t in m["temperatures"]]
+        args += ["--top-k", str(plan.k)]
+        temps = [f"{t:g}" if float(f"{t:g}") == t else repr(float(t)) for t in plan.temperatures]
         args += ["--temperatures", ",".join(temps)]
-    args += ["--splits", ",".join(m["splits"])]
-    scale = float(m.get("encoding", {}).get("logprob_scale", 512.0))
-    if scale != 512.0:
+    args += ["--splits", ",".join(plan.splits)]
+    scale = plan.logprob_scale
+    if scale != fmt.LOGPROB_SCALE:
         args += ["--logprob-step", repr(1.0 / scale)]
     return " ".join(args)
 
@@ -164,13 +165,13 @@ def recompute_windows(cache: LogitCache, store, n: int, seed: int) -> dict[str, 
     import torch
 
     from cachekd.models import checkpoint_fingerprint, load_model
-    from cachekd.precompute import teacher_targets
+    from cachekd.teacher_rows import teacher_targets
 
     split = "train" if "train" in cache.splits() else cache.splits()[0]
     rng = np.random.default_rng(seed)
     rows = np.sort(rng.choice(cache.num_windows(split), size=min(n, cache.num_windows(split)), replace=False))
     out: dict[str, Any] = {"split": split, "windows": len(rows)}
-    for info in cache.meta["teachers"]:
+    for info in cache.plan.teachers:
         path = Path(info["path"])
         try:
             if not path.exists():
