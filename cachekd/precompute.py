@@ -311,7 +311,9 @@ def _chunk_targets(models: list, infos: list[dict[str, Any]], tokens: np.ndarray
     temps, vocab = plan.temperatures, plan.token_store.vocab_size
     k = None if plan.mode == "full" else plan.k
     results: dict[str, dict[str, np.ndarray]] = {}
-    stats: dict[str, Any] = {"teachers": {}}
+    # the marker binds the chunk to its tokens, and records the precision the teachers ran in (verify's tolerance)
+    stats: dict[str, Any] = {"teachers": {}, fmt.TOKENS_DIGEST: fmt.tokens_digest(tokens),
+                             fmt.COMPUTE_DTYPE: str(amp or torch.float32).removeprefix("torch.")}
     for info, model in zip(infos, models):
         parts: dict[str, list[torch.Tensor]] = {}
         ent, mass = [], []

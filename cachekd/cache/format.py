@@ -100,16 +100,79 @@ def done_path(root: Path, split: str, chunk: int) -> Path:
     return done_dir(root, split) / f"{chunk:07d}.json"
 
 
-def done_chunks(root: Path, split: str) -> list[int]:
-    """The chunks of a split that have a done-marker, in order."""
+def read_done_marker(path: Path) -> dict[str, Any] | None:
+    """A done-marker's contents; None when it is missing, empty or does not parse as a JSON object (a crash
+    between creating and writing it on some filesystems): such a chunk is not done."""
+    import json
+
+    try:
+        data = json.loads(Path(path).read_bytes())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def done_markers(root: Path, split: str) -> dict[int, dict[str, Any]]:
+    """The readable done-markers of a split, by chunk."""
     d = done_dir(root, split)
-    return sorted(int(p.stem) for p in d.glob("*.json") if p.stem.isdigit()) if d.exists() else []
+    if not d.exists():
+        return {}
+    out = {}
+    for p in d.glob("*.json"):
+        if p.stem.isdigit() and (marker := read_done_marker(p)) is not None:
+            out[int(p.stem)] = marker
+    return dict(sorted(out.items()))
+
+
+def done_chunks(root: Path, split: str) -> list[int]:
+    """The chunks of a split that have a (readable) done-marker, in order."""
+    return list(done_markers(root, split))
 
 
 def pending_chunks(root: Path, split: str, num_chunks: int) -> list[int]:
-    """The chunks of a split (of `num_chunks`) without a done-marker."""
+    """The chunks of a split (of `num_chunks`) without a readable done-marker."""
     done = set(done_chunks(root, split))
     return [c for c in range(num_chunks) if c not in done]
+
+
+# A done-marker binds its chunk to the data it was computed from and to the data that was written: the digest of
+# the chunk's token ids (TOKENS_DIGEST) and, per teacher array, the CRC-32C stored at the end of each chunk file
+# (CHUNK_CRC32C; arrays without the checksum codec record none). A chunk file copied from another chunk, or left
+# from an earlier write, then disagrees with its marker although it decodes; tokens that are not the ones the chunk
+# was computed from disagree with TOKENS_DIGEST. Markers written before the binding existed have neither key.
+TOKENS_DIGEST = "tokens_sha256"
+CHUNK_CRC32C = "chunk_crc32c"
+COMPUTE_DTYPE = "compute_dtype"  # the precision the teachers ran in for the chunk: float32, bfloat16 or float16
+
+
+def tokens_digest(tokens: np.ndarray) -> str:
+    """SHA-256 of a chunk's token ids (n, L) as little-endian uint32, whatever dtype the store keeps them in."""
+    import hashlib
+
+    return hashlib.sha256(np.ascontiguousarray(tokens, dtype="<u4").tobytes()).hexdigest()
+
+
+def chunk_files(array, array_dir: Path, start: int, stop: int) -> list[Path]:
+    """The chunk files of an opened array (chunked along the first axis only) that hold windows [start, stop)."""
+    n = array.chunks[0]
+    rest = (0,) * (array.ndim - 1)
+    return [Path(array_dir) / array.metadata.encode_chunk_key((i,) + rest)
+            for i in range(start // n, -(-max(stop, start + 1) // n))]
+
+
+def stored_crc32c(path: Path) -> str | None:
+    """The CRC-32C a chunk file ends with (written by the crc32c codec), as hex; None when the file is missing."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(-4, 2)
+            return f.read(4).hex()
+    except OSError:  # missing, or shorter than 4 bytes
+        return None
+
+
+def is_leftover_temp(name: str) -> bool:
+    """A temporary file of an atomic write that a killed process left behind (``.<name>.<random>.tmp``)."""
+    return name.startswith(".") and name.endswith(".tmp")
 
 
 def share_lock_name(share: int, shares: int) -> str:
@@ -345,15 +408,37 @@ class CacheManifest(CachePlan):
         return cls(**base, **facts)
 
 
-def create_arrays(group, plan: CachePlan) -> None:
-    """Create (or open, when they exist with the same shape) every teacher's arrays in every split."""
+def read_plan(path: Path, cls: type[CachePlan] = CachePlan) -> CachePlan:
+    """plan.json (or manifest.json with ``cls=CacheManifest``) as a typed plan; a file that does not parse or
+    does not describe a cache is a CachekdError saying what is wrong with it."""
+    import json
+
+    try:
+        data = json.loads(Path(path).read_bytes())
+    except ValueError:
+        raise CachekdError("it is not valid JSON") from None
+    return cls.from_dict(data)
+
+
+def create_arrays(group, plan: CachePlan, root: Path) -> None:
+    """Create every teacher's arrays in every split that are not there yet; an array whose zarr.json cannot be
+    read is created again when none of its chunks was written (a kill during creation), else left for the reader
+    to report."""
+    import zarr
+
     for split in plan.splits:
         for teacher in plan.teacher_names:
             for spec in plan.array_specs(split):
-                group.create_array(
-                    array_path(split, teacher, spec.name), shape=spec.shape, chunks=spec.chunks, dtype=spec.dtype,
-                    compressors=spec.compressors(), fill_value=0, overwrite=False,
-                )
+                path = array_path(split, teacher, spec.name)
+                if (Path(root) / path / "zarr.json").exists():
+                    try:
+                        zarr.open_array(str(Path(root) / path), mode="r")
+                        continue
+                    except Exception:  # noqa: BLE001 - unreadable metadata
+                        if (Path(root) / path / "c").exists():
+                            continue
+                group.create_array(path, shape=spec.shape, chunks=spec.chunks, dtype=spec.dtype,
+                                   compressors=spec.compressors(), fill_value=0, overwrite=True)
 
 
 def encode_topk(ids: np.ndarray, logprobs: np.ndarray, vocab_size: int, scale: float = LOGPROB_SCALE

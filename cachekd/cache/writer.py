@@ -15,7 +15,7 @@ import numpy as np
 from cachekd import __version__
 from cachekd.cache import format as fmt
 from cachekd.errors import CachekdError
-from cachekd.io import atomic_write_bytes, atomic_write_json, read_json
+from cachekd.io import atomic_write_bytes, atomic_write_json, read_json_dict_or_none
 
 @contextmanager
 def _lock(root: Path):
@@ -87,27 +87,62 @@ def open_or_create(root: Path, plan: fmt.CachePlan, *, force: bool = False,
 
 
 def _open_or_create(root: Path, plan: fmt.CachePlan, force: bool) -> fmt.CachePlan:
-    import zarr
-
-    plan_file = fmt.plan_path(root)
-    if plan_file.exists():
-        old = fmt.CachePlan.from_dict(read_json(plan_file))
-        if old.identity() == plan.identity():
+    """Resume the cache at `root` when it holds the same plan, else create it. Creation writes plan.json first,
+    then the Zarr group and the arrays, so a process killed at any moment leaves either a directory without a
+    plan (nothing but lock files and temporary files: created afresh) or a plan whose missing group or arrays the
+    next run creates."""
+    for p in root.iterdir():
+        if fmt.is_leftover_temp(p.name) and p.is_file():
+            p.unlink()  # a killed atomic write (plan.json)
+    if fmt.plan_path(root).exists():
+        try:
+            old = fmt.read_plan(fmt.plan_path(root))
+        except CachekdError as e:
+            if not force:
+                raise CachekdError(
+                    f"the cache at {str(root)!r} has a damaged plan.json ({str(e).rstrip('.')}); start the cache "
+                    f"again with the same precompute command plus --force."
+                ) from None
+            old = None
+        if old is not None and old.identity() == plan.identity():
+            _create_layout(root, old)
             return old
-        if not force:
+        if old is not None and not force:
             raise CachekdError(
                 f"the cache at {str(root)!r} was started with different settings ({old.difference(plan)}); "
                 f"choose another output or pass --force to start it again."
             )
         _clear(root)
+    elif _half_created(root):  # killed during creation by a cachekd that wrote the plan last: nothing done yet
+        _clear(root)
     elif any(not fmt.is_lock_file(p.name) for p in root.iterdir()):
         raise CachekdError(f"output {str(root)!r} is not empty and is not a logit cache; choose another path.")
-    # mode "a", not "w": "w" empties the directory, lock files included (.lock is held right now)
-    group = zarr.open_group(str(root), mode="a", zarr_format=3)
-    group.attrs["cachekd"] = fmt.FORMAT
-    fmt.create_arrays(group, plan)
-    atomic_write_json(plan_file, plan.to_dict())
+    atomic_write_json(fmt.plan_path(root), plan.to_dict())
+    _create_layout(root, plan)
     return plan
+
+
+def _half_created(root: Path) -> bool:
+    """A Zarr group of a logit cache without plan.json and without any done-marker."""
+    meta = read_json_dict_or_none(root / "zarr.json")
+    return (meta is not None and meta.get("attributes", {}).get("cachekd") == fmt.FORMAT
+            and not (root / fmt.DONE_DIR).exists())
+
+
+def _create_layout(root: Path, plan: fmt.CachePlan) -> None:
+    """Create the Zarr group and every array of the plan that is not there (yet, or intact): a group or array
+    whose zarr.json a kill left unreadable is created again as long as no chunk of it was written."""
+    import zarr
+
+    try:
+        # mode "a", not "w": "w" empties the directory, lock files included (.lock is held right now)
+        group = zarr.open_group(str(root), mode="a", zarr_format=3)
+    except Exception:  # noqa: BLE001 - an unreadable group zarr.json left by a kill during creation
+        (root / "zarr.json").unlink(missing_ok=True)
+        group = zarr.open_group(str(root), mode="a", zarr_format=3)
+    if group.attrs.get("cachekd") != fmt.FORMAT:
+        group.attrs["cachekd"] = fmt.FORMAT
+    fmt.create_arrays(group, plan, root)
 
 
 def _clear(root: Path) -> None:
@@ -154,10 +189,13 @@ class ChunkWriter:
         return self._arrays[key]
 
     def write(self, split: str, chunk: int, results: dict[str, dict[str, np.ndarray]], stats: dict[str, Any]) -> None:
+        """Write one chunk of every teacher's arrays, then its done-marker: `stats` (which carries the digest
+        of the chunk's token ids, fmt.TOKENS_DIGEST) plus the CRC-32C each written chunk file ends with."""
         # Crash-safety tests set this to widen the window in which a kill lands between two arrays of one chunk.
         pause = float(os.environ.get("CACHEKD_TEST_WRITE_PAUSE_S", "0"))
         start, _ = self.plan.chunk_range(split, chunk)
         vocab = self.plan.token_store.vocab_size
+        crcs: dict[str, list[str | None]] = {}
         for teacher, r in results.items():
             stop = start + len(next(iter(r.values())))
             if self.plan.mode == "topk":
@@ -169,7 +207,12 @@ class ChunkWriter:
                 self._arr(split, teacher, "tail_lse")[start:stop] = fmt.encode_tail(r["tail_lse"])
             else:
                 self._arr(split, teacher, "logits")[start:stop] = r["logits"]
-        mark_done(self.root, split, chunk, stats)
+            for name in fmt.array_names(self.plan.mode):
+                arr = self._arr(split, teacher, name)
+                if fmt.has_checksum(arr):
+                    files = fmt.chunk_files(arr, self.root / fmt.array_path(split, teacher, name), start, stop)
+                    crcs[f"{teacher}/{name}"] = [fmt.stored_crc32c(f) for f in files]
+        mark_done(self.root, split, chunk, {**stats, **({fmt.CHUNK_CRC32C: crcs} if crcs else {})})
 
 
 def mark_for_recompute(root: Path, chunks: list[tuple[str, int]]) -> list[tuple[str, int]]:
@@ -195,9 +238,11 @@ def finalize(root: Path, plan: fmt.CachePlan) -> fmt.CacheManifest | None:
         if any(fmt.pending_chunks(root, split, plan.num_chunks(split)) for split in plan.splits):
             return None  # (a manifest left beside a chunk that is not done does not make the cache complete)
         if fmt.manifest_path(root).exists():
-            return fmt.CacheManifest.from_dict(read_json(fmt.manifest_path(root)))
-        stats = {split: _merge_stats([read_json(fmt.done_path(root, split, c)) for c in range(plan.num_chunks(split))])
-                 for split in plan.splits}
+            try:
+                return fmt.read_plan(fmt.manifest_path(root), fmt.CacheManifest)
+            except CachekdError:
+                pass  # damaged: written again below from the plan and the done-markers
+        stats = {split: _merge_stats(list(fmt.done_markers(root, split).values())) for split in plan.splits}
         nbytes = fmt.data_bytes(root)
         positions = sum(plan.splits.values()) * plan.token_store.seq_len
         manifest = fmt.CacheManifest.of_plan(
