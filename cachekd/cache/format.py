@@ -4,7 +4,8 @@
 
     CACHE/
       zarr.json                         Zarr v3 group
-      plan.json                         what this cache is to hold; written when it is created (resume checks it)
+      plan.json                         what this cache is to hold; written first when it is created, before the
+                                        group and the arrays (resume checks it, and creates what a kill left out)
       <split>/<teacher>/ids             (N, L, k) uint16|uint32: top-k ids sorted within the row, delta-encoded
       <split>/<teacher>/logprobs        (N, L, k) uint16: teacher log-probabilities at τ=1, fixed point,
                                         value = −stored / scale (default scale 512: step 2⁻⁹ nats,
@@ -14,7 +15,9 @@
                                         fixed point value = stored / TAIL_SCALE, TAIL_NEG_INF = −inf (k = V)
       <split>/<teacher>/logits          (N, L, V) float16: all raw logits (full mode only)
       done/<split>/<chunk>.json         marker written after every teacher's data of that chunk is on disk;
-                                        holds the chunk's statistics
+                                        holds the chunk's statistics and binds it to its token ids and to the
+                                        chunk files written (see TOKENS_DIGEST); an empty or unparsable marker
+                                        counts as missing
       manifest.json                     written last, when every chunk is done; the cache is complete when it
                                         exists AND every chunk has its done-marker (`cachekd verify --repair`
                                         removes the markers of damaged chunks and the manifest, so the same
@@ -168,6 +171,20 @@ def stored_crc32c(path: Path) -> str | None:
             return f.read(4).hex()
     except OSError:  # missing, or shorter than 4 bytes
         return None
+
+
+def is_logit_cache(path: Path) -> bool:
+    """Whether `path` holds a logit cache (complete or not, its manifest readable or not): a plan, a manifest
+    naming this format, or a Zarr group marked as one."""
+    from cachekd.io import read_json_dict_or_none
+
+    p = Path(path)
+    if plan_path(p).exists():
+        return True
+    for meta in (read_json_dict_or_none(manifest_path(p)), read_json_dict_or_none(p / "zarr.json")):
+        if meta is not None and FORMAT in (meta.get("format"), meta.get("attributes", {}).get("cachekd")):
+            return True
+    return False
 
 
 def is_leftover_temp(name: str) -> bool:

@@ -11,7 +11,6 @@ import numpy as np
 
 from cachekd.cache import format as fmt
 from cachekd.errors import CachekdError
-from cachekd.io import read_json
 
 
 @dataclass

@@ -4,9 +4,9 @@
 (`cachekd prepare`), `reader` reads a complete one (`TokenStore`)."""
 
 from cachekd.tokens.format import (FORMAT, FORMAT_VERSION, POSITIONS_PER_CHUNK, SPLITS, blosc, chunk_windows_for,
-                                   token_dtype)
-from cachekd.tokens.reader import TokenStore
+                                   is_token_store, token_dtype)
+from cachekd.tokens.reader import DamagedTokenChunkError, TokenStore
 from cachekd.tokens.writer import PrepareConfig, prepare
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "POSITIONS_PER_CHUNK", "SPLITS", "PrepareConfig", "TokenStore", "blosc",
-           "chunk_windows_for", "prepare", "token_dtype"]
+__all__ = ["FORMAT", "FORMAT_VERSION", "POSITIONS_PER_CHUNK", "SPLITS", "DamagedTokenChunkError", "PrepareConfig",
+           "TokenStore", "blosc", "chunk_windows_for", "is_token_store", "prepare", "token_dtype"]

@@ -48,6 +48,17 @@ def manifest_path(root: Path) -> Path:
     return Path(root) / MANIFEST
 
 
+def is_token_store(path: Path) -> bool:
+    """Whether `path` holds a token store (complete or not, its manifest readable or not)."""
+    from cachekd.io import read_json_dict_or_none
+
+    p = Path(path)
+    for meta in (read_json_dict_or_none(manifest_path(p)), read_json_dict_or_none(p / "zarr.json")):
+        if meta is not None and FORMAT in (meta.get("format"), meta.get("attributes", {}).get("cachekd")):
+            return True
+    return False
+
+
 def blosc(typesize: int, clevel: int = 3, blocksize: int = 0):
     """Blosc zstd with byte shuffle and an explicit typesize (without it, zarr v3's shuffle does nothing);
     ``blocksize`` 0 lets Blosc choose."""
@@ -57,16 +68,33 @@ def blosc(typesize: int, clevel: int = 3, blocksize: int = 0):
 
 
 def compressors(dtype: np.dtype) -> list:
-    """The bytes-to-bytes codecs of a split's token array."""
-    return [blosc(dtype.itemsize)]
+    """The bytes-to-bytes codecs of a split's token array: Blosc-zstd, then zarr's crc32c checksum, as in the
+    logit cache (cachekd/cache/format.py gives the measured cost: about 1% of a read). Stores written before the
+    checksum have no crc32c codec in their arrays' zarr.json and read as before."""
+    from zarr.codecs import Crc32cCodec
+
+    return [blosc(dtype.itemsize), Crc32cCodec()]
+
+
+def has_checksum(array) -> bool:
+    """Whether an opened token array stores a crc32c checksum with every chunk."""
+    from zarr.codecs import Crc32cCodec
+
+    return any(isinstance(c, Crc32cCodec) for c in array.metadata.codecs)
 
 
 def create_tokens_array(group, split: str, seq_len: int, chunk_windows: int, dtype: np.dtype):
-    """An empty (0, seq_len) token array of a split, to be appended to a chunk at a time."""
+    """An empty (0, seq_len) token array of a split, to be appended to a chunk at a time. Every chunk is written
+    as a file, even one of all zeros, so a missing chunk file always means a deleted one."""
     return group.create_array(
         tokens_path(split), shape=(0, seq_len), chunks=(chunk_windows, seq_len), dtype=dtype,
-        compressors=compressors(dtype), fill_value=0,
+        compressors=compressors(dtype), fill_value=0, config={"write_empty_chunks": True},
     )
+
+
+def chunk_file(root: Path, split: str, array, chunk: int) -> Path:
+    """The file of one chunk of a split's opened token array."""
+    return Path(root) / tokens_path(split) / array.metadata.encode_chunk_key((chunk, 0))
 
 
 def build_manifest(*, version: str, seq_len: int, vocab_size: int, vocab_size_requested: int | None,

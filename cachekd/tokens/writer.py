@@ -15,7 +15,7 @@ import numpy as np
 
 from cachekd import __version__
 from cachekd.errors import CachekdError
-from cachekd.io import atomic_write_json, read_json, sha256_json
+from cachekd.io import atomic_write_json, read_json_dict_or_none, sha256_json
 from cachekd.tokens import format as tfmt
 from cachekd.tokens.format import FORMAT, FORMAT_VERSION
 from cachekd.tokens.reader import TokenStore
@@ -122,19 +122,26 @@ class _WindowWriter:
 
 
 def _check_output(out: Path, input_fingerprint: str, force: bool) -> str:
-    """'fresh' | 'same' (nothing to do) | 'replace' (an older store at the path, --force given)."""
+    """'fresh' | 'same' (nothing to do) | 'replace' (a store at the path and --force given: built again even from
+    the same inputs, which is how a damaged store is repaired)."""
     if not out.exists():
         return "fresh"
     if out.is_file():
         raise CachekdError(f"output {str(out)!r} is a file; choose a directory path for the token store.")
     if tfmt.manifest_path(out).exists():
-        try:
-            manifest = read_json(tfmt.manifest_path(out))
-        except ValueError:
-            manifest = {}
+        manifest = read_json_dict_or_none(tfmt.manifest_path(out))
+        if manifest is None:  # damaged: replaceable only when the directory is a token store's Zarr group
+            group = read_json_dict_or_none(out / "zarr.json") or {}
+            if group.get("attributes", {}).get("cachekd") != FORMAT:
+                raise CachekdError(f"output {str(out)!r} holds something else (an unreadable manifest.json); "
+                                   f"choose another path.")
+            if not force:
+                raise CachekdError(f"output {str(out)!r} holds a token store whose manifest.json is damaged; pass "
+                                   f"--force to build it again or choose another path.")
+            return "replace"
         if manifest.get("format") != FORMAT:
             raise CachekdError(f"output {str(out)!r} holds something else ({manifest.get('format', 'unknown')!r}); choose another path.")
-        if manifest.get("input_fingerprint") == input_fingerprint:
+        if manifest.get("input_fingerprint") == input_fingerprint and not force:
             return "same"
         if not force:
             raise CachekdError(
