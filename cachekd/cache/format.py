@@ -71,6 +71,7 @@ MAX_FULL_CHUNK_BYTES = 32 << 20
 CHECKSUM = True
 
 
+ZARR_META = "zarr.json"          # a Zarr group's or array's metadata (the group's attribute cachekd = FORMAT)
 PLAN_FILE = "plan.json"          # the plan, written when the cache is created
 MANIFEST_FILE = "manifest.json"  # the plan plus statistics, written last
 DONE_DIR = "done"                # done/<split>/<chunk>.json: one marker per finished chunk
@@ -85,6 +86,10 @@ def id_dtype(vocab_size: int) -> np.dtype:
 
 def array_path(split: str, teacher: str, name: str) -> str:
     return f"{split}/{teacher}/{name}"
+
+
+def group_meta_path(root: Path) -> Path:
+    return Path(root) / ZARR_META
 
 
 def plan_path(root: Path) -> Path:
@@ -181,10 +186,20 @@ def is_logit_cache(path: Path) -> bool:
     p = Path(path)
     if plan_path(p).exists():
         return True
-    for meta in (read_json_dict_or_none(manifest_path(p)), read_json_dict_or_none(p / "zarr.json")):
+    for meta in (read_json_dict_or_none(manifest_path(p)), read_json_dict_or_none(group_meta_path(p))):
         if meta is not None and FORMAT in (meta.get("format"), meta.get("attributes", {}).get("cachekd")):
             return True
     return False
+
+
+def is_half_created(root: Path) -> bool:
+    """A cache's Zarr group without plan.json and without any done-marker: what a kill during creation left with
+    versions that wrote the plan last (nothing was computed into it)."""
+    from cachekd.io import read_json_dict_or_none
+
+    meta = read_json_dict_or_none(group_meta_path(root))
+    return (not plan_path(root).exists() and meta is not None
+            and meta.get("attributes", {}).get("cachekd") == FORMAT and not (Path(root) / DONE_DIR).exists())
 
 
 def is_leftover_temp(name: str) -> bool:
@@ -447,7 +462,7 @@ def create_arrays(group, plan: CachePlan, root: Path) -> None:
         for teacher in plan.teacher_names:
             for spec in plan.array_specs(split):
                 path = array_path(split, teacher, spec.name)
-                if (Path(root) / path / "zarr.json").exists():
+                if (Path(root) / path / ZARR_META).exists():
                     try:
                         zarr.open_array(str(Path(root) / path), mode="r")
                         continue
