@@ -148,6 +148,8 @@ def pending_chunks(root: Path, split: str, num_chunks: int) -> list[int]:
 # (CHUNK_CRC32C; arrays without the checksum codec record none). A chunk file copied from another chunk, or left
 # from an earlier write, then disagrees with its marker although it decodes; tokens that are not the ones the chunk
 # was computed from disagree with TOKENS_DIGEST. Markers written before the binding existed have neither key.
+# Cost, measured on a loaded 2-core machine (one teacher, k=64, chunks of 32 windows x 128): checking the three
+# files' CRCs takes 0.06-0.13 ms a chunk (1-2% of the 5-7 ms that decoding the chunk takes), the token digest 0.01 ms.
 TOKENS_DIGEST = "tokens_sha256"
 CHUNK_CRC32C = "chunk_crc32c"
 COMPUTE_DTYPE = "compute_dtype"  # the precision the teachers ran in for the chunk: float32, bfloat16 or float16
