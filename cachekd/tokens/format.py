@@ -27,6 +27,7 @@ FORMAT_VERSION = 1
 POSITIONS_PER_CHUNK = 4096
 SPLITS = ("train", "dev")
 MANIFEST = "manifest.json"
+ZARR_META = "zarr.json"
 TOKENIZER_DIR = "tokenizer"
 
 
@@ -53,7 +54,7 @@ def is_token_store(path: Path) -> bool:
     from cachekd.io import read_json_dict_or_none
 
     p = Path(path)
-    for meta in (read_json_dict_or_none(manifest_path(p)), read_json_dict_or_none(p / "zarr.json")):
+    for meta in (read_json_dict_or_none(manifest_path(p)), read_json_dict_or_none(p / ZARR_META)):
         if meta is not None and FORMAT in (meta.get("format"), meta.get("attributes", {}).get("cachekd")):
             return True
     return False

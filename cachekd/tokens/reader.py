@@ -42,7 +42,7 @@ class TokenStore:
             raise CachekdError(f"token store {str(p)!r} does not exist; create it with `cachekd prepare`.")
         mf = tfmt.manifest_path(p)
         if not mf.exists():
-            if (p / "zarr.json").exists():
+            if tfmt.is_token_store(p):
                 raise CachekdError(f"token store {str(p)!r} is incomplete (no manifest); run `cachekd prepare` again.")
             raise CachekdError(f"{str(p)!r} is not a token store (no manifest.json); create one with `cachekd prepare`.")
         manifest = read_json_dict(mf, "the token store is damaged: " + REBUILD_HINT + ".")

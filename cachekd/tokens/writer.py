@@ -131,8 +131,7 @@ def _check_output(out: Path, input_fingerprint: str, force: bool) -> str:
     if tfmt.manifest_path(out).exists():
         manifest = read_json_dict_or_none(tfmt.manifest_path(out))
         if manifest is None:  # damaged: replaceable only when the directory is a token store's Zarr group
-            group = read_json_dict_or_none(out / "zarr.json") or {}
-            if group.get("attributes", {}).get("cachekd") != FORMAT:
+            if not tfmt.is_token_store(out):
                 raise CachekdError(f"output {str(out)!r} holds something else (an unreadable manifest.json); "
                                    f"choose another path.")
             if not force:
