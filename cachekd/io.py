@@ -72,6 +72,18 @@ def read_json_dict(path: Path, hint: str) -> dict:
     return data
 
 
+def check_format(meta: dict, *, expected: str, version: int, what: str, path: Path, remedy: str) -> None:
+    """Refuse a manifest written for another format (``meta["format"]``) or another format version, in one
+    sentence naming `what` is at `path` and the `remedy` (e.g. "run precompute again")."""
+    from cachekd.errors import CachekdError
+
+    if meta.get("format") != expected:
+        raise CachekdError(f"{str(path)!r} is not a {what} (its manifest says {meta.get('format')!r}).")
+    if meta.get("format_version") != version:
+        raise CachekdError(f"{what} {str(path)!r} has format version {meta.get('format_version')}; this cachekd reads "
+                           f"{version}: {remedy}.")
+
+
 def read_json_dict_or_none(path: Path) -> dict | None:
     """A JSON object from `path`; None when the file is missing, unreadable or not a JSON object."""
     try:

@@ -75,6 +75,11 @@ class StartPlan:
     checkpoint: Path | None = None
 
 
+def _in_run(name: str) -> property:
+    """A read-only attribute: the path of `name` inside the run directory."""
+    return property(lambda self: self.path / name, doc=f"``RUN/{name}``")
+
+
 class RunDir:
     """One run directory: its layout, its state and the files cachekd keeps in it."""
 
@@ -85,37 +90,14 @@ class RunDir:
         return f"RunDir({str(self.path)!r})"
 
     # ------------------------------------------------------------------------------------------ layout
-    @property
-    def config_path(self) -> Path:
-        return self.path / CONFIG_FILE
-
-    @property
-    def metrics_path(self) -> Path:
-        return self.path / METRICS_FILE
-
-    @property
-    def summary_path(self) -> Path:
-        return self.path / SUMMARY_FILE
-
-    @property
-    def eval_path(self) -> Path:
-        return self.path / EVAL_FILE
-
-    @property
-    def running_path(self) -> Path:
-        return self.path / RUNNING_FILE
-
-    @property
-    def model_dir(self) -> Path:
-        return self.path / MODEL_DIR
-
-    @property
-    def checkpoint_dir(self) -> Path:
-        return self.path / CHECKPOINTS_DIR
-
-    @property
-    def tensorboard_dir(self) -> Path:
-        return self.path / TENSORBOARD_DIR
+    config_path = _in_run(CONFIG_FILE)
+    metrics_path = _in_run(METRICS_FILE)
+    summary_path = _in_run(SUMMARY_FILE)
+    eval_path = _in_run(EVAL_FILE)
+    running_path = _in_run(RUNNING_FILE)
+    model_dir = _in_run(MODEL_DIR)
+    checkpoint_dir = _in_run(CHECKPOINTS_DIR)
+    tensorboard_dir = _in_run(TENSORBOARD_DIR)
 
     @classmethod
     def of_model_path(cls, path: str | Path) -> RunDir | None:

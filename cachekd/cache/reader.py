@@ -11,6 +11,7 @@ import numpy as np
 
 from cachekd.cache import format as fmt
 from cachekd.errors import CachekdError
+from cachekd.io import check_format
 
 
 @dataclass
@@ -422,13 +423,8 @@ def _read_meta(path: Path, cls: type[fmt.CachePlan]) -> dict[str, Any]:
     if not isinstance(meta, dict):
         raise _DamagedMeta("it is not a JSON object")
     p = path.parent
-    if meta.get("format") != fmt.FORMAT:
-        raise CachekdError(f"{str(p)!r} is not a logit cache (its manifest says {meta.get('format')!r}).")
-    if meta.get("format_version") != fmt.FORMAT_VERSION:
-        raise CachekdError(
-            f"cache {str(p)!r} has format version {meta.get('format_version')}; this cachekd reads "
-            f"{fmt.FORMAT_VERSION}. Run precompute again."
-        )
+    check_format(meta, expected=fmt.FORMAT, version=fmt.FORMAT_VERSION, what="logit cache", path=p,
+                 remedy="run `cachekd precompute` again")
     try:
         cls.from_dict(meta)
     except CachekdError as e:

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from cachekd.errors import CachekdError
-from cachekd.io import read_json_dict
+from cachekd.io import check_format, read_json_dict
 from cachekd.tokens import format as tfmt
 
 
@@ -46,13 +46,8 @@ class TokenStore:
                 raise CachekdError(f"token store {str(p)!r} is incomplete (no manifest); run `cachekd prepare` again.")
             raise CachekdError(f"{str(p)!r} is not a token store (no manifest.json); create one with `cachekd prepare`.")
         manifest = read_json_dict(mf, "the token store is damaged: " + REBUILD_HINT + ".")
-        if manifest.get("format") != tfmt.FORMAT:
-            raise CachekdError(f"{str(p)!r} is not a token store (its manifest says {manifest.get('format')!r}).")
-        if manifest.get("format_version") != tfmt.FORMAT_VERSION:
-            raise CachekdError(
-                f"token store {str(p)!r} has format version {manifest.get('format_version')}, this cachekd reads "
-                f"{tfmt.FORMAT_VERSION}; prepare it again."
-            )
+        check_format(manifest, expected=tfmt.FORMAT, version=tfmt.FORMAT_VERSION, what="token store", path=p,
+                     remedy="run `cachekd prepare` again")
         return cls(p, manifest)
 
     # --- facts
