@@ -7,16 +7,18 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from cachekd.losses.plan import Prepared, Rows, take
-from cachekd.losses.rowloss import loss_on_rows
+from cachekd.losses.rowloss import loss_on_rows, mixed_rows_backward, mixed_rows_forward
 
 
 class ChunkedLoss(torch.autograd.Function):
     """(ce_sum, kd_sum) over ``prep.chunks``; backward recomputes each chunk's logits and loss.
 
     ``source`` is (N, V) student logits when ``weight`` is None, else (N, H) hidden states projected by
-    ``weight`` (V, H) and ``bias``. Forward keeps nothing but its inputs; backward takes, chunk by chunk, the
-    gradient G (n, V) of ``g_ce·ce + g_kd·kd`` with respect to the chunk's logits and writes ``G`` (logits) or
-    ``G @ weight``, ``Gᵀ @ hidden``, ``ΣG`` (projection) into full-size gradient buffers.
+    ``weight`` (V, H) and ``bias``. Forward keeps its inputs (and, where the plan says ``chunk_state``, each chunk's
+    O(n·k) statistics); backward takes, chunk by chunk, the gradient G (n, V) of ``g_ce·ce + g_kd·kd`` with
+    respect to the chunk's recomputed logits (by autograd through the chunk's recomputed loss, or from the saved
+    statistics) and writes ``G`` (logits) or ``G @ weight``, ``Gᵀ @ hidden``, ``ΣG`` (projection) into full-size
+    gradient buffers.
     """
 
     @staticmethod
@@ -32,13 +34,19 @@ class ChunkedLoss(torch.autograd.Function):
         ctx.autocast = (torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type))
         ce_total = torch.zeros((), dtype=prep.compute_dtype, device=source.device)
         kd_total = torch.zeros((), dtype=prep.compute_dtype, device=source.device)
+        states = []  # per chunk, with plan.chunk_state
         for rows in prep.chunks:
             z = ChunkedLoss._logits(source, weight, bias, rows, prep.compute_dtype)
-            ce, kd = loss_on_rows(z, rows, prep)
+            if prep.plan.chunk_state:
+                ce, kd, state = mixed_rows_forward(z, rows, prep)
+                states.append(state)
+            else:
+                ce, kd = loss_on_rows(z, rows, prep)
             ce_total += ce
             kd_total += kd
         ctx.save_for_backward(source, weight, bias)
         ctx.prep = prep
+        ctx.states = states
         return ce_total, kd_total
 
     @staticmethod
@@ -53,13 +61,16 @@ class ChunkedLoss(torch.autograd.Function):
         grad_bias = torch.zeros_like(bias, dtype=acc_dtype) if need_bias else None
         autocast_enabled, autocast_dtype = ctx.autocast
         device_type = source.device.type
-        for rows in prep.chunks:
+        for i, rows in enumerate(prep.chunks):
             with torch.no_grad(), torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_enabled):
                 z = ChunkedLoss._logits(source, weight, bias, rows, prep.compute_dtype)
-            z.requires_grad_(True)
-            with torch.enable_grad():
-                ce, kd = loss_on_rows(z, rows, prep)
-                (grad_z,) = torch.autograd.grad(g_ce * ce + g_kd * kd, z)  # (n, V)
+            if prep.plan.chunk_state:
+                grad_z = mixed_rows_backward(z, ctx.states[i], prep, g_ce, g_kd)  # (n, V)
+            else:
+                z.requires_grad_(True)
+                with torch.enable_grad():
+                    ce, kd = loss_on_rows(z, rows, prep)
+                    (grad_z,) = torch.autograd.grad(g_ce * ce + g_kd * kd, z)  # (n, V)
             if weight is None:
                 if need_source:
                     grad_source[rows] = grad_z.to(source.dtype)

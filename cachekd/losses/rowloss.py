@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from cachekd.losses.divergences import LOG_FLOOR, divergence
+from cachekd.losses.mixed import MixedRows, MixedSparseStudent, mixed_backward, mixed_forward
 from cachekd.losses.plan import FlatDense, FlatTarget, Prepared, Rows, take
 from cachekd.losses.sparse import SparseRows, SparseStudent, sparse_divergence, sparse_rows
 from cachekd.losses.student import Student
@@ -33,13 +34,16 @@ def loss_on_rows(z: Tensor, rows: Rows, prep: Prepared, ignored: Tensor | None =
     gradient.
     """
     plan = prep.plan
+    assert ignored is None or plan.mask_ignored, "ignored rows are only masked on the fused paths"
+    if plan.student == "fused_mix":
+        ce, kd = MixedSparseStudent.apply(z, *_mixed_inputs(z, rows, prep, ignored))
+        return ce.sum(), (prep.weights[0] * kd).sum()
     tau = prep.cfg.temperature
     labels = take(prep.labels, rows)  # (n,)
     if ignored is not None:
-        assert plan.mask_ignored, "ignored rows are only masked on the fused path"
         labels = labels.index_fill(0, ignored, 0)
-    student = Student(z, tau)
     targets = [teacher_rows(t, rows, tau, z.dtype, z.device, ignored) for t in prep.teachers]
+    student = Student(z, tau)
     # Student values at the sparse teachers' ids (teachers compared one by one, without mixing).
     sparse = [t for t in targets if isinstance(t, SparseRows)] if plan.sparse_by_ids else []
     ce, logq_ids, log_tails = _student_values(student, labels, sparse, prep, ignored)
@@ -102,6 +106,33 @@ def _student_values(
         return ce, [], no_tails
     logq_ids = student.logq.gather(1, torch.cat([t.ids for t in sparse], dim=1))
     return ce, list(logq_ids.split(split, dim=1)), no_tails
+
+
+def _mixed_inputs(z: Tensor, rows: Rows, prep: Prepared, ignored: Tensor | None) -> tuple:
+    """The arguments of ``mixed.mixed_forward`` / ``MixedSparseStudent`` for the rows (fused_mix plans)."""
+    labels = take(prep.labels, rows)  # (n,)
+    if ignored is not None:
+        labels = labels.index_fill(0, ignored, 0)
+    target = sparse_rows(prep.teachers[0], rows, 1.0, z.dtype, z.device, ignored)
+    vocab_size = prep.vocab_size
+    if target.k < vocab_size:
+        log_u = target.log_tail - math.log(vocab_size - target.k)  # as in SparseRows.dense_logp
+    else:
+        log_u = torch.full_like(target.log_tail, -math.inf)  # no tail
+    cfg = prep.cfg
+    return labels, target.ids, target.logp, log_u, prep.mix_alpha, cfg.objective, cfg.detach_mix, ignored
+
+
+def mixed_rows_forward(z: Tensor, rows: Rows, prep: Prepared) -> tuple[Tensor, Tensor, MixedRows]:
+    """(ce_sum, kd_sum, state) on the rows without autograd (plans with ``chunk_state``); ``state`` and the
+    same logits give the gradient (``mixed_rows_backward``)."""
+    ce, kd, state = mixed_forward(z, *_mixed_inputs(z, rows, prep, None))
+    return ce.sum(), (prep.weights[0] * kd).sum(), state
+
+
+def mixed_rows_backward(z: Tensor, state: MixedRows, prep: Prepared, g_ce: Tensor, g_kd: Tensor) -> Tensor:
+    """(n, V) the gradient of ``g_ce·ce_sum + g_kd·kd_sum`` of ``mixed_rows_forward`` with respect to ``z``."""
+    return mixed_backward(z, state, g_ce, g_kd * prep.weights[0])
 
 
 def _dense_logp(target: TeacherRows, vocab_size: int) -> Tensor:
