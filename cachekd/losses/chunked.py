@@ -7,18 +7,19 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from cachekd.losses.plan import Prepared, Rows, take
-from cachekd.losses.rowloss import loss_on_rows, mixed_rows_backward, mixed_rows_forward
+from cachekd.losses.rowloss import MixedChunks, loss_on_rows
 
 
 class ChunkedLoss(torch.autograd.Function):
-    """(ce_sum, kd_sum) over ``prep.chunks``; backward recomputes each chunk's logits and loss.
+    """(ce_sum, kd_sum) over ``prep.chunks``; backward recomputes each chunk's logits (and, but for the fused
+    ChooBaCa plan, its loss).
 
     ``source`` is (N, V) student logits when ``weight`` is None, else (N, H) hidden states projected by
-    ``weight`` (V, H) and ``bias``. Forward keeps its inputs (and, where the plan says ``chunk_state``, each chunk's
-    O(n·k) statistics); backward takes, chunk by chunk, the gradient G (n, V) of ``g_ce·ce + g_kd·kd`` with
-    respect to the chunk's recomputed logits (by autograd through the chunk's recomputed loss, or from the saved
-    statistics) and writes ``G`` (logits) or ``G @ weight``, ``Gᵀ @ hidden``, ``ΣG`` (projection) into full-size
-    gradient buffers.
+    ``weight`` (V, H) and ``bias``. Forward keeps its inputs (and, where the plan says ``chunk_state``, O(k)
+    statistics a row: ``rowloss.MixedChunks``); backward takes, chunk by chunk, the gradient G (n, V) of
+    ``g_ce·ce + g_kd·kd`` with respect to the chunk's recomputed logits (by autograd through the chunk's
+    recomputed loss, or from the saved statistics) and writes ``G`` (logits) or ``G @ weight``, ``Gᵀ @ hidden``,
+    ``ΣG`` (projection) into full-size gradient buffers.
     """
 
     @staticmethod
@@ -34,19 +35,20 @@ class ChunkedLoss(torch.autograd.Function):
         ctx.autocast = (torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type))
         ce_total = torch.zeros((), dtype=prep.compute_dtype, device=source.device)
         kd_total = torch.zeros((), dtype=prep.compute_dtype, device=source.device)
-        states = []  # per chunk, with plan.chunk_state
+        mixed = MixedChunks(prep, prep.compute_dtype, source.device) if prep.plan.chunk_state else None
         for rows in prep.chunks:
             z = ChunkedLoss._logits(source, weight, bias, rows, prep.compute_dtype)
-            if prep.plan.chunk_state:
-                ce, kd, state = mixed_rows_forward(z, rows, prep)
-                states.append(state)
-            else:
-                ce, kd = loss_on_rows(z, rows, prep)
+            if mixed is not None:
+                mixed.add(z)
+                continue
+            ce, kd = loss_on_rows(z, rows, prep)
             ce_total += ce
             kd_total += kd
+        if mixed is not None:
+            ce_total, kd_total = mixed.finish()
         ctx.save_for_backward(source, weight, bias)
         ctx.prep = prep
-        ctx.states = states
+        ctx.mixed = mixed
         return ce_total, kd_total
 
     @staticmethod
@@ -61,11 +63,14 @@ class ChunkedLoss(torch.autograd.Function):
         grad_bias = torch.zeros_like(bias, dtype=acc_dtype) if need_bias else None
         autocast_enabled, autocast_dtype = ctx.autocast
         device_type = source.device.type
-        for i, rows in enumerate(prep.chunks):
+        mixed: MixedChunks | None = ctx.mixed
+        if mixed is not None:
+            mixed.start_backward(g_ce, g_kd)
+        for rows in prep.chunks:
             with torch.no_grad(), torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_enabled):
                 z = ChunkedLoss._logits(source, weight, bias, rows, prep.compute_dtype)
-            if prep.plan.chunk_state:
-                grad_z = mixed_rows_backward(z, ctx.states[i], prep, g_ce, g_kd)  # (n, V)
+            if mixed is not None:
+                grad_z = mixed.grad(z)  # (n, V)
             else:
                 z.requires_grad_(True)
                 with torch.enable_grad():

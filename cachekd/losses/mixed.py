@@ -36,10 +36,30 @@ def _row_dot(a: Tensor, b: Tensor) -> Tensor:
     return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
 
 
-def _tail_sums(z: Tensor, m: Tensor, ids: Tensor, beta: float, with_eb_d: bool) -> tuple[Tensor, ...]:
-    """Row sums over the tail (the columns not in ``ids``) of e, e·d, e^β and, if asked, e^β·d; d = z − m."""
+@dataclass
+class LogitStats:
+    """One pass over n rows of logits: all that the loss needs from the (n, V) logits in forward."""
+
+    m: Tensor  # (n, 1) row max
+    tail_sums: Tensor  # (4, n) over the tail (columns not in the ids): Σ e, Σ e·d, Σ e^β, Σ e^β·d (0 if not asked)
+    z_ids: Tensor  # (n, k) the logits at the ids
+    z_label: Tensor  # (n,) the logit of the label
+
+    @staticmethod
+    def cat(parts: list[LogitStats]) -> LogitStats:
+        """The stats of consecutive row ranges as one."""
+        return LogitStats(
+            m=torch.cat([p.m for p in parts]), tail_sums=torch.cat([p.tail_sums for p in parts], dim=1),
+            z_ids=torch.cat([p.z_ids for p in parts]), z_label=torch.cat([p.z_label for p in parts]),
+        )
+
+
+def logit_stats(z: Tensor, labels: Tensor, ids: Tensor, beta: float, with_eb_d: bool) -> LogitStats:
+    """The row max, the tail sums of e = exp(z − m), e·d, e^β = exp(β·d) (and e^β·d if asked; d = z − m), and the
+    logits at the ids and the label, for logits ``z`` (n, V), a block of rows at a time."""
     n = z.shape[0]
-    sums = torch.empty(4, n, dtype=z.dtype, device=z.device)
+    m = z.amax(dim=-1, keepdim=True)  # (n, 1)
+    sums = torch.zeros(4, n, dtype=z.dtype, device=z.device)
     for rows in row_blocks(z):
         d = z[rows] - m[rows]  # (r, V)
         e = d.exp().scatter_(1, ids[rows], 0.0)
@@ -54,7 +74,7 @@ def _tail_sums(z: Tensor, m: Tensor, ids: Tensor, beta: float, with_eb_d: bool) 
         sums[2, rows] = e_beta.sum(-1)
         if with_eb_d:
             sums[3, rows] = _row_dot(e_beta, d)
-    return sums[0], sums[1], sums[2], sums[3]
+    return LogitStats(m=m, tail_sums=sums, z_ids=z.gather(1, ids), z_label=z.gather(1, labels.unsqueeze(1)).squeeze(1))
 
 
 @dataclass
@@ -79,6 +99,11 @@ class MixedRows:
     forward_kl: bool
     detach_mix: bool
 
+    @property
+    def with_e_beta(self) -> bool:
+        """The tail gradient has an e^β term (everywhere but reverse KL with the target detached)."""
+        return self.forward_kl or not self.detach_mix
+
 
 def mixed_forward(
     z: Tensor, labels: Tensor, ids: Tensor, logp_ids: Tensor, log_u: Tensor, alpha: float,
@@ -93,12 +118,20 @@ def mixed_forward(
     target passes no gradient (for ``mixed_backward``). Rows in ``ignored`` (int64 index or None) give zeros and a
     zero gradient, whatever ``z`` holds there. Returns ``ce`` (n,), ``kd`` (n,) and the state for the gradient.
     """
-    vocab_size = z.shape[1]
+    stats = logit_stats(z, labels, ids, 1.0 - alpha, with_eb_d=objective == "forward_kl")
+    return mixed_from_stats(stats, z.shape[1], labels, ids, logp_ids, log_u, alpha, objective, detach_mix, ignored)
+
+
+def mixed_from_stats(
+    stats: LogitStats, vocab_size: int, labels: Tensor, ids: Tensor, logp_ids: Tensor, log_u: Tensor, alpha: float,
+    objective: MixedObjective, detach_mix: bool, ignored: Tensor | None,
+) -> tuple[Tensor, Tensor, MixedRows]:
+    """``mixed_forward`` from the logits' ``LogitStats`` (O(n·k): no pass over the logits)."""
     beta = 1.0 - alpha
     forward_kl = objective == "forward_kl"
-    m = z.amax(dim=-1, keepdim=True)  # (n, 1)
-    s_tail, ed_tail, eb_tail, ebd_tail = _tail_sums(z, m, ids, beta, with_eb_d=forward_kl)
-    d_ids = z.gather(1, ids) - m  # (n, k)
+    m = stats.m
+    s_tail, ed_tail, eb_tail, ebd_tail = stats.tail_sums.unbind(0)
+    d_ids = stats.z_ids - m  # (n, k)
     log_s = torch.logaddexp(s_tail.log(), torch.logsumexp(d_ids, dim=-1))  # (n,) log Σ_all e
     s = log_s.exp()
     logq_ids = d_ids - log_s.unsqueeze(1)
@@ -124,7 +157,7 @@ def mixed_forward(
         head = (q_ids * (logq_ids - ell_ids)).sum(-1)
         tail = (slope * ed_tail + c * s_tail) / s
     kd = head + tail
-    ce = (m.squeeze(1) - z.gather(1, labels.unsqueeze(1)).squeeze(1)) + log_s
+    ce = (m.squeeze(1) - stats.z_label) + log_s
     if ignored is not None:  # whatever z holds there, ignored rows give finite zeros
         ce.index_fill_(0, ignored, 0.0)
         kd.index_fill_(0, ignored, 0.0)
@@ -140,22 +173,29 @@ def mixed_forward(
 def mixed_backward(z: Tensor, st: MixedRows, g_ce: Tensor, g_kd: Tensor) -> Tensor:
     """(n, V) the gradient of ``Σ g_ce·ce + g_kd·kd`` with respect to ``z`` (the logits ``mixed_forward`` saw);
     ``g_ce``, ``g_kd`` per row (n,) or scalars."""
-    n = z.shape[0]
+    return gradient_pass(z, st, grad_coefficients(st, g_ce, g_kd))
+
+
+@dataclass
+class GradCoefficients:
+    """Per row, the gradient with respect to the logits: ``e·(a + b·d) + e^β·(c_eb + e_eb·d)`` on the tail,
+    ``at_ids`` at the ids, ``−g_ce`` added at the label."""
+
+    a: Tensor  # (n, 1)
+    b: Tensor  # (n, 1)
+    c_eb: Tensor  # (n, 1)
+    e_eb: Tensor  # (n, 1)
+    at_ids: Tensor  # (n, k)
+    g_ce: Tensor  # (n, 1)
+
+
+def grad_coefficients(st: MixedRows, g_ce: Tensor, g_kd: Tensor) -> GradCoefficients:
+    """The ``GradCoefficients`` of ``Σ g_ce·ce + g_kd·kd`` (``g_ce``, ``g_kd`` per row (n,) or scalars)."""
+    n = st.log_s.shape[0]
     g_ce, g_kd = g_ce.expand(n), g_kd.expand(n)
     beta = 1.0 - st.alpha
     a, b, c_eb, e_eb = (x.unsqueeze(1) for x in _tail_coefficients(st, g_ce, g_kd))  # (n, 1) each
-    with_eb = not (st.detach_mix and not st.forward_kl)
-    grad = torch.empty_like(z)
-    for rows in row_blocks(z):
-        d = torch.sub(z[rows], st.m[rows], out=grad[rows])
-        e = d.exp()
-        if with_eb:
-            e_beta = e.sqrt() if beta == 0.5 else (e.clone() if beta == 1.0 else torch.mul(d, beta).exp_())
-            e_beta.mul_(torch.addcmul(c_eb[rows], d, e_eb[rows]))
-        d.mul_(b[rows]).add_(a[rows]).mul_(e)
-        if with_eb:
-            d.add_(e_beta)
-    # The k ids: their exact gradient (the row formula above holds on the tail only).
+    # The k ids: their exact gradient (the row formula holds on the tail only).
     q_ids, p_ids, ell_ids, logq_ids = st.logq_ids.exp(), st.ell_ids.exp(), st.ell_ids, st.logq_ids
     kd = st.kd.unsqueeze(1)
     if st.forward_kl:
@@ -167,9 +207,31 @@ def mixed_backward(z: Tensor, st: MixedRows, g_ce: Tensor, g_kd: Tensor) -> Tens
         if not st.detach_mix:
             kd_ids = kd_ids + beta * (p_ids * st.unclamped_q.unsqueeze(1) - q_ids * (ell_ids > LOG_FLOOR))
     g_ce1 = g_ce.unsqueeze(1)
-    grad.scatter_(1, st.ids, g_ce1 * q_ids + g_kd.unsqueeze(1) * kd_ids)
-    grad.scatter_add_(1, st.labels.unsqueeze(1), -g_ce1)
+    return GradCoefficients(a=a, b=b, c_eb=c_eb, e_eb=e_eb, at_ids=g_ce1 * q_ids + g_kd.unsqueeze(1) * kd_ids,
+                            g_ce=g_ce1)
+
+
+def gradient_pass(z: Tensor, st: MixedRows, coef: GradCoefficients, rows: slice | None = None) -> Tensor:
+    """(n, V) the gradient for logits ``z``: all of ``st``'s rows, or the range ``rows`` of them (a chunk)."""
+    if rows is None:
+        rows = slice(0, z.shape[0])
+    m, ids, labels = st.m[rows], st.ids[rows], st.labels[rows]
+    a, b, c_eb, e_eb = coef.a[rows], coef.b[rows], coef.c_eb[rows], coef.e_eb[rows]
+    beta = 1.0 - st.alpha
+    grad = torch.empty_like(z)
+    for block in row_blocks(z):
+        d = torch.sub(z[block], m[block], out=grad[block])
+        e = d.exp()
+        if st.with_e_beta:
+            e_beta = e.sqrt() if beta == 0.5 else (e.clone() if beta == 1.0 else torch.mul(d, beta).exp_())
+            e_beta.mul_(torch.addcmul(c_eb[block], d, e_eb[block]))
+        d.mul_(b[block]).add_(a[block]).mul_(e)
+        if st.with_e_beta:
+            d.add_(e_beta)
+    grad.scatter_(1, ids, coef.at_ids[rows])
+    grad.scatter_add_(1, labels.unsqueeze(1), -coef.g_ce[rows])
     if st.ignored is not None:
+        assert rows == slice(0, st.log_s.shape[0]), "ignored rows are masked on whole batches only"
         grad.index_fill_(0, st.ignored, 0.0)
     return grad
 
