@@ -338,7 +338,7 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, *, resume: bool = False, force: bool = False, progress: bool = True,
                  say: Callable[[str], None] | None = None):
         from cachekd.loader import Order
-        from cachekd.models import build_model, count_parameters, quiet_transformers
+        from cachekd.models import build_model, check_positions, count_parameters, quiet_transformers
         from cachekd.tokens import TokenStore
 
         quiet_transformers()
@@ -385,6 +385,7 @@ class Trainer:
             v = self.model.get_output_embeddings().weight.shape[0]
             if v < self.store.vocab_size:
                 raise CachekdError(f"model.init_from has a vocabulary of {v}, smaller than the store's {self.store.vocab_size}.")
+            check_positions(self.model, self.store.seq_len, f"model.init_from {cfg.model.init_from!r}")
         self.num_params = count_parameters(self.model)
         decay = [p for p in self.model.parameters() if p.dim() >= 2]
         no_decay = [p for p in self.model.parameters() if p.dim() < 2]
@@ -426,7 +427,7 @@ class Trainer:
                                                                 as_schedule(d.alpha))
             self.teacher_source = open_teacher_source(d, self.store, temperature=self.tau_sched,
                                                       alpha=self.alpha_sched, device=self.device,
-                                                      autocast=self._autocast)
+                                                      autocast=self._autocast, say=self.say)
 
     def schedule_values(self, step: int) -> dict[str, float]:
         if self.cfg.distill is None:

@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import assert_clean_error, invoke
 
 TINY_CLI = ["--set", "model.hidden_size=32", "--set", "model.num_layers=1", "--set", "model.num_heads=2",
@@ -35,3 +37,107 @@ def test_model_files_get_the_usual_mode(tmp_path, runner, store_path):
     modes = {p.name: p.stat().st_mode & 0o777 for p in sorted(Path(tmp_path / "run" / "model").iterdir())}
     assert "model.safetensors" in modes
     assert set(modes.values()) == {0o666 & ~mask}, modes
+
+
+# ------------------------------------------------------------------------------------------------ teachers
+
+
+def _short_teacher(store_path: Path, out: Path, arch: str, positions: int) -> Path:
+    """A teacher of the store's tokenizer that takes only `positions` positions (the store's windows are 16)."""
+    import torch
+
+    from cachekd.models import ModelConfig, build_model
+    from cachekd.tokens import TokenStore
+
+    st = TokenStore.open(store_path)
+    torch.manual_seed(0)
+    m = build_model(ModelConfig(arch=arch, hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32),
+                    st.vocab_size, positions)
+    m.save_pretrained(out)
+    st.load_tokenizer().save_pretrained(out)
+    return out
+
+
+@pytest.mark.parametrize("arch,key", [("gpt2", "n_positions"), ("llama", "max_position_embeddings")])
+def test_teacher_with_fewer_positions_than_the_window_is_refused(tmp_path, runner, store_path, arch, key):
+    """GPT-2 failed with an IndexError after creating the cache; a LLaMA was accepted silently."""
+    teacher = _short_teacher(store_path, tmp_path / "short", arch, 8)
+    assert f'"{key}": 8' in (teacher / "config.json").read_text()
+    r = invoke(runner, ["precompute", "--store", store_path, "--teacher", teacher, "-o", tmp_path / "cache", "--quiet"])
+    assert_clean_error(r, "teacher 'short' takes at most 8 positions", "windows are 16 tokens")
+    assert not (tmp_path / "cache").exists()
+    r = invoke(runner, ["distill", "--store", store_path, "--online", "--teacher", teacher, "-o", tmp_path / "run",
+                        *TINY_CLI])
+    assert_clean_error(r, "at most 8 positions", "16 tokens")
+    assert not (tmp_path / "run").exists()
+
+
+def test_eval_and_init_from_with_fewer_positions_are_refused(tmp_path, runner, store_path, teacher_path):
+    short = _short_teacher(store_path, tmp_path / "short", "llama", 8)
+    r = invoke(runner, ["precompute", "--store", store_path, "--teacher", teacher_path, "-o", tmp_path / "cache",
+                        "--quiet", "--top-k", "4", "--splits", "dev"])
+    assert r.exit_code == 0, r.output
+    r = invoke(runner, ["eval", short, "--against-cache", tmp_path / "cache", "--quiet"])
+    assert_clean_error(r, "at most 8 positions", "16 tokens")
+    r = invoke(runner, ["train", "--store", store_path, "-o", tmp_path / "run", "--set", f"model.init_from={short}",
+                        "--max-steps", "1", "--quiet"])
+    assert_clean_error(r, "model.init_from", "at most 8 positions", "16 tokens")
+    assert not (tmp_path / "run").exists()
+
+
+def _untokenized_teacher(store_path: Path, out: Path, extra: int, padding: bool) -> Path:
+    """A teacher with `extra` more outputs than the store's vocabulary and no tokenizer saved with it. `padding`:
+    the extra rows are zero and the real ones peaked (final norm scaled up), so the extra rows carry ~no mass."""
+    import torch
+
+    from cachekd.models import ModelConfig, build_model
+    from cachekd.tokens import TokenStore
+
+    st = TokenStore.open(store_path)
+    torch.manual_seed(0)
+    m = build_model(ModelConfig(hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32),
+                    st.vocab_size + extra, st.seq_len)
+    if padding:
+        with torch.no_grad():
+            m.lm_head.weight[st.vocab_size:] = 0
+            m.model.norm.weight.mul_(1000)
+    m.save_pretrained(out)
+    return out
+
+
+def test_padding_mass_matches_float64(tmp_path):
+    import torch
+
+    from cachekd.teachers import padding_mass
+
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(3, 5, 40, generator=g) * 4
+    z[0, 0, 30:] = -30  # a position where the extra rows carry almost nothing
+    got = padding_mass(z, 30)
+    p = torch.softmax(z.double(), dim=-1)
+    ref = torch.tensor([[sum(float(p[b, t, v]) for v in range(30, 40)) for t in range(5)] for b in range(3)],
+                       dtype=torch.float64)
+    torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-12)
+
+
+def test_extra_rows_without_a_tokenizer_are_measured(tmp_path, runner, store_path):
+    """1000 extra rows and no tokenizer: dropped silently before. Now refused when they carry probability, and
+    said at precompute when they are padding."""
+    from cachekd.cache.reader import LogitCache
+    from cachekd.teachers import PADDING_MASS_LIMIT
+
+    real = _untokenized_teacher(store_path, tmp_path / "real", 1000, padding=False)
+    r = invoke(runner, ["precompute", "--store", store_path, "--teacher", real, "-o", tmp_path / "c1", "--quiet"])
+    assert_clean_error(r, "1000 more than the token store's vocabulary", "no tokenizer", f"more than the "
+                       f"{PADDING_MASS_LIMIT:g}", "real tokens")
+    assert not (tmp_path / "c1").exists()
+    r = invoke(runner, ["distill", "--store", store_path, "--online", "--teacher", real, "-o", tmp_path / "run",
+                        *TINY_CLI])
+    assert_clean_error(r, "no tokenizer", "real tokens")
+    padded = _untokenized_teacher(store_path, tmp_path / "padded", 1000, padding=True)
+    r = invoke(runner, ["precompute", "--store", store_path, "--teacher", padded, "-o", tmp_path / "c2", "--quiet",
+                        "--top-k", "4"])
+    assert r.exit_code == 0, r.output
+    assert "1000 more than the token store's vocabulary" in r.stderr and "dropped as padding" in r.stderr, r.stderr
+    t = LogitCache.open(tmp_path / "c2").meta["teachers"][0]
+    assert t["padded_logits_dropped"] == 1000 and 0 <= t["padding_mass"] < PADDING_MASS_LIMIT
