@@ -141,3 +141,38 @@ def test_extra_rows_without_a_tokenizer_are_measured(tmp_path, runner, store_pat
     assert "1000 more than the token store's vocabulary" in r.stderr and "dropped as padding" in r.stderr, r.stderr
     t = LogitCache.open(tmp_path / "c2").meta["teachers"][0]
     assert t["padded_logits_dropped"] == 1000 and 0 <= t["padding_mass"] < PADDING_MASS_LIMIT
+
+
+# ------------------------------------------------------------------------------------------------ signals
+
+SLOW_IMPORT = """
+import builtins, runpy, sys, time
+real_import = builtins.__import__
+def slow_import(name, *args, **kwargs):
+    if name == "cachekd_cli.main":
+        print("importing the commands", flush=True)
+        time.sleep(30)
+    return real_import(name, *args, **kwargs)
+builtins.__import__ = slow_import
+sys.argv = ["cachekd", "presets"]
+runpy.run_module("cachekd_cli", run_name="__main__")
+"""
+
+
+def test_ctrl_c_while_the_commands_are_imported_exits_quietly():
+    """A Ctrl-C in the first moments (while the imports run) gave a KeyboardInterrupt traceback; it exits 130."""
+    import signal
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_IMPORT], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        assert proc.stdout.readline().strip() == "importing the commands", proc.communicate()
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, (proc.returncode, err)
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
