@@ -176,3 +176,60 @@ def test_ctrl_c_while_the_commands_are_imported_exits_quietly():
             proc.kill()
     assert proc.returncode == 130, (proc.returncode, err)
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+
+
+BUSY_LOADER_CLI = """
+import sys, torch
+import cachekd.loader as loader
+read_batch = loader.WindowSource.batch
+A = torch.randn(600, 600)
+def busy_batch(self, window_ids):
+    for _ in range(3):
+        torch.mm(A, A)  # keeps the loader thread inside torch code (the GIL released) most of the time
+    return read_batch(self, window_ids)
+loader.WindowSource.batch = busy_batch
+from cachekd_cli.entry import main
+sys.argv[0] = "cachekd"
+main()
+"""
+
+
+def test_sigterm_during_distill_exits_143_every_time(tmp_path, runner, store_path, teacher_path):
+    """The loader's prefetch thread was stopped but not joined: when the interpreter exited while it was inside torch
+    code, the process aborted ("terminate called without an active exception", exit 134 instead of 143), once in
+    ~30 SIGTERMs on a loaded machine. Here the thread is kept busy in torch code, five distills run at once (load),
+    and each of the 5 SIGTERMs must give 143, the checkpoint and no abort."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    r = invoke(runner, ["precompute", "--store", store_path, "--teacher", teacher_path, "-o", tmp_path / "cache",
+                        "--quiet", "--top-k", "4", "--splits", "train"])
+    assert r.exit_code == 0, r.output
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    procs = []
+    for i in range(5):
+        out = tmp_path / f"run{i}"
+        args = ["distill", "--store", str(store_path), "--cache", str(tmp_path / "cache"), "-o", str(out),
+                *TINY_CLI[:-3], "--max-steps", "100000", "--set", "data.prefetch=1", "--device", "cpu", "--quiet"]
+        procs.append((out, subprocess.Popen([sys.executable, "-c", BUSY_LOADER_CLI, *args], env=env,
+                                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)))
+    try:
+        for out, proc in procs:
+            deadline = time.monotonic() + 120
+            while not (out / "metrics.jsonl").exists() or not (out / "metrics.jsonl").read_text().strip():
+                assert proc.poll() is None, proc.communicate()
+                assert time.monotonic() < deadline, "no training progress"
+                time.sleep(0.05)
+            proc.send_signal(signal.SIGTERM)
+        for out, proc in procs:
+            stdout, stderr = proc.communicate(timeout=120)
+            assert proc.returncode == 128 + signal.SIGTERM, (proc.returncode, stderr[-2000:])
+            assert "Stopped by SIGTERM" in stderr and "terminate called" not in stderr, stderr[-2000:]
+            assert "Traceback" not in stderr + stdout, stderr[-2000:]
+            assert list((out / "checkpoints").glob("step_*.pt")), list(out.rglob("*"))
+    finally:
+        for _, proc in procs:
+            if proc.poll() is None:
+                proc.kill()
