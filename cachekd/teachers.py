@@ -4,9 +4,9 @@ signal a training step asks for (`TeacherSource`).
 * Resolution (`resolve_teachers`): a teacher spec is an HF checkpoint directory, a `cachekd train` run directory
   (its ``model/``), a name from the registry file (``cachekd.yaml``'s ``teachers:`` mapping, or
   ``$CACHEKD_REGISTRY``), or ``NAME=PATH``.
-* `check_tokenizer` is the single rule for "does this tokenizer / vocabulary fit that token store": the same
-  tokenizer fingerprint, and at least the store's vocabulary. Teachers, evaluated models and logit caches all go
-  through it; each caller words the refusal for its user.
+* `TokenStore.check_tokenizer` is the single rule for "does this tokenizer / vocabulary fit that token store": the
+  same tokenizer fingerprint, and at least the store's vocabulary. Teachers (`check_teacher`), evaluated models and
+  logit caches all go through it; each caller words the refusal for its user.
 * `TeacherSource` gives the loss targets of a micro-batch: `CachedTeachers` reads them from a logit cache (the
   loader brings them aligned with the tokens), `OnlineTeachers` runs live teacher models (``--online``). A cohort
   of students shares one source.
@@ -28,26 +28,11 @@ from cachekd.errors import CachekdError
 if TYPE_CHECKING:
     from cachekd.cache.reader import LogitCache
     from cachekd.losses import DenseTarget, SparseTarget
-    from cachekd.schedules import Schedule
     from cachekd.tokens import TokenStore
+    from cachekd.train_config import DistillConfig
 
 
 # ------------------------------------------------------------------------------------------ the check
-
-
-def check_tokenizer(store: TokenStore, *, fingerprint: str | None, vocab_size: int | None = None,
-                    tokenizer_error: Callable[[str], str], vocab_error: Callable[[int], str] | None = None) -> None:
-    """Refuse a tokenizer (its `cachekd.corpus.tokenizer_fingerprint`) or an output size that does not fit `store`.
-
-    The fingerprint must equal the store's (None: no tokenizer to compare), and `vocab_size` (the number of outputs
-    a position; None: unknown) must cover the store's vocabulary: padded output layers are accepted, their extra
-    logits are dropped. The errors are worded by the caller: `tokenizer_error(fingerprint)` and
-    `vocab_error(vocab_size)` (needed with `vocab_size`) return the sentence to raise."""
-    if fingerprint is not None and fingerprint != store.tokenizer_fingerprint:
-        raise CachekdError(tokenizer_error(fingerprint))
-    if vocab_size is not None and vocab_size < store.vocab_size:
-        assert vocab_error is not None, "check_tokenizer: a vocab_size needs a vocab_error"
-        raise CachekdError(vocab_error(vocab_size))
 
 
 def has_tokenizer(model_dir: Path) -> bool:
@@ -181,8 +166,8 @@ def check_teacher(name: str, path: Path, model, store: TokenStore,
 
     v_model = output_size(model)
     fingerprint = tokenizer_fingerprint_of(path)
-    check_tokenizer(
-        store, fingerprint=fingerprint, vocab_size=v_model,
+    store.check_tokenizer(
+        fingerprint=fingerprint, vocab_size=v_model,
         tokenizer_error=lambda fp: (f"teacher {name!r} comes with a different tokenizer than the token store "
                                     f"{str(store.path)!r}; prepare the store with --tokenizer {path} or use a "
                                     f"matching teacher."),
@@ -267,7 +252,7 @@ class CachedTeachers(TeacherSource):
         self.cache, self.names, self.cache_spec = cache, names, cache_spec
 
     @classmethod
-    def open(cls, d: Any, store: TokenStore, temperature: Schedule, alpha: Schedule) -> CachedTeachers:
+    def open(cls, d: DistillConfig, store: TokenStore) -> CachedTeachers:
         """The cache of distill config `d` for `store`, refusing settings it cannot serve (a temperature it has no
         tail_lse for, a schedule of τ with a top-k cache, mixing or combining top-k teachers without the uniform
         tail)."""
@@ -281,7 +266,7 @@ class CachedTeachers(TeacherSource):
         if "train" not in cache.splits():
             raise CachekdError(f"cache {d.cache!r} has no train split.")
         if cache.mode == "topk":
-            _check_topk_settings(cache, d, len(names), temperature, alpha)
+            _check_topk_settings(cache, d, len(names))
         return cls(cache, names, d.cache)
 
     def temperature_index(self, tau: float) -> int | None:
@@ -304,13 +289,13 @@ class CachedTeachers(TeacherSource):
         return {"cache": self.cache_spec, "teachers": self.names}
 
 
-def _check_topk_settings(cache: LogitCache, d: Any, num_teachers: int, temperature: Schedule, alpha: Schedule) -> None:
+def _check_topk_settings(cache: LogitCache, d: DistillConfig, num_teachers: int) -> None:
+    temperature = d.schedules()[0]
     if temperature.kind != "constant":
         raise CachekdError("a temperature schedule needs a --full cache: a top-k cache only has tail_lse "
                            f"for temperatures {cache.temperatures}.")
     cache.temperature_index(temperature.start)
-    mixing = alpha.kind != "constant" or alpha.start != 1.0
-    if mixing and d.tail_mode != "uniform":
+    if d.mixing() and d.tail_mode != "uniform":
         raise CachekdError(
             f"mixing teacher and student logits (distill.alpha below 1) needs a dense target: with a "
             f"top-k cache pass --tail-mode uniform (distill.tail_mode: uniform; it is {d.tail_mode})."
@@ -358,16 +343,16 @@ class OnlineTeachers(TeacherSource):
         return {"cache": self.cache_spec, "teachers": self.names or None, "online_teachers": self.infos}
 
 
-def open_teacher_source(d: Any, store: TokenStore, *, temperature: Schedule, alpha: Schedule, device: torch.device,
+def open_teacher_source(d: DistillConfig, store: TokenStore, *, device: torch.device,
                         autocast: Callable[[], AbstractContextManager],
                         say: Callable[[str], None] | None = None) -> TeacherSource:
-    """Cached or online teachers for distill config `d` (distill.temperature and distill.alpha as schedules), with
-    the number of teacher weights checked; `say` receives notes for the user."""
+    """Cached or online teachers for distill config `d`, with the number of teacher weights checked; `say` receives
+    notes for the user."""
     source: TeacherSource
     if d.online:
         source = OnlineTeachers.open(d, store, device, autocast, say)
     else:
-        source = CachedTeachers.open(d, store, temperature, alpha)
+        source = CachedTeachers.open(d, store)
     if d.teacher_weights and len(d.teacher_weights) != source.num_teachers:
         raise CachekdError(f"distill.teacher_weights has {len(d.teacher_weights)} weights for "
                            f"{source.num_teachers} teachers.")

@@ -21,276 +21,18 @@ import threading
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
 
 from cachekd import distributed
 from cachekd.checkpoint import CheckpointManager
-from cachekd.config import OBJECTIVE_ALIASES, show_value, from_dict, to_dict
 from cachekd.errors import CachekdError
-from cachekd.models import ModelConfig
 from cachekd.rundir import RunDir
-from cachekd.schedules import Schedule
 from cachekd.teachers import CachedTeachers, TeacherSource, open_teacher_source
-
-
-@dataclass
-class DataConfig:
-    """Which windows, in which order, in what batches."""
-
-    store: str = ""
-    """Token store made by `cachekd prepare`."""
-    batch_size: int = 32
-    """Global batch: windows per optimizer step, over all processes and accumulation steps."""
-    micro_batch_size: int | None = None
-    """Windows per forward in one process; None = batch_size / processes (no gradient accumulation)."""
-    block_chunks: int = 8
-    """Shuffle buffer, in whole chunks of ~4096 positions."""
-    shuffle: bool = True
-    prefetch: int = 4
-    """Batches read and decoded ahead by the background loader thread."""
-    num_workers: int = 0
-    """DataLoader worker processes (0: a background thread in this process, which is usually enough)."""
-    eval_windows: int = 512
-    """Dev windows scored at each evaluation (0: all of them)."""
-
-
-@dataclass
-class OptimConfig:
-    """AdamW with a cosine schedule after a linear warmup."""
-
-    lr: float = 3e-4
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
-    warmup_steps: int = 100
-    min_lr_ratio: float = 0.1
-    """The cosine decays to lr · min_lr_ratio at the last step."""
-    grad_clip: float = 1.0
-    """Clip the global gradient norm to this (0: no clipping)."""
-    epochs: int = 1
-    max_steps: int | None = None
-    """Stop after this many optimizer steps (overrides epochs for the schedule length)."""
-    max_time_s: float | None = None
-    """Stop once this much training wall time has passed (for equal-compute comparisons); the LR schedule still
-    follows max_steps/epochs."""
-
-
-@dataclass
-class DistillConfig:
-    """The distillation term. Every constant is a config value; defaults follow Baby Llama where it is known."""
-
-    cache: str | None = None
-    """Logit cache made by `cachekd precompute` (not needed with `online`)."""
-    teachers: list[str] = field(default_factory=list)
-    """Subset of the cache's teachers (empty: all); with `online`, teacher checkpoints to run live."""
-    online: bool = False
-    """Run the teachers live at every step instead of reading the cache (the baseline for benchmarks)."""
-    objective: str = "forward_kl"
-    """forward_kl | reverse_kl | jsd | skew_forward_kl | skew_reverse_kl | tv."""
-    temperature: Schedule | float = 2.0
-    """τ (Baby Llama: 2; BabyLlama-2: 1). A top-k cache only has tail_lse for the temperatures it was built with."""
-    ce_weight: Schedule | float = 0.5
-    """λ in λ·CE + (1−λ)·τ²·KD (Baby Llama α=0.5)."""
-    alpha: Schedule | float = 1.0
-    """ChooBaCa mixing coefficient: target logits α·z_T + (1−α)·z_S; 1 = no mixing. A schedule such as
-    {kind: epoch_linear, start: 0.9, end: 0.5} gives the progressive α."""
-    tail_mode: str = "bucket"
-    """bucket | uniform | renormalize (top-k caches); mixing needs uniform."""
-    teacher_combine: str = "logits"
-    """logits (Baby Llama: average raw logits) | probs | losses."""
-    teacher_weights: list[float] | None = None
-    beta: float = 0.5
-    """JSD β."""
-    skew_lambda: float = 0.1
-    """Skew KL λ."""
-    detach_mix: bool = True
-    reduction: str = "token_mean"
-    """token_mean (default) | batchmean (Baby Llama compatibility: sum over positions, mean over sequences)."""
-    chunk_size: int | None = None
-    """Step-wise loss: positions per chunk; the student's logits are formed chunk by chunk and never all exist."""
-
-    def __post_init__(self) -> None:
-        self.objective = OBJECTIVE_ALIASES.get(self.objective, self.objective)
-
-
-@dataclass
-class TrainConfig:
-    """Everything `cachekd train` and `cachekd distill` need; saved as config.yaml with every run."""
-
-    name: str = "run"
-    output: str = ""
-    """Run directory: config.yaml, metrics.jsonl, checkpoints/, model/ (HF format), summary.json."""
-    seed: int = 0
-    device: str = "auto"
-    """auto (CUDA when present), cpu, cuda, cuda:N."""
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    """Autocast dtype of the forward; fp16 uses a gradient scaler (CUDA only)."""
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    distill: DistillConfig | None = None
-    """None: plain language-model training (cross-entropy)."""
-    log_every: int = 10
-    eval_every: int = 0
-    """Steps between dev evaluations (0: only at the end)."""
-    save_every: int = 200
-    """Steps between resumable checkpoints (0: only at the end)."""
-    keep_checkpoints: int = 2
-    tensorboard: bool = False
-
-    def __post_init__(self) -> None:
-        validate_config(self)
-
-
-    def kd_config(self, temperature: float):
-        from cachekd.losses import KDConfig
-
-        d = self.distill
-        assert d is not None
-        try:
-            return KDConfig(
-                objective=d.objective, temperature=temperature, beta=d.beta, skew_lambda=d.skew_lambda,
-                tail_mode=d.tail_mode, teacher_combine=d.teacher_combine,
-                teacher_weights=tuple(d.teacher_weights) if d.teacher_weights else None,
-                detach_mix=d.detach_mix, reduction=d.reduction,
-            )
-        except ValueError as e:
-            msg = str(e)  # "unknown tail_mode 'x'; ..." or "beta must be in [0, 1] ...": name the config key
-            words = msg.split(" ")
-            i = 1 if msg.startswith("unknown ") else 0
-            if len(words) > i and hasattr(d, words[i]):
-                words[i] = key_name(f"distill.{words[i]}")
-                raise CachekdError(" ".join(words)) from None
-            raise CachekdError(f"distill: {msg}") from None
-
-
-# ------------------------------------------------------------------------------------------------ validation
-# Every value check of a training config happens here, when the config is built: before a run directory is
-# created, replaced or resumed, so a bad value never costs an earlier run or leaves a half-made one behind.
-
-CLI_FLAGS = {
-    "data.batch_size": "--batch-size", "optim.lr": "--lr", "optim.epochs": "--epochs", "optim.max_steps": "--max-steps",
-    "optim.max_time_s": "--max-time", "distill.temperature": "--temperature", "distill.ce_weight": "--ce-weight",
-    "distill.alpha": "--alpha", "distill.chunk_size": "--chunk-size", "distill.tail_mode": "--tail-mode",
-    "distill.teacher_combine": "--teacher-combine", "device": "--device", "seed": "--seed",
-}
-"""Config keys that `cachekd train` / `cachekd distill` also take as an option; errors name both."""
-
-
-def key_name(key: str) -> str:
-    """``distill.alpha (--alpha)`` for a key with a command-line option, else the key."""
-    flag = CLI_FLAGS.get(key)
-    return f"{key} ({flag})" if flag else key
-
-
-def _is_num(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def _require(ok: bool, key: str, rule: str, value: Any) -> None:
-    if not ok:
-        raise CachekdError(f"{key_name(key)} must be {rule} (got {show_value(value)}).")
-
-
-def _check_int(key: str, value: Any, minimum: int, rule: str | None = None, optional: bool = False) -> None:
-    if optional and value is None:
-        return
-    _require(isinstance(value, int) and not isinstance(value, bool) and value >= minimum, key,
-             rule or f"a whole number of at least {minimum}", value)
-
-
-def _check_scalar(key: str, value: Any, ok, rule: str, extra: str = "") -> None:
-    """`value` is a plain number or a Schedule; every value the schedule can take must pass `ok`."""
-    from cachekd.schedules import Schedule
-
-    if isinstance(value, Schedule):
-        points = [("start", value.start)] if value.kind == "constant" else [("start", value.start), ("end", value.end)]
-        for part, v in points:
-            if not ok(v, part, value.kind):
-                raise CachekdError(f"{key}.{part} ({value.kind} schedule) must be {rule} (got {show_value(v)}).")
-        return
-    if not (_is_num(value) and ok(value, "start", "constant")):
-        raise CachekdError(f"{key_name(key)} must be {rule} (got {show_value(value)}){extra}.")
-
-
-def validate_config(cfg: TrainConfig) -> None:
-    """Refuse any value of `cfg` that cannot work, with one sentence naming the key (and its option)."""
-    d, o = cfg.data, cfg.optim
-    _check_int("data.batch_size", d.batch_size, 1)
-    _check_int("data.micro_batch_size", d.micro_batch_size, 1, "a whole number of at least 1, or null for no "
-               "gradient accumulation", optional=True)
-    _check_int("data.block_chunks", d.block_chunks, 1)
-    _check_int("data.prefetch", d.prefetch, 1)
-    _check_int("data.num_workers", d.num_workers, 0)
-    _check_int("data.eval_windows", d.eval_windows, 0, "a whole number of at least 0 (0: every dev window)")
-    _require(_is_num(o.lr) and o.lr > 0, "optim.lr", "a positive number", o.lr)
-    _require(_is_num(o.weight_decay) and o.weight_decay >= 0, "optim.weight_decay", "a number >= 0", o.weight_decay)
-    for k in ("beta1", "beta2"):
-        v = getattr(o, k)
-        _require(_is_num(v) and 0 <= v < 1, f"optim.{k}", "in [0, 1)", v)
-    _require(_is_num(o.eps) and o.eps > 0, "optim.eps", "a positive number", o.eps)
-    _check_int("optim.warmup_steps", o.warmup_steps, 0)
-    _require(_is_num(o.min_lr_ratio) and 0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", "in [0, 1]", o.min_lr_ratio)
-    _require(_is_num(o.grad_clip) and o.grad_clip >= 0, "optim.grad_clip", "a number >= 0 (0: no clipping)",
-             o.grad_clip)
-    _check_int("optim.max_steps", o.max_steps, 1, "a whole number of at least 1 (leave it unset, null, for no step "
-               "limit)", optional=True)
-    if o.max_steps is None:
-        _check_int("optim.epochs", o.epochs, 1, "a whole number of at least 1 (or set optim.max_steps)")
-    if o.max_time_s is not None:
-        _require(_is_num(o.max_time_s) and o.max_time_s >= 0, "optim.max_time_s", "a number of seconds >= 0, or null "
-                 "for no time limit", o.max_time_s)
-    _check_int("log_every", cfg.log_every, 1)
-    _check_int("eval_every", cfg.eval_every, 0, "a whole number of at least 0 (0: evaluate only at the end)")
-    _check_int("save_every", cfg.save_every, 0, "a whole number of at least 0 (0: checkpoint only at the end)")
-    _check_int("keep_checkpoints", cfg.keep_checkpoints, 1)
-    if cfg.precision == "fp16" and cfg.device == "cpu":
-        raise CachekdError("precision fp16 needs a CUDA device; use bf16 or fp32 on CPU.")
-    ds = cfg.distill
-    if ds is None:
-        return
-    _check_scalar("distill.temperature", ds.temperature,
-                  lambda v, part, kind: v > 0 or (part == "end" and kind == "epoch_linear" and v == 0),
-                  "a positive number", ": the logits are divided by it")
-    _check_scalar("distill.ce_weight", ds.ce_weight, lambda v, part, kind: 0 <= v <= 1, "in [0, 1]",
-                  ": it is λ in λ·CE + (1−λ)·τ²·KD, so 1 means cross-entropy only and 0 distillation only")
-    _check_scalar("distill.alpha", ds.alpha, lambda v, part, kind: 0 <= v <= 1, "in [0, 1]",
-                  ": it is the teacher's share of the mixed target logits, 1 meaning no mixing")
-    _check_int("distill.chunk_size", ds.chunk_size, 1, "a whole number of positions of at least 1, or null for no "
-               "step-wise loss", optional=True)
-    tau = ds.temperature if _is_num(ds.temperature) else ds.temperature.start
-    cfg.kd_config(float(tau))  # objective, beta, skew_lambda, tail_mode, teacher_combine, weights, reduction
-
-
-# Fields that may change between a run and its resumption.
-RUNTIME_ONLY = {"output", "device", "log_every", "tensorboard", "save_every", "keep_checkpoints", "eval_every"}
-RUNTIME_ONLY_DATA = {"prefetch", "num_workers"}
-
-
-def config_identity(cfg: TrainConfig) -> dict[str, Any]:
-    d = to_dict(cfg)
-    for k in RUNTIME_ONLY:
-        d.pop(k, None)
-    for k in RUNTIME_ONLY_DATA:
-        d["data"].pop(k, None)
-    d["optim"].pop("max_time_s", None)
-    d["optim"].pop("max_steps", None)
-    return d
-
-
-def as_schedule(v: Schedule | float) -> Schedule:
-    return v if isinstance(v, Schedule) else Schedule(kind="constant", start=float(v), end=float(v))
-
-
-def load_train_config(data: dict[str, Any]) -> TrainConfig:
-    """TrainConfig from a YAML mapping; schedules may be written as plain numbers."""
-    return from_dict(TrainConfig, data, "config")
+from cachekd.train_config import DistillConfig, TrainConfig, config_identity, load_train_config
 
 
 # ------------------------------------------------------------------------------------------------ setup
@@ -360,14 +102,9 @@ class Trainer:
 
         # Data order and step counts.
         G = cfg.data.batch_size
-        if G % self.world:
-            raise CachekdError(f"data.batch_size ({G}) must be divisible by the number of processes ({self.world}).")
-        self.local_batch = G // self.world
-        self.micro = cfg.data.micro_batch_size or self.local_batch
-        if self.local_batch % self.micro:
-            raise CachekdError(f"the per-process batch ({self.local_batch}) must be a multiple of "
-                               f"data.micro_batch_size ({self.micro}).")
-        self.accum = self.local_batch // self.micro
+        self.local_batch = cfg.data.local_batch(self.world)
+        self.micro = cfg.data.micro_batch(self.world)
+        self.accum = cfg.data.accumulation_steps(self.world)
         self.order = Order(self.store.num_windows("train"), self.store.chunk_windows, G, seed=cfg.seed,
                            block_chunks=cfg.data.block_chunks, shuffle=cfg.data.shuffle)
         self.steps_per_epoch = self.order.steps_per_epoch()
@@ -423,11 +160,9 @@ class Trainer:
         self.teacher_source: TeacherSource | None = None
         self.tau_sched = self.lam_sched = self.alpha_sched = None
         if d is not None:
-            self.tau_sched, self.lam_sched, self.alpha_sched = (as_schedule(d.temperature), as_schedule(d.ce_weight),
-                                                                as_schedule(d.alpha))
-            self.teacher_source = open_teacher_source(d, self.store, temperature=self.tau_sched,
-                                                      alpha=self.alpha_sched, device=self.device,
-                                                      autocast=self._autocast, say=self.say)
+            self.tau_sched, self.lam_sched, self.alpha_sched = d.schedules()
+            self.teacher_source = open_teacher_source(d, self.store, device=self.device, autocast=self._autocast,
+                                                      say=self.say)
 
     def schedule_values(self, step: int) -> dict[str, float]:
         if self.cfg.distill is None:
