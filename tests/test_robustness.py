@@ -233,3 +233,42 @@ def test_sigterm_during_distill_exits_143_every_time(tmp_path, runner, store_pat
         for _, proc in procs:
             if proc.poll() is None:
                 proc.kill()
+
+
+# ------------------------------------------------------------------------------------------------ prepare
+
+
+def test_prepare_refuses_a_vocabulary_beyond_the_maximum(tmp_path, corpus):
+    """--vocab-size 1000000000 made the tokenizer trainer allocate ~70 GB and abort the process (so this runs the CLI
+    in a subprocess)."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "cachekd_cli", "prepare", str(corpus), "-o", str(tmp_path / "s"),
+                        "--vocab-size", "1000000000", "--seq-len", "16", "--quiet"], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 1, (r.returncode, r.stderr[-3000:])
+    assert r.stderr.strip() == ("Error: --vocab-size must be at most 1,048,576 (got 1,000,000,000), four times the "
+                                "largest vocabularies in use; Baby Llama uses 16,000."), r.stderr[-3000:]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_prepare_refuses_an_output_inside_an_input(tmp_path, runner, corpus):
+    """An output inside its input directory was read back as corpus by the next run (--force)."""
+    import shutil
+
+    data = tmp_path / "data"
+    data.mkdir()
+    shutil.copy(corpus, data / "corpus.txt")
+    args = ["--vocab-size", "300", "--seq-len", "16", "--quiet"]
+    r = invoke(runner, ["prepare", data, "-o", data / "store", *args])
+    assert_clean_error(r, "inside the input directory", "choose an output outside the inputs")
+    r = invoke(runner, ["prepare", data, "-o", data, *args])
+    assert_clean_error(r, "inside the input directory")
+    assert sorted(p.name for p in data.iterdir()) == ["corpus.txt"]
+    # a file input next to the output is fine; a glob that reaches into the output is not
+    r = invoke(runner, ["prepare", data / "corpus.txt", "-o", data / "store", *args])
+    assert r.exit_code == 0, r.output
+    r = invoke(runner, ["prepare", data / "corpus.txt", str(data / "**" / "*.json"), "-o", data / "store", "--force",
+                        *args])
+    assert_clean_error(r, "is inside the output")
