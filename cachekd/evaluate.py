@@ -247,8 +247,9 @@ def read_pairs(path: str | Path) -> list[dict[str, Any]]:
             continue
         try:
             rec = json.loads(line)
-        except ValueError as e:
-            raise CachekdError(f"{str(p)!r} line {lineno} is not valid JSON ({getattr(e, 'msg', e)}).") from None
+        except json.JSONDecodeError as e:  # e.msg ends where json would add its character offset
+            where = f"column {e.colno}" if e.msg.endswith(" at") else f"at column {e.colno}"
+            raise CachekdError(f"{str(p)!r} line {lineno} is not valid JSON ({e.msg} {where}).") from None
         if not isinstance(rec, dict):
             raise CachekdError(f"{str(p)!r} line {lineno} is not a JSON object with sentence_good and sentence_bad.")
         for key in ("sentence_good", "sentence_bad"):

@@ -272,3 +272,21 @@ def test_prepare_refuses_an_output_inside_an_input(tmp_path, runner, corpus):
     r = invoke(runner, ["prepare", data / "corpus.txt", str(data / "**" / "*.json"), "-o", data / "store", "--force",
                         *args])
     assert_clean_error(r, "is inside the output")
+
+
+# ------------------------------------------------------------------------------------------------ eval
+
+
+def test_malformed_minimal_pair_json_names_file_line_and_column(tmp_path, runner, teacher_path):
+    """The message was only json's "Unterminated string starting at"."""
+    pairs = tmp_path / "pairs"
+    pairs.mkdir()
+    good = '{"sentence_good": "the dog sat .", "sentence_bad": "the dog sat sat ."}'
+    cut = '{"sentence_good": "the dog sat .", "sentence_bad": "the dog'
+    (pairs / "agreement.jsonl").write_text(f"{good}\n{cut}\n")
+    r = invoke(runner, ["eval", teacher_path, "--minimal-pairs", pairs, "--quiet", "--no-save"])
+    assert_clean_error(r, "agreement.jsonl' line 2 is not valid JSON",
+                       f"(Unterminated string starting at column {cut.rindex(chr(34)) + 1})")
+    (pairs / "agreement.jsonl").write_text(f'{good}\n{good[:-1]} "field": }}\n')
+    r = invoke(runner, ["eval", teacher_path, "--minimal-pairs", pairs, "--quiet", "--no-save"])
+    assert_clean_error(r, "line 2 is not valid JSON (Expecting ',' delimiter at column 72)")
