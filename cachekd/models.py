@@ -9,11 +9,12 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
-
-import torch
+from typing import TYPE_CHECKING, Literal
 
 from cachekd.errors import CachekdError
+
+if TYPE_CHECKING:  # torch is imported where a model is built or loaded: checking a config must not wait for it
+    import torch
 
 
 @dataclass

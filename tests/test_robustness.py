@@ -290,3 +290,51 @@ def test_malformed_minimal_pair_json_names_file_line_and_column(tmp_path, runner
     (pairs / "agreement.jsonl").write_text(f'{good}\n{good[:-1]} "field": }}\n')
     r = invoke(runner, ["eval", teacher_path, "--minimal-pairs", pairs, "--quiet", "--no-save"])
     assert_clean_error(r, "line 2 is not valid JSON (Expecting ',' delimiter at column 72)")
+
+
+# ------------------------------------------------------------------------------------------------ configs
+
+CONFIG_CHECK = """
+import sys
+from click.testing import CliRunner
+from cachekd_cli.main import cli
+r = CliRunner().invoke(cli, sys.argv[1:])
+print(r.exit_code, "torch" in sys.modules)
+print(r.output.strip())
+"""
+
+
+def _config_error(*args: str) -> tuple[int, bool, str]:
+    """(exit code, whether torch was imported, output) of the CLI run in a fresh process."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", CONFIG_CHECK, *map(str, args)], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    first, output = r.stdout.split("\n", 1)
+    code, torch_imported = first.split()
+    return int(code), torch_imported == "True", output
+
+
+def test_an_empty_config_is_refused(tmp_path, runner, store_path):
+    """An empty YAML given with -c trained a 44M-parameter default model."""
+    for text in ("", "# nothing here yet\n", "{}\n"):
+        (tmp_path / "empty.yaml").write_text(text)
+        r = invoke(runner, ["train", "-c", tmp_path / "empty.yaml", "--store", store_path, "-o", tmp_path / "run",
+                            "--max-steps", "1", "--quiet"])
+        assert_clean_error(r, "empty.yaml holds no options", "cachekd presets")
+        assert not (tmp_path / "run").exists()
+
+
+def test_config_errors_come_before_torch_is_imported(tmp_path, store_path):
+    """A config error took ~3 s because the trainer (and torch) was imported before the config was checked."""
+    (tmp_path / "x.yaml").write_text(f"data:\n  store: {store_path}\noutput: {tmp_path / 'run'}\n")
+    code, torch_imported, out = _config_error("distill", "-c", tmp_path / "x.yaml", "--alpha", "2")
+    assert code != 0 and not torch_imported and "distill.alpha (--alpha) must be in [0, 1]" in out, out
+    (tmp_path / "empty.yaml").write_text("")
+    code, torch_imported, out = _config_error("train", "-c", tmp_path / "empty.yaml")
+    assert code != 0 and not torch_imported and "holds no options" in out, out
+    code, torch_imported, out = _config_error("train", "-c", tmp_path / "x.yaml", "--set", "model.num_heads=0")
+    assert code != 0 and not torch_imported and "model.num_heads" in out, out
+    assert not (tmp_path / "run").exists()
