@@ -338,3 +338,23 @@ def test_config_errors_come_before_torch_is_imported(tmp_path, store_path):
     code, torch_imported, out = _config_error("train", "-c", tmp_path / "x.yaml", "--set", "model.num_heads=0")
     assert code != 0 and not torch_imported and "model.num_heads" in out, out
     assert not (tmp_path / "run").exists()
+
+
+# ------------------------------------------------------------------------------------------------ README
+
+
+def test_reliability_table_names_existing_tests_and_states_its_count():
+    """The README's table of bad inputs: every test it names exists, and the count it states is the sum of `n`."""
+    import re
+
+    root = Path(__file__).resolve().parents[1]
+    text = (root / "README.md").read_text(encoding="utf-8")
+    section = text.split("\n## Reliability\n", 1)[1].split("\n## ", 1)[0]
+    rows = [ln.split("|")[1:-1] for ln in section.splitlines() if ln.startswith("| ")]
+    rows = [r for r in rows if not r[0].strip().startswith("**") and r[0].strip() != "Bad input"]
+    assert rows and all(len(r) == 4 for r in rows), rows
+    stated = int(re.search(r"\*\*(\d+) bad\s+inputs\*\*", section).group(1))
+    assert stated == sum(int(r[1]) for r in rows)
+    for name in sorted(set(re.findall(r"`(test_\w+)::(test_\w+)`", section))):
+        source = (root / "tests" / f"{name[0]}.py").read_text(encoding="utf-8")
+        assert re.search(rf"^def {name[1]}\(", source, re.M), name
