@@ -102,7 +102,9 @@ def autocast_dtype(spec: str, device: torch.device) -> torch.dtype | None:
 
 
 class _BackgroundWriter:
-    """Encodes, compresses and writes finished chunks while the teacher computes the next ones."""
+    """Encodes, compresses and writes finished chunks while the teacher computes the next ones. `close` writes what
+    is queued and joins the thread; precompute calls it on every way out (an error or Ctrl-C included), so the
+    process never exits while the thread is inside the compressor."""
 
     def __init__(self, writer: cw.ChunkWriter, maxsize: int):
         self.writer = writer
