@@ -27,6 +27,7 @@ import torch
 
 from cachekd import __version__
 from cachekd.errors import CachekdError
+from cachekd.models import check_positions, max_positions
 from cachekd.rundir import RunDir, loss_key, minimal_pairs_key
 from cachekd.teachers import has_tokenizer, tokenizer_fingerprint_of
 from cachekd.tokens import TokenStore
@@ -36,15 +37,6 @@ from cachekd.tokens import TokenStore
 
 def _open_store(store: TokenStore | str | Path) -> TokenStore:
     return store if isinstance(store, TokenStore) else TokenStore.open(store)
-
-
-def _max_positions(model) -> int | None:
-    cfg = getattr(model, "config", None)
-    for key in ("max_position_embeddings", "n_positions"):
-        v = getattr(cfg, key, None)
-        if isinstance(v, int) and v > 0:
-            return v
-    return None
 
 
 def _output_size(model) -> int | None:
@@ -100,11 +92,7 @@ def dev_loss(
         n = min(n, max_windows)
     if n == 0:
         raise CachekdError(f"the {split!r} split of {str(store.path)!r} holds no windows.")
-    max_pos = _max_positions(model)
-    if max_pos is not None and store.seq_len > max_pos:
-        raise CachekdError(
-            f"the token store's windows are {store.seq_len} tokens but the model takes at most {max_pos} positions."
-        )
+    check_positions(model, store.seq_len, "the model")
     vocab = _output_size(model)
     model.eval()
     model.to(device)
@@ -184,7 +172,7 @@ def sentence_logprobs(
     encoded = tokenizer(sentences, add_special_tokens=False)["input_ids"]
     seqs = [ctx + list(ids) for ids in encoded]
     first_scored = max(len(ctx), 1)  # index of the first token whose probability counts
-    max_pos = _max_positions(model)
+    max_pos = max_positions(model)
     longest = max(len(s) for s in seqs)
     if max_pos is not None and longest > max_pos:
         i = max(range(len(seqs)), key=lambda k: len(seqs[k]))
@@ -259,8 +247,9 @@ def read_pairs(path: str | Path) -> list[dict[str, Any]]:
             continue
         try:
             rec = json.loads(line)
-        except ValueError as e:
-            raise CachekdError(f"{str(p)!r} line {lineno} is not valid JSON ({getattr(e, 'msg', e)}).") from None
+        except json.JSONDecodeError as e:  # e.msg ends where json would add its character offset
+            where = f"column {e.colno}" if e.msg.endswith(" at") else f"at column {e.colno}"
+            raise CachekdError(f"{str(p)!r} line {lineno} is not valid JSON ({e.msg} {where}).") from None
         if not isinstance(rec, dict):
             raise CachekdError(f"{str(p)!r} line {lineno} is not a JSON object with sentence_good and sentence_bad.")
         for key in ("sentence_good", "sentence_bad"):
@@ -546,6 +535,7 @@ def agreement_with_cache(model, cache, store: TokenStore, *, split: str = "dev",
     cache.check_store(store)
     if split not in cache.splits():
         raise CachekdError(f"the cache has no {split!r} split (it has {', '.join(cache.splits())}).")
+    check_positions(model, store.seq_len, "the model")
     ti = cache.temperature_index(temperature)
     n = cache.num_windows(split) if max_windows is None else min(max_windows, cache.num_windows(split))
     device = torch.device(device)

@@ -40,6 +40,14 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
+def give_usual_mode(directory: Path) -> None:
+    """Give every file under `directory` the mode open() would (0666 minus the umask). Files written by other
+    libraries through a temporary file (safetensors' ``model.safetensors``) come out owner-only (0600)."""
+    for f in Path(directory).rglob("*"):
+        if f.is_file() and not f.is_symlink() and f.stat().st_mode & 0o777 != _FILE_MODE:
+            os.chmod(f, _FILE_MODE)
+
+
 def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n").encode())
 

@@ -210,6 +210,10 @@ class RunDir:
         if resume and finished:
             raise CachekdError(f"the run in {out!r} already finished; nothing to resume (pass --force to "
                                f"train it again, or choose another output).")
+        if resume and not self.exists:
+            raise CachekdError(f"there is nothing to resume in {out!r}: "
+                               f"{'it is empty' if self.path.is_dir() else 'no such directory'}; check the path, or "
+                               f"leave out --resume to start a new run there.")
         last = self.last_checkpoint if self.path.exists() else None
         if resume and last is not None:
             return StartPlan("resume", checkpoint=last)
@@ -295,12 +299,16 @@ class RunDir:
         return read_json_dict(self.summary_path, "the run's summary is damaged.") if self.finished else {}
 
     def save_model(self, model: Any, tokenizer: Any) -> None:
-        """Write model/ (HF checkpoint plus tokenizer) through a temporary directory, replacing an older one."""
+        """Write model/ (HF checkpoint plus tokenizer) through a temporary directory, replacing an older one. Its
+        files get the usual mode (0644 under umask 022) like every other file of the run."""
+        from cachekd.io import give_usual_mode
+
         tmp = self.path / MODEL_TMP_DIR
         if tmp.exists():
             shutil.rmtree(tmp)
         model.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
+        give_usual_mode(tmp)
         if self.model_dir.exists():
             shutil.rmtree(self.model_dir)
         os.replace(tmp, self.model_dir)

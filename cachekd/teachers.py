@@ -123,20 +123,72 @@ def resolve_teachers(specs: list[str], registry: str | None = None) -> list[tupl
 # ---------------------------------------------------------------------------------------------- loading
 
 
-def check_teacher(name: str, path: Path, model, store: TokenStore) -> dict[str, Any]:
-    """Refuse a teacher whose tokenizer or vocabulary does not fit the store (padded embeddings are accepted: their
-    extra logits are dropped); returns what the cache manifest and run summary record about it."""
-    from cachekd.models import checkpoint_fingerprint, count_parameters
+PADDING_MASS_LIMIT = 1e-3
+"""The most probability (mean over the probed positions) a teacher's extra output rows may carry to count as
+padding when no tokenizer shows what they are. Dropping rows of mass m and renormalising moves the teacher's
+distribution by KL(p_kept ‖ p) = −log(1 − m) ≈ m nats: at 1e-3, about the cache's own storage error of a
+log-probability (2⁻¹⁰ ≈ 9.8e-4 nats at the default --logprob-step)."""
+
+PADDING_PROBE_WINDOWS = 8
+"""Windows from the start of the store's train split on which the extra rows' mass is measured."""
+
+
+def padding_mass(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """The probability each position puts on the outputs at or beyond `vocab_size`: logits (..., V_model) → (...),
+    computed in float32 as exp(logsumexp(z[vocab_size:]) − logsumexp(z))."""
+    z = logits.float()
+    return torch.exp(torch.logsumexp(z[..., vocab_size:], dim=-1) - torch.logsumexp(z, dim=-1))
+
+
+def _probe_padding(model, store: TokenStore) -> tuple[float, int]:
+    """(mean padding mass, windows probed) of `model` on the first windows of the store's train split."""
+    import numpy as np
+
+    split = "train" if "train" in store.splits() else store.splits()[0]
+    n = min(PADDING_PROBE_WINDOWS, store.num_windows(split))
+    x = torch.from_numpy(store.read(split, 0, n).astype(np.int64))
+    with torch.inference_mode():
+        logits = model.eval()(input_ids=x, use_cache=False).logits  # (n, L, V_model)
+    return float(padding_mass(logits, store.vocab_size).double().mean()), n
+
+
+def check_teacher(name: str, path: Path, model, store: TokenStore,
+                  say: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """The single check of a teacher against a token store, before it computes anything: its tokenizer, its
+    vocabulary (at least the store's) and its positions (at least the store's window) must fit; returns what the
+    cache manifest and run summary record about it.
+
+    Extra output rows beyond the store's vocabulary are dropped as padding. With the store's tokenizer saved next
+    to the teacher that is certain; without one, the rows' probability mass is measured on the store's first
+    windows (`padding_mass`): above `PADDING_MASS_LIMIT` they are refused as real tokens, below it `say` is told
+    that they are dropped."""
+    from cachekd.models import check_positions, checkpoint_fingerprint, count_parameters
 
     v_model = output_size(model)
+    fingerprint = tokenizer_fingerprint_of(path)
     store.check_tokenizer(
-        fingerprint=tokenizer_fingerprint_of(path), vocab_size=v_model,
+        fingerprint=fingerprint, vocab_size=v_model,
         tokenizer_error=lambda fp: (f"teacher {name!r} comes with a different tokenizer than the token store "
                                     f"{str(store.path)!r}; prepare the store with --tokenizer {path} or use a "
                                     f"matching teacher."),
         vocab_error=lambda v: (f"teacher {name!r} has a vocabulary of {v} tokens but the token store's tokenizer has "
                                f"{store.vocab_size}; use a teacher trained with this tokenizer."),
     )
+    check_positions(model, store.seq_len, f"teacher {name!r}")
+    extra = v_model - store.vocab_size
+    mass = None
+    if extra > 0 and fingerprint is None:
+        mass, n = _probe_padding(model, store)
+        what = (f"teacher {name!r} has {v_model} outputs, {extra} more than the token store's vocabulary of "
+                f"{store.vocab_size}, and no tokenizer in {str(path)!r} to show they are padding; on the store's "
+                f"first {n} windows they carry {mass:.3g} of the probability (mean over positions)")
+        if not mass <= PADDING_MASS_LIMIT:
+            raise CachekdError(
+                f"{what}, more than the {PADDING_MASS_LIMIT:g} padding may carry, so they are real tokens; use the "
+                f"teacher trained with this store's tokenizer (and save that tokenizer next to it)."
+            )
+        if say is not None:
+            say(f"note: {what} (at most {PADDING_MASS_LIMIT:g} for padding), so they are dropped as padding.")
     return {
         "name": name,
         "path": str(path.resolve()),
@@ -144,20 +196,22 @@ def check_teacher(name: str, path: Path, model, store: TokenStore) -> dict[str, 
         "model_type": getattr(model.config, "model_type", type(model).__name__),
         "num_params": count_parameters(model),
         "model_vocab_size": v_model,
-        "padded_logits_dropped": v_model - store.vocab_size,
+        "padded_logits_dropped": extra,
+        "padding_mass": mass,
     }
 
 
-def load_teachers(specs: list[str], store: TokenStore,
-                  registry: str | None = None) -> list[tuple[Any, Path, dict[str, Any]]]:
+def load_teachers(specs: list[str], store: TokenStore, registry: str | None = None,
+                  say: Callable[[str], None] | None = None) -> list[tuple[Any, Path, dict[str, Any]]]:
     """Resolve, load and check each teacher: [(model on the CPU, checkpoint directory, `check_teacher` info)]. Two
-    specs naming the same checkpoint (identical config and weights) are refused."""
+    specs naming the same checkpoint (identical config and weights) are refused; `say` receives notes for the user
+    (extra output rows dropped as padding)."""
     from cachekd.models import load_model
 
     loaded: list[tuple[Any, Path, dict[str, Any]]] = []
     for name, path in resolve_teachers(specs, registry):
         m = load_model(path)
-        info = check_teacher(name, path, m, store)
+        info = check_teacher(name, path, m, store, say)
         for _, _, prev in loaded:
             if prev["fingerprint"] == info["fingerprint"]:
                 raise CachekdError(
@@ -263,17 +317,17 @@ class OnlineTeachers(TeacherSource):
         self._autocast, self.cache_spec = autocast, cache_spec
 
     @classmethod
-    def open(cls, d: Any, store: TokenStore, device: torch.device,
-             autocast: Callable[[], AbstractContextManager]) -> OnlineTeachers:
+    def open(cls, d: Any, store: TokenStore, device: torch.device, autocast: Callable[[], AbstractContextManager],
+             say: Callable[[str], None] | None = None) -> OnlineTeachers:
         """The teachers of distill config `d` (its `teachers`, else those its cache was computed from), loaded,
-        checked against `store` and frozen on `device`."""
+        checked against `store` (`check_teacher`, which tells `say` about dropped padding) and frozen on `device`."""
         specs = list(d.teachers)
         if not specs and d.cache:
             from cachekd.cache.reader import LogitCache
 
             specs = [t["path"] for t in LogitCache.open(d.cache).meta["teachers"]]
         models, infos = [], []
-        for m, path, info in load_teachers(specs, store):
+        for m, path, info in load_teachers(specs, store, say=say):
             infos.append({"name": info["name"], "path": str(path), "fingerprint": info["fingerprint"]})
             models.append(m.to(device).eval().requires_grad_(False))
         return cls(models, infos, store.vocab_size, autocast, d.cache)
@@ -290,11 +344,13 @@ class OnlineTeachers(TeacherSource):
 
 
 def open_teacher_source(d: DistillConfig, store: TokenStore, *, device: torch.device,
-                        autocast: Callable[[], AbstractContextManager]) -> TeacherSource:
-    """Cached or online teachers for distill config `d`, with the number of teacher weights checked."""
+                        autocast: Callable[[], AbstractContextManager],
+                        say: Callable[[str], None] | None = None) -> TeacherSource:
+    """Cached or online teachers for distill config `d`, with the number of teacher weights checked; `say` receives
+    notes for the user."""
     source: TeacherSource
     if d.online:
-        source = OnlineTeachers.open(d, store, device, autocast)
+        source = OnlineTeachers.open(d, store, device, autocast, say)
     else:
         source = CachedTeachers.open(d, store)
     if d.teacher_weights and len(d.teacher_weights) != source.num_teachers:

@@ -80,7 +80,7 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, *, resume: bool = False, force: bool = False, progress: bool = True,
                  say: Callable[[str], None] | None = None):
         from cachekd.loader import Order
-        from cachekd.models import build_model, count_parameters, quiet_transformers
+        from cachekd.models import build_model, check_positions, count_parameters, quiet_transformers
         from cachekd.tokens import TokenStore
 
         quiet_transformers()
@@ -122,6 +122,7 @@ class Trainer:
             v = self.model.get_output_embeddings().weight.shape[0]
             if v < self.store.vocab_size:
                 raise CachekdError(f"model.init_from has a vocabulary of {v}, smaller than the store's {self.store.vocab_size}.")
+            check_positions(self.model, self.store.seq_len, f"model.init_from {cfg.model.init_from!r}")
         self.num_params = count_parameters(self.model)
         decay = [p for p in self.model.parameters() if p.dim() >= 2]
         no_decay = [p for p in self.model.parameters() if p.dim() < 2]
@@ -160,7 +161,8 @@ class Trainer:
         self.tau_sched = self.lam_sched = self.alpha_sched = None
         if d is not None:
             self.tau_sched, self.lam_sched, self.alpha_sched = d.schedules()
-            self.teacher_source = open_teacher_source(d, self.store, device=self.device, autocast=self._autocast)
+            self.teacher_source = open_teacher_source(d, self.store, device=self.device, autocast=self._autocast,
+                                                      say=self.say)
 
     def schedule_values(self, step: int) -> dict[str, float]:
         if self.cfg.distill is None:

@@ -316,9 +316,9 @@ class CachePlan:
     """What a cache is to hold (plan.json): written when the cache is created, checked when a run resumes.
 
     `teachers` are the records precompute made of each checkpoint (name, path, fingerprint, model_type,
-    num_params, model_vocab_size, padded_logits_dropped). `splits` maps a split to its number of windows.
-    `encoding` is None for caches written before it was recorded (then the default scale applies). `extra` keeps
-    keys this version does not know, so a plan read and written again is unchanged."""
+    num_params, model_vocab_size, padded_logits_dropped, padding_mass). `splits` maps a split to its number of
+    windows. `encoding` is None for caches written before it was recorded (then the default scale applies).
+    `extra` keeps keys this version does not know, so a plan read and written again is unchanged."""
 
     token_store: TokenStoreRef
     teachers: list[dict[str, Any]]

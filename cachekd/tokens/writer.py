@@ -21,6 +21,12 @@ from cachekd.tokens.format import FORMAT, FORMAT_VERSION
 from cachekd.tokens.reader import TokenStore
 
 
+MAX_VOCAB_SIZE = 1 << 20
+"""The largest BPE vocabulary `prepare` trains (1,048,576): four times the largest vocabularies in use (Gemma's
+262,144). The tokenizer trainer allocates memory for the size asked before it looks at the corpus: 10⁹ tried to
+allocate ~70 GB and aborted the process."""
+
+
 @dataclass
 class PrepareConfig:
     """Options of ``cachekd prepare``."""
@@ -52,6 +58,11 @@ class PrepareConfig:
             raise CachekdError(f"--seq-len must be at least 2 (got {self.seq_len}): a window needs an input and a next token.")
         if not 0.0 <= self.dev_fraction < 1.0:
             raise CachekdError(f"--dev-fraction must be in [0, 1) (got {self.dev_fraction}).")
+        if self.vocab_size > MAX_VOCAB_SIZE:
+            raise CachekdError(
+                f"--vocab-size must be at most {MAX_VOCAB_SIZE:,} (got {self.vocab_size:,}), four times the largest "
+                f"vocabularies in use; Baby Llama uses 16,000."
+            )
 
 
 # ------------------------------------------------------------------------------------------------ prepare
@@ -160,7 +171,7 @@ def prepare(cfg: PrepareConfig, *, force: bool = False, progress: bool = True) -
     if not cfg.output:
         raise CachekdError("no output path given: pass --output DIR for the token store.")
     out = Path(cfg.output)
-    sources = resolve_sources(cfg.inputs)
+    sources = resolve_sources(cfg.inputs, output=out)
     tok_src = None
     if cfg.tokenizer:
         tp = Path(cfg.tokenizer)
