@@ -209,6 +209,7 @@ class CachedTeachers(TeacherSource):
         cache = LogitCache.open(d.cache)
         cache.check_store(store)
         names = cache.select_teachers(d.teachers)
+        check_teacher_count(d, names)
         if "train" not in cache.splits():
             raise CachekdError(f"cache {d.cache!r} has no train split.")
         if cache.mode == "topk":
@@ -297,7 +298,27 @@ def open_teacher_source(d: DistillConfig, store: TokenStore, *, device: torch.de
         source = OnlineTeachers.open(d, store, device, autocast)
     else:
         source = CachedTeachers.open(d, store)
+    if d.online:
+        check_teacher_count(d, source.names)
     if d.teacher_weights and len(d.teacher_weights) != source.num_teachers:
         raise CachekdError(f"distill.teacher_weights has {len(d.teacher_weights)} weights for "
                            f"{source.num_teachers} teachers.")
     return source
+
+
+def check_teacher_count(d: DistillConfig, names: list[str]) -> None:
+    """Refuse teachers (`names`, as selected from the cache or given) of another number than the config declares
+    (`distill.num_teachers`, e.g. a ChooBaCa "one coach" preset on a two-teacher cache), naming the teachers there
+    are to choose from."""
+    want, have = d.num_teachers, len(names)
+    if want is None or have == want:
+        return
+    where = f"cache {d.cache!r}" if d.cache else "the teacher list"
+    given = "distill.teachers (--teachers) selects" if d.teachers else f"{where} holds"
+    choose = (f"choose {'one' if want == 1 else want} with --teachers {','.join(names[:want])} (distill.teachers)"
+              if have > want else f"use a cache (or --teachers) with {want}")
+    raise CachekdError(
+        f"this config is written for {want} teacher{'s' if want != 1 else ''} (distill.num_teachers: {want}) but "
+        f"{given} {have}: {', '.join(names)}; {choose}, or pass --set distill.num_teachers=null to use them all "
+        f"(what runs started before this check did)."
+    )

@@ -643,3 +643,38 @@ def test_preset_parameter_counts_are_right(name, count):
     m = build_model(from_dict(ModelConfig, load_yaml(name)["model"], "model"), 2000, 64)
     assert count_parameters(m) == count
     assert f"{count / 1e6:.2f}M parameters at vocab 2000" in preset_description(name)
+
+
+def test_one_coach_preset_refuses_a_two_teacher_cache(tmp_path, runner, store_path, caches):
+    """choobaca-*-1t-* declares one teacher (distill.num_teachers: 1): on a two-teacher cache it names them and the
+    way out instead of silently averaging both; naming one runs, and a 2t preset refuses a single teacher."""
+    base = ["distill", "--store", store_path, "--cache", caches / "topk", "--max-steps", "1",
+            "--precision", "fp32"] + TINY_CLI
+    r = invoke(runner, base + ["-c", "choobaca-rkl-1t-nomix", "-o", tmp_path / "one"])
+    assert_clean_error(r, "written for 1 teacher", "holds 2: teacher_a, teacher_b", "--teachers teacher_a",
+                       "distill.num_teachers=null")
+    assert not (tmp_path / "one").exists()
+    ok = invoke(runner, base + ["-c", "choobaca-rkl-1t-nomix", "-o", tmp_path / "one", "--teachers", "teacher_b"])
+    assert ok.exit_code == 0, ok.output
+    assert json.loads((tmp_path / "one" / "summary.json").read_text())["teachers"] == ["teacher_b"]
+    r = invoke(runner, base + ["-c", "choobaca-fkl-2t-nomix", "-o", tmp_path / "two", "--teachers", "teacher_a"])
+    assert_clean_error(r, "written for 2 teachers", "selects 1: teacher_a")
+    # what runs did before the check: every teacher of the cache, asked for explicitly
+    ok = invoke(runner, base + ["-c", "choobaca-rkl-1t-mix", "-o", tmp_path / "all", "--set",
+                                "distill.num_teachers=null"])
+    assert ok.exit_code == 0, ok.output
+    assert json.loads((tmp_path / "all" / "summary.json").read_text())["teachers"] == ["teacher_a", "teacher_b"]
+
+
+def test_teacher_count_is_not_part_of_the_checkpoint_identity():
+    """Checkpoints saved before distill.num_teachers existed (their config.yaml lacks it) still resume: the count
+    is a check on the teachers (checked again when they are opened), not a training value."""
+    from cachekd.train_config import config_identity
+
+    base = {"output": "x", "distill": {"cache": "c", "teachers": ["a"]}}
+    old = load_train_config(base)
+    new = load_train_config({**base, "distill": {**base["distill"], "num_teachers": 1}})
+    assert new.distill.num_teachers == 1 and old.distill.num_teachers is None
+    assert config_identity(old) == config_identity(new)
+    with pytest.raises(Exception, match="num_teachers"):
+        load_train_config({**base, "distill": {**base["distill"], "num_teachers": 0}})
