@@ -161,6 +161,8 @@ class Trainer:
         if d is not None:
             self.tau_sched, self.lam_sched, self.alpha_sched = d.schedules()
             self.teacher_source = open_teacher_source(d, self.store, device=self.device, autocast=self._autocast)
+            for note in self.teacher_source.notes if self.is_main else ():
+                self.say(note)
 
     def schedule_values(self, step: int) -> dict[str, float]:
         if self.cfg.distill is None:

@@ -678,3 +678,26 @@ def test_teacher_count_is_not_part_of_the_checkpoint_identity():
     assert config_identity(old) == config_identity(new)
     with pytest.raises(Exception, match="num_teachers"):
         load_train_config({**base, "distill": {**base["distill"], "num_teachers": 0}})
+
+
+def test_distill_says_when_the_top_k_holds_little_of_the_teachers_mass(tmp_path, runner, store_path, caches):
+    """The tiny teachers' top-8 holds a few percent of their mass: distill says so at start with the number from
+    the manifest and the options, records the mass in summary.json, and says nothing with tail_mode renormalize."""
+    from cachekd.cache.reader import LogitCache
+    from cachekd.teachers import LOW_TOPK_MASS
+
+    cache = LogitCache.open(caches / "topk")
+    mass = cache.captured_topk_mass("teacher_a", 2.0)[0]
+    assert mass < LOW_TOPK_MASS
+    base = ["distill", "--store", store_path, "--cache", caches / "topk", "--max-steps", "1", "--teachers",
+            "teacher_a", "--temperature", "2"] + TINY_CLI
+    r = invoke(runner, base + ["-o", tmp_path / "bucket", "--tail-mode", "bucket"])
+    assert r.exit_code == 0, r.output
+    assert f"top-8 holds {mass:.2f} of the probability of teacher 'teacher_a' at τ=2" in r.stderr, r.stderr
+    for fragment in ("from the cache manifest", "below 0.5", "--top-k", "--tail-mode renormalize", "--sample N"):
+        assert fragment in r.stderr, (fragment, r.stderr)
+    s = json.loads((tmp_path / "bucket" / "summary.json").read_text())
+    assert s["captured_topk_mass"] == {"teacher_a": pytest.approx(mass, abs=1e-5)}
+    r = invoke(runner, base + ["-o", tmp_path / "renorm", "--tail-mode", "renormalize"])
+    assert r.exit_code == 0, r.output
+    assert "probability at τ" not in r.stderr
