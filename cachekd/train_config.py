@@ -46,7 +46,9 @@ class DataConfig:
     num_workers: int = 0
     """DataLoader worker processes (0: a background thread in this process, which is usually enough)."""
     eval_windows: int = 512
-    """Dev windows scored at each evaluation (0: all of them)."""
+    """Dev windows scored at each evaluation: a fixed, seeded sample drawn from every source in proportion, the
+    same for every run on the store, logged as dev_loss_sample (0, or at least the dev split: all of them, logged
+    as dev_loss)."""
 
     def local_batch(self, world_size: int) -> int:
         """Windows per optimizer step in one of ``world_size`` processes."""

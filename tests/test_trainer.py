@@ -79,7 +79,9 @@ def test_train_writes_hf_model_metrics_and_config(tmp_path, store_path):
     train = [x for x in lines if x["kind"] == "train"]
     assert [x["step"] for x in train] == list(range(1, 7))
     assert all(k in train[0] for k in ("loss", "ce", "lr", "tokens_per_s", "wall_s"))
-    assert lines[-1]["kind"] == "dev" and s["final_dev_loss"] == lines[-1]["dev_loss"]
+    # 16 of the store's dev windows: a sample, labelled so in metrics.jsonl and summary.json
+    assert lines[-1]["kind"] == "dev" and s["final_dev_loss_sample"] == lines[-1]["dev_loss_sample"]
+    assert lines[-1]["dev_sample_windows"] == s["dev_sample_windows"] == 16 and "dev_loss" not in lines[-1]
     assert load_yaml(out / "config.yaml")["optim"]["max_steps"] == 6
     assert s["steps"] == 6 and s["mode"] == "train"
     assert train[-1]["loss"] < train[0]["loss"]
@@ -701,3 +703,33 @@ def test_distill_says_when_the_top_k_holds_little_of_the_teachers_mass(tmp_path,
     r = invoke(runner, base + ["-o", tmp_path / "renorm", "--tail-mode", "renormalize"])
     assert r.exit_code == 0, r.output
     assert "probability at τ" not in r.stderr
+
+
+def test_periodic_dev_loss_is_a_labelled_sample_from_every_source(tmp_path):
+    """data.eval_windows < the dev split: the trainer scores the fixed per-source sample (`dev_sample`), not the
+    first windows (all from the first source), and labels it; eval_windows 0 scores the whole split as dev_loss."""
+    from transformers import AutoModelForCausalLM
+
+    from cachekd.evaluate import dev_loss
+    from cachekd.tokens import PrepareConfig, TokenStore, prepare
+    from cachekd.tokens.reader import dev_sample
+    from tests.test_prepare import _one_document_corpus
+
+    store, _ = prepare(PrepareConfig(inputs=[str(_one_document_corpus(tmp_path / "corpus"))],
+                                     output=str(tmp_path / "store"), seq_len=16, vocab_size=300, dev_fraction=0.1),
+                       progress=False)
+    n_dev = store.num_windows("dev")
+    k = n_dev // 2
+    s = run(_cfg(store.path, tmp_path / "sample", **{"data.eval_windows": k, "optim.max_steps": 2}), progress=False)
+    sample = dev_sample(TokenStore.open(store.path), k)
+    assert min(sample.per_source.values()) >= 1  # b.txt (a one-document source) is in it
+    model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "sample" / "model"))
+    want = dev_loss(model, store, windows=sample.windows, progress=False)["loss"]
+    first = dev_loss(model, store, max_windows=k, progress=False)["loss"]
+    assert s["final_dev_loss_sample"] == pytest.approx(want, rel=1e-5) and s["dev_sample_windows"] == k
+    assert "final_dev_loss" not in s and want != pytest.approx(first, rel=1e-6)
+    whole = run(_cfg(store.path, tmp_path / "whole", **{"data.eval_windows": 0, "optim.max_steps": 2}),
+                progress=False)
+    model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "whole" / "model"))
+    assert whole["final_dev_loss"] == pytest.approx(dev_loss(model, store, progress=False)["loss"], rel=1e-5)
+    assert "final_dev_loss_sample" not in whole and "dev_sample_windows" not in whole
