@@ -333,7 +333,8 @@ def test_truncated_chunk_clean_error_then_repair_recomputes_only_it(tmp_path, ru
                    + TINY_STUDENT + extra)
         assert_clean_error(r, "train split's chunk 3", f"windows {w0} to {w1}", "teacher 'teacher_a'", "logprobs",
                            "checksum mismatch", f"cachekd verify {out} --repair", "re-run `cachekd precompute`")
-        assert len(r.output.strip().splitlines()) == 1, r.output
+        # one line of error (beside distill's note that these tiny teachers' top-8 holds little of their mass)
+        assert len([ln for ln in r.output.strip().splitlines() if not ln.startswith("note:")]) == 1, r.output
     # verify names it and ends the line with the way out, changing nothing
     markers = sorted(p.name for p in (out / "done" / "train").iterdir())
     r = invoke(runner, ["verify", out, "--quiet"])
