@@ -526,7 +526,8 @@ def part_d(args, store: str, cache: str, teacher_dir: str, precompute_s: float, 
 
     n_train = TokenStore.open(store).num_windows("train")
     rows = ["| student | probed steps/s | max_steps | steps done | epochs | stopped by | train wall s | tokens | tokens/s | "
-            "dev loss (nats/token, trainer's dev sample) | dev ppl | Δ vs CE | one-off precompute s | cost per student s, amortised over 1 / 4 / 16 |",
+            "dev loss (nats/token, trainer's dev sample) | dev ppl | Δ vs CE | one-off precompute s | "
+            "cost per student s, amortised over 1 / 4 / 16 |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     short = []
     for k, s in results.items():

@@ -367,7 +367,8 @@ def run_check(args: argparse.Namespace, sizes: Sizes, device: str, work: Path) -
                 res["peak_mem"][f"student {label}"] = mem.value
                 train = read_train_lines(out)
                 r["step_s"], _, r["timed_steps"] = steady_step_time(train, max(2, steps // 5))
-                r["num_params"], r["final_dev_loss"] = s["num_params"], s.get("final_dev_loss", s.get("final_dev_loss_sample"))
+                r["num_params"] = s["num_params"]
+                r["final_dev_loss"] = s.get("final_dev_loss", s.get("final_dev_loss_sample"))
             else:
                 log(f"student {label}: {steps} steps under the profiler")
                 r |= profiled_shares(lambda: cachekd(*argv), warmup_steps=max(1, steps // 4))

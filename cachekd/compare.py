@@ -247,7 +247,8 @@ def compare_runs(run_dirs: list[str | Path], out_dir: str | Path | None = None) 
         "`dev_from`: `eval` = `cachekd eval` over the whole dev split (eval.json), `trainer:sampleN` = the trainer's "
         "dev loss on its fixed sample of N dev windows from every source (the same windows for every run on the "
         "store), `trainer` = the trainer's dev loss over the whole dev split (runs from before the sample: its first "
-        "`data.eval_windows` windows), `eval:firstN` = `cachekd eval --max-windows N` on the dev split. `mp[<pairs> prefix=<p>]`: mean minimal-pair accuracy over the phenomena (files) of the pair set "
+        "`data.eval_windows` windows), `eval:firstN` = `cachekd eval --max-windows N` on the dev split. "
+        "`mp[<pairs> prefix=<p>]`: mean minimal-pair accuracy over the phenomena (files) of the pair set "
         "`<pairs>`, each sentence scored after the context `<p>` (`eos`: end-of-text token, `bos`: begin-of-text "
         "token, `none`: no context, or the quoted text), on at most N pairs a file when `max_pairs=N`; "
         "`acc[...]:<group>`: mean over a group's phenomena. Accuracies measured another way are in other columns "
@@ -323,7 +324,8 @@ def curves_figure(runs: list[dict[str, Any]], names: list[str]):
                                     color=color, label=f"{name}: whole dev split (eval)")
                     color = pt.get_color()
     dev_title = "dev loss: trainer's sample (lines), whole split from eval (★)"
-    for ax, title, xlabel in ((ax_train, "training cross-entropy (hard labels)", "step"), (ax_dev_step, dev_title, "step"),
+    for ax, title, xlabel in ((ax_train, "training cross-entropy (hard labels)", "step"),
+                              (ax_dev_step, dev_title, "step"),
                               (ax_dev_wall, "dev loss at equal wall-clock time", "wall-clock seconds")):
         ax.set_title(title)
         ax.set_xlabel(xlabel)

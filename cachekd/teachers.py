@@ -263,9 +263,11 @@ def low_topk_mass_note(cache: LogitCache, teacher: str, tau: float, mass: float,
     probability at τ (`where`: how the mass was found)."""
     what = ("one tail category" if tail_mode == "bucket" else
             "the rest spread evenly over the other tokens" if tail_mode == "uniform" else f"the {tail_mode} tail")
+    source = "from the cache manifest" if where == "manifest" else f"from a {where}"
     return (
         f"note: the cached top-{cache.k} holds {mass:.2f} of the probability of teacher {teacher!r} at τ={tau:g} (mean "
-        f"over the train split, {'from the cache manifest' if where == 'manifest' else 'from a ' + where}), below {LOW_TOPK_MASS:g}: with tail_mode {tail_mode} the target is mostly {what}, "
+        f"over the train split, {source}), below {LOW_TOPK_MASS:g}: with tail_mode {tail_mode} the target is mostly "
+        f"{what}, "
         f"so it passes on little of the teacher and the student may do no better than cross-entropy. Options: a "
         f"larger k (`cachekd precompute --top-k`), another tail mode (--tail-mode renormalize keeps the shape of the "
         f"top-k, biased), a lower τ (the captured mass falls as τ grows), or a sampled cache (`precompute --sample "

@@ -128,8 +128,8 @@ class DistillConfig(KDOptions):
     never all exist."""
 
     key_order: ClassVar[tuple[str, ...]] = (
-        "cache", "teachers", "num_teachers", "online", "objective", "temperature", "ce_weight", "alpha", "tail_mode", "teacher_combine",
-        "teacher_weights", "beta", "skew_lambda", "detach_mix", "reduction", "chunk_size")
+        "cache", "teachers", "num_teachers", "online", "objective", "temperature", "ce_weight", "alpha", "tail_mode",
+        "teacher_combine", "teacher_weights", "beta", "skew_lambda", "detach_mix", "reduction", "chunk_size")
     """The order of the keys in a saved config.yaml: the teachers, then the loss from its main choices down."""
 
     def __post_init__(self) -> None:

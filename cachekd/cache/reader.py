@@ -393,7 +393,8 @@ class LogitCache:
             if math.isclose(float(t), tau, rel_tol=1e-9, abs_tol=1e-12):
                 return float(v), "manifest"
         n = self.num_chunks(split)
-        chunks = sorted({round(j * (n - 1) / max(MASS_SAMPLE_CHUNKS - 1, 1)) for j in range(min(n, MASS_SAMPLE_CHUNKS))})
+        picks = min(n, MASS_SAMPLE_CHUNKS)
+        chunks = sorted({round(j * (n - 1) / max(picks - 1, 1)) for j in range(picks)})  # evenly spaced
         total, count = 0.0, 0
         for c in chunks:
             b = self.read_chunk(split, c, [teacher])[teacher]

@@ -318,8 +318,8 @@ def dev_sample(store: TokenStore, num_windows: int | None, *, split: str = "dev"
     ranges = store.source_windows(split)
     if ranges is None:
         windows = np.unique(np.linspace(0, total - 1, num_windows).round().astype(np.int64))
-        note = (f"note: token store {str(store.path)!r} was prepared before cachekd recorded which {split} windows come "
-                f"from which source, so the periodic dev loss scores {len(windows)} evenly spaced {split} windows "
+        note = (f"note: token store {str(store.path)!r} was prepared before cachekd recorded which {split} windows "
+                f"come from which source, so the periodic dev loss scores {len(windows)} evenly spaced {split} windows "
                 f"instead of a sample from every source; prepare it again with --force to record them (a source of "
                 f"one document then gets its dev share too).")
         return WindowSample(windows, False, None, note)
