@@ -69,12 +69,14 @@ def dev_loss(
     device: str | torch.device = "cpu",
     max_windows: int | None = None,
     progress: bool = True,
+    windows: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """Mean per-token next-token loss of `model` over the windows of a token-store split.
 
     Returns ``{"loss": nats a prediction, "ppl": exp(loss), "num_tokens": predictions scored,
     "num_windows": windows read}``. Each (L,) window gives L−1 predictions; log-probabilities are taken in
-    float32 whatever the model's dtype, and summed in float64. `max_windows` evaluates the first windows only.
+    float32 whatever the model's dtype, and summed in float64. `max_windows` evaluates the first windows only;
+    `windows` (sorted indices, e.g. `cachekd.tokens.reader.dev_sample`) evaluates those windows only.
     """
     from tqdm.auto import tqdm
 
@@ -86,6 +88,11 @@ def dev_loss(
     if batch_size < 1:
         raise CachekdError(f"batch size must be at least 1 (got {batch_size}).")
     n = store.num_windows(split)
+    if windows is not None:
+        windows = np.asarray(windows, dtype=np.int64)
+        if len(windows) and (windows.min() < 0 or windows.max() >= n):
+            raise CachekdError(f"window indices must lie in [0, {n}) for the {split!r} split.")
+        n = len(windows)
     if max_windows is not None:
         if max_windows < 1:
             raise CachekdError(f"--max-windows must be at least 1 (got {max_windows}).")
@@ -99,9 +106,8 @@ def dev_loss(
     total = 0.0  # python float: float64 accumulation
     num_tokens = 0
     with tqdm(total=n, desc=f"dev loss ({split})", unit="win", disable=not progress) as bar:
-        for start in range(0, n, batch_size):
-            stop = min(n, start + batch_size)
-            ids = torch.from_numpy(store.read(split, start, stop).astype(np.int64)).to(device)  # (B, L)
+        for block in _window_batches(store, split, n, batch_size, windows):
+            ids = torch.from_numpy(block.astype(np.int64)).to(device)  # (B, L)
             if vocab is not None and int(ids.max()) >= vocab:
                 raise CachekdError(
                     f"the token store holds token id {int(ids.max())} but the model has only {vocab} outputs; "
@@ -113,10 +119,32 @@ def dev_loss(
             )
             total += float(loss)
             num_tokens += ids[:, 1:].numel()
-            bar.update(stop - start)
+            bar.update(len(block))
     mean = total / num_tokens
     return {"loss": mean, "ppl": math.exp(mean) if mean < 700 else float("inf"), "num_tokens": num_tokens,
             "num_windows": n}
+
+
+def _window_batches(store: TokenStore, split: str, n: int, batch_size: int, windows: np.ndarray | None):
+    """(B, L) arrays of token windows: the first `n` windows of the split, or the given `windows` (sorted), read a
+    whole chunk at a time (one read a chunk, not one a window)."""
+    if windows is None:
+        for start in range(0, n, batch_size):
+            yield store.read(split, start, min(n, start + batch_size))
+        return
+    cw = store.chunk_windows
+    pending: list[np.ndarray] = []
+    buffered = 0
+    for c in np.unique(windows // cw):
+        rows = windows[(windows // cw) == c] - c * cw
+        pending.append(store.read_chunk(split, int(c))[rows])
+        buffered += len(rows)
+        while buffered >= batch_size:
+            flat = np.concatenate(pending)
+            yield flat[:batch_size]
+            pending, buffered = [flat[batch_size:]], len(flat) - batch_size
+    if buffered:
+        yield np.concatenate(pending)
 
 
 # ------------------------------------------------------------------------------------------------ sentence scores

@@ -230,6 +230,9 @@ class TeacherSource(ABC):
 
     names: list[str]
     """One name a teacher, in the order of the targets (and of distill.teacher_weights)."""
+    notes: tuple[str, ...] = ()
+    """Sentences the user should read before the run starts (e.g. a top-k cache that holds little of the teachers'
+    mass at the run's τ); the trainer shows them."""
 
     @property
     def num_teachers(self) -> int:
@@ -248,8 +251,12 @@ class TeacherSource(ABC):
 class CachedTeachers(TeacherSource):
     """Targets read from a logit cache: sparse (top-k + tail_lse) or full logits."""
 
-    def __init__(self, cache: LogitCache, names: list[str], cache_spec: str):
+    def __init__(self, cache: LogitCache, names: list[str], cache_spec: str,
+                 captured_mass: dict[str, float] | None = None, notes: tuple[str, ...] = ()):
         self.cache, self.names, self.cache_spec = cache, names, cache_spec
+        self.captured_mass = captured_mass or {}
+        """Per teacher, the mean share of its probability at the run's τ that the cached top-k holds (top-k caches)."""
+        self.notes = notes
 
     @classmethod
     def open(cls, d: DistillConfig, store: TokenStore) -> CachedTeachers:
@@ -263,11 +270,17 @@ class CachedTeachers(TeacherSource):
         cache = LogitCache.open(d.cache)
         cache.check_store(store)
         names = cache.select_teachers(d.teachers)
+        check_teacher_count(d, names)
         if "train" not in cache.splits():
             raise CachekdError(f"cache {d.cache!r} has no train split.")
-        if cache.mode == "topk":
-            _check_topk_settings(cache, d, len(names))
-        return cls(cache, names, d.cache)
+        if cache.mode != "topk":
+            return cls(cache, names, d.cache)
+        _check_topk_settings(cache, d, len(names))
+        tau = d.schedules()[0].start  # a top-k cache takes a constant τ only (checked above)
+        mass = {t: cache.captured_topk_mass(t, tau) for t in names}
+        notes = tuple(low_topk_mass_note(cache, t, tau, m, where, d.tail_mode) for t, (m, where) in mass.items()
+                      if m < LOW_TOPK_MASS and d.tail_mode != "renormalize")
+        return cls(cache, names, d.cache, {t: m for t, (m, _) in mass.items()}, notes)
 
     def temperature_index(self, tau: float) -> int | None:
         """Which stored tail_lse the loader reads (top-k caches), None for full logits."""
@@ -286,7 +299,34 @@ class CachedTeachers(TeacherSource):
         return out
 
     def summary(self) -> dict[str, Any]:
-        return {"cache": self.cache_spec, "teachers": self.names}
+        out: dict[str, Any] = {"cache": self.cache_spec, "teachers": self.names}
+        if self.captured_mass:
+            out["captured_topk_mass"] = {t: round(m, 5) for t, m in self.captured_mass.items()}
+        return out
+
+
+LOW_TOPK_MASS = 0.5
+"""Below this mean captured top-k mass at the run's τ, `distill` says at start that the target passes on little
+(with the bucket or uniform tail). Why half: measured on real text (DESIGN, "Fidelity"), top-64 students with the
+bucket tail kept 33% of the full-teacher gain over CE where the top-k held 53% of the mass (τ=1) and 5% where it
+held 12% (τ=2): below half, most of what the teacher knows is in the tail the cache does not store."""
+
+
+def low_topk_mass_note(cache: LogitCache, teacher: str, tau: float, mass: float, where: str, tail_mode: str) -> str:
+    """The sentence `distill` shows at start when a teacher's cached top-k holds less than `LOW_TOPK_MASS` of its
+    probability at τ (`where`: how the mass was found)."""
+    what = ("one tail category" if tail_mode == "bucket" else
+            "the rest spread evenly over the other tokens" if tail_mode == "uniform" else f"the {tail_mode} tail")
+    source = "from the cache manifest" if where == "manifest" else f"from a {where}"
+    return (
+        f"note: the cached top-{cache.k} holds {mass:.2f} of the probability of teacher {teacher!r} at τ={tau:g} (mean "
+        f"over the train split, {source}), below {LOW_TOPK_MASS:g}: with tail_mode {tail_mode} the target is mostly "
+        f"{what}, "
+        f"so it passes on little of the teacher and the student may do no better than cross-entropy. Options: a "
+        f"larger k (`cachekd precompute --top-k`), another tail mode (--tail-mode renormalize keeps the shape of the "
+        f"top-k, biased), a lower τ (the captured mass falls as τ grows), or a sampled cache (`precompute --sample "
+        f"N`, unbiased sampled targets) once this cachekd has one."
+    )
 
 
 def _check_topk_settings(cache: LogitCache, d: DistillConfig, num_teachers: int) -> None:
@@ -311,26 +351,28 @@ class OnlineTeachers(TeacherSource):
     """Live teacher models run on each micro-batch (``--online``): dense targets over the store's vocabulary."""
 
     def __init__(self, models: list[torch.nn.Module], infos: list[dict[str, str]], vocab_size: int,
-                 autocast: Callable[[], AbstractContextManager], cache_spec: str | None = None):
+                 autocast: Callable[[], AbstractContextManager], cache_spec: str | None = None,
+                 notes: tuple[str, ...] = ()):
         self.models, self.infos, self.vocab_size = models, infos, vocab_size
         self.names = [i["name"] for i in infos]
-        self._autocast, self.cache_spec = autocast, cache_spec
+        self._autocast, self.cache_spec, self.notes = autocast, cache_spec, notes
 
     @classmethod
-    def open(cls, d: Any, store: TokenStore, device: torch.device, autocast: Callable[[], AbstractContextManager],
-             say: Callable[[str], None] | None = None) -> OnlineTeachers:
+    def open(cls, d: DistillConfig, store: TokenStore, device: torch.device,
+             autocast: Callable[[], AbstractContextManager]) -> OnlineTeachers:
         """The teachers of distill config `d` (its `teachers`, else those its cache was computed from), loaded,
-        checked against `store` (`check_teacher`, which tells `say` about dropped padding) and frozen on `device`."""
+        checked against `store` (`check_teacher`, whose notes on dropped padding become `notes`) and frozen on
+        `device`."""
         specs = list(d.teachers)
         if not specs and d.cache:
             from cachekd.cache.reader import LogitCache
 
             specs = [t["path"] for t in LogitCache.open(d.cache).meta["teachers"]]
-        models, infos = [], []
-        for m, path, info in load_teachers(specs, store, say=say):
+        models, infos, notes = [], [], []
+        for m, path, info in load_teachers(specs, store, say=notes.append):
             infos.append({"name": info["name"], "path": str(path), "fingerprint": info["fingerprint"]})
             models.append(m.to(device).eval().requires_grad_(False))
-        return cls(models, infos, store.vocab_size, autocast, d.cache)
+        return cls(models, infos, store.vocab_size, autocast, d.cache, tuple(notes))
 
     def targets(self, batch: dict[str, Any], input_ids: torch.Tensor) -> list[DenseTarget | SparseTarget]:
         from cachekd.losses import DenseTarget
@@ -344,16 +386,35 @@ class OnlineTeachers(TeacherSource):
 
 
 def open_teacher_source(d: DistillConfig, store: TokenStore, *, device: torch.device,
-                        autocast: Callable[[], AbstractContextManager],
-                        say: Callable[[str], None] | None = None) -> TeacherSource:
-    """Cached or online teachers for distill config `d`, with the number of teacher weights checked; `say` receives
-    notes for the user."""
+                        autocast: Callable[[], AbstractContextManager]) -> TeacherSource:
+    """Cached or online teachers for distill config `d`, with the number of teacher weights checked; what the user
+    should read before the run starts is in the source's `notes`."""
     source: TeacherSource
     if d.online:
-        source = OnlineTeachers.open(d, store, device, autocast, say)
+        source = OnlineTeachers.open(d, store, device, autocast)
     else:
         source = CachedTeachers.open(d, store)
+    if d.online:
+        check_teacher_count(d, source.names)
     if d.teacher_weights and len(d.teacher_weights) != source.num_teachers:
         raise CachekdError(f"distill.teacher_weights has {len(d.teacher_weights)} weights for "
                            f"{source.num_teachers} teachers.")
     return source
+
+
+def check_teacher_count(d: DistillConfig, names: list[str]) -> None:
+    """Refuse teachers (`names`, as selected from the cache or given) of another number than the config declares
+    (`distill.num_teachers`, e.g. a ChooBaCa "one coach" preset on a two-teacher cache), naming the teachers there
+    are to choose from."""
+    want, have = d.num_teachers, len(names)
+    if want is None or have == want:
+        return
+    where = f"cache {d.cache!r}" if d.cache else "the teacher list"
+    given = "distill.teachers (--teachers) selects" if d.teachers else f"{where} holds"
+    choose = (f"choose {'one' if want == 1 else want} with --teachers {','.join(names[:want])} (distill.teachers)"
+              if have > want else f"use a cache (or --teachers) with {want}")
+    raise CachekdError(
+        f"this config is written for {want} teacher{'s' if want != 1 else ''} (distill.num_teachers: {want}) but "
+        f"{given} {have}: {', '.join(names)}; {choose}, or pass --set distill.num_teachers=null to use them all "
+        f"(what runs started before this check did)."
+    )

@@ -161,8 +161,9 @@ class Trainer:
         self.tau_sched = self.lam_sched = self.alpha_sched = None
         if d is not None:
             self.tau_sched, self.lam_sched, self.alpha_sched = d.schedules()
-            self.teacher_source = open_teacher_source(d, self.store, device=self.device, autocast=self._autocast,
-                                                      say=self.say)
+            self.teacher_source = open_teacher_source(d, self.store, device=self.device, autocast=self._autocast)
+            for note in self.teacher_source.notes if self.is_main else ():
+                self.say(note)
 
     def schedule_values(self, step: int) -> dict[str, float]:
         if self.cfg.distill is None:
@@ -324,15 +325,29 @@ class Trainer:
         return out
 
     def evaluate(self) -> float | None:
+        """The periodic dev loss: on a fixed sample of `data.eval_windows` dev windows drawn from every source
+        (`cachekd.tokens.reader.dev_sample`, the same for every run on the store), or the whole dev split when
+        that is no larger; `self.dev_sample` says which."""
         from cachekd.evaluate import dev_loss
+        from cachekd.tokens.reader import dev_sample
 
         if "dev" not in self.store.splits() or self.store.num_windows("dev") == 0:
             return None
-        n = self.cfg.data.eval_windows or None
-        res = dev_loss(self.model, self.store, split="dev", batch_size=self.micro, device=self.device, max_windows=n,
-                       progress=False)
+        if getattr(self, "dev_sample", None) is None:
+            self.dev_sample = dev_sample(self.store, self.cfg.data.eval_windows)
+            if self.dev_sample.note:
+                self.say(self.dev_sample.note)
+        res = dev_loss(self.model, self.store, split="dev", batch_size=self.micro, device=self.device,
+                       windows=None if self.dev_sample.whole_split else self.dev_sample.windows, progress=False)
         self.model.train()
         return float(res["loss"])
+
+    def dev_record(self, dev: float) -> dict[str, Any]:
+        """The dev loss under a key that says what it covers: ``dev_loss`` for the whole dev split, else
+        ``dev_loss_sample`` with ``dev_sample_windows``."""
+        if self.dev_sample.whole_split:
+            return {"dev_loss": dev}
+        return {"dev_loss_sample": dev, "dev_sample_windows": self.dev_sample.num_windows}
 
     def train(self) -> dict[str, Any]:
         """Run the loop to the end (or the time budget); returns the summary. In a single process, SIGINT/SIGTERM
@@ -466,8 +481,18 @@ class Trainer:
         dev = self.evaluate() if self.is_main else None
         if dev is not None:
             self._log({"kind": "dev", "step": self.step, "tokens": self.tokens_seen, "wall_s": round(self.wall_s, 4),
-                       "dev_loss": dev})
+                       **self.dev_record(dev)})
         return dev
+
+    def _final_dev(self, dev: float | None) -> dict[str, Any]:
+        """The summary's last dev loss and perplexity, keyed like `dev_record` (``final_dev_loss_sample``, ... for
+        a sample)."""
+        if dev is None:
+            return {"final_dev_loss": None, "final_dev_ppl": None}
+        rec = self.dev_record(dev)
+        suffix = "" if "dev_loss" in rec else "_sample"
+        return {f"final_dev_loss{suffix}": dev, f"final_dev_ppl{suffix}": math.exp(dev) if dev < 50 else None,
+                **{k: v for k, v in rec.items() if k == "dev_sample_windows"}}
 
     def _finish(self, dev: float | None, stop_reason: str) -> dict[str, Any]:
         summary = {
@@ -475,8 +500,7 @@ class Trainer:
             "objective": self.cfg.distill.objective if self.cfg.distill else "ce",
             "steps": self.step, "tokens": self.tokens_seen, "wall_s": round(self.wall_s, 3),
             "tokens_per_s": self.tokens_seen / self.wall_s if self.wall_s else None,
-            "num_params": self.num_params, "final_dev_loss": dev,
-            "final_dev_ppl": math.exp(dev) if dev is not None and dev < 50 else None,
+            "num_params": self.num_params, **self._final_dev(dev),
             "stopped_by": stop_reason, "processes": self.world,
             **(self.teacher_source.summary() if self.teacher_source else {"cache": None, "teachers": None}),
         }

@@ -112,12 +112,12 @@ def test_cli_options_come_from_the_config_fields():
 
 
 def test_saved_config_keeps_its_key_order():
-    """config.yaml lists the distill keys as it always has (teachers first), although the loss options are
-    declared on the shared base class; old files read the same."""
+    """config.yaml lists the distill keys as it always has (teachers first, then how many the config is written
+    for), although the loss options are declared on the shared base class; old files read the same."""
     from cachekd.config import to_dict
 
     cfg = load_train_config({"output": "x", "distill": {"objective": "tv"}})
     assert list(to_dict(cfg)["distill"]) == [
-        "cache", "teachers", "online", "objective", "temperature", "ce_weight", "alpha", "tail_mode",
+        "cache", "teachers", "num_teachers", "online", "objective", "temperature", "ce_weight", "alpha", "tail_mode",
         "teacher_combine", "teacher_weights", "beta", "skew_lambda", "detach_mix", "reduction", "chunk_size"]
     assert load_train_config(to_dict(cfg)) == cfg

@@ -29,6 +29,8 @@ SPLITS = ("train", "dev")
 MANIFEST = "manifest.json"
 ZARR_META = "zarr.json"
 TOKENIZER_DIR = "tokenizer"
+SOURCE_SPLITS = "source_splits"
+"""Manifest key: each source's documents, tokens and window range in each split (absent in older stores)."""
 
 
 def chunk_windows_for(seq_len: int) -> int:
@@ -101,10 +103,13 @@ def chunk_file(root: Path, split: str, array, chunk: int) -> Path:
 def build_manifest(*, version: str, seq_len: int, vocab_size: int, vocab_size_requested: int | None,
                    dtype: np.dtype, chunk_windows: int, special_tokens: dict[str, int | None],
                    tokenizer_fingerprint: str, tokenizer_source: str, splits: dict[str, dict[str, Any]],
-                   sources: list[dict[str, Any]], options: dict[str, Any], input_fingerprint: str) -> dict[str, Any]:
+                   sources: list[dict[str, Any]], options: dict[str, Any], input_fingerprint: str,
+                   source_splits: list[dict[str, Any]]) -> dict[str, Any]:
     """The manifest of a finished store (its JSON keys are the format). `splits` maps a split to its
     num_windows/num_tokens/num_documents/dropped_tokens/sha256 (of the windows' bytes); the store's fingerprint
-    covers the tokenizer, the window length and those hashes."""
+    covers the tokenizer, the window length and those hashes. `source_splits` (one entry a source, in the order of
+    `sources`): ``held_out_by`` (documents | lines | words | none) and per split its ``num_documents``,
+    ``num_tokens`` and ``windows`` [start, stop) — stores written before it have no such key."""
     from cachekd.io import sha256_json
 
     return {
@@ -122,6 +127,7 @@ def build_manifest(*, version: str, seq_len: int, vocab_size: int, vocab_size_re
         "tokenizer_source": tokenizer_source,
         "splits": splits,
         "sources": sources,
+        SOURCE_SPLITS: source_splits,
         "options": options,
         "input_fingerprint": input_fingerprint,
         "fingerprint": sha256_json(
