@@ -296,6 +296,9 @@ def config_identity(cfg: TrainConfig) -> dict[str, Any]:
         # A check on the teachers, not a training value (the teachers themselves are distill.teachers): checkpoints
         # saved before the key existed resume, and the check runs again when the teachers are opened.
         d["distill"].pop("num_teachers", None)
+        # How many positions the step-wise loss forms at a time: memory, not arithmetic (any chunk size gives the
+        # same loss and gradients up to float rounding), so a run may resume with another one.
+        d["distill"].pop("chunk_size", None)
     return d
 
 
