@@ -8,6 +8,8 @@ One job a module:
   (``F.cross_entropy``, the fused sparse student or the (n, V) log-softmax, per-teacher or combined, chunked);
 * ``rowloss`` — the CE and KD sums on a set of rows, following the plan; dense targets, mixing, combining;
 * ``sparse`` — sparse targets on rows, the fused student side (``SparseStudent``) and the three tail modes;
+* ``sampled`` — sampled and hybrid targets (``SampledTarget``, ``sampled_target``): the unbiased forward-KL
+  estimator over drawn ids and the bucket form of the other objectives, on the same fused student side;
 * ``student`` — the student's (n, V) log-softmax quantities, shared by the CE and every teacher;
 * ``divergences`` — one small pointwise function per objective, in a registry;
 * ``chunked`` — the step-wise loss: chunks of rows, recomputed in backward.
@@ -27,6 +29,7 @@ from cachekd.losses.api import (
     distill_loss,
     total_loss,
 )
+from cachekd.losses.sampled import SampledTarget, sampled_target
 
 __all__ = [
     "OBJECTIVES",
@@ -36,9 +39,11 @@ __all__ = [
     "DenseTarget",
     "KDConfig",
     "LossParts",
+    "SampledTarget",
     "SparseTarget",
     "Target",
     "chunked_distill_loss",
     "distill_loss",
+    "sampled_target",
     "total_loss",
 ]
