@@ -194,8 +194,9 @@ class TeacherSource(ABC):
 class CachedTeachers(TeacherSource):
     """Targets read from a logit cache: sparse (top-k + tail_lse) or full logits."""
 
-    def __init__(self, cache: LogitCache, names: list[str], cache_spec: str):
+    def __init__(self, cache: LogitCache, names: list[str], cache_spec: str, temperature: float = 1.0):
         self.cache, self.names, self.cache_spec = cache, names, cache_spec
+        self.temperature = temperature  # the loss τ (sampled caches build their targets at it)
 
     @classmethod
     def open(cls, d: DistillConfig, store: TokenStore) -> CachedTeachers:
@@ -213,10 +214,13 @@ class CachedTeachers(TeacherSource):
             raise CachekdError(f"cache {d.cache!r} has no train split.")
         if cache.mode == "topk":
             _check_topk_settings(cache, d, len(names))
-        return cls(cache, names, d.cache)
+        if cache.mode == "sampled":
+            _check_sampled_settings(cache, d, len(names))
+        return cls(cache, names, d.cache, float(d.schedules()[0].start))
 
     def temperature_index(self, tau: float) -> int | None:
-        """Which stored tail_lse the loader reads (top-k caches), None for full logits."""
+        """Which stored tail_lse the loader reads (top-k caches), None for full logits and sampled caches (their
+        targets need the normalisers of the loss τ and of the proposal: `targets` picks them)."""
         return self.cache.temperature_index(tau) if self.cache.mode == "topk" else None
 
     def targets(self, batch: dict[str, Any], input_ids: torch.Tensor) -> list[DenseTarget | SparseTarget]:
@@ -227,12 +231,40 @@ class CachedTeachers(TeacherSource):
             b = batch["teachers"][t]
             if "logits" in b:
                 out.append(DenseTarget(b["logits"]))
+            elif "sample_ids" in b:
+                from cachekd.teacher_samples import target_at
+
+                spec = self.cache.plan.sample_spec
+                out.append(target_at(b, self.cache.temperatures, self.temperature, spec.proposal_temperature))
             else:
                 out.append(SparseTarget(ids=b["ids"].long(), logits=b["logprobs"], tail_lse=b["tail_lse"]))
         return out
 
     def summary(self) -> dict[str, Any]:
-        return {"cache": self.cache_spec, "teachers": self.names}
+        out = {"cache": self.cache_spec, "teachers": self.names}
+        if self.cache.mode == "sampled":
+            out["storage_kind"] = self.cache.plan.storage_kind
+            out["note"] = SAMPLED_TAIL_NOTE
+        return out
+
+
+SAMPLED_TAIL_NOTE = ("distill.tail_mode is ignored with a sampled cache: forward KL uses the unbiased estimate over "
+                     "the drawn ids, every other objective the stored ids plus one bucket of the exact remaining mass")
+
+
+def _check_sampled_settings(cache: LogitCache, d: DistillConfig, num_teachers: int) -> None:
+    """Refuse what a sampled cache cannot serve: a τ schedule, a τ it has no normaliser for, mixing, combining."""
+    temperature = d.schedules()[0]
+    if temperature.kind != "constant":
+        raise CachekdError("a temperature schedule needs a --full cache: a sampled cache has normalisers and "
+                           f"entropies for temperatures {cache.temperatures} only.")
+    cache.temperature_index(temperature.start)
+    if d.mixing():
+        raise CachekdError("mixing teacher and student logits (distill.alpha below 1) needs a dense target, which a "
+                           "sampled cache does not have; use a top-k cache with --tail-mode uniform or a --full cache.")
+    if num_teachers > 1 and d.teacher_combine != "losses":
+        raise CachekdError(f"combining several sampled teachers by {d.teacher_combine} is not possible (each is "
+                           f"compared at its own ids); pass --teacher-combine losses (distill.teacher_combine).")
 
 
 def _check_topk_settings(cache: LogitCache, d: DistillConfig, num_teachers: int) -> None:
