@@ -165,3 +165,22 @@ def test_refusals(tmp_path, runner, store_path, teacher_path):
     assert_clean_error(invoke(runner, base + ["-o", tmp_path / "e", "--sample", "5", "--full"]), "exclude")
     assert_clean_error(invoke(runner, base + ["-o", tmp_path / "f", "--sample", "5", "--top-k", "300"]),
                        "leaves no tokens")
+
+
+def test_eval_against_a_sampled_cache_and_repair_command(tmp_path, runner, store_path, teacher_path, teacher_b_path):
+    """A teacher scored against its own sampled cache: the unbiased KL estimate is ≈ 0 (a divergence, not the
+    cross-entropy); another model's is clearly positive. verify's repair command recreates the sampled plan."""
+    from cachekd.cache.verify import precompute_command
+    from cachekd.evaluate import evaluate
+
+    c = tmp_path / "s"
+    cache = _precompute(runner, store_path, [teacher_path], c, "--sample", "16", "--temperatures", "1,2",
+                        "--proposal-temperature", "1", "--sample-seed", "3")
+    same = evaluate(teacher_path, dev_store=store_path, against_cache=c, progress=False)["against_cache"]
+    (res,) = same["teachers"].values()
+    assert abs(res["kl"]) < 5e-3 and "unbiased estimate" in same["kl_kind"]
+    other = evaluate(teacher_b_path, dev_store=store_path, against_cache=c, progress=False)["against_cache"]
+    (res_b,) = other["teachers"].values()
+    assert res_b["kl"] > 10 * max(abs(res["kl"]), 1e-4)
+    cmd = precompute_command(cache)
+    assert "--sample 16 --proposal-temperature 1 --sample-seed 3" in cmd and "--top-k 0" in cmd

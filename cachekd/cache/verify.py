@@ -236,6 +236,13 @@ def precompute_command(cache: LogitCache, store_path: Path | None = None) -> str
         args += ["--top-k", str(plan.k)]
         temps = [f"{t:g}" if float(f"{t:g}") == t else repr(float(t)) for t in plan.temperatures]
         args += ["--temperatures", ",".join(temps)]
+        spec = plan.sample_spec
+        if spec is not None:
+            args += ["--sample", str(spec.num_draws)]
+            if spec.proposal_temperature is not None:
+                args += ["--proposal-temperature", f"{spec.proposal_temperature:g}"]
+            if spec.seed:
+                args += ["--sample-seed", str(spec.seed)]
     args += ["--splits", ",".join(plan.splits)]
     scale = plan.logprob_scale
     if scale != fmt.LOGPROB_SCALE:
