@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from cachekd.rows import row_blocks
-from cachekd.teacher_rows import teacher_targets
+from cachekd.teacher_rows import ENTROPY_STRIDE, teacher_targets
 
 
 def draw_uniforms(seed: int, proposal: int, window_ids: np.ndarray, seq_len: int, num_draws: int) -> np.ndarray:
@@ -87,13 +87,18 @@ def sampled_teacher_targets(logits: torch.Tensor, vocab_size: int, k: int, tempe
     tails = torch.empty(n, len(temperatures), device=dev)
     entropy = torch.empty(n, len(temperatures), device=dev)
     lse = torch.empty(n, device=dev)
+    entropy1 = torch.empty(n, device=dev)  # the τ=1 entropy statistic of the manifest
     draws = torch.empty(n, nr, num_draws, dtype=torch.int64, device=dev)
+    sample_ids = torch.empty(n, width, dtype=torch.int64, device=dev)
+    sample_counts = torch.empty(n, width, nr, dtype=torch.int64, device=dev)
+    ell_drawn = torch.empty(n, width, device=dev)
     uniforms = [torch.from_numpy(draw_uniforms(seed, c, window_ids, L, num_draws)).to(dev) for c in range(nr)]
-    ell_all = None
     for rows in row_blocks(flat):
         zb = flat[rows].float()
         lse[rows] = torch.logsumexp(zb, dim=-1)
         ell = zb - lse[rows, None]                                   # (r, V) log p₁
+        p1 = ell.exp()
+        entropy1[rows] = -torch.where(p1 > 0, p1 * ell, 0.0).sum(-1)
         beyond = ell if top is None else ell.scatter(1, top[rows], float("-inf"))
         for t, tau in enumerate(temperatures):
             s = ell / tau
@@ -104,25 +109,19 @@ def sampled_teacher_targets(logits: torch.Tensor, vocab_size: int, k: int, tempe
             tails[rows, t] = n_tau if top is None else torch.logsumexp(beyond / tau, dim=-1)
         for c, tau_r in enumerate(proposals):
             draws[rows, c] = inverse_cdf(beyond / tau_r, uniforms[c][rows])
-        if ell_all is None:
-            ell_all = torch.empty(n, width, device=dev)
         ids_b, counts_b = merge_draws(draws[rows], nr, width)
-        ell_all[rows] = ell.gather(1, ids_b)
-        if rows.start == 0:
-            sample_ids = torch.empty(n, width, dtype=torch.int64, device=dev)
-            sample_counts = torch.empty(n, width, nr, dtype=torch.int64, device=dev)
+        ell_drawn[rows] = ell.gather(1, ids_b)
         sample_ids[rows], sample_counts[rows] = ids_b, counts_b
     real = sample_counts.sum(-1) > 0
     arrays.update({
         "tail_lse": tails.view(b, L, -1),
         "sample_ids": sample_ids.view(b, L, width),
-        "sample_logprobs": torch.where(real, ell_all, 0.0).view(b, L, width),
+        "sample_logprobs": torch.where(real, ell_drawn, 0.0).view(b, L, width),
         "sample_counts": sample_counts.view(b, L, width, nr),
         "entropy": entropy.view(b, L, -1),
     })
-    if not k:
-        _, stats = teacher_targets(logits, vocab_size, None, [])  # the normaliser and τ=1 entropy statistics
-        stats.pop("logits", None)
+    if not k:  # (a hybrid has teacher_targets' statistics)
+        stats = {"lse": lse.view(b, L), "entropy": entropy1.view(b, L)[:, ::ENTROPY_STRIDE].contiguous()}
     stats["distinct_ids"] = real.sum(-1).float().view(b, L)
     return arrays, stats
 
