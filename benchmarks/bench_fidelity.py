@@ -42,11 +42,14 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 STUDENT = {"arch": "llama", "hidden_size": 64, "num_layers": 2, "num_heads": 2, "intermediate_size": 172}
-TEACHER = {"arch": "llama", "hidden_size": 256, "num_layers": 4, "num_heads": 4, "intermediate_size": 688}
-FULL = dict(text_mb=0.6, vocab_size=6000, seq_len=128, teacher_budget=300.0, steps=100, batch_size=16, seeds=3,
-            top_k=64, sample=50, hybrid_top_k=16, audit_positions=1024, settings="fkl1,fkl2,rkl1")
-QUICK = dict(text_mb=0.03, vocab_size=400, seq_len=32, teacher_budget=3.0, steps=3, batch_size=4, seeds=1,
-             top_k=16, sample=10, hybrid_top_k=4, audit_positions=64, settings="fkl2")
+TEACHER = {"arch": "llama", "hidden_size": 128, "num_layers": 4, "num_heads": 4, "intermediate_size": 344}
+# Sized for ~30 min on 2 cores shared with other jobs (a 2-core machine does ~1 teacher step/s at these sizes when
+# idle): the vocabulary and windows are smaller than babylm_like's usual settings so that every row gets 3 seeds.
+FULL = dict(text_mb=0.3, vocab_size=2000, seq_len=64, teacher_steps=400, teacher_budget=900.0, steps=80,
+            batch_size=8, seeds=3, top_k=64, sample=50, hybrid_top_k=16, audit_positions=1024,
+            settings="fkl2,rkl1,fkl1")
+QUICK = dict(text_mb=0.03, vocab_size=400, seq_len=32, teacher_steps=30, teacher_budget=5.0, steps=3, batch_size=4,
+             seeds=1, top_k=16, sample=10, hybrid_top_k=4, audit_positions=64, settings="fkl2")
 SETTINGS = {"fkl1": ("forward_kl", 1.0), "fkl2": ("forward_kl", 2.0), "rkl1": ("reverse_kl", 1.0)}
 STUDENT_LR, TEACHER_LR, CE_WEIGHT = 3e-3, 2e-3, 0.5
 
@@ -195,7 +198,7 @@ def main() -> None:
             f"vocab {store.vocab_size}")
         teacher_dir = work / "teacher"
         t0 = time.perf_counter()
-        tinfo = run(train_cfg("teacher", teacher_dir, str(store_dir), TEACHER, lr=TEACHER_LR, steps=100000,
+        tinfo = run(train_cfg("teacher", teacher_dir, str(store_dir), TEACHER, lr=TEACHER_LR, steps=args.teacher_steps,
                               batch=args.batch_size, seed=0, max_time_s=args.teacher_budget), force=True,
                     progress=False)
         log(f"teacher: {tinfo['steps']} steps in {time.perf_counter() - t0:.0f} s, dev loss "
@@ -237,6 +240,84 @@ def main() -> None:
                               steps=args.steps, batch=args.batch_size, seed=seed), force=True, progress=False)
             ce_loss.append(s["final_dev_loss"])
             log(f"CE seed {seed}: dev {s['final_dev_loss']:.4f}")
+        # gradient angles: the CE student of seed 0 on dev positions, against the teacher's full target
+        teacher = load_model(teacher_dir).eval()
+        student = load_model(work / "ce-0" / "model").eval()
+        n_win = max(1, min(store.num_windows("dev"), math.ceil(args.audit_positions / (args.seq_len - 1))))
+        x = torch.from_numpy(store.read("dev", 0, n_win).astype("int64"))
+        with torch.inference_mode():
+            z = teacher(input_ids=x).logits[..., : store.vocab_size].float()
+            zs = student(input_ids=x).logits[..., : store.vocab_size].float()
+        angles: dict[str, dict[str, dict[str, float]]] = {}
+        for setting in settings:
+            objective, tau = SETTINGS[setting]
+            angles[setting] = audit_targets(z, zs, [tau], AuditOptions(args.top_k, args.sample, args.hybrid_top_k,
+                                                                       objective))
+        pv = proposal_variance(z)
+
+        def write_report(done: list[str]) -> Path:
+            audit_name = {"top-k bucket": f"top-{args.top_k} bucket", "top-k renormalize": f"top-{args.top_k} renormalize",
+                          "sampled": f"sampled N={args.sample}",
+                          "hybrid": f"hybrid top-{args.hybrid_top_k} + sampled N={args.sample}"}
+            lines = ["| setting | row | B/position | captured mass | angle to full (°) | dev loss (mean ± sd) | "
+                     "share of full-KD gain (mean ± sd) |", "|---|---|---|---|---|---|---|"]
+            ce_m, ce_s = mean_sd(ce_loss)
+            summary: dict[str, Any] = {"ce": ce_loss}
+            for setting in done:
+                _, tau = SETTINGS[setting]
+                lines.append(f"| {setting} | CE only | - | - | - | {ce_m:.4f} ± {ce_s:.4f} | 0 |")
+                full = results[f"{setting}|full"]["dev"]
+                gains = [c - f for c, f in zip(ce_loss, full)]
+                g_m, g_s = mean_sd(gains)
+                for row in rows:
+                    dev = results[f"{setting}|{row}"]["dev"]
+                    d_m, d_s = mean_sd(dev)
+                    share = [(c - x_) / g if g != 0 else float("nan") for c, x_, g in zip(ce_loss, dev, gains)]
+                    sh_m, sh_s = mean_sd(share)
+                    resolved = g_m > (g_s if not math.isnan(g_s) else 0.0)
+                    share_txt = f"{100 * sh_m:.0f}% ± {100 * sh_s:.0f}%" if resolved else "not resolved (full-KD gain ≤ its sd)"
+                    if row == "full":
+                        share_txt = f"100% (gain {g_m:+.4f} ± {g_s:.4f} nat)"
+                    a = angles[setting].get(audit_name.get(row, ""), {}).get(f"{tau:g}", {})
+                    name = row.split()[0]
+                    b = f"{cache_info[name]['bytes']:.1f}" if row != "full" else "-"
+                    lines.append(f"| {setting} | {row} | {b} | {a.get('captured_mass', 1.0):.3f} | "
+                                 f"{a.get('grad_angle_deg', 0.0):.1f} | {d_m:.4f} ± {d_s:.4f} | {share_txt} |")
+                    summary[f"{setting}|{row}"] = {"dev": dev, "share": share, "angle": a.get("grad_angle_deg")}
+            elapsed = time.perf_counter() - t_start
+            table = "\n".join(lines)
+            print(table)
+            notes = [
+                f"Teacher: {tinfo['steps']} steps, dev loss {tinfo['final_dev_loss']:.4f}; students {args.steps} steps "
+                f"of {args.batch_size}×{args.seq_len} tokens, λ={CE_WEIGHT}, seeds {list(range(args.seeds))} (paired: "
+                f"the seed sets init and data order). CE dev loss per seed {[round(v, 4) for v in ce_loss]}.",
+                "Caches (train split, temperatures " + ", ".join(f"{t:g}" for t in temps) + "): " + "; ".join(
+                    f"{n}: {c['bytes']:.1f} B/position, precompute {c['seconds']:.0f} s"
+                    + (f", {c['distinct']:.1f} distinct ids/position" if c['distinct'] else "")
+                    + (f", top-k mass {c['mass']}" if c['mass'] else "") for n, c in cache_info.items()) + ".",
+                "With one cached τ (dev split): " + "; ".join(f"{k}: {v:.1f}" for k, v in single.items()) + ".",
+                f"Importance-weight variance of τ=2 targets drawn at τ_r=1, relative to own draws at τ=2 (Σ Var w over the "
+                f"vocabulary, per position): mean {pv['mean']:.2f}×, median {pv['median']:.2f}×, max {pv['max']:.1f}×.",
+                f"Ragged layout, first train chunk of the sampled cache ({layout['positions']} positions, width "
+                f"{layout['width']}, {layout['mean_distinct']:.1f} distinct ids/position): padded with count 0 "
+                f"{layout['padded_B_per_pos']:.2f} B/position, read {layout['padded_read_ms']:.1f} ms; offsets "
+                f"{layout['offsets_B_per_pos']:.2f} B/position, read + scatter to the padded form "
+                f"{layout['offsets_read_ms']:.1f} ms.",
+                f"Gradient angles: audit_targets on {n_win * (args.seq_len - 1)} dev positions, the CE student of seed 0 "
+                f"as the student, simulated targets from the same full logits (no fixed-point rounding).",
+                f"Total wall time {elapsed / 60:.1f} min.",
+            ]
+            config = {k: getattr(args, k) for k in FULL} | {"teacher": TEACHER, "student": STUDENT, "data": str(data)}
+            path = write_result("fidelity", "Fidelity of sparse caches (students distilled from each storage option)",
+                                config, table, "\n\n".join(notes), results_dir=args.results_dir)
+            (path.with_suffix(".json")).write_text(json.dumps({"summary": summary, "angles": angles, "layout": layout,
+                                                               "single_tau_bytes": single, "proposal_variance": pv,
+                                                               "caches": {k: {kk: str(vv) if kk == "dir" else vv
+                                                                              for kk, vv in v.items()}
+                                                                          for k, v in cache_info.items()}}, indent=1))
+            return path
+
+        done: list[str] = []
         for setting in settings:
             objective, tau = SETTINGS[setting]
             for row in rows:
@@ -253,82 +334,11 @@ def main() -> None:
                                       batch=args.batch_size, seed=seed, distill=d), force=True, progress=False)
                     results.setdefault(f"{setting}|{row}", {}).setdefault("dev", []).append(s["final_dev_loss"])
                 log(f"{setting} {row}: dev {results[f'{setting}|{row}']['dev']}")
+            done.append(setting)
+            path = write_report(done)
+            log(f"wrote {path} with {', '.join(done)}")
 
-        # gradient angles: the CE student of seed 0 on dev positions, against the teacher's full target
-        teacher = load_model(teacher_dir).eval()
-        student = load_model(work / "ce-0" / "model").eval()
-        n_win = max(1, min(store.num_windows("dev"), math.ceil(args.audit_positions / (args.seq_len - 1))))
-        x = torch.from_numpy(store.read("dev", 0, n_win).astype("int64"))
-        with torch.inference_mode():
-            z = teacher(input_ids=x).logits[..., : store.vocab_size].float()
-            zs = student(input_ids=x).logits[..., : store.vocab_size].float()
-        angles: dict[str, dict[str, dict[str, float]]] = {}
-        for setting in settings:
-            objective, tau = SETTINGS[setting]
-            angles[setting] = audit_targets(z, zs, [tau], AuditOptions(args.top_k, args.sample, args.hybrid_top_k,
-                                                                       objective))
-        pv = proposal_variance(z)
-        elapsed = time.perf_counter() - t_start
-
-        audit_name = {"top-k bucket": f"top-{args.top_k} bucket", "top-k renormalize": f"top-{args.top_k} renormalize",
-                      "sampled": f"sampled N={args.sample}",
-                      "hybrid": f"hybrid top-{args.hybrid_top_k} + sampled N={args.sample}"}
-        lines = ["| setting | row | B/position | captured mass | angle to full (°) | dev loss (mean ± sd) | "
-                 "share of full-KD gain (mean ± sd) |", "|---|---|---|---|---|---|---|"]
-        ce_m, ce_s = mean_sd(ce_loss)
-        summary: dict[str, Any] = {"ce": ce_loss}
-        for setting in settings:
-            _, tau = SETTINGS[setting]
-            lines.append(f"| {setting} | CE only | - | - | - | {ce_m:.4f} ± {ce_s:.4f} | 0 |")
-            full = results[f"{setting}|full"]["dev"]
-            gains = [c - f for c, f in zip(ce_loss, full)]
-            g_m, g_s = mean_sd(gains)
-            for row in rows:
-                dev = results[f"{setting}|{row}"]["dev"]
-                d_m, d_s = mean_sd(dev)
-                share = [(c - x_) / g if g != 0 else float("nan") for c, x_, g in zip(ce_loss, dev, gains)]
-                sh_m, sh_s = mean_sd(share)
-                resolved = g_m > (g_s if not math.isnan(g_s) else 0.0)
-                share_txt = f"{100 * sh_m:.0f}% ± {100 * sh_s:.0f}%" if resolved else "not resolved (full-KD gain ≤ its sd)"
-                if row == "full":
-                    share_txt = f"100% (gain {g_m:+.4f} ± {g_s:.4f} nat)"
-                a = angles[setting].get(audit_name.get(row, ""), {}).get(f"{tau:g}", {})
-                name = row.split()[0]
-                b = f"{cache_info[name]['bytes']:.1f}" if row != "full" else "-"
-                lines.append(f"| {setting} | {row} | {b} | {a.get('captured_mass', 1.0):.3f} | "
-                             f"{a.get('grad_angle_deg', 0.0):.1f} | {d_m:.4f} ± {d_s:.4f} | {share_txt} |")
-                summary[f"{setting}|{row}"] = {"dev": dev, "share": share, "angle": a.get("grad_angle_deg")}
-        table = "\n".join(lines)
-        print(table)
-        notes = [
-            f"Teacher: {tinfo['steps']} steps, dev loss {tinfo['final_dev_loss']:.4f}; students {args.steps} steps "
-            f"of {args.batch_size}×{args.seq_len} tokens, λ={CE_WEIGHT}, seeds {list(range(args.seeds))} (paired: "
-            f"the seed sets init and data order). CE dev loss per seed {[round(v, 4) for v in ce_loss]}.",
-            "Caches (train split, temperatures " + ", ".join(f"{t:g}" for t in temps) + "): " + "; ".join(
-                f"{n}: {c['bytes']:.1f} B/position, precompute {c['seconds']:.0f} s"
-                + (f", {c['distinct']:.1f} distinct ids/position" if c['distinct'] else "")
-                + (f", top-k mass {c['mass']}" if c['mass'] else "") for n, c in cache_info.items()) + ".",
-            "With one cached τ (dev split): " + "; ".join(f"{k}: {v:.1f}" for k, v in single.items()) + ".",
-            f"Importance-weight variance of τ=2 targets drawn at τ_r=1, relative to own draws at τ=2 (Σ Var w over the "
-            f"vocabulary, per position): mean {pv['mean']:.2f}×, median {pv['median']:.2f}×, max {pv['max']:.1f}×.",
-            f"Ragged layout, first train chunk of the sampled cache ({layout['positions']} positions, width "
-            f"{layout['width']}, {layout['mean_distinct']:.1f} distinct ids/position): padded with count 0 "
-            f"{layout['padded_B_per_pos']:.2f} B/position, read {layout['padded_read_ms']:.1f} ms; offsets "
-            f"{layout['offsets_B_per_pos']:.2f} B/position, read + scatter to the padded form "
-            f"{layout['offsets_read_ms']:.1f} ms.",
-            f"Gradient angles: audit_targets on {n_win * (args.seq_len - 1)} dev positions, the CE student of seed 0 "
-            f"as the student, simulated targets from the same full logits (no fixed-point rounding).",
-            f"Total wall time {elapsed / 60:.1f} min.",
-        ]
-        config = {k: getattr(args, k) for k in FULL} | {"teacher": TEACHER, "student": STUDENT, "data": str(data)}
-        path = write_result("fidelity", "Fidelity of sparse caches (students distilled from each storage option)",
-                            config, table, "\n\n".join(notes), results_dir=args.results_dir)
-        (path.with_suffix(".json")).write_text(json.dumps({"summary": summary, "angles": angles, "layout": layout,
-                                                           "single_tau_bytes": single, "proposal_variance": pv,
-                                                           "caches": {k: {kk: str(vv) if kk == "dir" else vv
-                                                                          for kk, vv in v.items()}
-                                                                      for k, v in cache_info.items()}}, indent=1))
-        log(f"wrote {path} ({elapsed / 60:.1f} min)")
+        log(f"done ({(time.perf_counter() - t_start) / 60:.1f} min)")
     finally:
         if not args.work:
             shutil.rmtree(work, ignore_errors=True)
