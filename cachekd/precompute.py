@@ -39,8 +39,8 @@ class PrecomputeConfig:
     """Teacher checkpoints: an HF directory, a `cachekd train` run directory, a registry name, or NAME=PATH."""
     output: str = ""
     """Directory of the logit cache."""
-    top_k: int = 64
-    """Logits kept per position (ignored with `full`)."""
+    top_k: int | None = None
+    """Logits kept exactly per position (ignored with `full`); None: 64, or 0 with `sample` (a pure sampled cache)."""
     full: bool = False
     """Store all logits in fp16 instead of the top-k (small vocabularies, exactness tests)."""
     temperatures: list[float] = field(default_factory=lambda: [1.0, 2.0])
@@ -68,6 +68,8 @@ class PrecomputeConfig:
     """Seed of the draws (each window's draws are a function of the seed and the window)."""
 
     def __post_init__(self) -> None:
+        if self.top_k is None:
+            self.top_k = 0 if self.sample is not None else 64
         if not self.full and self.sample is None and self.top_k < 1:
             raise CachekdError(f"--top-k must be at least 1 (got {self.top_k}).")
         for t in self.temperatures:

@@ -61,8 +61,6 @@ def precompute_command(store, teachers, output, top_k, sample, proposal_temperat
     """
     from cachekd.precompute import PrecomputeConfig, precompute
 
-    if top_k is None:
-        top_k = 0 if sample is not None else 64
     cfg = PrecomputeConfig(
         store=store, teachers=list(teachers), output=output, top_k=top_k, full=full, temperatures=temperatures,
         sample=sample, proposal_temperature=proposal_temperature, sample_seed=sample_seed,

@@ -45,10 +45,14 @@ temperature τ_r (r(v) = exp(ℓ_v/τ_r − N_τr)), restricted to the tokens be
 (r_tail(v) = r(v)/m_r, m_r its mass there). Draws are keyed by (seed, proposal, global window): one numpy
 generator per window gives each position its N uniforms in a fixed order, mapped through the proposal's CDF, so a
 chunk recomputed (resume, `--part`, torchrun, another batch size) gives the same bytes. The variable number of
-distinct ids per position is stored padded to W = N·n_r with count 0 rather than as offsets into a flat array:
-measured (benchmarks/bench_fidelity.py --layout), Blosc-zstd with byte shuffle compresses the pad runs to a few
-bytes a chunk, so the two layouts differ by under 1 B/position, while padding keeps every array chunk-aligned with
-the token store (whole-chunk reads, the same done-markers and checksums) and a reader needs no offsets array.
+distinct ids per position is stored padded to W = N·n_r with count 0 rather than as offsets into a flat array.
+Measured by benchmarks/bench_fidelity.py on one 4096-position chunk of a sampled cache (the offsets layout: the
+real entries concatenated plus one count of distinct ids per position, same codecs; figures in
+benchmarks/results/fidelity_*.md): Blosc-zstd with byte shuffle compresses the pad runs to almost nothing, so the
+padded layout costs under 1 B/position more (toy run, N=10, V=400: 21.5 vs 20.9 B/position) and reads as fast,
+while the offsets layout needs a scatter back to the rectangular form the losses take. Padding keeps every array
+chunk-aligned with the token store (whole-chunk reads, the same done-markers and checksums) and needs no offsets
+array, so it is the layout.
 
 Why these encodings (measured on trained teachers, k=64, V=8000; benchmarks/bench_precompute.py reproduces
 the totals): sorted ids stored as deltas take ~20 B/position under Blosc-zstd with byte shuffle (random-order
