@@ -46,13 +46,16 @@ temperature τ_r (r(v) = exp(ℓ_v/τ_r − N_τr)), restricted to the tokens be
 generator per window gives each position its N uniforms in a fixed order, mapped through the proposal's CDF, so a
 chunk recomputed (resume, `--part`, torchrun, another batch size) gives the same bytes. The variable number of
 distinct ids per position is stored padded to W = N·n_r with count 0 rather than as offsets into a flat array.
-Measured by benchmarks/bench_fidelity.py on one 4096-position chunk of a sampled cache (the offsets layout: the
-real entries concatenated plus one count of distinct ids per position, same codecs; figures in
-benchmarks/results/fidelity_*.md): Blosc-zstd with byte shuffle compresses the pad runs to almost nothing, so the
-padded layout costs under 1 B/position more (toy run, N=10, V=400: 21.5 vs 20.9 B/position) and reads as fast,
-while the offsets layout needs a scatter back to the rectangular form the losses take. Padding keeps every array
-chunk-aligned with the token store (whole-chunk reads, the same done-markers and checksums) and needs no offsets
-array, so it is the layout.
+Measured by benchmarks/bench_fidelity.py on the first 4096-position chunk of a sampled cache (N=50 per τ at τ=1
+and τ=2, W=100, 72 distinct ids a position from a flat trained teacher, V=2000), against an offsets layout of the
+same data (the real entries concatenated plus one count of distinct ids per position, same codecs): padded 207
+B/position, offsets 170 (-18%); reading the chunk took 4.1 ms padded against 4.9 ms for the offsets layout read
+and scattered back to the rectangular form the losses take (on a toy teacher with N=10 and nearly all draws
+distinct the two were within 1 B/position). Padding is the layout: it keeps every array chunk-aligned with the
+token store (whole-chunk reads, the same done-markers, checksums and damage checks as every other array) and
+needs no offsets array. The price, ~1.3 B per pad slot in the measurement above, grows with the number of pads
+(W minus the distinct ids: a sharper teacher has more), so it is the first thing to revisit if sampled caches must
+get smaller.
 
 Why these encodings (measured on trained teachers, k=64, V=8000; benchmarks/bench_precompute.py reproduces
 the totals): sorted ids stored as deltas take ~20 B/position under Blosc-zstd with byte shuffle (random-order
