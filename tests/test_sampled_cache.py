@@ -161,7 +161,8 @@ def test_refusals(tmp_path, runner, store_path, teacher_path):
                        "--proposal-temperature must be a positive number")
     assert_clean_error(invoke(runner, base + ["-o", tmp_path / "c", "--sample", "5", "--proposal-temperature", "3"]),
                        "must be one of --temperatures")
-    assert_clean_error(invoke(runner, base + ["-o", tmp_path / "d", "--proposal-temperature", "1"]), "needs --sample")
+    assert_clean_error(invoke(runner, base + ["-o", tmp_path / "d", "--top-k", "4", "--proposal-temperature", "1"]),
+                       "needs --sample")
     assert_clean_error(invoke(runner, base + ["-o", tmp_path / "e", "--sample", "5", "--full"]), "exclude")
     assert_clean_error(invoke(runner, base + ["-o", tmp_path / "f", "--sample", "5", "--top-k", "300"]),
                        "leaves no tokens")
