@@ -23,6 +23,10 @@ side, O(k) a position beyond the student's own log-normaliser; ``uniform`` tails
 log-softmax. ``distill_loss(chunk_size=...)`` or ``chunked_distill_loss`` bound the memory (``chunked``).
 Which path a batch takes is decided once, by ``plan.make_plan``.
 
+Sampled targets (``SampledTarget``, from a sampled or hybrid cache; ``sampled``) take the same fused student side:
+forward KL is the unbiased estimate over the drawn ids, every other objective the stored ids plus one bucket of the
+exact remaining mass; ``tail_mode`` does not apply to them, and they cannot be mixed or combined into a dense target.
+
 Several teachers: ``teacher_combine="losses"`` keeps every sparse teacher sparse (any tail mode). ``logits`` and
 ``probs`` need one dense target, so several sparse teachers are expanded to their (n, V) uniform-tail
 reconstruction (``tail_mode="uniform"`` is required there; O(V) a position).
