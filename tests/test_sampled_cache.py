@@ -185,3 +185,28 @@ def test_eval_against_a_sampled_cache_and_repair_command(tmp_path, runner, store
     assert res_b["kl"] > 10 * max(abs(res["kl"]), 1e-4)
     cmd = precompute_command(cache)
     assert "--sample 16 --proposal-temperature 1 --sample-seed 3" in cmd and "--top-k 0" in cmd
+
+
+def test_verify_finds_what_no_sampled_cache_holds(tmp_path, runner, store_path, teacher_path):
+    """The sampled checks of verify on a decoded chunk: counts not summing to N, unsorted or repeated ids, draws
+    inside the exact top-k, and drawn mass beyond the normaliser (weights that would be wrong)."""
+    from dataclasses import replace
+
+    from cachekd.cache.verify import _sampled_problems
+
+    cache = _precompute(runner, store_path, [teacher_path], tmp_path / "h", "--top-k", "2", "--sample", "6",
+                        "--temperatures", "1,2")
+    b = cache.read_chunk("train", 0)[cache.teachers[0]]
+    assert _sampled_problems(cache, b) == []
+    counts = b.sample_counts.copy()
+    counts[0, 0, 0, 0] += 1
+    assert any("do not sum to 6" in p for p in _sampled_problems(cache, replace(b, sample_counts=counts)))
+    ids = b.sample_ids.copy()
+    ids[0, 0, 1] = ids[0, 0, 0]
+    assert any("sorted and distinct" in p for p in _sampled_problems(cache, replace(b, sample_ids=ids)))
+    ids = b.sample_ids.copy()
+    ids[0, 0, 0] = b.ids[0, 0, 0]
+    assert any("inside the exact top-k" in p for p in _sampled_problems(cache, replace(b, sample_ids=np.sort(ids, -1))))
+    tail = b.tail_lse.copy()
+    tail[0, 0, :] -= 10.0  # a normaliser far too small for the drawn ids' mass
+    assert any("more mass" in p for p in _sampled_problems(cache, replace(b, tail_lse=tail)))
