@@ -210,3 +210,16 @@ def test_verify_finds_what_no_sampled_cache_holds(tmp_path, runner, store_path, 
     tail = b.tail_lse.copy()
     tail[0, 0, :] -= 10.0  # a normaliser far too small for the drawn ids' mass
     assert any("more mass" in p for p in _sampled_problems(cache, replace(b, tail_lse=tail)))
+
+
+def test_topk_caches_keep_their_format(tmp_path, runner, store_path, teacher_path):
+    """A top-k cache is written exactly as before sampled caches existed (no `sample` entry, the same arrays), so
+    caches written by earlier versions read and resume unchanged; info names the storage kind."""
+    cache = _precompute(runner, store_path, [teacher_path], tmp_path / "t", "--top-k", "4")
+    for name in ("plan.json", "manifest.json"):
+        assert "sample" not in json.loads((tmp_path / "t" / name).read_text())
+    assert sorted(p.name for p in (tmp_path / "t" / "train" / cache.teachers[0]).iterdir()) == \
+        ["ids", "logprobs", "tail_lse"]
+    assert cache.plan.sample_spec is None and cache.plan.storage_kind == "top-4"
+    b = cache.read("train", 0, 2)[cache.teachers[0]]
+    assert b.sample_ids is None and b.ids.shape == (2, 16, 4)
