@@ -1,9 +1,10 @@
 """Fidelity of sparse caches: does a student distilled from a cache learn what the full teacher teaches?
 
 On a subset of babylm_like (`--data`, default ../shared/data/babylm_like; skipped cleanly when absent) with a BPE
-tokenizer trained on it, one teacher (LLaMA hidden 256, 4 layers) is trained for `--teacher-budget` seconds; then
-students (LLaMA hidden 64, 2 layers) are trained for the same number of steps, paired by seed (the seed sets the
-init and the data order, identical across rows), from:
+tokenizer trained on it, one teacher (LLaMA hidden 128, 4 layers: 1.3M parameters at V=2000) is trained for
+`--teacher-steps` steps (`--teacher-budget` seconds at most); then students (LLaMA hidden 64, 2 layers: 0.36M) are
+trained for the same number of steps, paired by seed (the seed sets the init and the data order, identical across
+rows), from:
 
     CE          cross-entropy only (the baseline)
     full        the teacher run live at every step (online): the full target
@@ -21,8 +22,8 @@ offsets: bytes and read time of the same chunk).
 
 Writes benchmarks/results/fidelity_<hardware>_<date>.md.
 
-    python benchmarks/bench_fidelity.py              # ~30 min on 2 CPU cores
-    python benchmarks/bench_fidelity.py --quick      # smoke run (a test runs it): ~1 min
+    python benchmarks/bench_fidelity.py              # 13 min on 2 CPU cores shared with other jobs
+    python benchmarks/bench_fidelity.py --quick      # smoke run (a test runs it): 15 s idle, ~3 min loaded
 """
 
 from __future__ import annotations
