@@ -1,7 +1,8 @@
 """Cost of the distillation losses, measured side by side in one run.
 
-(a) forward+backward time of the hard-label CE alone against CE + sparse KD (top-k, bucket tail), CE + dense KD
-    and the other variants, on the same student logits. Goal: sparse bucket KD ≤ 1.15× CE.
+(a) forward+backward time of the hard-label CE alone against CE + sparse KD (top-k, bucket tail), CE + sampled
+    KD (N=50 draws, the unbiased forward-KL estimate; reverse KL on the stored ids + bucket), CE + dense KD and the
+    other variants, on the same student logits. Goals: sparse bucket KD ≤ 1.15× CE, sampled KD ≤ 1.0× CE.
 (b) peak memory and time of the chunked loss (hidden states + lm_head weight, ``chunked_distill_loss``) against a
     plain PyTorch loss on the unchunked logits (``F.cross_entropy`` + ``F.kl_div``). Goals: peak ≤ 1/3 of the
     plain one, time ≤ 1.2×. On CPU the peak is measured in a fresh subprocess per variant as peak RSS
@@ -67,6 +68,18 @@ def sparse_from_dense(teacher: torch.Tensor, k: int, tau: float) -> SparseTarget
     vals, ids = logp1.topk(k, dim=-1)
     tail = (logp1 / tau).scatter(-1, ids, -float("inf")).logsumexp(-1)
     return SparseTarget(ids=ids, logits=vals, tail_lse=tail)
+
+
+def sampled_from_dense(teacher: torch.Tensor, num_draws: int, tau: float):
+    """What a sampled cache holds for teacher logits (n, V) at τ (its own draws), as the loss target (1, n, S)."""
+    import numpy as np
+
+    from cachekd.teacher_samples import sampled_teacher_targets, target_at
+
+    n = teacher.shape[0]
+    arrays, _ = sampled_teacher_targets(teacher.float().view(1, n, -1), teacher.shape[-1], 0, [tau], num_draws, None,
+                                        0, np.arange(1))
+    return target_at(arrays, [tau], tau, None)
 
 
 def make_logits(n: int, vocab: int, device: str, seed: int = 0, confident: bool = False):
@@ -157,6 +170,13 @@ def part_a(n: int, vocab: int, k: int, repeats: int, device: str) -> list[dict]:
                 mix_alpha=alpha)
     variant(f"CE + sparse k={k} uniform reverse KL + mixing α=0.5 (ChooBaCa loss, general (n, V) path)", [tgt1],
             choobaca, mix_alpha=0.5, general=True)
+    # sampled targets (RS-KD, N=50 draws a position, one proposal per τ), built as precompute builds them
+    for tau in (1.0, 2.0):
+        smp = sampled_from_dense(teacher, 50, tau)
+        variant(f"CE + sampled N=50 forward KL (unbiased estimate), τ={tau:g}", [smp],
+                KDConfig("forward_kl", temperature=tau))
+        if tau == 1.0:
+            variant("CE + sampled N=50 reverse KL (bucket), τ=1", [smp], KDConfig("reverse_kl"))
     variant("CE + dense forward KL, τ=1", [dense], KDConfig("forward_kl"))
     variant("CE + dense reverse KL, τ=1", [dense], KDConfig("reverse_kl"))
     # worst case for the tail: every row's student tail mass < 2^-8 takes the exact O(V) path

@@ -554,7 +554,8 @@ def agreement_with_cache(model, cache, store: TokenStore, *, split: str = "dev",
                          progress: bool = True) -> dict[str, Any]:
     """Per teacher of `cache`: mean KL(p_teacher ‖ q_student) per position at `temperature` and the share of positions
     where the student's top-1 token is the teacher's. A top-k cache gives the exact KL of the (top-k, tail)
-    coarse-grained distributions (`bucket`), which is a lower bound of the full KL; a full cache gives the full KL.
+    coarse-grained distributions (`bucket`), which is a lower bound of the full KL; a full cache gives the full KL;
+    a sampled cache an unbiased estimate of the full KL (its top-1 is the most probable stored id).
     Positions are those with a next token inside the window (as in training)."""
     from tqdm.auto import tqdm
 
@@ -582,6 +583,14 @@ def agreement_with_cache(model, cache, store: TokenStore, *, split: str = "dev",
             if blk.logits is not None:
                 z = torch.from_numpy(blk.logits).to(device).float()
                 target, t_top1 = DenseTarget(z), z.argmax(-1)
+            elif blk.sample_ids is not None:  # the unbiased estimate of the KL (a divergence: H_τ is exact)
+                from cachekd.teacher_samples import target_at
+
+                arrays = {n: None if getattr(blk, n) is None else torch.from_numpy(getattr(blk, n)).to(device)
+                          for n in blk.NAMES}
+                target = target_at(arrays, cache.temperatures, temperature, cache.plan.sample_spec.proposal_temperature)
+                best = torch.where(torch.isfinite(target.logp), target.logp, -torch.inf).argmax(-1, keepdim=True)
+                t_top1 = target.ids.gather(-1, best).squeeze(-1)
             else:
                 ids = torch.from_numpy(blk.ids).to(device)
                 lp = torch.from_numpy(blk.logprobs).to(device)
@@ -593,7 +602,8 @@ def agreement_with_cache(model, cache, store: TokenStore, *, split: str = "dev",
             sums[t][2] += int(mask.sum())
     return {
         "cache": str(cache.path), "split": split, "windows": n, "temperature": temperature,
-        "kl_kind": "full" if cache.mode == "full" else f"top-{cache.k} + tail bucket",
+        "kl_kind": "full" if cache.mode == "full" else f"top-{cache.k} + tail bucket" if cache.mode == "topk"
+        else f"unbiased estimate from a {cache.plan.storage_kind} cache",
         "teachers": {t: {"kl": s[0] / max(s[2], 1), "top1_agreement": s[1] / max(s[2], 1), "positions": s[2]}
                      for t, s in sums.items()},
     }

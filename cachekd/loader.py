@@ -101,12 +101,12 @@ class WindowSource:
         for t, blks in parts_t.items():
             b0 = blks[0]
             merged = {}
-            for name in ("ids", "logprobs", "tail_lse", "logits"):
+            for name in b0.NAMES:
                 if getattr(b0, name) is not None:
                     arr = np.concatenate([getattr(b, name) for b in blks])
                     if name == "ids":
                         arr = arr.astype(np.int32)
-                    if name == "tail_lse" and self.temperature_index is not None:
+                    if name == "tail_lse" and self.temperature_index is not None and b0.sample_ids is None:
                         arr = arr[..., self.temperature_index]
                     merged[name] = arr
             self._block["teachers"][t] = merged

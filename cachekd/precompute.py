@@ -26,6 +26,7 @@ from cachekd.cache import writer as cw
 from cachekd.cache import format as fmt
 from cachekd.errors import CachekdError
 from cachekd.teacher_rows import teacher_targets
+from cachekd.teacher_samples import sampled_teacher_targets
 from cachekd.tokens import TokenStore
 
 
@@ -39,8 +40,8 @@ class PrecomputeConfig:
     """Teacher checkpoints: an HF directory, a `cachekd train` run directory, a registry name, or NAME=PATH."""
     output: str = ""
     """Directory of the logit cache."""
-    top_k: int = 64
-    """Logits kept per position (ignored with `full`)."""
+    top_k: int | None = None
+    """Logits kept exactly per position (ignored with `full`); None: 64, or 0 with `sample` (a pure sampled cache)."""
     full: bool = False
     """Store all logits in fp16 instead of the top-k (small vocabularies, exactness tests)."""
     temperatures: list[float] = field(default_factory=lambda: [1.0, 2.0])
@@ -59,9 +60,18 @@ class PrecomputeConfig:
     logprob_step: float = 1 / 512
     """Fixed-point step of the stored log-probabilities: the largest error is half of it (default 2⁻¹⁰ ≈ 9.8e-4
     nats). 1/256 saves ~8 bytes a position at k=64 for twice the error."""
+    sample: int | None = None
+    """N: store N ids drawn from the teacher per position (a sampled cache; with an explicit top_k a hybrid of the
+    exact top-k and N draws from the rest). None: a top-k cache."""
+    proposal_temperature: float | None = None
+    """The temperature the draws are made at, one of `temperatures`; None: each cached τ gets its own N draws."""
+    sample_seed: int = 0
+    """Seed of the draws (each window's draws are a function of the seed and the window)."""
 
     def __post_init__(self) -> None:
-        if not self.full and self.top_k < 1:
+        if self.top_k is None:
+            self.top_k = 0 if self.sample is not None else 64
+        if not self.full and self.sample is None and self.top_k < 1:
             raise CachekdError(f"--top-k must be at least 1 (got {self.top_k}).")
         for t in self.temperatures:
             if not t > 0 or not math.isfinite(t):
@@ -72,6 +82,23 @@ class PrecomputeConfig:
             raise CachekdError(f"--batch-size must be at least 1 (got {self.batch_size}).")
         if not 1 / 65536 <= self.logprob_step <= 1:
             raise CachekdError(f"--logprob-step must be between 1/65536 and 1 (got {self.logprob_step}).")
+        if self.sample is not None:
+            if self.full:
+                raise CachekdError("--sample and --full exclude each other: full logits need no samples.")
+            if not 1 <= self.sample <= 65535:
+                raise CachekdError(f"--sample must be a number of draws between 1 and 65535 (got {self.sample}).")
+            if self.top_k < 0:
+                raise CachekdError(f"--top-k must be at least 0 with --sample (got {self.top_k}).")
+        if self.proposal_temperature is not None:
+            t = self.proposal_temperature
+            if self.sample is None:
+                raise CachekdError("--proposal-temperature needs --sample N.")
+            if not t > 0 or not math.isfinite(t):
+                raise CachekdError(f"--proposal-temperature must be a positive number (got {t}).")
+            if not any(math.isclose(t, x) for x in self.temperatures):
+                raise CachekdError(f"--proposal-temperature {t:g} must be one of --temperatures "
+                                   f"({', '.join(f'{x:g}' for x in self.temperatures)}): the weights need its "
+                                   f"normaliser.")
         if self.dtype not in ("auto", "bf16", "fp16", "fp32"):
             raise CachekdError(f"--dtype must be auto, bf16, fp16 or fp32 (got {self.dtype!r}).")
         parse_part(self.part)
@@ -166,11 +193,14 @@ def build_plan(cfg: PrecomputeConfig, store: TokenStore, teachers: list[dict[str
             chunk_windows=store.chunk_windows,
         ),
         teachers=teachers,
-        mode="full" if cfg.full else "topk",
+        mode="full" if cfg.full else "topk" if cfg.sample is None else "sampled",
         k=None if cfg.full else cfg.top_k,
         temperatures=[] if cfg.full else [float(t) for t in cfg.temperatures],
         splits=splits,
         encoding=fmt.encoding_descriptors(1.0 / cfg.logprob_step),
+        sample=None if cfg.sample is None else fmt.SampleSpec(
+            cfg.sample, None if cfg.proposal_temperature is None else float(cfg.proposal_temperature),
+            cfg.sample_seed).to_dict(),
     )
 
 
@@ -205,12 +235,20 @@ def _chunk_targets(models: list, infos: list[dict[str, Any]], tokens: np.ndarray
                              fmt.COMPUTE_DTYPE: str(amp or torch.float32).removeprefix("torch.")}
     for info, model in zip(infos, models):
         parts: dict[str, list[torch.Tensor]] = {}
-        ent, mass = [], []
+        ent, mass, distinct = [], [], []
         for b in range(0, len(tokens), cfg.batch_size):
             x = torch.from_numpy(tokens[b:b + cfg.batch_size].astype(np.int64)).to(device)
             with torch.inference_mode(), torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
                 logits = model(input_ids=x).logits
-            arrays, st = teacher_targets(logits, vocab, k, temps)
+            if plan.mode == "sampled":
+                spec = plan.sample_spec
+                first = plan.chunk_range(split, chunk)[0] + b
+                arrays, st = sampled_teacher_targets(logits, vocab, int(plan.k), temps, spec.num_draws,
+                                                     spec.proposal_temperature, spec.seed,
+                                                     np.arange(first, first + len(x)))
+                distinct.append(st["distinct_ids"].cpu())
+            else:
+                arrays, st = teacher_targets(logits, vocab, k, temps)
             bad = ~torch.isfinite(st["lse"]).all(dim=-1)
             if bool(bad.any()):
                 w = plan.chunk_range(split, chunk)[0] + b + int(bad.nonzero()[0])
@@ -231,6 +269,8 @@ def _chunk_targets(models: list, infos: list[dict[str, Any]], tokens: np.ndarray
         if mass:
             msum = torch.cat(mass).double().flatten(0, -2).sum(0)
             s["topk_mass_sum"] = {str(t): float(v) for t, v in zip(temps, msum)}
+        if distinct:
+            s["distinct_ids_sum"] = float(torch.cat(distinct).double().sum())
         stats["teachers"][info["name"]] = s
     return results, stats
 
@@ -247,6 +287,9 @@ def precompute(cfg: PrecomputeConfig, *, force: bool = False, progress: bool = T
         raise CachekdError("no output path given: pass --output DIR for the cache.")
     store = TokenStore.open(cfg.store)
     vocab = store.vocab_size
+    if not cfg.full and cfg.top_k >= vocab and cfg.sample is not None:
+        raise CachekdError(f"--top-k {cfg.top_k} with --sample leaves no tokens to draw from (the vocabulary has "
+                           f"{vocab}); use a top-k cache, or a smaller --top-k.")
     if not cfg.full and cfg.top_k > vocab:
         raise CachekdError(f"--top-k {cfg.top_k} is larger than the vocabulary ({vocab} tokens).")
     rank, world, local_rank = distributed.setup()

@@ -251,9 +251,10 @@ class TeacherSource(ABC):
 class CachedTeachers(TeacherSource):
     """Targets read from a logit cache: sparse (top-k + tail_lse) or full logits."""
 
-    def __init__(self, cache: LogitCache, names: list[str], cache_spec: str,
+    def __init__(self, cache: LogitCache, names: list[str], cache_spec: str, temperature: float = 1.0,
                  captured_mass: dict[str, float] | None = None, notes: tuple[str, ...] = ()):
         self.cache, self.names, self.cache_spec = cache, names, cache_spec
+        self.temperature = temperature  # the loss τ (sampled caches build their targets at it)
         self.captured_mass = captured_mass or {}
         """Per teacher, the mean share of its probability at the run's τ that the cached top-k holds (top-k caches)."""
         self.notes = notes
@@ -273,17 +274,20 @@ class CachedTeachers(TeacherSource):
         check_teacher_count(d, names)
         if "train" not in cache.splits():
             raise CachekdError(f"cache {d.cache!r} has no train split.")
+        tau = float(d.schedules()[0].start)
+        if cache.mode == "sampled":
+            _check_sampled_settings(cache, d, len(names))
         if cache.mode != "topk":
-            return cls(cache, names, d.cache)
-        _check_topk_settings(cache, d, len(names))
-        tau = d.schedules()[0].start  # a top-k cache takes a constant τ only (checked above)
+            return cls(cache, names, d.cache, tau)
+        _check_topk_settings(cache, d, len(names))  # a top-k cache takes a constant τ only
         mass = {t: cache.captured_topk_mass(t, tau) for t in names}
         notes = tuple(low_topk_mass_note(cache, t, tau, m, where, d.tail_mode) for t, (m, where) in mass.items()
                       if m < LOW_TOPK_MASS and d.tail_mode != "renormalize")
-        return cls(cache, names, d.cache, {t: m for t, (m, _) in mass.items()}, notes)
+        return cls(cache, names, d.cache, tau, {t: m for t, (m, _) in mass.items()}, notes)
 
     def temperature_index(self, tau: float) -> int | None:
-        """Which stored tail_lse the loader reads (top-k caches), None for full logits."""
+        """Which stored tail_lse the loader reads (top-k caches), None for full logits and sampled caches (their
+        targets need the normalisers of the loss τ and of the proposal: `targets` picks them)."""
         return self.cache.temperature_index(tau) if self.cache.mode == "topk" else None
 
     def targets(self, batch: dict[str, Any], input_ids: torch.Tensor) -> list[DenseTarget | SparseTarget]:
@@ -294,6 +298,11 @@ class CachedTeachers(TeacherSource):
             b = batch["teachers"][t]
             if "logits" in b:
                 out.append(DenseTarget(b["logits"]))
+            elif "sample_ids" in b:
+                from cachekd.teacher_samples import target_at
+
+                spec = self.cache.plan.sample_spec
+                out.append(target_at(b, self.cache.temperatures, self.temperature, spec.proposal_temperature))
             else:
                 out.append(SparseTarget(ids=b["ids"].long(), logits=b["logprobs"], tail_lse=b["tail_lse"]))
         return out
@@ -302,6 +311,9 @@ class CachedTeachers(TeacherSource):
         out: dict[str, Any] = {"cache": self.cache_spec, "teachers": self.names}
         if self.captured_mass:
             out["captured_topk_mass"] = {t: round(m, 5) for t, m in self.captured_mass.items()}
+        if self.cache.mode == "sampled":
+            out["storage_kind"] = self.cache.plan.storage_kind
+            out["note"] = SAMPLED_TAIL_NOTE
         return out
 
 
@@ -324,9 +336,29 @@ def low_topk_mass_note(cache: LogitCache, teacher: str, tau: float, mass: float,
         f"{what}, "
         f"so it passes on little of the teacher and the student may do no better than cross-entropy. Options: a "
         f"larger k (`cachekd precompute --top-k`), another tail mode (--tail-mode renormalize keeps the shape of the "
-        f"top-k, biased), a lower τ (the captured mass falls as τ grows), or a sampled cache (`precompute --sample "
-        f"N`, unbiased sampled targets) once this cachekd has one."
+        f"top-k, biased), a lower τ (the captured mass falls as τ grows), or a sampled cache (`cachekd precompute "
+        f"--sample 50`: unbiased forward-KL targets that kept the whole full-teacher gain in the README's fidelity "
+        f"figures)."
     )
+
+
+SAMPLED_TAIL_NOTE = ("distill.tail_mode is ignored with a sampled cache: forward KL uses the unbiased estimate over "
+                     "the drawn ids, every other objective the stored ids plus one bucket of the exact remaining mass")
+
+
+def _check_sampled_settings(cache: LogitCache, d: DistillConfig, num_teachers: int) -> None:
+    """Refuse what a sampled cache cannot serve: a τ schedule, a τ it has no normaliser for, mixing, combining."""
+    temperature = d.schedules()[0]
+    if temperature.kind != "constant":
+        raise CachekdError("a temperature schedule needs a --full cache: a sampled cache has normalisers and "
+                           f"entropies for temperatures {cache.temperatures} only.")
+    cache.temperature_index(temperature.start)
+    if d.mixing():
+        raise CachekdError("mixing teacher and student logits (distill.alpha below 1) needs a dense target, which a "
+                           "sampled cache does not have; use a top-k cache with --tail-mode uniform or a --full cache.")
+    if num_teachers > 1 and d.teacher_combine != "losses":
+        raise CachekdError(f"combining several sampled teachers by {d.teacher_combine} is not possible (each is "
+                           f"compared at its own ids); pass --teacher-combine losses (distill.teacher_combine).")
 
 
 def _check_topk_settings(cache: LogitCache, d: DistillConfig, num_teachers: int) -> None:

@@ -20,7 +20,14 @@ def _floats(ctx, param, value):
 @click.option("--teacher", "teachers", multiple=True, required=True,
               help="Teacher: HF checkpoint dir, `cachekd train` run dir, a registry name, or NAME=PATH. Repeat for several.")
 @click.option("-o", "--output", required=True, type=click.Path(), help="Directory of the logit cache.")
-@click.option("--top-k", default=64, show_default=True, type=int, help="Logits kept per position.")
+@click.option("--top-k", default=None, type=int,
+              help="Logits kept exactly per position [default: 64; with --sample: 0, a pure sampled cache].")
+@click.option("--sample", default=None, type=int, metavar="N",
+              help="Draw N ids per position from the teacher and store them with counts (RS-KD: an unbiased "
+                   "forward-KL target); with --top-k K, N draws from beyond the exact top-K (a hybrid).")
+@click.option("--proposal-temperature", default=None, type=float, metavar="T",
+              help="Draw at this one temperature (one of --temperatures) instead of once per cached temperature.")
+@click.option("--sample-seed", default=0, show_default=True, type=int, help="Seed of the --sample draws.")
 @click.option("--full", is_flag=True, help="Store all logits (fp16) instead of the top-k.")
 @click.option("--temperatures", default="1.0,2.0", show_default=True, callback=_floats,
               help="Temperatures to store the exact tail mass for (comma-separated).")
@@ -37,12 +44,14 @@ def _floats(ctx, param, value):
 @click.option("--force", is_flag=True, help="Start again over a cache begun with other settings.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def precompute_command(store, teachers, output, top_k, full, temperatures, logprob_step, splits, batch_size, device, dtype,
-                       registry, part, force, as_json, quiet):
+def precompute_command(store, teachers, output, top_k, sample, proposal_temperature, sample_seed, full, temperatures,
+                       logprob_step, splits, batch_size, device, dtype, registry, part, force, as_json, quiet):
     """Run the frozen teacher(s) ONCE over a token store and cache their outputs for every later student.
 
     Per position it keeps the top-k teacher log-probabilities and ids plus the exact log-sum-exp of the rest
-    (tail_lse) at each --temperatures value, or with --full every logit. Killed at any moment, the same command
+    (tail_lse) at each --temperatures value, or with --full every logit, or with --sample N the distinct ids of N
+    draws from the teacher with their counts, log-probabilities, the normaliser and entropy (an unbiased target;
+    `--top-k K --sample N` keeps the top-K exact and draws from the rest). Killed at any moment, the same command
     resumes where it stopped. Under `torchrun --nproc-per-node N -m cachekd_cli precompute ...` each rank takes its own
     chunks; `--part i/n` does the same for independent jobs.
 
@@ -54,6 +63,7 @@ def precompute_command(store, teachers, output, top_k, full, temperatures, logpr
 
     cfg = PrecomputeConfig(
         store=store, teachers=list(teachers), output=output, top_k=top_k, full=full, temperatures=temperatures,
+        sample=sample, proposal_temperature=proposal_temperature, sample_seed=sample_seed,
         splits=[s.strip() for s in splits.split(",") if s.strip()], batch_size=batch_size, device=device, dtype=dtype,
         registry=registry, part=part, logprob_step=logprob_step,
     )

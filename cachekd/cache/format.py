@@ -14,6 +14,17 @@
                                         (log p_v / τ) for each cached τ, with log p the τ=1 log-probabilities;
                                         fixed point value = stored / TAIL_SCALE, TAIL_NEG_INF = −inf (k = V)
       <split>/<teacher>/logits          (N, L, V) float16: all raw logits (full mode only)
+    sampled mode (``precompute --sample N``, hybrid with ``--top-k K --sample N``; see "Sampled caches" below):
+      <split>/<teacher>/ids, logprobs   the exact top-K as in top-k mode (hybrid only, K > 0)
+      <split>/<teacher>/tail_lse        (N, L, n_τ) as in top-k mode, over the tokens NOT in the exact top-K: with
+                                        K = 0 it is the whole vocabulary's normaliser N_τ = log Σ_v exp(ℓ_v/τ)
+      <split>/<teacher>/sample_ids      (N, L, W) sorted distinct drawn ids, delta-encoded, padded at the end
+                                        (delta 0: a pad repeats the last id) with count 0
+      <split>/<teacher>/sample_logprobs (N, L, W) uint16: ℓ_v = log p₁(v) of each drawn id, fixed point as logprobs
+      <split>/<teacher>/sample_counts   (N, L, W, n_r) uint8 (uint16 for N > 255): draws of each id from each
+                                        proposal (n_r = n_τ with one proposal per cached τ, else 1); pads 0
+      <split>/<teacher>/entropy         (N, L, n_τ) int16: the teacher's exact entropy H_τ at each cached τ, fixed
+                                        point 1/TAIL_SCALE nat (forward KL is reported as a divergence with it)
       done/<split>/<chunk>.json         marker written after every teacher's data of that chunk is on disk;
                                         holds the chunk's statistics and binds it to its token ids and to the
                                         chunk files written (see TOKENS_DIGEST); an empty or unparsable marker
@@ -28,6 +39,23 @@ chunk file ends with a CRC-32C of its compressed bytes, checked on every read, s
 is an error instead of silently different values. Caches written before the checksum was added have no `crc32c`
 codec in their arrays' zarr.json and read as before (without that protection); the format version is unchanged
 because the codec pipeline is recorded per array.
+
+Sampled caches. Per position N ids are drawn with replacement from a proposal r: the teacher at the proposal
+temperature τ_r (r(v) = exp(ℓ_v/τ_r − N_τr)), restricted to the tokens beyond the exact top-K in a hybrid cache
+(r_tail(v) = r(v)/m_r, m_r its mass there). Draws are keyed by (seed, proposal, global window): one numpy
+generator per window gives each position its N uniforms in a fixed order, mapped through the proposal's CDF, so a
+chunk recomputed (resume, `--part`, torchrun, another batch size) gives the same bytes. The variable number of
+distinct ids per position is stored padded to W = N·n_r with count 0 rather than as offsets into a flat array.
+Measured by benchmarks/bench_fidelity.py on the first 4096-position chunk of a sampled cache (N=50 per τ at τ=1
+and τ=2, W=100, 72 distinct ids a position from a flat trained teacher, V=2000), against an offsets layout of the
+same data (the real entries concatenated plus one count of distinct ids per position, same codecs): padded 207
+B/position, offsets 170 (-18%); reading the chunk took 4.1 ms padded against 4.9 ms for the offsets layout read
+and scattered back to the rectangular form the losses take (on a toy teacher with N=10 and nearly all draws
+distinct the two were within 1 B/position). Padding is the layout: it keeps every array chunk-aligned with the
+token store (whole-chunk reads, the same done-markers, checksums and damage checks as every other array) and
+needs no offsets array. The price, ~1.3 B per pad slot in the measurement above, grows with the number of pads
+(W minus the distinct ids: a sharper teacher has more), so it is the first thing to revisit if sampled caches must
+get smaller.
 
 Why these encodings (measured on trained teachers, k=64, V=8000; benchmarks/bench_precompute.py reproduces
 the totals): sorted ids stored as deltas take ~20 B/position under Blosc-zstd with byte shuffle (random-order
@@ -58,7 +86,8 @@ LOGPROB_SCALE = 512.0           # fixed-point steps per nat: max rounding error 
 LOGPROB_MIN = -65535 / LOGPROB_SCALE  # ≈ −128 nats: smaller top-k log-probabilities are clipped here
 TAIL_SCALE = 512.0              # tail_lse fixed point: range ±64, max rounding error 9.8e-4
 TAIL_NEG_INF = -32768           # stored for an empty tail (k = V)
-CLEVEL = {"ids": 5, "logprobs": 1, "tail_lse": 5}  # zstd level inside Blosc per array (see above)
+CLEVEL = {"ids": 5, "logprobs": 1, "tail_lse": 5, "sample_ids": 5, "sample_logprobs": 1, "sample_counts": 5,
+          "entropy": 5}  # zstd level inside Blosc per array (see above)
 BLOCKSIZE = 1 << 20             # one Blosc block per top-k chunk: zstd sees the whole chunk (-2.4 B/position, faster)
 MAX_FULL_CHUNK_BYTES = 32 << 20
 # A CRC-32C after the compressor, checked on every read. Measured cost on one top-k chunk of 4096 positions
@@ -77,7 +106,9 @@ MANIFEST_FILE = "manifest.json"  # the plan plus statistics, written last
 DONE_DIR = "done"                # done/<split>/<chunk>.json: one marker per finished chunk
 LOCK_FILE = ".lock"              # serialises creating, finalising and repairing the cache
 SHARE_LOCK = ".precompute-{share}-of-{shares}.lock"  # held by the process filling that share (1-based) of the chunks
-ARRAY_NAMES = {"topk": ("ids", "logprobs", "tail_lse"), "full": ("logits",)}
+ARRAY_NAMES = {"topk": ("ids", "logprobs", "tail_lse"), "full": ("logits",),
+               "sampled": ("ids", "logprobs", "tail_lse", "sample_ids", "sample_logprobs", "sample_counts", "entropy")}
+SAMPLE_ARRAYS = ("sample_ids", "sample_logprobs", "sample_counts", "entropy")  # beyond the top-k arrays
 
 
 def id_dtype(vocab_size: int) -> np.dtype:
@@ -258,7 +289,11 @@ def has_checksum(array) -> bool:
     return any(isinstance(c, Crc32cCodec) for c in array.metadata.codecs)
 
 
-def array_names(mode: str) -> tuple[str, ...]:
+def array_names(mode: str, k: int | None = None) -> tuple[str, ...]:
+    """The arrays each teacher has in a cache of this mode (a sampled cache without an exact top-K, k = 0, has no
+    `ids` and `logprobs`)."""
+    if mode == "sampled" and not k:
+        return tuple(n for n in ARRAY_NAMES[mode] if n not in ("ids", "logprobs"))
     return ARRAY_NAMES[mode]
 
 
@@ -273,6 +308,35 @@ def encoding_descriptors(logprob_scale: float) -> dict[str, Any]:
     """The plan's `encoding` entry: how each array's values are stored (the scale is read back by the reader)."""
     return {"ids": "sorted, delta", "logprobs": "uint16 fixed point", "logprob_scale": logprob_scale,
             "tail_lse": f"int16 fixed point, 1/{TAIL_SCALE:g} nat", "logits": "float16"}
+
+
+@dataclass(frozen=True)
+class SampleSpec:
+    """How a sampled cache drew its ids (the plan's `sample` entry): `num_draws` N per position and proposal,
+    `proposal_temperature` τ_r (None: each cached τ has its own draws at τ_r = τ) and the `seed`."""
+
+    num_draws: int
+    proposal_temperature: float | None = None
+    seed: int = 0
+
+    def num_proposals(self, num_temperatures: int) -> int:
+        return num_temperatures if self.proposal_temperature is None else 1
+
+    def width(self, num_temperatures: int) -> int:
+        """Stored ids per position (padded): every draw of every proposal could be a distinct id."""
+        return self.num_draws * self.num_proposals(num_temperatures)
+
+    def count_dtype(self) -> np.dtype:
+        return np.dtype(np.uint8) if self.num_draws <= 255 else np.dtype(np.uint16)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "SampleSpec":
+        if not isinstance(d, dict) or not isinstance(d.get("num_draws"), int):
+            raise CachekdError("the cache's plan has a 'sample' entry without an integer num_draws")
+        return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
 
 
 @dataclass(frozen=True)
@@ -308,7 +372,8 @@ class TokenStoreRef:
 
 
 # Plan keys that must agree for a cache to be resumed (the rest, e.g. a teacher's path, may change).
-PLAN_IDENTITY = ("format_version", "token_store", "teachers", "mode", "k", "temperatures", "splits", "encoding")
+PLAN_IDENTITY = ("format_version", "token_store", "teachers", "mode", "k", "temperatures", "splits", "encoding",
+                 "sample")
 
 
 @dataclass(kw_only=True)
@@ -322,16 +387,18 @@ class CachePlan:
 
     token_store: TokenStoreRef
     teachers: list[dict[str, Any]]
-    mode: Literal["topk", "full"]
+    mode: Literal["topk", "full", "sampled"]
     k: int | None
     temperatures: list[float]
     splits: dict[str, int]
     encoding: dict[str, Any] | None = None
+    sample: dict[str, Any] | None = None
+    """Sampled caches only: the `SampleSpec` as a JSON object (k is then the exact top-K of a hybrid, 0 for none)."""
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
     extra: dict[str, Any] = field(default_factory=dict)
 
-    _OPTIONAL = ("encoding",)
+    _OPTIONAL = ("encoding", "sample")
 
     # --- derived facts
     @property
@@ -346,6 +413,25 @@ class CachePlan:
     @property
     def chunk_windows(self) -> int:
         return int(self.token_store.chunk_windows)
+
+    @property
+    def sample_spec(self) -> SampleSpec | None:
+        return None if self.sample is None else SampleSpec.from_dict(self.sample)
+
+    @property
+    def storage_kind(self) -> str:
+        """In words: "full logits", "top-64", "sampled N=50", "hybrid top-16 + sampled N=50"."""
+        if self.mode == "full":
+            return "full logits"
+        if self.mode == "topk":
+            return f"top-{self.k}"
+        spec = self.sample_spec
+        draws = f"sampled N={spec.num_draws}" + (f" (proposal τ={spec.proposal_temperature:g})"
+                                                  if spec.proposal_temperature is not None else "")
+        return f"hybrid top-{self.k} + {draws}" if self.k else draws
+
+    def array_names(self) -> tuple[str, ...]:
+        return array_names(self.mode, self.k)
 
     def num_chunks(self, split: str) -> int:
         return math.ceil(int(self.splits[split]) / self.chunk_windows)
@@ -364,6 +450,16 @@ class CachePlan:
             return [ArraySpec("ids", (n, L, k), (cw, L, k), id_dtype(V)),
                     ArraySpec("logprobs", (n, L, k), (cw, L, k), np.dtype(np.uint16)),
                     ArraySpec("tail_lse", (n, L, nt), (cw, L, nt), np.dtype(np.int16))]
+        if self.mode == "sampled":
+            k, nt, spec = int(self.k or 0), len(self.temperatures), self.sample_spec
+            w, nr = spec.width(nt), spec.num_proposals(nt)
+            exact = [ArraySpec("ids", (n, L, k), (cw, L, k), id_dtype(V)),
+                     ArraySpec("logprobs", (n, L, k), (cw, L, k), np.dtype(np.uint16))] if k else []
+            return exact + [ArraySpec("tail_lse", (n, L, nt), (cw, L, nt), np.dtype(np.int16)),
+                            ArraySpec("sample_ids", (n, L, w), (cw, L, w), id_dtype(V)),
+                            ArraySpec("sample_logprobs", (n, L, w), (cw, L, w), np.dtype(np.uint16)),
+                            ArraySpec("sample_counts", (n, L, w, nr), (cw, L, w, nr), spec.count_dtype()),
+                            ArraySpec("entropy", (n, L, nt), (cw, L, nt), np.dtype(np.int16))]
         fw = full_chunk_windows(cw, L, V)
         return [ArraySpec("logits", (n, L, V), (fw, L, V), np.dtype(np.float16))]
 
@@ -507,6 +603,17 @@ def encode_tail(tail_lse: np.ndarray) -> np.ndarray:
     q = np.clip(np.rint(t * TAIL_SCALE), TAIL_NEG_INF + 1, 32767)
     q = np.where(np.isneginf(t), TAIL_NEG_INF, q)
     return q.astype(np.int16)
+
+
+def encode_samples(ids: np.ndarray, logprobs: np.ndarray, counts: np.ndarray, vocab_size: int,
+                   scale: float = LOGPROB_SCALE) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Drawn ids (n, L, W) sorted ascending with the pads (count 0 in every proposal) at the end, repeating the
+    last id, their τ=1 log-probabilities and counts (n, L, W, n_r) → (delta ids, fixed-point log-probabilities
+    with 0 at the pads, counts as stored)."""
+    real = counts.sum(-1) > 0
+    deltas = np.diff(ids.astype(np.int64), axis=-1, prepend=0).astype(id_dtype(vocab_size))
+    q = np.clip(np.rint(logprobs.astype(np.float64) * -scale), 0, 65535)
+    return deltas, np.where(real, q, 0).astype(np.uint16), counts
 
 
 def decode_tail(q: np.ndarray) -> np.ndarray:

@@ -20,19 +20,28 @@ class TeacherBlock:
 
     top-k mode: `ids` (n, L, k) int64 sorted ids, `logprobs` (n, L, k) float32 τ=1 log-probabilities (shift-invariant
     logits for the losses), `tail_lse` (n, L, n_τ) float32 (decoded from fixed point, ±9.8e-4). Full mode: `logits` (n, L, V) float16.
+    Sampled mode: the exact top-k as in top-k mode (hybrid only), `tail_lse` over the tokens beyond them (the whole
+    vocabulary's normaliser N_τ without a top-k), `sample_ids` (n, L, W) int64 sorted (pads repeat the last id),
+    `sample_logprobs` (n, L, W) float32 τ=1 log-probabilities (0 at pads), `sample_counts` (n, L, W, n_r) int64
+    (0 at pads) and `entropy` (n, L, n_τ) float32 (see cachekd.teacher_samples).
     """
 
     ids: np.ndarray | None = None
     logprobs: np.ndarray | None = None
     tail_lse: np.ndarray | None = None
     logits: np.ndarray | None = None
+    sample_ids: np.ndarray | None = None
+    sample_logprobs: np.ndarray | None = None
+    sample_counts: np.ndarray | None = None
+    entropy: np.ndarray | None = None
+
+    NAMES = ("ids", "logprobs", "tail_lse", "logits", "sample_ids", "sample_logprobs", "sample_counts", "entropy")
 
     def __len__(self) -> int:
-        a = self.logits if self.logits is not None else self.ids
-        return len(a)
+        return len(next(getattr(self, n) for n in self.NAMES if getattr(self, n) is not None))
 
     def select(self, rows: np.ndarray) -> "TeacherBlock":
-        return TeacherBlock(*(None if a is None else a[rows] for a in (self.ids, self.logprobs, self.tail_lse, self.logits)))
+        return TeacherBlock(**{n: None if getattr(self, n) is None else getattr(self, n)[rows] for n in self.NAMES})
 
 
 REPAIR_HINT = ("run `cachekd verify {path} --repair`, then re-run `cachekd precompute` with the same arguments "
@@ -177,6 +186,11 @@ class LogitCache:
             if math.isclose(t, tau, rel_tol=1e-9, abs_tol=1e-12):
                 return i
         have = ", ".join(f"{t:g}" for t in self.temperatures)
+        if self.mode == "sampled":
+            raise CachekdError(
+                f"the sampled cache holds normalisers and entropies for temperatures {have} only, not {tau:g}; choose "
+                f"one of those or run precompute with --temperatures including {tau:g}."
+            )
         raise CachekdError(
             f"the cache has tail_lse for temperatures {have} only, not {tau:g}; choose one of those or run precompute "
             f"with --temperatures including {tau:g}."
@@ -254,7 +268,7 @@ class LogitCache:
         """Windows [start, stop) of one array; a chunk that cannot be read or decoded is a DamagedChunkError
         naming the split, teacher, array, chunk and windows, and saying how to repair it."""
         arr = self._array(split, teacher, name)
-        if self.mode == "topk":
+        if self.mode == "topk" or name in ("ids", "logprobs", "sample_counts"):
             self._check_chunk_files(arr, split, teacher, name, start, stop)
         try:
             data = arr[start:stop]
@@ -278,7 +292,8 @@ class LogitCache:
     def _check_chunk_files(self, arr, split: str, teacher: str, name: str, start: int, stop: int) -> None:
         """zarr reads a missing chunk file as the fill value (zeros) without a word. A top-k chunk can never be all
         zeros (ids are distinct, log-probabilities and tails below 0), so zarr never skips writing one: a missing
-        file is a deleted one. (Full-logit chunks are not checked: a degenerate teacher could write all-zero
+        file is a deleted one. (In a sampled cache the same holds for the exact top-k and the counts; its tail_lse
+        is 0 at τ=1 without a top-k and its entropy 0 for a one-hot teacher, so those are not checked.) (Full-logit chunks are not checked: a degenerate teacher could write all-zero
         logits, which zarr stores as no file; top-k arrays are chunked like the token store.)"""
         base = self.path / fmt.array_path(split, teacher, name)
         for c in self._chunks(start, stop):
@@ -312,6 +327,16 @@ class LogitCache:
 
             if self.mode == "full":
                 out[t] = TeacherBlock(logits=get("logits"))
+            elif self.mode == "sampled":
+                exact = {"ids": fmt.decode_ids(get("ids")),
+                         "logprobs": fmt.decode_logprobs(get("logprobs"), self.plan.logprob_scale)} if self.k else {}
+                out[t] = TeacherBlock(
+                    **exact, tail_lse=fmt.decode_tail(get("tail_lse")),
+                    sample_ids=fmt.decode_ids(get("sample_ids")),
+                    sample_logprobs=fmt.decode_logprobs(get("sample_logprobs"), self.plan.logprob_scale),
+                    sample_counts=get("sample_counts").astype(np.int64),
+                    entropy=fmt.decode_tail(get("entropy")),
+                )
             else:
                 out[t] = TeacherBlock(
                     ids=fmt.decode_ids(get("ids")),
@@ -375,7 +400,7 @@ class LogitCache:
         None when an array cannot be opened)."""
         try:
             return all(fmt.has_checksum(self._array(s, t, name))
-                       for s in self.splits() for t in self.teachers for name in fmt.array_names(self.mode))
+                       for s in self.splits() for t in self.teachers for name in self.plan.array_names())
         except CachekdError:
             return None
 
@@ -416,6 +441,7 @@ class LogitCache:
         positions = {s: n * self.seq_len for s, n in plan.splits.items()}
         out.update({
             "mode": plan.mode,
+            "storage_kind": plan.storage_kind,
             "k": plan.k,
             "temperatures": [float(t) for t in plan.temperatures],
             "vocab_size": self.vocab_size,
@@ -432,7 +458,10 @@ class LogitCache:
             ],
             "checksums": self.has_checksums(),
             "bytes_on_disk": nbytes,
+            "bytes_per_array": self.bytes_per_array(),
         })
+        if plan.sample is not None:
+            out["sample"] = dict(plan.sample)
         if self.complete:
             out["bytes_per_position"] = round(nbytes / max(sum(positions.values()), 1), 2)
         for split, per_teacher in (plan.stats if isinstance(plan, fmt.CacheManifest) else {}).items():
@@ -441,8 +470,23 @@ class LogitCache:
                        "entropy_max": round(s["entropy_max"], 4)}
                 for tau, v in s.get("mean_topk_mass", {}).items():
                     row[f"topk_mass@tau={float(tau):g}"] = round(v, 5)
+                if "mean_distinct_ids" in s:
+                    row["distinct_ids_per_position"] = round(s["mean_distinct_ids"], 2)
                 out.setdefault("teacher_stats", {})[f"{split}/{t}"] = row
         return out
+
+
+    def bytes_per_array(self) -> dict[str, float]:
+        """Bytes on disk per position of each array (summed over splits and teachers), by array name."""
+        positions = max(sum(self.plan.splits.values()) * self.seq_len, 1)
+        out: dict[str, float] = {}
+        for split in self.splits():
+            for t in self.teachers:
+                for name in self.plan.array_names():
+                    d = self.path / fmt.array_path(split, t, name)
+                    n = sum(f.stat().st_size for f in d.rglob("*") if f.is_file()) if d.exists() else 0
+                    out[name] = out.get(name, 0.0) + n
+        return {k: round(v / positions, 2) for k, v in out.items()}
 
 
 class _DamagedMeta(CachekdError):
@@ -479,6 +523,7 @@ def summary_text(s: dict[str, Any]) -> dict[str, Any]:
                                             miss["manifest"]) + f" ({FINISH_HINT})")
     out.update({
         "mode": s["mode"],
+        "storage_kind": s.get("storage_kind", s["mode"]),
         "k": "full logits" if s["mode"] == "full" else s["k"],
         "temperatures": ", ".join(f"{t:g}" for t in s["temperatures"]) or "-",
         "vocab_size": s["vocab_size"],
@@ -494,6 +539,7 @@ def summary_text(s: dict[str, Any]) -> dict[str, Any]:
         "checksums": {True: "crc32c per chunk", False: "none (written before checksums were added)",
                       None: "unknown (an array cannot be opened)"}[s["checksums"]],
         "bytes_on_disk": s["bytes_on_disk"],
+        "bytes_per_position_by_array": ", ".join(f"{k} {v:g}" for k, v in s.get("bytes_per_array", {}).items()),
     })
     if "bytes_per_position" in s:
         out["bytes_per_position"] = s["bytes_per_position"]

@@ -120,6 +120,10 @@ def _check_chunk(cache: LogitCache, split: str, c: int, store, unopenable: dict[
             if not np.isfinite(b.logits).all():
                 found.append(f"{where}: non-finite logits")
             continue
+        if b.sample_ids is not None:
+            found.extend(f"{where}: {p}" for p in _sampled_problems(cache, b))
+            if b.ids is None:
+                continue
         if b.ids.min() < 0 or b.ids.max() >= V:
             found.append(f"{where}: token ids outside [0, {V})")
         if b.ids.shape[-1] > 1 and not (np.diff(b.ids, axis=-1) > 0).all():
@@ -129,6 +133,37 @@ def _check_chunk(cache: LogitCache, split: str, c: int, store, unopenable: dict[
         if cache.k < V and np.isneginf(b.tail_lse).any():
             found.append(f"{where}: tail_lse is -inf although k < V")
     return found
+
+
+def _sampled_problems(cache: LogitCache, b) -> list[str]:
+    """What no sampled cache can hold: ids out of range or not sorted distinct, counts that do not sum to N per
+    proposal, drawn ids inside the exact top-k, non-finite normalisers or entropies, and importance weights that
+    do not fit the normalisers (the drawn ids' mass at τ beyond the top-k above 1: Σ_drawn exp(ℓ/τ − tail_lse)
+    ≤ 1, which every weight relies on)."""
+    out = []
+    V, spec = cache.vocab_size, cache.plan.sample_spec
+    counts = b.sample_counts
+    real = counts.sum(-1) > 0
+    if b.sample_ids.min() < 0 or b.sample_ids.max() >= V:
+        out.append(f"drawn token ids outside [0, {V})")
+    if not (counts.sum(-2) == spec.num_draws).all():
+        out.append(f"draw counts that do not sum to {spec.num_draws} per position")
+    if b.sample_ids.shape[-1] > 1:
+        step = np.diff(b.sample_ids, axis=-1)
+        if not ((step > 0) | ~real[..., 1:]).all() or (real[..., 1:] & ~real[..., :-1]).any():
+            out.append("drawn ids not sorted and distinct, or padding before a drawn id")
+    if b.ids is not None and (b.ids[..., :, None] == np.where(real, b.sample_ids, -1)[..., None, :]).any():
+        out.append("drawn ids inside the exact top-k")
+    for name in ("tail_lse", "entropy"):
+        if not np.isfinite(getattr(b, name)).all():
+            out.append(f"non-finite {name}")
+    if np.isfinite(b.tail_lse).all():
+        for ti, tau in enumerate(cache.temperatures):
+            lp = np.where(real, b.sample_logprobs / tau - b.tail_lse[..., ti:ti + 1], -np.inf)
+            mass = np.exp(np.logaddexp.reduce(lp, axis=-1))
+            if (mass > 1 + 4 / cache.plan.logprob_scale).any():  # rounding: each ℓ and tail_lse within 2⁻¹⁰
+                out.append(f"drawn ids with more mass at τ={tau:g} than the normaliser allows (weights would be wrong)")
+    return out
 
 
 def _beyond_tolerance(recompute: dict[str, Any]) -> list[str]:
@@ -201,6 +236,13 @@ def precompute_command(cache: LogitCache, store_path: Path | None = None) -> str
         args += ["--top-k", str(plan.k)]
         temps = [f"{t:g}" if float(f"{t:g}") == t else repr(float(t)) for t in plan.temperatures]
         args += ["--temperatures", ",".join(temps)]
+        spec = plan.sample_spec
+        if spec is not None:
+            args += ["--sample", str(spec.num_draws)]
+            if spec.proposal_temperature is not None:
+                args += ["--proposal-temperature", f"{spec.proposal_temperature:g}"]
+            if spec.seed:
+                args += ["--sample-seed", str(spec.seed)]
     args += ["--splits", ",".join(plan.splits)]
     scale = plan.logprob_scale
     if scale != fmt.LOGPROB_SCALE:
@@ -245,6 +287,9 @@ def recompute_windows(cache: LogitCache, store, n: int, seed: int) -> dict[str, 
             tol = {"max_abs_logit_diff": float(np.abs(fresh).max()) * 2.0 ** -11 + allowance}
             out[info["name"]] = _within(diffs, tol, rows)
             continue
+        if cache.mode == "sampled":
+            out[info["name"]] = _recompute_sampled(cache, logits, blocks, rows, allowance)
+            continue
         fresh, _ = teacher_targets(logits, cache.vocab_size, cache.k, cache.temperatures)
         ids = np.concatenate([b.ids for b in blocks])
         lp = np.concatenate([b.logprobs for b in blocks])
@@ -261,6 +306,34 @@ def recompute_windows(cache: LogitCache, store, n: int, seed: int) -> dict[str, 
                "max_abs_tail_lse_diff": storage + 0.5 / fmt.TAIL_SCALE + allowance}
         out[info["name"]] = _within(diffs, tol, rows) | {"topk_id_agreement": float((fresh_sorted == ids).mean())}
     return out
+
+
+def _recompute_sampled(cache: LogitCache, logits, blocks, rows: np.ndarray, allowance: float) -> dict[str, Any]:
+    """A sampled cache's windows against the teacher run again: the stored log-probabilities of the drawn ids, the
+    normalisers and entropies within the storage tolerance, and the share of draws that land on the same ids (the
+    draws are a function of the window, so only logits that moved across a CDF boundary change one)."""
+    import torch
+
+    from cachekd.teacher_samples import sampled_teacher_targets
+
+    spec = cache.plan.sample_spec
+    fresh, _ = sampled_teacher_targets(logits, cache.vocab_size, int(cache.k or 0), cache.temperatures,
+                                       spec.num_draws, spec.proposal_temperature, spec.seed, rows)
+    get = {n: np.concatenate([getattr(b, n) for b in blocks]) for n in ("sample_ids", "sample_logprobs",
+                                                                         "sample_counts", "tail_lse", "entropy")}
+    full_lp = torch.log_softmax(logits[..., : cache.vocab_size].float(), -1).numpy()
+    real = get["sample_counts"].sum(-1) > 0
+    lp_true = np.take_along_axis(full_lp, get["sample_ids"], axis=-1)
+    n = len(rows)
+    diffs = {"max_abs_logprob_diff": np.where(real, np.abs(get["sample_logprobs"] - lp_true), 0).reshape(n, -1).max(-1),
+             "max_abs_tail_lse_diff": np.abs(get["tail_lse"] - fresh["tail_lse"].numpy()).reshape(n, -1).max(-1),
+             "max_abs_entropy_diff": np.abs(get["entropy"] - fresh["entropy"].numpy()).reshape(n, -1).max(-1)}
+    storage = 0.5 / cache.plan.logprob_scale
+    tol = {"max_abs_logprob_diff": storage + allowance,
+           "max_abs_tail_lse_diff": storage + 0.5 / fmt.TAIL_SCALE + allowance,
+           "max_abs_entropy_diff": 0.5 / fmt.TAIL_SCALE + allowance}
+    same = (fresh["sample_ids"].numpy() == get["sample_ids"]) & (fresh["sample_counts"].numpy() == get["sample_counts"]).all(-1)
+    return _within(diffs, tol, rows) | {"draw_agreement": float(same.mean())}
 
 
 # How far a recomputation (float32, CPU) may differ from the teacher's run beyond the storage rounding: a float32

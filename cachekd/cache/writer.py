@@ -191,16 +191,27 @@ class ChunkWriter:
         crcs: dict[str, list[str | None]] = {}
         for teacher, r in results.items():
             stop = start + len(next(iter(r.values())))
-            if self.plan.mode == "topk":
+            if self.plan.mode == "full":
+                self._arr(split, teacher, "logits")[start:stop] = r["logits"]
+            if "ids" in r:
                 ids, q = fmt.encode_topk(r["ids"], r["logprobs"], vocab, self.plan.logprob_scale)
                 self._arr(split, teacher, "ids")[start:stop] = ids
                 if pause:
                     time.sleep(pause)
                 self._arr(split, teacher, "logprobs")[start:stop] = q
+            if "tail_lse" in r:
                 self._arr(split, teacher, "tail_lse")[start:stop] = fmt.encode_tail(r["tail_lse"])
-            else:
-                self._arr(split, teacher, "logits")[start:stop] = r["logits"]
-            for name in fmt.array_names(self.plan.mode):
+            if self.plan.mode == "sampled":
+                sid, sq, counts = fmt.encode_samples(r["sample_ids"], r["sample_logprobs"], r["sample_counts"],
+                                                     vocab, self.plan.logprob_scale)
+                self._arr(split, teacher, "sample_ids")[start:stop] = sid
+                if pause:
+                    time.sleep(pause)
+                self._arr(split, teacher, "sample_logprobs")[start:stop] = sq
+                self._arr(split, teacher, "sample_counts")[start:stop] = counts.astype(
+                    self.plan.sample_spec.count_dtype())
+                self._arr(split, teacher, "entropy")[start:stop] = fmt.encode_tail(r["entropy"])
+            for name in self.plan.array_names():
                 arr = self._arr(split, teacher, name)
                 if fmt.has_checksum(arr):
                     files = fmt.chunk_files(arr, self.root / fmt.array_path(split, teacher, name), start, stop)
@@ -261,8 +272,12 @@ def _merge_stats(chunks: list[dict[str, Any]]) -> dict[str, Any]:
             o["entropy_sum"] += s["entropy_sum"]
             o["entropy_min"] = min(o["entropy_min"], s["entropy_min"])
             o["entropy_max"] = max(o["entropy_max"], s["entropy_max"])
+            if "distinct_ids_sum" in s:
+                o["distinct_ids_sum"] = o.get("distinct_ids_sum", 0.0) + s["distinct_ids_sum"]
     for o in out.values():
         n = max(o["positions"], 1)
         o["mean_topk_mass"] = {tau: v / n for tau, v in o.pop("topk_mass_sum").items()}
         o["entropy_mean"] = o.pop("entropy_sum") / max(o["entropy_positions"], 1)
+        if "distinct_ids_sum" in o:
+            o["mean_distinct_ids"] = o.pop("distinct_ids_sum") / n
     return out

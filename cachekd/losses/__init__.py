@@ -10,6 +10,8 @@ One job a module:
 * ``sparse`` — sparse targets on rows, the fused student side (``SparseStudent``) and the three tail modes;
 * ``mixed`` — the fused ChooBaCa path: CE + forward/reverse KL against one sparse uniform-tail teacher mixed
   with the student (τ = 1), one pass over the logits each way (``MixedSparseStudent``);
+* ``sampled`` — sampled and hybrid targets (``SampledTarget``, ``sampled_target``): the unbiased forward-KL
+  estimator over drawn ids and the bucket form of the other objectives, on the same fused student side;
 * ``student`` — the student's (n, V) log-softmax quantities, shared by the CE and every teacher;
 * ``divergences`` — one small pointwise function per objective, in a registry;
 * ``chunked`` — the step-wise loss: chunks of rows, recomputed in backward.
@@ -29,6 +31,7 @@ from cachekd.losses.api import (
     distill_loss,
     total_loss,
 )
+from cachekd.losses.sampled import SampledTarget, sampled_target
 
 __all__ = [
     "OBJECTIVES",
@@ -38,9 +41,11 @@ __all__ = [
     "DenseTarget",
     "KDConfig",
     "LossParts",
+    "SampledTarget",
     "SparseTarget",
     "Target",
     "chunked_distill_loss",
     "distill_loss",
+    "sampled_target",
     "total_loss",
 ]

@@ -25,6 +25,10 @@ forward or reverse KL), which has its own fused path (``mixed``). ``distill_loss
 ``chunked_distill_loss`` bound the memory (``chunked``). Which path a batch takes is decided once, by
 ``plan.make_plan``.
 
+Sampled targets (``SampledTarget``, from a sampled or hybrid cache; ``sampled``) take the same fused student side:
+forward KL is the unbiased estimate over the drawn ids, every other objective the stored ids plus one bucket of the
+exact remaining mass; ``tail_mode`` does not apply to them, and they cannot be mixed or combined into a dense target.
+
 Several teachers: ``teacher_combine="losses"`` keeps every sparse teacher sparse (any tail mode). ``logits`` and
 ``probs`` need one dense target, so several sparse teachers are expanded to their (n, V) uniform-tail
 reconstruction (``tail_mode="uniform"`` is required there; O(V) a position).
@@ -51,8 +55,9 @@ from cachekd.kd_options import (  # noqa: F401  (the choices are re-exported: th
 )
 from cachekd.losses.chunked import ChunkedLoss
 from cachekd.losses.divergences import POINTWISE
-from cachekd.losses.plan import FlatDense, FlatSparse, FlatTarget, Prepared, Rows, make_plan, take
+from cachekd.losses.plan import FlatDense, FlatSampled, FlatSparse, FlatTarget, Prepared, Rows, make_plan, take
 from cachekd.losses.rowloss import loss_on_rows
+from cachekd.losses.sampled import SampledTarget
 
 assert set(POINTWISE) == set(OBJECTIVES), "every objective has a pointwise divergence"
 
@@ -83,7 +88,7 @@ class SparseTarget:
     per-position shift as ``logits``; ``-inf`` when k == V (no tail)."""
 
 
-Target = DenseTarget | SparseTarget
+Target = DenseTarget | SparseTarget | SampledTarget
 
 
 @dataclass(frozen=True)
@@ -286,8 +291,10 @@ def _flatten_teacher(
                 f"got {t.logits.dtype} {tuple(t.logits.shape)}."
             )
         return FlatDense(t.logits.detach().reshape(-1, vocab_size))
+    if isinstance(t, SampledTarget):
+        return _flatten_sampled(t, name, shape, cfg, mix_alpha, num_teachers)
     if not isinstance(t, SparseTarget):
-        raise ValueError(f"{name} must be a DenseTarget or SparseTarget (got {type(t).__name__}).")
+        raise ValueError(f"{name} must be a DenseTarget, SparseTarget or SampledTarget (got {type(t).__name__}).")
     k = t.ids.shape[-1] if t.ids.dim() == 3 else -1
     if t.ids.dim() != 3 or tuple(t.ids.shape[:2]) != (batch_size, seq_len) or not 1 <= k <= vocab_size:
         raise ValueError(
@@ -319,6 +326,36 @@ def _flatten_teacher(
         logits=t.logits.detach().reshape(-1, k),
         tail_lse=t.tail_lse.detach().reshape(-1),
     )
+
+
+def _flatten_sampled(
+    t: SampledTarget, name: str, shape: tuple[int, int, int], cfg: KDConfig, mix_alpha: float, num_teachers: int
+) -> FlatSampled:
+    batch_size, seq_len, vocab_size = shape
+    s = t.ids.shape[-1] if t.ids.dim() == 3 else -1
+    if t.ids.dim() != 3 or tuple(t.ids.shape[:2]) != (batch_size, seq_len) or s < 1:
+        raise ValueError(f"{name}: sampled ids must be (B, T, S) with B, T = {(batch_size, seq_len)}; "
+                         f"got {tuple(t.ids.shape)}.")
+    if t.ids.dtype.is_floating_point or t.ids.dtype == torch.bool:
+        raise ValueError(f"{name}: sampled ids must be an integer tensor (got {t.ids.dtype}).")
+    for field_name in ("logp", "weights"):
+        v = getattr(t, field_name)
+        if tuple(v.shape) != tuple(t.ids.shape) or not v.is_floating_point():
+            raise ValueError(f"{name}: sampled {field_name} must be float with the ids' shape {tuple(t.ids.shape)}; "
+                             f"got {v.dtype} {tuple(v.shape)}.")
+    for field_name in ("log_rest", "entropy"):
+        v = getattr(t, field_name)
+        if tuple(v.shape) != (batch_size, seq_len):
+            raise ValueError(f"{name}: sampled {field_name} must be (B, T) = {(batch_size, seq_len)}; "
+                             f"got {tuple(v.shape)}.")
+    if mix_alpha < 1.0 or (num_teachers > 1 and cfg.teacher_combine != "losses"):
+        raise ValueError(
+            f"{name}: a sampled target is compared at its own ids and cannot be mixed with the student or combined "
+            f"with other teachers into one dense target; use mix_alpha=1 and teacher_combine='losses'."
+        )
+    return FlatSampled(ids=t.ids.detach().reshape(-1, s), logp=t.logp.detach().reshape(-1, s),
+                       weights=t.weights.detach().reshape(-1, s), log_rest=t.log_rest.detach().reshape(-1),
+                       entropy=t.entropy.detach().reshape(-1))
 
 
 def _valid_rows(labels: Tensor, vocab_size: int, ignore_index: int) -> tuple[Rows, Tensor | None, int]:

@@ -40,7 +40,18 @@ class FlatSparse:
     tail_lse: Tensor  # (N,)
 
 
-FlatTarget = FlatDense | FlatSparse
+@dataclass
+class FlatSampled:
+    """A sampled or hybrid teacher on the N flattened rows (constants: detached; see ``sampled``)."""
+
+    ids: Tensor  # (N, S) integer ids
+    logp: Tensor  # (N, S) log p_τ at the ids, −inf at pads
+    weights: Tensor  # (N, S) forward-KL estimator weights
+    log_rest: Tensor  # (N,)
+    entropy: Tensor  # (N,)
+
+
+FlatTarget = FlatDense | FlatSparse | FlatSampled
 
 
 @dataclass(frozen=True)
@@ -82,9 +93,12 @@ def make_plan(
     """The one decision of how to compute the loss (see ``LossPlan``)."""
     mixing = mix_alpha < 1.0
     combine = "per_teacher" if len(teachers) <= 1 or cfg.teacher_combine == "losses" else cfg.teacher_combine
-    fused = cfg.tail_mode != "uniform" and (
+    # (sampled targets ignore the tail mode: their rest is always one bucket)
+    fused = (cfg.tail_mode != "uniform" or any(isinstance(t, FlatSampled) for t in teachers)) and (
         not teachers
-        or (combine == "per_teacher" and not mixing and all(isinstance(t, FlatSparse) for t in teachers))
+        or (combine == "per_teacher" and not mixing
+            and all(isinstance(t, FlatSampled) or (isinstance(t, FlatSparse) and cfg.tail_mode != "uniform")
+                    for t in teachers))
     )
     fused_mix = (
         mixing

@@ -25,15 +25,16 @@ from cachekd.losses.mixed import (
     logit_stats,
     mixed_from_stats,
 )
-from cachekd.losses.plan import FlatDense, FlatTarget, Prepared, Rows, take
+from cachekd.losses.plan import FlatDense, FlatSampled, FlatTarget, Prepared, Rows, take
+from cachekd.losses.sampled import SampledRows, needs_student_rest, sampled_divergence, sampled_rows
 from cachekd.losses.sparse import SparseRows, SparseStudent, sparse_divergence, sparse_rows
 from cachekd.losses.student import Student
 
 if TYPE_CHECKING:
     from cachekd.losses.api import KDConfig
 
-TeacherRows = Tensor | SparseRows
-"""A teacher on n rows: dense log-probabilities at τ (n, V), or sparse rows."""
+TeacherRows = Tensor | SparseRows | SampledRows
+"""A teacher on n rows: dense log-probabilities at τ (n, V), sparse rows, or sampled rows."""
 
 
 def loss_on_rows(z: Tensor, rows: Rows, prep: Prepared, ignored: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -56,7 +57,7 @@ def loss_on_rows(z: Tensor, rows: Rows, prep: Prepared, ignored: Tensor | None =
     targets = [teacher_rows(t, rows, tau, z.dtype, z.device, ignored) for t in prep.teachers]
     student = Student(z, tau)
     # Student values at the sparse teachers' ids (teachers compared one by one, without mixing).
-    sparse = [t for t in targets if isinstance(t, SparseRows)] if plan.sparse_by_ids else []
+    sparse = [t for t in targets if isinstance(t, (SparseRows, SampledRows))] if plan.sparse_by_ids else []
     ce, logq_ids, log_tails = _student_values(student, labels, sparse, prep, ignored)
     if ignored is not None:
         ce = ce.index_fill(0, ignored, 0.0)
@@ -67,7 +68,10 @@ def loss_on_rows(z: Tensor, rows: Rows, prep: Prepared, ignored: Tensor | None =
         at_ids = iter(zip(logq_ids, log_tails))
         kd = None
         for target, weight in zip(targets, prep.weights):
-            if isinstance(target, SparseRows) and plan.sparse_by_ids:
+            if isinstance(target, SampledRows):  # (sampled targets are always compared at their ids)
+                logq_at_ids, log_tail = next(at_ids)
+                d = sampled_divergence(student, target, logq_at_ids, log_tail, prep.cfg)
+            elif isinstance(target, SparseRows) and plan.sparse_by_ids:
                 logq_at_ids, log_tail = next(at_ids)
                 d = sparse_divergence(student, target, logq_at_ids, log_tail, prep.cfg, prep.vocab_size)
             else:
@@ -88,20 +92,23 @@ def teacher_rows(
     if isinstance(t, FlatDense):
         logits = take(t.logits, rows).to(device=device, dtype=dtype)
         return F.log_softmax(logits / tau, dim=-1)
+    if isinstance(t, FlatSampled):
+        return sampled_rows(t, rows, dtype, device, ignored)
     return sparse_rows(t, rows, tau, dtype, device, ignored)
 
 
 def _student_values(
-    student: Student, labels: Tensor, sparse: list[SparseRows], prep: Prepared, ignored: Tensor | None
+    student: Student, labels: Tensor, sparse: list[SparseRows | SampledRows], prep: Prepared, ignored: Tensor | None
 ) -> tuple[Tensor, list[Tensor], list[Tensor | None]]:
-    """The per-row CE (n,), and for each sparse teacher the student's log q at its ids (n, k) and, where the
-    fused student computed it, the log of the student's mass outside them (n,) (else None)."""
+    """The per-row CE (n,), and for each sparse or sampled teacher the student's log q at its ids (n, k) and,
+    where the fused student computed it, the log of the student's mass outside them (n,) (else None)."""
     z, tau, vocab_size = student.z, student.temperature, prep.vocab_size
     split = [t.k for t in sparse]
     if prep.plan.student == "fused":
         # The fused path, no (n, V) log-softmax at all.
         index = torch.cat([labels.unsqueeze(1), *[t.ids for t in sparse]], dim=1)
-        with_tail = [prep.plan.bucket_tails and t.k < vocab_size for t in sparse]
+        with_tail = [needs_student_rest(prep.cfg) if isinstance(t, SampledRows)
+                     else prep.plan.bucket_tails and t.k < vocab_size for t in sparse]
         starts = [sum(split[:i]) for i in range(len(sparse))]
         groups = tuple((start, t.k) for start, t, tail in zip(starts, sparse, with_tail) if tail)
         ce, values, tails = SparseStudent.apply(z, index, tau, groups, ignored)

@@ -149,7 +149,11 @@ class SparseStudent(torch.autograd.Function):
         at_ids = g_ids / tau  # (n, K)
         for g, (start, k) in enumerate(ctx.tail_groups):
             cols = slice(start, start + k)
-            at_ids[:, cols] -= tail_scale[:, g : g + 1] / tau * logq_ids[:, cols].exp()
+            back = tail_scale[:, g : g + 1] / tau * logq_ids[:, cols].exp()
+            # an id repeated in the next column (the pads of a sampled target) is outside the tail once: taken back once
+            group = ids[:, cols]
+            back[:, 1:] *= group[:, 1:] != group[:, :-1]
+            at_ids[:, cols] -= back
         grad.scatter_add_(1, index[:, :1], -g_ce)
         grad.scatter_add_(1, ids, at_ids)
         if ignored is not None:

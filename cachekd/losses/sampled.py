@@ -1,0 +1,163 @@
+"""Sampled and hybrid teacher targets (RS-KD): an unbiased forward-KL estimator over the drawn ids, and the
+other objectives over the stored ids with the rest of the vocabulary as one bucket of exact mass.
+
+What a sampled cache gives for a position (``cachekd.teacher_samples``): the τ=1 log-probabilities ℓ_v of the
+stored ids S (an exact top-K, K ≥ 0, and the distinct drawn ids), counts c_v of N draws from a proposal r, the
+log-sum-exp ``tail_lse[τ] = log Σ_{v ∉ top-K} exp(ℓ_v/τ)`` (the whole vocabulary's normaliser N_τ when K = 0) and
+the teacher's exact entropy H_τ. At the loss temperature τ:
+
+* ``N_τ = logaddexp(logsumexp_{top-K} ℓ/τ, tail_lse[τ])`` and ``log p_τ(v) = ℓ_v/τ − N_τ``: exact (up to the
+  stored rounding, 2⁻¹⁰ nat) for every stored id.
+* The draws come from ``r_tail(v) = exp(ℓ_v/τ_r − tail_lse[τ_r])`` over the tokens beyond the top-K (all tokens
+  when K = 0; τ_r the proposal temperature). The weights ``w_v = (c_v/N) · p_τ(v) / r_tail(v)
+  = (c_v/N) · exp(ℓ_v (1/τ − 1/τ_r) − N_τ + tail_lse[τ_r])`` make ``Σ_drawn w_v f(v)`` an unbiased estimate of
+  ``Σ_{v ∉ top-K} p_τ(v) f(v)`` (E[c_v/N] = r_tail(v)). With τ_r = τ they are ``(c_v/N) · m_τ`` (m_τ the mass beyond
+  the top-K; 1 without one). The top-K ids get their exact ``w_v = p_τ(v)``.
+* Forward KL: ``KL(p‖q) = −H_τ − Σ_v p_τ(v) log q_v`` is estimated by ``−H_τ − Σ_{v∈S} w_v log q_v`` (H_τ exact, so
+  the estimate is a divergence: 0 in expectation at q = p, never the cross-entropy). Its gradient with respect to
+  the student's logits over τ, ``(Σ w) q − w``, is unbiased for ``q − p``.
+* Every other objective (reverse KL, JSD, the skews, TV) is computed exactly on the coarse-grained distributions:
+  the stored ids, and the rest of the vocabulary as one bucket. The teacher's bucket mass
+  ``1 − Σ_{v∈S} p_τ(v) = m_τ − Σ_drawn p_τ(v)`` is formed as ``m_τ · (1 − Σ_drawn p_τ/m_τ)`` with ``log1p`` (no
+  ``1 − Σ`` over the top-K), the student's is summed directly over the tokens outside S (``SparseStudent``). This
+  is the top-k cache's ``bucket`` tail with the stored ids as the "top". Its absolute error is that of the stored
+  log-probabilities (each drawn p within 2⁻¹⁰ relative, so the rest mass within ~1e-3 absolute): a small
+  rest carries a larger relative error, which the bucket term weighs by that small mass.
+
+Pads (positions with fewer distinct ids than the array width) repeat a real id with ``logp = −inf`` and weight 0;
+they count for nothing in any objective.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from cachekd.losses.divergences import LOG_FLOOR, pointwise_divergence
+from cachekd.losses.plan import FlatSampled, Rows, take
+
+if TYPE_CHECKING:
+    from cachekd.losses.api import KDConfig
+    from cachekd.losses.student import Student
+
+
+@dataclass
+class SampledTarget:
+    """A sampled or hybrid teacher target at the loss temperature (build it with ``sampled_target``)."""
+
+    ids: Tensor
+    """(B, T, S) integer ids: the exact top-K, then the drawn ids; pads repeat a real id."""
+    logp: Tensor
+    """(B, T, S) the teacher's log-probability at τ of each id (normalised over the whole vocabulary); −inf at pads."""
+    weights: Tensor
+    """(B, T, S) forward-KL estimator weights: p_τ(v) for the top-K, the importance weights for the drawn ids,
+    0 at pads."""
+    log_rest: Tensor
+    """(B, T) log of the teacher's mass at τ outside the stored ids (−inf when none is left)."""
+    entropy: Tensor
+    """(B, T) the teacher's exact entropy at τ."""
+
+
+def sampled_target(
+    sample_ids: Tensor, sample_logprobs: Tensor, counts: Tensor, tail_lse: Tensor, entropy: Tensor,
+    temperature: float, proposal_temperature: float, tail_lse_proposal: Tensor,
+    exact_ids: Tensor | None = None, exact_logprobs: Tensor | None = None, stored: Tensor | None = None,
+) -> SampledTarget:
+    """The target at ``temperature`` τ from what a sampled cache stores (all (B, T, ...) tensors, τ=1 values):
+
+    ``sample_ids``, ``sample_logprobs`` (B, T, W) the distinct drawn ids and their ℓ; ``counts`` (B, T, W) their
+    counts in the N draws of the proposal at ``proposal_temperature`` (0 at pads); ``tail_lse`` (B, T) at τ and
+    ``tail_lse_proposal`` (B, T) at τ_r, over the tokens beyond the exact top-K; ``entropy`` (B, T) H_τ;
+    ``exact_ids``, ``exact_logprobs`` (B, T, K) the hybrid's exact top-K (None without one); ``stored`` (B, T, W)
+    which drawn ids are real (drawn by any proposal; default ``counts > 0``): an id drawn only by another
+    proposal gets weight 0 but still counts as stored for the bucket objectives, whose categories must be the
+    ids the student side sees. See the module docstring for the formulas; computed in float32 (float64 stays
+    float64)."""
+    dtype = torch.float64 if sample_logprobs.dtype == torch.float64 else torch.float32
+    tau, tau_r = float(temperature), float(proposal_temperature)
+    ell = sample_logprobs.to(dtype)
+    tail = tail_lse.to(dtype)
+    real = counts > 0 if stored is None else stored
+    if exact_ids is not None and exact_ids.shape[-1] > 0:
+        s_exact = exact_logprobs.to(dtype) / tau
+        lse = torch.logaddexp(torch.logsumexp(s_exact, dim=-1), tail)  # N_τ
+    else:
+        s_exact, lse = None, tail
+    logp_drawn = torch.where(real, ell / tau - lse.unsqueeze(-1), -math.inf)
+    c = counts.to(dtype)
+    share = c / c.sum(-1, keepdim=True).clamp_min(1.0)  # c_v / N
+    log_ratio = ell * (1.0 / tau - 1.0 / tau_r) - lse.unsqueeze(-1) + tail_lse_proposal.to(dtype).unsqueeze(-1)
+    w_drawn = torch.where(counts > 0, share * torch.exp(torch.where(real, log_ratio, 0.0)), 0.0)
+    # The rest: the mass beyond the top-K (log m = tail − N_τ) less the drawn ids' mass, without 1 − Σ_top-K.
+    log_m = tail - lse
+    frac = torch.exp(torch.logsumexp(logp_drawn, dim=-1) - log_m)  # drawn share of m, ≤ 1 up to rounding
+    log_rest = torch.where(frac < 1.0, log_m + torch.log1p(-frac.clamp(max=1.0 - 1e-7)), -math.inf)
+    if s_exact is None:
+        ids, logp, weights = sample_ids, logp_drawn, w_drawn
+    else:
+        logp_exact = s_exact - lse.unsqueeze(-1)
+        ids = torch.cat([exact_ids.to(sample_ids.dtype), sample_ids], dim=-1)
+        logp = torch.cat([logp_exact, logp_drawn], dim=-1)
+        weights = torch.cat([logp_exact.exp(), w_drawn], dim=-1)
+    return SampledTarget(ids=ids, logp=logp, weights=weights, log_rest=log_rest, entropy=entropy.to(dtype))
+
+
+@dataclass
+class SampledRows:
+    """A sampled target on n rows (see ``SampledTarget``)."""
+
+    ids: Tensor  # (n, S) int64
+    logp: Tensor  # (n, S)
+    weights: Tensor  # (n, S)
+    log_rest: Tensor  # (n,)
+    entropy: Tensor  # (n,)
+
+    @property
+    def k(self) -> int:
+        return self.ids.shape[1]
+
+
+def needs_student_rest(cfg: KDConfig) -> bool:
+    """Whether the objective needs the student's mass outside the stored ids (all but the forward-KL estimator)."""
+    return cfg.objective != "forward_kl"
+
+
+def sampled_rows(t: FlatSampled, rows: Rows, dtype: torch.dtype, device: torch.device,
+                 ignored: Tensor | None) -> SampledRows:
+    """The target ``t`` on ``rows``; ``ignored`` rows (an index into ``rows``, or None) get a harmless finite
+    target (id 0 everywhere, zero weights)."""
+    ids = take(t.ids, rows).to(device=device, dtype=torch.int64)
+    logp = take(t.logp, rows).to(device=device, dtype=dtype)
+    weights = take(t.weights, rows).to(device=device, dtype=dtype)
+    log_rest = take(t.log_rest, rows).to(device=device, dtype=dtype)
+    entropy = take(t.entropy, rows).to(device=device, dtype=dtype)
+    if ignored is not None:
+        ids = ids.index_fill(0, ignored, 0)
+        logp = logp.index_fill(0, ignored, 0.0)
+        weights = weights.index_fill(0, ignored, 0.0)
+        log_rest = log_rest.index_fill(0, ignored, 0.0)
+        entropy = entropy.index_fill(0, ignored, 0.0)
+    return SampledRows(ids=ids, logp=logp, weights=weights, log_rest=log_rest, entropy=entropy)
+
+
+def sampled_divergence(student: Student, target: SampledRows, logq_ids: Tensor, log_rest_q: Tensor | None,
+                       cfg: KDConfig) -> Tensor:
+    """(n,) the divergence against a sampled target: the unbiased estimate for forward KL, the bucket form for
+    every other objective. ``logq_ids`` (n, S) the student's log q at τ at the ids; ``log_rest_q`` (n,) the log of
+    its mass outside them (computed here from the (n, V) log-softmax when None and needed)."""
+    if cfg.objective == "forward_kl":
+        return -target.entropy - (target.weights * logq_ids).sum(-1)
+    if log_rest_q is None:
+        log_rest_q = torch.logsumexp(student.logq.scatter(1, target.ids, -math.inf), dim=-1)
+    real = torch.isfinite(target.logp)
+    # pads: compared with themselves (φ(x, x) = 0, no gradient), so no huge φ(−inf, q) is formed anywhere
+    logp = torch.where(real, target.logp, logq_ids.detach())
+    terms = torch.where(real, pointwise_divergence(logp, logq_ids, cfg), 0.0).sum(-1)
+    # (every token stored: both rests are empty, log 0 on both sides, floored so that the term is 0, not NaN)
+    rest_q = log_rest_q.clamp_min(LOG_FLOOR).unsqueeze(1)
+    rest = pointwise_divergence(target.log_rest.unsqueeze(1), rest_q, cfg).squeeze(1)
+    return terms + rest
