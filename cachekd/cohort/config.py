@@ -1,0 +1,144 @@
+"""The cohort YAML (`cachekd cohort -c cohort.yaml`) as typed dataclasses, and the per-peer run configs it implies.
+
+A cohort lists its peers; each becomes an ordinary run (`TrainConfig`) in ``<output>/peers/<name>``, whose data
+section, window order, length and runtime settings are the cohort's, so all peers see the same batches. With a
+``mutual:`` section the peers learn from each other (weighted mutual learning); without one the cohort is a
+variant grid of independent students (each with its own ``distill:`` settings or plain cross-entropy).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from cachekd.schedules import Schedule
+
+PEERS_DIR = "peers"
+"""Where the peers' run directories live inside the cohort directory."""
+
+DEFAULT_ETA = Schedule(kind="cosine", start=0.25, end=0.0025)
+"""The seed code's step size of the ω update: cosine from 0.25 to 0.0025."""
+
+
+@dataclass
+class PeerConfig:
+    """One student of the cohort."""
+
+    name: str = ""
+    """Its run directory's name under <output>/peers/ (default: peer<i>)."""
+    config: str | None = None
+    """A preset or YAML file to start from; its model, optim and distill sections are used, the rest is the
+    cohort's."""
+    seed: int | None = None
+    """Initialisation seed (default: the cohort's seed + the peer's index)."""
+    model: dict[str, Any] = field(default_factory=dict)
+    """Overrides of the model section (shape: hidden_size, num_layers, num_heads, ...)."""
+    optim: dict[str, Any] = field(default_factory=dict)
+    """Overrides of the optimizer settings (lr, weight_decay, warmup_steps, ...); the run length is the cohort's."""
+    distill: dict[str, Any] | None = None
+    """Variant grid only: this student's distillation from the cohort's cache (objective, temperature, ce_weight,
+    alpha schedule, tail_mode, ...); {} for the defaults; null (default) for cross-entropy only unless its
+    `config` has a distill section."""
+
+
+@dataclass
+class MutualConfig:
+    """Weighted mutual learning: (1−α)·Σ_i ω_i·CE_i + α·τ²·Σ_i Σ_{j≠i} ω_j·D(p_j, p_i)."""
+
+    alpha: float = 0.5
+    """α in [0, 1]: the share of the mutual term (the seed paper: 0.5; 0: each peer trains on CE alone)."""
+    temperature: float = 1.0
+    """τ > 0 of the peers' distributions in the divergence (the seed code: 1)."""
+    objective: str = "forward_kl"
+    """forward_kl: KL(p_j ‖ p_i), as the seed code; reverse_kl: KL(p_i ‖ p_j)."""
+    detach: bool = True
+    """Whether peer j's distribution is a constant in peer i's term (deep mutual learning, and how the project
+    treats every target). false reproduces the seed code, where each term also trains peer j."""
+    update_every: int = 100
+    """Update ω every this many optimizer steps from the peers' dev losses (0: ω stays at its initial value)."""
+    eta: Schedule | float = DEFAULT_ETA
+    """Step size η > 0 of the ω update, a schedule over the training steps (the seed code: cosine 0.25 → 0.0025)."""
+    grad_clip: float = 1.0
+    """The dev loss entering the ω update is clamped to [0, grad_clip] (the seed code: 1)."""
+    eval_windows: int = 0
+    """Dev windows scored for the ω update (0: the whole dev split)."""
+    initial_weights: list[float] | None = None
+    """ω at step 0, one per member (trained peers, then fixed peers), normalised to sum 1; default: the fixed peers'
+    `fixed_weights`, the rest shared equally."""
+    fixed_peers: list[str] = field(default_factory=list)
+    """Teachers of the cohort's cache that join as fixed peers: never trained, no forward pass, their cached
+    targets enter the divergence terms."""
+    fixed_weights: list[float] | None = None
+    """ω of each fixed peer (kept constant by the update); default: 1 / (number of members) each."""
+    tail_mode: str = "bucket"
+    """How a fixed peer's top-k target treats its tail (bucket | uniform | renormalize)."""
+
+    def __post_init__(self) -> None:
+        from cachekd.cohort.wml import MUTUAL_OBJECTIVES
+        from cachekd.config import OBJECTIVE_ALIASES, show_value
+
+        self.objective = OBJECTIVE_ALIASES.get(self.objective, self.objective)
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"alpha must be in [0, 1] (got {show_value(self.alpha)}): it is the mutual term's share.")
+        if not (0 < self.temperature < math.inf):
+            raise ValueError(f"temperature must be a positive number (got {show_value(self.temperature)}).")
+        if self.objective not in MUTUAL_OBJECTIVES:
+            raise ValueError(f"objective must be forward_kl or reverse_kl (got {show_value(self.objective)}).")
+        if self.update_every < 0:
+            raise ValueError(f"update_every must be a whole number >= 0 (got {self.update_every}).")
+        eta = self.eta_schedule
+        if not (eta.start > 0 and eta.end > 0):
+            raise ValueError(f"eta must be > 0 at every step (got start {show_value(eta.start)}, end "
+                             f"{show_value(eta.end)}): it is the step size of the peer-weight update.")
+        if self.grad_clip < 0 or self.eval_windows < 0:
+            raise ValueError("grad_clip and eval_windows must be >= 0.")
+        for key in ("initial_weights", "fixed_weights"):
+            w = getattr(self, key)
+            if w is not None and (not w or any(not (0 <= x < math.inf) for x in w) or sum(w) <= 0):
+                raise ValueError(f"{key} must be non-negative numbers, not all 0 (got {show_value(w)}).")
+        if self.fixed_weights is not None and len(self.fixed_weights) != len(self.fixed_peers):
+            raise ValueError(f"fixed_weights has {len(self.fixed_weights)} values for {len(self.fixed_peers)} "
+                             f"fixed peers; give one each.")
+        if self.fixed_weights is not None and sum(self.fixed_weights) >= 1:
+            raise ValueError("fixed_weights must sum to less than 1: the trained peers share the rest of ω.")
+        if len(set(self.fixed_peers)) != len(self.fixed_peers):
+            raise ValueError(f"fixed_peers names a teacher twice ({show_value(self.fixed_peers)}).")
+        if self.tail_mode not in ("bucket", "uniform", "renormalize"):
+            raise ValueError(f"tail_mode must be bucket, uniform or renormalize (got {show_value(self.tail_mode)}).")
+
+    @property
+    def eta_schedule(self) -> Schedule:
+        return self.eta if isinstance(self.eta, Schedule) else Schedule(kind="constant", start=float(self.eta),
+                                                                       end=float(self.eta))
+
+
+@dataclass
+class SearchConfig:
+    """Peer search: successive halving over a seeded random pool of LLaMA shapes (`cachekd cohort search`)."""
+
+    keep: int = 3
+    """Shapes to keep: the cohort's peers."""
+    pool: int = 12
+    """Candidates sampled for the first rung."""
+    rung_steps: int = 200
+    """Steps each candidate trains in the first rung; each later rung trains its survivors twice as long."""
+    budget_steps: int | None = None
+    """Stop starting rungs once the steps spent would exceed this (None: run the rungs to the end)."""
+    min_params: int = 0
+    max_params: int = 10**12
+    """The parameter range of a candidate (the seed paper: 1/5 to 1/2 of a base model's size)."""
+    layers: list[int] = field(default_factory=lambda: [2, 8])
+    """Smallest and largest number of layers."""
+    heads: list[int] = field(default_factory=lambda: [2, 4, 8])
+    hidden_sizes: list[int] = field(default_factory=lambda: [64, 96, 128, 192, 256])
+
+    def __post_init__(self) -> None:
+        if self.keep < 1 or self.pool < self.keep:
+            raise ValueError(f"search needs keep >= 1 and pool >= keep (got keep {self.keep}, pool {self.pool}).")
+        if self.rung_steps < 1:
+            raise ValueError(f"rung_steps must be at least 1 (got {self.rung_steps}).")
+        if len(self.layers) != 2 or not 1 <= self.layers[0] <= self.layers[1]:
+            raise ValueError(f"layers must be [smallest, largest] with 1 <= smallest <= largest (got {self.layers}).")
+        if self.min_params > self.max_params:
+            raise ValueError(f"min_params ({self.min_params}) is above max_params ({self.max_params}).")
