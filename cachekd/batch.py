@@ -26,8 +26,27 @@ IDS_DTYPE = torch.int64
 """The dtype of a top-k cache's token ids from the reader's decode to the loss."""
 
 
+class FieldView:
+    """Read access by field name (``batch["input_ids"]``, ``for name in cached: ...``), as the untyped dicts these
+    types replace allowed."""
+
+    def __getitem__(self, name: str):
+        if name not in self.keys():
+            raise KeyError(name)
+        return getattr(self, name)
+
+    def keys(self) -> list[str]:
+        return [f.name for f in fields(self)]  # type: ignore[arg-type]
+
+    def __iter__(self):
+        return iter(self.keys())
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.keys()
+
+
 @dataclass
-class CachedTopK:
+class CachedTopK(FieldView):
     """A top-k cache's arrays for the positions of a batch."""
 
     ids: Tensor
@@ -40,7 +59,7 @@ class CachedTopK:
 
 
 @dataclass
-class CachedLogits:
+class CachedLogits(FieldView):
     """A full-logits cache's array for the positions of a batch."""
 
     logits: Tensor
@@ -51,7 +70,7 @@ CachedTeacher = CachedTopK | CachedLogits
 
 
 @dataclass
-class Batch:
+class Batch(FieldView):
     """Token windows with their labels and cached teacher outputs, on one device."""
 
     input_ids: Tensor

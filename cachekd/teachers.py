@@ -26,6 +26,7 @@ import torch
 from cachekd.errors import CachekdError
 
 if TYPE_CHECKING:
+    from cachekd.batch import Batch
     from cachekd.cache.reader import LogitCache
     from cachekd.losses import DenseTarget, SparseTarget
     from cachekd.schedules import Schedule
@@ -197,8 +198,8 @@ class TeacherSource(ABC):
         return len(self.names)
 
     @abstractmethod
-    def targets(self, batch: dict[str, Any], input_ids: torch.Tensor) -> list[DenseTarget | SparseTarget]:
-        """One target a teacher for the micro-batch `input_ids` (B, T); `batch["teachers"]` holds what the loader
+    def targets(self, batch: Batch, input_ids: torch.Tensor) -> list[DenseTarget | SparseTarget]:
+        """One target a teacher for the micro-batch `input_ids` (B, T); `batch.teachers` holds what the loader
         read from a cache for these rows."""
 
     @abstractmethod
@@ -209,8 +210,10 @@ class TeacherSource(ABC):
 class CachedTeachers(TeacherSource):
     """Targets read from a logit cache: sparse (top-k + tail_lse) or full logits."""
 
-    def __init__(self, cache: LogitCache, names: list[str], cache_spec: str):
+    def __init__(self, cache: LogitCache, names: list[str], cache_spec: str, tail_index: int | None = None):
         self.cache, self.names, self.cache_spec = cache, names, cache_spec
+        self.tail_index = tail_index
+        """Which stored tail_lse (temperature) the targets use: top-k caches; None for full logits."""
 
     @classmethod
     def open(cls, d: Any, store: TokenStore, temperature: Schedule, alpha: Schedule) -> CachedTeachers:
@@ -226,24 +229,32 @@ class CachedTeachers(TeacherSource):
         names = cache.select_teachers(d.teachers)
         if "train" not in cache.splits():
             raise CachekdError(f"cache {d.cache!r} has no train split.")
+        tail_index = None
         if cache.mode == "topk":
             _check_topk_settings(cache, d, len(names), temperature, alpha)
-        return cls(cache, names, d.cache)
+            tail_index = cache.temperature_index(temperature.start)
+        return cls(cache, names, d.cache, tail_index)
 
     def temperature_index(self, tau: float) -> int | None:
         """Which stored tail_lse the loader reads (top-k caches), None for full logits."""
         return self.cache.temperature_index(tau) if self.cache.mode == "topk" else None
 
-    def targets(self, batch: dict[str, Any], input_ids: torch.Tensor) -> list[DenseTarget | SparseTarget]:
+    def targets(self, batch: Batch, input_ids: torch.Tensor) -> list[DenseTarget | SparseTarget]:
+        from cachekd.batch import CachedLogits
         from cachekd.losses import DenseTarget, SparseTarget
 
         out: list[DenseTarget | SparseTarget] = []
         for t in self.names:
-            b = batch["teachers"][t]
-            if "logits" in b:
-                out.append(DenseTarget(b["logits"]))
-            else:
-                out.append(SparseTarget(ids=b["ids"].long(), logits=b["logprobs"], tail_lse=b["tail_lse"]))
+            cached = batch.teachers[t]
+            if isinstance(cached, CachedLogits):
+                out.append(DenseTarget(cached.logits))
+                continue
+            tail = cached.tail_lse
+            if tail.dim() == cached.ids.dim():  # (B, T, n_τ): the loader kept every temperature (a cohort's stream)
+                tail = tail[..., self.tail_index]
+            # The cache's τ=1 log-probabilities serve as the target's logits: a softmax is shift-invariant, so
+            # log-probabilities are logits (up to a constant per position that cancels).
+            out.append(SparseTarget(ids=cached.ids, logits=cached.logprobs, tail_lse=tail))
         return out
 
     def summary(self) -> dict[str, Any]:
@@ -293,7 +304,7 @@ class OnlineTeachers(TeacherSource):
             models.append(m.to(device).eval().requires_grad_(False))
         return cls(models, infos, store.vocab_size, autocast, d.cache)
 
-    def targets(self, batch: dict[str, Any], input_ids: torch.Tensor) -> list[DenseTarget | SparseTarget]:
+    def targets(self, batch: Batch, input_ids: torch.Tensor) -> list[DenseTarget | SparseTarget]:
         from cachekd.losses import DenseTarget
 
         with torch.inference_mode(), self._autocast():
