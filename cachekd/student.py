@@ -278,13 +278,14 @@ class Student:
                     "ce_weight": lam, "temperature": tau})
         return out
 
-    def evaluate(self) -> float | None:
-        """Mean loss on the dev split (its first data.eval_windows windows), or None without one."""
+    def evaluate(self, windows: int | None = None) -> float | None:
+        """Mean loss on the dev split (its first `windows` windows, default data.eval_windows; 0: all), or None
+        without one."""
         from cachekd.evaluate import dev_loss
 
         if "dev" not in self.store.splits() or self.store.num_windows("dev") == 0:
             return None
-        n = self.cfg.data.eval_windows or None
+        n = (self.cfg.data.eval_windows if windows is None else windows) or None
         res = dev_loss(self.model, self.store, split="dev", batch_size=self.plan.micro, device=self.place.device,
                        max_windows=n, progress=False)
         self.model.train()

@@ -339,6 +339,7 @@ class Trainer:
         self.step, self.tokens_seen, self.wall_s = 0, 0, 0.0
         self._stop_signal: int | None = None
         self._prepare_output(resume, force)
+        self._last_log = (time.perf_counter(), self.tokens_seen)  # (time, tokens) of the last train record
 
     def _build_student(self, cfg: TrainConfig) -> Student:
         """A student with its teacher source (the cache's, or live teachers with --online)."""
@@ -418,7 +419,7 @@ class Trainer:
         student reads (one read and decode of the store and the cache for all students)."""
         from cachekd.loader import CachedBatches, Prefetcher
 
-        cached = [s.teacher_source for s in self.students if isinstance(s.teacher_source, CachedTeachers)]
+        cached = self.cached_sources()
         names = list(dict.fromkeys(n for src in cached for n in src.names))
         tails = {src.tail_index for src in cached}
         ds = CachedBatches(
@@ -435,6 +436,10 @@ class Trainer:
         return Prefetcher(iter(ds), depth=self.cfg.data.prefetch, pin=pin)
 
     batches = batch_generator
+
+    def cached_sources(self) -> list[CachedTeachers]:
+        """The logit-cache teacher sources the batch stream serves (one cache for all of them)."""
+        return [s.teacher_source for s in self.students if isinstance(s.teacher_source, CachedTeachers)]
 
     def global_norms(self, batch: Batch) -> Norms:
         """The step's global token and sequence counts (summed over processes)."""
@@ -479,7 +484,7 @@ class Trainer:
                 raise TrainingInterrupted(self.step, self.total_steps, path, self._stop_signal)
             self._save_checkpoint()
             dev = self._eval_and_log()
-            return self._finish(dev, stop_reason)[0]
+            return self._finish(dev, stop_reason)
         finally:
             self._mark_running(False)
 
@@ -592,8 +597,8 @@ class Trainer:
                        "dev_loss": dev})
         return devs
 
-    def _finish(self, devs: list[float | None], stop_reason: str) -> list[dict[str, Any]]:
-        """Every student's model/ and summary.json; returns the summaries."""
+    def _finish(self, devs: list[float | None], stop_reason: str) -> dict[str, Any]:
+        """Every student's model/ and summary.json; returns the first student's summary (all in self.summaries)."""
         common = {"steps": self.step, "tokens": self.tokens_seen, "wall_s": round(self.wall_s, 3),
                   "tokens_per_s": self.tokens_seen / self.wall_s if self.wall_s else None,
                   "stopped_by": stop_reason, "processes": self.world}
@@ -602,7 +607,8 @@ class Trainer:
             ppl = math.exp(dev) if dev is not None and dev < 50 else None
             out.append(s.finish({**common, "final_dev_loss": dev, "final_dev_ppl": ppl}))
         self.place.barrier()
-        return out
+        self.summaries = out
+        return out[0]
 
 
 def order_seed(cfg: TrainConfig) -> int:

@@ -38,8 +38,8 @@ class PeerConfig:
     """Overrides of the optimizer settings (lr, weight_decay, warmup_steps, ...); the run length is the cohort's."""
     distill: dict[str, Any] | None = None
     """Variant grid only: this student's distillation from the cohort's cache (objective, temperature, ce_weight,
-    alpha schedule, tail_mode, ...); {} for the defaults; null (default) for cross-entropy only unless its
-    `config` has a distill section."""
+    alpha schedule, tail_mode, teachers, ...), over its `config`'s distill section; {} for the defaults; null
+    (default): its `config`'s distill section, or cross-entropy only without one."""
 
 
 @dataclass
@@ -142,3 +142,136 @@ class SearchConfig:
             raise ValueError(f"layers must be [smallest, largest] with 1 <= smallest <= largest (got {self.layers}).")
         if self.min_params > self.max_params:
             raise ValueError(f"min_params ({self.min_params}) is above max_params ({self.max_params}).")
+
+
+@dataclass
+class CohortConfig:
+    """Everything `cachekd cohort` needs; saved as <output>/config.yaml."""
+
+    name: str = "cohort"
+    output: str = ""
+    """Cohort directory: config.yaml, metrics.jsonl (ω), checkpoints/ (ω), summary.json, and peers/<name>/ runs."""
+    seed: int = 0
+    """Seed of the window order all peers share (and of each peer's initialisation unless it gives its own)."""
+    device: str = "auto"
+    precision: str = "fp32"
+    """fp32 | bf16 | fp16 (fp16: variant grids only; mutual learning forms one loss over several scalers)."""
+    data: dict[str, Any] = field(default_factory=dict)
+    """The data section every peer uses (store, batch_size, micro_batch_size, block_chunks, ...)."""
+    optim: dict[str, Any] = field(default_factory=dict)
+    """Optimizer settings of every peer (a peer's own `optim` overrides them) and the run length (epochs,
+    max_steps, max_time_s), which only the cohort sets."""
+    cache: str | None = None
+    """Logit cache of the distilling peers of a grid and of the fixed peers."""
+    peers: list[PeerConfig] = field(default_factory=list)
+    mutual: MutualConfig | None = None
+    """Weighted mutual learning; null (default): a variant grid of independent students."""
+    search: SearchConfig | None = None
+    """Settings of `cachekd cohort search` (which writes the peers it finds)."""
+    log_every: int = 10
+    eval_every: int = 0
+    save_every: int = 200
+    keep_checkpoints: int = 2
+    tensorboard: bool = False
+
+    def __post_init__(self) -> None:
+        names = [p.name or f"peer{i}" for i, p in enumerate(self.peers)]
+        for p, n in zip(self.peers, names):
+            p.name = n
+            if not n.replace("-", "").replace("_", "").replace(".", "").isalnum() or n.startswith("."):
+                raise ValueError(f"peer name {n!r} must be letters, digits, '-', '_' or '.' (it names a directory).")
+        if len(set(names)) != len(names):
+            raise ValueError(f"two peers are named {next(n for n in names if names.count(n) > 1)!r}; name each once.")
+        for key in LENGTH_KEYS:
+            for p in self.peers:
+                if key in p.optim:
+                    raise ValueError(f"peer {p.name!r} sets optim.{key}; the run length is the cohort's (optim.{key}).")
+        m = self.mutual
+        if m is not None:
+            if self.peers and m.alpha > 0 and len(self.peers) + len(m.fixed_peers) < 2:
+                raise ValueError("mutual learning needs at least two members (peers or fixed_peers); a single peer "
+                                 "has no one to learn from (set mutual.alpha: 0, or drop the mutual section).")
+            for p in self.peers:
+                if p.distill is not None:
+                    raise ValueError(f"peer {p.name!r} has a distill section, but with mutual learning the mutual "
+                                     f"section sets the loss; drop one of them.")
+            if m.fixed_peers and not self.cache:
+                raise ValueError("mutual.fixed_peers are teachers of a logit cache: set cache.")
+            if m.initial_weights is not None and len(m.initial_weights) != len(self.peers) + len(m.fixed_peers):
+                raise ValueError(f"mutual.initial_weights has {len(m.initial_weights)} values for "
+                                 f"{len(self.peers) + len(m.fixed_peers)} members (peers, then fixed peers).")
+            if self.precision == "fp16":
+                raise ValueError("mutual learning runs in fp32 or bf16 (precision fp16 needs one gradient scaler a "
+                                 "model and the cohort's loss is one).")
+
+    @property
+    def member_names(self) -> list[str]:
+        """The peers, then the fixed peers: the order of ω."""
+        return [p.name for p in self.peers] + (list(self.mutual.fixed_peers) if self.mutual else [])
+
+    def start_weights(self) -> list[float]:
+        """ω at step 0 (mutual learning)."""
+        from cachekd.cohort.weights import initial_weights
+
+        m = self.mutual
+        assert m is not None
+        n, f = len(self.peers), len(m.fixed_peers)
+        fixed = m.fixed_weights if m.fixed_weights is not None else [1.0 / (n + f)] * f
+        return initial_weights(n, fixed, m.initial_weights)
+
+
+LENGTH_KEYS = ("epochs", "max_steps", "max_time_s")
+"""optim keys that only the cohort sets: every peer runs the same steps on the same batches."""
+
+PEER_SECTIONS = ("model", "optim", "distill")
+"""What a peer takes from its `config` (a preset or YAML file): the rest is the cohort's."""
+
+
+def load_cohort_config(data: dict[str, Any]) -> CohortConfig:
+    """CohortConfig from a YAML mapping; refuses unknown keys and bad values with one sentence."""
+    from cachekd.config import from_dict
+
+    return from_dict(CohortConfig, data, "cohort")
+
+
+def peer_mapping(cohort: CohortConfig, index: int) -> dict[str, Any]:
+    """The run config (as a YAML mapping) of peer `index`: its preset's model/optim/distill, the cohort's optim
+    and the peer's own settings over it, and the cohort's data, order seed, length and runtime options."""
+    from pathlib import Path
+
+    from cachekd.config import deep_merge, load_yaml
+
+    peer = cohort.peers[index]
+    base = load_yaml(peer.config) if peer.config else {}
+    optim = {k: v for k, v in dict(base.get("optim") or {}).items() if k not in LENGTH_KEYS}
+    optim = deep_merge(deep_merge(optim, cohort.optim), peer.optim)
+    distill = None
+    if cohort.mutual is None:
+        if peer.distill is not None or base.get("distill") is not None:
+            distill = deep_merge(dict(base.get("distill") or {}), peer.distill or {})
+            if distill.get("cache") not in (None, cohort.cache):
+                raise ValueError(f"peer {peer.name!r} names its own cache; a cohort reads one (set the cohort's cache).")
+            distill["cache"] = cohort.cache
+    return {
+        "name": peer.name, "output": str(Path(cohort.output) / PEERS_DIR / peer.name),
+        "seed": peer.seed if peer.seed is not None else cohort.seed + index,
+        "device": cohort.device, "precision": cohort.precision,
+        "model": deep_merge(dict(base.get("model") or {}), peer.model),
+        "data": {**cohort.data, "order_seed": cohort.seed}, "optim": optim, "distill": distill,
+        "log_every": cohort.log_every, "eval_every": cohort.eval_every, "save_every": cohort.save_every,
+        "keep_checkpoints": cohort.keep_checkpoints, "tensorboard": cohort.tensorboard,
+    }
+
+
+def peer_configs(cohort: CohortConfig) -> list[Any]:
+    """Every peer's `TrainConfig` (checked like any run's config: a bad value names the peer)."""
+    from cachekd.errors import CachekdError
+    from cachekd.trainer import load_train_config
+
+    out = []
+    for i, p in enumerate(cohort.peers):
+        try:
+            out.append(load_train_config(peer_mapping(cohort, i)))
+        except (CachekdError, ValueError) as e:
+            raise CachekdError(f"peer {p.name!r}: {e}") from None
+    return out

@@ -88,7 +88,7 @@ def wml_loss(ce_means: Tensor, divergence_means: Tensor, weights: Tensor, *, alp
 
 def mutual_sums(logits: Sequence[Tensor], labels: Tensor, fixed_targets: Sequence[object], *,
                 objective: MutualObjective, temperature: float, detach: bool, ignore_index: int,
-                tail_mode: str = "bucket") -> tuple[Tensor, Tensor]:
+                tail_mode: str = "bucket", divergences: bool = True) -> tuple[Tensor, Tensor]:
     """Per-peer cross-entropy sums and the divergence sums of each trained peer from every other member.
 
     Args:
@@ -98,6 +98,7 @@ def mutual_sums(logits: Sequence[Tensor], labels: Tensor, fixed_targets: Sequenc
             they carry no gradient.
         objective, temperature, detach, ignore_index: as in `peer_divergence_sums`.
         tail_mode: how a fixed peer's top-k target treats its tail (see `cachekd.losses.KDConfig`).
+        divergences: False skips the divergences (zeros come back): at α = 0 they do not enter the loss.
 
     Returns:
         ce_sums (N,) and divergence sums (N, N + F), both float32 sums over the non-ignored positions.
@@ -106,6 +107,8 @@ def mutual_sums(logits: Sequence[Tensor], labels: Tensor, fixed_targets: Sequenc
 
     ce_cfg = KDConfig(ignore_index=ignore_index)
     ce = torch.stack([distill_loss(z, labels, [], ce_cfg).ce_sum for z in logits])
+    if not divergences:
+        return ce, torch.zeros(len(logits), len(logits) + len(fixed_targets), dtype=ce.dtype, device=ce.device)
     div = peer_divergence_sums(logits, labels, objective=objective, temperature=temperature, detach=detach,
                                ignore_index=ignore_index)
     if fixed_targets:
