@@ -71,10 +71,13 @@ def median_time(fn: Callable[[], Any], repeats: int = 5, warmup: int = 1) -> tup
     return statistics.median(times), times
 
 
-def write_result(theme: str, title: str, config: dict[str, Any], table_md: str, notes: str = "") -> Path:
-    RESULTS.mkdir(parents=True, exist_ok=True)
+def write_result(theme: str, title: str, config: dict[str, Any], table_md: str, notes: str = "",
+                 results_dir: str | Path | None = None) -> Path:
+    """Write ``<results_dir>/<theme>_<hardware>_<date>.md`` (default directory: benchmarks/results)."""
+    out = Path(results_dir) if results_dir is not None else RESULTS
+    out.mkdir(parents=True, exist_ok=True)
     date = _dt.date.today().isoformat()
-    path = RESULTS / f"{theme}_{hardware_tag()}_{date}.md"
+    path = out / f"{theme}_{hardware_tag()}_{date}.md"
     m = machine()
     lines = [f"# {title}", "", f"Run {date} with `{' '.join([Path(sys.argv[0]).name] + sys.argv[1:])}`.", "",
              "## Machine", ""]

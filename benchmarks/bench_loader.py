@@ -40,7 +40,8 @@ def main() -> None:
     from cachekd.models import ModelConfig, build_model
     from cachekd.precompute import PrecomputeConfig, precompute
     from cachekd.tokens import PrepareConfig, prepare
-    from cachekd.trainer import Trainer, load_train_config
+    from cachekd.train_config import load_train_config
+    from cachekd.trainer import Trainer
 
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="bench_loader_"))
     try:

@@ -62,7 +62,8 @@ def main() -> None:
     from cachekd.models import load_model
     from cachekd.precompute import PrecomputeConfig, autocast_dtype, precompute
     from cachekd.tokens import PrepareConfig, prepare
-    from cachekd.trainer import load_train_config, run
+    from cachekd.train_config import load_train_config
+    from cachekd.trainer import run
 
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="bench_precompute_"))
     work.mkdir(parents=True, exist_ok=True)

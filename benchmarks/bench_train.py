@@ -181,7 +181,7 @@ def write_text_subset(data: Path, out: Path, target_bytes: float) -> dict[str, A
 
 def train_cfg(name: str, out: Path, store: str, model: dict, *, lr: float, max_steps: int, warmup: int,
               batch: int, eval_windows: int, distill: dict | None = None, max_time_s: float | None = None):
-    from cachekd.trainer import load_train_config
+    from cachekd.train_config import load_train_config
 
     return load_train_config({
         "name": name, "output": str(out), "seed": 0, "device": "cpu", "precision": "fp32", "model": dict(model),
@@ -419,7 +419,8 @@ def rss_child(spec_path: str) -> None:
     """Runs inside a fresh subprocess: one distill job, then prints its own peak RSS."""
     spec = json.loads(Path(spec_path).read_text())
     setup_threads(spec["threads"])
-    from cachekd.trainer import load_train_config, run
+    from cachekd.train_config import load_train_config
+    from cachekd.trainer import run
 
     rss0 = proc_status_kb("VmRSS")
     t0 = time.perf_counter()

@@ -10,6 +10,10 @@ Dev loss in the table comes from ``eval.json`` when `cachekd eval` measured the 
 ``dev_from`` = ``eval``), else from the run's summary or last dev line (``trainer``: the trainer scores the first
 ``data.eval_windows`` dev windows), else from an `cachekd eval --max-windows N` on the dev split
 (``eval:firstN``). Losses on the train split are never used. Compare runs whose ``dev_from`` agree.
+
+Minimal-pair accuracies get one set of columns per measurement convention (`cachekd.rundir.minimal_pairs_key`:
+file set, prefix, pair limit), labelled like ``mp[blimp prefix=eos]`` (macro accuracy) and
+``acc[blimp prefix=eos]:<group>``: results measured with another prefix or on other files never share a column.
 """
 
 from __future__ import annotations
@@ -23,8 +27,9 @@ from cachekd.errors import CachekdError
 from cachekd.rundir import RunDir, full_dev_loss, loss_key
 
 BASE_COLUMNS = ["run", "mode", "objective", "steps", "tokens", "wall_s", "num_params", "dev_loss", "dev_ppl",
-                "dev_from", "mp_macro_acc"]
-"""Columns of the comparison table; per-group minimal-pair accuracies follow as ``acc:<group>``."""
+                "dev_from"]
+"""Columns of the comparison table; minimal-pair accuracies follow, per convention `<label>` (`pair_labels`):
+``mp[<label>]`` (macro accuracy) and then ``acc[<label>]:<group>``."""
 
 
 def load_run(run_dir: str | Path) -> dict[str, Any]:
@@ -62,8 +67,23 @@ def _num(v: Any) -> float | None:
     return None if math.isnan(f) else f
 
 
-def run_row(run: dict[str, Any], name: str) -> dict[str, Any]:
-    """One row of the comparison table."""
+def pair_labels(keys: list[str], results: dict[str, dict[str, Any]]) -> dict[str, str]:
+    """Column label of each minimal-pair key: the key without its content fingerprint (``blimp prefix=eos``), or
+    with it where two keys would otherwise get the same label (same names, other pairs). `results` gives one result
+    for each key."""
+    from cachekd.rundir import minimal_pairs_key
+
+    short = {}
+    for k in keys:
+        mp = results[k]
+        stripped = {kk: v for kk, v in mp.items() if kk != "files_fingerprint"}
+        short[k] = minimal_pairs_key(stripped)
+    return {k: (short[k] if list(short.values()).count(short[k]) == 1 else k) for k in keys}
+
+
+def run_row(run: dict[str, Any], name: str, labels: dict[str, str] | None = None) -> dict[str, Any]:
+    """One row of the comparison table. `labels`: the column label of each minimal-pair key (`pair_labels` over
+    every compared run, so that columns agree across rows); by default, this run's own."""
     s, train, dev, ev = run["summary"], run["train"], run["dev"], run["eval"] or {}
     last = train[-1] if train else {}
     row: dict[str, Any] = {
@@ -93,11 +113,48 @@ def run_row(run: dict[str, Any], name: str) -> dict[str, Any]:
     row["dev_loss"] = dev_loss
     row["dev_ppl"] = math.exp(dev_loss) if dev_loss is not None and dev_loss < 700 else None
     row["dev_from"] = source
-    mp = ev.get("minimal_pairs") if isinstance(ev.get("minimal_pairs"), dict) else None
-    row["mp_macro_acc"] = _num(mp.get("macro_accuracy")) if mp else None
-    for group, g in ((mp or {}).get("by_group") or {}).items():
-        row[f"acc:{group}"] = _num(g.get("accuracy"))
+    from cachekd.rundir import minimal_pair_results
+
+    results = minimal_pair_results(ev)
+    if labels is None:
+        labels = pair_labels(list(results), results)
+    for key, mp in results.items():
+        label = labels[key]
+        row[f"mp[{label}]"] = _num(mp.get("macro_accuracy"))
+        for group, g in (mp.get("by_group") or {}).items():
+            row[f"acc[{label}]:{group}"] = _num(g.get("accuracy"))
     return row
+
+
+def teacher_runs(runs: list[dict[str, Any]]) -> set[int]:
+    """Indices of the runs that are a teacher of another compared run: named (by path or checkpoint fingerprint)
+    as an online teacher in a distilled run's summary, or as a teacher in the manifest of the cache it was distilled
+    from (a cache that cannot be opened any more is passed over)."""
+    from cachekd.cache.reader import LogitCache
+
+    paths: set[Path] = set()
+    fingerprints: set[str] = set()
+    for run in runs:
+        s = run["summary"]
+        teachers = list(s.get("online_teachers") or [])
+        if s.get("cache"):
+            try:
+                teachers += LogitCache.open(s["cache"]).meta["teachers"]
+            except (CachekdError, OSError, KeyError, ValueError):
+                pass
+        for t in teachers:
+            if isinstance(t, dict):
+                if t.get("path"):
+                    paths.add(Path(t["path"]).resolve())
+                if t.get("fingerprint"):
+                    fingerprints.add(str(t["fingerprint"]))
+    found = set()
+    for i, run in enumerate(runs):
+        d = Path(run["dir"]).resolve()
+        fp = (run["eval"] or {}).get("checkpoint_fingerprint")
+        if d in paths or d / "model" in paths or (fp is not None and fp in fingerprints):
+            found.add(i)
+    return found
 
 
 def _unique_names(runs: list[dict[str, Any]]) -> list[str]:
@@ -109,7 +166,7 @@ def _unique_names(runs: list[dict[str, Any]]) -> list[str]:
     return [f"{p.parent.name}/{p.name}" if base.count(p.name) > 1 else p.name for p in paths]
 
 
-OUTPUT_FILES = ("compare.md", "compare.csv", "curves.png", "accuracy_by_group.png")
+OUTPUT_FILES = ("compare.md", "compare.csv", "curves.png", "accuracy_by_group.png", "accuracy_by_file.png")
 """What `compare_runs` writes into its output directory (an earlier comparison's files are replaced)."""
 
 
@@ -121,9 +178,10 @@ def default_out_dir(run_dirs: list[str | Path]) -> Path:
 
 def compare_runs(run_dirs: list[str | Path], out_dir: str | Path | None = None) -> dict[str, Any]:
     """Read each run, write ``compare.md``, ``compare.csv``, ``curves.png`` and (when any run has minimal-pair
-    results in eval.json) ``accuracy_by_group.png`` into `out_dir`. Returns ``{"rows", "columns", "files", "out",
-    "replaced"}``; ``replaced`` names the files of an earlier comparison in `out_dir` that this one replaced (or, for
-    a stale accuracy plot, removed)."""
+    results in eval.json) ``accuracy_by_group.png`` and ``accuracy_by_file.png`` into `out_dir`. Returns
+    ``{"rows", "columns", "files", "out", "replaced", "teachers"}``; ``replaced`` names the files of an earlier
+    comparison in `out_dir` that this one replaced (or, for a stale accuracy plot, removed); ``teachers`` names the
+    runs that are a teacher of another compared run (`teacher_runs`)."""
     from cachekd.io import atomic_write_bytes
     from cachekd.report import markdown_table
 
@@ -138,9 +196,18 @@ def compare_runs(run_dirs: list[str | Path], out_dir: str | Path | None = None) 
         unique.setdefault(Path(d).resolve(), d)
     runs = [load_run(d) for d in unique.values()]
     names = _unique_names(runs)
-    rows = [run_row(r, n) for r, n in zip(runs, names)]
-    groups = sorted({k for row in rows for k in row if k.startswith("acc:")})
-    columns = BASE_COLUMNS + groups
+    from cachekd.rundir import minimal_pair_results
+
+    results = [minimal_pair_results(r["eval"]) for r in runs]
+    one_each = {k: mp for res in results for k, mp in res.items()}
+    keys = sorted(one_each)
+    labels = pair_labels(keys, one_each)
+    rows = [run_row(r, n, labels) for r, n in zip(runs, names)]
+    columns = list(BASE_COLUMNS)
+    for key in keys:
+        columns.append(f"mp[{labels[key]}]")
+        columns += sorted({c for row in rows for c in row if c.startswith(f"acc[{labels[key]}]:")})
+    teachers = teacher_runs(runs)
     out = Path(out_dir) if out_dir is not None else default_out_dir(run_dirs)
     out.mkdir(parents=True, exist_ok=True)
     replaced = [n for n in OUTPUT_FILES if (out / n).exists()]
@@ -149,30 +216,39 @@ def compare_runs(run_dirs: list[str | Path], out_dir: str | Path | None = None) 
     curves = out / "curves.png"
     _plot_curves(runs, names, curves)
     files["curves"] = str(curves)
-    acc = out / "accuracy_by_group.png"
-    if any(r["eval"] and isinstance(r["eval"].get("minimal_pairs"), dict) for r in runs):
-        _plot_accuracy(runs, names, acc)
-        files["accuracy_by_group"] = str(acc)
+    acc, acc_file = out / "accuracy_by_group.png", out / "accuracy_by_file.png"
+    if keys:
+        series = {labels[k]: [(n, res[k], i in teachers) for i, (n, res) in enumerate(zip(names, results)) if k in res]
+                  for k in keys}
+        _plot_accuracy_by_group(series, acc)
+        _plot_accuracy_by_file(series, acc_file)
+        files["accuracy_by_group"], files["accuracy_by_file"] = str(acc), str(acc_file)
     else:
-        acc.unlink(missing_ok=True)  # a stale plot from an earlier comparison would mislead
-        files["accuracy_by_group"] = None
+        for f in (acc, acc_file):
+            f.unlink(missing_ok=True)  # a stale plot from an earlier comparison would mislead
+        files["accuracy_by_group"] = files["accuracy_by_file"] = None
 
     lines = ["# Run comparison", "", markdown_table(rows, columns)]
     lines += [
         "`dev_from`: `eval` = `cachekd eval` over the whole dev split (eval.json), `trainer` = the trainer's own dev "
         "loss (the first `data.eval_windows` dev windows), `eval:firstN` = `cachekd eval --max-windows N` on the dev "
-        "split. `mp_macro_acc`: mean minimal-pair accuracy over phenomena; `acc:<group>`: mean over a group's "
-        "phenomena.",
+        "split. `mp[<pairs> prefix=<p>]`: mean minimal-pair accuracy over the phenomena (files) of the pair set "
+        "`<pairs>`, each sentence scored after the context `<p>` (`eos`: end-of-text token, `bos`: begin-of-text "
+        "token, `none`: no context, or the quoted text), on at most N pairs a file when `max_pairs=N`; "
+        "`acc[...]:<group>`: mean over a group's phenomena. Accuracies measured another way are in other columns "
+        "and are not comparable.",
         "",
         "Runs:",
         "",
     ]
     notes = {"complete": "", "running": " (running: no summary.json yet)",
              "unfinished": " (unfinished: no summary.json and no process training it; `--resume` continues it)"}
-    lines += [f"- {n}: `{r['dir']}`{notes[_state(r)]}" for r, n in zip(runs, names)]
+    lines += [f"- {n}: `{r['dir']}`{notes[_state(r)]}{' (teacher)' if i in teachers else ''}"
+              for i, (r, n) in enumerate(zip(runs, names))]
     lines += ["", f"![training and dev curves]({curves.name})", ""]
     if files["accuracy_by_group"]:
-        lines += [f"![minimal-pair accuracy]({acc.name})", ""]
+        lines += [f"![minimal-pair accuracy by group]({acc.name})", "",
+                  f"![minimal-pair accuracy by phenomenon]({acc_file.name})", ""]
     md = out / "compare.md"
     atomic_write_bytes(md, ("\n".join(lines).rstrip("\n") + "\n").encode())
     files["markdown"] = str(md)
@@ -184,7 +260,8 @@ def compare_runs(run_dirs: list[str | Path], out_dir: str | Path | None = None) 
         for row in rows:
             w.writerow({c: ("" if row.get(c) is None else row.get(c)) for c in columns})
     files["csv"] = str(csv_path)
-    return {"rows": rows, "columns": columns, "files": files, "out": str(out), "replaced": replaced}
+    return {"rows": rows, "columns": columns, "files": files, "out": str(out), "replaced": replaced,
+            "teachers": [names[i] for i in sorted(teachers)]}
 
 
 # ------------------------------------------------------------------------------------------------ plots
@@ -222,42 +299,105 @@ def _plot_curves(runs: list[dict[str, Any]], names: list[str], path: Path) -> No
     fig.savefig(path, dpi=110)
 
 
-def _grouped_bars(ax, categories: list[str], series: list[tuple[str, list[float | None]]], title: str) -> None:
+
+CHANCE = 0.5
+"""Accuracy of guessing on a two-way minimal pair."""
+PLOT_DPI = 110
+PLOT_WIDTH_IN = 11.0
+"""Accuracy figures are 11 in × 110 dpi = 1210 px wide whatever the number of phenomena; they grow in height."""
+
+AccuracySeries = dict[str, list[tuple[str, dict[str, Any], bool]]]
+"""Per convention label: (run name, minimal-pair result, whether the run is a teacher) of each run measured so."""
+
+
+def _run_styles(series: AccuracySeries) -> dict[str, dict[str, Any]]:
+    """One colour per run across every panel; teachers drawn in black."""
+    from matplotlib import colormaps
+
+    names = list(dict.fromkeys(n for runs in series.values() for n, _, _ in runs))
+    teachers = {n for runs in series.values() for n, _, t in runs if t}
+    cmap = colormaps["tab10"]
+    styles, c = {}, 0
+    for n in names:
+        if n in teachers:
+            styles[n] = {"color": "black", "label": f"{n} (teacher)", "teacher": True}
+        else:
+            styles[n] = {"color": cmap(c % 10), "label": n, "teacher": False}
+            c += 1
+    return styles
+
+
+def _finish_accuracy_axis(ax, title: str) -> None:
+    ax.axvline(CHANCE, color="gray", linewidth=1, linestyle="--", label="chance (0.5)")
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("accuracy")
+    ax.set_title(title, fontsize=10, loc="left")
+    ax.grid(axis="x", alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+
+
+def _plot_accuracy_by_group(series: AccuracySeries, path: Path) -> None:
+    """Horizontal grouped bars: a row per group (and the macro average on top), a bar per run, one panel per
+    convention; the teacher's bars are black and hatched, the dashed line is chance."""
     import numpy as np
-
-    x = np.arange(len(categories))
-    width = 0.8 / max(1, len(series))
-    for i, (name, values) in enumerate(series):
-        ax.bar(x + (i - (len(series) - 1) / 2) * width, [np.nan if v is None else v for v in values], width,
-               label=name)
-    many = len(categories) > 4
-    ax.set_xticks(x, categories, rotation=30 if many else 0, ha="right" if many else "center", fontsize=8)
-    ax.set_ylim(0, 1)
-    ax.axhline(0.5, color="gray", linewidth=0.8, linestyle="--")  # chance
-    ax.set_ylabel("accuracy")
-    ax.set_title(title)
-    ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=8)
-
-
-def _plot_accuracy(runs: list[dict[str, Any]], names: list[str], path: Path) -> None:
     from matplotlib.figure import Figure
 
-    mps = [(n, r["eval"]["minimal_pairs"]) for r, n in zip(runs, names)
-           if r["eval"] and isinstance(r["eval"].get("minimal_pairs"), dict)]
-    groups = sorted({g for _, mp in mps for g in (mp.get("by_group") or {})})
-    phenomena = sorted({p for _, mp in mps for p in (mp.get("by_file") or {})})
-    two = len(phenomena) > len(groups)
-    fig = Figure(figsize=(max(8, 0.6 * len(phenomena) * max(1, len(mps)) / 2 + 4), 9 if two else 4.5),
-                 layout="constrained")
-    axes = fig.subplots(2, 1) if two else [fig.subplots(1, 1)]
-    _grouped_bars(axes[0], groups + ["macro"],
-                  [(n, [_num((mp.get("by_group") or {}).get(g, {}).get("accuracy")) for g in groups]
-                    + [_num(mp.get("macro_accuracy"))]) for n, mp in mps],
-                  "minimal-pair accuracy by group (dashed: chance)")
-    if two:
-        _grouped_bars(axes[1], phenomena,
-                      [(n, [_num((mp.get("by_file") or {}).get(p, {}).get("accuracy")) for p in phenomena])
-                       for n, mp in mps],
-                      "by phenomenon")
-    fig.savefig(path, dpi=110)
+    styles = _run_styles(series)
+    panels = []
+    for label, runs in series.items():
+        groups = sorted({g for _, mp, _ in runs for g in (mp.get("by_group") or {})},
+                        key=lambda g: -np.nanmean([_num((mp.get("by_group") or {}).get(g, {}).get("accuracy"))
+                                                   or np.nan for _, mp, _ in runs] or [np.nan]))
+        panels.append((label, runs, ["macro (all phenomena)"] + groups))
+    heights = [0.8 + len(cats) * (0.2 * len(runs) + 0.15) for _, runs, cats in panels]
+    fig = Figure(figsize=(PLOT_WIDTH_IN, sum(heights) + 0.3), layout="constrained")
+    axes = fig.subplots(len(panels), 1, squeeze=False, height_ratios=heights)[:, 0]
+    for ax, (label, runs, cats) in zip(axes, panels):
+        y = np.arange(len(cats))[::-1]  # the first category on top
+        bar = 0.8 / len(runs)
+        for i, (name, mp, _) in enumerate(runs):
+            st = styles[name]
+            vals = [_num(mp.get("macro_accuracy"))] + [_num((mp.get("by_group") or {}).get(g, {}).get("accuracy"))
+                                                         for g in cats[1:]]
+            ax.barh(y + (len(runs) - 1) / 2 * bar - i * bar, [np.nan if v is None else v for v in vals], bar,
+                    color=st["color"], label=st["label"], hatch="//" if st["teacher"] else None,
+                    edgecolor="white" if st["teacher"] else None)
+        ax.set_yticks(y, cats, fontsize=9)
+        _finish_accuracy_axis(ax, f"minimal-pair accuracy by group — {label}")
+    fig.savefig(path, dpi=PLOT_DPI)
+
+
+def _plot_accuracy_by_file(series: AccuracySeries, path: Path) -> None:
+    """A dot plot: a row per phenomenon (file), sorted by the runs' mean accuracy (best on top), a marker per run
+    (the teacher a black diamond) on a line from the lowest to the highest run; one panel per convention; the dashed
+    line is chance."""
+    import numpy as np
+    from matplotlib.figure import Figure
+
+    styles = _run_styles(series)
+    panels = []
+    for label, runs in series.items():
+        files = {f for _, mp, _ in runs for f in (mp.get("by_file") or {})}
+        acc = {f: [_num((mp.get("by_file") or {}).get(f, {}).get("accuracy")) for _, mp, _ in runs] for f in files}
+        mean = {f: np.mean([v for v in vs if v is not None]) if any(v is not None for v in vs) else -1.0
+                for f, vs in acc.items()}
+        order = sorted(files, key=lambda f: (mean[f], f))  # bottom to top: the best on top
+        panels.append((label, runs, order, acc))
+    heights = [1.0 + 0.2 * len(order) for _, _, order, _ in panels]
+    fig = Figure(figsize=(PLOT_WIDTH_IN, sum(heights) + 0.3), layout="constrained")
+    axes = fig.subplots(len(panels), 1, squeeze=False, height_ratios=heights)[:, 0]
+    for ax, (label, runs, order, acc) in zip(axes, panels):
+        y = np.arange(len(order))
+        lows = [min((v for v in acc[f] if v is not None), default=np.nan) for f in order]
+        highs = [max((v for v in acc[f] if v is not None), default=np.nan) for f in order]
+        ax.hlines(y, lows, highs, color="lightgray", linewidth=2, zorder=1)
+        for i, (name, _, _) in enumerate(runs):
+            st = styles[name]
+            vals = [np.nan if acc[f][i] is None else acc[f][i] for f in order]
+            ax.scatter(vals, y, color=st["color"], label=st["label"], zorder=3 if st["teacher"] else 2,
+                       marker="D" if st["teacher"] else "o", s=30 if st["teacher"] else 22)
+        ax.set_yticks(y, order, fontsize=8)
+        ax.set_ylim(-0.7, len(order) - 0.3)
+        ax.grid(axis="y", alpha=0.15)
+        _finish_accuracy_axis(ax, f"minimal-pair accuracy by phenomenon (sorted) — {label}")
+    fig.savefig(path, dpi=PLOT_DPI)

@@ -7,8 +7,10 @@ silently. Overrides use dotted keys: ``--set optim.lr=3e-4``.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
-import json
+import inspect
+import textwrap
 import types
 import typing
 from pathlib import Path
@@ -16,7 +18,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-from cachekd.errors import CachekdError
+from cachekd.errors import CachekdError, ConfigFieldError, show_value
 
 T = TypeVar("T")
 
@@ -29,15 +31,17 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        errors = []
+        errors: list[CachekdError] = []
         for a in args:
             if a is type(None):
                 continue
             try:
                 return _convert(value, a, where)
             except CachekdError as e:
-                errors.append(str(e))
-        raise CachekdError(errors[0] if errors else f"{where}: cannot use {show_value(value)}.")
+                errors.append(e)
+        if errors:
+            raise errors[0]
+        raise CachekdError(f"{where}: cannot use {show_value(value)}.")
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
@@ -60,7 +64,7 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
         return dict(value)
     if origin is typing.Literal:
         if value not in args:
-            raise CachekdError(f"{where} must be one of {', '.join(map(str, args))} (got {show_value(value)}).")
+            raise ConfigFieldError(where, f"one of {', '.join(map(str, args))}", value)
         return value
     if tp is bool:
         if isinstance(value, bool):
@@ -69,20 +73,20 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
             return value.lower() in ("true", "yes", "1", "on")
         if isinstance(value, int) and value in (0, 1):
             return bool(value)
-        raise CachekdError(f"{where} must be true or false (got {show_value(value)}).")
+        raise ConfigFieldError(where, "true or false", value)
     if tp in (int, float):
         if isinstance(value, bool):
-            raise CachekdError(f"{where} must be a number (got {show_value(value)}).")
+            raise ConfigFieldError(where, "a number", value)
         try:
             out = tp(value) if not isinstance(value, str) else tp(float(value)) if tp is int else tp(value)
         except (TypeError, ValueError):
-            raise CachekdError(f"{where} must be a number (got {show_value(value)}).") from None
+            raise ConfigFieldError(where, "a number", value) from None
         if tp is int and float(value) != out:
-            raise CachekdError(f"{where} must be a whole number (got {show_value(value)}).")
+            raise ConfigFieldError(where, "a whole number", value)
         return out
     if tp is str:
         if isinstance(value, (dict, list)):
-            raise CachekdError(f"{where} must be text (got {show_value(value)}).")
+            raise ConfigFieldError(where, "text", value)
         return str(value)
     if tp is Path:
         return Path(value)
@@ -90,27 +94,48 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
 
 
 def from_dict(cls: type[T], data: dict[str, Any], where: str = "config") -> T:
-    """Build dataclass ``cls`` from ``data``; unknown keys and wrong types raise CachekdError."""
+    """Build dataclass ``cls`` from ``data``; unknown keys and wrong types raise CachekdError. ``where`` names
+    ``data`` in messages and prefixes its keys (``optim`` → ``optim.lr``); ``""`` is a whole config file, whose
+    keys are named as they are (``optim.lr``, as ``--set`` spells them)."""
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(data) - set(fields))
     if unknown:
         raise CachekdError(
-            f"unknown option {unknown[0]!r} in {where}; known options are: {', '.join(sorted(fields))}."
+            f"unknown option {unknown[0]!r} in {where or 'config'}; known options are: {', '.join(sorted(fields))}."
         )
-    kwargs = {k: _convert(v, hints[k], f"{where}.{k}") for k, v in data.items()}
+    aliases = {k: f.metadata.get("aliases", {}) for k, f in fields.items()}
+    kwargs = {k: _convert(aliases[k].get(v, v) if isinstance(v, str) else v, hints[k], f"{where}.{k}" if where else k)
+              for k, v in data.items()}
     try:
         return cls(**kwargs)
     except CachekdError:
         raise
     except ValueError as e:  # __post_init__ validation of pure-library dataclasses
-        raise CachekdError(f"{where}: {e}") from None
+        raise CachekdError(f"{where or 'config'}: {e}") from None
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring written under each field of dataclass ``cls`` (and of its dataclass bases), whitespace
+    collapsed: ``{"lr": "Peak learning rate ..."}``. Fields without one are left out."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass) or klass is object:
+            continue
+        body = ast.parse(textwrap.dedent(inspect.getsource(klass))).body[0].body
+        for stmt, nxt in zip(body, body[1:]):
+            if (isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name) and isinstance(nxt, ast.Expr)
+                    and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str)):
+                docs[stmt.target.id] = " ".join(nxt.value.value.split())
+    return docs
 
 
 def to_dict(obj: Any) -> Any:
-    """Plain YAML/JSON-able view of a (nested) dataclass."""
+    """Plain YAML/JSON-able view of a (nested) dataclass, its keys in the order of the class's ``key_order``
+    (a tuple of field names) where it has one, else in field order."""
     if dataclasses.is_dataclass(obj):
-        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        names = getattr(type(obj), "key_order", None) or [f.name for f in dataclasses.fields(obj)]
+        return {name: to_dict(getattr(obj, name)) for name in names}
     if isinstance(obj, (list, tuple)):
         return [to_dict(v) for v in obj]
     if isinstance(obj, dict):
@@ -146,14 +171,6 @@ def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
         else:
             out[k] = v
     return out
-
-
-def show_value(value: Any) -> str:
-    """A value as it would be written in YAML/JSON (true, [1, 2], "text"), not as a Python repr."""
-    try:
-        return json.dumps(value)
-    except (TypeError, ValueError):
-        return repr(value)
 
 
 class _StrictLoader(yaml.SafeLoader):
@@ -195,11 +212,6 @@ def load_yaml(path: Path | str) -> dict[str, Any]:
 
 
 PRESET_DIR = Path(__file__).parent / "configs"
-
-# Short names accepted for distill.objective, in YAML, --set and --objective alike (stored by the full name).
-OBJECTIVE_ALIASES = {"forward": "forward_kl", "fkl": "forward_kl", "reverse": "reverse_kl", "rkl": "reverse_kl",
-                     "skew_forward": "skew_forward_kl", "skew_reverse": "skew_reverse_kl"}
-
 
 def list_presets() -> list[str]:
     return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))

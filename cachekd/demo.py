@@ -60,7 +60,8 @@ def run_demo(out_dir: str | Path = "demo_out", *, corpus: str | None = None, sma
     from cachekd.rundir import save_eval
     from cachekd.precompute import PrecomputeConfig, precompute
     from cachekd.tokens import PrepareConfig, prepare
-    from cachekd.trainer import load_train_config, run
+    from cachekd.train_config import load_train_config
+    from cachekd.trainer import run
 
     size = SMALL if small else FULL
     out = Path(out_dir)

@@ -14,9 +14,11 @@ Library code: no printing beyond tqdm progress bars; bad input raises `CachekdEr
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import time
+import zlib
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -25,7 +27,7 @@ import torch
 
 from cachekd import __version__
 from cachekd.errors import CachekdError
-from cachekd.rundir import RunDir, loss_key
+from cachekd.rundir import RunDir, loss_key, minimal_pairs_key
 from cachekd.teachers import check_tokenizer, has_tokenizer, tokenizer_fingerprint_of
 from cachekd.tokens import TokenStore
 
@@ -281,26 +283,36 @@ def minimal_pair_accuracy(
     batch_size: int = 32,
     device: str | torch.device = "cpu",
     progress: bool = True,
+    max_pairs: int | None = None,
+    seed: int = 0,
 ) -> dict[str, Any]:
     """Accuracy on BLiMP-format minimal pairs: a pair is correct when log P(good) > log P(bad) (ties are wrong).
 
-    `path` is a .jsonl file or a directory of them (one phenomenon a file, as BLiMP ships them). Returns
+    `path` is a .jsonl file or a directory of them (one phenomenon a file, as BLiMP ships them). `max_pairs`:
+    score at most that many pairs of each file, chosen at random without replacement by `seed` and the file's name
+    (`choose_pairs`), so a file's choice does not depend on the other files given. Returns
     ``{"macro_accuracy": mean of the per-file accuracies, "micro_accuracy": over all pairs, "num_pairs",
-    "num_correct", "num_files", "by_file": {stem: {accuracy, num_pairs, num_correct, group, linguistics_term}},
-    "by_group": {group: {accuracy (mean over its files), num_files, num_pairs, num_correct}}}``; a file's group
-    is its records' ``field`` (the most common one) or, without it, the file stem.
+    "num_correct", "num_files", "by_file": {stem: {accuracy, num_pairs, num_pairs_in_file, num_correct, group,
+    linguistics_term}}, "by_group": {group: {accuracy (mean over its files), num_files, num_pairs, num_correct}},
+    "prefix", "pair_set", "files_fingerprint", "max_pairs", "seed", "key"}``; a file's group is its records'
+    ``field`` (the most common one) or, without it, the file stem. ``"key"`` (`minimal_pairs_key`) names what was
+    measured: the file set, its content, the prefix and the pair limit; results with different keys are not
+    comparable.
     """
+    if max_pairs is not None and max_pairs < 1:
+        raise CachekdError(f"--max-pairs must be at least 1 (got {max_pairs}).")
     files = pair_files(path)
-    per_file = [(f, read_pairs(f)) for f in files]
     stems = [f.stem for f in files]
     if len(set(stems)) != len(stems):
         raise CachekdError(f"two minimal-pair files share a name under {str(path)!r}; rename one.")
+    all_records = [read_pairs(f) for f in files]
+    per_file = [(f, choose_pairs(recs, f.stem, max_pairs, seed)) for f, recs in zip(files, all_records)]
     sentences = [s for _, recs in per_file for r in recs for s in (r["sentence_good"], r["sentence_bad"])]
     scores = sentence_logprobs(model, tokenizer, sentences, prefix=prefix, batch_size=batch_size, device=device,
                                progress=progress)
     by_file: dict[str, dict[str, Any]] = {}
     pos = 0
-    for f, recs in per_file:
+    for i, (f, recs) in enumerate(per_file):
         good = np.array(scores[pos:pos + 2 * len(recs):2])
         bad = np.array(scores[pos + 1:pos + 2 * len(recs):2])
         pos += 2 * len(recs)
@@ -308,6 +320,7 @@ def minimal_pair_accuracy(
         by_file[f.stem] = {
             "accuracy": correct / len(recs),
             "num_pairs": len(recs),
+            "num_pairs_in_file": len(all_records[i]),
             "num_correct": correct,
             "group": _most_common(str(r["field"]) for r in recs if r.get("field")) or f.stem,
             "linguistics_term": _most_common(str(r["linguistics_term"]) for r in recs if r.get("linguistics_term")),
@@ -325,9 +338,13 @@ def minimal_pair_accuracy(
         g["num_files"] = len(g["files"])
     num_pairs = sum(r["num_pairs"] for r in by_file.values())
     num_correct = sum(r["num_correct"] for r in by_file.values())
-    return {
+    result = {
         "path": str(path),
         "prefix": prefix,
+        "pair_set": pair_set_name(path),
+        "files_fingerprint": pair_files_fingerprint(files),
+        "max_pairs": max_pairs,
+        "seed": seed if max_pairs is not None else None,
         "num_files": len(by_file),
         "num_pairs": num_pairs,
         "num_correct": num_correct,
@@ -336,6 +353,35 @@ def minimal_pair_accuracy(
         "by_group": dict(sorted(by_group.items())),
         "by_file": by_file,
     }
+    result["key"] = minimal_pairs_key(result)
+    return result
+
+
+def choose_pairs(records: list[dict[str, Any]], name: str, max_pairs: int | None,
+                 seed: int = 0) -> list[dict[str, Any]]:
+    """At most `max_pairs` of a file's records, in file order: all of them when there are no more, else a uniform
+    random choice without replacement drawn by ``numpy.random.default_rng([seed, crc32(name)])``, so the same file
+    name and seed always give the same pairs."""
+    if max_pairs is None or len(records) <= max_pairs:
+        return records
+    rng = np.random.default_rng([seed, zlib.crc32(name.encode("utf-8"))])
+    chosen = np.sort(rng.choice(len(records), size=max_pairs, replace=False))
+    return [records[int(i)] for i in chosen]
+
+
+def pair_set_name(path: str | Path) -> str:
+    """Short name of a minimal-pair file set: the directory's name, or the file's stem."""
+    p = Path(path).resolve()
+    return p.stem if p.is_file() else p.name
+
+
+def pair_files_fingerprint(files: Sequence[Path]) -> str:
+    """SHA-256 over the files' stems and bytes, in order: two file sets with the same name and other pairs differ."""
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.stem.encode("utf-8") + b"\0")
+        h.update(hashlib.sha256(f.read_bytes()).digest())
+    return h.hexdigest()
 
 
 def _most_common(values: Iterable[str]) -> str | None:
@@ -398,6 +444,8 @@ def evaluate(
     max_windows: int | None = None,
     against_cache: str | Path | None = None,
     progress: bool = True,
+    max_pairs: int | None = None,
+    pair_seed: int = 0,
 ) -> dict[str, Any]:
     """Evaluate a checkpoint (or a run directory's ``model/``): dev loss on `dev_store`, accuracy on
     `minimal_pairs`, or both.
@@ -405,9 +453,12 @@ def evaluate(
     The tokenizer comes from the checkpoint directory, or from the token store when the checkpoint has none.
     A store built with another tokenizer than the model's is refused. `against_cache`: mean KL(teacher ‖ student)
     and top-1 agreement with each teacher in a logit cache, on the `split` windows of the cache's token store.
+    `max_pairs`, `pair_seed`: see `minimal_pair_accuracy`.
 
     Returns ``{"model", "run_dir", "num_params", "checkpoint_fingerprint", "device", "wall_s", "created",
-    "cachekd_version", "dev": {...} (with `dev_store`), "minimal_pairs": {...} (with `minimal_pairs`)}``.
+    "cachekd_version", "losses": {key: {...}} (with `dev_store`; one entry, under `loss_key`), "dev": {...} (the same
+    entry, only when it covers the whole dev split), "minimal_pairs": {...} (with `minimal_pairs`)}``. A loss on
+    the train split or on part of the dev split is never under ``"dev"``.
     """
     from cachekd.corpus import load_tokenizer
     from cachekd.models import checkpoint_fingerprint, count_parameters, load_model, resolve_model_dir
@@ -419,6 +470,8 @@ def evaluate(
     store = _open_store(dev_store) if dev_store is not None else None
     if minimal_pairs is not None:
         pair_files(minimal_pairs)  # fail on a bad path before loading the model
+        if max_pairs is not None and max_pairs < 1:
+            raise CachekdError(f"--max-pairs must be at least 1 (got {max_pairs}).")
     if store is not None:
         check_tokenizer_matches(model_dir, store)
     model = load_model(model_dir)
@@ -439,11 +492,13 @@ def evaluate(
     if store is not None:
         d = dev_loss(model, store, split=split, batch_size=batch_size, device=device, max_windows=max_windows,
                      progress=progress)
-        result["dev"] = {"store": str(store.path), "split": split, "store_fingerprint": store.fingerprint,
-                         "max_windows": max_windows, **d,
-                         "split_windows": store.num_windows(split),
-                         "complete": d["num_windows"] == store.num_windows(split)}
-        result["dev"]["key"] = loss_key(result["dev"])
+        entry = {"store": str(store.path), "split": split, "store_fingerprint": store.fingerprint,
+                 "max_windows": max_windows, **d, "split_windows": store.num_windows(split),
+                 "complete": d["num_windows"] == store.num_windows(split)}
+        entry["key"] = loss_key(entry)
+        result["losses"] = {entry["key"]: entry}
+        if entry["key"] == "dev":
+            result["dev"] = entry
     if against_cache is not None:
         from cachekd.cache.reader import LogitCache
 
@@ -468,7 +523,8 @@ def evaluate(
                 f"it was trained on with --dev, or save the tokenizer next to the model."
             )
         result["minimal_pairs"] = minimal_pair_accuracy(model, tokenizer, minimal_pairs, prefix=prefix,
-                                                        batch_size=batch_size, device=device, progress=progress)
+                                                        batch_size=batch_size, device=device, progress=progress,
+                                                        max_pairs=max_pairs, seed=pair_seed)
     result["wall_s"] = time.perf_counter() - t0
     result["created"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     result["cachekd_version"] = __version__

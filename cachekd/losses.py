@@ -42,12 +42,16 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from cachekd.errors import ConfigFieldError
+from cachekd.kd_options import (  # noqa: F401  (the choices are re-exported: the losses' callers list them)
+    OBJECTIVES,
+    REDUCTIONS,
+    TAIL_MODES,
+    TEACHER_COMBINES,
+    KDOptions,
+    check_temperature,
+)
 from cachekd.rows import block_rows, row_blocks, tail_underflows
-
-OBJECTIVES = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tv")
-TAIL_MODES = ("bucket", "uniform", "renormalize")
-TEACHER_COMBINES = ("logits", "probs", "losses")
-REDUCTIONS = ("token_mean", "batchmean")
 
 # Log-probabilities of exactly-zero probabilities (-inf) are raised to this finite floor before they enter a
 # divergence, so that 0·log 0 terms give 0 (and a zero gradient) instead of NaN, while a genuinely infinite
@@ -95,65 +99,21 @@ Target = DenseTarget | SparseTarget
 
 
 @dataclass(frozen=True)
-class KDConfig:
-    """How the distillation term is computed. Every field is validated on construction."""
+class KDConfig(KDOptions):
+    """How the distillation term is computed: the `KDOptions` (objective, tails, teachers, reduction) plus the
+    temperature and the ignored label. Every field is validated on construction (`ConfigFieldError`, a
+    ValueError naming the field)."""
 
-    objective: str = "forward_kl"
-    """Divergence between teacher target p and student q: forward_kl KL(p‖q), reverse_kl KL(q‖p), jsd
-    (generalised Jensen-Shannon with ``beta``), skew_forward_kl KL(p‖λp+(1−λ)q), skew_reverse_kl
-    KL(q‖λq+(1−λ)p), tv (total variation ½Σ|p−q|)."""
     temperature: float = 1.0
     """τ > 0: both distributions are softmax(logits/τ). The trainer multiplies the KD term by τ²."""
-    beta: float = 0.5
-    """JSD weight β in [0, 1]: β·KL(p‖m) + (1−β)·KL(q‖m), m = βp + (1−β)q; 0 and 1 give 0."""
-    skew_lambda: float = 0.1
-    """Skew KL λ in [0, 1] (DistiLLM uses 0.1); 0 is the plain KL, 1 gives 0."""
-    tail_mode: str = "bucket"
-    """Sparse targets only: bucket (the tail is one extra category on both sides: the exact divergence of the
-    coarse-grained distributions), uniform (the tail mass spread evenly over the V−k other tokens: a dense
-    target, needed for mixing and for combining several sparse teachers by logits or probs), renormalize (drop
-    the tail and renormalise both sides over the k ids: the biased baseline)."""
-    teacher_combine: str = "logits"
-    """Several teachers: logits (weighted mean of raw logits, then the tempered softmax: Baby Llama), probs
-    (weighted mean of the tempered probabilities), losses (weighted sum of the per-teacher divergences). A single
-    teacher ignores it."""
-    teacher_weights: tuple[float, ...] | None = None
-    """One non-negative weight per teacher, normalised to sum 1; None gives equal weights."""
-    detach_mix: bool = True
-    """Mixing only: detach the student's logits inside the mixed target (the target moves with the student but
-    is not a path for gradients)."""
-    reduction: str = "token_mean"
-    """token_mean: the KD count is the number of non-ignored positions. batchmean (Baby Llama's
-    ``F.kl_div(reduction="batchmean")``): the same sum, but the count is the number of sequences B."""
     ignore_index: int = -100
     """Label value of positions that count for neither the cross-entropy nor the KD term."""
 
     def __post_init__(self) -> None:
-        _check_choice("objective", self.objective, OBJECTIVES)
-        _check_choice("tail_mode", self.tail_mode, TAIL_MODES)
-        _check_choice("teacher_combine", self.teacher_combine, TEACHER_COMBINES)
-        _check_choice("reduction", self.reduction, REDUCTIONS)
-        if not _is_real(self.temperature) or not (0 < self.temperature < math.inf):
-            raise ValueError(f"temperature must be > 0 (got {self.temperature!r}).")
-        for name in ("beta", "skew_lambda"):
-            value = getattr(self, name)
-            if not _is_real(value) or not (0.0 <= value <= 1.0):
-                raise ValueError(f"{name} must be in [0, 1] (got {value!r}).")
-        if self.teacher_weights is not None:
-            weights = self.teacher_weights
-            if isinstance(weights, (str, bytes)) or not isinstance(weights, Sequence) or len(weights) == 0:
-                raise ValueError(
-                    f"teacher_weights must be a non-empty list of numbers, one per teacher (got {weights!r})."
-                )
-            if not all(_is_real(w) and 0 <= w < math.inf for w in weights):
-                raise ValueError(f"teacher_weights must be finite and >= 0 (got {tuple(weights)!r}).")
-            if sum(weights) <= 0:
-                raise ValueError(f"teacher_weights must not all be 0 (got {tuple(weights)!r}).")
-            object.__setattr__(self, "teacher_weights", tuple(float(w) for w in weights))
-        if not isinstance(self.detach_mix, bool):
-            raise ValueError(f"detach_mix must be true or false (got {self.detach_mix!r}).")
+        super().__post_init__()
+        check_temperature("temperature", self.temperature)
         if isinstance(self.ignore_index, bool) or not isinstance(self.ignore_index, int):
-            raise ValueError(f"ignore_index must be an integer (got {self.ignore_index!r}).")
+            raise ConfigFieldError("ignore_index", "an integer", self.ignore_index)
 
 
 @dataclass

@@ -39,7 +39,9 @@ EVAL_FILE = "eval.json"
 
 Its losses are kept apart by what was measured: ``"losses"`` maps a key (`loss_key`: ``"dev"`` for the whole dev
 split, ``"train:first50"`` for the first 50 train windows, ...) to each measurement, and the top-level ``"dev"`` is
-only ever the whole dev split, the one number `cachekd compare` reports as a run's dev loss."""
+only ever the whole dev split, the one number `cachekd compare` reports as a run's dev loss. Minimal-pair results are
+kept the same way: ``"minimal_pairs_results"`` maps `minimal_pairs_key` (file set, prefix convention, pair limit) to
+each result, so scoring other files, or the same files with another prefix, never replaces an earlier result."""
 RUNNING_FILE = "running.json"
 """{pid, host, started} of the process training the run right now; removed when it stops (`cachekd compare` tells a
 live run from an unfinished one with it)."""
@@ -405,13 +407,50 @@ def full_dev_loss(ev: dict[str, Any] | None) -> dict[str, Any] | None:
     return None
 
 
+def prefix_label(prefix: str | None) -> str:
+    """How a prefix convention is shown: ``eos``, ``bos``, ``none`` (no context) or the text, quoted."""
+    if prefix is None:
+        return "none"
+    return prefix if prefix in ("eos", "bos") else json.dumps(prefix, ensure_ascii=False)
+
+
+def minimal_pairs_key(mp: dict[str, Any]) -> str:
+    """What a minimal-pair result measured, e.g. ``blimp#1a2b3c4d prefix=eos`` or ``blimp#1a2b3c4d prefix=bos
+    max_pairs=100 seed=0``: the file set (name and content fingerprint), the prefix convention and the pair limit.
+    Only results with the same key are comparable. A result saved before these were recorded gets
+    ``prefix=unrecorded`` (and no fingerprint), so it is never taken for one of a known convention."""
+    name = mp.get("pair_set") or (Path(str(mp["path"])).stem if mp.get("path") else "pairs")
+    fp = mp.get("files_fingerprint")
+    parts = [f"{name}#{fp[:8]}" if fp else str(name)]
+    parts.append("prefix=" + (prefix_label(mp["prefix"]) if "prefix" in mp else "unrecorded"))
+    if mp.get("max_pairs") is not None:
+        parts.append(f"max_pairs={mp['max_pairs']} seed={mp.get('seed')}")
+    return " ".join(parts)
+
+
+def minimal_pair_results(ev: dict[str, Any] | None) -> dict[str, dict[str, Any]]:
+    """Every minimal-pair result of an eval.json (or an `evaluate` result), by `minimal_pairs_key`."""
+    if not isinstance(ev, dict):
+        return {}
+    out: dict[str, dict[str, Any]] = {}
+    single = ev.get("minimal_pairs")
+    if isinstance(single, dict) and isinstance(single.get("by_file"), dict):  # the latest, or an older eval.json
+        out[minimal_pairs_key(single)] = single
+    for mp in (ev.get("minimal_pairs_results") or {}).values():
+        if isinstance(mp, dict) and isinstance(mp.get("by_file"), dict):
+            out[minimal_pairs_key(mp)] = mp
+    return dict(sorted(out.items()))
+
+
 def save_eval(result: dict[str, Any], run_dir: str | Path) -> Path:
     """Merge `result` into ``run_dir/eval.json`` and return its path.
 
     A loss is stored under ``"losses"`` by what was measured (`loss_key`: split and, for part of a split, the
     number of windows), so a quick ``--split train --max-windows 50`` never replaces the dev-split loss. The top-level
-    ``"dev"`` is the whole-dev-split loss only (absent until one is measured). Minimal pairs and agreement with a
-    cache are replaced by a new result of the same kind. Everything is kept from an earlier result for the same
+    ``"dev"`` is the whole-dev-split loss only (absent until one is measured). Minimal-pair results are kept under
+    ``"minimal_pairs_results"`` by `minimal_pairs_key` (file set, prefix, pair limit): a result replaces only an
+    earlier one of the same key; ``"minimal_pairs"`` is the latest of them. Agreement with a cache is replaced by a
+    new one. Everything is kept from an earlier result for the same
     checkpoint; a result for another checkpoint (the run was trained again) starts the file afresh."""
     from cachekd.io import atomic_write_json, read_json
 
@@ -427,12 +466,16 @@ def save_eval(result: dict[str, Any], run_dir: str | Path) -> Path:
     losses: dict[str, Any] = dict(old.get("losses") or {})
     if isinstance(old.get("dev"), dict) and "losses" not in old:  # an eval.json from before the keyed losses
         losses.setdefault(loss_key(old["dev"]), old["dev"])
-    merged = {k: v for k, v in result.items() if k != "dev"}
-    if isinstance(result.get("dev"), dict):
-        losses[loss_key(result["dev"])] = result["dev"]
+    merged = {k: v for k, v in result.items() if k not in ("dev", "losses")}
+    for entry in [*(result.get("losses") or {}).values(), result.get("dev")]:
+        if isinstance(entry, dict):
+            losses[loss_key(entry)] = entry
     for key in ("minimal_pairs", "against_cache"):
         if key not in merged and key in old:
             merged[key] = old[key]
+    pair_results = minimal_pair_results(old) | minimal_pair_results(result)
+    if pair_results:
+        merged["minimal_pairs_results"] = pair_results
     if losses:
         merged["losses"] = dict(sorted(losses.items()))
     full = full_dev_loss({"losses": losses})

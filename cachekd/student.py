@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from cachekd.losses import KDConfig, LossParts, Target
     from cachekd.teachers import TeacherSource
     from cachekd.tokens import TokenStore
-    from cachekd.trainer import TrainConfig
+    from cachekd.train_config import TrainConfig
 
 
 def seed_all(seed: int) -> None:
@@ -83,18 +83,13 @@ class StepPlan:
     @classmethod
     def of(cls, cfg: TrainConfig, num_windows: int, world: int) -> StepPlan:
         g = cfg.data.batch_size
-        if g % world:
-            raise CachekdError(f"data.batch_size ({g}) must be divisible by the number of processes ({world}).")
-        local = g // world
-        micro = cfg.data.micro_batch_size or local
-        if local % micro:
-            raise CachekdError(f"the per-process batch ({local}) must be a multiple of data.micro_batch_size ({micro}).")
+        micro, accum = cfg.data.micro_batch(world), cfg.data.accumulation_steps(world)
         steps_per_epoch = num_windows // g
         if steps_per_epoch < 1:
             raise CachekdError(f"the train split has {num_windows} windows, fewer than one batch of {g}; "
                                f"lower data.batch_size.")
         total = cfg.optim.max_steps or cfg.optim.epochs * steps_per_epoch
-        return cls(g, micro, local // micro, steps_per_epoch, total, math.ceil(total / steps_per_epoch))
+        return cls(g, micro, accum, steps_per_epoch, total, math.ceil(total / steps_per_epoch))
 
     def epoch_of(self, step: int) -> int:
         return step // self.steps_per_epoch
@@ -146,7 +141,7 @@ class Student:
         self.run_dir = RunDir(Path(cfg.output))
         self.checkpoints = CheckpointManager(self.run_dir, identity, keep=cfg.keep_checkpoints,
                                              identity_of_saved=identity_of_saved)
-        self.schedules = _schedules(cfg)
+        self.schedules = cfg.distill.schedules() if cfg.distill is not None else None  # (τ, λ, α)
         seed_all(cfg.seed)
         special = store.manifest.get("special_tokens", {})
         self.model = build_model(cfg.model, store.vocab_size, store.seq_len, special).to(place.device)
@@ -364,13 +359,3 @@ def _adamw(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW([{"params": decay, "weight_decay": o.weight_decay},
                               {"params": no_decay, "weight_decay": 0.0}],
                              lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
-
-
-def _schedules(cfg: TrainConfig):
-    """(τ, λ, α) schedules of the distill section, or None for plain training."""
-    from cachekd.trainer import as_schedule
-
-    d = cfg.distill
-    if d is None:
-        return None
-    return as_schedule(d.temperature), as_schedule(d.ce_weight), as_schedule(d.alpha)

@@ -29,8 +29,8 @@ if TYPE_CHECKING:
     from cachekd.batch import Batch
     from cachekd.cache.reader import LogitCache
     from cachekd.losses import DenseTarget, SparseTarget
-    from cachekd.schedules import Schedule
     from cachekd.tokens import TokenStore
+    from cachekd.train_config import DistillConfig
 
 
 # ------------------------------------------------------------------------------------------ the check
@@ -216,7 +216,7 @@ class CachedTeachers(TeacherSource):
         """Which stored tail_lse (temperature) the targets use: top-k caches; None for full logits."""
 
     @classmethod
-    def open(cls, d: Any, store: TokenStore, temperature: Schedule, alpha: Schedule) -> CachedTeachers:
+    def open(cls, d: DistillConfig, store: TokenStore) -> CachedTeachers:
         """The cache of distill config `d` for `store`, refusing settings it cannot serve (a temperature it has no
         tail_lse for, a schedule of τ with a top-k cache, mixing or combining top-k teachers without the uniform
         tail)."""
@@ -231,8 +231,8 @@ class CachedTeachers(TeacherSource):
             raise CachekdError(f"cache {d.cache!r} has no train split.")
         tail_index = None
         if cache.mode == "topk":
-            _check_topk_settings(cache, d, len(names), temperature, alpha)
-            tail_index = cache.temperature_index(temperature.start)
+            _check_topk_settings(cache, d, len(names))
+            tail_index = cache.temperature_index(d.schedules()[0].start)
         return cls(cache, names, d.cache, tail_index)
 
     def temperature_index(self, tau: float) -> int | None:
@@ -261,13 +261,13 @@ class CachedTeachers(TeacherSource):
         return {"cache": self.cache_spec, "teachers": self.names}
 
 
-def _check_topk_settings(cache: LogitCache, d: Any, num_teachers: int, temperature: Schedule, alpha: Schedule) -> None:
+def _check_topk_settings(cache: LogitCache, d: DistillConfig, num_teachers: int) -> None:
+    temperature = d.schedules()[0]
     if temperature.kind != "constant":
         raise CachekdError("a temperature schedule needs a --full cache: a top-k cache only has tail_lse "
                            f"for temperatures {cache.temperatures}.")
     cache.temperature_index(temperature.start)
-    mixing = alpha.kind != "constant" or alpha.start != 1.0
-    if mixing and d.tail_mode != "uniform":
+    if d.mixing() and d.tail_mode != "uniform":
         raise CachekdError(
             f"mixing teacher and student logits (distill.alpha below 1) needs a dense target: with a "
             f"top-k cache pass --tail-mode uniform (distill.tail_mode: uniform; it is {d.tail_mode})."
@@ -315,15 +315,14 @@ class OnlineTeachers(TeacherSource):
         return {"cache": self.cache_spec, "teachers": self.names or None, "online_teachers": self.infos}
 
 
-def open_teacher_source(d: Any, store: TokenStore, *, temperature: Schedule, alpha: Schedule, device: torch.device,
+def open_teacher_source(d: DistillConfig, store: TokenStore, *, device: torch.device,
                         autocast: Callable[[], AbstractContextManager]) -> TeacherSource:
-    """Cached or online teachers for distill config `d` (distill.temperature and distill.alpha as schedules), with
-    the number of teacher weights checked."""
+    """Cached or online teachers for distill config `d`, with the number of teacher weights checked."""
     source: TeacherSource
     if d.online:
         source = OnlineTeachers.open(d, store, device, autocast)
     else:
-        source = CachedTeachers.open(d, store, temperature, alpha)
+        source = CachedTeachers.open(d, store)
     if d.teacher_weights and len(d.teacher_weights) != source.num_teachers:
         raise CachekdError(f"distill.teacher_weights has {len(d.teacher_weights)} weights for "
                            f"{source.num_teachers} teachers.")

@@ -8,7 +8,8 @@ from typing import Any
 
 import click
 
-from cachekd.errors import CachekdError
+from cachekd.errors import CachekdError, ConfigFieldError
+from cachekd_cli.config_options import field_error_message
 
 
 class CachekdGroup(click.Group):
@@ -17,6 +18,8 @@ class CachekdGroup(click.Group):
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
+        except ConfigFieldError as e:  # starts with the config key, written as it is (distill.alpha, seed)
+            raise click.ClickException(field_error_message(e)) from None
         except CachekdError as e:
             raise click.ClickException(_sentence(_user_message(e))) from None
         except FileNotFoundError as e:

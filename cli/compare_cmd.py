@@ -16,7 +16,9 @@ from cachekd_cli.main import cli
 @click.option("--json", "as_json", is_flag=True, help="Print the rows and file paths as JSON.")
 def compare_command(runs, out_dir, as_json):
     """Compare runs in one table (steps, tokens, wall time, dev loss and perplexity, minimal-pair accuracy per
-    group) and plot their training and dev curves, at equal steps and at equal wall-clock time.
+    group) and plot their training and dev curves, at equal steps and at equal wall-clock time. Minimal-pair
+    accuracies get a column per way they were measured (pair set, --prefix, --max-pairs), e.g.
+    mp[blimp prefix=eos]: numbers measured differently never share a column.
 
     RUNS are output directories of `cachekd train` / `cachekd distill`; run `cachekd eval RUN ...` first to add
     minimal-pair accuracies (saved as RUN/eval.json). The dev loss is `cachekd eval`'s over the whole dev split when
@@ -43,6 +45,6 @@ def compare_command(runs, out_dir, as_json):
     click.echo(f"CSV:            {files['csv']}")
     click.echo(f"Curves:         {files['curves']}")
     if files.get("accuracy_by_group"):
-        click.echo(f"Accuracy plot:  {files['accuracy_by_group']}")
+        click.echo(f"Accuracy plots: {files['accuracy_by_group']}, {files['accuracy_by_file']}")
     else:
         click.echo("No minimal-pair results in these runs (run `cachekd eval RUN --minimal-pairs ...` to add them).")

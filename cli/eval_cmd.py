@@ -10,10 +10,11 @@ from cachekd_cli.main import cli
 
 def _report_rows(result: dict) -> tuple[list[dict], list[dict], list[dict]]:
     """(summary rows, per-phenomenon rows, per-group rows) of an evaluation result."""
+    from cachekd.rundir import prefix_label
+
     summary = {"model": result["model"], "num_params": result.get("num_params")}
-    if "dev" in result:
-        d = result["dev"]
-        summary |= {"split": d["split"], "dev_loss": d["loss"], "dev_ppl": d["ppl"], "num_tokens": d["num_tokens"],
+    for key, d in (result.get("losses") or {}).items():
+        summary |= {"measured": key, "loss": d["loss"], "ppl": d["ppl"], "num_tokens": d["num_tokens"],
                     "num_windows": d["num_windows"]}
     ac = result.get("against_cache")
     if ac:
@@ -23,7 +24,9 @@ def _report_rows(result: dict) -> tuple[list[dict], list[dict], list[dict]]:
     files, groups = [], []
     if mp:
         summary |= {"mp_macro_acc": mp["macro_accuracy"], "mp_micro_acc": mp["micro_accuracy"],
-                    "num_pairs": mp["num_pairs"]}
+                    "num_pairs": mp["num_pairs"], "prefix": prefix_label(mp["prefix"])}
+        if mp.get("max_pairs") is not None:
+            summary |= {"max_pairs": mp["max_pairs"], "pair_seed": mp["seed"]}
         files = [{"phenomenon": stem, "group": r["group"], "pairs": r["num_pairs"], "accuracy": r["accuracy"]}
                  for stem, r in mp["by_file"].items()]
         groups = [{"group": g, "phenomena": r["num_files"], "pairs": r["num_pairs"], "accuracy": r["accuracy"]}
@@ -43,6 +46,11 @@ def _report_rows(result: dict) -> tuple[list[dict], list[dict], list[dict]]:
                    "token that precedes every document in a token store), `bos` (the begin-of-text token <s>, as "
                    "BabyLM's BLiMP scoring does for models trained with it), or any text.")
 @click.option("--no-prefix", is_flag=True, help="No context: score each sentence from its second token.")
+@click.option("--max-pairs", default=None, type=click.IntRange(min=1), metavar="N",
+              help="Score at most N pairs of each minimal-pair file (BLiMP has 1,000 a file), a random choice "
+                   "without replacement fixed by --pair-seed and the file's name. Saved apart from a full-file "
+                   "result; `cachekd compare` shows each in its own column.")
+@click.option("--pair-seed", default=0, show_default=True, type=int, help="Seed of the --max-pairs choice.")
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1),
               help="Windows or sentences a batch.")
 @click.option("--device", default="cpu", show_default=True, help="torch device, e.g. cpu, cuda, cuda:1.")
@@ -58,8 +66,8 @@ def _report_rows(result: dict) -> tuple[list[dict], list[dict], list[dict]]:
               help="When MODEL is a run directory or its RUN/model, merge the result into RUN/eval.json (read by "
                    "`cachekd compare`).")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def eval_command(model, dev_store, split, minimal_pairs, prefix, no_prefix, batch_size, device, max_windows,
-                 against_cache, as_json, markdown, save, quiet):
+def eval_command(model, dev_store, split, minimal_pairs, prefix, no_prefix, max_pairs, pair_seed, batch_size, device,
+                 max_windows, against_cache, as_json, markdown, save, quiet):
     """Evaluate a checkpoint: dev loss / perplexity on a token store, and accuracy on BLiMP-style minimal pairs
     (a pair counts when the model gives the good sentence a higher log-probability than the bad one).
 
@@ -67,12 +75,16 @@ def eval_command(model, dev_store, split, minimal_pairs, prefix, no_prefix, batc
     RUN/model is evaluated and the result is saved into RUN/eval.json, unless --no-save), or any Hugging Face
     checkpoint directory (nothing is saved). In RUN/eval.json each loss is kept under what was measured: "dev" for
     the whole dev split, "train:first50" for --split train --max-windows 50, and so on; `cachekd compare` reports
-    only the whole dev split as a run's dev loss.
+    only the whole dev split as a run's dev loss. Minimal-pair results are kept by file set, prefix and
+    --max-pairs: scoring other files or another prefix adds a result and never replaces one of another kind. With
+    --json the loss is under "losses" (by what was measured) and also under "dev" only when it is the whole dev
+    split.
 
     \b
     Examples:
       cachekd eval runs/student --dev runs/tokens --minimal-pairs demo/minimal_pairs
       cachekd eval runs/student --minimal-pairs blimp/ --no-prefix --json
+      cachekd eval runs/student --minimal-pairs blimp/ --max-pairs 100
       cachekd eval path/to/hf-checkpoint --dev runs/tokens --max-windows 200 --device cuda
       cachekd eval runs/student --dev runs/tokens --against-cache runs/cache
     """
@@ -84,10 +96,13 @@ def eval_command(model, dev_store, split, minimal_pairs, prefix, no_prefix, batc
         raise click.UsageError("--prefix and --no-prefix exclude each other; give one.")
     if as_json and markdown:
         raise click.UsageError("--json and --markdown exclude each other; give one.")
+    if max_pairs is not None and minimal_pairs is None:
+        raise click.UsageError("--max-pairs limits the pairs of --minimal-pairs; give the pairs too.")
     result = evaluate(
         model, dev_store=dev_store, minimal_pairs=minimal_pairs, split=split,
         prefix=None if no_prefix else (prefix if prefix is not None else "eos"), batch_size=batch_size,
         device=device, max_windows=max_windows, against_cache=against_cache, progress=not quiet and not as_json,
+        max_pairs=max_pairs, pair_seed=pair_seed,
     )
     saved = None
     run_dir = RunDir.of_model_path(model)
@@ -111,15 +126,12 @@ def eval_command(model, dev_store, split, minimal_pairs, prefix, no_prefix, batc
 
 def _saved_note(result: dict, saved: Path) -> str:
     """Where the result went in RUN/eval.json, and whether `cachekd compare` will report its loss."""
-    from cachekd.rundir import loss_key
-
     parts = []
-    if "dev" in result:
-        key = loss_key(result["dev"])
+    for key in result.get("losses") or {}:
         parts.append(f"the loss under losses[{key!r}]" + (" (the run's dev loss for `cachekd compare`)" if key == "dev"
                      else " (not the whole dev split, so `cachekd compare` does not report it)"))
     if "minimal_pairs" in result:
-        parts.append("minimal pairs")
+        parts.append(f"minimal pairs under minimal_pairs_results[{result['minimal_pairs']['key']!r}]")
     if "against_cache" in result:
         parts.append(f"agreement with the cache ({result['against_cache']['split']} split)")
     return f"Saved to {saved}: {', '.join(parts)}."

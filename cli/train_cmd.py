@@ -8,57 +8,33 @@ from typing import Any
 
 import click
 from cachekd_cli.common import echo_json, echo_mapping
+from cachekd_cli.config_options import ConfigCommand
 from cachekd_cli.main import cli
 
-from cachekd.config import OBJECTIVE_ALIASES
-from cachekd.errors import CachekdError
 
+def _params(mode: str) -> list[click.Parameter]:
+    """The options of `cachekd train` (mode "train") or `cachekd distill`: those that set a config value are
+    generated from the config tree (config_options)."""
+    from cachekd_cli.config_options import DISTILL_OPTIONS, TRAIN_OPTIONS, config_options
 
-def _common(f):
-    opts = [
-        click.option("-c", "--config", default=None,
+    params = [
+        click.Option(["-c", "--config"], default=None,
                      help="YAML config file or the name of a shipped preset (see `cachekd presets`)."),
-        click.option("--store", default=None, help="Token store (data.store)."),
-        click.option("-o", "--output", default=None, help="Run directory to write (output)."),
-        click.option("--name", default=None, help="Run name (config `name`), shown in progress bars and summary.json; `cachekd compare` labels runs by directory."),
-        click.option("--max-steps", type=int, default=None, help="Stop after N ≥ 1 optimizer steps (optim.max_steps); unset, the epochs decide."),
-        click.option("--max-time", type=float, default=None, help="Train for at most S seconds (optim.max_time_s): stops before a step that would, at the mean step time so far, end past S."),
-        click.option("--epochs", type=int, default=None, help="Epochs over the train split (optim.epochs); --max-steps overrides it."),
-        click.option("--batch-size", type=int, default=None, help="Global windows per optimizer step (data.batch_size)."),
-        click.option("--lr", type=float, default=None, help="Peak learning rate (optim.lr)."),
-        click.option("--device", default=None, help="auto (a GPU when there is one, else the CPU), cpu, cuda, cuda:N, mps."),
-        click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default=None, help="Autocast dtype."),
-        click.option("--seed", type=int, default=None),
-        click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+        *config_options(TRAIN_OPTIONS),
+        click.Option(["--set", "overrides"], multiple=True, metavar="KEY=VALUE",
                      help="Override any config value, e.g. --set optim.weight_decay=0.1 (repeatable)."),
-        click.option("--resume", is_flag=True, help="Continue the run in --output from its last checkpoint (a run stopped "
-                     "before its first checkpoint starts again from step 0)."),
-        click.option("--force", is_flag=True, help="Replace an existing run in --output: removes what cachekd wrote there "
-                     "(model/, checkpoints/, metrics, summary, eval.json, ...) and keeps any other file."),
-        click.option("--json", "as_json", is_flag=True, help="Print the run summary as JSON."),
-        click.option("--quiet", is_flag=True, help="No progress bar."),
+        click.Option(["--resume"], is_flag=True, help="Continue the run in --output from its last checkpoint (a run "
+                     "stopped before its first checkpoint starts again from step 0)."),
+        click.Option(["--force"], is_flag=True, help="Replace an existing run in --output: removes what cachekd "
+                     "wrote there (model/, checkpoints/, metrics, summary, eval.json, ...) and keeps any other file."),
+        click.Option(["--json", "as_json"], is_flag=True, help="Print the run summary as JSON."),
+        click.Option(["--quiet"], is_flag=True, help="No progress bar."),
     ]
-    for o in reversed(opts):
-        f = o(f)
-    return f
-
-
-def _base_overrides(kw: dict[str, Any]) -> dict[str, Any]:
-    o: dict[str, Any] = {}
-    if kw["store"]:
-        o.setdefault("data", {})["store"] = kw["store"]
-    if kw["output"]:
-        o["output"] = kw["output"]
-    if kw["name"]:
-        o["name"] = kw["name"]
-    for key, path in (("max_steps", ("optim", "max_steps")), ("max_time", ("optim", "max_time_s")),
-                      ("epochs", ("optim", "epochs")), ("batch_size", ("data", "batch_size")), ("lr", ("optim", "lr"))):
-        if kw[key] is not None:
-            o.setdefault(path[0], {})[path[1]] = kw[key]
-    for key in ("device", "precision", "seed"):
-        if kw[key] is not None:
-            o[key] = kw[key]
-    return o
+    if mode == "distill":
+        params += [*config_options(DISTILL_OPTIONS),
+                   click.Option(["--teacher", "online_teachers"], multiple=True,
+                                help="With --online: teacher checkpoints (default: the cache's).")]
+    return params
 
 
 def _continue_command(ctx: click.Context) -> str:
@@ -112,15 +88,22 @@ def _human(v: Any) -> str:
     return str(v)
 
 
-def _run(kw: dict[str, Any], extra: dict[str, Any], mode: str) -> None:
+def _run(kw: dict[str, Any], mode: str) -> None:
+    """Resolve the config (file or preset, then the options, then --set) and run it."""
     from cachekd.config import deep_merge, load_yaml, parse_overrides
-    from cachekd.trainer import TrainingInterrupted, load_train_config, run
+    from cachekd.train_config import load_train_config
+    from cachekd.trainer import TrainingInterrupted, run
+    from cachekd_cli.config_options import overrides_from_options
 
-    if kw["max_time"] is not None and not kw["max_time"] > 0:
-        raise CachekdError(f"--max-time must be a positive number of seconds (got {kw['max_time']}).")
+    ctx = click.get_current_context()
+    options = overrides_from_options(kw, ctx.command.params)
+    teachers = kw.get("online_teachers")
+    if teachers and not kw.get("online"):
+        raise click.UsageError("--teacher is for --online runs; a cached run picks teachers with --teachers.")
+    if teachers:
+        options["distill"]["teachers"] = list(teachers)
     data = load_yaml(kw["config"]) if kw["config"] else {}
-    data = deep_merge(data, _base_overrides(kw))
-    data = deep_merge(data, extra)
+    data = deep_merge(data, options)
     data = deep_merge(data, parse_overrides(kw["overrides"]))
     if mode == "train":
         if data.get("distill") is not None:
@@ -133,7 +116,6 @@ def _run(kw: dict[str, Any], extra: dict[str, Any], mode: str) -> None:
         raise click.UsageError("no token store given: pass --store or set data.store in the config.")
     if not cfg.output:
         raise click.UsageError("no run directory given: pass --output or set output in the config.")
-    ctx = click.get_current_context()
     main_rank = os.environ.get("RANK", "0") == "0"
     try:
         summary = run(cfg, resume=kw["resume"], force=kw["force"], progress=not kw["quiet"] and not kw["as_json"],
@@ -155,8 +137,7 @@ def _run(kw: dict[str, Any], extra: dict[str, Any], mode: str) -> None:
         echo_mapping({k: _human(v) for k, v in summary.items() if v is not None})
 
 
-@cli.command("train")
-@_common
+@cli.command("train", cls=ConfigCommand, build_params=lambda: _params("train"))
 def train_command(**kw):
     """Train a language model with cross-entropy: a teacher, or the no-distillation baseline.
 
@@ -170,26 +151,11 @@ def train_command(**kw):
     Example:
       cachekd train -c babyllama-teacher-llama-360m --store runs/tokens -o runs/teacher-llama
     """
-    _run(kw, {}, "train")
+    _run(kw, "train")
 
 
-@cli.command("distill")
-@_common
-@click.option("--cache", default=None, help="Logit cache from `cachekd precompute` (distill.cache).")
-@click.option("--objective", default=None,
-              help="forward_kl (forward), reverse_kl (reverse), jsd, skew_forward_kl, skew_reverse_kl, tv.")
-@click.option("--temperature", type=float, default=None, help="τ > 0; a top-k cache must have tail_lse for it.")
-@click.option("--ce-weight", type=float, default=None, help="λ in [0, 1] in λ·CE + (1−λ)·τ²·KD (1: cross-entropy only).")
-@click.option("--alpha", type=float, default=None, help="Constant mixing α in [0, 1] (1 = no mixing; below 1 a top-k cache needs --tail-mode uniform); schedules via the config.")
-@click.option("--tail-mode", type=click.Choice(["bucket", "uniform", "renormalize"]), default=None,
-              help="How the teacher's tail beyond the top-k is treated.")
-@click.option("--teacher-combine", type=click.Choice(["logits", "probs", "losses"]), default=None)
-@click.option("--teachers", default=None, help="Comma-separated subset of the cache's teachers (default: all).")
-@click.option("--chunk-size", type=int, default=None, help="Step-wise loss over chunks of this many positions.")
-@click.option("--online", is_flag=True, help="Run the teachers live instead of reading the cache (baseline).")
-@click.option("--teacher", "online_teachers", multiple=True, help="With --online: teacher checkpoints (default: the cache's).")
-def distill_command(cache, objective, temperature, ce_weight, alpha, tail_mode, teacher_combine, teachers, chunk_size,
-                    online, online_teachers, **kw):
+@cli.command("distill", cls=ConfigCommand, build_params=lambda: _params("distill"))
+def distill_command(**kw):
     """Train a student from the logit cache: the teacher is never loaded (unless --online).
 
     The loss is λ·CE + (1−λ)·τ²·D(teacher, student) with D any of the objectives; ChooBaCa's mixing of teacher and
@@ -202,24 +168,7 @@ def distill_command(cache, objective, temperature, ce_weight, alpha, tail_mode, 
       cachekd distill -c babyllama-student-58m --store runs/tokens --cache runs/cache -o runs/student-fkl
       cachekd distill -c choobaca-rkl-1t-mix --store runs/tokens --cache runs/cache -o runs/student-rkl --objective reverse
     """
-    d: dict[str, Any] = {}
-    if cache:
-        d["cache"] = cache
-    if objective:
-        d["objective"] = OBJECTIVE_ALIASES.get(objective, objective)
-    for key, val in (("temperature", temperature), ("ce_weight", ce_weight), ("alpha", alpha), ("tail_mode", tail_mode),
-                     ("teacher_combine", teacher_combine), ("chunk_size", chunk_size)):
-        if val is not None:
-            d[key] = val
-    if teachers:
-        d["teachers"] = [t.strip() for t in teachers.split(",") if t.strip()]
-    if online:
-        d["online"] = True
-        if online_teachers:
-            d["teachers"] = list(online_teachers)
-    elif online_teachers:
-        raise click.UsageError("--teacher is for --online runs; a cached run picks teachers with --teachers.")
-    _run(kw, {"distill": d} if d else {}, "distill")
+    _run(kw, "distill")
 
 
 @cli.command("presets")

@@ -12,7 +12,8 @@ import torch
 
 from cachekd.cohort.config import load_cohort_config
 from cachekd.cohort.run import run_cohort, run_search
-from cachekd.trainer import load_train_config, run
+from cachekd.train_config import load_train_config
+from cachekd.trainer import run
 from tests.conftest import assert_clean_error, invoke
 
 SMALL = {"arch": "llama", "hidden_size": 32, "num_layers": 2, "num_heads": 2, "intermediate_size": 64}
@@ -180,7 +181,7 @@ def test_teacher_as_fixed_peer_at_full_weight_is_distillation(tmp_path, store_pa
 @pytest.mark.parametrize("change, fragment", [
     ({"mutual": {"alpha": 1.5}}, "alpha must be in [0, 1]"),
     ({"mutual": {"eta": 0}}, "eta must be > 0"),
-    ({"mutual": {"eta": {"kind": "cosine", "start": 0.25, "end": -1}}}, "eta must be > 0"),
+    ({"mutual": {"eta": {"kind": "cosine", "start": 0.25, "end": -1}}}, "mutual.eta.end must be > 0"),
     ({"peers": [{"name": "solo", "model": SMALL}], "mutual": {"alpha": 0.5}}, "at least two members"),
     ({"mutual": {"fixed_peers": ["nobody"]}}, "fixed peer 'nobody' is not a teacher of the cache"),
     ({"peers": [{"name": "x", "model": {**SMALL, "init_from": "BIG"}}, {"name": "y", "model": SMALL}]},

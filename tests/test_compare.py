@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import shutil
 import json
 from pathlib import Path
 
@@ -16,7 +17,12 @@ from tests.test_evaluate import assert_one_clean_error, invoke, make_run, store,
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def _eval_json(run: Path, dev_loss: float | None, acc: dict[str, float] | None) -> None:
+MP = "mp[pairs prefix=eos]"
+"""The accuracy column of `_eval_json`'s minimal-pair results."""
+
+
+def _eval_json(run: Path, dev_loss: float | None, acc: dict[str, float] | None, prefix: str | None = "eos",
+               pair_set: str = "pairs") -> None:
     ev: dict = {"model": str(run / "model"), "checkpoint_fingerprint": "x"}
     if dev_loss is not None:
         ev["dev"] = {"loss": dev_loss, "ppl": 2.718281828 ** dev_loss, "num_tokens": 100, "num_windows": 10}
@@ -27,6 +33,7 @@ def _eval_json(run: Path, dev_loss: float | None, acc: dict[str, float] | None) 
         for k, r in by_file.items():
             groups.setdefault(r["group"], []).append(r["accuracy"])
         ev["minimal_pairs"] = {
+            "path": f"/data/{pair_set}", "pair_set": pair_set, "prefix": prefix, "files_fingerprint": "f" * 64,
             "macro_accuracy": sum(acc.values()) / len(acc),
             "by_file": by_file,
             "by_group": {g: {"accuracy": sum(v) / len(v), "num_files": len(v)} for g, v in groups.items()},
@@ -51,8 +58,8 @@ def test_compare_writes_parseable_md_csv_png(runs, tmp_path):
     out = tmp_path / "cmp"
     r = compare_runs(runs, out)
     files = r["files"]
-    assert set(files) == {"markdown", "csv", "curves", "accuracy_by_group"}
-    for key in ("curves", "accuracy_by_group"):
+    assert set(files) == {"markdown", "csv", "curves", "accuracy_by_group", "accuracy_by_file"}
+    for key in ("curves", "accuracy_by_group", "accuracy_by_file"):
         data = Path(files[key]).read_bytes()
         assert data[:8] == PNG_MAGIC and len(data) > 5000
 
@@ -64,12 +71,12 @@ def test_compare_writes_parseable_md_csv_png(runs, tmp_path):
     assert float(ce["dev_loss"]) == 3.0 and ce["dev_from"] == "eval"  # eval.json wins over the trainer's number
     assert float(ce["dev_ppl"]) == pytest.approx(2.718281828 ** 3, rel=1e-6)
     assert kd["dev_from"] == "trainer" and float(kd["dev_loss"]) == pytest.approx(4.0 * 0.97 ** 30 + 0.1)
-    assert float(kd["mp_macro_acc"]) == pytest.approx(0.65) and float(kd["acc:morphology"]) == pytest.approx(0.8)
-    assert live["mode"] == "(unfinished)" and live["steps"] == "12" and live["mp_macro_acc"] == ""
+    assert float(kd[MP]) == pytest.approx(0.65) and float(kd["acc[pairs prefix=eos]:morphology"]) == pytest.approx(0.8)
+    assert live["mode"] == "(unfinished)" and live["steps"] == "12" and live[MP] == ""
     assert [row["state"] for row in compare_runs(runs, tmp_path / "cmp_state")["rows"]] == ["complete", "complete",
                                                                                           "unfinished"]
     assert float(live["dev_loss"]) == pytest.approx(5.0 * 0.97 ** 10 + 0.1)  # its last dev line
-    assert r["columns"][-2:] == ["acc:morphology", "acc:syntax"]
+    assert r["columns"][-3:] == [MP, "acc[pairs prefix=eos]:morphology", "acc[pairs prefix=eos]:syntax"]
 
     md = Path(files["markdown"]).read_text()
     table = [line for line in md.splitlines() if line.startswith("|")]
@@ -78,6 +85,7 @@ def test_compare_writes_parseable_md_csv_png(runs, tmp_path):
     assert header == r["columns"]
     assert all(len(line.strip("|").split("|")) == len(header) for line in table)
     assert "curves.png" in md and "accuracy_by_group.png" in md and "unfinished" in md and "running" not in md
+    assert "accuracy_by_file.png" in md and "prefix" in md
     assert r["replaced"] == []
 
 
@@ -130,10 +138,10 @@ def test_compare_without_eval_has_no_accuracy_plot(runs, tmp_path):
     for run in runs:
         (run / "eval.json").unlink(missing_ok=True)
     r = compare_runs(runs[:2], tmp_path / "cmp")
-    assert r["files"]["accuracy_by_group"] is None
+    assert r["files"]["accuracy_by_group"] is None and r["files"]["accuracy_by_file"] is None
     assert not (tmp_path / "cmp" / "accuracy_by_group.png").exists()
     assert Path(r["files"]["curves"]).read_bytes()[:8] == PNG_MAGIC
-    assert all(not c.startswith("acc:") for c in r["columns"])
+    assert all(not c.startswith(("acc", "mp")) for c in r["columns"])
 
 
 def test_compare_bad_runs(runs, tmp_path):
@@ -166,7 +174,7 @@ def test_cli_compare(runs, tmp_path):
     assert res.exit_code == 0
     assert [row["run"] for row in json.loads(res.stdout)["rows"]] == ["ce", "kd-forward"]
     assert set(json.loads(res.stdout)["replaced"]) == {"compare.md", "compare.csv", "curves.png",
-                                                      "accuracy_by_group.png"}
+                                                      "accuracy_by_group.png", "accuracy_by_file.png"}
     res = invoke("compare", *runs[:2], "--out", out)
     assert res.exit_code == 0 and f"Replaced the earlier comparison in {out} (compare.md" in res.output
     res = invoke("compare", runs[0], tmp_path / "missing-run")
@@ -192,8 +200,10 @@ def test_eval_then_compare_end_to_end(store, tmp_path):
     row = r["rows"][0]
     ev = json.loads((run / "eval.json").read_text())
     assert row["dev_from"] == "eval" and row["dev_loss"] == pytest.approx(ev["dev"]["loss"])
-    assert row["mp_macro_acc"] == pytest.approx(ev["minimal_pairs"]["macro_accuracy"])
-    assert {"acc:morphology", "acc:syntax"} <= set(r["columns"])
+    (key,) = ev["minimal_pairs_results"]
+    assert key == ev["minimal_pairs"]["key"] and key.startswith("pairs#") and key.endswith(" prefix=eos")
+    assert row["mp[pairs prefix=eos]"] == pytest.approx(ev["minimal_pairs"]["macro_accuracy"])
+    assert {"acc[pairs prefix=eos]:morphology", "acc[pairs prefix=eos]:syntax"} <= set(r["columns"])
     assert Path(r["files"]["accuracy_by_group"]).read_bytes()[:8] == PNG_MAGIC
 
 
@@ -223,3 +233,69 @@ def test_runs_are_labelled_by_their_directory(store, tmp_path):
     finally:
         os.chdir(cwd)
     assert [r["run"] for r in rows] == ["x/student-fkl", "student-rkl", "y/student-fkl"]
+
+
+def _png_size(path: str | Path) -> tuple[int, int]:
+    data = Path(path).read_bytes()
+    assert data[:8] == PNG_MAGIC
+    return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+
+
+def test_compare_never_mixes_prefix_conventions(runs, tmp_path):
+    """Runs scored with another prefix (or without a recorded one) get their own columns, never a shared one."""
+    ce, kd, _ = runs
+    _eval_json(kd, None, {"agreement": 0.8, "question": 0.5}, prefix="bos")
+    r = compare_runs([ce, kd], tmp_path / "cmp")
+    ce_row, kd_row = r["rows"]
+    assert ce_row["mp[pairs prefix=eos]"] == pytest.approx(0.65) and "mp[pairs prefix=bos]" not in ce_row
+    assert kd_row["mp[pairs prefix=bos]"] == pytest.approx(0.65) and "mp[pairs prefix=eos]" not in kd_row
+    assert {"mp[pairs prefix=eos]", "mp[pairs prefix=bos]"} <= set(r["columns"])
+    with open(r["files"]["csv"], newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert rows[0]["mp[pairs prefix=bos]"] == "" and rows[1]["mp[pairs prefix=eos]"] == ""
+    # an eval.json from before the prefix was recorded is not taken for either convention
+    ev = json.loads((kd / "eval.json").read_text())
+    for k in ("prefix", "pair_set", "files_fingerprint"):
+        del ev["minimal_pairs"][k]
+    (kd / "eval.json").write_text(json.dumps(ev))
+    cols = compare_runs([ce, kd], tmp_path / "cmp")["columns"]
+    assert "mp[pairs prefix=unrecorded]" in cols and "mp[pairs prefix=eos]" in cols
+
+
+def test_accuracy_plots_are_readable_with_many_files_and_mark_the_teacher(runs, tmp_path):
+    """67 phenomena (BLiMP) x 3 runs: each figure stays ≤ 2000 px wide; the teacher of a distilled run is found."""
+    ce, kd, live = runs
+    names = [f"phenomenon_number_{i:02d}_with_a_long_name" for i in range(67)]
+    for j, run in enumerate(runs):
+        _eval_json(run, None, {n: ((i * 7 + j * 13) % 50) / 50 + 0.25 for i, n in enumerate(names)})
+    s = json.loads((kd / "summary.json").read_text())
+    s["online_teachers"] = [{"name": "ce", "path": str(ce / "model"), "fingerprint": "other"}]
+    (kd / "summary.json").write_text(json.dumps(s))
+    r = compare_runs(runs, tmp_path / "cmp")
+    assert r["teachers"] == ["ce"]
+    assert "- ce: " in (md := Path(r["files"]["markdown"]).read_text()) and "(teacher)" in md
+    for key in ("accuracy_by_group", "accuracy_by_file"):
+        width, height = _png_size(r["files"][key])
+        assert 600 <= width <= 2000, (key, width)
+    assert _png_size(r["files"]["accuracy_by_file"])[1] >= 67 * 15  # a readable row per phenomenon
+    few = compare_runs([kd], tmp_path / "few")
+    assert few["teachers"] == [] and all(_png_size(few["files"][k])[0] <= 2000
+                                         for k in ("accuracy_by_group", "accuracy_by_file"))
+
+
+def test_the_teacher_is_found_through_the_cache_manifest(store, tmp_path):
+    """A distilled run names its cache; the cache's manifest names the teacher's checkpoint: that run is the teacher."""
+    tok = store.load_tokenizer()
+    teacher = make_run(tmp_path / "runs", "teacher", tiny_model(store.vocab_size, seed=3), tok, steps=3)
+    student = make_run(tmp_path / "runs", "student", tiny_model(store.vocab_size), tok, mode="distill",
+                       objective="forward_kl", steps=3)
+    other = make_run(tmp_path / "runs", "other", tiny_model(store.vocab_size, seed=4), tok, steps=3)
+    cache = tmp_path / "cache"
+    res = invoke("precompute", "--store", store.path, "--teacher", teacher, "-o", cache, "--top-k", 4, "--splits",
+                 "dev", "--quiet")
+    assert res.exit_code == 0, res.output
+    s = json.loads((student / "summary.json").read_text())
+    (student / "summary.json").write_text(json.dumps(s | {"cache": str(cache), "teachers": ["teacher"]}))
+    assert compare_runs([other, teacher, student], tmp_path / "cmp")["teachers"] == ["teacher"]
+    shutil.rmtree(cache)  # a cache that is gone: no teacher is marked, and nothing fails
+    assert compare_runs([other, teacher, student], tmp_path / "cmp")["teachers"] == []

@@ -283,11 +283,13 @@ def test_evaluate_bundle_and_save(store, tmp_path):
     run = make_run(tmp_path, "run", model, store.load_tokenizer())
     pairs = _write_jsonl(tmp_path / "p" / "x.jsonl", demo_data.generate_minimal_pairs(3)["transitive"])
     r = evaluate(run, dev_store=store.path, minimal_pairs=pairs.parent, max_windows=4, progress=False)
-    assert r["dev"]["num_windows"] == 4 and r["minimal_pairs"]["num_pairs"] == 3
+    assert "dev" not in r  # four windows are not the whole dev split
+    (part,) = r["losses"].values()
+    assert part["num_windows"] == 4 and r["minimal_pairs"]["num_pairs"] == 3
     assert r["run_dir"] == str(run) and r["model"] == str(run / "model")
     assert r["num_params"] == sum(p.numel() for p in model.parameters())
-    assert r["dev"]["loss"] == pytest.approx(dev_loss(model, store, max_windows=4, progress=False)["loss"], rel=1e-6)
-    assert r["dev"]["key"] == "dev:first4" and not r["dev"]["complete"]
+    assert part["loss"] == pytest.approx(dev_loss(model, store, max_windows=4, progress=False)["loss"], rel=1e-6)
+    assert part["key"] == "dev:first4" and not part["complete"] and list(r["losses"]) == ["dev:first4"]
     path = save_eval(r, run)
     only_dev = evaluate(run, dev_store=store.path, max_windows=2, progress=False)
     save_eval(only_dev, run)
@@ -311,7 +313,7 @@ def test_cli_eval_run_dir_saves_and_prints(store, tmp_path):
         _write_jsonl(pairs / f"{uid}.jsonl", recs)
     res = invoke("eval", run, "--dev", store.path, "--minimal-pairs", pairs, "--quiet", "--max-windows", 3)
     assert res.exit_code == 0, res.output
-    assert "dev_loss" in res.output and "subject_verb_agreement" in res.output and "morphology" in res.output
+    assert "dev:first3" in res.output and "subject_verb_agreement" in res.output and "morphology" in res.output
     saved = json.loads((run / "eval.json").read_text())
     assert saved["minimal_pairs"]["num_pairs"] == 4 * len(demo_data.PHENOMENA)
     res = invoke("eval", run / "model", "--minimal-pairs", pairs / "transitive.jsonl", "--json", "--no-save",
@@ -447,3 +449,97 @@ def test_eval_of_an_unfinished_run_says_so(store, tmp_path):
     for target in (run, run / "model"):
         res = invoke("eval", target, "--dev", store.path, "--quiet")
         assert_one_clean_error(res, "has not finished", "step 100", f"cachekd distill -c {run / 'config.yaml'} --resume")
+
+
+# ------------------------------------------------------------------------------------------------ conventions, limits
+
+
+def _demo_pair_dir(root: Path, num: int, seed: int = 0) -> Path:
+    for uid, recs in demo_data.generate_minimal_pairs(num, seed=seed).items():
+        _write_jsonl(root / f"{uid}.jsonl", recs)
+    return root
+
+
+def test_minimal_pair_results_are_kept_per_file_set_and_prefix(store, tmp_path):
+    """A later eval on other files, or with another prefix, adds a result; the same measurement again replaces it.
+    Each result records its prefix, and compare gives each convention its own column."""
+    from cachekd.compare import compare_runs
+
+    run = make_run(tmp_path, "run", tiny_model(store.vocab_size), store.load_tokenizer())
+    first = _write_jsonl(tmp_path / "a" / "transitive.jsonl", demo_data.generate_minimal_pairs(3)["transitive"])
+    other = _demo_pair_dir(tmp_path / "b", 2)
+    assert invoke("eval", run, "--minimal-pairs", first.parent, "--quiet").exit_code == 0
+    res = invoke("eval", run, "--minimal-pairs", other, "--quiet")
+    assert res.exit_code == 0 and "prefix" in res.output and "eos" in res.output
+    res = invoke("eval", run, "--minimal-pairs", other, "--prefix", "bos", "--quiet")
+    assert res.exit_code == 0, res.output
+    saved = json.loads((run / "eval.json").read_text())
+    results = saved["minimal_pairs_results"]
+    assert sorted((r["pair_set"], r["prefix"], r["num_pairs"]) for r in results.values()) == [
+        ("a", "eos", 3), ("b", "bos", 2 * len(demo_data.PHENOMENA)), ("b", "eos", 2 * len(demo_data.PHENOMENA))]
+    assert all(k == r["key"] and f"prefix={r['prefix']}" in k for k, r in results.items())
+    assert saved["minimal_pairs"]["prefix"] == "bos"  # the latest
+    # the same measurement again replaces its result only
+    assert invoke("eval", run, "--minimal-pairs", other, "--prefix", "bos", "--quiet").exit_code == 0
+    assert json.loads((run / "eval.json").read_text())["minimal_pairs_results"].keys() == results.keys()
+    # same directory name, other pairs: another result
+    changed = _demo_pair_dir(tmp_path / "c" / "b", 3, seed=1)
+    assert invoke("eval", run, "--minimal-pairs", changed, "--quiet").exit_code == 0
+    assert len(json.loads((run / "eval.json").read_text())["minimal_pairs_results"]) == 4
+
+    r = compare_runs([run], tmp_path / "cmp")
+    mp_columns = [c for c in r["columns"] if c.startswith("mp[")]
+    assert len(mp_columns) == 4 and "mp[a prefix=eos]" in mp_columns and "mp[b prefix=bos]" in mp_columns
+    assert sum(c.startswith("mp[b#") and c.endswith(" prefix=eos]") for c in mp_columns) == 2  # told apart
+    row = r["rows"][0]
+    for key, mp in json.loads((run / "eval.json").read_text())["minimal_pairs_results"].items():
+        assert sum(row[c] == pytest.approx(mp["macro_accuracy"]) for c in mp_columns) >= 1
+
+
+def test_eval_json_never_puts_a_train_split_loss_under_dev(store, tmp_path):
+    run = make_run(tmp_path, "run", tiny_model(store.vocab_size), store.load_tokenizer())
+    res = invoke("eval", run, "--dev", store.path, "--split", "train", "--max-windows", 3, "--json", "--no-save")
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)
+    assert "dev" not in out and list(out["losses"]) == ["train:first3"]
+    assert out["losses"]["train:first3"]["split"] == "train"
+    res = invoke("eval", run, "--dev", store.path, "--split", "train", "--quiet", "--no-save")
+    assert res.exit_code == 0 and "train" in res.output and "dev_loss" not in res.output
+    res = invoke("eval", run, "--dev", store.path, "--json", "--no-save")
+    out = json.loads(res.stdout)
+    assert out["dev"] == out["losses"]["dev"] and out["dev"]["complete"]
+
+
+def test_max_pairs_is_a_seeded_choice_per_file(store, tmp_path):
+    """--max-pairs N scores N pairs of each longer file, chosen by the seed and the file's name alone, and the
+    accuracy is exactly that of those pairs scored on their own."""
+    from cachekd.evaluate import choose_pairs, read_pairs
+
+    tok = store.load_tokenizer()
+    model = tiny_model(store.vocab_size)
+    d = _demo_pair_dir(tmp_path / "pairs", 9)
+    _write_jsonl(d / "short.jsonl", demo_data.generate_minimal_pairs(2, seed=3)["transitive"])
+    full = minimal_pair_accuracy(model, tok, d, progress=False)
+    r = minimal_pair_accuracy(model, tok, d, progress=False, max_pairs=4, seed=7)
+    assert r["max_pairs"] == 4 and r["seed"] == 7 and "max_pairs=4 seed=7" in r["key"] and r["key"] != full["key"]
+    assert {f: v["num_pairs"] for f, v in r["by_file"].items()} == {
+        **{uid: 4 for uid in demo_data.PHENOMENA}, "short": 2}
+    assert all(v["num_pairs_in_file"] == (2 if f == "short" else 9) for f, v in r["by_file"].items())
+    for stem in ("transitive", "short"):
+        recs = read_pairs(d / f"{stem}.jsonl")
+        chosen = choose_pairs(recs, stem, 4, seed=7)
+        assert chosen == choose_pairs(recs, stem, 4, seed=7) and len(chosen) == min(4, len(recs))
+        assert all(c in recs for c in chosen) and len({json.dumps(c) for c in chosen}) == len(chosen)
+        alone = minimal_pair_accuracy(model, tok, _write_jsonl(tmp_path / "alone" / f"{stem}.jsonl", chosen),
+                                      progress=False)
+        assert alone["by_file"][stem]["num_correct"] == r["by_file"][stem]["num_correct"]
+    seeds = {tuple(json.dumps(c) for c in choose_pairs(read_pairs(d / "transitive.jsonl"), "transitive", 4, seed=s))
+             for s in range(6)}
+    assert len(seeds) > 1  # the seed changes the choice
+    res = invoke("eval", make_run(tmp_path, "run", model, tok), "--minimal-pairs", d, "--max-pairs", 4,
+                 "--pair-seed", 7, "--json")
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["minimal_pairs"]["by_file"] == r["by_file"]
+    assert_one_clean_error(invoke("eval", tmp_path / "run", "--minimal-pairs", d, "--max-pairs", 0), "max-pairs")
+    res = invoke("eval", tmp_path / "run", "--dev", store.path, "--max-pairs", 5)
+    assert res.exit_code == 2 and "give the pairs too" in res.output

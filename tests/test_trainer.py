@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from cachekd.config import PRESET_DIR, list_presets, load_yaml
-from cachekd.trainer import load_train_config, run
+from cachekd.train_config import load_train_config
+from cachekd.trainer import run
 from tests.conftest import assert_clean_error, invoke
 
 TINY_MODEL = {"arch": "llama", "hidden_size": 32, "num_layers": 2, "num_heads": 2, "intermediate_size": 64}
@@ -295,7 +296,7 @@ def _snapshot(d: Path) -> dict[str, bytes]:
     (["--device", "banana"], ["--device", "banana", "cpu", "cuda:N", "mps"]),
     (["--max-steps", "0"], ["--max-steps", "at least 1"]),
     (["--max-steps", "-5"], ["--max-steps", "at least 1"]),
-    (["--max-time", "0"], ["--max-time", "positive"]),
+    (["--max-time", "-1"], ["optim.max_time_s (--max-time)", ">= 0", "got -1.0"]),  # 0 is allowed: no step
     (["--epochs", "0", "--set", "optim.max_steps=null"], ["optim.epochs", "at least 1"]),
     (["--chunk-size", "0"], ["--chunk-size", "at least 1"]),
     (["--set", "distill.alpha={kind: linear, start: 0.9, end: 1.5}", "--tail-mode", "uniform"],
@@ -323,10 +324,12 @@ def test_bad_values_refused_before_the_run_directory_is_touched(tmp_path, runner
 
 
 def test_config_checks_in_the_library():
-    from cachekd.errors import CachekdError
+    from cachekd.errors import CachekdError, ConfigFieldError
 
-    with pytest.raises(CachekdError, match=r"optim.max_steps \(--max-steps\) must be a whole number of at least 1"):
+    # the library names the key; the CLI adds the option ("optim.max_steps (--max-steps) must be ...")
+    with pytest.raises(ConfigFieldError, match=r"^optim.max_steps must be a whole number of at least 1") as e:
         load_train_config({"output": "x", "optim": {"max_steps": 0}})
+    assert (e.value.key, e.value.value) == ("optim.max_steps", 0)
     with pytest.raises(CachekdError, match="distill.temperature.end"):
         load_train_config({"output": "x", "distill": {"temperature": {"kind": "linear", "start": 2, "end": 0}}})
     # an epoch_linear floor of 0 never reaches 0: allowed; a constant schedule's unused end is not checked
@@ -426,7 +429,7 @@ def test_resume_before_the_first_checkpoint_starts_from_step_zero(tmp_path, stor
 
 def test_null_list_option_means_none_and_objective_aliases_in_yaml():
     from cachekd.config import from_dict
-    from cachekd.trainer import DistillConfig
+    from cachekd.train_config import DistillConfig
 
     assert from_dict(DistillConfig, {"teachers": None}, "distill").teachers == []
     # the short objective names the CLI accepts work in YAML and --set too, stored by the full name

@@ -76,36 +76,33 @@ class MutualConfig:
 
     def __post_init__(self) -> None:
         from cachekd.cohort.wml import MUTUAL_OBJECTIVES
-        from cachekd.config import OBJECTIVE_ALIASES, show_value
+        from cachekd.kd_options import OBJECTIVE_ALIASES, in_unit_interval, is_temperature
 
         self.objective = OBJECTIVE_ALIASES.get(self.objective, self.objective)
-        if not 0.0 <= self.alpha <= 1.0:
-            raise ValueError(f"alpha must be in [0, 1] (got {show_value(self.alpha)}): it is the mutual term's share.")
-        if not (0 < self.temperature < math.inf):
-            raise ValueError(f"temperature must be a positive number (got {show_value(self.temperature)}).")
-        if self.objective not in MUTUAL_OBJECTIVES:
-            raise ValueError(f"objective must be forward_kl or reverse_kl (got {show_value(self.objective)}).")
-        if self.update_every < 0:
-            raise ValueError(f"update_every must be a whole number >= 0 (got {self.update_every}).")
+        _require(in_unit_interval(self.alpha), "mutual.alpha", "in [0, 1]", self.alpha,
+                 "it is the mutual term's share of the loss")
+        _require(is_temperature(self.temperature), "mutual.temperature", "a positive number", self.temperature)
+        _require(self.objective in MUTUAL_OBJECTIVES, "mutual.objective", "forward_kl or reverse_kl", self.objective)
+        _require(self.update_every >= 0, "mutual.update_every", "a whole number >= 0", self.update_every)
         eta = self.eta_schedule
-        if not (eta.start > 0 and eta.end > 0):
-            raise ValueError(f"eta must be > 0 at every step (got start {show_value(eta.start)}, end "
-                             f"{show_value(eta.end)}): it is the step size of the peer-weight update.")
-        if self.grad_clip < 0 or self.eval_windows < 0:
-            raise ValueError("grad_clip and eval_windows must be >= 0.")
+        for part, v in (("start", eta.start), ("end", eta.end)):
+            _require(v > 0, "mutual.eta" if eta.kind == "constant" else f"mutual.eta.{part}", "> 0", v,
+                     "it is the step size of the peer-weight update")
+        _require(self.grad_clip >= 0, "mutual.grad_clip", ">= 0", self.grad_clip)
+        _require(self.eval_windows >= 0, "mutual.eval_windows", "a whole number >= 0", self.eval_windows)
         for key in ("initial_weights", "fixed_weights"):
             w = getattr(self, key)
-            if w is not None and (not w or any(not (0 <= x < math.inf) for x in w) or sum(w) <= 0):
-                raise ValueError(f"{key} must be non-negative numbers, not all 0 (got {show_value(w)}).")
-        if self.fixed_weights is not None and len(self.fixed_weights) != len(self.fixed_peers):
-            raise ValueError(f"fixed_weights has {len(self.fixed_weights)} values for {len(self.fixed_peers)} "
-                             f"fixed peers; give one each.")
-        if self.fixed_weights is not None and sum(self.fixed_weights) >= 1:
-            raise ValueError("fixed_weights must sum to less than 1: the trained peers share the rest of ω.")
-        if len(set(self.fixed_peers)) != len(self.fixed_peers):
-            raise ValueError(f"fixed_peers names a teacher twice ({show_value(self.fixed_peers)}).")
-        if self.tail_mode not in ("bucket", "uniform", "renormalize"):
-            raise ValueError(f"tail_mode must be bucket, uniform or renormalize (got {show_value(self.tail_mode)}).")
+            _require(w is None or (bool(w) and all(0 <= x < math.inf for x in w) and sum(w) > 0), f"mutual.{key}",
+                     "non-negative numbers, not all 0", w)
+        if self.fixed_weights is not None:
+            _require(len(self.fixed_weights) == len(self.fixed_peers), "mutual.fixed_weights",
+                     f"one weight for each of the {len(self.fixed_peers)} fixed peers", self.fixed_weights)
+            _require(sum(self.fixed_weights) < 1, "mutual.fixed_weights", "a list summing to less than 1",
+                     self.fixed_weights, "the trained peers share the rest of ω")
+        _require(len(set(self.fixed_peers)) == len(self.fixed_peers), "mutual.fixed_peers",
+                 "a list of distinct teacher names", self.fixed_peers)
+        _require(self.tail_mode in ("bucket", "uniform", "renormalize"), "mutual.tail_mode",
+                 "bucket, uniform or renormalize", self.tail_mode)
 
     @property
     def eta_schedule(self) -> Schedule:
@@ -134,14 +131,20 @@ class SearchConfig:
     hidden_sizes: list[int] = field(default_factory=lambda: [64, 96, 128, 192, 256])
 
     def __post_init__(self) -> None:
-        if self.keep < 1 or self.pool < self.keep:
-            raise ValueError(f"search needs keep >= 1 and pool >= keep (got keep {self.keep}, pool {self.pool}).")
-        if self.rung_steps < 1:
-            raise ValueError(f"rung_steps must be at least 1 (got {self.rung_steps}).")
-        if len(self.layers) != 2 or not 1 <= self.layers[0] <= self.layers[1]:
-            raise ValueError(f"layers must be [smallest, largest] with 1 <= smallest <= largest (got {self.layers}).")
-        if self.min_params > self.max_params:
-            raise ValueError(f"min_params ({self.min_params}) is above max_params ({self.max_params}).")
+        _require(self.keep >= 1, "search.keep", "at least 1", self.keep)
+        _require(self.pool >= self.keep, "search.pool", f"at least search.keep ({self.keep})", self.pool)
+        _require(self.rung_steps >= 1, "search.rung_steps", "at least 1", self.rung_steps)
+        _require(len(self.layers) == 2 and 1 <= self.layers[0] <= self.layers[1], "search.layers",
+                 "[smallest, largest] with 1 <= smallest <= largest", self.layers)
+        _require(self.min_params <= self.max_params, "search.min_params", f"at most max_params ({self.max_params})",
+                 self.min_params)
+
+
+def _require(ok: bool, key: str, rule: str, value: Any, reason: str = "") -> None:
+    from cachekd.errors import ConfigFieldError
+
+    if not ok:
+        raise ConfigFieldError(key, rule, value, reason)
 
 
 @dataclass
@@ -176,32 +179,35 @@ class CohortConfig:
 
     def __post_init__(self) -> None:
         names = [p.name or f"peer{i}" for i, p in enumerate(self.peers)]
+        from cachekd.errors import CachekdError
+
         for p, n in zip(self.peers, names):
             p.name = n
-            if not n.replace("-", "").replace("_", "").replace(".", "").isalnum() or n.startswith("."):
-                raise ValueError(f"peer name {n!r} must be letters, digits, '-', '_' or '.' (it names a directory).")
+            _require(n.replace("-", "").replace("_", "").replace(".", "").isalnum() and not n.startswith("."),
+                     "peers.name", "letters, digits, '-', '_' or '.'", n, "it names the peer's run directory")
         if len(set(names)) != len(names):
-            raise ValueError(f"two peers are named {next(n for n in names if names.count(n) > 1)!r}; name each once.")
+            raise CachekdError(f"two peers are named {next(n for n in names if names.count(n) > 1)!r}; name each once.")
         for key in LENGTH_KEYS:
             for p in self.peers:
                 if key in p.optim:
-                    raise ValueError(f"peer {p.name!r} sets optim.{key}; the run length is the cohort's (optim.{key}).")
+                    raise CachekdError(f"peer {p.name!r} sets optim.{key}; the run length is the cohort's "
+                                       f"(optim.{key}).")
         m = self.mutual
         if m is not None:
             if self.peers and m.alpha > 0 and len(self.peers) + len(m.fixed_peers) < 2:
-                raise ValueError("mutual learning needs at least two members (peers or fixed_peers); a single peer "
+                raise CachekdError("mutual learning needs at least two members (peers or fixed_peers); a single peer "
                                  "has no one to learn from (set mutual.alpha: 0, or drop the mutual section).")
             for p in self.peers:
                 if p.distill is not None:
-                    raise ValueError(f"peer {p.name!r} has a distill section, but with mutual learning the mutual "
+                    raise CachekdError(f"peer {p.name!r} has a distill section, but with mutual learning the mutual "
                                      f"section sets the loss; drop one of them.")
             if m.fixed_peers and not self.cache:
-                raise ValueError("mutual.fixed_peers are teachers of a logit cache: set cache.")
+                raise CachekdError("mutual.fixed_peers are teachers of a logit cache: set cache.")
             if m.initial_weights is not None and len(m.initial_weights) != len(self.peers) + len(m.fixed_peers):
-                raise ValueError(f"mutual.initial_weights has {len(m.initial_weights)} values for "
+                raise CachekdError(f"mutual.initial_weights has {len(m.initial_weights)} values for "
                                  f"{len(self.peers) + len(m.fixed_peers)} members (peers, then fixed peers).")
             if self.precision == "fp16":
-                raise ValueError("mutual learning runs in fp32 or bf16 (precision fp16 needs one gradient scaler a "
+                raise CachekdError("mutual learning runs in fp32 or bf16 (precision fp16 needs one gradient scaler a "
                                  "model and the cohort's loss is one).")
 
     @property
@@ -240,6 +246,7 @@ def peer_mapping(cohort: CohortConfig, index: int) -> dict[str, Any]:
     from pathlib import Path
 
     from cachekd.config import deep_merge, load_yaml
+    from cachekd.errors import CachekdError
 
     peer = cohort.peers[index]
     base = load_yaml(peer.config) if peer.config else {}
@@ -250,7 +257,7 @@ def peer_mapping(cohort: CohortConfig, index: int) -> dict[str, Any]:
         if peer.distill is not None or base.get("distill") is not None:
             distill = deep_merge(dict(base.get("distill") or {}), peer.distill or {})
             if distill.get("cache") not in (None, cohort.cache):
-                raise ValueError(f"peer {peer.name!r} names its own cache; a cohort reads one (set the cohort's cache).")
+                raise CachekdError(f"peer {peer.name!r} names its own cache; a cohort reads one (set the cohort's cache).")
             distill["cache"] = cohort.cache
     return {
         "name": peer.name, "output": str(Path(cohort.output) / PEERS_DIR / peer.name),
@@ -266,7 +273,7 @@ def peer_mapping(cohort: CohortConfig, index: int) -> dict[str, Any]:
 def peer_configs(cohort: CohortConfig) -> list[Any]:
     """Every peer's `TrainConfig` (checked like any run's config: a bad value names the peer)."""
     from cachekd.errors import CachekdError
-    from cachekd.trainer import load_train_config
+    from cachekd.train_config import load_train_config
 
     out = []
     for i, p in enumerate(cohort.peers):

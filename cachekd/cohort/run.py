@@ -53,7 +53,7 @@ SEARCH_FILE = "search.json"
 
 def candidate_config(cohort: CohortConfig, shape, rung) -> Any:
     """The run config of one search candidate: the cohort's data and optimizer, the shape, the rung's steps."""
-    from cachekd.trainer import load_train_config
+    from cachekd.train_config import load_train_config
 
     out = Path(cohort.output) / SEARCH_DIR / f"r{rung.index}-{shape.name}"
     optim = {k: v for k, v in cohort.optim.items() if k not in ("epochs", "max_time_s")}

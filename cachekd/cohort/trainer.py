@@ -28,7 +28,8 @@ from cachekd.config import to_dict
 from cachekd.errors import CachekdError
 from cachekd.rundir import RunDir
 from cachekd.teachers import CachedTeachers
-from cachekd.trainer import Trainer, TrainConfig
+from cachekd.train_config import TrainConfig
+from cachekd.trainer import Trainer
 
 
 def cohort_identity(cohort: CohortConfig) -> dict[str, Any]:

@@ -1,0 +1,140 @@
+"""The command-line options of `cachekd train` / `cachekd distill` that set a config value, in one table.
+
+The table maps a config key to its option names; the option's type, choices and help text come from the config
+tree itself (the field's annotation and its docstring, `cachekd.train_config`), and errors about a key name its
+option too (``distill.alpha (--alpha) must be in [0, 1] ...``). The library knows nothing of these spellings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from cachekd.errors import ConfigFieldError
+
+TRAIN_OPTIONS: dict[str, tuple[str, ...]] = {
+    "data.store": ("--store",),
+    "output": ("-o", "--output"),
+    "name": ("--name",),
+    "optim.max_steps": ("--max-steps",),
+    "optim.max_time_s": ("--max-time",),
+    "optim.epochs": ("--epochs",),
+    "data.batch_size": ("--batch-size",),
+    "optim.lr": ("--lr",),
+    "device": ("--device",),
+    "precision": ("--precision",),
+    "seed": ("--seed",),
+}
+"""Config keys that both `cachekd train` and `cachekd distill` take as an option."""
+
+DISTILL_OPTIONS: dict[str, tuple[str, ...]] = {
+    "distill.cache": ("--cache",),
+    "distill.objective": ("--objective",),
+    "distill.temperature": ("--temperature",),
+    "distill.ce_weight": ("--ce-weight",),
+    "distill.alpha": ("--alpha",),
+    "distill.tail_mode": ("--tail-mode",),
+    "distill.teacher_combine": ("--teacher-combine",),
+    "distill.teachers": ("--teachers",),
+    "distill.chunk_size": ("--chunk-size",),
+    "distill.online": ("--online",),
+}
+"""Config keys that `cachekd distill` also takes as an option."""
+
+
+def flag_of(key: str) -> str | None:
+    """The long option that sets config ``key`` (``--alpha`` for ``distill.alpha``), or None."""
+    names = TRAIN_OPTIONS.get(key) or DISTILL_OPTIONS.get(key)
+    return next((n for n in names if n.startswith("--")), None) if names else None
+
+
+def field_error_message(e: ConfigFieldError) -> str:
+    """The error's sentence, naming the option beside the key where there is one."""
+    flag = flag_of(e.key)
+    return e.message(label=f"{e.key} ({flag})" if flag else None)
+
+
+def _field(key: str) -> tuple[dataclasses.Field, Any, str]:
+    """The dataclass field of config ``key``, its resolved type and its docstring."""
+    from cachekd.config import field_docs
+    from cachekd.train_config import TrainConfig
+
+    cls: Any = TrainConfig
+    *sections, name = key.split(".")
+    for section in sections:
+        cls = _dataclass_in(typing.get_type_hints(cls)[section])
+    f = {f.name: f for f in dataclasses.fields(cls)}[name]
+    return f, typing.get_type_hints(cls)[name], field_docs(cls).get(name, "")
+
+
+def _dataclass_in(tp: Any) -> type:
+    """``DistillConfig`` from ``DistillConfig | None``."""
+    return next(a for a in (typing.get_args(tp) or (tp,)) if dataclasses.is_dataclass(a))
+
+
+def _click_type(tp: Any, f: dataclasses.Field) -> tuple[Any, bool]:
+    """(click type, is a flag) for a field's annotation: numbers and schedules as numbers, a Literal as a choice
+    (unless the field also takes short names, which the config resolves), a list as comma-separated text."""
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        tp = float if float in args else args[0]  # `Schedule | float`: a constant; `int | None`: an int
+    if tp is bool:
+        return None, True
+    if typing.get_origin(tp) is typing.Literal:
+        return (str if f.metadata.get("aliases") else click.Choice(typing.get_args(tp))), False
+    if tp in (int, float):
+        return tp, False
+    return str, False
+
+
+def config_options(table: dict[str, tuple[str, ...]]) -> list[click.Option]:
+    """One click option per config key of ``table``, typed and documented by the config field; unset, it leaves
+    the config's value alone."""
+    opts = []
+    for key, names in table.items():
+        f, tp, doc = _field(key)
+        click_type, is_flag = _click_type(tp, f)
+        doc = doc.replace('``', '')
+        help_text = f"{doc.rstrip('.')} ({key})." if doc else f"Config value {key}."
+        if is_flag:
+            opts.append(click.Option(list(names), is_flag=True, default=False, help=help_text))
+        else:
+            opts.append(click.Option(list(names), type=click_type, default=None, help=help_text))
+        opts[-1].config_key = key  # type: ignore[attr-defined]
+    return opts
+
+
+def overrides_from_options(ctx_params: dict[str, Any], params: list[click.Parameter]) -> dict[str, Any]:
+    """The nested config mapping set by the given options (a flag only when on)."""
+    out: dict[str, Any] = {}
+    for p in params:
+        key = getattr(p, "config_key", None)
+        value = ctx_params.get(p.name)
+        if key is None or value is None or value is False:
+            continue
+        node = out
+        *sections, name = key.split(".")
+        for s in sections:
+            node = node.setdefault(s, {})
+        node[name] = value
+    return out
+
+
+class ConfigCommand(click.Command):
+    """A command whose options are built on first use (its help or a run) by ``build_params``, so starting the
+    CLI does not import the config tree's modules (and torch with them)."""
+
+    def __init__(self, *args: Any, build_params: Callable[[], list[click.Parameter]], **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._build_params: Callable[[], list[click.Parameter]] | None = build_params
+
+    def get_params(self, ctx: click.Context) -> list[click.Parameter]:
+        if self._build_params is not None:
+            build, self._build_params = self._build_params, None
+            self.params[:0] = build()
+        return super().get_params(ctx)
