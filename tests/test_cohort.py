@@ -227,7 +227,7 @@ def test_cli_cohort_runs_and_compare_plots_weights(tmp_path, store_path, runner)
     assert r.exit_code == 0, r.output
     out = json.loads(r.output)
     assert len(out["rows"]) == 2 and Path(out["files"]["weights"]).exists()
-    r = invoke(runner, ["eval", tmp_path / "run" / "peers" / "a", "--json"])
+    r = invoke(runner, ["eval", tmp_path / "run" / "peers" / "a", "--dev", store_path, "--json"])
     assert r.exit_code == 0, r.output
     r = invoke(runner, ["cohort", "-c", cfg, "-o", tmp_path / "run", "--quiet"])
     assert_clean_error(r, "finished")

@@ -282,3 +282,20 @@ def peer_configs(cohort: CohortConfig) -> list[Any]:
         except (CachekdError, ValueError) as e:
             raise CachekdError(f"peer {p.name!r}: {e}") from None
     return out
+
+
+def cohort_peer_dirs(path: Any) -> list[Any] | None:
+    """The peers' run directories of a cohort directory, in the cohort's order; None when `path` is not one."""
+    from pathlib import Path
+
+    from cachekd.rundir import RunDir
+
+    p = Path(path)
+    peers = p / PEERS_DIR
+    if not peers.is_dir():
+        return None
+    cfg = RunDir(p).read_config_mapping(strict=False)
+    names = [str(x.get("name")) for x in cfg.get("peers") or [] if isinstance(x, dict) and x.get("name")]
+    found = sorted(d.name for d in peers.iterdir() if d.is_dir())
+    ordered = [n for n in names if n in found] + [n for n in found if n not in names]
+    return [peers / n for n in ordered]
