@@ -1,6 +1,6 @@
 """One-command check of the GPU paths: the whole job on one CUDA device, with the figures that matter there.
 
-Builds a token store from the shipped demo corpus (`cachekd.demo_data.write_demo_data`, the grammar corpus of
+Builds a token store from the shipped demo corpus (`cachekd.demo.data.write_demo_data`, the grammar corpus of
 `cachekd demo`), trains a ~100M-parameter LLaMA teacher for a few hundred steps (bf16 autocast), precomputes its
 top-k logits (CUDA top-k and tail sums), then trains the same small student three ways: cross-entropy only, distilled
 from the cache, and distilled online from the live teacher. Everything runs through the `cachekd` command line
@@ -289,7 +289,7 @@ def train_config(name: str, out: Path, store: Path, model: dict[str, Any], steps
 def run_check(args: argparse.Namespace, sizes: Sizes, device: str, work: Path) -> dict[str, Any]:
     import torch
 
-    from cachekd.demo_data import write_demo_data
+    from cachekd.demo.data import write_demo_data
 
     res: dict[str, Any] = {"peak_mem": {}}
     t_start = time.perf_counter()

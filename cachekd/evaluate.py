@@ -28,7 +28,7 @@ import torch
 from cachekd import __version__
 from cachekd.errors import CachekdError
 from cachekd.rundir import RunDir, loss_key, minimal_pairs_key
-from cachekd.teachers import check_tokenizer, has_tokenizer, tokenizer_fingerprint_of
+from cachekd.teachers import has_tokenizer, tokenizer_fingerprint_of
 from cachekd.tokens import TokenStore
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -417,8 +417,8 @@ def check_tokenizer_matches(
         model_dir, where = None, "the given tokenizer"
         fp, vocab = tokenizer_fingerprint(model_dir_or_tokenizer), model_vocab_size
     hint = f" (cachekd prepare ... --tokenizer {model_dir})" if model_dir is not None else ""
-    check_tokenizer(
-        store, fingerprint=fp, vocab_size=vocab,
+    store.check_tokenizer(
+        fingerprint=fp, vocab_size=vocab,
         tokenizer_error=lambda fp: (
             f"the token store {str(store.path)!r} was built with a different tokenizer than {where} "
             f"(tokenizer fingerprints {store.tokenizer_fingerprint[:12]} vs {fp[:12]}); evaluate on a store "

@@ -72,6 +72,15 @@ def read_json_dict(path: Path, hint: str) -> dict:
     return data
 
 
+def read_json_dict_or_none(path: Path) -> dict | None:
+    """A JSON object from `path`; None when the file is missing, unreadable or not a JSON object."""
+    try:
+        data = read_json(path)
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
 def sha256_file(path: Path, block: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

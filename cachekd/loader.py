@@ -96,7 +96,7 @@ class WindowSource:
             offset += len(tok)
             parts_tok.append(tok)
             if self.cache is not None:
-                for t, blk in self.cache.read_chunk(self.split, int(c), self.teachers).items():
+                for t, blk in self.cache.read_chunk(self.split, int(c), self.teachers, tokens=tok).items():
                     parts_t[t].append(blk)
         self._block = {"tokens": np.concatenate(parts_tok), "pos": pos, "teachers": {}}
         for t, blks in parts_t.items():

@@ -22,9 +22,9 @@ import torch
 
 from cachekd import distributed
 from cachekd.cache import writer as cw
-from cachekd.cache.format import FORMAT, FORMAT_VERSION, TAIL_SCALE
+from cachekd.cache import format as fmt
 from cachekd.errors import CachekdError
-from cachekd.rows import row_blocks, tail_underflows, topk_rows
+from cachekd.teacher_rows import teacher_targets
 from cachekd.tokens import TokenStore
 
 
@@ -89,92 +89,6 @@ def parse_part(part: str | None) -> tuple[int, int]:
     return i - 1, n
 
 
-# ----------------------------------------------------------------------------------------- the math
-
-
-ENTROPY_STRIDE = 8  # the entropy statistic is taken on every 8th position: it is a summary, not training data
-
-
-@torch.no_grad()
-def teacher_targets(logits: torch.Tensor, vocab_size: int, k: int | None, temperatures: list[float]
-                    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """What the cache stores for a batch of teacher logits (b, L, V_model), computed on their device in float32.
-
-    Returns (arrays, stats). top-k mode: `ids` (b,L,k), `logprobs` (b,L,k) τ=1 log-probabilities,
-    `tail_lse` (b,L,n_τ) = logsumexp over non-top-k v of log p_v/τ. Full mode (k None): `logits` (b,L,V) fp16.
-    Stats: `lse` (b,L) the τ=1 log-normaliser (non-finite when the teacher produced NaN/inf), `entropy` (b, L/8)
-    at τ=1 on every 8th position, and `topk_mass` (b,L,n_τ). Padded logits beyond `vocab_size` are dropped.
-
-    Cost: the positions are taken a block of rows at a time (``cachekd.rows``: on CPU the temporaries stay in
-    cache; on GPU the batch is one block), and one fused softmax serves the normaliser, the entropy and every
-    tail. The tail is summed directly over the non-top-k probabilities (zeroed in place), never as 1 − Σ top-k,
-    so a tiny tail keeps its relative precision; τ = 2 reuses them through a square root. Rows whose tail lost
-    terms to float32 underflow, and other temperatures, take an exact masked log-sum-exp.
-    """
-    z = logits[..., :vocab_size]
-    b, L = z.shape[:2]
-    flat = z.reshape(b * L, vocab_size)
-    n, dev = flat.shape[0], flat.device
-    lse = torch.empty(n, device=dev)
-    per_window = -(-L // ENTROPY_STRIDE)
-    entropy = torch.empty(b * per_window, device=dev)
-    if k is not None:
-        ids = torch.empty(n, k, dtype=torch.int64, device=dev)
-        logprobs = torch.empty(n, k, device=dev)
-        tails = torch.empty(n, len(temperatures), device=dev)
-    buf = None
-    for rows in row_blocks(flat):
-        zb = flat[rows].float()
-        if buf is None:
-            buf = torch.empty_like(zb)
-        p = torch.softmax(zb, dim=-1, out=buf[: zb.shape[0]])        # (r, V), one fused pass into a reused buffer
-        if k is None:
-            m, top = zb.max(dim=-1)
-            lse_b = m - p.gather(1, top[:, None]).squeeze(1).log()
-        else:
-            vals, idx = topk_rows(zb, k)                              # unsorted
-            top = vals.argmax(-1, keepdim=True)
-            # log p at the max is −log Σ exp(z − max) ∈ [−log V, 0]: the normaliser to float32 precision.
-            lse_b = (vals.gather(1, top) - p.gather(1, idx.gather(1, top)).log()).squeeze(1)
-        lse[rows] = lse_b
-        r = torch.arange(rows.start, rows.stop, device=dev)
-        sel = ((r % L) % ENTROPY_STRIDE == 0).nonzero().squeeze(1)
-        if sel.numel():
-            j = (r[sel] // L) * per_window + (r[sel] % L) // ENTROPY_STRIDE
-            # (−inf logits, e.g. masked tokens, have p = 0: clamped so 0·z stays 0 instead of NaN)
-            entropy[j] = lse_b[sel] - (p[sel] * zb[sel].clamp_min(torch.finfo(zb.dtype).min)).sum(-1)
-        if k is None:
-            continue
-        ids[rows] = idx
-        logprobs[rows] = vals - lse_b[:, None]
-        p.scatter_(-1, idx, 0.0)                                      # the tail terms only
-        sums = {}
-        if 1.0 in temperatures:
-            sums[1.0] = p.sum(-1)
-        if 2.0 in temperatures:
-            sums[2.0] = p.sqrt_().sum(-1)                             # p^(1/2) = exp((z − lse)/2)
-        for t, tau in enumerate(temperatures):
-            if tau in sums:
-                tail = sums[tau].log()  # log Σ_tail exp((z − lse)/τ), what the cache stores
-                # terms are lost where p = exp(z − lse) < e^-87.3 (the softmax's exp(z − max) underflows there
-                # or earlier), so the check is on the sum of p^(1/τ) itself
-                redo = tail_underflows(tail, vocab_size, sqrt=tau == 2.0) if k < vocab_size else None
-            else:
-                tail, redo = None, torch.ones(zb.shape[0], dtype=torch.bool, device=dev)
-            if redo is not None and bool(redo.any()):
-                exact = torch.logsumexp(zb[redo].scatter(-1, idx[redo], float("-inf")) / tau, dim=-1)
-                exact -= lse_b[redo] / tau
-                tail = exact if tail is None else tail.index_put((redo,), exact)
-            tails[rows, t] = tail
-    stats = {"lse": lse.view(b, L), "entropy": entropy.view(b, per_window)}
-    if k is None:
-        return {"logits": z.half()}, stats
-    masses = []
-    for t, tau in enumerate(temperatures):
-        head = torch.logsumexp(logprobs / tau, dim=-1)
-        masses.append(torch.exp(head - torch.logaddexp(head, tails[:, t])))
-    stats["topk_mass"] = torch.stack(masses, -1).view(b, L, -1)
-    return ({"ids": ids.view(b, L, k), "logprobs": logprobs.view(b, L, k), "tail_lse": tails.view(b, L, -1)}, stats)
 
 
 # ------------------------------------------------------------------------------------------ running
@@ -236,28 +150,86 @@ def _busy_error(root: Path, what: str) -> CachekdError:
     )
 
 
-def build_plan(cfg: PrecomputeConfig, store: TokenStore, teachers: list[dict[str, Any]], vocab: int) -> dict[str, Any]:
+def build_plan(cfg: PrecomputeConfig, store: TokenStore, teachers: list[dict[str, Any]], vocab: int) -> fmt.CachePlan:
     splits = {}
     for s in cfg.splits:
         if s not in store.splits():
             raise CachekdError(f"the token store has no {s!r} split (it has {', '.join(store.splits())}).")
         splits[s] = store.num_windows(s)
-    return {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "token_store": {
-            "path": str(store.path.resolve()), "fingerprint": store.fingerprint,
-            "tokenizer_fingerprint": store.tokenizer_fingerprint, "seq_len": store.seq_len,
-            "vocab_size": vocab, "chunk_windows": store.chunk_windows,
-        },
-        "teachers": teachers,
-        "mode": "full" if cfg.full else "topk",
-        "k": None if cfg.full else cfg.top_k,
-        "temperatures": [] if cfg.full else [float(t) for t in cfg.temperatures],
-        "splits": splits,
-        "encoding": {"ids": "sorted, delta", "logprobs": "uint16 fixed point", "logprob_scale": 1.0 / cfg.logprob_step,
-                     "tail_lse": f"int16 fixed point, 1/{TAIL_SCALE:g} nat", "logits": "float16"},
-    }
+    return fmt.CachePlan(
+        token_store=fmt.TokenStoreRef(
+            path=str(store.path.resolve()), fingerprint=store.fingerprint,
+            tokenizer_fingerprint=store.tokenizer_fingerprint, seq_len=store.seq_len, vocab_size=vocab,
+            chunk_windows=store.chunk_windows,
+        ),
+        teachers=teachers,
+        mode="full" if cfg.full else "topk",
+        k=None if cfg.full else cfg.top_k,
+        temperatures=[] if cfg.full else [float(t) for t in cfg.temperatures],
+        splits=splits,
+        encoding=fmt.encoding_descriptors(1.0 / cfg.logprob_step),
+    )
+
+
+def _open_cache(root: Path, plan: fmt.CachePlan, force: bool, slot: int, slots: int, rank: int, world: int):
+    """(plan, share lock) of the cache: created or resumed. Each process holds the lock of its share of the
+    chunks for the whole run, taken in the same critical section as the plan, so a second identical precompute
+    stops and --force elsewhere cannot clear it meanwhile. Under torchrun only rank 0 may clear or create."""
+    if world > 1:
+        import torch.distributed as dist
+
+        if rank == 0:
+            plan, lock = cw.open_or_create(root, plan, force=force, share=(slot, slots))
+        dist.barrier()
+        if rank != 0:
+            plan, lock = cw.open_or_create(root, plan, share=(slot, slots))
+    else:
+        plan, lock = cw.open_or_create(root, plan, force=force, share=(slot, slots))
+    if lock is None:
+        raise _busy_error(root, cw.busy_share(root, slot, slots) or "an overlapping share")
+    return plan, lock
+
+
+def _chunk_targets(models: list, infos: list[dict[str, Any]], tokens: np.ndarray, split: str, chunk: int,
+                   plan: fmt.CachePlan, cfg: PrecomputeConfig, device: torch.device, amp: torch.dtype | None
+                   ) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, Any]]:
+    """Every teacher's cache arrays for one chunk of token windows, and the chunk's statistics (its done-marker)."""
+    temps, vocab = plan.temperatures, plan.token_store.vocab_size
+    k = None if plan.mode == "full" else plan.k
+    results: dict[str, dict[str, np.ndarray]] = {}
+    # the marker binds the chunk to its tokens, and records the precision the teachers ran in (verify's tolerance)
+    stats: dict[str, Any] = {"teachers": {}, fmt.TOKENS_DIGEST: fmt.tokens_digest(tokens),
+                             fmt.COMPUTE_DTYPE: str(amp or torch.float32).removeprefix("torch.")}
+    for info, model in zip(infos, models):
+        parts: dict[str, list[torch.Tensor]] = {}
+        ent, mass = [], []
+        for b in range(0, len(tokens), cfg.batch_size):
+            x = torch.from_numpy(tokens[b:b + cfg.batch_size].astype(np.int64)).to(device)
+            with torch.inference_mode(), torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+                logits = model(input_ids=x).logits
+            arrays, st = teacher_targets(logits, vocab, k, temps)
+            bad = ~torch.isfinite(st["lse"]).all(dim=-1)
+            if bool(bad.any()):
+                w = plan.chunk_range(split, chunk)[0] + b + int(bad.nonzero()[0])
+                raise CachekdError(
+                    f"teacher {info['name']!r} produced NaN or inf logits on {split} window {w}; "
+                    f"check the checkpoint (or try --dtype fp32)."
+                )
+            for key, v in arrays.items():
+                parts.setdefault(key, []).append(v.to("cpu", non_blocking=True))
+            ent.append(st["entropy"].cpu())
+            if "topk_mass" in st:
+                mass.append(st["topk_mass"].cpu())
+        results[info["name"]] = {key: torch.cat(v).numpy() for key, v in parts.items()}
+        e = torch.cat(ent).double()
+        s: dict[str, Any] = {"positions": int(tokens.size), "entropy_positions": int(e.numel()),
+                             "entropy_sum": float(e.sum()),
+                             "entropy_min": float(e.min()), "entropy_max": float(e.max())}
+        if mass:
+            msum = torch.cat(mass).double().flatten(0, -2).sum(0)
+            s["topk_mass_sum"] = {str(t): float(v) for t, v in zip(temps, msum)}
+        stats["teachers"][info["name"]] = s
+    return results, stats
 
 
 def precompute(cfg: PrecomputeConfig, *, force: bool = False, progress: bool = True) -> dict[str, Any]:
@@ -285,33 +257,11 @@ def precompute(cfg: PrecomputeConfig, *, force: bool = False, progress: bool = T
     models = [m.to(device).eval() for m, _, _ in loaded]
     infos = [info for _, _, info in loaded]
     plan = build_plan(cfg, store, infos, vocab)
-    if world > 1 and force and rank != 0:
-        force = False  # only rank 0 may clear; the others then find its plan
-    # Each process holds the lock of its share of the chunks for the whole run, taken in the same critical
-    # section as the plan, so a second identical precompute stops and --force elsewhere cannot clear it meanwhile.
-    if world > 1:
-        import torch.distributed as dist
-
-        if rank == 0:
-            plan, lock = cw.open_or_create(root, plan, force=force, share=(slot, slots))
-        dist.barrier()
-        if rank != 0:
-            plan, lock = cw.open_or_create(root, plan, share=(slot, slots))
-    else:
-        plan, lock = cw.open_or_create(root, plan, force=force, share=(slot, slots))
-    if lock is None:
-        raise _busy_error(root, cw.busy_share(root, slot, slots) or "an overlapping share")
+    plan, lock = _open_cache(root, plan, force and (world == 1 or rank == 0), slot, slots, rank, world)
     try:
-        k = None if cfg.full else cfg.top_k
-        temps = plan["temperatures"]
-        chunkw = store.chunk_windows
-        todo: list[tuple[str, int]] = []
-        for split, n in plan["splits"].items():
-            for c in cw.pending_chunks(root, split, math.ceil(n / chunkw)):
-                if c % slots == slot:
-                    todo.append((split, c))
-        positions = sum(min((c + 1) * chunkw, plan["splits"][s]) - c * chunkw for s, c in todo) * store.seq_len
-
+        todo = [(split, c) for split in plan.splits
+                for c in fmt.pending_chunks(root, split, plan.num_chunks(split)) if c % slots == slot]
+        positions = sum(stop - start for start, stop in (plan.chunk_range(s, c) for s, c in todo)) * store.seq_len
         bg = _BackgroundWriter(cw.ChunkWriter(root, plan), cfg.queue_size)
         t0 = time.perf_counter()
         done_positions = 0
@@ -319,37 +269,7 @@ def precompute(cfg: PrecomputeConfig, *, force: bool = False, progress: bool = T
             with tqdm(total=positions, desc="precompute", unit="pos", unit_scale=True, disable=not progress) as bar:
                 for split, chunk in todo:
                     tokens = store.read_chunk(split, chunk)
-                    results: dict[str, dict[str, np.ndarray]] = {}
-                    stats: dict[str, Any] = {"teachers": {}}
-                    for info, model in zip(infos, models):
-                        parts: dict[str, list[torch.Tensor]] = {}
-                        ent, mass = [], []
-                        for b in range(0, len(tokens), cfg.batch_size):
-                            x = torch.from_numpy(tokens[b:b + cfg.batch_size].astype(np.int64)).to(device)
-                            with torch.inference_mode(), torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-                                logits = model(input_ids=x).logits
-                            arrays, st = teacher_targets(logits, vocab, k, temps)
-                            bad = ~torch.isfinite(st["lse"]).all(dim=-1)
-                            if bool(bad.any()):
-                                w = chunk * chunkw + b + int(bad.nonzero()[0])
-                                raise CachekdError(
-                                    f"teacher {info['name']!r} produced NaN or inf logits on {split} window {w}; "
-                                    f"check the checkpoint (or try --dtype fp32)."
-                                )
-                            for key, v in arrays.items():
-                                parts.setdefault(key, []).append(v.to("cpu", non_blocking=True))
-                            ent.append(st["entropy"].cpu())
-                            if "topk_mass" in st:
-                                mass.append(st["topk_mass"].cpu())
-                        results[info["name"]] = {key: torch.cat(v).numpy() for key, v in parts.items()}
-                        e = torch.cat(ent).double()
-                        s: dict[str, Any] = {"positions": int(tokens.size), "entropy_positions": int(e.numel()),
-                                             "entropy_sum": float(e.sum()),
-                                             "entropy_min": float(e.min()), "entropy_max": float(e.max())}
-                        if mass:
-                            msum = torch.cat(mass).double().flatten(0, -2).sum(0)
-                            s["topk_mass_sum"] = {str(t): float(v) for t, v in zip(temps, msum)}
-                        stats["teachers"][info["name"]] = s
+                    results, stats = _chunk_targets(models, infos, tokens, split, chunk, plan, cfg, device, amp)
                     bg.put((split, chunk, results, stats))
                     done_positions += tokens.size
                     bar.update(tokens.size)
@@ -368,7 +288,7 @@ def precompute(cfg: PrecomputeConfig, *, force: bool = False, progress: bool = T
         manifest = cw.finalize(root, plan) if rank == 0 or world == 1 else None
         remaining = 0
         if manifest is None:
-            remaining = sum(len(cw.pending_chunks(root, s, math.ceil(n / chunkw))) for s, n in plan["splits"].items())
+            remaining = sum(len(fmt.pending_chunks(root, s, plan.num_chunks(s))) for s in plan.splits)
         return {
             "output": str(root),
             "positions_computed": done_positions,
@@ -376,7 +296,7 @@ def precompute(cfg: PrecomputeConfig, *, force: bool = False, progress: bool = T
             "positions_per_s": done_positions / elapsed if elapsed > 0 else None,
             "complete": manifest is not None,
             "chunks_remaining": remaining,
-            "manifest": manifest,
+            "manifest": None if manifest is None else manifest.to_dict(),
         }
     finally:
         lock.close()

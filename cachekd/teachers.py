@@ -4,9 +4,9 @@ signal a training step asks for (`TeacherSource`).
 * Resolution (`resolve_teachers`): a teacher spec is an HF checkpoint directory, a `cachekd train` run directory
   (its ``model/``), a name from the registry file (``cachekd.yaml``'s ``teachers:`` mapping, or
   ``$CACHEKD_REGISTRY``), or ``NAME=PATH``.
-* `check_tokenizer` is the single rule for "does this tokenizer / vocabulary fit that token store": the same
-  tokenizer fingerprint, and at least the store's vocabulary. Teachers, evaluated models and logit caches all go
-  through it; each caller words the refusal for its user.
+* `TokenStore.check_tokenizer` is the single rule for "does this tokenizer / vocabulary fit that token store": the
+  same tokenizer fingerprint, and at least the store's vocabulary. Teachers (`check_teacher`), evaluated models and
+  logit caches all go through it; each caller words the refusal for its user.
 * `TeacherSource` gives the loss targets of a micro-batch: `CachedTeachers` reads them from a logit cache (the
   loader brings them aligned with the tokens), `OnlineTeachers` runs live teacher models (``--online``). A cohort
   of students shares one source.
@@ -34,21 +34,6 @@ if TYPE_CHECKING:
 
 
 # ------------------------------------------------------------------------------------------ the check
-
-
-def check_tokenizer(store: TokenStore, *, fingerprint: str | None, vocab_size: int | None = None,
-                    tokenizer_error: Callable[[str], str], vocab_error: Callable[[int], str] | None = None) -> None:
-    """Refuse a tokenizer (its `cachekd.corpus.tokenizer_fingerprint`) or an output size that does not fit `store`.
-
-    The fingerprint must equal the store's (None: no tokenizer to compare), and `vocab_size` (the number of outputs
-    a position; None: unknown) must cover the store's vocabulary: padded output layers are accepted, their extra
-    logits are dropped. The errors are worded by the caller: `tokenizer_error(fingerprint)` and
-    `vocab_error(vocab_size)` (needed with `vocab_size`) return the sentence to raise."""
-    if fingerprint is not None and fingerprint != store.tokenizer_fingerprint:
-        raise CachekdError(tokenizer_error(fingerprint))
-    if vocab_size is not None and vocab_size < store.vocab_size:
-        assert vocab_error is not None, "check_tokenizer: a vocab_size needs a vocab_error"
-        raise CachekdError(vocab_error(vocab_size))
 
 
 def has_tokenizer(model_dir: Path) -> bool:
@@ -145,8 +130,8 @@ def check_teacher(name: str, path: Path, model, store: TokenStore) -> dict[str, 
     from cachekd.models import checkpoint_fingerprint, count_parameters
 
     v_model = output_size(model)
-    check_tokenizer(
-        store, fingerprint=tokenizer_fingerprint_of(path), vocab_size=v_model,
+    store.check_tokenizer(
+        fingerprint=tokenizer_fingerprint_of(path), vocab_size=v_model,
         tokenizer_error=lambda fp: (f"teacher {name!r} comes with a different tokenizer than the token store "
                                     f"{str(store.path)!r}; prepare the store with --tokenizer {path} or use a "
                                     f"matching teacher."),

@@ -11,27 +11,17 @@ from cachekd_cli.main import cli
 
 def describe(path: Path) -> dict:
     """Summary of a token store or a logit cache, whichever `path` holds."""
-    from cachekd.io import read_json
+    from cachekd.cache.format import is_logit_cache
+    from cachekd.tokens import TokenStore, is_token_store
 
-    mf = path / "manifest.json"
-    fmt = None
-    if mf.exists():
-        try:
-            fmt = read_json(mf).get("format")
-        except ValueError:
-            raise CachekdError(f"{str(path)!r} has an unreadable manifest.json; it may be corrupt.") from None
-    if fmt == "cachekd-token-store":
-        from cachekd.tokens import TokenStore
-
-        return TokenStore.open(path).summary()
-    try:
-        from cachekd.cache.reader import LogitCache
-    except ImportError:  # pragma: no cover
-        LogitCache = None
-    if LogitCache is not None and (fmt == "cachekd-logit-cache" or (path / "plan.json").exists()):
-        return LogitCache.open(path, allow_incomplete=True).summary()
     if not path.exists():
         raise CachekdError(f"{str(path)!r} does not exist.")
+    if is_token_store(path):
+        return TokenStore.open(path).summary()
+    if is_logit_cache(path):
+        from cachekd.cache.reader import LogitCache
+
+        return LogitCache.open(path, allow_incomplete=True).summary()
     raise CachekdError(f"{str(path)!r} is neither a token store nor a logit cache.")
 
 

@@ -85,10 +85,12 @@ def precompute_command(store, teachers, output, top_k, full, temperatures, logpr
 @click.option("--json", "as_json", is_flag=True)
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def verify_command(cache, store, recompute, repair, seed, as_json, quiet):
-    """Check a logit cache: every chunk present, readable (checksums match) and finite, ids in range and unique
-    per row, fingerprints matching the token store; with --recompute N also re-run the teachers on N windows.
-    Exits 1 when anything is wrong (also after --repair: the cache is complete again once precompute has
-    recomputed the marked chunks).
+    """Check a logit cache: every chunk present, readable (checksums match), holding the data written for it and
+    computed from the store's tokens, finite, ids in range and unique per row, fingerprints matching the token
+    store, and the token store itself (every chunk readable, contents as written); with --recompute N also
+    re-run the teachers on N windows and fail beyond the storage tolerance. CACHE may also be a token store,
+    checked on its own. Exits 1 when anything is wrong (also after --repair: the cache is complete again once
+    precompute has recomputed the marked chunks).
 
     \b
     Examples:
@@ -97,15 +99,18 @@ def verify_command(cache, store, recompute, repair, seed, as_json, quiet):
       cachekd verify runs/cache --repair
       cachekd precompute --store runs/tokens --teacher runs/teacher-llama -o runs/cache   # the same arguments
     """
-    from cachekd.cache.verify import verify_cache
+    from cachekd.cache.verify import verify_path
 
-    report = verify_cache(cache, store_path=store, recompute=recompute, seed=seed, repair=repair,
-                          progress=not quiet and not as_json)
+    report = verify_path(cache, store_path=store, recompute=recompute, seed=seed, repair=repair,
+                         progress=not quiet and not as_json)
     if as_json:
         echo_json(report)
     else:
         click.echo(f"Checked {report['chunks_checked']}/{report['chunks_total']} chunks of {cache}.")
-        if report.get("checksums") is False:
+        if report.get("checksums") is False and report["kind"] == "token store":
+            click.echo("note: this token store was written without checksums (before cachekd added them); its "
+                       "contents were compared with the SHA-256 its manifest recorded instead.")
+        elif report.get("checksums") is False:
             click.echo("note: this cache was written without checksums (before cachekd added them), so corruption "
                        "that still decodes cannot be detected; precompute it again into a new directory to add them.")
         if "recompute" in report:
@@ -117,11 +122,14 @@ def verify_command(cache, store, recompute, repair, seed, as_json, quiet):
             marked = rep["marked_for_recompute"]
             if "refused" in rep:
                 click.echo(f"repair refused: {rep['refused']}.")
-            elif marked:
+            elif marked or rep.get("removed_damaged_manifest"):
                 n = sum(len(c) for c in marked.values())
                 where = "; ".join(f"{s} {', '.join(str(c) for c in cs)}" for s, cs in marked.items())
-                click.echo(f"Marked {n} chunk(s) for recomputation ({where}): removed their done-markers and "
-                           f"manifest.json, so the cache now reads as incomplete.")
+                if marked:
+                    click.echo(f"Marked {n} chunk(s) for recomputation ({where}): removed their done-markers and "
+                               f"manifest.json, so the cache now reads as incomplete.")
+                else:
+                    click.echo("Removed the damaged manifest.json, so the cache now reads as incomplete.")
                 click.echo(f"Next: {rep['next']}:")
                 click.echo(f"  {rep['command']}")
             else:

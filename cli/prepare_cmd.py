@@ -21,7 +21,8 @@ from cachekd_cli.main import cli
 @click.option("--dev-mode", type=click.Choice(["tail", "docs"]), default="tail", show_default=True,
               help="tail: the last documents of each source file; docs: a seeded random choice of documents.")
 @click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--force", is_flag=True, help="Replace a token store built from other inputs at the output path.")
+@click.option("--force", is_flag=True, help="Replace the token store at the output path: one built from other inputs, or build a "
+                   "damaged one again from the same inputs.")
 @click.option("--json", "as_json", is_flag=True, help="Print the resulting manifest summary as JSON.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def prepare_command(inputs, output, seq_len, vocab_size, tokenizer, text_column, doc_sep, clean, dev_fraction,
@@ -31,7 +32,8 @@ def prepare_command(inputs, output, seq_len, vocab_size, tokenizer, text_column,
 
     INPUTS are text files, directories or globs (BabyLM's *.train files), local .jsonl/.json/.parquet/.csv files
     (see --text-column), or datasets saved with `save_to_disk`. Re-running with the same inputs and options does
-    nothing; a different store at --output is replaced only with --force.
+    nothing; a different store at --output is replaced only with --force, and --force with the same inputs builds
+    the store again (the way to repair one that `cachekd verify` found damaged).
 
     \b
     Example:

@@ -277,7 +277,7 @@ def test_disk_full_marks_nothing_done_and_resumes(tmp_path, runner, store_path, 
         calls["n"] += 1
         if calls["n"] == 2:  # the second chunk: write part of it, then the disk is full
             arr = self._arr(split, next(iter(results)), "ids")
-            arr[chunk * self.plan["token_store"]["chunk_windows"]] = 1
+            arr[self.plan.chunk_range(split, chunk)[0]] = 1
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_write(self, split, chunk, results, stats)
 

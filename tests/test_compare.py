@@ -188,7 +188,7 @@ def test_eval_then_compare_end_to_end(store, tmp_path):
     """The real `cachekd eval` writes eval.json; `cachekd compare` picks it up."""
     tok = store.load_tokenizer()
     run = make_run(tmp_path / "runs", "student", tiny_model(store.vocab_size, seed=1), tok)
-    from cachekd import demo_data
+    from cachekd.demo import data as demo_data
 
     pairs = tmp_path / "pairs"
     pairs.mkdir()

@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from cachekd import demo_data as dd
+from cachekd.demo import data as dd
 
 
 @pytest.fixture(scope="module")

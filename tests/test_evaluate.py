@@ -12,7 +12,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from cachekd import demo_data
+from cachekd.demo import data as demo_data
 from cachekd.errors import CachekdError
 from cachekd.evaluate import (
     check_tokenizer_matches, dev_loss, evaluate, minimal_pair_accuracy, prefix_ids, sentence_logprobs,

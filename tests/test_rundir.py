@@ -16,7 +16,7 @@ import torch
 from cachekd.checkpoint import CheckpointManager, first_difference
 from cachekd.errors import CachekdError
 from cachekd.rundir import RunDir, checkpoint_name, run_state
-from cachekd.teachers import check_tokenizer, resolve_teachers
+from cachekd.teachers import resolve_teachers
 from cachekd.tokens import TokenStore
 
 
@@ -176,13 +176,13 @@ def test_check_tokenizer_is_the_one_rule(store_path):
     def err(kind):
         return lambda x: f"{kind} {x}"
 
-    check_tokenizer(store, fingerprint=store.tokenizer_fingerprint, vocab_size=store.vocab_size + 8,
+    store.check_tokenizer(fingerprint=store.tokenizer_fingerprint, vocab_size=store.vocab_size + 8,
                     tokenizer_error=err("tok"), vocab_error=err("vocab"))  # padded outputs are fine
-    check_tokenizer(store, fingerprint=None, vocab_size=None, tokenizer_error=err("tok"))
+    store.check_tokenizer(fingerprint=None, vocab_size=None, tokenizer_error=err("tok"))
     with pytest.raises(CachekdError, match="^tok other$"):
-        check_tokenizer(store, fingerprint="other", vocab_size=1, tokenizer_error=err("tok"), vocab_error=err("vocab"))
+        store.check_tokenizer(fingerprint="other", vocab_size=1, tokenizer_error=err("tok"), vocab_error=err("vocab"))
     with pytest.raises(CachekdError, match="^vocab 10$"):
-        check_tokenizer(store, fingerprint=None, vocab_size=10, tokenizer_error=err("tok"), vocab_error=err("vocab"))
+        store.check_tokenizer(fingerprint=None, vocab_size=10, tokenizer_error=err("tok"), vocab_error=err("vocab"))
 
 
 def test_resolve_teachers_names(tmp_path, teacher_path, teacher_b_path):

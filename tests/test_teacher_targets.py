@@ -1,4 +1,4 @@
-"""precompute.teacher_targets against an independent float64 reference: top-k, normaliser, tails at several
+"""teacher_rows.teacher_targets against an independent float64 reference: top-k, normaliser, tails at several
 temperatures (including tails that underflow float32 exp()), top-k mass and entropy, padded vocabularies, and
 row blocks that do not divide the batch."""
 
@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import cachekd.rows
-from cachekd.precompute import ENTROPY_STRIDE, teacher_targets
+from cachekd.teacher_rows import ENTROPY_STRIDE, teacher_targets
 
 f64 = torch.float64
 

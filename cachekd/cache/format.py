@@ -4,7 +4,8 @@
 
     CACHE/
       zarr.json                         Zarr v3 group
-      plan.json                         what this cache is to hold; written when it is created (resume checks it)
+      plan.json                         what this cache is to hold; written first when it is created, before the
+                                        group and the arrays (resume checks it, and creates what a kill left out)
       <split>/<teacher>/ids             (N, L, k) uint16|uint32: top-k ids sorted within the row, delta-encoded
       <split>/<teacher>/logprobs        (N, L, k) uint16: teacher log-probabilities at τ=1, fixed point,
                                         value = −stored / scale (default scale 512: step 2⁻⁹ nats,
@@ -14,7 +15,9 @@
                                         fixed point value = stored / TAIL_SCALE, TAIL_NEG_INF = −inf (k = V)
       <split>/<teacher>/logits          (N, L, V) float16: all raw logits (full mode only)
       done/<split>/<chunk>.json         marker written after every teacher's data of that chunk is on disk;
-                                        holds the chunk's statistics
+                                        holds the chunk's statistics and binds it to its token ids and to the
+                                        chunk files written (see TOKENS_DIGEST); an empty or unparsable marker
+                                        counts as missing
       manifest.json                     written last, when every chunk is done; the cache is complete when it
                                         exists AND every chunk has its done-marker (`cachekd verify --repair`
                                         removes the markers of damaged chunks and the manifest, so the same
@@ -40,9 +43,14 @@ machine the writer's CPU time is taken from the teacher's forward.
 
 from __future__ import annotations
 
+import math
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
+from typing import Any, Literal
 
 import numpy as np
+
+from cachekd.errors import CachekdError
 
 FORMAT = "cachekd-logit-cache"
 FORMAT_VERSION = 1
@@ -63,6 +71,14 @@ MAX_FULL_CHUNK_BYTES = 32 << 20
 CHECKSUM = True
 
 
+PLAN_FILE = "plan.json"          # the plan, written when the cache is created
+MANIFEST_FILE = "manifest.json"  # the plan plus statistics, written last
+DONE_DIR = "done"                # done/<split>/<chunk>.json: one marker per finished chunk
+LOCK_FILE = ".lock"              # serialises creating, finalising and repairing the cache
+SHARE_LOCK = ".precompute-{share}-of-{shares}.lock"  # held by the process filling that share (1-based) of the chunks
+ARRAY_NAMES = {"topk": ("ids", "logprobs", "tail_lse"), "full": ("logits",)}
+
+
 def id_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
 
@@ -71,8 +87,128 @@ def array_path(split: str, teacher: str, name: str) -> str:
     return f"{split}/{teacher}/{name}"
 
 
+def plan_path(root: Path) -> Path:
+    return Path(root) / PLAN_FILE
+
+
+def manifest_path(root: Path) -> Path:
+    return Path(root) / MANIFEST_FILE
+
+
+def done_dir(root: Path, split: str) -> Path:
+    return Path(root) / DONE_DIR / split
+
+
 def done_path(root: Path, split: str, chunk: int) -> Path:
-    return Path(root) / "done" / split / f"{chunk:07d}.json"
+    return done_dir(root, split) / f"{chunk:07d}.json"
+
+
+def read_done_marker(path: Path) -> dict[str, Any] | None:
+    """A done-marker's contents; None when it is missing, empty or does not parse as a JSON object (a crash
+    between creating and writing it on some filesystems): such a chunk is not done."""
+    import json
+
+    try:
+        data = json.loads(Path(path).read_bytes())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def done_markers(root: Path, split: str) -> dict[int, dict[str, Any]]:
+    """The readable done-markers of a split, by chunk."""
+    d = done_dir(root, split)
+    if not d.exists():
+        return {}
+    out = {}
+    for p in d.glob("*.json"):
+        if p.stem.isdigit() and (marker := read_done_marker(p)) is not None:
+            out[int(p.stem)] = marker
+    return dict(sorted(out.items()))
+
+
+def done_chunks(root: Path, split: str) -> list[int]:
+    """The chunks of a split that have a (readable) done-marker, in order."""
+    return list(done_markers(root, split))
+
+
+def pending_chunks(root: Path, split: str, num_chunks: int) -> list[int]:
+    """The chunks of a split (of `num_chunks`) without a readable done-marker."""
+    done = set(done_chunks(root, split))
+    return [c for c in range(num_chunks) if c not in done]
+
+
+# A done-marker binds its chunk to the data it was computed from and to the data that was written: the digest of
+# the chunk's token ids (TOKENS_DIGEST) and, per teacher array, the CRC-32C stored at the end of each chunk file
+# (CHUNK_CRC32C; arrays without the checksum codec record none). A chunk file copied from another chunk, or left
+# from an earlier write, then disagrees with its marker although it decodes; tokens that are not the ones the chunk
+# was computed from disagree with TOKENS_DIGEST. Markers written before the binding existed have neither key.
+TOKENS_DIGEST = "tokens_sha256"
+CHUNK_CRC32C = "chunk_crc32c"
+COMPUTE_DTYPE = "compute_dtype"  # the precision the teachers ran in for the chunk: float32, bfloat16 or float16
+
+
+def tokens_digest(tokens: np.ndarray) -> str:
+    """SHA-256 of a chunk's token ids (n, L) as little-endian uint32, whatever dtype the store keeps them in."""
+    import hashlib
+
+    return hashlib.sha256(np.ascontiguousarray(tokens, dtype="<u4").tobytes()).hexdigest()
+
+
+def chunk_files(array, array_dir: Path, start: int, stop: int) -> list[Path]:
+    """The chunk files of an opened array (chunked along the first axis only) that hold windows [start, stop)."""
+    n = array.chunks[0]
+    rest = (0,) * (array.ndim - 1)
+    return [Path(array_dir) / array.metadata.encode_chunk_key((i,) + rest)
+            for i in range(start // n, -(-max(stop, start + 1) // n))]
+
+
+def stored_crc32c(path: Path) -> str | None:
+    """The CRC-32C a chunk file ends with (written by the crc32c codec), as hex; None when the file is missing."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(-4, 2)
+            return f.read(4).hex()
+    except OSError:  # missing, or shorter than 4 bytes
+        return None
+
+
+def is_logit_cache(path: Path) -> bool:
+    """Whether `path` holds a logit cache (complete or not, its manifest readable or not): a plan, a manifest
+    naming this format, or a Zarr group marked as one."""
+    from cachekd.io import read_json_dict_or_none
+
+    p = Path(path)
+    if plan_path(p).exists():
+        return True
+    for meta in (read_json_dict_or_none(manifest_path(p)), read_json_dict_or_none(p / "zarr.json")):
+        if meta is not None and FORMAT in (meta.get("format"), meta.get("attributes", {}).get("cachekd")):
+            return True
+    return False
+
+
+def is_leftover_temp(name: str) -> bool:
+    """A temporary file of an atomic write that a killed process left behind (``.<name>.<random>.tmp``)."""
+    return name.startswith(".") and name.endswith(".tmp")
+
+
+def share_lock_name(share: int, shares: int) -> str:
+    return SHARE_LOCK.format(share=share, shares=shares)
+
+
+def share_locks(root: Path) -> list[Path]:
+    """The share lock files in a cache directory, in name order."""
+    return sorted(Path(root).glob(".precompute-*-of-*.lock"))
+
+
+def share_of_lock(name: str) -> tuple[str, str]:
+    """(share, shares) of a share lock file's name, as written."""
+    share, _, shares = name[len(".precompute-"):-len(".lock")].partition("-of-")
+    return share, shares
+
+
+def is_lock_file(name: str) -> bool:
+    return name == LOCK_FILE or (name.startswith(".precompute-") and name.endswith(".lock"))
 
 
 def full_chunk_windows(chunk_windows: int, seq_len: int, vocab_size: int) -> int:
@@ -85,7 +221,7 @@ def full_chunk_windows(chunk_windows: int, seq_len: int, vocab_size: int) -> int
 
 
 def blosc(typesize: int, name: str):
-    from cachekd.tokens import blosc as _blosc
+    from cachekd.tokens.format import blosc as _blosc
 
     return _blosc(typesize, clevel=CLEVEL.get(name, 5), blocksize=BLOCKSIZE)
 
@@ -106,36 +242,220 @@ def has_checksum(array) -> bool:
 
 
 def array_names(mode: str) -> tuple[str, ...]:
-    return ("ids", "logprobs", "tail_lse") if mode == "topk" else ("logits",)
+    return ARRAY_NAMES[mode]
 
 
 def data_bytes(root: Path) -> int:
     """Bytes of the cache's files, without the done-markers and the manifest."""
     root = Path(root)
     return sum(f.stat().st_size for f in root.rglob("*")
-               if f.is_file() and "done" not in f.relative_to(root).parts and f.name != "manifest.json")
+               if f.is_file() and DONE_DIR not in f.relative_to(root).parts and f.name != MANIFEST_FILE)
 
 
-def create_arrays(group, split: str, teacher: str, *, num_windows: int, seq_len: int, chunk_windows: int,
-                  vocab_size: int, mode: str, k: int, num_temperatures: int) -> None:
-    """Create (or open, when they exist with the same shape) a teacher's arrays for a split."""
-    specs = []
-    if mode == "topk":
-        idt = id_dtype(vocab_size)
-        specs = [
-            ("ids", (num_windows, seq_len, k), (chunk_windows, seq_len, k), idt),
-            ("logprobs", (num_windows, seq_len, k), (chunk_windows, seq_len, k), np.dtype(np.uint16)),
-            ("tail_lse", (num_windows, seq_len, num_temperatures), (chunk_windows, seq_len, num_temperatures),
-             np.dtype(np.int16)),
-        ]
-    else:
-        fw = full_chunk_windows(chunk_windows, seq_len, vocab_size)
-        specs = [("logits", (num_windows, seq_len, vocab_size), (fw, seq_len, vocab_size), np.dtype(np.float16))]
-    for name, shape, chunks, dtype in specs:
-        group.create_array(
-            array_path(split, teacher, name), shape=shape, chunks=chunks, dtype=dtype,
-            compressors=compressors(dtype.itemsize, name), fill_value=0, overwrite=False,
-        )
+def encoding_descriptors(logprob_scale: float) -> dict[str, Any]:
+    """The plan's `encoding` entry: how each array's values are stored (the scale is read back by the reader)."""
+    return {"ids": "sorted, delta", "logprobs": "uint16 fixed point", "logprob_scale": logprob_scale,
+            "tail_lse": f"int16 fixed point, 1/{TAIL_SCALE:g} nat", "logits": "float16"}
+
+
+@dataclass(frozen=True)
+class ArraySpec:
+    """One array of one teacher in one split: its name, shape, chunking, dtype and codecs."""
+
+    name: str
+    shape: tuple[int, ...]
+    chunks: tuple[int, ...]
+    dtype: np.dtype
+
+    def compressors(self) -> list:
+        return compressors(self.dtype.itemsize, self.name)
+
+
+@dataclass(frozen=True)
+class TokenStoreRef:
+    """The token store a cache was computed from, as the plan records it."""
+
+    path: str
+    fingerprint: str
+    tokenizer_fingerprint: str
+    seq_len: int
+    vocab_size: int
+    chunk_windows: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TokenStoreRef":
+        return cls(**{f.name: d[f.name] for f in fields(cls)})
+
+
+# Plan keys that must agree for a cache to be resumed (the rest, e.g. a teacher's path, may change).
+PLAN_IDENTITY = ("format_version", "token_store", "teachers", "mode", "k", "temperatures", "splits", "encoding")
+
+
+@dataclass(kw_only=True)
+class CachePlan:
+    """What a cache is to hold (plan.json): written when the cache is created, checked when a run resumes.
+
+    `teachers` are the records precompute made of each checkpoint (name, path, fingerprint, model_type,
+    num_params, model_vocab_size, padded_logits_dropped). `splits` maps a split to its number of windows.
+    `encoding` is None for caches written before it was recorded (then the default scale applies). `extra` keeps
+    keys this version does not know, so a plan read and written again is unchanged."""
+
+    token_store: TokenStoreRef
+    teachers: list[dict[str, Any]]
+    mode: Literal["topk", "full"]
+    k: int | None
+    temperatures: list[float]
+    splits: dict[str, int]
+    encoding: dict[str, Any] | None = None
+    format: str = FORMAT
+    format_version: int = FORMAT_VERSION
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    _OPTIONAL = ("encoding",)
+
+    # --- derived facts
+    @property
+    def teacher_names(self) -> list[str]:
+        return [t["name"] for t in self.teachers]
+
+    @property
+    def logprob_scale(self) -> float:
+        """The fixed-point scale the log-probabilities are (to be) written with."""
+        return float((self.encoding or {}).get("logprob_scale", LOGPROB_SCALE))
+
+    @property
+    def chunk_windows(self) -> int:
+        return int(self.token_store.chunk_windows)
+
+    def num_chunks(self, split: str) -> int:
+        return math.ceil(int(self.splits[split]) / self.chunk_windows)
+
+    def chunk_range(self, split: str, chunk: int) -> tuple[int, int]:
+        """Windows [start, stop) of a chunk."""
+        cw = self.chunk_windows
+        return chunk * cw, min((chunk + 1) * cw, int(self.splits[split]))
+
+    def array_specs(self, split: str) -> list[ArraySpec]:
+        """The arrays each teacher has in `split`; top-k arrays are chunked like the token store, full-logit
+        arrays by a divisor of it (`full_chunk_windows`)."""
+        n, L, cw, V = int(self.splits[split]), self.token_store.seq_len, self.chunk_windows, self.token_store.vocab_size
+        if self.mode == "topk":
+            k, nt = int(self.k), len(self.temperatures)
+            return [ArraySpec("ids", (n, L, k), (cw, L, k), id_dtype(V)),
+                    ArraySpec("logprobs", (n, L, k), (cw, L, k), np.dtype(np.uint16)),
+                    ArraySpec("tail_lse", (n, L, nt), (cw, L, nt), np.dtype(np.int16))]
+        fw = full_chunk_windows(cw, L, V)
+        return [ArraySpec("logits", (n, L, V), (fw, L, V), np.dtype(np.float16))]
+
+    # --- identity (resume)
+    def identity(self) -> dict[str, Any]:
+        d = self.to_dict()
+        ident = {k: d.get(k) for k in PLAN_IDENTITY}
+        ident["teachers"] = [{k: t.get(k) for k in ("name", "fingerprint")} for t in self.teachers]
+        ident["token_store"] = {"fingerprint": self.token_store.fingerprint}
+        return ident
+
+    def difference(self, other: "CachePlan") -> str:
+        """What makes `other` a different cache than this one, in words ('' when they are the same)."""
+        a, b = self.identity(), other.identity()
+        for key in PLAN_IDENTITY:
+            if a.get(key) != b.get(key):
+                if key == "teachers":
+                    return (f"teachers {[t['name'] for t in a['teachers']]} vs {[t['name'] for t in b['teachers']]} "
+                            f"(or their checkpoints changed)")
+                if key == "token_store":
+                    return "it was built from another token store"
+                return f"{key} {a.get(key)} vs {b.get(key)}"
+        return ""
+
+    # --- JSON
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON object written to plan.json (manifest.json for a CacheManifest)."""
+        out = dict(self.extra)
+        for f in fields(self):
+            if f.name == "extra" or (f.name in self._OPTIONAL and getattr(self, f.name) is None):
+                continue
+            v = getattr(self, f.name)
+            out[f.name] = v.to_dict() if isinstance(v, TokenStoreRef) else v
+        return out
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]):
+        """A plan (or manifest) from its JSON object; a missing or mistyped entry is a CachekdError naming it."""
+        what = cls._what
+        if not isinstance(d, dict):
+            raise CachekdError(f"the cache's {what} is not a JSON object")
+        names = {f.name for f in fields(cls)} - {"extra"}
+        required = [f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING]
+        missing = [k for k in required if k not in d]
+        if not missing and isinstance(d["token_store"], dict):
+            missing = [f"token_store.{f.name}" for f in fields(TokenStoreRef) if f.name not in d["token_store"]]
+        if missing:
+            raise CachekdError(f"the cache's {what} lacks the entry {missing[0]!r}")
+        for key, kind in (("token_store", dict), ("teachers", list), ("splits", dict), ("temperatures", list)):
+            if not isinstance(d[key], kind):
+                raise CachekdError(f"the cache's {what} has a {key!r} entry that is not a JSON {kind.__name__}")
+        kwargs = {k: d[k] for k in names if k in d}
+        kwargs["token_store"] = TokenStoreRef.from_dict(d["token_store"])
+        return cls(**kwargs, extra={k: v for k, v in d.items() if k not in names})
+
+    _what = "plan"
+
+
+@dataclass(kw_only=True)
+class CacheManifest(CachePlan):
+    """A complete cache's manifest.json: its plan plus when and by what it was finished, the teachers' statistics
+    per split (positions, mean top-k mass per τ, entropy mean/min/max) and its size."""
+
+    complete: bool = True
+    finished: str = ""
+    cachekd_version: str = ""
+    stats: dict[str, Any] = field(default_factory=dict)
+    bytes_on_disk: int = 0
+    bytes_per_position: float = 0.0
+
+    _what = "manifest"
+
+    @classmethod
+    def of_plan(cls, plan: CachePlan, **facts: Any) -> "CacheManifest":
+        base = {f.name: getattr(plan, f.name) for f in fields(CachePlan)}
+        return cls(**base, **facts)
+
+
+def read_plan(path: Path, cls: type[CachePlan] = CachePlan) -> CachePlan:
+    """plan.json (or manifest.json with ``cls=CacheManifest``) as a typed plan; a file that does not parse or
+    does not describe a cache is a CachekdError saying what is wrong with it."""
+    import json
+
+    try:
+        data = json.loads(Path(path).read_bytes())
+    except ValueError:
+        raise CachekdError("it is not valid JSON") from None
+    return cls.from_dict(data)
+
+
+def create_arrays(group, plan: CachePlan, root: Path) -> None:
+    """Create every teacher's arrays in every split that are not there yet; an array whose zarr.json cannot be
+    read is created again when none of its chunks was written (a kill during creation), else left for the reader
+    to report."""
+    import zarr
+
+    for split in plan.splits:
+        for teacher in plan.teacher_names:
+            for spec in plan.array_specs(split):
+                path = array_path(split, teacher, spec.name)
+                if (Path(root) / path / "zarr.json").exists():
+                    try:
+                        zarr.open_array(str(Path(root) / path), mode="r")
+                        continue
+                    except Exception:  # noqa: BLE001 - unreadable metadata
+                        if (Path(root) / path / "c").exists():
+                            continue
+                group.create_array(path, shape=spec.shape, chunks=spec.chunks, dtype=spec.dtype,
+                                   compressors=spec.compressors(), fill_value=0, overwrite=True)
 
 
 def encode_topk(ids: np.ndarray, logprobs: np.ndarray, vocab_size: int, scale: float = LOGPROB_SCALE
@@ -162,11 +482,6 @@ def decode_ids(deltas: np.ndarray) -> np.ndarray:
 
 def decode_logprobs(q: np.ndarray, scale: float = LOGPROB_SCALE) -> np.ndarray:
     return q.astype(np.float32) * np.float32(-1.0 / scale)
-
-
-def logprob_scale(meta: dict) -> float:
-    """The fixed-point scale a cache was written with."""
-    return float(meta.get("encoding", {}).get("logprob_scale", LOGPROB_SCALE))
 
 
 def encode_tail(tail_lse: np.ndarray) -> np.ndarray:

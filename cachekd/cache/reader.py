@@ -11,7 +11,6 @@ import numpy as np
 
 from cachekd.cache import format as fmt
 from cachekd.errors import CachekdError
-from cachekd.io import read_json
 
 
 @dataclass
@@ -64,38 +63,54 @@ def _reason(e: BaseException) -> str:
 
 
 class LogitCache:
+    """Read access to a logit cache. `plan` is its typed plan (a `CacheManifest` once complete); `meta` the same
+    as the JSON object it was read from."""
+
     def __init__(self, path: Path, meta: dict[str, Any], complete: bool, *, has_manifest: bool | None = None):
         self.path = Path(path)
         self.meta = meta
         self.has_manifest = complete if has_manifest is None else has_manifest
+        self.plan: fmt.CachePlan = (fmt.CacheManifest if self.has_manifest else fmt.CachePlan).from_dict(meta)
+        self.manifest_problem: str | None = None  # why manifest.json could not be read (then has_manifest is False)
+        self._markers: dict[str, dict[int, dict[str, Any]]] = {}
         self.complete = complete
         self._arrays: dict[str, Any] = {}
 
     @classmethod
     def open(cls, path: str | Path, *, allow_incomplete: bool = False) -> "LogitCache":
         """Open a cache. It is complete when manifest.json exists AND every chunk of every split is done; an
-        incomplete one is refused unless `allow_incomplete` (info, verify)."""
+        incomplete one is refused unless `allow_incomplete` (info, verify). A damaged manifest.json (it is
+        derived from plan.json and the done-markers) makes the cache incomplete; a damaged plan.json cannot be
+        resumed: both are one sentence saying what to do."""
         p = Path(path)
         if not p.exists():
             raise CachekdError(f"cache {str(p)!r} does not exist; create it with `cachekd precompute`.")
-        if (p / "manifest.json").exists():
-            meta, has_manifest = read_json(p / "manifest.json"), True
-        elif (p / "plan.json").exists():
+        manifest_problem = None
+        if fmt.manifest_path(p).exists():
+            try:
+                meta = _read_meta(fmt.manifest_path(p), fmt.CacheManifest)
+                has_manifest = True
+            except _DamagedMeta as e:
+                if not allow_incomplete or not fmt.plan_path(p).exists():
+                    raise CachekdError(
+                        f"the manifest.json of cache {str(p)!r} is damaged ({e}); run `cachekd verify {p} --repair`, "
+                        f"then the same `cachekd precompute` command, to write it again."
+                    ) from None
+                manifest_problem = f"manifest.json is damaged ({e})"
+        if manifest_problem is not None or not fmt.manifest_path(p).exists():
+            if not fmt.plan_path(p).exists():
+                raise CachekdError(f"{str(p)!r} is not a logit cache (no manifest.json); create one with `cachekd precompute`.")
             if not allow_incomplete:
+                raise CachekdError(f"cache {str(p)!r} is incomplete; " + FINISH_HINT + ".")
+            try:
+                meta, has_manifest = _read_meta(fmt.plan_path(p), fmt.CachePlan), False
+            except _DamagedMeta as e:
                 raise CachekdError(
-                    f"cache {str(p)!r} is incomplete; " + FINISH_HINT + "."
-                )
-            meta, has_manifest = read_json(p / "plan.json"), False
-        else:
-            raise CachekdError(f"{str(p)!r} is not a logit cache (no manifest.json); create one with `cachekd precompute`.")
-        if meta.get("format") != fmt.FORMAT:
-            raise CachekdError(f"{str(p)!r} is not a logit cache (its manifest says {meta.get('format')!r}).")
-        if meta.get("format_version") != fmt.FORMAT_VERSION:
-            raise CachekdError(
-                f"cache {str(p)!r} has format version {meta.get('format_version')}; this cachekd reads "
-                f"{fmt.FORMAT_VERSION}. Run precompute again."
-            )
+                    f"the plan.json of cache {str(p)!r} is damaged ({e}); start the cache again with the same "
+                    f"`cachekd precompute` command plus --force."
+                ) from None
         cache = cls(p, meta, False, has_manifest=has_manifest)
+        cache.manifest_problem = manifest_problem
         cache.complete = has_manifest and not any(cache.pending_chunks().values())
         if not cache.complete and not allow_incomplete:
             raise CachekdError(
@@ -107,37 +122,37 @@ class LogitCache:
     # --- facts
     @property
     def teachers(self) -> list[str]:
-        return [t["name"] for t in self.meta["teachers"]]
+        return self.plan.teacher_names
 
     @property
     def mode(self) -> str:
-        return self.meta["mode"]
+        return self.plan.mode
 
     @property
     def k(self) -> int | None:
-        return self.meta["k"]
+        return self.plan.k
 
     @property
     def temperatures(self) -> list[float]:
-        return list(self.meta["temperatures"])
+        return list(self.plan.temperatures)
 
     @property
     def vocab_size(self) -> int:
-        return int(self.meta["token_store"]["vocab_size"])
+        return int(self.plan.token_store.vocab_size)
 
     @property
     def seq_len(self) -> int:
-        return int(self.meta["token_store"]["seq_len"])
+        return int(self.plan.token_store.seq_len)
 
     @property
     def chunk_windows(self) -> int:
-        return int(self.meta["token_store"]["chunk_windows"])
+        return self.plan.chunk_windows
 
     def splits(self) -> list[str]:
-        return list(self.meta["splits"])
+        return list(self.plan.splits)
 
     def num_windows(self, split: str) -> int:
-        return int(self.meta["splits"][split])
+        return int(self.plan.splits[split])
 
     def temperature_index(self, tau: float) -> int:
         """Index of τ in the cached `tail_lse`, or a clear refusal listing what the cache has."""
@@ -154,22 +169,20 @@ class LogitCache:
 
     def check_store(self, store) -> None:
         """Refuse a token store that is not the one this cache was computed from, saying what differs."""
-        from cachekd.teachers import check_tokenizer
-
-        ts = self.meta["token_store"]
-        check_tokenizer(
-            store, fingerprint=ts["tokenizer_fingerprint"], vocab_size=None,
+        ts = self.plan.token_store
+        store.check_tokenizer(
+            fingerprint=ts.tokenizer_fingerprint,
             tokenizer_error=lambda fp: (f"cache {str(self.path)!r} was built with another tokenizer than token store "
                                         f"{str(store.path)!r}; precompute a cache for this store."),
         )
-        if ts["seq_len"] != store.seq_len:
+        if ts.seq_len != store.seq_len:
             raise CachekdError(
-                f"cache {str(self.path)!r} has windows of {ts['seq_len']} tokens but token store {str(store.path)!r} "
+                f"cache {str(self.path)!r} has windows of {ts.seq_len} tokens but token store {str(store.path)!r} "
                 f"has {store.seq_len}; precompute a cache for this store."
             )
-        if ts["fingerprint"] != store.fingerprint:
+        if ts.fingerprint != store.fingerprint:
             raise CachekdError(
-                f"cache {str(self.path)!r} was built from another token store (fingerprint {ts['fingerprint'][:12]} vs "
+                f"cache {str(self.path)!r} was built from another token store (fingerprint {ts.fingerprint[:12]} vs "
                 f"{store.fingerprint[:12]} of {str(store.path)!r}); precompute a cache for this store."
             )
 
@@ -229,7 +242,7 @@ class LogitCache:
         if self.mode == "topk":
             self._check_chunk_files(arr, split, teacher, name, start, stop)
         try:
-            return arr[start:stop]
+            data = arr[start:stop]
         except (PermissionError, MemoryError):
             raise  # not damage: the CLI reports these as they are
         except Exception as e:  # codecs raise ValueError/RuntimeError/... with their own text
@@ -244,6 +257,8 @@ class LogitCache:
             reason = _reason(e)
             raise self._damaged(split, teacher, name, chunk, windows, f"data is corrupt or truncated ({reason})",
                                 reason) from e
+        self._check_binding(arr, split, teacher, name, start, stop)  # it decodes: is it this chunk's data?
+        return data
 
     def _check_chunk_files(self, arr, split: str, teacher: str, name: str, start: int, stop: int) -> None:
         """zarr reads a missing chunk file as the fill value (zeros) without a word. A top-k chunk can never be all
@@ -256,10 +271,24 @@ class LogitCache:
                 raise self._damaged(split, teacher, name, c, self._chunk_windows(c, arr), "file is missing",
                                     "file missing")
 
+    def _check_binding(self, arr, split: str, teacher: str, name: str, start: int, stop: int) -> None:
+        """Each chunk file must end with the CRC-32C its done-marker recorded when it was written: a valid chunk
+        file copied from another chunk, or left from an earlier write, decodes but is refused here."""
+        base = self.path / fmt.array_path(split, teacher, name)
+        for c in self._chunks(start, stop):
+            want = self.done_markers(split).get(c, {}).get(fmt.CHUNK_CRC32C, {}).get(f"{teacher}/{name}")
+            if want is None:
+                continue  # written before the binding existed, or without the checksum codec
+            lo, hi = self._chunk_windows(c, arr)
+            if [fmt.stored_crc32c(f) for f in fmt.chunk_files(arr, base, lo, hi)] != want:
+                raise self._damaged(split, teacher, name, c, (lo, hi),
+                                    "file holds other data than was written for this chunk (a misplaced or stale "
+                                    "chunk file)", "misplaced or stale")
+
     def read(self, split: str, start: int, stop: int, teachers: Sequence[str] | None = None) -> dict[str, TeacherBlock]:
         """Decoded outputs of windows [start, stop) for each teacher. Raises DamagedChunkError (a CachekdError)
         for a chunk that cannot be read or decoded."""
-        if split not in self.meta["splits"]:
+        if split not in self.plan.splits:
             raise CachekdError(f"the cache has no {split!r} split (it has {', '.join(self.splits())}).")
         out = {}
         for t in self.select_teachers(teachers):
@@ -271,37 +300,60 @@ class LogitCache:
             else:
                 out[t] = TeacherBlock(
                     ids=fmt.decode_ids(get("ids")),
-                    logprobs=fmt.decode_logprobs(get("logprobs"), fmt.logprob_scale(self.meta)),
+                    logprobs=fmt.decode_logprobs(get("logprobs"), self.plan.logprob_scale),
                     tail_lse=fmt.decode_tail(get("tail_lse")),
                 )
         return out
 
-    def read_chunk(self, split: str, chunk: int, teachers: Sequence[str] | None = None) -> dict[str, TeacherBlock]:
+    def read_chunk(self, split: str, chunk: int, teachers: Sequence[str] | None = None,
+                   tokens: np.ndarray | None = None) -> dict[str, TeacherBlock]:
+        """One chunk's decoded outputs; with `tokens` (the store's chunk) also checks they are the token ids the
+        chunk was computed from (`check_tokens`)."""
+        if tokens is not None:
+            self.check_tokens(split, chunk, tokens)
         start, stop = self.chunk_range(split, chunk)
         return self.read(split, start, stop, teachers)
 
     def chunk_range(self, split: str, chunk: int) -> tuple[int, int]:
         """Windows [start, stop) of a chunk."""
-        cw = self.chunk_windows
-        return chunk * cw, min((chunk + 1) * cw, self.num_windows(split))
+        return self.plan.chunk_range(split, chunk)
 
     def num_chunks(self, split: str) -> int:
-        return math.ceil(self.num_windows(split) / self.chunk_windows)
+        return self.plan.num_chunks(split)
+
+    def done_markers(self, split: str) -> dict[int, dict[str, Any]]:
+        """The readable done-markers of a split by chunk, read once (an empty or unparsable marker is missing)."""
+        if split not in self._markers:
+            self._markers[split] = fmt.done_markers(self.path, split)
+        return self._markers[split]
 
     def done_chunks(self, split: str) -> list[int]:
-        d = self.path / "done" / split
-        return sorted(int(p.stem) for p in d.glob("*.json")) if d.exists() else []
+        return [c for c in self.done_markers(split) if c < self.num_chunks(split)]
 
     def pending_chunks(self) -> dict[str, list[int]]:
         """Chunks without a done-marker, per split."""
-        from cachekd.cache.writer import pending_chunks
-
-        return {s: pending_chunks(self.path, s, self.num_chunks(s)) for s in self.splits()}
+        return {s: [c for c in range(self.num_chunks(s)) if c not in self.done_markers(s)] for s in self.splits()}
 
     def describe_missing(self) -> str:
         """What keeps the cache from being complete, in words ('' when it is complete)."""
-        return _describe_missing({s: p for s, p in self.pending_chunks().items() if p},
-                                 {s: self.num_chunks(s) for s in self.splits()}, not self.has_manifest)
+        text = _describe_missing({s: p for s, p in self.pending_chunks().items() if p},
+                                 {s: self.num_chunks(s) for s in self.splits()},
+                                 not self.has_manifest and self.manifest_problem is None)
+        return "; ".join(x for x in (text, self.manifest_problem) if x)
+
+    def check_tokens(self, split: str, chunk: int, tokens: np.ndarray) -> None:
+        """Refuse the cache chunk when it was computed from other token ids than `tokens` (the store's chunk):
+        the cache chunk is stale or misplaced, or the store's chunk changed. Chunks written before the binding
+        existed pass."""
+        want = self.done_markers(split).get(chunk, {}).get(fmt.TOKENS_DIGEST)
+        if want is not None and fmt.tokens_digest(tokens) != want:
+            start, stop = self.chunk_range(split, chunk)
+            raise DamagedChunkError(
+                f"the {split} split's chunk {chunk} (windows {start} to {stop - 1}) in cache {str(self.path)!r} was "
+                f"computed from other token ids than the token store holds for it (a misplaced or stale chunk, or "
+                f"a changed store); run `cachekd verify {self.path}` to find which, then follow what it says",
+                split=split, chunk=chunk, array="tokens", reason="computed from other tokens",
+            )
 
     def has_checksums(self) -> bool | None:
         """Whether every array stores a crc32c checksum per chunk (False for caches written before checksums;
@@ -315,36 +367,36 @@ class LogitCache:
     # --- summary
     def summary(self) -> dict[str, Any]:
         """What the cache holds, as plain JSON values (`cachekd info --json`); `summary_text` formats it."""
-        m = self.meta
+        plan = self.plan
         pending = self.pending_chunks()
         out: dict[str, Any] = {"kind": "logit cache", "path": str(self.path), "complete": self.complete}
         if not self.complete:
             out["missing"] = {"manifest": not self.has_manifest,
                               "chunks_not_done": {s: p for s, p in pending.items() if p}}
         nbytes = fmt.data_bytes(self.path)
-        positions = {s: n * self.seq_len for s, n in m["splits"].items()}
+        positions = {s: n * self.seq_len for s, n in plan.splits.items()}
         out.update({
-            "mode": m["mode"],
-            "k": m["k"],
-            "temperatures": [float(t) for t in m["temperatures"]],
+            "mode": plan.mode,
+            "k": plan.k,
+            "temperatures": [float(t) for t in plan.temperatures],
             "vocab_size": self.vocab_size,
             "seq_len": self.seq_len,
-            "windows": {s: n for s, n in m["splits"].items()},
+            "windows": dict(plan.splits),
             "positions": positions,
             "chunks": {s: {"done": self.num_chunks(s) - len(pending[s]), "total": self.num_chunks(s)}
-                       for s in m["splits"]},
+                       for s in plan.splits},
             "teachers": [
                 {"name": t["name"], "model_type": t["model_type"], "num_params": t["num_params"], "path": t["path"],
                  "fingerprint": t.get("fingerprint"), "model_vocab_size": t.get("model_vocab_size"),
                  "padded_logits_dropped": t.get("padded_logits_dropped", 0)}
-                for t in m["teachers"]
+                for t in plan.teachers
             ],
             "checksums": self.has_checksums(),
             "bytes_on_disk": nbytes,
         })
         if self.complete:
             out["bytes_per_position"] = round(nbytes / max(sum(positions.values()), 1), 2)
-        for split, per_teacher in m.get("stats", {}).items():
+        for split, per_teacher in (plan.stats if isinstance(plan, fmt.CacheManifest) else {}).items():
             for t, s in per_teacher.items():
                 row = {"entropy_mean": round(s["entropy_mean"], 4), "entropy_min": round(s["entropy_min"], 4),
                        "entropy_max": round(s["entropy_max"], 4)}
@@ -352,6 +404,36 @@ class LogitCache:
                     row[f"topk_mass@tau={float(tau):g}"] = round(v, 5)
                 out.setdefault("teacher_stats", {})[f"{split}/{t}"] = row
         return out
+
+
+class _DamagedMeta(CachekdError):
+    """plan.json or manifest.json does not parse or does not describe a cache (the message says how)."""
+
+
+def _read_meta(path: Path, cls: type[fmt.CachePlan]) -> dict[str, Any]:
+    """plan.json or manifest.json as its JSON object, checked against the typed spec. Raises _DamagedMeta saying
+    what is wrong with the file, or a CachekdError refusing another format or format version."""
+    import json
+
+    try:
+        meta = json.loads(path.read_bytes())
+    except ValueError:
+        raise _DamagedMeta("it is not valid JSON") from None
+    if not isinstance(meta, dict):
+        raise _DamagedMeta("it is not a JSON object")
+    p = path.parent
+    if meta.get("format") != fmt.FORMAT:
+        raise CachekdError(f"{str(p)!r} is not a logit cache (its manifest says {meta.get('format')!r}).")
+    if meta.get("format_version") != fmt.FORMAT_VERSION:
+        raise CachekdError(
+            f"cache {str(p)!r} has format version {meta.get('format_version')}; this cachekd reads "
+            f"{fmt.FORMAT_VERSION}. Run precompute again."
+        )
+    try:
+        cls.from_dict(meta)
+    except CachekdError as e:
+        raise _DamagedMeta(str(e)) from None
+    return meta
 
 
 def summary_text(s: dict[str, Any]) -> dict[str, Any]:

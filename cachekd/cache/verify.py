@@ -9,39 +9,42 @@ from typing import Any
 
 import numpy as np
 
+from cachekd.cache import format as fmt
 from cachekd.cache.reader import FINISH_HINT, REPAIR_HINT, DamagedChunkError, LogitCache
 from cachekd.errors import CachekdError
 
 
+def verify_path(path: str | Path, *, store_path: str | Path | None = None, recompute: int = 0, seed: int = 0,
+                repair: bool = False, progress: bool = True) -> dict[str, Any]:
+    """`cachekd verify PATH`: a token store is checked on its own (`TokenStore.verify`), a cache with its store."""
+    from cachekd.tokens import TokenStore, is_token_store
+
+    if is_token_store(path):
+        if recompute or repair or store_path:
+            raise CachekdError(f"{str(path)!r} is a token store: --recompute, --repair and --store apply to a "
+                               f"logit cache; verify the store without them.")
+        return {"kind": "token store", **TokenStore.open(path).verify(progress=progress)}
+    return verify_cache(path, store_path=store_path, recompute=recompute, seed=seed, repair=repair, progress=progress)
+
+
 def verify_cache(path: str | Path, *, store_path: str | Path | None = None, recompute: int = 0, seed: int = 0,
                  repair: bool = False, progress: bool = True) -> dict[str, Any]:
-    """Check every chunk of a cache. Returns a report: `problems` (sentences), `damaged_chunks` ({split: [chunk]}:
-    unreadable, checksum mismatch, non-finite, ids out of range or repeated, bad tail_lse), `ok`, and with
-    `repair` the chunks whose done-markers were removed (with manifest.json) so precompute recomputes them."""
+    """Check every chunk of a cache and the token store behind it. Returns a report: `problems` (sentences),
+    `damaged_chunks` ({split: [chunk]}: unreadable, checksum mismatch, misplaced or stale, computed from other
+    tokens, non-finite, ids out of range or repeated, bad tail_lse), `store` (the store's own check), `ok`, and
+    with `repair` the chunks whose done-markers were removed (with manifest.json) so precompute recomputes them."""
     from tqdm.auto import tqdm
-
-    from cachekd.tokens import TokenStore
 
     cache = LogitCache.open(path, allow_incomplete=True)
     problems: list[str] = []
     hint = "" if repair else "; " + REPAIR_HINT.format(path=cache.path)
     if not cache.complete:
         problems.append(f"the cache is incomplete ({cache.describe_missing()}); {FINISH_HINT}")
-    sp = Path(store_path) if store_path else Path(cache.meta["token_store"]["path"])
-    store, store_problem = None, None
-    if sp.exists():
-        store = TokenStore.open(sp)
-        try:
-            cache.check_store(store)
-        except CachekdError as e:
-            store_problem = str(e)
-    else:
-        store_problem = (f"the token store {str(sp)!r} recorded in the cache is not there to check against "
-                         f"(pass --store)")
+    sp = Path(store_path) if store_path else Path(cache.plan.token_store.path)
+    store, store_problem, store_report = _check_store(cache, sp, progress)
     if store_problem:
         problems.append(store_problem)
-    V, checked = cache.vocab_size, 0
-    total = sum(cache.num_chunks(s) for s in cache.splits())
+    checked, total = 0, sum(cache.num_chunks(s) for s in cache.splits())
     damaged: dict[tuple[str, int], list[str]] = {}
     unopenable: dict[str, str] = {}  # split/teacher -> why its arrays cannot be opened (reported once)
     with tqdm(total=total, desc="verify", unit="chunk", disable=not progress) as bar:
@@ -52,49 +55,96 @@ def verify_cache(path: str | Path, *, store_path: str | Path | None = None, reco
                 if c not in done:
                     problems.append(f"{split} chunk {c} is not done")
                     continue
-                found: list[str] = []
-                for t in cache.teachers:
-                    where = f"{split} chunk {c}, teacher {t!r}"
-                    if f"{split}/{t}" in unopenable:
-                        continue
-                    try:
-                        b = cache.read_chunk(split, c, [t])[t]
-                    except DamagedChunkError as e:
-                        found.append(f"{where}: the {e.array} data cannot be read ({e.reason})")
-                        continue
-                    except CachekdError as e:  # an array's zarr.json: not a chunk that precompute can redo
-                        unopenable[f"{split}/{t}"] = str(e)
-                        continue
-                    if b.logits is not None:
-                        if not np.isfinite(b.logits).all():
-                            found.append(f"{where}: non-finite logits")
-                        continue
-                    if b.ids.min() < 0 or b.ids.max() >= V:
-                        found.append(f"{where}: token ids outside [0, {V})")
-                    if b.ids.shape[-1] > 1 and not (np.diff(b.ids, axis=-1) > 0).all():
-                        found.append(f"{where}: repeated token ids within a position")
-                    if np.isnan(b.tail_lse).any() or np.isposinf(b.tail_lse).any():
-                        found.append(f"{where}: NaN or +inf in tail_lse")
-                    if cache.k < V and np.isneginf(b.tail_lse).any():
-                        found.append(f"{where}: tail_lse is -inf although k < V")
+                found = _check_chunk(cache, split, c, None if store_problem else store, unopenable)
                 if found:
                     damaged[(split, c)] = found
                     problems.extend(f + hint for f in found)
                 checked += 1
     problems.extend(unopenable.values())
-    report: dict[str, Any] = {"cache": str(cache.path), "chunks_checked": checked, "chunks_total": total,
-                              "checksums": cache.has_checksums()}
+    report: dict[str, Any] = {"kind": "logit cache", "cache": str(cache.path), "chunks_checked": checked,
+                              "chunks_total": total, "checksums": cache.has_checksums(), "store": store_report}
     if recompute:
         if store is None:
             problems.append("cannot --recompute without the token store")
         else:
             report["recompute"] = recompute_windows(cache, store, recompute, seed)
+            problems.extend(_beyond_tolerance(report["recompute"]))
     report["damaged_chunks"] = _by_split(damaged)
     if repair:
         report["repair"] = repair_chunks(cache, sorted(damaged), store_problem, store_path=sp)
     report["problems"] = problems
     report["ok"] = not problems
     return report
+
+
+def _check_store(cache: LogitCache, sp: Path, progress: bool):
+    """(store or None, the problem that keeps precompute from recomputing chunks or None, the store's report)."""
+    from cachekd.tokens import TokenStore
+
+    if not sp.exists():
+        return None, (f"the token store {str(sp)!r} recorded in the cache is not there to check against "
+                      f"(pass --store)"), None
+    try:
+        store = TokenStore.open(sp)
+        cache.check_store(store)
+    except CachekdError as e:
+        return None, str(e).rstrip("."), None
+    report = store.verify(progress=progress)
+    return store, "; ".join(report["problems"]) or None, report
+
+
+def _check_chunk(cache: LogitCache, split: str, c: int, store, unopenable: dict[str, str]) -> list[str]:
+    """What is wrong with one done chunk (every teacher): unreadable, misplaced or stale, computed from other
+    token ids than `store` holds (when given), or values no teacher can produce."""
+    found: list[str] = []
+    V = cache.vocab_size
+    if store is not None:
+        try:
+            cache.check_tokens(split, c, store.read_chunk(split, c))
+        except DamagedChunkError:
+            found.append(f"{split} chunk {c}: computed from other token ids than the store holds for it (a "
+                         f"misplaced or stale chunk)")
+    for t in cache.teachers:
+        where = f"{split} chunk {c}, teacher {t!r}"
+        if f"{split}/{t}" in unopenable:
+            continue
+        try:
+            b = cache.read_chunk(split, c, [t])[t]
+        except DamagedChunkError as e:
+            found.append(f"{where}: the {e.array} data cannot be read ({e.reason})")
+            continue
+        except CachekdError as e:  # an array's zarr.json: not a chunk that precompute can redo
+            unopenable[f"{split}/{t}"] = str(e)
+            continue
+        if b.logits is not None:
+            if not np.isfinite(b.logits).all():
+                found.append(f"{where}: non-finite logits")
+            continue
+        if b.ids.min() < 0 or b.ids.max() >= V:
+            found.append(f"{where}: token ids outside [0, {V})")
+        if b.ids.shape[-1] > 1 and not (np.diff(b.ids, axis=-1) > 0).all():
+            found.append(f"{where}: repeated token ids within a position")
+        if np.isnan(b.tail_lse).any() or np.isposinf(b.tail_lse).any():
+            found.append(f"{where}: NaN or +inf in tail_lse")
+        if cache.k < V and np.isneginf(b.tail_lse).any():
+            found.append(f"{where}: tail_lse is -inf although k < V")
+    return found
+
+
+def _beyond_tolerance(recompute: dict[str, Any]) -> list[str]:
+    """A sentence for each teacher whose recomputed outputs differ from the cache beyond its tolerance."""
+    out = []
+    for name, r in recompute.items():
+        if not isinstance(r, dict) or r.get("within_tolerance", True):
+            continue
+        what, diff = next((k, v) for k, v in r.items() if k.startswith("max_abs_") and v > r["tolerance"][k])
+        out.append(
+            f"teacher {name!r} recomputed on {recompute['windows']} {recompute['split']} windows differs from the "
+            f"cache by up to {diff:.4g} ({what.removeprefix('max_abs_').replace('_', ' ')}, window "
+            f"{r['worst_window']}), beyond the tolerance of {r['tolerance'][what]:.4g}: the cache does not hold what "
+            f"its teacher computes; precompute it again (the same `cachekd precompute` command plus --force)"
+        )
+    return out
 
 
 def _by_split(chunks) -> dict[str, list[int]]:
@@ -112,12 +162,12 @@ def repair_chunks(cache: LogitCache, chunks: list[tuple[str, int]], store_proble
     from cachekd.cache import writer as cw
     from cachekd.models import checkpoint_fingerprint
 
-    if not chunks:
+    if not chunks and cache.manifest_problem is None:
         return {"marked_for_recompute": {}, "next": "nothing to repair"}
     blockers = []
     if store_problem:
         blockers.append(store_problem)
-    for t in cache.meta["teachers"]:
+    for t in cache.plan.teachers:
         p = Path(t["path"])
         if not p.exists():
             blockers.append(f"teacher {t['name']!r} is no longer at {str(p)!r}")
@@ -129,7 +179,7 @@ def repair_chunks(cache: LogitCache, chunks: list[tuple[str, int]], store_proble
             "restore the teacher checkpoints and the token store the cache was built from, then run "
             f"`cachekd verify {cache.path} --repair` again")}
     removed = cw.mark_for_recompute(cache.path, chunks)
-    return {"marked_for_recompute": _by_split(removed),
+    return {"marked_for_recompute": _by_split(removed), "removed_damaged_manifest": cache.manifest_problem is not None,
             "next": (f"re-run `cachekd precompute` with the same arguments as the run that built {str(cache.path)!r}; "
                      f"it recomputes only these {len(removed)} chunk(s), then `cachekd verify {cache.path}`"),
             "command": precompute_command(cache, store_path)}
@@ -139,21 +189,21 @@ def precompute_command(cache: LogitCache, store_path: Path | None = None) -> str
     """The precompute command line that recreates this cache's plan (its identity: store, teachers by name and
     path, k or --full, temperatures, splits, logprob step). `store_path`: where the token store is now (verify
     --store), when it moved; the cache matches a store by fingerprint, not by path."""
-    m = cache.meta
+    plan = cache.plan
     q = shlex.quote
-    args = ["cachekd", "precompute", "--store", q(str(store_path or m["token_store"]["path"]))]
-    for t in m["teachers"]:
+    args = ["cachekd", "precompute", "--store", q(str(store_path or plan.token_store.path))]
+    for t in plan.teachers:
         args += ["--teacher", q(f"{t['name']}={t['path']}")]
     args += ["-o", q(str(cache.path))]
-    if m["mode"] == "full":
+    if plan.mode == "full":
         args.append("--full")
     else:
-        args += ["--top-k", str(m["k"])]
-        temps = [f"{t:g}" if float(f"{t:g}") == t else repr(float(t)) for t in m["temperatures"]]
+        args += ["--top-k", str(plan.k)]
+        temps = [f"{t:g}" if float(f"{t:g}") == t else repr(float(t)) for t in plan.temperatures]
         args += ["--temperatures", ",".join(temps)]
-    args += ["--splits", ",".join(m["splits"])]
-    scale = float(m.get("encoding", {}).get("logprob_scale", 512.0))
-    if scale != 512.0:
+    args += ["--splits", ",".join(plan.splits)]
+    scale = plan.logprob_scale
+    if scale != fmt.LOGPROB_SCALE:
         args += ["--logprob-step", repr(1.0 / scale)]
     return " ".join(args)
 
@@ -164,13 +214,13 @@ def recompute_windows(cache: LogitCache, store, n: int, seed: int) -> dict[str, 
     import torch
 
     from cachekd.models import checkpoint_fingerprint, load_model
-    from cachekd.precompute import teacher_targets
+    from cachekd.teacher_rows import teacher_targets
 
     split = "train" if "train" in cache.splits() else cache.splits()[0]
     rng = np.random.default_rng(seed)
     rows = np.sort(rng.choice(cache.num_windows(split), size=min(n, cache.num_windows(split)), replace=False))
     out: dict[str, Any] = {"split": split, "windows": len(rows)}
-    for info in cache.meta["teachers"]:
+    for info in cache.plan.teachers:
         path = Path(info["path"])
         try:
             if not path.exists():
@@ -185,11 +235,15 @@ def recompute_windows(cache: LogitCache, store, n: int, seed: int) -> dict[str, 
         x = torch.from_numpy(np.stack([store.read(split, r, r + 1)[0] for r in rows]).astype(np.int64))
         with torch.inference_mode():
             logits = model(input_ids=x).logits
+        allowance = _precision_allowance(cache, split, rows)
         if cache.mode == "full":
             # against the fp32 logits, so the figure includes the fp16 storage rounding (not fp16 vs fp16)
             fresh = logits[..., : cache.vocab_size].float().numpy()
             got = np.concatenate([b.logits for b in blocks]).astype(np.float32)
-            out[info["name"]] = {"max_abs_logit_diff": float(np.abs(got - fresh).max())}
+            diffs = {"max_abs_logit_diff": np.abs(got - fresh).reshape(len(rows), -1).max(-1)}
+            # fp16 keeps 11 significant bits: half a step is |z|·2⁻¹¹
+            tol = {"max_abs_logit_diff": float(np.abs(fresh).max()) * 2.0 ** -11 + allowance}
+            out[info["name"]] = _within(diffs, tol, rows)
             continue
         fresh, _ = teacher_targets(logits, cache.vocab_size, cache.k, cache.temperatures)
         ids = np.concatenate([b.ids for b in blocks])
@@ -199,9 +253,31 @@ def recompute_windows(cache: LogitCache, store, n: int, seed: int) -> dict[str, 
         lp_true = np.take_along_axis(full_lp, ids, axis=-1)
         fresh_sorted = np.sort(fresh["ids"].numpy(), axis=-1)
         keep = lp_true > -60  # below this the fixed-point encoding clips by design
-        out[info["name"]] = {
-            "max_abs_logprob_diff": float(np.abs(lp - lp_true)[keep].max()) if keep.any() else 0.0,
-            "topk_id_agreement": float((fresh_sorted == ids).mean()),
-            "max_abs_tail_lse_diff": float(np.nanmax(np.abs(np.where(np.isinf(tail), 0, tail - fresh["tail_lse"].numpy())))),
-        }
+        tail_diff = np.abs(np.where(np.isinf(tail), 0, tail - fresh["tail_lse"].numpy()))
+        diffs = {"max_abs_logprob_diff": np.where(keep, np.abs(lp - lp_true), 0).reshape(len(rows), -1).max(-1),
+                 "max_abs_tail_lse_diff": np.nan_to_num(tail_diff, nan=np.inf).reshape(len(rows), -1).max(-1)}
+        storage = 0.5 / cache.plan.logprob_scale  # the fixed-point rounding of a stored log-probability
+        tol = {"max_abs_logprob_diff": storage + allowance,
+               "max_abs_tail_lse_diff": storage + 0.5 / fmt.TAIL_SCALE + allowance}
+        out[info["name"]] = _within(diffs, tol, rows) | {"topk_id_agreement": float((fresh_sorted == ids).mean())}
     return out
+
+
+# How far a recomputation (float32, CPU) may differ from the teacher's run beyond the storage rounding: a float32
+# run differs in summation order only (GPU kernels, TF32 matmuls); a bf16/fp16 autocast run, or one whose precision
+# was not recorded (chunks written before it was), by the reduced precision of its logits.
+PRECISION_ALLOWANCE = {"float32": 0.02, "reduced": 0.25}
+
+
+def _precision_allowance(cache: LogitCache, split: str, rows: np.ndarray) -> float:
+    markers = cache.done_markers(split)
+    dtypes = {markers.get(int(r) // cache.chunk_windows, {}).get(fmt.COMPUTE_DTYPE) for r in rows}
+    return PRECISION_ALLOWANCE["float32" if dtypes == {"float32"} else "reduced"]
+
+
+def _within(diffs: dict[str, np.ndarray], tol: dict[str, float], rows: np.ndarray) -> dict[str, Any]:
+    """The largest difference of each kind over the windows, its tolerance, the window with the largest excess."""
+    excess = np.max([d / tol[k] for k, d in diffs.items()], axis=0)  # (windows,)
+    return {**{k: float(d.max()) for k, d in diffs.items()}, "tolerance": tol,
+            "within_tolerance": bool(all(d.max() <= tol[k] for k, d in diffs.items())),
+            "worst_window": int(rows[int(np.argmax(excess))])}

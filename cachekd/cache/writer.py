@@ -15,48 +15,17 @@ import numpy as np
 from cachekd import __version__
 from cachekd.cache import format as fmt
 from cachekd.errors import CachekdError
-from cachekd.io import atomic_write_bytes, atomic_write_json, read_json
-
-# Plan keys that must agree for a cache to be resumed (the rest, e.g. batch size or device, may change).
-PLAN_IDENTITY = ("format_version", "token_store", "teachers", "mode", "k", "temperatures", "splits", "encoding")
-
+from cachekd.io import atomic_write_bytes, atomic_write_json, read_json_dict_or_none
 
 @contextmanager
 def _lock(root: Path):
     root.mkdir(parents=True, exist_ok=True)
-    with open(root / ".lock", "w") as f:
+    with open(root / fmt.LOCK_FILE, "w") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         try:
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def _identity(plan: dict[str, Any]) -> dict[str, Any]:
-    ident = {k: plan.get(k) for k in PLAN_IDENTITY}
-    ident["teachers"] = [{k: t[k] for k in ("name", "fingerprint")} for t in plan.get("teachers", [])]
-    ident["token_store"] = {k: plan["token_store"][k] for k in ("fingerprint",)}
-    return ident
-
-
-def _describe_difference(old: dict[str, Any], new: dict[str, Any]) -> str:
-    a, b = _identity(old), _identity(new)
-    for key in PLAN_IDENTITY:
-        if a.get(key) != b.get(key):
-            if key == "teachers":
-                return (f"teachers {[t['name'] for t in a['teachers']]} vs {[t['name'] for t in b['teachers']]} "
-                        f"(or their checkpoints changed)")
-            if key == "token_store":
-                return "it was built from another token store"
-            return f"{key} {a.get(key)} vs {b.get(key)}"
-    return "unknown difference"
-
-
-SHARE_LOCK = ".precompute-{share}-of-{shares}.lock"  # held by the process filling that share (1-based) of the chunks
-
-
-def _is_lock_file(name: str) -> bool:
-    return name == ".lock" or (name.startswith(".precompute-") and name.endswith(".lock"))
 
 
 def try_flock(path: Path):
@@ -86,16 +55,16 @@ def busy_share(root: Path, slot: int, slots: int, *, own: bool = True) -> str | 
     root = Path(root)
     if not root.is_dir():
         return None
-    mine = SHARE_LOCK.format(share=slot + 1, shares=slots)
-    for lock in sorted(root.glob(".precompute-*-of-*.lock")):
-        share, _, shares = lock.name[len(".precompute-"):-len(".lock")].partition("-of-")
+    mine = fmt.share_lock_name(slot + 1, slots)
+    for lock in fmt.share_locks(root):
+        share, shares = fmt.share_of_lock(lock.name)
         if ((lock.name == mine and own) or shares != str(slots)) and _held(lock):
             return "the whole cache" if shares == "1" else f"share {share} of {shares}"
     return None
 
 
-def open_or_create(root: Path, plan: dict[str, Any], *, force: bool = False,
-                   share: tuple[int, int] | None = None) -> tuple[dict[str, Any], Any]:
+def open_or_create(root: Path, plan: fmt.CachePlan, *, force: bool = False,
+                   share: tuple[int, int] | None = None) -> tuple[fmt.CachePlan, Any]:
     """Create the cache described by `plan`, or open it for resuming when it already holds the same plan.
     Returns (plan, share lock): with ``share`` = (slot, slots), the lock of that share of the chunks, taken in the
     same critical section (so --force elsewhere cannot clear the cache between the two); None when another
@@ -110,42 +79,70 @@ def open_or_create(root: Path, plan: dict[str, Any], *, force: bool = False,
         plan = _open_or_create(root, plan, force)
         if share is None:
             return plan, None
-        lock = try_flock(root / SHARE_LOCK.format(share=share[0] + 1, shares=share[1]))
+        lock = try_flock(root / fmt.share_lock_name(share[0] + 1, share[1]))
         if lock is not None and busy_share(root, *share, own=False) is not None:  # another split is running
             lock.close()
             lock = None
         return plan, lock
 
 
-def _open_or_create(root: Path, plan: dict[str, Any], force: bool) -> dict[str, Any]:
-    import zarr
-
-    plan_file = root / "plan.json"
-    if plan_file.exists():
-        old = read_json(plan_file)
-        if _identity(old) == _identity(plan):
+def _open_or_create(root: Path, plan: fmt.CachePlan, force: bool) -> fmt.CachePlan:
+    """Resume the cache at `root` when it holds the same plan, else create it. Creation writes plan.json first,
+    then the Zarr group and the arrays, so a process killed at any moment leaves either a directory without a
+    plan (nothing but lock files and temporary files: created afresh) or a plan whose missing group or arrays the
+    next run creates."""
+    for p in root.iterdir():
+        if fmt.is_leftover_temp(p.name) and p.is_file():
+            p.unlink()  # a killed atomic write (plan.json)
+    if fmt.plan_path(root).exists():
+        try:
+            old = fmt.read_plan(fmt.plan_path(root))
+        except CachekdError as e:
+            if not force:
+                raise CachekdError(
+                    f"the cache at {str(root)!r} has a damaged plan.json ({str(e).rstrip('.')}); start the cache "
+                    f"again with the same precompute command plus --force."
+                ) from None
+            old = None
+        if old is not None and old.identity() == plan.identity():
+            _create_layout(root, old)
             return old
-        if not force:
+        if old is not None and not force:
             raise CachekdError(
-                f"the cache at {str(root)!r} was started with different settings ({_describe_difference(old, plan)}); "
+                f"the cache at {str(root)!r} was started with different settings ({old.difference(plan)}); "
                 f"choose another output or pass --force to start it again."
             )
         _clear(root)
-    elif any(not _is_lock_file(p.name) for p in root.iterdir()):
+    elif _half_created(root):  # killed during creation by a cachekd that wrote the plan last: nothing done yet
+        _clear(root)
+    elif any(not fmt.is_lock_file(p.name) for p in root.iterdir()):
         raise CachekdError(f"output {str(root)!r} is not empty and is not a logit cache; choose another path.")
-    # mode "a", not "w": "w" empties the directory, lock files included (.lock is held right now)
-    group = zarr.open_group(str(root), mode="a", zarr_format=3)
-    group.attrs["cachekd"] = fmt.FORMAT
-    ts = plan["token_store"]
-    for split, num_windows in plan["splits"].items():
-        for t in plan["teachers"]:
-            fmt.create_arrays(
-                group, split, t["name"], num_windows=num_windows, seq_len=ts["seq_len"],
-                chunk_windows=ts["chunk_windows"], vocab_size=ts["vocab_size"], mode=plan["mode"],
-                k=plan["k"], num_temperatures=len(plan["temperatures"]),
-            )
-    atomic_write_json(plan_file, plan)
+    atomic_write_json(fmt.plan_path(root), plan.to_dict())
+    _create_layout(root, plan)
     return plan
+
+
+def _half_created(root: Path) -> bool:
+    """A Zarr group of a logit cache without plan.json and without any done-marker."""
+    meta = read_json_dict_or_none(root / "zarr.json")
+    return (meta is not None and meta.get("attributes", {}).get("cachekd") == fmt.FORMAT
+            and not (root / fmt.DONE_DIR).exists())
+
+
+def _create_layout(root: Path, plan: fmt.CachePlan) -> None:
+    """Create the Zarr group and every array of the plan that is not there (yet, or intact): a group or array
+    whose zarr.json a kill left unreadable is created again as long as no chunk of it was written."""
+    import zarr
+
+    try:
+        # mode "a", not "w": "w" empties the directory, lock files included (.lock is held right now)
+        group = zarr.open_group(str(root), mode="a", zarr_format=3)
+    except Exception:  # noqa: BLE001 - an unreadable group zarr.json left by a kill during creation
+        (root / "zarr.json").unlink(missing_ok=True)
+        group = zarr.open_group(str(root), mode="a", zarr_format=3)
+    if group.attrs.get("cachekd") != fmt.FORMAT:
+        group.attrs["cachekd"] = fmt.FORMAT
+    fmt.create_arrays(group, plan, root)
 
 
 def _clear(root: Path) -> None:
@@ -153,14 +150,14 @@ def _clear(root: Path) -> None:
     its share of the chunks); lock files stay, so a lock is never split across two files."""
     import shutil
 
-    for lock in root.glob(".precompute-*.lock"):
+    for lock in fmt.share_locks(root):
         if _held(lock):
             raise CachekdError(
                 f"another precompute is filling the cache at {str(root)!r} right now; stop it before starting the "
                 f"cache again with --force."
             )
     for p in root.iterdir():
-        if _is_lock_file(p.name):
+        if fmt.is_lock_file(p.name):
             continue
         shutil.rmtree(p) if p.is_dir() else p.unlink()
 
@@ -177,7 +174,7 @@ def mark_done(root: Path, split: str, chunk: int, stats: dict[str, Any]) -> None
 class ChunkWriter:
     """Writes one chunk's encoded arrays for every teacher (called from the background writer thread)."""
 
-    def __init__(self, root: Path, plan: dict[str, Any]):
+    def __init__(self, root: Path, plan: fmt.CachePlan):
         import zarr
 
         self.root = Path(root)
@@ -192,15 +189,17 @@ class ChunkWriter:
         return self._arrays[key]
 
     def write(self, split: str, chunk: int, results: dict[str, dict[str, np.ndarray]], stats: dict[str, Any]) -> None:
+        """Write one chunk of every teacher's arrays, then its done-marker: `stats` (which carries the digest
+        of the chunk's token ids, fmt.TOKENS_DIGEST) plus the CRC-32C each written chunk file ends with."""
         # Crash-safety tests set this to widen the window in which a kill lands between two arrays of one chunk.
         pause = float(os.environ.get("CACHEKD_TEST_WRITE_PAUSE_S", "0"))
-        cw = self.plan["token_store"]["chunk_windows"]
-        start = chunk * cw
-        vocab = self.plan["token_store"]["vocab_size"]
+        start, _ = self.plan.chunk_range(split, chunk)
+        vocab = self.plan.token_store.vocab_size
+        crcs: dict[str, list[str | None]] = {}
         for teacher, r in results.items():
             stop = start + len(next(iter(r.values())))
-            if self.plan["mode"] == "topk":
-                ids, q = fmt.encode_topk(r["ids"], r["logprobs"], vocab, fmt.logprob_scale(self.plan))
+            if self.plan.mode == "topk":
+                ids, q = fmt.encode_topk(r["ids"], r["logprobs"], vocab, self.plan.logprob_scale)
                 self._arr(split, teacher, "ids")[start:stop] = ids
                 if pause:
                     time.sleep(pause)
@@ -208,7 +207,12 @@ class ChunkWriter:
                 self._arr(split, teacher, "tail_lse")[start:stop] = fmt.encode_tail(r["tail_lse"])
             else:
                 self._arr(split, teacher, "logits")[start:stop] = r["logits"]
-        mark_done(self.root, split, chunk, stats)
+            for name in fmt.array_names(self.plan.mode):
+                arr = self._arr(split, teacher, name)
+                if fmt.has_checksum(arr):
+                    files = fmt.chunk_files(arr, self.root / fmt.array_path(split, teacher, name), start, stop)
+                    crcs[f"{teacher}/{name}"] = [fmt.stored_crc32c(f) for f in files]
+        mark_done(self.root, split, chunk, {**stats, **({fmt.CHUNK_CRC32C: crcs} if crcs else {})})
 
 
 def mark_for_recompute(root: Path, chunks: list[tuple[str, int]]) -> list[tuple[str, int]]:
@@ -218,7 +222,7 @@ def mark_for_recompute(root: Path, chunks: list[tuple[str, int]]) -> list[tuple[
     root = Path(root)
     removed = []
     with _lock(root):
-        (root / "manifest.json").unlink(missing_ok=True)  # first: a cache without it never reads as complete
+        fmt.manifest_path(root).unlink(missing_ok=True)  # first: a cache without it never reads as complete
         for split, chunk in chunks:
             p = fmt.done_path(root, split, chunk)
             if p.exists():
@@ -227,39 +231,26 @@ def mark_for_recompute(root: Path, chunks: list[tuple[str, int]]) -> list[tuple[
     return removed
 
 
-def pending_chunks(root: Path, split: str, num_chunks: int) -> list[int]:
-    done_dir = Path(root) / "done" / split
-    done = {int(p.stem) for p in done_dir.glob("*.json")} if done_dir.exists() else set()
-    return [c for c in range(num_chunks) if c not in done]
-
-
-def finalize(root: Path, plan: dict[str, Any]) -> dict[str, Any] | None:
+def finalize(root: Path, plan: fmt.CachePlan) -> fmt.CacheManifest | None:
     """Write manifest.json when every chunk of every split is done; returns it (None while work remains)."""
-    import math
-
     root = Path(root)
     with _lock(root):
-        cw = plan["token_store"]["chunk_windows"]
-        num_chunks = {split: math.ceil(n / cw) for split, n in plan["splits"].items()}
-        if any(pending_chunks(root, split, n) for split, n in num_chunks.items()):
+        if any(fmt.pending_chunks(root, split, plan.num_chunks(split)) for split in plan.splits):
             return None  # (a manifest left beside a chunk that is not done does not make the cache complete)
-        if (root / "manifest.json").exists():
-            return read_json(root / "manifest.json")
-        stats: dict[str, Any] = {}
-        for split, n in num_chunks.items():
-            stats[split] = _merge_stats([read_json(fmt.done_path(root, split, c)) for c in range(n)])
+        if fmt.manifest_path(root).exists():
+            try:
+                return fmt.read_plan(fmt.manifest_path(root), fmt.CacheManifest)
+            except CachekdError:
+                pass  # damaged: written again below from the plan and the done-markers
+        stats = {split: _merge_stats(list(fmt.done_markers(root, split).values())) for split in plan.splits}
         nbytes = fmt.data_bytes(root)
-        positions = sum(plan["splits"].values()) * plan["token_store"]["seq_len"]
-        manifest = dict(plan)
-        manifest.update({
-            "complete": True,
-            "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "cachekd_version": __version__,
-            "stats": stats,
-            "bytes_on_disk": nbytes,
-            "bytes_per_position": nbytes / max(positions, 1),
-        })
-        atomic_write_json(root / "manifest.json", manifest)
+        positions = sum(plan.splits.values()) * plan.token_store.seq_len
+        manifest = fmt.CacheManifest.of_plan(
+            plan, complete=True, finished=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            cachekd_version=__version__, stats=stats, bytes_on_disk=nbytes,
+            bytes_per_position=nbytes / max(positions, 1),
+        )
+        atomic_write_json(fmt.manifest_path(root), manifest.to_dict())
         return manifest
 
 

@@ -51,11 +51,42 @@ def _train_cfg(name: str, out: Path, store: Path, model: dict, steps: int, size:
     }
 
 
+class _Stages:
+    """The demo's record of finished stages (demo.json): a stage that finished earlier is skipped on a re-run."""
+
+    def __init__(self, out: Path, options: dict[str, Any], say: Callable[[str], None]):
+        if out.exists() and any(out.iterdir()) and not (out / "demo.json").exists():
+            raise CachekdError(f"{str(out)!r} is not empty and is not a demo directory; choose another --out.")
+        out.mkdir(parents=True, exist_ok=True)
+        self.path = out / "demo.json"
+        self.state: dict[str, Any] = json.loads(self.path.read_text()) if self.path.exists() else {}
+        if self.state.get("options", options) != options:
+            raise CachekdError(f"{str(out)!r} holds a demo run with other options ({self.state['options']}); "
+                               f"use another --out.")
+        self.state["options"] = options
+        self.timings: dict[str, float] = self.state.setdefault("timings", {})
+        self.say = say
+
+    def __call__(self, name: str, fn: Callable[[], Any]) -> Any:
+        if name in self.timings:
+            self.say(f"[demo] {name}: done earlier ({self.timings[name]:.1f} s), skipping")
+            return None
+        self.say(f"[demo] {name} ...")
+        t0 = time.perf_counter()
+        result = fn()
+        self.timings[name] = time.perf_counter() - t0
+        self.save()
+        return result
+
+    def save(self) -> None:
+        self.path.write_text(json.dumps(self.state, indent=2))
+
+
 def run_demo(out_dir: str | Path = "demo_out", *, corpus: str | None = None, small: bool = False, seed: int = 0,
              device: str = "cpu", progress: bool = True, say: Callable[[str], None] = print) -> dict[str, Any]:
     """Run the demo; returns the comparison (rows, files) plus per-stage timings."""
     from cachekd.compare import compare_runs
-    from cachekd.demo_data import write_demo_data
+    from cachekd.demo.data import write_demo_data
     from cachekd.evaluate import evaluate
     from cachekd.rundir import save_eval
     from cachekd.precompute import PrecomputeConfig, precompute
@@ -65,27 +96,8 @@ def run_demo(out_dir: str | Path = "demo_out", *, corpus: str | None = None, sma
 
     size = SMALL if small else FULL
     out = Path(out_dir)
-    if out.exists() and any(out.iterdir()) and not (out / "demo.json").exists():
-        raise CachekdError(f"{str(out)!r} is not empty and is not a demo directory; choose another --out.")
-    out.mkdir(parents=True, exist_ok=True)
-    state_path = out / "demo.json"
-    state = json.loads(state_path.read_text()) if state_path.exists() else {}
-    want = {"corpus": corpus, "small": small, "seed": seed}
-    if state.get("options", want) != want:
-        raise CachekdError(f"{str(out)!r} holds a demo run with other options ({state['options']}); use another --out.")
-    state["options"] = want
-    timings: dict[str, float] = state.setdefault("timings", {})
-
-    def stage(name: str, fn: Callable[[], Any]) -> Any:
-        if name in timings:
-            say(f"[demo] {name}: done earlier ({timings[name]:.1f} s), skipping")
-            return None
-        say(f"[demo] {name} ...")
-        t0 = time.perf_counter()
-        result = fn()
-        timings[name] = time.perf_counter() - t0
-        state_path.write_text(json.dumps(state, indent=2))
-        return result
+    stage = _Stages(out, {"corpus": corpus, "small": small, "seed": seed}, say)
+    timings, state = stage.timings, stage.state
 
     # 1. data
     data = out / "data"
@@ -139,5 +151,5 @@ def run_demo(out_dir: str | Path = "demo_out", *, corpus: str | None = None, sma
         stage(f"evaluate {rd.name}", _eval)
     comparison = compare_runs(run_dirs, out / "compare")
     state["precompute_s"] = timings.get("precompute")
-    state_path.write_text(json.dumps(state, indent=2))
+    stage.save()
     return {"comparison": comparison, "timings": timings, "out": str(out), "cache": str(cache)}

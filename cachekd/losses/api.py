@@ -1,0 +1,358 @@
+"""The public face of the distillation losses: targets, ``KDConfig``, ``LossParts``, ``distill_loss``,
+``chunked_distill_loss``, ``total_loss``; the inputs are validated and flattened here, once.
+
+Everything here is a pure function of tensors. Conventions:
+
+* ``q`` is the student, ``p`` the teacher target, both at the loss temperature ``τ``: ``q = softmax(z_S/τ)``,
+  ``p = softmax(z_T/τ)``. The hard-label cross-entropy is on the student's logits at ``τ = 1`` (not tempered).
+* Divergences are divergences: ``≥ 0`` and exactly ``0`` when the two distributions agree (no teacher entropy
+  is carried along).
+* Losses come back as ``(sum, count)`` pairs over the non-ignored positions (``LossParts``); the trainer divides
+  by the *global* counts once per optimizer step and calls ``total_loss``. Nothing is multiplied by ``τ²`` here.
+* All arithmetic is float32 whatever the input dtype (float64 stays float64, which ``gradcheck`` needs).
+* Teacher tensors are constants: they never receive gradients.
+* Ignored positions (``labels == ignore_index``) count for nothing and get a zero gradient, and garbage there
+  (padding, ``-inf`` teacher values, non-finite student logits) can never turn into a NaN value or gradient: the
+  fused sparse path computes them on sanitised inputs and masks them out (cheaper than copying the other rows
+  of the (N, V) logits), every other path drops them before any arithmetic. Student logits must be finite at the
+  other positions; teacher values may be ``-inf`` (zero probability).
+
+Sparse targets (``SparseTarget``: the k cached teacher logits, their ids and the log-sum-exp of the rest) are
+handled in one of three ``tail_mode`` s (``sparse``): ``bucket`` and ``renormalize`` through the fused student
+side, O(k) a position beyond the student's own log-normaliser; ``uniform`` tails and mixing through the (n, V)
+log-softmax. ``distill_loss(chunk_size=...)`` or ``chunked_distill_loss`` bound the memory (``chunked``).
+Which path a batch takes is decided once, by ``plan.make_plan``.
+
+Several teachers: ``teacher_combine="losses"`` keeps every sparse teacher sparse (any tail mode). ``logits`` and
+``probs`` need one dense target, so several sparse teachers are expanded to their (n, V) uniform-tail
+reconstruction (``tail_mode="uniform"`` is required there; O(V) a position).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from cachekd.errors import ConfigFieldError
+from cachekd.kd_options import (  # noqa: F401  (the choices are re-exported: the losses' callers list them)
+    OBJECTIVES,
+    REDUCTIONS,
+    TAIL_MODES,
+    TEACHER_COMBINES,
+    KDOptions,
+    check_temperature,
+    check_unit_interval,
+)
+from cachekd.losses.chunked import ChunkedLoss
+from cachekd.losses.divergences import POINTWISE
+from cachekd.losses.plan import FlatDense, FlatSparse, FlatTarget, Prepared, Rows, make_plan, take
+from cachekd.losses.rowloss import loss_on_rows
+
+assert set(POINTWISE) == set(OBJECTIVES), "every objective has a pointwise divergence"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Public types
+
+
+@dataclass
+class DenseTarget:
+    """Full teacher logits for every position."""
+
+    logits: Tensor
+    """(B, T, V) teacher logits, any float dtype."""
+
+
+@dataclass
+class SparseTarget:
+    """Top-k teacher logits plus the log-sum-exp of the rest, as the logit cache stores them."""
+
+    ids: Tensor
+    """(B, T, k) integer token ids, distinct within each row, in any order."""
+    logits: Tensor
+    """(B, T, k) teacher logits at ``ids``, up to an additive constant per position (the cache stores τ=1
+    log-probabilities; they are treated as shift-invariant logits)."""
+    tail_lse: Tensor
+    """(B, T) logsumexp over the ids NOT in ``ids`` of ``logit_v / τ`` at the loss temperature τ, in the same
+    per-position shift as ``logits``; ``-inf`` when k == V (no tail)."""
+
+
+Target = DenseTarget | SparseTarget
+
+
+@dataclass(frozen=True)
+class KDConfig(KDOptions):
+    """How the distillation term is computed: the `KDOptions` (objective, tails, teachers, reduction) plus the
+    temperature and the ignored label. Every field is validated on construction (`ConfigFieldError`, a
+    ValueError naming the field)."""
+
+    temperature: float = 1.0
+    """τ > 0: both distributions are softmax(logits/τ). The trainer multiplies the KD term by τ²."""
+    ignore_index: int = -100
+    """Label value of positions that count for neither the cross-entropy nor the KD term."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_temperature("temperature", self.temperature)
+        if isinstance(self.ignore_index, bool) or not isinstance(self.ignore_index, int):
+            raise ConfigFieldError("ignore_index", "an integer", self.ignore_index)
+
+
+@dataclass
+class LossParts:
+    """Sums and counts over one micro-batch; divide by the global counts, then call ``total_loss``.
+
+    Sums are float32 scalars (float64 for float64 student logits); counts are int64 scalars.
+    """
+
+    ce_sum: Tensor
+    """Sum of the per-token hard-label cross-entropy (τ = 1) over non-ignored positions."""
+    ce_count: Tensor
+    """Number of non-ignored positions."""
+    kd_sum: Tensor
+    """Sum of the per-position divergence over non-ignored positions, NOT multiplied by τ²."""
+    kd_count: Tensor
+    """token_mean: number of non-ignored positions; batchmean: number of sequences B; 0 without teachers."""
+
+
+def total_loss(ce_mean: Tensor, kd_mean: Tensor, ce_weight: float, temperature: float) -> Tensor:
+    """``λ·CE + (1−λ)·τ²·KD`` with ``λ = ce_weight`` (the means already divided by global counts)."""
+    check_unit_interval("ce_weight", ce_weight)
+    check_temperature("temperature", temperature)
+    return ce_weight * ce_mean + (1.0 - ce_weight) * temperature**2 * kd_mean
+
+
+def distill_loss(
+    student_logits: Tensor,
+    labels: Tensor,
+    teachers: Sequence[Target],
+    cfg: KDConfig,
+    mix_alpha: float = 1.0,
+    chunk_size: int | None = None,
+) -> LossParts:
+    """Cross-entropy and distillation sums for one micro-batch of student logits.
+
+    Args:
+        student_logits: (B, T, V) student logits, any float dtype; the arithmetic is float32.
+        labels: (B, T) int64 next-token labels, already aligned with the positions (no shifting here);
+            ``cfg.ignore_index`` masks a position out of both terms.
+        teachers: zero or more targets with the same B, T (and V for dense ones); none gives a CE-only result
+            with ``kd_sum = 0`` and ``kd_count = 0``.
+        cfg: the objective, temperature, tail handling, teacher combination and reduction.
+        mix_alpha: ChooBaCa mixing in logit space, target logits ``α·z_T + (1−α)·z_S`` (student part detached
+            when ``cfg.detach_mix``); 1 means no mixing. Needs a dense target: a DenseTarget, or a SparseTarget
+            with ``tail_mode="uniform"``.
+        chunk_size: if given, positions are processed ``chunk_size`` at a time and recomputed in backward, so the
+            float32 (B·T, V) intermediates never exist for the whole batch at once (only the gradient of
+            ``student_logits``, in its own dtype, is full-size). Same value and gradient as unchunked.
+
+    Returns:
+        LossParts with sums over non-ignored positions and their counts.
+    """
+    prep = _prepare(student_logits, labels, teachers, cfg, mix_alpha, chunk_size, source_dim=None)
+    plan = prep.plan
+    if plan.entry == "cross_entropy":
+        ce_sum = F.cross_entropy(prep.source.float(), prep.labels, ignore_index=cfg.ignore_index, reduction="sum")
+        return _parts(prep, ce_sum, torch.zeros((), dtype=torch.float32, device=ce_sum.device))
+    if plan.entry == "chunked":
+        return _parts(prep, *ChunkedLoss.apply(prep.source, None, None, prep))
+    if plan.mask_ignored:
+        # Every row, the ignored ones masked out (see LossPlan.mask_ignored).
+        z = prep.source.to(prep.compute_dtype)
+        return _parts(prep, *loss_on_rows(z, slice(0, z.shape[0]), prep, ignored=prep.ignored))
+    z = take(prep.source, prep.rows).to(prep.compute_dtype)
+    return _parts(prep, *loss_on_rows(z, prep.rows, prep))
+
+
+def chunked_distill_loss(
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    labels: Tensor,
+    teachers: Sequence[Target],
+    cfg: KDConfig,
+    mix_alpha: float = 1.0,
+    chunk_size: int = 128,
+) -> LossParts:
+    """``distill_loss(hidden @ weight.T + bias, ...)`` without ever forming the (B, T, V) logits.
+
+    The non-ignored positions (flattened over B·T) are processed ``chunk_size`` at a time: a chunk's logits
+    are formed, its loss computed and thrown away; backward recomputes each chunk's logits and loss, takes the
+    gradient with respect to those logits and pushes it through the projection by hand (a custom
+    ``autograd.Function``: 4 matmuls in all, against 3 for the unchunked loss). Peak extra memory is a few
+    (chunk_size, V) float32 buffers. Autocast, if active in forward, is re-entered for the recomputation.
+
+    Args:
+        hidden: (B, T, H) final hidden states (after the final norm).
+        weight: (V, H) output projection (``lm_head.weight``).
+        bias: (V,) or None.
+        labels, teachers, cfg, mix_alpha: as in ``distill_loss``.
+        chunk_size: positions per chunk.
+    """
+    if hidden.dim() != 3:
+        raise ValueError(f"hidden must be (B, T, H); got shape {tuple(hidden.shape)}.")
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[2]:
+        raise ValueError(
+            f"weight must be (V, H) with H = {hidden.shape[2]} (the hidden size); got {tuple(weight.shape)}."
+        )
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"bias must be (V,) = ({weight.shape[0]},); got {tuple(bias.shape)}.")
+    prep = _prepare(hidden, labels, teachers, cfg, mix_alpha, chunk_size, source_dim=weight.shape[0])
+    return _parts(prep, *ChunkedLoss.apply(prep.source, weight, bias, prep))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Validation and flattening
+
+
+def _prepare(
+    source: Tensor,
+    labels: Tensor,
+    teachers: Sequence[Target],
+    cfg: KDConfig,
+    mix_alpha: float,
+    chunk_size: int | None,
+    source_dim: int | None,
+) -> Prepared:
+    """Checks the inputs and flattens them to N = B·T rows; ``source_dim`` is V for hidden states, else None."""
+    if not isinstance(cfg, KDConfig):
+        raise ValueError(f"cfg must be a KDConfig (got {type(cfg).__name__}).")
+    if source.dim() != 3 or not source.is_floating_point():
+        what = "student logits must be a float (B, T, V)" if source_dim is None else "hidden must be a float (B, T, H)"
+        raise ValueError(f"{what} tensor; got {source.dtype} {tuple(source.shape)}.")
+    batch_size, seq_len = source.shape[:2]
+    vocab_size = source.shape[2] if source_dim is None else source_dim
+    if tuple(labels.shape) != (batch_size, seq_len):
+        raise ValueError(f"labels must be (B, T) = {(batch_size, seq_len)}; got {tuple(labels.shape)}.")
+    if labels.dtype.is_floating_point or labels.dtype == torch.bool:
+        raise ValueError(f"labels must be an integer tensor (got {labels.dtype}).")
+    check_unit_interval("mix_alpha", mix_alpha)
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive integer (got {chunk_size!r}).")
+    teachers = list(teachers)
+    if cfg.teacher_weights is not None and len(cfg.teacher_weights) != len(teachers):
+        raise ValueError(
+            f"teacher_weights has {len(cfg.teacher_weights)} weights but {len(teachers)} teachers were given."
+        )
+    shape = (batch_size, seq_len, vocab_size)
+    flat = [_flatten_teacher(t, f"teacher {i}", shape, cfg, mix_alpha, len(teachers)) for i, t in enumerate(teachers)]
+    raw_weights = cfg.teacher_weights or (1.0,) * len(teachers)
+    total = sum(raw_weights) if teachers else 1.0
+    kept = [(t, w / total) for t, w in zip(flat, raw_weights) if w > 0]
+    labels_flat = labels.reshape(-1).to(device=source.device, dtype=torch.int64)
+    rows, ignored, num_valid = _valid_rows(labels_flat, vocab_size, cfg.ignore_index)
+    chunks: list[Rows] = []
+    if chunk_size is not None:
+        if isinstance(rows, slice):
+            chunks = [slice(s, min(s + chunk_size, num_valid)) for s in range(0, num_valid, chunk_size)]
+        else:
+            chunks = list(rows.split(chunk_size))
+    compute_dtype = torch.float64 if source.dtype == torch.float64 else torch.float32
+    kept_teachers = [t for t, _ in kept]
+    return Prepared(
+        source=source.reshape(batch_size * seq_len, source.shape[2]),
+        labels=labels_flat,
+        teachers=kept_teachers,
+        weights=[w for _, w in kept],
+        cfg=cfg,
+        mix_alpha=float(mix_alpha),
+        vocab_size=vocab_size,
+        rows=rows,
+        ignored=ignored,
+        chunks=chunks,
+        num_valid=num_valid,
+        batch_size=batch_size,
+        num_teachers=len(teachers),
+        compute_dtype=compute_dtype,
+        plan=make_plan(kept_teachers, cfg, float(mix_alpha), chunk_size is not None, compute_dtype, len(teachers)),
+    )
+
+
+def _flatten_teacher(
+    t: Target, name: str, shape: tuple[int, int, int], cfg: KDConfig, mix_alpha: float, num_teachers: int
+) -> FlatTarget:
+    """One teacher checked against the (B, T, V) ``shape`` and flattened to rows (detached)."""
+    batch_size, seq_len, vocab_size = shape
+    if isinstance(t, DenseTarget):
+        if tuple(t.logits.shape) != shape or not t.logits.is_floating_point():
+            raise ValueError(
+                f"{name}: dense teacher logits must be float (B, T, V) = {shape}; "
+                f"got {t.logits.dtype} {tuple(t.logits.shape)}."
+            )
+        return FlatDense(t.logits.detach().reshape(-1, vocab_size))
+    if not isinstance(t, SparseTarget):
+        raise ValueError(f"{name} must be a DenseTarget or SparseTarget (got {type(t).__name__}).")
+    k = t.ids.shape[-1] if t.ids.dim() == 3 else -1
+    if t.ids.dim() != 3 or tuple(t.ids.shape[:2]) != (batch_size, seq_len) or not 1 <= k <= vocab_size:
+        raise ValueError(
+            f"{name}: sparse ids must be (B, T, k) with B, T = {(batch_size, seq_len)} and 1 <= k <= V = "
+            f"{vocab_size}; got {tuple(t.ids.shape)}."
+        )
+    if t.ids.dtype.is_floating_point or t.ids.dtype == torch.bool:
+        raise ValueError(f"{name}: sparse ids must be an integer tensor (got {t.ids.dtype}).")
+    if tuple(t.logits.shape) != tuple(t.ids.shape) or not t.logits.is_floating_point():
+        raise ValueError(
+            f"{name}: sparse logits must be float with the ids' shape {tuple(t.ids.shape)}; got "
+            f"{t.logits.dtype} {tuple(t.logits.shape)}."
+        )
+    if tuple(t.tail_lse.shape) != (batch_size, seq_len):
+        raise ValueError(
+            f"{name}: tail_lse must be (B, T) = {(batch_size, seq_len)}; got {tuple(t.tail_lse.shape)}."
+        )
+    mixing = mix_alpha < 1.0
+    combine_dense = num_teachers > 1 and cfg.teacher_combine != "losses"
+    if (mixing or combine_dense) and cfg.tail_mode != "uniform":
+        why = f"mixing (mix_alpha={mix_alpha})" if mixing else f"teacher_combine={cfg.teacher_combine!r}"
+        raise ValueError(
+            f"{why} needs a dense teacher target, but tail_mode={cfg.tail_mode!r} keeps the sparse "
+            f"teacher's tail out of it; use tail_mode='uniform'"
+            + (" or teacher_combine='losses'." if not mixing else " or a DenseTarget.")
+        )
+    return FlatSparse(
+        ids=t.ids.detach().reshape(-1, k),
+        logits=t.logits.detach().reshape(-1, k),
+        tail_lse=t.tail_lse.detach().reshape(-1),
+    )
+
+
+def _valid_rows(labels: Tensor, vocab_size: int, ignore_index: int) -> tuple[Rows, Tensor | None, int]:
+    """(rows, ignored, num_valid) for the flat labels (N,): the non-ignored rows (a slice when all are, else an
+    int64 index), the ignored ones (an index, or None) and their count; labels are checked to be token ids."""
+    valid = labels != ignore_index
+    num_valid = int(valid.sum())
+    if num_valid == labels.numel():
+        rows: Rows = slice(0, num_valid)
+        ignored = None
+    else:
+        rows = valid.nonzero().squeeze(1)
+        ignored = (~valid).nonzero().squeeze(1)
+    if num_valid:
+        valid_labels = labels[rows]
+        low, high = int(valid_labels.min()), int(valid_labels.max())
+        if low < 0 or high >= vocab_size:
+            raise ValueError(
+                f"labels must be token ids in [0, {vocab_size}) or ignore_index={ignore_index}; "
+                f"found {low if low < 0 else high}."
+            )
+    return rows, ignored, num_valid
+
+
+def _parts(prep: Prepared, ce_sum: Tensor, kd_sum: Tensor) -> LossParts:
+    """The sums with their counts (see LossParts and KDConfig.reduction)."""
+    device = ce_sum.device
+    count = torch.tensor(prep.num_valid, dtype=torch.int64, device=device)
+    if prep.num_teachers == 0:
+        kd_count = torch.tensor(0, dtype=torch.int64, device=device)
+    elif prep.cfg.reduction == "batchmean":
+        kd_count = torch.tensor(prep.batch_size, dtype=torch.int64, device=device)
+    else:
+        kd_count = count.clone()
+    return LossParts(ce_sum=ce_sum, ce_count=count, kd_sum=kd_sum, kd_count=kd_count)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Small helpers

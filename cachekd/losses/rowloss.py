@@ -1,0 +1,130 @@
+"""The loss on a set of flattened rows: the CE and the KD sum, following the batch's ``LossPlan``.
+
+Ignored positions count for nothing and get a zero gradient. On the fused plan with ``mask_ignored`` they are
+computed on sanitised inputs and masked out (``ignored``); every other plan drops them (``rows`` are the
+non-ignored rows) before any arithmetic.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from cachekd.losses.divergences import LOG_FLOOR, divergence
+from cachekd.losses.plan import FlatDense, FlatTarget, Prepared, Rows, take
+from cachekd.losses.sparse import SparseRows, SparseStudent, sparse_divergence, sparse_rows
+from cachekd.losses.student import Student
+
+if TYPE_CHECKING:
+    from cachekd.losses.api import KDConfig
+
+TeacherRows = Tensor | SparseRows
+"""A teacher on n rows: dense log-probabilities at τ (n, V), or sparse rows."""
+
+
+def loss_on_rows(z: Tensor, rows: Rows, prep: Prepared, ignored: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """(ce_sum, kd_sum) for the student logits ``z`` (n, V) of the flattened rows ``rows``.
+
+    ``ignored`` (plans with ``mask_ignored`` only): rows of ``z`` to leave out of both sums and give a zero
+    gradient.
+    """
+    plan = prep.plan
+    tau = prep.cfg.temperature
+    labels = take(prep.labels, rows)  # (n,)
+    if ignored is not None:
+        assert plan.mask_ignored, "ignored rows are only masked on the fused path"
+        labels = labels.index_fill(0, ignored, 0)
+    student = Student(z, tau)
+    targets = [teacher_rows(t, rows, tau, z.dtype, z.device, ignored) for t in prep.teachers]
+    # Student values at the sparse teachers' ids (teachers compared one by one, without mixing).
+    sparse = [t for t in targets if isinstance(t, SparseRows)] if plan.sparse_by_ids else []
+    ce, logq_ids, log_tails = _student_values(student, labels, sparse, prep, ignored)
+    if ignored is not None:
+        ce = ce.index_fill(0, ignored, 0.0)
+    ce_sum = ce.sum()
+    if not targets:
+        return ce_sum, torch.zeros((), dtype=z.dtype, device=z.device)
+    if plan.combine == "per_teacher":
+        at_ids = iter(zip(logq_ids, log_tails))
+        kd = None
+        for target, weight in zip(targets, prep.weights):
+            if isinstance(target, SparseRows) and plan.sparse_by_ids:
+                logq_at_ids, log_tail = next(at_ids)
+                d = sparse_divergence(student, target, logq_at_ids, log_tail, prep.cfg, prep.vocab_size)
+            else:
+                d = dense_divergence(student, _dense_logp(target, prep.vocab_size), prep.cfg, prep.mix_alpha)
+            kd = weight * d if kd is None else kd + weight * d
+    else:
+        logp = combine_teachers([_dense_logp(t, prep.vocab_size) for t in targets], prep.weights, plan.combine)
+        kd = dense_divergence(student, logp, prep.cfg, prep.mix_alpha)
+    if ignored is not None:
+        kd = kd.index_fill(0, ignored, 0.0)
+    return ce_sum, kd.sum()
+
+
+def teacher_rows(
+    t: FlatTarget, rows: Rows, tau: float, dtype: torch.dtype, device: torch.device, ignored: Tensor | None
+) -> TeacherRows:
+    """A flat teacher on ``rows`` at τ: a dense one as log-probabilities (n, V), a sparse one as SparseRows."""
+    if isinstance(t, FlatDense):
+        logits = take(t.logits, rows).to(device=device, dtype=dtype)
+        return F.log_softmax(logits / tau, dim=-1)
+    return sparse_rows(t, rows, tau, dtype, device, ignored)
+
+
+def _student_values(
+    student: Student, labels: Tensor, sparse: list[SparseRows], prep: Prepared, ignored: Tensor | None
+) -> tuple[Tensor, list[Tensor], list[Tensor | None]]:
+    """The per-row CE (n,), and for each sparse teacher the student's log q at its ids (n, k) and, where the
+    fused student computed it, the log of the student's mass outside them (n,) (else None)."""
+    z, tau, vocab_size = student.z, student.temperature, prep.vocab_size
+    split = [t.k for t in sparse]
+    if prep.plan.student == "fused":
+        # The fused path, no (n, V) log-softmax at all.
+        index = torch.cat([labels.unsqueeze(1), *[t.ids for t in sparse]], dim=1)
+        with_tail = [prep.plan.bucket_tails and t.k < vocab_size for t in sparse]
+        starts = [sum(split[:i]) for i in range(len(sparse))]
+        groups = tuple((start, t.k) for start, t, tail in zip(starts, sparse, with_tail) if tail)
+        ce, values, tails = SparseStudent.apply(z, index, tau, groups, ignored)
+        tail_iter = iter(tails.unbind(1))
+        return ce, list(values.split(split, dim=1)), [next(tail_iter) if tail else None for tail in with_tail]
+    no_tails: list[Tensor | None] = [None] * len(sparse)
+    if sparse and tau == 1.0:
+        # The (n, V) log-softmax exists for the other targets: gather the label and the ids from it at once.
+        values = student.logq.gather(1, torch.cat([labels.unsqueeze(1), *[t.ids for t in sparse]], dim=1))
+        return -values[:, 0], list(values[:, 1:].split(split, dim=1)), no_tails
+    ce = -student.logq1.gather(1, labels.unsqueeze(1)).squeeze(1)
+    if not sparse:
+        return ce, [], no_tails
+    logq_ids = student.logq.gather(1, torch.cat([t.ids for t in sparse], dim=1))
+    return ce, list(logq_ids.split(split, dim=1)), no_tails
+
+
+def _dense_logp(target: TeacherRows, vocab_size: int) -> Tensor:
+    return target if isinstance(target, Tensor) else target.dense_logp(vocab_size)
+
+
+def combine_teachers(dense: list[Tensor], weights: list[float], combine: str) -> Tensor:
+    """(n, V) one target from several teachers' log-probabilities at τ: by ``logits`` or by ``probs``."""
+    if combine == "logits":
+        # Σ w_i log p_i equals Σ w_i z_i/τ up to a per-position constant, which the softmax removes.
+        combined = sum(w * logp.clamp_min(LOG_FLOOR) for w, logp in zip(weights, dense))
+        return F.log_softmax(combined, dim=-1)
+    assert combine == "probs", combine
+    stacked = torch.stack([logp + math.log(w) for w, logp in zip(weights, dense)])
+    return torch.logsumexp(stacked, dim=0)
+
+
+def dense_divergence(student: Student, logp: Tensor, cfg: KDConfig, mix_alpha: float) -> Tensor:
+    """(n,) divergence against a dense teacher log-probability target (n, V), mixed with the student if α < 1."""
+    if mix_alpha < 1.0:
+        z_student = student.z.detach() if cfg.detach_mix else student.z
+        mixed = z_student / cfg.temperature
+        if mix_alpha > 0.0:  # (α = 0 would make 0·(-inf) NaN where the teacher has zero mass)
+            mixed = mix_alpha * logp + (1.0 - mix_alpha) * mixed
+        logp = F.log_softmax(mixed, dim=-1)
+    return divergence(logp, student.logq, cfg)

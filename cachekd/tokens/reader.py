@@ -1,0 +1,230 @@
+"""Reading a complete token store: windows and chunks of token ids, its tokenizer, a summary."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from cachekd.errors import CachekdError
+from cachekd.io import read_json_dict
+from cachekd.tokens import format as tfmt
+
+
+REBUILD_HINT = ("rebuild it with the same `cachekd prepare` command plus --force (a rebuilt store with the same "
+                "content has the same fingerprint, so its logit caches stay valid)")
+
+
+class DamagedTokenChunkError(CachekdError):
+    """A chunk of a token store that cannot be read: its file is missing, or it does not decode (checksum)."""
+
+    # (the keywords have defaults: torch's DataLoader re-raises a worker's exception as `type(e)(message)`)
+    def __init__(self, message: str, *, split: str = "", chunk: int | None = None, reason: str = ""):
+        super().__init__(message)
+        self.split, self.chunk, self.reason = split, chunk, reason
+
+
+class TokenStore:
+    """Read access to a complete token store."""
+
+    def __init__(self, path: Path, manifest: dict[str, Any]):
+        self.path = Path(path)
+        self.manifest = manifest
+        self._arrays: dict[str, Any] = {}
+
+    @classmethod
+    def open(cls, path: str | Path) -> "TokenStore":
+        p = Path(path)
+        if not p.exists():
+            raise CachekdError(f"token store {str(p)!r} does not exist; create it with `cachekd prepare`.")
+        mf = tfmt.manifest_path(p)
+        if not mf.exists():
+            if (p / "zarr.json").exists():
+                raise CachekdError(f"token store {str(p)!r} is incomplete (no manifest); run `cachekd prepare` again.")
+            raise CachekdError(f"{str(p)!r} is not a token store (no manifest.json); create one with `cachekd prepare`.")
+        manifest = read_json_dict(mf, "the token store is damaged: " + REBUILD_HINT + ".")
+        if manifest.get("format") != tfmt.FORMAT:
+            raise CachekdError(f"{str(p)!r} is not a token store (its manifest says {manifest.get('format')!r}).")
+        if manifest.get("format_version") != tfmt.FORMAT_VERSION:
+            raise CachekdError(
+                f"token store {str(p)!r} has format version {manifest.get('format_version')}, this cachekd reads "
+                f"{tfmt.FORMAT_VERSION}; prepare it again."
+            )
+        return cls(p, manifest)
+
+    # --- facts
+    @property
+    def seq_len(self) -> int:
+        return int(self.manifest["seq_len"])
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.manifest["vocab_size"])
+
+    @property
+    def chunk_windows(self) -> int:
+        return int(self.manifest["chunk_windows"])
+
+    @property
+    def fingerprint(self) -> str:
+        return self.manifest["fingerprint"]
+
+    @property
+    def tokenizer_fingerprint(self) -> str:
+        return self.manifest["tokenizer_fingerprint"]
+
+    @property
+    def tokenizer_dir(self) -> Path:
+        return self.path / tfmt.TOKENIZER_DIR
+
+    def check_tokenizer(self, *, fingerprint: str | None, vocab_size: int | None = None,
+                        tokenizer_error: Callable[[str], str], vocab_error: Callable[[int], str] | None = None) -> None:
+        """Refuse a tokenizer (its `cachekd.corpus.tokenizer_fingerprint`) or an output size that does not fit this
+        store: the single rule used by precompute, distill, eval and the cache reader.
+
+        The fingerprint must equal the store's (None: no tokenizer to compare), and `vocab_size` (the number of
+        outputs a position; None: unknown) must cover the store's vocabulary: padded output layers are accepted,
+        their extra logits are dropped. The errors are worded by the caller: `tokenizer_error(fingerprint)` and
+        `vocab_error(vocab_size)` (needed with `vocab_size`) return the sentence to raise."""
+        if fingerprint is not None and fingerprint != self.tokenizer_fingerprint:
+            raise CachekdError(tokenizer_error(fingerprint))
+        if vocab_size is not None and vocab_size < self.vocab_size:
+            assert vocab_error is not None, "check_tokenizer: a vocab_size needs a vocab_error"
+            raise CachekdError(vocab_error(vocab_size))
+
+    def splits(self) -> list[str]:
+        return [s for s in tfmt.SPLITS if s in self.manifest["splits"]]
+
+    def num_windows(self, split: str = "train") -> int:
+        return int(self.manifest["splits"].get(split, {}).get("num_windows", 0))
+
+    def num_chunks(self, split: str = "train") -> int:
+        return math.ceil(self.num_windows(split) / self.chunk_windows)
+
+    def array(self, split: str = "train"):
+        """The zarr array (num_windows, seq_len) of a split."""
+        if split not in self.manifest["splits"]:
+            raise CachekdError(f"token store {str(self.path)!r} has no {split!r} split (it has {', '.join(self.splits())}).")
+        if split not in self._arrays:
+            import zarr
+
+            try:
+                self._arrays[split] = zarr.open_array(str(self.path / tfmt.tokens_path(split)), mode="r")
+            except (PermissionError, MemoryError):
+                raise
+            except Exception as e:  # missing or unparsable zarr.json
+                raise CachekdError(
+                    f"the {split} split of token store {str(self.path)!r} cannot be opened ({type(e).__name__}: its "
+                    f"zarr.json is missing or damaged); " + REBUILD_HINT + "."
+                ) from e
+        return self._arrays[split]
+
+    def has_checksums(self) -> bool:
+        """Whether every split's chunks carry a crc32c checksum (False for stores written before checksums)."""
+        return all(tfmt.has_checksum(self.array(s)) for s in self.splits())
+
+    def read(self, split: str, start: int, stop: int) -> np.ndarray:
+        """Windows [start, stop) as an (n, seq_len) array of the stored dtype. A chunk whose file is missing or
+        does not decode (checksum mismatch, truncated) is a DamagedTokenChunkError, never zeros."""
+        arr = self.array(split)
+        cw = self.chunk_windows
+        chunks = range(start // cw, (max(stop, start + 1) - 1) // cw + 1)
+        for c in chunks:
+            if c * cw < arr.shape[0] and not tfmt.chunk_file(self.path, split, arr, c).exists():
+                raise self._damaged(split, c, "its file is missing", "file missing")
+        try:
+            return arr[start:stop]
+        except (PermissionError, MemoryError):
+            raise
+        except Exception as e:  # codecs raise ValueError/RuntimeError/... with their own text
+            bad = None
+            for c in chunks:  # which chunk: probe them one by one
+                try:
+                    arr[c * cw:(c + 1) * cw]
+                except Exception:  # noqa: BLE001 - any failure marks the damaged chunk
+                    bad = c
+                    break
+            reason = "checksum mismatch" if "checksum" in str(e).lower() else "decompression failed"
+            raise self._damaged(split, bad, f"its data is corrupt or truncated ({reason})", reason) from e
+
+    def _damaged(self, split: str, chunk: int | None, problem: str, reason: str) -> DamagedTokenChunkError:
+        cw = self.chunk_windows
+        where = (f"chunk {chunk} (windows {chunk * cw} to {min((chunk + 1) * cw, self.num_windows(split)) - 1})"
+                 if chunk is not None else "data")
+        return DamagedTokenChunkError(
+            f"the {split} split's {where} of token store {str(self.path)!r} cannot be read: {problem}; "
+            + REBUILD_HINT + ".", split=split, chunk=chunk, reason=reason)
+
+    def read_chunk(self, split: str, chunk: int) -> np.ndarray:
+        cw = self.chunk_windows
+        return self.read(split, chunk * cw, min((chunk + 1) * cw, self.num_windows(split)))
+
+    def verify(self, progress: bool = False) -> dict[str, Any]:
+        """Read every chunk (checksums, missing files) and compare each split's SHA-256 with the one the manifest
+        recorded when the store was written (which also finds damage in stores written without checksums).
+        Returns `problems` (sentences), `damaged_chunks` ({split: [chunk]}), `chunks_checked`, `chunks_total`."""
+        import hashlib
+
+        from tqdm.auto import tqdm
+
+        problems: list[str] = []
+        damaged: dict[str, list[int]] = {}
+        total = sum(self.num_chunks(s) for s in self.splits())
+        checked = 0
+        with tqdm(total=total, desc="verify store", unit="chunk", disable=not progress) as bar:
+            for split in self.splits():
+                h, whole = hashlib.sha256(), True
+                for c in range(self.num_chunks(split)):
+                    bar.update(1)
+                    try:
+                        h.update(np.ascontiguousarray(self.read_chunk(split, c)).tobytes())
+                    except DamagedTokenChunkError as e:
+                        damaged.setdefault(split, []).append(c)
+                        problems.append(str(e).rstrip("."))
+                        whole = False
+                    except CachekdError as e:  # the split's array cannot be opened
+                        problems.append(str(e).rstrip("."))
+                        whole = False
+                        break
+                    checked += 1
+                want = self.manifest["splits"][split].get("sha256")
+                if whole and want is not None and h.hexdigest() != want:
+                    problems.append(
+                        f"the {split} split of token store {str(self.path)!r} is not the data it was written with "
+                        f"(its SHA-256 differs from the manifest's); " + REBUILD_HINT)
+        return {"store": str(self.path), "chunks_checked": checked, "chunks_total": total,
+                "checksums": self._checksums_or_none(), "damaged_chunks": damaged, "problems": problems,
+                "ok": not problems}
+
+    def _checksums_or_none(self) -> bool | None:
+        try:
+            return self.has_checksums()
+        except CachekdError:
+            return None
+
+    def load_tokenizer(self):
+        from cachekd.corpus import load_tokenizer
+
+        return load_tokenizer(self.tokenizer_dir)
+
+    def summary(self) -> dict[str, Any]:
+        m = self.manifest
+        return {
+            "kind": "token store",
+            "path": str(self.path),
+            "seq_len": m["seq_len"],
+            "vocab_size": m["vocab_size"],
+            **({"vocab_size_requested": m["vocab_size_requested"]}
+               if m.get("vocab_size_requested") not in (None, m["vocab_size"]) else {}),
+            "dtype": m["dtype"],
+            "chunk_windows": m["chunk_windows"],
+            "splits": m["splits"],
+            "num_sources": len(m["sources"]),
+            "source_bytes": sum(s["size"] for s in m["sources"]),
+            "tokenizer_fingerprint": m["tokenizer_fingerprint"][:16],
+            "fingerprint": m["fingerprint"][:16],
+            "created": m.get("created"),
+        }
