@@ -230,12 +230,9 @@ def compare_runs(run_dirs: list[str | Path], out_dir: str | Path | None = None) 
             f.unlink(missing_ok=True)  # a stale plot from an earlier comparison would mislead
         files["accuracy_by_group"] = files["accuracy_by_file"] = None
 
-    weights = out / "weights.png"
-    if cohorts:
-        _plot_weights(cohorts, weights)
-        files["weights"] = str(weights)
-    else:
-        weights.unlink(missing_ok=True)  # ("weights" is in `files` only when cohorts were compared)
+    weights = _weights_plot(cohorts, out / "weights.png")
+    if weights is not None:
+        files["weights"] = str(weights)  # only when cohorts with mutual learning were compared
 
     lines = ["# Run comparison", "", markdown_table(rows, columns)]
     lines += [
@@ -256,7 +253,7 @@ def compare_runs(run_dirs: list[str | Path], out_dir: str | Path | None = None) 
               for i, (r, n) in enumerate(zip(runs, names))]
     lines += ["", f"![training and dev curves]({curves.name})", ""]
     if files.get("weights"):
-        lines += [f"![cohort peer weights ω]({weights.name})", ""]
+        lines += ["![cohort peer weights ω](weights.png)", ""]
     if files["accuracy_by_group"]:
         lines += [f"![minimal-pair accuracy by group]({acc.name})", "",
                   f"![minimal-pair accuracy by phenomenon]({acc_file.name})", ""]
@@ -264,15 +261,18 @@ def compare_runs(run_dirs: list[str | Path], out_dir: str | Path | None = None) 
     atomic_write_bytes(md, ("\n".join(lines).rstrip("\n") + "\n").encode())
     files["markdown"] = str(md)
 
-    csv_path = out / "compare.csv"
-    with open(csv_path, "w", newline="") as f:
+    files["csv"] = str(_write_csv(out / "compare.csv", rows, columns))
+    return {"rows": rows, "columns": columns, "files": files, "out": str(out), "replaced": replaced,
+            "teachers": [names[i] for i in sorted(teachers)]}
+
+
+def _write_csv(path: Path, rows: list[dict[str, Any]], columns: list[str]) -> Path:
+    with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         w.writeheader()
         for row in rows:
             w.writerow({c: ("" if row.get(c) is None else row.get(c)) for c in columns})
-    files["csv"] = str(csv_path)
-    return {"rows": rows, "columns": columns, "files": files, "out": str(out), "replaced": replaced,
-            "teachers": [names[i] for i in sorted(teachers)]}
+    return path
 
 
 def expand_cohorts(run_dirs: list[str | Path]) -> tuple[list[str | Path], list[tuple[str, list[dict[str, Any]]]]]:
@@ -296,6 +296,15 @@ def expand_cohorts(run_dirs: list[str | Path]) -> tuple[list[str | Path], list[t
 
 # ------------------------------------------------------------------------------------------------ plots
 # matplotlib's object API (Figure + savefig) draws with Agg without touching pyplot's global backend.
+
+
+def _weights_plot(cohorts: list[tuple[str, list[dict[str, Any]]]], path: Path) -> Path | None:
+    """Plot the cohorts' ω into `path`; without cohorts remove a stale plot there and return None."""
+    if not cohorts:
+        path.unlink(missing_ok=True)
+        return None
+    _plot_weights(cohorts, path)
+    return path
 
 
 def _plot_weights(cohorts: list[tuple[str, list[dict[str, Any]]]], path: Path) -> None:

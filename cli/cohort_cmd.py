@@ -8,7 +8,10 @@ import click
 from cachekd_cli.common import echo_json, echo_mapping
 from cachekd_cli.main import cli
 
-COHORT_EXAMPLES = Path(__file__).resolve().parents[1] / "cachekd" / "configs" / "cohorts"
+from cachekd.config import PRESET_DIR
+
+COHORT_EXAMPLES = PRESET_DIR / "cohorts"
+"""Shipped cohort examples, found by name with -c."""
 
 
 def _load(config: str, output: str | None, max_steps: int | None, overrides: tuple[str, ...]):

@@ -256,3 +256,30 @@ def test_peer_search_is_seeded_and_resumable(tmp_path, store_path):
     before = {p: p.stat().st_mtime_ns for p in (tmp_path / "s" / "search").glob("*/summary.json")}
     assert run_search(c, progress=False) == res
     assert before == {p: p.stat().st_mtime_ns for p in (tmp_path / "s" / "search").glob("*/summary.json")}
+
+
+def test_torchrun_two_processes_equal_one_for_a_wml_cohort(tmp_path, store_path):
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    d = {"name": "dp", "seed": 5, "device": "cpu",
+         "data": {"store": str(store_path), "batch_size": 8, "eval_windows": 16, "block_chunks": 1},
+         "optim": {"lr": 3e-3, "warmup_steps": 2, "max_steps": 6}, "log_every": 1, "save_every": 0,
+         "peers": PEERS, "mutual": _wml(detach=False, update_every=3)}
+    run_cohort(load_cohort_config({**d, "output": str(tmp_path / "one")}), progress=False)
+    (tmp_path / "two.yaml").write_text(yaml.safe_dump({**d, "output": str(tmp_path / "two")}))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                        "-m", "cachekd_cli", "cohort", "-c", str(tmp_path / "two.yaml"), "--quiet"],
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    one = json.loads((tmp_path / "one" / "summary.json").read_text())
+    two = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert two["processes"] == 2 and two["weights"] == pytest.approx(one["weights"], rel=1e-5)
+    for name in ("a", "b"):
+        wa, wb = _weights(tmp_path / "one" / "peers" / name), _weights(tmp_path / "two" / "peers" / name)
+        for k in wa:
+            torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-5)

@@ -297,5 +297,5 @@ def cohort_peer_dirs(path: Any) -> list[Any] | None:
     cfg = RunDir(p).read_config_mapping(strict=False)
     names = [str(x.get("name")) for x in cfg.get("peers") or [] if isinstance(x, dict) and x.get("name")]
     found = sorted(d.name for d in peers.iterdir() if d.is_dir())
-    ordered = [n for n in names if n in found] + [n for n in found if n not in names]
-    return [peers / n for n in ordered]
+    # the cohort's own peers (a directory left by an earlier cohort with other peers is not one of them)
+    return [peers / n for n in (names if names else found) if n in found]

@@ -14,7 +14,7 @@ def check_peers(cohort: CohortConfig, configs: list[Any]) -> None:
     """Refuse, before anything is written, a cohort without peers or a peer that does not fit the token store (a
     checkpoint to start from with another tokenizer or a smaller vocabulary)."""
     from cachekd.models import load_model, resolve_model_dir
-    from cachekd.teachers import check_tokenizer, output_size, tokenizer_fingerprint_of
+    from cachekd.teachers import output_size, tokenizer_fingerprint_of
     from cachekd.tokens import TokenStore
 
     if not configs:
@@ -26,8 +26,8 @@ def check_peers(cohort: CohortConfig, configs: list[Any]) -> None:
         if cfg.model.init_from is None:
             continue
         d = resolve_model_dir(cfg.model.init_from)
-        check_tokenizer(
-            store, fingerprint=tokenizer_fingerprint_of(d), vocab_size=output_size(load_model(d)),
+        store.check_tokenizer(
+            fingerprint=tokenizer_fingerprint_of(d), vocab_size=output_size(load_model(d)),
             tokenizer_error=lambda fp, n=cfg.name: (f"peer {n!r} starts from a checkpoint with another tokenizer than "
                                                     f"the token store {str(store.path)!r}."),
             vocab_error=lambda v, n=cfg.name: (f"peer {n!r} starts from a checkpoint with a vocabulary of {v} tokens "
