@@ -11,7 +11,7 @@ where the rest goes.
 dev split afterwards (`cachekd.evaluate.dev_loss`). A WML row reports the peer with the CE student's shape (the
 like-for-like figure) and the other peers separately. A difference within the seeds' spread is "unresolved".
 
-    python benchmarks/bench_cohort.py [--data DIR] [--mb 1.5] [--steps 150] [--seeds 3] [--grid-steps 60]
+    python benchmarks/bench_cohort.py [--data DIR] [--mb 1.5] [--steps 120] [--seeds 3] [--grid-steps 40]
 """
 
 from __future__ import annotations
@@ -188,17 +188,19 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default=str(DEFAULT_DATA))
     ap.add_argument("--mb", type=float, default=1.5)
-    ap.add_argument("--vocab-size", type=int, default=4000)
+    ap.add_argument("--vocab-size", type=int, default=2000)
     ap.add_argument("--k", type=int, default=32)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--teacher-steps", type=int, default=300)
-    ap.add_argument("--grid-steps", type=int, default=60)
+    ap.add_argument("--grid-steps", type=int, default=40)
     ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--steps", type=int, default=150)
+    ap.add_argument("--steps", type=int, default=120)
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--skip", choices=["a", "b"], default=None)
     ap.add_argument("--work", default=None)
     args = ap.parse_args()
+    if not Path(args.data).exists():
+        sys.exit(f"no data at {args.data}; pass --data DIR")
     import torch
 
     torch.set_num_threads(1)
