@@ -239,16 +239,21 @@ def main() -> None:
         keys = list(base)
 
         def verdict(a: str, b: str) -> str:
-            xa, xb = base[a], base[b]
-            d = statistics.mean(xa) - statistics.mean(xb)
-            spread = max(statistics.stdev(xa) if len(xa) > 1 else 0, statistics.stdev(xb) if len(xb) > 1 else 0)
-            word = "unresolved (within the spread)" if abs(d) <= spread else ("lower" if d < 0 else "higher")
-            return f"{a} − {b}: {d:+.4f} nats ({word})"
+            # Rows are paired by seed (same window order, same initialisation of the base-shape student), so the
+            # per-seed differences are compared with their own spread.
+            diffs = [x - y for x, y in zip(base[a], base[b])]
+            d = statistics.mean(diffs)
+            sd = statistics.stdev(diffs) if len(diffs) > 1 else 0.0
+            word = "unresolved (|mean| ≤ sd)" if abs(d) <= sd else ("lower" if d < 0 else "higher")
+            per = ", ".join(f"{x:+.4f}" for x in diffs)
+            return f"{a} − {b}, paired by seed: {d:+.4f} ± {sd:.4f} nats ({per}): {word}"
 
         notes += [verdict(keys[2], keys[1]), verdict(keys[2], keys[0]), verdict(keys[1], keys[0]),
                   verdict(keys[3], keys[1])]
         notes.append("The seed paper's claim (teacher-less WML matches or beats teacher-guided distillation) is judged "
-                     "from the first line above for these tiny models and steps.")
+                     "from the first line above for these tiny models and steps. A WML row trains three peers, so it "
+                     "costs about three peers' compute (see the wall_s column): at equal compute CE would get more "
+                     "steps.")
         print("\n".join(lines[-(len(rows) + 4):]), flush=True)
     config = {"data": f"{args.data} (first {args.mb} MB, evenly over its files)", "vocab": args.vocab_size,
               "window": 128, "batch": f"{args.batch_size} windows", "top_k": args.k,

@@ -34,10 +34,12 @@ from cachekd.trainer import Trainer
 
 def cohort_identity(cohort: CohortConfig) -> dict[str, Any]:
     """The cohort config without what may change on resume (runtime options, the stop limits)."""
+    from cachekd.train_config import RUNTIME_ONLY, RUNTIME_ONLY_DATA
+
     d = to_dict(cohort)
-    for k in ("output", "device", "log_every", "tensorboard", "save_every", "keep_checkpoints", "eval_every", "search"):
+    for k in (*RUNTIME_ONLY, "search"):
         d.pop(k, None)
-    for k in ("prefetch", "num_workers"):
+    for k in RUNTIME_ONLY_DATA:
         d["data"].pop(k, None)
     for k in ("max_time_s", "max_steps"):
         d["optim"].pop(k, None)
