@@ -6,18 +6,26 @@
     plain PyTorch loss on the unchunked logits (``F.cross_entropy`` + ``F.kl_div``). Goals: peak ≤ 1/3 of the
     plain one, time ≤ 1.2×. On CPU the peak is measured in a fresh subprocess per variant as peak RSS
     (``VmHWM`` after resetting it, else ``ru_maxrss``) minus the RSS once the inputs exist; on CUDA with ``torch.cuda.max_memory_allocated``.
+(c) the ChooBaCa step against a CE step, both from hidden states: the output projection, the loss and the
+    gradients of the hidden states and the projection (what differs between the two training steps; the model's
+    body adds the same time to both, so the whole step's ratio is lower). ChooBaCa: reverse KL at τ=1, logit mixing
+    with the student detached, uniform tail of a top-k target, step-wise loss (``chunked_distill_loss``, chunk 32),
+    on the fused path and on the general (n, V) path it replaced. Goal: ≤ 1.3× the CE step.
 
 Prints the tables and writes benchmarks/results/losses_<hardware>_<date>.md (via benchmarks/_common.py;
-``--threads N`` runs write losses-Nthread_..., ``--quick`` runs losses-quick_...).
+``--threads N`` runs write losses-Nthread_..., ``--quick`` runs losses-quick_...; ``--parts`` writes only the
+parts it ran).
 
-    python benchmarks/bench_losses.py            # default sizes (~3 min on 2 CPU cores)
+    python benchmarks/bench_losses.py            # default sizes (~4 min on 2 CPU cores)
     python benchmarks/bench_losses.py --quick    # small sizes, a smoke run
+    python benchmarks/bench_losses.py --parts ac # only parts a and c
     python benchmarks/bench_losses.py --device cuda
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -44,6 +52,7 @@ from cachekd.losses import (  # noqa: E402
     distill_loss,
     total_loss,
 )
+from cachekd.losses import mixed  # noqa: E402
 from cachekd.losses.student import LOG_1M_CHEAP_TAIL_MIN  # noqa: E402
 
 
@@ -112,17 +121,17 @@ def part_a(n: int, vocab: int, k: int, repeats: int, device: str) -> list[dict]:
     labels3 = labels.view(1, n)
     fns = {}
 
-    def variant(name, teachers, cfg=None, mix_alpha=1.0, z=student):
+    def variant(name, teachers, cfg=None, mix_alpha=1.0, z=student, general=False):
         z = z.view(1, n, vocab).clone().requires_grad_(True)
 
         def step():
             z.grad = None
             if teachers is None:  # plain PyTorch CE
-                loss = F.cross_entropy(z.view(n, vocab), labels, reduction="sum")
-            else:
+                F.cross_entropy(z.view(n, vocab), labels, reduction="sum").backward()
+                return
+            with general_path(general):
                 parts = distill_loss(z, labels3, teachers, cfg, mix_alpha=mix_alpha)
-                loss = parts.ce_sum + parts.kd_sum
-            loss.backward()
+                (parts.ce_sum + parts.kd_sum).backward()
 
         fns[name] = step
 
@@ -142,6 +151,12 @@ def part_a(n: int, vocab: int, k: int, repeats: int, device: str) -> list[dict]:
     variant(f"CE + sparse k={k} uniform reverse KL, τ=1", [tgt1], KDConfig("reverse_kl", tail_mode="uniform"))
     variant(f"CE + sparse k={k} uniform forward KL + mixing α=0.5", [tgt1], KDConfig("forward_kl", tail_mode="uniform"),
             mix_alpha=0.5)
+    choobaca = KDConfig("reverse_kl", tail_mode="uniform", detach_mix=True)
+    for alpha in (0.5, 0.7):
+        variant(f"CE + sparse k={k} uniform reverse KL + mixing α={alpha} (ChooBaCa loss, fused)", [tgt1], choobaca,
+                mix_alpha=alpha)
+    variant(f"CE + sparse k={k} uniform reverse KL + mixing α=0.5 (ChooBaCa loss, general (n, V) path)", [tgt1],
+            choobaca, mix_alpha=0.5, general=True)
     variant("CE + dense forward KL, τ=1", [dense], KDConfig("forward_kl"))
     variant("CE + dense reverse KL, τ=1", [dense], KDConfig("reverse_kl"))
     # worst case for the tail: every row's student tail mass < 2^-8 takes the exact O(V) path
@@ -154,6 +169,18 @@ def part_a(n: int, vocab: int, k: int, repeats: int, device: str) -> list[dict]:
     rows = [{"variant": name, **v} for name, v in summary.items()]
     rows.append({"note": f"share of rows whose student tail mass is < 2^-8 (log-space tail gradient) in the realistic variants: {exact_share:.3f}"})
     return rows
+
+
+@contextlib.contextmanager
+def general_path(on: bool):
+    """Within the block, mixing takes the general (n, V) log-softmax path (as before the fused ChooBaCa path)."""
+    saved = mixed.FUSED_MIX_OBJECTIVES
+    if on:
+        mixed.FUSED_MIX_OBJECTIVES = ()
+    try:
+        yield
+    finally:
+        mixed.FUSED_MIX_OBJECTIVES = saved
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -281,49 +308,111 @@ def part_b(B, T, V, H, k, chunk, repeats, device) -> list[dict]:
 
 
 # ------------------------------------------------------------------------------------------------------------
+# Part (c): the ChooBaCa step against a CE step, from hidden states
+
+
+def part_c(n: int, V: int, H: int, k: int, chunk: int, repeats: int, device: str) -> list[dict]:
+    g = torch.Generator(device="cpu").manual_seed(3)
+    hidden = (torch.randn(n, H, generator=g) / 2).to(device).requires_grad_(True)
+    weight = (torch.randn(V, H, generator=g) * 2.5 / H**0.5).to(device).requires_grad_(True)
+    with torch.no_grad():  # a teacher correlated with the student, as in part (a)
+        teacher = F.linear(hidden, weight) + torch.randn(n, V, generator=g).to(device)
+    labels = torch.randint(0, V, (n,), generator=g).to(device)
+    s = sparse_from_dense(teacher, k, 1.0)
+    target = SparseTarget(s.ids.view(1, n, k), s.logits.view(1, n, k), s.tail_lse.view(1, n))
+    del teacher
+    cfg = KDConfig("reverse_kl", tail_mode="uniform", detach_mix=True)
+    fns = {}
+
+    def variant(name, alpha=None, general=False, chunk_size=chunk):
+        def step():
+            hidden.grad = None
+            weight.grad = None
+            if alpha is None:  # the CE step: F.linear + F.cross_entropy
+                loss = F.cross_entropy(F.linear(hidden, weight), labels, reduction="sum")
+                loss.backward()
+                return
+            with general_path(general):
+                parts = chunked_distill_loss(hidden.view(1, n, H), weight, None, labels.view(1, n), [target], cfg,
+                                             mix_alpha=alpha, chunk_size=chunk_size)
+                total_loss(parts.ce_sum / parts.ce_count, parts.kd_sum / parts.kd_count, 0.5, 1.0).backward()
+
+        fns[name] = step
+
+    base = "CE step (F.linear + F.cross_entropy)"
+    variant(base)
+    for alpha in (0.5, 0.7, 0.9):
+        variant(f"ChooBaCa step, α={alpha}, fused", alpha)
+    variant("ChooBaCa step, α=0.5, general (n, V) path (before)", 0.5, general=True)
+    variant(f"ChooBaCa step, α=0.5, fused, chunk {4 * chunk} instead of {chunk}", 0.5, chunk_size=4 * chunk)
+    summary = summarise(interleaved_times(fns, repeats, device), base=base)
+    return [{"variant": name, **v} for name, v in summary.items()]
+
+
+# ------------------------------------------------------------------------------------------------------------
 # Report
 
 
-def report(args, a: dict, b: dict, repeats: int, rows_a: list[dict], rows_b: list[dict], load: tuple) -> tuple:
-    """(config dict, Markdown tables, notes) for benchmarks/_common.write_result."""
+def report(args, sizes: dict, repeats: int, rows: dict, load: tuple) -> tuple:
+    """(config dict, Markdown tables, notes) for benchmarks/_common.write_result, for the parts in ``rows``."""
     config = {
         "run": "quick" if args.quick else "default",
         "device": args.device,
         "torch threads": torch.get_num_threads(),
-        "(a) positions, V, k": f"{a['n']}, {a['vocab']}, {a['k']}",
-        "(a) timing": f"median of {repeats} interleaved rounds; × CE = median over rounds of time ÷ F.cross_entropy's",
-        "(b) B, T, V, H, τ, chunk": f"{b['B']}, {b['T']}, {b['V']}, {b['H']}, 2.0, {b['chunk']}",
-        "(b) timing": f"median of {max(2, repeats - 2)} interleaved rounds",
-        "(b) peak": "extra memory of one forward+backward beyond the inputs: "
-        + ("torch.cuda.max_memory_allocated" if args.device.startswith("cuda") else
-           "peak RSS (VmHWM after a reset) in a fresh process per variant"),
-        "1-minute load average at start / end": f"{load[0]:.1f} / {load[1]:.1f}",
+        "parts": "".join(rows),
     }
-    lines = ["### (a) Forward+backward on the same student logits", "",
-             "| variant | time (ms) | × CE |", "|---|---:|---:|"]
-    lines += [f"| {r['variant']} | {r['seconds'] * 1e3:.1f} | {r['ratio']:.2f} |" for r in rows_a if "variant" in r]
-    lines += ["", "### (b) Chunked loss (hidden states + lm_head weight) vs plain PyTorch on unchunked logits", "",
-              "| variant | peak (MiB) | × plain | time (ms) | × plain |", "|---|---:|---:|---:|---:|"]
-    lines += [f"| {r['variant']} | {r['peak_bytes'] / 2**20:.0f} | {r['peak_ratio']:.2f} | {r['seconds'] * 1e3:.0f} | "
-              f"{r['time_ratio']:.2f} |" for r in rows_b]
-    sparse_ratios = [r["ratio"] for r in rows_a if "bucket" in r.get("variant", "") and "τ=1" in r["variant"]
-                     and "confident" not in r["variant"]]
-    chunked = rows_b[2]
-    notes = [r["note"] for r in rows_a if "note" in r]
-    notes += [
-        f"Goal (a) sparse bucket KD (τ=1, forward and reverse KL) ≤ 1.15× CE alone: "
-        f"{'MET' if max(sparse_ratios) <= 1.15 else 'NOT MET'} (worst {max(sparse_ratios):.2f}×).",
-        f"Goal (b) chunked (dense teacher) peak ≤ 1/3 of plain: "
-        f"{'MET' if chunked['peak_ratio'] <= 1 / 3 else 'NOT MET'} ({chunked['peak_ratio']:.2f}×).",
-        f"Goal (b) chunked (dense teacher) time ≤ 1.2× plain: "
-        f"{'MET' if chunked['time_ratio'] <= 1.2 else 'NOT MET'} ({chunked['time_ratio']:.2f}×).",
-    ]
+    lines, notes = [], []
+    if "a" in rows:
+        a, rows_a = sizes["a"], rows["a"]
+        config["(a) positions, V, k"] = f"{a['n']}, {a['vocab']}, {a['k']}"
+        config["(a) timing"] = f"median of {repeats} interleaved rounds; × CE = median over rounds of time ÷ F.cross_entropy's"
+        lines += ["### (a) Forward+backward on the same student logits", "",
+                  "| variant | time (ms) | × CE |", "|---|---:|---:|"]
+        lines += [f"| {r['variant']} | {r['seconds'] * 1e3:.1f} | {r['ratio']:.2f} |" for r in rows_a if "variant" in r]
+        lines.append("")
+        sparse_ratios = [r["ratio"] for r in rows_a if "bucket" in r.get("variant", "") and "τ=1" in r["variant"]
+                         and "confident" not in r["variant"]]
+        notes += [r["note"] for r in rows_a if "note" in r]
+        notes.append(f"Goal (a) sparse bucket KD (τ=1, forward and reverse KL) ≤ 1.15× CE alone: "
+                     f"{'MET' if max(sparse_ratios) <= 1.15 else 'NOT MET'} (worst {max(sparse_ratios):.2f}×).")
+    if "b" in rows:
+        b, rows_b = sizes["b"], rows["b"]
+        config["(b) B, T, V, H, τ, chunk"] = f"{b['B']}, {b['T']}, {b['V']}, {b['H']}, 2.0, {b['chunk']}"
+        config["(b) timing"] = f"median of {max(2, repeats - 2)} interleaved rounds"
+        config["(b) peak"] = "extra memory of one forward+backward beyond the inputs: " + (
+            "torch.cuda.max_memory_allocated" if args.device.startswith("cuda") else
+            "peak RSS (VmHWM after a reset) in a fresh process per variant")
+        lines += ["### (b) Chunked loss (hidden states + lm_head weight) vs plain PyTorch on unchunked logits", "",
+                  "| variant | peak (MiB) | × plain | time (ms) | × plain |", "|---|---:|---:|---:|---:|"]
+        lines += [f"| {r['variant']} | {r['peak_bytes'] / 2**20:.0f} | {r['peak_ratio']:.2f} | "
+                  f"{r['seconds'] * 1e3:.0f} | {r['time_ratio']:.2f} |" for r in rows_b]
+        lines.append("")
+        chunked = rows_b[2]
+        notes += [
+            f"Goal (b) chunked (dense teacher) peak ≤ 1/3 of plain: "
+            f"{'MET' if chunked['peak_ratio'] <= 1 / 3 else 'NOT MET'} ({chunked['peak_ratio']:.2f}×).",
+            f"Goal (b) chunked (dense teacher) time ≤ 1.2× plain: "
+            f"{'MET' if chunked['time_ratio'] <= 1.2 else 'NOT MET'} ({chunked['time_ratio']:.2f}×).",
+        ]
+    if "c" in rows:
+        c, rows_c = sizes["c"], rows["c"]
+        config["(c) positions, V, H, k, chunk"] = f"{c['n']}, {c['V']}, {c['H']}, {c['k']}, {c['chunk']}"
+        config["(c) timing"] = f"median of {repeats} interleaved rounds; × CE step = median over rounds of the ratio"
+        lines += ["### (c) The ChooBaCa step against a CE step: projection + loss + gradients from hidden states", "",
+                  "| variant | time (ms) | × CE step |", "|---|---:|---:|"]
+        lines += [f"| {r['variant']} | {r['seconds'] * 1e3:.1f} | {r['ratio']:.2f} |" for r in rows_c]
+        lines.append("")
+        fused = [r["ratio"] for r in rows_c if r["variant"].endswith("fused")]  # at the preset's chunk
+        notes.append(f"Goal (c) ChooBaCa step (reverse KL τ=1, mixing, uniform top-{c['k']} tail, chunk {c['chunk']}) "
+                     f"≤ 1.3× the CE step: {'MET' if max(fused) <= 1.3 else 'NOT MET'} "
+                     f"(α=0.5 {fused[0]:.2f}×, worst {max(fused):.2f}×).")
+    config["1-minute load average at start / end"] = f"{load[0]:.1f} / {load[1]:.1f}"
     if load[0] > (os.cpu_count() or 1) or load[1] > (os.cpu_count() or 1):
         notes.append("The load average exceeded the core count: other processes shared the cores during the run. "
                      "Ratios are measured interleaved and hold up better than absolute times, but many small ops "
                      "(the chunked and blocked code paths) suffer more from preempted OpenMP threads than a few "
                      "large ones; compare with a `--threads 1` run.")
-    return config, "\n".join(lines), "\n".join(f"- {n}" for n in notes)
+    return config, "\n".join(lines).rstrip(), "\n".join(f"- {n}" for n in notes)
 
 
 def main() -> None:
@@ -332,7 +421,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--repeats", type=int, default=None, help="timed rounds per variant (the median is reported)")
     ap.add_argument("--no-write", action="store_true", help="print only, do not write the results file")
-    ap.add_argument("--part", choices=("a", "b", "all"), default="all", help="run only part a or b (implies --no-write)")
+    ap.add_argument("--parts", default="abc", help="which parts to run (letters of abc); the file holds only those")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -341,30 +430,32 @@ def main() -> None:
     if args.child:
         print(json.dumps(run_b_variant(json.loads(args.child))))
         return
+    parts = "".join(p for p in "abc" if p in args.parts)
+    if not parts or set(args.parts) - set("abc"):
+        ap.error(f"--parts takes letters of abc (got {args.parts!r}).")
     if args.quick:
-        a = dict(n=256, vocab=4000, k=64)
-        b = dict(B=2, T=128, V=4000, H=64, k=64, chunk=128)
+        sizes = dict(a=dict(n=256, vocab=4000, k=64), b=dict(B=2, T=128, V=4000, H=64, k=64, chunk=128),
+                     c=dict(n=256, V=4000, H=64, k=64, chunk=32))
         repeats = args.repeats or 3
     else:
-        a = dict(n=2048, vocab=16000, k=64)
-        b = dict(B=8, T=512, V=16000, H=256, k=64, chunk=128)
+        sizes = dict(a=dict(n=2048, vocab=16000, k=64), b=dict(B=8, T=512, V=16000, H=256, k=64, chunk=128),
+                     c=dict(n=2048, V=16000, H=256, k=64, chunk=32))
         repeats = args.repeats or 5
     device = args.device
     load_start = os.getloadavg()[0]
-    if args.part != "all":
-        rows = part_a(**a, repeats=repeats, device=device) if args.part == "a" else \
-            part_b(**b, repeats=max(2, repeats - 2), device=device)
-        for r in rows:
-            print(r)
-        return
-    rows_a = part_a(**a, repeats=repeats, device=device)
-    rows_b = part_b(**b, repeats=max(2, repeats - 2), device=device)
-    config, tables, notes = report(args, a, b, repeats, rows_a, rows_b, (load_start, os.getloadavg()[0]))
+    rows = {}
+    if "a" in parts:
+        rows["a"] = part_a(**sizes["a"], repeats=repeats, device=device)
+    if "b" in parts:
+        rows["b"] = part_b(**sizes["b"], repeats=max(2, repeats - 2), device=device)
+    if "c" in parts:
+        rows["c"] = part_c(**sizes["c"], repeats=repeats, device=device)
+    config, tables, notes = report(args, sizes, repeats, rows, (load_start, os.getloadavg()[0]))
     print("\n".join(f"{k}: {v}" for k, v in config.items()), tables, notes, sep="\n\n")
     if not args.no_write:
         theme = "losses" + ("-quick" if args.quick else "") + (f"-{args.threads}thread" if args.threads else "")
-        path = write_result(theme, "Distillation loss cost: sparse vs dense KD, chunked vs plain", config, tables,
-                            notes)
+        path = write_result(theme, "Distillation loss cost: sparse vs dense KD, chunked vs plain, the ChooBaCa step",
+                            config, tables, notes)
         print(f"wrote {path}")
 
 

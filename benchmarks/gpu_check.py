@@ -326,7 +326,8 @@ def run_check(args: argparse.Namespace, sizes: Sizes, device: str, work: Path) -
                       "tokens_per_s": tokens_per_s, "tflops": fpt * tokens_per_s / 1e12,
                       "mfu": fpt * tokens_per_s / (peak * 1e12) if peak else None, "peak_tflops": peak,
                       "ce_first": train[0]["ce"], "ce_last": train[-1]["ce"],
-                      "final_dev_loss": summary.get("final_dev_loss"), "timed_steps": n}
+                      "final_dev_loss": summary.get("final_dev_loss", summary.get("final_dev_loss_sample")),
+                      "timed_steps": n}
 
     # --- precompute
     cache = work / "cache"
@@ -366,7 +367,8 @@ def run_check(args: argparse.Namespace, sizes: Sizes, device: str, work: Path) -
                 res["peak_mem"][f"student {label}"] = mem.value
                 train = read_train_lines(out)
                 r["step_s"], _, r["timed_steps"] = steady_step_time(train, max(2, steps // 5))
-                r["num_params"], r["final_dev_loss"] = s["num_params"], s.get("final_dev_loss")
+                r["num_params"] = s["num_params"]
+                r["final_dev_loss"] = s.get("final_dev_loss", s.get("final_dev_loss_sample"))
             else:
                 log(f"student {label}: {steps} steps under the profiler")
                 r |= profiled_shares(lambda: cachekd(*argv), warmup_steps=max(1, steps // 4))

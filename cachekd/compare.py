@@ -7,9 +7,12 @@ when a live process trains it (its ``running.json`` names a process that still e
 otherwise (stopped, crashed or killed: `--resume` continues it).
 
 Dev loss in the table comes from ``eval.json`` when `cachekd eval` measured the whole dev split (column
-``dev_from`` = ``eval``), else from the run's summary or last dev line (``trainer``: the trainer scores the first
-``data.eval_windows`` dev windows), else from an `cachekd eval --max-windows N` on the dev split
-(``eval:firstN``). Losses on the train split are never used. Compare runs whose ``dev_from`` agree.
+``dev_from`` = ``eval``), else from the run's summary or last dev line (``trainer:sampleN``: the trainer's fixed
+sample of N dev windows drawn from every source, the same for every run on the store; ``trainer``: the whole dev
+split, or, for runs from before the sample, the first ``data.eval_windows`` windows), else from an
+`cachekd eval --max-windows N` on the dev split (``eval:firstN``). Losses on the train split are never used. Compare
+runs whose ``dev_from`` agree. In ``curves.png`` the dev panels draw the trainer's values as lines (labelled with
+the sample size) and `cachekd eval`'s whole-split value, where there is one, as a star at the run's last step.
 
 Minimal-pair accuracies get one set of columns per measurement convention (`cachekd.rundir.minimal_pairs_key`:
 file set, prefix, pair limit), labelled like ``mp[blimp prefix=eos]`` (macro accuracy) and
@@ -67,6 +70,14 @@ def _num(v: Any) -> float | None:
     return None if math.isnan(f) else f
 
 
+def trainer_dev_loss(line: dict[str, Any]) -> tuple[float | None, int | None]:
+    """A metrics.jsonl dev line's loss and, when it is the trainer's sample, the sample's size (None: the whole dev
+    split, or a run from before the sample)."""
+    if _num(line.get("dev_loss_sample")) is not None:
+        return _num(line["dev_loss_sample"]), line.get("dev_sample_windows")
+    return _num(line.get("dev_loss")), None
+
+
 def pair_labels(keys: list[str], results: dict[str, dict[str, Any]]) -> dict[str, str]:
     """Column label of each minimal-pair key: the key without its content fingerprint (``blimp prefix=eos``), or
     with it where two keys would otherwise get the same label (same names, other pairs). `results` gives one result
@@ -102,10 +113,13 @@ def run_row(run: dict[str, Any], name: str, labels: dict[str, str] | None = None
                if isinstance(e, dict) and e.get("split", "dev") == "dev" and _num(e.get("loss")) is not None]
     if full is not None and _num(full.get("loss")) is not None:
         dev_loss, source = _num(full["loss"]), "eval"
+    elif _num(s.get("final_dev_loss_sample")) is not None:
+        dev_loss, source = _num(s["final_dev_loss_sample"]), f"trainer:sample{s.get('dev_sample_windows')}"
     elif _num(s.get("final_dev_loss")) is not None:
         dev_loss, source = _num(s["final_dev_loss"]), "trainer"
-    elif dev and _num(dev[-1].get("dev_loss")) is not None:
-        dev_loss, source = _num(dev[-1]["dev_loss"]), "trainer"
+    elif dev and trainer_dev_loss(dev[-1])[0] is not None:
+        dev_loss, n = trainer_dev_loss(dev[-1])
+        source = "trainer" if n is None else f"trainer:sample{n}"
     elif partial:  # only a quick `cachekd eval --max-windows N` on the dev split: say so
         best = max(partial, key=lambda e: e.get("num_windows") or 0)
         dev_loss, source = _num(best["loss"]), loss_key(best)
@@ -236,9 +250,11 @@ def compare_runs(run_dirs: list[str | Path], out_dir: str | Path | None = None) 
 
     lines = ["# Run comparison", "", markdown_table(rows, columns)]
     lines += [
-        "`dev_from`: `eval` = `cachekd eval` over the whole dev split (eval.json), `trainer` = the trainer's own dev "
-        "loss (the first `data.eval_windows` dev windows), `eval:firstN` = `cachekd eval --max-windows N` on the dev "
-        "split. `mp[<pairs> prefix=<p>]`: mean minimal-pair accuracy over the phenomena (files) of the pair set "
+        "`dev_from`: `eval` = `cachekd eval` over the whole dev split (eval.json), `trainer:sampleN` = the trainer's "
+        "dev loss on its fixed sample of N dev windows from every source (the same windows for every run on the "
+        "store), `trainer` = the trainer's dev loss over the whole dev split (runs from before the sample: its first "
+        "`data.eval_windows` windows), `eval:firstN` = `cachekd eval --max-windows N` on the dev split. "
+        "`mp[<pairs> prefix=<p>]`: mean minimal-pair accuracy over the phenomena (files) of the pair set "
         "`<pairs>`, each sentence scored after the context `<p>` (`eos`: end-of-text token, `bos`: begin-of-text "
         "token, `none`: no context, or the quoted text), on at most N pairs a file when `max_pairs=N`; "
         "`acc[...]:<group>`: mean over a group's phenomena. Accuracies measured another way are in other columns "
@@ -327,6 +343,13 @@ def _plot_weights(cohorts: list[tuple[str, list[dict[str, Any]]]], path: Path) -
 
 
 def _plot_curves(runs: list[dict[str, Any]], names: list[str], path: Path) -> None:
+    curves_figure(runs, names).savefig(path, dpi=110)
+
+
+def curves_figure(runs: list[dict[str, Any]], names: list[str]):
+    """The figure of ``curves.png``: training cross-entropy by step; the dev loss by step and by wall-clock time,
+    the trainer's values as lines (labelled with the sample size when they are its sample) and `cachekd eval`'s
+    whole-split value as a star at the run's end."""
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(15, 4.5), layout="constrained")
@@ -337,14 +360,30 @@ def _plot_curves(runs: list[dict[str, Any]], names: list[str], path: Path) -> No
         pts = [(s, v) for s, v in pts if s is not None and v is not None]
         if pts:
             ax_train.plot(*zip(*pts), label=name, linewidth=1)
-        dev = [(m.get("step"), _num(m.get("wall_s")), _num(m.get("dev_loss"))) for m in run["dev"]]
-        by_step = [(s, v) for s, _, v in dev if s is not None and v is not None]
-        by_wall = [(w, v) for _, w, v in dev if w is not None and v is not None]
-        if by_step:
-            ax_dev_step.plot(*zip(*by_step), marker="o", markersize=3, label=name)
-        if by_wall:
-            ax_dev_wall.plot(*zip(*by_wall), marker="o", markersize=3, label=name)
-    for ax, title, xlabel in ((ax_train, "training cross-entropy (hard labels)", "step"), (ax_dev_step, "dev loss", "step"),
+        dev = [(m.get("step"), _num(m.get("wall_s")), *trainer_dev_loss(m)) for m in run["dev"]]
+        by_step = [(s, v) for s, _, v, _ in dev if s is not None and v is not None]
+        by_wall = [(w, v) for _, w, v, _ in dev if w is not None and v is not None]
+        sizes = {n for *_, v, n in dev if v is not None}
+        label = name if sizes <= {None} else f"{name} (sample of {', '.join(str(n) for n in sorted(sizes - {None}))})"
+        color = None
+        for ax, pts in ((ax_dev_step, by_step), (ax_dev_wall, by_wall)):
+            if pts:
+                (line,) = ax.plot(*zip(*pts), marker="o", markersize=3, label=label, color=color)
+                color = line.get_color()
+        full = full_dev_loss(run["eval"])
+        if full is not None and _num(full.get("loss")) is not None:
+            # the whole dev split (cachekd eval, at the end of the run): what the table reports
+            last = run["train"][-1] if run["train"] else {}
+            end_step = run["summary"].get("steps", last.get("step"))
+            end_wall = _num(run["summary"].get("wall_s", last.get("wall_s")))
+            for ax, x in ((ax_dev_step, end_step), (ax_dev_wall, end_wall)):
+                if x is not None:
+                    (pt,) = ax.plot([x], [_num(full["loss"])], marker="*", markersize=12, linestyle="none",
+                                    color=color, label=f"{name}: whole dev split (eval)")
+                    color = pt.get_color()
+    dev_title = "dev loss: trainer's sample (lines), whole split from eval (★)"
+    for ax, title, xlabel in ((ax_train, "training cross-entropy (hard labels)", "step"),
+                              (ax_dev_step, dev_title, "step"),
                               (ax_dev_wall, "dev loss at equal wall-clock time", "wall-clock seconds")):
         ax.set_title(title)
         ax.set_xlabel(xlabel)
@@ -354,7 +393,7 @@ def _plot_curves(runs: list[dict[str, Any]], names: list[str], path: Path) -> No
             ax.legend(fontsize=8)
         else:
             ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes, color="gray")
-    fig.savefig(path, dpi=110)
+    return fig
 
 
 

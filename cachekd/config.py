@@ -200,12 +200,15 @@ def load_yaml(path: Path | str) -> dict[str, Any]:
                 f"({', '.join(list_presets())})."
             )
     try:
-        data = yaml.load(p.read_text(), Loader=_StrictLoader) or {}
+        data = yaml.load(p.read_text(), Loader=_StrictLoader)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
         what = getattr(e, "problem", None) or str(e).splitlines()[0]
         raise CachekdError(f"config {p} is not valid YAML{where}: {what}.") from None
+    if data is None or data == {}:  # an empty file would silently mean "all defaults" (a 44M-parameter model)
+        raise CachekdError(f"config {p} holds no options; write the options to set into it, or start from a "
+                           f"shipped preset (`cachekd presets` lists them).")
     if not isinstance(data, dict):
         raise CachekdError(f"config {p} must be a mapping of options at the top level.")
     return data

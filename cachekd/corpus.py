@@ -54,8 +54,17 @@ def _dir_fingerprint(p: Path) -> tuple[int, str]:
     return size, h.hexdigest()
 
 
-def resolve_sources(inputs: list[str]) -> list[Source]:
-    """Expand files, directories and globs into a sorted, de-duplicated list of sources."""
+def _inside(path: Path, directory: Path) -> bool:
+    """Whether `path` is `directory` or lies under it (both resolved)."""
+    path, directory = path.resolve(), directory.resolve()
+    return path == directory or directory in path.parents
+
+
+def resolve_sources(inputs: list[str], output: str | Path | None = None) -> list[Source]:
+    """Expand files, directories and globs into a sorted, de-duplicated list of sources.
+
+    With `output` (the directory about to be written), an output inside an input directory, or an input inside
+    the output, is refused: a later run would read the output's own files as corpus."""
     if not inputs:
         raise CachekdError("no input given: pass one or more text files, directories or globs.")
     found: list[Path] = []
@@ -67,6 +76,12 @@ def resolve_sources(inputs: list[str]) -> list[Source]:
             p = Path(m)
             if not p.exists():
                 raise CachekdError(f"input {str(p)!r} does not exist.")
+            if output is not None and p.is_dir() and _inside(Path(output), p):
+                raise CachekdError(f"the output {str(output)!r} is inside the input directory {str(p)!r}, so a later "
+                                   f"run would read its own files as corpus; choose an output outside the inputs.")
+            if output is not None and _inside(p, Path(output)):
+                raise CachekdError(f"the input {str(p)!r} is inside the output {str(output)!r}; choose an output "
+                                   f"outside the inputs.")
             if p.is_dir() and not _looks_like_saved_dataset(p):
                 files = sorted(
                     x for x in p.rglob("*")

@@ -27,6 +27,7 @@ import torch
 
 from cachekd import __version__
 from cachekd.errors import CachekdError
+from cachekd.models import check_positions, max_positions
 from cachekd.rundir import RunDir, loss_key, minimal_pairs_key
 from cachekd.teachers import has_tokenizer, tokenizer_fingerprint_of
 from cachekd.tokens import TokenStore
@@ -36,15 +37,6 @@ from cachekd.tokens import TokenStore
 
 def _open_store(store: TokenStore | str | Path) -> TokenStore:
     return store if isinstance(store, TokenStore) else TokenStore.open(store)
-
-
-def _max_positions(model) -> int | None:
-    cfg = getattr(model, "config", None)
-    for key in ("max_position_embeddings", "n_positions"):
-        v = getattr(cfg, key, None)
-        if isinstance(v, int) and v > 0:
-            return v
-    return None
 
 
 def _output_size(model) -> int | None:
@@ -77,12 +69,14 @@ def dev_loss(
     device: str | torch.device = "cpu",
     max_windows: int | None = None,
     progress: bool = True,
+    windows: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """Mean per-token next-token loss of `model` over the windows of a token-store split.
 
     Returns ``{"loss": nats a prediction, "ppl": exp(loss), "num_tokens": predictions scored,
     "num_windows": windows read}``. Each (L,) window gives L−1 predictions; log-probabilities are taken in
-    float32 whatever the model's dtype, and summed in float64. `max_windows` evaluates the first windows only.
+    float32 whatever the model's dtype, and summed in float64. `max_windows` evaluates the first windows only;
+    `windows` (sorted indices, e.g. `cachekd.tokens.reader.dev_sample`) evaluates those windows only.
     """
     from tqdm.auto import tqdm
 
@@ -94,26 +88,26 @@ def dev_loss(
     if batch_size < 1:
         raise CachekdError(f"batch size must be at least 1 (got {batch_size}).")
     n = store.num_windows(split)
+    if windows is not None:
+        windows = np.asarray(windows, dtype=np.int64)
+        if len(windows) and (windows.min() < 0 or windows.max() >= n):
+            raise CachekdError(f"window indices must lie in [0, {n}) for the {split!r} split.")
+        n = len(windows)
     if max_windows is not None:
         if max_windows < 1:
             raise CachekdError(f"--max-windows must be at least 1 (got {max_windows}).")
         n = min(n, max_windows)
     if n == 0:
         raise CachekdError(f"the {split!r} split of {str(store.path)!r} holds no windows.")
-    max_pos = _max_positions(model)
-    if max_pos is not None and store.seq_len > max_pos:
-        raise CachekdError(
-            f"the token store's windows are {store.seq_len} tokens but the model takes at most {max_pos} positions."
-        )
+    check_positions(model, store.seq_len, "the model")
     vocab = _output_size(model)
     model.eval()
     model.to(device)
     total = 0.0  # python float: float64 accumulation
     num_tokens = 0
     with tqdm(total=n, desc=f"dev loss ({split})", unit="win", disable=not progress) as bar:
-        for start in range(0, n, batch_size):
-            stop = min(n, start + batch_size)
-            ids = torch.from_numpy(store.read(split, start, stop).astype(np.int64)).to(device)  # (B, L)
+        for block in _window_batches(store, split, n, batch_size, windows):
+            ids = torch.from_numpy(block.astype(np.int64)).to(device)  # (B, L)
             if vocab is not None and int(ids.max()) >= vocab:
                 raise CachekdError(
                     f"the token store holds token id {int(ids.max())} but the model has only {vocab} outputs; "
@@ -125,10 +119,32 @@ def dev_loss(
             )
             total += float(loss)
             num_tokens += ids[:, 1:].numel()
-            bar.update(stop - start)
+            bar.update(len(block))
     mean = total / num_tokens
     return {"loss": mean, "ppl": math.exp(mean) if mean < 700 else float("inf"), "num_tokens": num_tokens,
             "num_windows": n}
+
+
+def _window_batches(store: TokenStore, split: str, n: int, batch_size: int, windows: np.ndarray | None):
+    """(B, L) arrays of token windows: the first `n` windows of the split, or the given `windows` (sorted), read a
+    whole chunk at a time (one read a chunk, not one a window)."""
+    if windows is None:
+        for start in range(0, n, batch_size):
+            yield store.read(split, start, min(n, start + batch_size))
+        return
+    cw = store.chunk_windows
+    pending: list[np.ndarray] = []
+    buffered = 0
+    for c in np.unique(windows // cw):
+        rows = windows[(windows // cw) == c] - c * cw
+        pending.append(store.read_chunk(split, int(c))[rows])
+        buffered += len(rows)
+        while buffered >= batch_size:
+            flat = np.concatenate(pending)
+            yield flat[:batch_size]
+            pending, buffered = [flat[batch_size:]], len(flat) - batch_size
+    if buffered:
+        yield np.concatenate(pending)
 
 
 # ------------------------------------------------------------------------------------------------ sentence scores
@@ -184,7 +200,7 @@ def sentence_logprobs(
     encoded = tokenizer(sentences, add_special_tokens=False)["input_ids"]
     seqs = [ctx + list(ids) for ids in encoded]
     first_scored = max(len(ctx), 1)  # index of the first token whose probability counts
-    max_pos = _max_positions(model)
+    max_pos = max_positions(model)
     longest = max(len(s) for s in seqs)
     if max_pos is not None and longest > max_pos:
         i = max(range(len(seqs)), key=lambda k: len(seqs[k]))
@@ -259,8 +275,9 @@ def read_pairs(path: str | Path) -> list[dict[str, Any]]:
             continue
         try:
             rec = json.loads(line)
-        except ValueError as e:
-            raise CachekdError(f"{str(p)!r} line {lineno} is not valid JSON ({getattr(e, 'msg', e)}).") from None
+        except json.JSONDecodeError as e:  # e.msg ends where json would add its character offset
+            where = f"column {e.colno}" if e.msg.endswith(" at") else f"at column {e.colno}"
+            raise CachekdError(f"{str(p)!r} line {lineno} is not valid JSON ({e.msg} {where}).") from None
         if not isinstance(rec, dict):
             raise CachekdError(f"{str(p)!r} line {lineno} is not a JSON object with sentence_good and sentence_bad.")
         for key in ("sentence_good", "sentence_bad"):
@@ -546,6 +563,7 @@ def agreement_with_cache(model, cache, store: TokenStore, *, split: str = "dev",
     cache.check_store(store)
     if split not in cache.splits():
         raise CachekdError(f"the cache has no {split!r} split (it has {', '.join(cache.splits())}).")
+    check_positions(model, store.seq_len, "the model")
     ti = cache.temperature_index(temperature)
     n = cache.num_windows(split) if max_windows is None else min(max_windows, cache.num_windows(split))
     device = torch.device(device)

@@ -40,6 +40,14 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
+def give_usual_mode(directory: Path) -> None:
+    """Give every file under `directory` the mode open() would (0666 minus the umask). Files written by other
+    libraries through a temporary file (safetensors' ``model.safetensors``) come out owner-only (0600)."""
+    for f in Path(directory).rglob("*"):
+        if f.is_file() and not f.is_symlink() and f.stat().st_mode & 0o777 != _FILE_MODE:
+            os.chmod(f, _FILE_MODE)
+
+
 def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n").encode())
 
@@ -70,6 +78,18 @@ def read_json_dict(path: Path, hint: str) -> dict:
     if not isinstance(data, dict):
         raise CachekdError(f"{str(path)!r} does not hold a JSON object; {hint}")
     return data
+
+
+def check_format(meta: dict, *, expected: str, version: int, what: str, path: Path, remedy: str) -> None:
+    """Refuse a manifest written for another format (``meta["format"]``) or another format version, in one
+    sentence naming `what` is at `path` and the `remedy` (e.g. "run precompute again")."""
+    from cachekd.errors import CachekdError
+
+    if meta.get("format") != expected:
+        raise CachekdError(f"{str(path)!r} is not a {what} (its manifest says {meta.get('format')!r}).")
+    if meta.get("format_version") != version:
+        raise CachekdError(f"{what} {str(path)!r} has format version {meta.get('format_version')}; this cachekd reads "
+                           f"{version}: {remedy}.")
 
 
 def read_json_dict_or_none(path: Path) -> dict | None:

@@ -182,7 +182,11 @@ class CachedBatches(torch.utils.data.IterableDataset):
 
 
 class Prefetcher:
-    """Runs an iterator in a background thread, `depth` items ahead (reading and decoding overlap training)."""
+    """Runs an iterator in a background thread, `depth` items ahead (reading and decoding overlap training).
+
+    `close` stops the thread and waits for it: a thread still decoding (inside torch or blosc) when the interpreter
+    exits is torn down in C++ code, which aborts the process ("terminate called without an active exception",
+    exit 134 instead of the signal's 143)."""
 
     def __init__(self, it: Iterator[Any], depth: int = 4, pin: bool = False):
         self.q: queue.Queue = queue.Queue(maxsize=depth)
@@ -191,22 +195,26 @@ class Prefetcher:
         self.thread = threading.Thread(target=self._run, args=(it,), daemon=True, name="cachekd-loader")
         self.thread.start()
 
+    def _put(self, entry: tuple[str, Any]) -> bool:
+        """Queue `entry` unless the consumer closed us first; returns whether it was queued."""
+        while not self._stop.is_set():
+            try:
+                self.q.put(entry, timeout=0.2)
+                return True
+            except queue.Full:
+                continue
+        return False
+
     def _run(self, it) -> None:
         try:
             for item in it:
                 if self.pin:
                     item = item.pin_memory()
-                while not self._stop.is_set():
-                    try:
-                        self.q.put(("item", item), timeout=0.2)
-                        break
-                    except queue.Full:
-                        continue
-                if self._stop.is_set():
+                if not self._put(("item", item)):
                     return
-            self.q.put(("end", None))
+            self._put(("end", None))
         except BaseException as e:  # noqa: BLE001 - re-raised in the consumer
-            self.q.put(("error", e))
+            self._put(("error", e))
 
     def __iter__(self):
         return self
@@ -220,4 +228,7 @@ class Prefetcher:
         return item
 
     def close(self) -> None:
+        """Stop the background thread and wait until it has finished the item it was reading."""
         self._stop.set()
+        if self.thread is not threading.current_thread():
+            self.thread.join()

@@ -9,11 +9,12 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
-
-import torch
+from typing import TYPE_CHECKING, Literal
 
 from cachekd.errors import CachekdError
+
+if TYPE_CHECKING:  # torch is imported where a model is built or loaded: checking a config must not wait for it
+    import torch
 
 
 @dataclass
@@ -132,6 +133,29 @@ def checkpoint_fingerprint(path: str | Path) -> str:
                 while block := fh.read(1 << 22):
                     h.update(block)
     return h.hexdigest()
+
+
+def max_positions(model) -> int | None:
+    """The longest input a model takes: its config's ``max_position_embeddings`` (GPT-2: ``n_positions``), or None
+    when the config does not say."""
+    cfg = getattr(model, "config", None)
+    for key in ("max_position_embeddings", "n_positions"):
+        v = getattr(cfg, key, None)
+        if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+            return v
+    return None
+
+
+def check_positions(model, seq_len: int, who: str) -> None:
+    """Refuse a model that takes fewer positions than the `seq_len`-token windows it would read. Past its
+    positions GPT-2 fails with an IndexError (learned position embeddings) and a LLaMA runs silently on rotary
+    positions it never saw in training. `who` starts the sentence ("teacher 'x'", "the model ...")."""
+    max_pos = max_positions(model)
+    if max_pos is not None and seq_len > max_pos:
+        raise CachekdError(
+            f"{who} takes at most {max_pos} positions but the token store's windows are {seq_len} tokens; use a model "
+            f"with at least {seq_len} positions, or a token store prepared with --seq-len {max_pos} or less."
+        )
 
 
 def count_parameters(model: torch.nn.Module) -> int:

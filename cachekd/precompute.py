@@ -13,6 +13,7 @@ import math
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -101,7 +102,9 @@ def autocast_dtype(spec: str, device: torch.device) -> torch.dtype | None:
 
 
 class _BackgroundWriter:
-    """Encodes, compresses and writes finished chunks while the teacher computes the next ones."""
+    """Encodes, compresses and writes finished chunks while the teacher computes the next ones. `close` writes what
+    is queued and joins the thread; precompute calls it on every way out (an error or Ctrl-C included), so the
+    process never exits while the thread is inside the compressor."""
 
     def __init__(self, writer: cw.ChunkWriter, maxsize: int):
         self.writer = writer
@@ -232,8 +235,10 @@ def _chunk_targets(models: list, infos: list[dict[str, Any]], tokens: np.ndarray
     return results, stats
 
 
-def precompute(cfg: PrecomputeConfig, *, force: bool = False, progress: bool = True) -> dict[str, Any]:
-    """Fill the cache. Returns a summary (and the manifest once the cache is complete)."""
+def precompute(cfg: PrecomputeConfig, *, force: bool = False, progress: bool = True,
+               say: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Fill the cache. Returns a summary (and the manifest once the cache is complete). `say` receives notes for
+    the user (a teacher's extra output rows dropped as padding)."""
     from tqdm.auto import tqdm
 
     from cachekd.teachers import load_teachers
@@ -253,7 +258,7 @@ def precompute(cfg: PrecomputeConfig, *, force: bool = False, progress: bool = T
     busy = cw.busy_share(root, slot, slots)
     if busy:  # stop at once, before loading any teacher
         raise _busy_error(root, busy)
-    loaded = load_teachers(cfg.teachers, store, cfg.registry)
+    loaded = load_teachers(cfg.teachers, store, cfg.registry, say=say)
     models = [m.to(device).eval() for m, _, _ in loaded]
     infos = [info for _, _, info in loaded]
     plan = build_plan(cfg, store, infos, vocab)

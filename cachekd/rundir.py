@@ -75,6 +75,11 @@ class StartPlan:
     checkpoint: Path | None = None
 
 
+def _in_run(name: str) -> property:
+    """A read-only attribute: the path of `name` inside the run directory."""
+    return property(lambda self: self.path / name, doc=f"``RUN/{name}``")
+
+
 class RunDir:
     """One run directory: its layout, its state and the files cachekd keeps in it."""
 
@@ -85,37 +90,14 @@ class RunDir:
         return f"RunDir({str(self.path)!r})"
 
     # ------------------------------------------------------------------------------------------ layout
-    @property
-    def config_path(self) -> Path:
-        return self.path / CONFIG_FILE
-
-    @property
-    def metrics_path(self) -> Path:
-        return self.path / METRICS_FILE
-
-    @property
-    def summary_path(self) -> Path:
-        return self.path / SUMMARY_FILE
-
-    @property
-    def eval_path(self) -> Path:
-        return self.path / EVAL_FILE
-
-    @property
-    def running_path(self) -> Path:
-        return self.path / RUNNING_FILE
-
-    @property
-    def model_dir(self) -> Path:
-        return self.path / MODEL_DIR
-
-    @property
-    def checkpoint_dir(self) -> Path:
-        return self.path / CHECKPOINTS_DIR
-
-    @property
-    def tensorboard_dir(self) -> Path:
-        return self.path / TENSORBOARD_DIR
+    config_path = _in_run(CONFIG_FILE)
+    metrics_path = _in_run(METRICS_FILE)
+    summary_path = _in_run(SUMMARY_FILE)
+    eval_path = _in_run(EVAL_FILE)
+    running_path = _in_run(RUNNING_FILE)
+    model_dir = _in_run(MODEL_DIR)
+    checkpoint_dir = _in_run(CHECKPOINTS_DIR)
+    tensorboard_dir = _in_run(TENSORBOARD_DIR)
 
     @classmethod
     def of_model_path(cls, path: str | Path) -> RunDir | None:
@@ -228,6 +210,10 @@ class RunDir:
         if resume and finished:
             raise CachekdError(f"the run in {out!r} already finished; nothing to resume (pass --force to "
                                f"train it again, or choose another output).")
+        if resume and not self.exists:
+            raise CachekdError(f"there is nothing to resume in {out!r}: "
+                               f"{'it is empty' if self.path.is_dir() else 'no such directory'}; check the path, or "
+                               f"leave out --resume to start a new run there.")
         last = self.last_checkpoint if self.path.exists() else None
         if resume and last is not None:
             return StartPlan("resume", checkpoint=last)
@@ -313,12 +299,16 @@ class RunDir:
         return read_json_dict(self.summary_path, "the run's summary is damaged.") if self.finished else {}
 
     def save_model(self, model: Any, tokenizer: Any) -> None:
-        """Write model/ (HF checkpoint plus tokenizer) through a temporary directory, replacing an older one."""
+        """Write model/ (HF checkpoint plus tokenizer) through a temporary directory, replacing an older one. Its
+        files get the usual mode (0644 under umask 022) like every other file of the run."""
+        from cachekd.io import give_usual_mode
+
         tmp = self.path / MODEL_TMP_DIR
         if tmp.exists():
             shutil.rmtree(tmp)
         model.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
+        give_usual_mode(tmp)
         if self.model_dir.exists():
             shutil.rmtree(self.model_dir)
         os.replace(tmp, self.model_dir)

@@ -10,6 +10,8 @@ import math
 from dataclasses import dataclass
 
 SCHEDULE_KINDS = ("constant", "epoch_linear", "linear", "cosine")
+EPOCH_LINEAR_MIN_EPOCHS = 2
+"""An ``epoch_linear`` schedule decays per epoch in runs of at least this many epochs, per step in shorter ones."""
 
 
 @dataclass(frozen=True)
@@ -18,7 +20,9 @@ class Schedule:
 
     * ``constant``: always ``start``.
     * ``epoch_linear``: ChooBaCa's per-epoch decay with a floor, ``max(end, start·(1 − e/E))`` for epoch ``e``
-      (0-based) of ``E`` epochs: constant within an epoch.
+      (0-based) of ``E`` epochs: constant within an epoch. A run of fewer than two epochs (E = 1: it ends within
+      its first epoch, e.g. a short ``max_steps``) would never leave ``start``, so there the fraction of training
+      done takes the place of e/E: ``max(end, start·(1 − s/S))`` at step ``s`` of ``S``, the same decay, per step.
     * ``linear`` / ``cosine``: per step from ``start`` (at step ``warmup_steps``) to ``end`` (at ``total_steps``),
       linearly or along a half cosine; held at ``end`` afterwards.
 
@@ -55,6 +59,10 @@ class Schedule:
         if self.kind == "epoch_linear":
             if total_epochs < 1:
                 raise ValueError(f"total_epochs must be >= 1 for an epoch_linear schedule (got {total_epochs}).")
+            if total_epochs < EPOCH_LINEAR_MIN_EPOCHS:
+                if total_steps < 1:
+                    raise ValueError(f"total_steps must be >= 1 for an epoch_linear schedule (got {total_steps}).")
+                return float(max(self.end, self.start * (1.0 - min(step, total_steps) / total_steps)))
             return float(max(self.end, self.start * (1.0 - epoch / total_epochs)))
         if total_steps < 1:
             raise ValueError(f"total_steps must be >= 1 for a {self.kind} schedule (got {total_steps}).")

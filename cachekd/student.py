@@ -133,8 +133,9 @@ class Student:
 
     def __init__(self, cfg: TrainConfig, place: Placement, plan: StepPlan, store: TokenStore,
                  teacher_source: TeacherSource | None, identity: dict[str, Any],
-                 identity_of_saved: Callable[[dict[str, Any]], dict[str, Any]]):
-        from cachekd.models import build_model, count_parameters
+                 identity_of_saved: Callable[[dict[str, Any]], dict[str, Any]],
+                 say: Callable[[str], None] | None = None):
+        from cachekd.models import build_model, check_positions, count_parameters
 
         self.cfg, self.place, self.plan, self.store = cfg, place, plan, store
         self.teacher_source = teacher_source
@@ -149,6 +150,7 @@ class Student:
             v = self.model.get_output_embeddings().weight.shape[0]
             if v < store.vocab_size:
                 raise CachekdError(f"model.init_from has a vocabulary of {v}, smaller than the store's {store.vocab_size}.")
+            check_positions(self.model, store.seq_len, f"model.init_from {cfg.model.init_from!r}")
         self.num_params = count_parameters(self.model)
         self.optimizer = _adamw(self.model, cfg)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.lr_factor)
@@ -161,6 +163,8 @@ class Student:
             self.loss_module = DDP(self.loss_module, device_ids=ids)
         self.rng = capture_rng_state()  # its own random stream from here on (dropout), whatever other students draw
         self.tensorboard = None
+        self.dev_sample = None  # the periodic evaluation's dev windows, drawn at the first evaluation
+        self.say = say or (lambda msg: None)
 
     # ------------------------------------------------------------------------------------------ schedules
     def lr_factor(self, step: int) -> float:
@@ -274,17 +278,44 @@ class Student:
         return out
 
     def evaluate(self, windows: int | None = None) -> float | None:
-        """Mean loss on the dev split (its first `windows` windows, default data.eval_windows; 0: all), or None
-        without one."""
+        """The dev loss: on a fixed sample of `windows` dev windows (default data.eval_windows) drawn from every
+        source (`cachekd.tokens.reader.dev_sample`, the same for every run on the store), or the whole dev split
+        when that is no larger (0: always); None without a dev split. `self.dev_sample` says which (the periodic
+        evaluation's sample)."""
         from cachekd.evaluate import dev_loss
+        from cachekd.tokens.reader import dev_sample
 
         if "dev" not in self.store.splits() or self.store.num_windows("dev") == 0:
             return None
-        n = (self.cfg.data.eval_windows if windows is None else windows) or None
+        if windows is None:
+            if self.dev_sample is None:
+                self.dev_sample = dev_sample(self.store, self.cfg.data.eval_windows)
+                if self.dev_sample.note and self.place.is_main:
+                    self.say(self.dev_sample.note)
+            sample = self.dev_sample
+        else:
+            sample = dev_sample(self.store, windows)
         res = dev_loss(self.model, self.store, split="dev", batch_size=self.plan.micro, device=self.place.device,
-                       max_windows=n, progress=False)
+                       windows=None if sample.whole_split else sample.windows, progress=False)
         self.model.train()
         return float(res["loss"])
+
+    def dev_record(self, dev: float) -> dict[str, Any]:
+        """The dev loss under a key that says what it covers: ``dev_loss`` for the whole dev split, else
+        ``dev_loss_sample`` with ``dev_sample_windows``."""
+        if self.dev_sample is None or self.dev_sample.whole_split:
+            return {"dev_loss": dev}
+        return {"dev_loss_sample": dev, "dev_sample_windows": self.dev_sample.num_windows}
+
+    def final_dev(self, dev: float | None) -> dict[str, Any]:
+        """The summary's last dev loss and perplexity, keyed like `dev_record` (``final_dev_loss_sample``, ... for
+        a sample)."""
+        if dev is None:
+            return {"final_dev_loss": None, "final_dev_ppl": None}
+        rec = self.dev_record(dev)
+        suffix = "" if "dev_loss" in rec else "_sample"
+        return {f"final_dev_loss{suffix}": dev, f"final_dev_ppl{suffix}": math.exp(dev) if dev < 50 else None,
+                **{k: v for k, v in rec.items() if k == "dev_sample_windows"}}
 
     # --------------------------------------------------------------------------------- checkpoints, output
     def save_checkpoint(self, step: int, counters: dict[str, Any]) -> Path | None:
@@ -342,7 +373,8 @@ class Student:
         out["num_params"] = self.num_params
         out.update(self.teacher_source.summary() if self.teacher_source else {"cache": None, "teachers": None})
         order = ["name", "mode", "online", "objective", "steps", "tokens", "wall_s", "tokens_per_s", "num_params",
-                 "final_dev_loss", "final_dev_ppl", "stopped_by", "processes"]
+                 "final_dev_loss", "final_dev_ppl", "final_dev_loss_sample", "final_dev_ppl_sample",
+                 "dev_sample_windows", "stopped_by", "processes"]
         out = {k: out[k] for k in order if k in out} | {k: v for k, v in out.items() if k not in order}
         if self.place.is_main:
             self.run_dir.save_model(self.model, self.store.load_tokenizer())

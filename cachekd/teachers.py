@@ -124,20 +124,72 @@ def resolve_teachers(specs: list[str], registry: str | None = None) -> list[tupl
 # ---------------------------------------------------------------------------------------------- loading
 
 
-def check_teacher(name: str, path: Path, model, store: TokenStore) -> dict[str, Any]:
-    """Refuse a teacher whose tokenizer or vocabulary does not fit the store (padded embeddings are accepted: their
-    extra logits are dropped); returns what the cache manifest and run summary record about it."""
-    from cachekd.models import checkpoint_fingerprint, count_parameters
+PADDING_MASS_LIMIT = 1e-3
+"""The most probability (mean over the probed positions) a teacher's extra output rows may carry to count as
+padding when no tokenizer shows what they are. Dropping rows of mass m and renormalising moves the teacher's
+distribution by KL(p_kept ‖ p) = −log(1 − m) ≈ m nats: at 1e-3, about the cache's own storage error of a
+log-probability (2⁻¹⁰ ≈ 9.8e-4 nats at the default --logprob-step)."""
+
+PADDING_PROBE_WINDOWS = 8
+"""Windows from the start of the store's train split on which the extra rows' mass is measured."""
+
+
+def padding_mass(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """The probability each position puts on the outputs at or beyond `vocab_size`: logits (..., V_model) → (...),
+    computed in float32 as exp(logsumexp(z[vocab_size:]) − logsumexp(z))."""
+    z = logits.float()
+    return torch.exp(torch.logsumexp(z[..., vocab_size:], dim=-1) - torch.logsumexp(z, dim=-1))
+
+
+def _probe_padding(model, store: TokenStore) -> tuple[float, int]:
+    """(mean padding mass, windows probed) of `model` on the first windows of the store's train split."""
+    import numpy as np
+
+    split = "train" if "train" in store.splits() else store.splits()[0]
+    n = min(PADDING_PROBE_WINDOWS, store.num_windows(split))
+    x = torch.from_numpy(store.read(split, 0, n).astype(np.int64))
+    with torch.inference_mode():
+        logits = model.eval()(input_ids=x, use_cache=False).logits  # (n, L, V_model)
+    return float(padding_mass(logits, store.vocab_size).double().mean()), n
+
+
+def check_teacher(name: str, path: Path, model, store: TokenStore,
+                  say: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """The single check of a teacher against a token store, before it computes anything: its tokenizer, its
+    vocabulary (at least the store's) and its positions (at least the store's window) must fit; returns what the
+    cache manifest and run summary record about it.
+
+    Extra output rows beyond the store's vocabulary are dropped as padding. With the store's tokenizer saved next
+    to the teacher that is certain; without one, the rows' probability mass is measured on the store's first
+    windows (`padding_mass`): above `PADDING_MASS_LIMIT` they are refused as real tokens, below it `say` is told
+    that they are dropped."""
+    from cachekd.models import check_positions, checkpoint_fingerprint, count_parameters
 
     v_model = output_size(model)
+    fingerprint = tokenizer_fingerprint_of(path)
     store.check_tokenizer(
-        fingerprint=tokenizer_fingerprint_of(path), vocab_size=v_model,
+        fingerprint=fingerprint, vocab_size=v_model,
         tokenizer_error=lambda fp: (f"teacher {name!r} comes with a different tokenizer than the token store "
                                     f"{str(store.path)!r}; prepare the store with --tokenizer {path} or use a "
                                     f"matching teacher."),
         vocab_error=lambda v: (f"teacher {name!r} has a vocabulary of {v} tokens but the token store's tokenizer has "
                                f"{store.vocab_size}; use a teacher trained with this tokenizer."),
     )
+    check_positions(model, store.seq_len, f"teacher {name!r}")
+    extra = v_model - store.vocab_size
+    mass = None
+    if extra > 0 and fingerprint is None:
+        mass, n = _probe_padding(model, store)
+        what = (f"teacher {name!r} has {v_model} outputs, {extra} more than the token store's vocabulary of "
+                f"{store.vocab_size}, and no tokenizer in {str(path)!r} to show they are padding; on the store's "
+                f"first {n} windows they carry {mass:.3g} of the probability (mean over positions)")
+        if not mass <= PADDING_MASS_LIMIT:
+            raise CachekdError(
+                f"{what}, more than the {PADDING_MASS_LIMIT:g} padding may carry, so they are real tokens; use the "
+                f"teacher trained with this store's tokenizer (and save that tokenizer next to it)."
+            )
+        if say is not None:
+            say(f"note: {what} (at most {PADDING_MASS_LIMIT:g} for padding), so they are dropped as padding.")
     return {
         "name": name,
         "path": str(path.resolve()),
@@ -145,20 +197,22 @@ def check_teacher(name: str, path: Path, model, store: TokenStore) -> dict[str, 
         "model_type": getattr(model.config, "model_type", type(model).__name__),
         "num_params": count_parameters(model),
         "model_vocab_size": v_model,
-        "padded_logits_dropped": v_model - store.vocab_size,
+        "padded_logits_dropped": extra,
+        "padding_mass": mass,
     }
 
 
-def load_teachers(specs: list[str], store: TokenStore,
-                  registry: str | None = None) -> list[tuple[Any, Path, dict[str, Any]]]:
+def load_teachers(specs: list[str], store: TokenStore, registry: str | None = None,
+                  say: Callable[[str], None] | None = None) -> list[tuple[Any, Path, dict[str, Any]]]:
     """Resolve, load and check each teacher: [(model on the CPU, checkpoint directory, `check_teacher` info)]. Two
-    specs naming the same checkpoint (identical config and weights) are refused."""
+    specs naming the same checkpoint (identical config and weights) are refused; `say` receives notes for the user
+    (extra output rows dropped as padding)."""
     from cachekd.models import load_model
 
     loaded: list[tuple[Any, Path, dict[str, Any]]] = []
     for name, path in resolve_teachers(specs, registry):
         m = load_model(path)
-        info = check_teacher(name, path, m, store)
+        info = check_teacher(name, path, m, store, say)
         for _, _, prev in loaded:
             if prev["fingerprint"] == info["fingerprint"]:
                 raise CachekdError(
@@ -177,6 +231,9 @@ class TeacherSource(ABC):
 
     names: list[str]
     """One name a teacher, in the order of the targets (and of distill.teacher_weights)."""
+    notes: tuple[str, ...] = ()
+    """Sentences the user should read before the run starts (e.g. a top-k cache that holds little of the teachers'
+    mass at the run's τ); the trainer shows them."""
 
     @property
     def num_teachers(self) -> int:
@@ -195,8 +252,13 @@ class TeacherSource(ABC):
 class CachedTeachers(TeacherSource):
     """Targets read from a logit cache: sparse (top-k + tail_lse) or full logits."""
 
-    def __init__(self, cache: LogitCache, names: list[str], cache_spec: str, tail_index: int | None = None):
+    def __init__(self, cache: LogitCache, names: list[str], cache_spec: str,
+                 captured_mass: dict[str, float] | None = None, notes: tuple[str, ...] = (),
+                 tail_index: int | None = None):
         self.cache, self.names, self.cache_spec = cache, names, cache_spec
+        self.captured_mass = captured_mass or {}
+        """Per teacher, the mean share of its probability at the run's τ that the cached top-k holds (top-k caches)."""
+        self.notes = notes
         self.tail_index = tail_index
         """Which stored tail_lse (temperature) the targets use: top-k caches; None for full logits."""
 
@@ -212,13 +274,18 @@ class CachedTeachers(TeacherSource):
         cache = LogitCache.open(d.cache)
         cache.check_store(store)
         names = cache.select_teachers(d.teachers)
+        check_teacher_count(d, names)
         if "train" not in cache.splits():
             raise CachekdError(f"cache {d.cache!r} has no train split.")
-        tail_index = None
-        if cache.mode == "topk":
-            _check_topk_settings(cache, d, len(names))
-            tail_index = cache.temperature_index(d.schedules()[0].start)
-        return cls(cache, names, d.cache, tail_index)
+        if cache.mode != "topk":
+            return cls(cache, names, d.cache)
+        _check_topk_settings(cache, d, len(names))
+        tau = d.schedules()[0].start  # a top-k cache takes a constant τ only (checked above)
+        mass = {t: cache.captured_topk_mass(t, tau) for t in names}
+        notes = tuple(low_topk_mass_note(cache, t, tau, m, where, d.tail_mode) for t, (m, where) in mass.items()
+                      if m < LOW_TOPK_MASS and d.tail_mode != "renormalize")
+        return cls(cache, names, d.cache, {t: m for t, (m, _) in mass.items()}, notes,
+                   tail_index=cache.temperature_index(tau))
 
     def temperature_index(self, tau: float) -> int | None:
         """Which stored tail_lse the loader reads (top-k caches), None for full logits."""
@@ -243,7 +310,34 @@ class CachedTeachers(TeacherSource):
         return out
 
     def summary(self) -> dict[str, Any]:
-        return {"cache": self.cache_spec, "teachers": self.names}
+        out: dict[str, Any] = {"cache": self.cache_spec, "teachers": self.names}
+        if self.captured_mass:
+            out["captured_topk_mass"] = {t: round(m, 5) for t, m in self.captured_mass.items()}
+        return out
+
+
+LOW_TOPK_MASS = 0.5
+"""Below this mean captured top-k mass at the run's τ, `distill` says at start that the target passes on little
+(with the bucket or uniform tail). Why half: measured on real text (DESIGN, "Fidelity"), top-64 students with the
+bucket tail kept 33% of the full-teacher gain over CE where the top-k held 53% of the mass (τ=1) and 5% where it
+held 12% (τ=2): below half, most of what the teacher knows is in the tail the cache does not store."""
+
+
+def low_topk_mass_note(cache: LogitCache, teacher: str, tau: float, mass: float, where: str, tail_mode: str) -> str:
+    """The sentence `distill` shows at start when a teacher's cached top-k holds less than `LOW_TOPK_MASS` of its
+    probability at τ (`where`: how the mass was found)."""
+    what = ("one tail category" if tail_mode == "bucket" else
+            "the rest spread evenly over the other tokens" if tail_mode == "uniform" else f"the {tail_mode} tail")
+    source = "from the cache manifest" if where == "manifest" else f"from a {where}"
+    return (
+        f"note: the cached top-{cache.k} holds {mass:.2f} of the probability of teacher {teacher!r} at τ={tau:g} (mean "
+        f"over the train split, {source}), below {LOW_TOPK_MASS:g}: with tail_mode {tail_mode} the target is mostly "
+        f"{what}, "
+        f"so it passes on little of the teacher and the student may do no better than cross-entropy. Options: a "
+        f"larger k (`cachekd precompute --top-k`), another tail mode (--tail-mode renormalize keeps the shape of the "
+        f"top-k, biased), a lower τ (the captured mass falls as τ grows), or a sampled cache (`precompute --sample "
+        f"N`, unbiased sampled targets) once this cachekd has one."
+    )
 
 
 def _check_topk_settings(cache: LogitCache, d: DistillConfig, num_teachers: int) -> None:
@@ -268,26 +362,28 @@ class OnlineTeachers(TeacherSource):
     """Live teacher models run on each micro-batch (``--online``): dense targets over the store's vocabulary."""
 
     def __init__(self, models: list[torch.nn.Module], infos: list[dict[str, str]], vocab_size: int,
-                 autocast: Callable[[], AbstractContextManager], cache_spec: str | None = None):
+                 autocast: Callable[[], AbstractContextManager], cache_spec: str | None = None,
+                 notes: tuple[str, ...] = ()):
         self.models, self.infos, self.vocab_size = models, infos, vocab_size
         self.names = [i["name"] for i in infos]
-        self._autocast, self.cache_spec = autocast, cache_spec
+        self._autocast, self.cache_spec, self.notes = autocast, cache_spec, notes
 
     @classmethod
-    def open(cls, d: Any, store: TokenStore, device: torch.device,
+    def open(cls, d: DistillConfig, store: TokenStore, device: torch.device,
              autocast: Callable[[], AbstractContextManager]) -> OnlineTeachers:
         """The teachers of distill config `d` (its `teachers`, else those its cache was computed from), loaded,
-        checked against `store` and frozen on `device`."""
+        checked against `store` (`check_teacher`, whose notes on dropped padding become `notes`) and frozen on
+        `device`."""
         specs = list(d.teachers)
         if not specs and d.cache:
             from cachekd.cache.reader import LogitCache
 
             specs = [t["path"] for t in LogitCache.open(d.cache).meta["teachers"]]
-        models, infos = [], []
-        for m, path, info in load_teachers(specs, store):
+        models, infos, notes = [], [], []
+        for m, path, info in load_teachers(specs, store, say=notes.append):
             infos.append({"name": info["name"], "path": str(path), "fingerprint": info["fingerprint"]})
             models.append(m.to(device).eval().requires_grad_(False))
-        return cls(models, infos, store.vocab_size, autocast, d.cache)
+        return cls(models, infos, store.vocab_size, autocast, d.cache, tuple(notes))
 
     def targets(self, batch: Batch, input_ids: torch.Tensor) -> list[DenseTarget | SparseTarget]:
         from cachekd.losses import DenseTarget
@@ -302,13 +398,34 @@ class OnlineTeachers(TeacherSource):
 
 def open_teacher_source(d: DistillConfig, store: TokenStore, *, device: torch.device,
                         autocast: Callable[[], AbstractContextManager]) -> TeacherSource:
-    """Cached or online teachers for distill config `d`, with the number of teacher weights checked."""
+    """Cached or online teachers for distill config `d`, with the number of teacher weights checked; what the user
+    should read before the run starts is in the source's `notes`."""
     source: TeacherSource
     if d.online:
         source = OnlineTeachers.open(d, store, device, autocast)
     else:
         source = CachedTeachers.open(d, store)
+    if d.online:
+        check_teacher_count(d, source.names)
     if d.teacher_weights and len(d.teacher_weights) != source.num_teachers:
         raise CachekdError(f"distill.teacher_weights has {len(d.teacher_weights)} weights for "
                            f"{source.num_teachers} teachers.")
     return source
+
+
+def check_teacher_count(d: DistillConfig, names: list[str]) -> None:
+    """Refuse teachers (`names`, as selected from the cache or given) of another number than the config declares
+    (`distill.num_teachers`, e.g. a ChooBaCa "one coach" preset on a two-teacher cache), naming the teachers there
+    are to choose from."""
+    want, have = d.num_teachers, len(names)
+    if want is None or have == want:
+        return
+    where = f"cache {d.cache!r}" if d.cache else "the teacher list"
+    given = "distill.teachers (--teachers) selects" if d.teachers else f"{where} holds"
+    choose = (f"choose {'one' if want == 1 else want} with --teachers {','.join(names[:want])} (distill.teachers)"
+              if have > want else f"use a cache (or --teachers) with {want}")
+    raise CachekdError(
+        f"this config is written for {want} teacher{'s' if want != 1 else ''} (distill.num_teachers: {want}) but "
+        f"{given} {have}: {', '.join(names)}; {choose}, or pass --set distill.num_teachers=null to use them all "
+        f"(what runs started before this check did)."
+    )

@@ -46,7 +46,9 @@ class DataConfig:
     num_workers: int = 0
     """DataLoader worker processes (0: a background thread in this process, which is usually enough)."""
     eval_windows: int = 512
-    """Dev windows scored at each evaluation (0: all of them)."""
+    """Dev windows scored at each evaluation: a fixed, seeded sample drawn from every source in proportion, the
+    same for every run on the store, logged as dev_loss_sample (0, or at least the dev split: all of them, logged
+    as dev_loss)."""
     order_seed: int | None = None
     """Seed of the window order (null: the run's seed). A cohort's peers share one order with their own seeds."""
 
@@ -110,6 +112,9 @@ class DistillConfig(KDOptions):
     teachers: list[str] = field(default_factory=list)
     """Subset of the cache's teachers, comma-separated (default: all); with online, teacher checkpoints to run
     live."""
+    num_teachers: int | None = None
+    """How many teachers this config is written for (the ChooBaCa presets: 1 for "one coach", 2); a run whose
+    cache (or --teachers) gives another number is refused, naming the cache's teachers. null: any number."""
     online: bool = False
     """Run the teachers live at every step instead of reading the cache (the baseline for benchmarks)."""
     temperature: Schedule | float = 2.0
@@ -125,8 +130,8 @@ class DistillConfig(KDOptions):
     never all exist."""
 
     key_order: ClassVar[tuple[str, ...]] = (
-        "cache", "teachers", "online", "objective", "temperature", "ce_weight", "alpha", "tail_mode", "teacher_combine",
-        "teacher_weights", "beta", "skew_lambda", "detach_mix", "reduction", "chunk_size")
+        "cache", "teachers", "num_teachers", "online", "objective", "temperature", "ce_weight", "alpha", "tail_mode",
+        "teacher_combine", "teacher_weights", "beta", "skew_lambda", "detach_mix", "reduction", "chunk_size")
     """The order of the keys in a saved config.yaml: the teachers, then the loss from its main choices down."""
 
     def __post_init__(self) -> None:
@@ -145,6 +150,8 @@ class DistillConfig(KDOptions):
                       "it is λ in λ·CE + (1−λ)·τ²·KD, so 1 means cross-entropy only and 0 distillation only")
         _check_scalar("distill.alpha", self.alpha, lambda v, part, kind: in_unit_interval(v), "in [0, 1]",
                       "it is the teacher's share of the mixed target logits, 1 meaning no mixing")
+        _check_int("distill.num_teachers", self.num_teachers, 1, "a whole number of teachers of at least 1, or null "
+                   "for any number", optional=True)
         _check_int("distill.chunk_size", self.chunk_size, 1, "a whole number of positions of at least 1, or null "
                    "for no step-wise loss", optional=True)
 
@@ -289,6 +296,13 @@ def config_identity(cfg: TrainConfig) -> dict[str, Any]:
         d["data"].pop("order_seed", None)
     d["optim"].pop("max_time_s", None)
     d["optim"].pop("max_steps", None)
+    if d.get("distill"):
+        # A check on the teachers, not a training value (the teachers themselves are distill.teachers): checkpoints
+        # saved before the key existed resume, and the check runs again when the teachers are opened.
+        d["distill"].pop("num_teachers", None)
+        # How many positions the step-wise loss forms at a time: memory, not arithmetic (any chunk size gives the
+        # same loss and gradients up to float rounding), so a run may resume with another one.
+        d["distill"].pop("chunk_size", None)
     return d
 
 

@@ -84,8 +84,10 @@ class Trainer:
         source = None
         if cfg.distill is not None:
             source = open_teacher_source(cfg.distill, self.store, device=self.device, autocast=self.place.autocast)
+            for note in source.notes if self.is_main else ():
+                self.say(note)
         return Student(cfg, self.place, self.plan, self.store, source, config_identity(cfg),
-                       lambda data: config_identity(load_train_config(data)))
+                       lambda data: config_identity(load_train_config(data)), say=self.say)
 
     # ------------------------------------------------------------------ the one student of train / distill
     @property
@@ -329,7 +331,7 @@ class Trainer:
         for s, dev in zip(self.students, devs):
             if dev is not None:
                 s.log({"kind": "dev", "step": self.step, "tokens": self.tokens_seen, "wall_s": round(self.wall_s, 4),
-                       "dev_loss": dev})
+                       **s.dev_record(dev)})
         return devs
 
     def _finish(self, devs: list[float | None], stop_reason: str) -> dict[str, Any]:
@@ -337,10 +339,7 @@ class Trainer:
         common = {"steps": self.step, "tokens": self.tokens_seen, "wall_s": round(self.wall_s, 3),
                   "tokens_per_s": self.tokens_seen / self.wall_s if self.wall_s else None,
                   "stopped_by": stop_reason, "processes": self.world}
-        out = []
-        for s, dev in zip(self.students, devs):
-            ppl = math.exp(dev) if dev is not None and dev < 50 else None
-            out.append(s.finish({**common, "final_dev_loss": dev, "final_dev_ppl": ppl}))
+        out = [s.finish({**common, **s.final_dev(dev)}) for s, dev in zip(self.students, devs)]
         self.place.barrier()
         self.summaries = out
         return out[0]

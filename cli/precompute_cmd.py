@@ -57,7 +57,7 @@ def precompute_command(store, teachers, output, top_k, full, temperatures, logpr
         splits=[s.strip() for s in splits.split(",") if s.strip()], batch_size=batch_size, device=device, dtype=dtype,
         registry=registry, part=part, logprob_step=logprob_step,
     )
-    result = precompute(cfg, force=force, progress=not quiet and not as_json)
+    result = precompute(cfg, force=force, progress=not quiet and not as_json, say=lambda msg: click.echo(msg, err=True))
     if as_json:
         echo_json({k: v for k, v in result.items() if k != "manifest"})
         return

@@ -68,6 +68,13 @@ def prepare_command(inputs, output, seq_len, vocab_size, tokenizer, text_column,
     if as_json:
         echo_json(summary)
         return
+    if not built and "dev_share_by_source" not in summary and dev_fraction > 0:
+        click.echo(
+            f"note: {output} was prepared before cachekd recorded each source's dev share and windows: a source of "
+            f"one document got no dev share then, and the trainer's dev sample cannot be drawn per source; pass "
+            f"--force to build it again (its fingerprint, and its caches, change only if a source was one document).",
+            err=True,
+        )
     if not built:
         click.echo(f"{output} is already up to date with these inputs and options; nothing to do.")
     else:

@@ -92,7 +92,6 @@ def _run(kw: dict[str, Any], mode: str) -> None:
     """Resolve the config (file or preset, then the options, then --set) and run it."""
     from cachekd.config import deep_merge, load_yaml, parse_overrides
     from cachekd.train_config import load_train_config
-    from cachekd.trainer import TrainingInterrupted, run
     from cachekd_cli.config_options import overrides_from_options
 
     ctx = click.get_current_context()
@@ -116,6 +115,8 @@ def _run(kw: dict[str, Any], mode: str) -> None:
         raise click.UsageError("no token store given: pass --store or set data.store in the config.")
     if not cfg.output:
         raise click.UsageError("no run directory given: pass --output or set output in the config.")
+    from cachekd.trainer import TrainingInterrupted, run  # (torch: only once the config is known to be valid)
+
     main_rank = os.environ.get("RANK", "0") == "0"
     try:
         summary = run(cfg, resume=kw["resume"], force=kw["force"], progress=not kw["quiet"] and not kw["as_json"],

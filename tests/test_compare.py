@@ -299,3 +299,39 @@ def test_the_teacher_is_found_through_the_cache_manifest(store, tmp_path):
     assert compare_runs([other, teacher, student], tmp_path / "cmp")["teachers"] == ["teacher"]
     shutil.rmtree(cache)  # a cache that is gone: no teacher is marked, and nothing fails
     assert compare_runs([other, teacher, student], tmp_path / "cmp")["teachers"] == []
+
+
+def test_trainer_dev_sample_is_labelled_and_the_plot_shows_the_whole_split(runs, tmp_path):
+    """A run whose trainer scored its dev sample: the table says `trainer:sampleN`, the curves' legend says
+    "sample of N", and eval.json's whole-split value is drawn (a star at the run's last step) where it exists,
+    so the plot and the table rank runs by the same number."""
+    from cachekd.compare import curves_figure, load_run
+
+    ce, kd, live = runs
+    for run in (ce, kd):  # what the trainer writes now: the sample under its own key
+        metrics = run / "metrics.jsonl"
+        lines = [json.loads(x) for x in metrics.read_text().splitlines()]
+        for x in lines:
+            if x["kind"] == "dev":
+                x["dev_loss_sample"], x["dev_sample_windows"] = x.pop("dev_loss"), 64
+        metrics.write_text("".join(json.dumps(x) + "\n" for x in lines))
+        s = json.loads((run / "summary.json").read_text())
+        s["final_dev_loss_sample"], s["dev_sample_windows"] = s.pop("final_dev_loss"), 64
+        (run / "summary.json").write_text(json.dumps(s))
+    r = compare_runs(runs, tmp_path / "cmp")
+    rows = {row["run"]: row for row in r["rows"]}
+    assert rows["ce"]["dev_from"] == "eval" and rows["ce"]["dev_loss"] == 3.0  # the whole split wins
+    assert rows["kd-forward"]["dev_from"] == "trainer:sample64"
+    assert rows["kd-forward"]["dev_loss"] == pytest.approx(4.0 * 0.97 ** 30 + 0.1)
+    assert rows["live"]["dev_from"] == "trainer"  # an old-style dev line: no sample key
+    assert "`trainer:sampleN`" in (tmp_path / "cmp" / "compare.md").read_text()
+    fig = curves_figure([load_run(p) for p in runs], ["ce", "kd-forward", "live"])
+    _, ax_step, ax_wall = fig.axes
+    labels = [t.get_text() for t in ax_step.get_legend().get_texts()]
+    assert labels == ["ce (sample of 64)", "ce: whole dev split (eval)", "kd-forward (sample of 64)", "live"]
+    star = [ln for ln in ax_step.lines if ln.get_label() == "ce: whole dev split (eval)"][0]
+    assert list(star.get_xdata()) == [30] and list(star.get_ydata()) == [3.0]
+    assert star.get_color() == [ln for ln in ax_step.lines if ln.get_label() == "ce (sample of 64)"][0].get_color()
+    wall_star = [ln for ln in ax_wall.lines if ln.get_label() == "ce: whole dev split (eval)"][0]
+    assert list(wall_star.get_xdata()) == [pytest.approx(3.0)]
+    assert "sample" in ax_step.get_title() and "whole split" in ax_step.get_title()

@@ -159,10 +159,19 @@ def test_babylm_like_token_count(tmp_path):
                                      dev_fraction=0.02), progress=False)
     tok = store.load_tokenizer()
     total_docs = total = 0
-    for src in resolve_sources([str(SHARED_DATA)]):
+    records = store.manifest["source_splits"]
+    for src, rec in zip(resolve_sources([str(SHARED_DATA)]), records):
         docs = list(iter_documents(src))
-        total_docs += len(docs)
-        total += sum(len(e.ids) + 1 for e in tok.backend_tokenizer.encode_batch(docs, add_special_tokens=False))
+        tokens = sum(len(e.ids) + 1 for e in tok.backend_tokenizer.encode_batch(docs, add_special_tokens=False))
+        got = rec["train"]["num_tokens"] + rec["dev"]["num_tokens"]
+        if len(docs) == 1:  # one document (wikipedia_sentences.txt): cut in two, each part ending with an eos
+            assert rec["held_out_by"] == "lines" and rec["dev"]["num_documents"] == 1
+            assert abs(got - (tokens + 1)) <= 2  # the cut may change the BPE merge at the line break
+            total_docs, total = total_docs + 2, total + got
+        else:
+            assert rec["held_out_by"] == "documents" and got == tokens
+            total_docs, total = total_docs + len(docs), total + tokens
+        assert 0.01 < rec["dev"]["num_tokens"] / got < 0.04, (src.path.name, rec)  # --dev-fraction 0.02
     s = store.manifest["splits"]
     assert s["train"]["num_documents"] + s["dev"]["num_documents"] == total_docs
     assert s["train"]["num_tokens"] + s["dev"]["num_tokens"] == total
@@ -211,3 +220,131 @@ def test_written_files_have_the_usual_mode(tmp_path):
     os.umask(mask)
     atomic_write_json(tmp_path / "m.json", {"a": 1})
     assert (tmp_path / "m.json").stat().st_mode & 0o777 == 0o666 & ~mask
+
+
+def _one_document_corpus(d: Path) -> Path:
+    """Two sources: a.txt of 200 documents (blank-line blocks) and b.txt, one document of 300 lines (no blank
+    line: what wikipedia_sentences.txt is)."""
+    d.mkdir()
+    write_corpus(d / "a.txt", num_docs=200)
+    lines = [" ".join(["wiki", "says", "the", "tree", "is", "very", "big", str(i)]) + " ." for i in range(300)]
+    (d / "b.txt").write_text("\n".join(lines) + "\n")
+    return d
+
+
+def test_every_source_gets_a_dev_share_and_the_manifest_records_its_windows(tmp_path):
+    """A source of one document gets the tail of its lines as its dev share (it got none before), and the manifest
+    records each source's documents, tokens and window range in each split."""
+    src = _one_document_corpus(tmp_path / "corpus")
+    store, _ = prepare(PrepareConfig(inputs=[str(src)], output=str(tmp_path / "s"), seq_len=16, vocab_size=300,
+                                     dev_fraction=0.1), progress=False)
+    rec = store.manifest["source_splits"]
+    assert [r["held_out_by"] for r in rec] == ["documents", "lines"]
+    assert rec[0]["dev"]["num_documents"] == 20 and rec[1]["dev"]["num_documents"] == 1
+    shares = store.dev_shares()
+    assert set(shares) == {"a.txt", "b.txt"}
+    for name, s in shares.items():
+        assert 0.05 < s["dev_share"] < 0.2, (name, s)
+    # the dev text of b.txt is its last lines, the train text the rest, nothing lost
+    tok = store.load_tokenizer()
+    lines = (src / "b.txt").read_text().splitlines()
+    n_dev = rec[1]["dev"]["num_tokens"]
+    tail = next(k for k in range(1, len(lines))
+                if len(_encode_docs(tok, ["\n".join(lines[-k:])])[0]) == n_dev)
+    assert 0.05 * len(lines) < tail < 0.2 * len(lines)
+    assert rec[1]["train"]["num_tokens"] == len(_encode_docs(tok, ["\n".join(lines[:-tail])])[0])
+    # window ranges: consecutive, covering each split exactly, each source's windows starting in its tokens
+    for split in ("train", "dev"):
+        ranges = store.source_windows(split)
+        assert ranges[0][0] == 0 and ranges[-1][1] == store.num_windows(split)
+        assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+        t0 = 0
+        for r, (w0, w1) in zip(rec, ranges):
+            t1 = t0 + r[split]["num_tokens"]
+            assert all(t0 <= w * 16 < t1 for w in range(w0, w1))
+            t0 = t1
+        assert sum(r[split]["num_tokens"] for r in rec) == store.manifest["splits"][split]["num_tokens"]
+    assert store.summary()["dev_share_by_source"] == {k: v["dev_share"] for k, v in shares.items()}
+
+
+def test_one_line_source_is_cut_at_a_space_and_one_word_is_refused(tmp_path, runner):
+    d = tmp_path / "c"
+    d.mkdir()
+    write_corpus(d / "a.txt", num_docs=50)
+    (d / "b.txt").write_text(" ".join(f"word{i % 7}" for i in range(400)) + "\n")  # one line, one document
+    store, _ = prepare(PrepareConfig(inputs=[str(d)], output=str(tmp_path / "s"), seq_len=16, vocab_size=300,
+                                     dev_fraction=0.1), progress=False)
+    assert [r["held_out_by"] for r in store.manifest["source_splits"]] == ["documents", "words"]
+    assert 0.05 < store.dev_shares()["b.txt"]["dev_share"] < 0.2
+    (d / "c.txt").write_text("antidisestablishmentarianism\n")
+    r = invoke(runner, ["prepare", d, "-o", tmp_path / "t", "--vocab-size", "300", "--seq-len", "16"])
+    assert_clean_error(r, "c.txt", "single word", "--dev-fraction 0")
+    # without a dev split nothing is held out and nothing refused
+    s0, _ = prepare(PrepareConfig(inputs=[str(d)], output=str(tmp_path / "u"), seq_len=16, vocab_size=300,
+                                  dev_fraction=0.0), progress=False)
+    assert [r["held_out_by"] for r in s0.manifest["source_splits"]] == ["none", "none", "none"]
+
+
+def test_allocate_by_size_is_proportional_with_one_each():
+    from cachekd.tokens.reader import allocate_by_size
+
+    assert allocate_by_size(10, [50, 30, 20]) == [5, 3, 2]
+    assert allocate_by_size(4, [1000, 1, 1, 0]) == [2, 1, 1, 0]  # every non-empty source gets one
+    assert allocate_by_size(2, [5, 5, 5]) in ([1, 1, 0], [1, 0, 1], [0, 1, 1])  # fewer draws than sources
+    assert allocate_by_size(7, [3, 2, 2]) == [3, 2, 2]
+    for num in range(0, 31):
+        a = allocate_by_size(num, [17, 9, 4, 0])
+        assert sum(a) == num and all(0 <= x <= n for x, n in zip(a, [17, 9, 4, 0]))
+
+
+def test_dev_sample_draws_from_every_source_and_old_stores_fall_back(tmp_path):
+    """The trainer's dev sample: seeded, the same for every call, from every source in proportion (at least one
+    each); all windows when asked for as many; evenly spaced over the split, with a note, for a store whose
+    manifest has no per-source records."""
+    from cachekd.tokens.format import SOURCE_SPLITS
+    from cachekd.tokens.reader import dev_sample
+
+    src = _one_document_corpus(tmp_path / "corpus")
+    store, _ = prepare(PrepareConfig(inputs=[str(src)], output=str(tmp_path / "s"), seq_len=16, vocab_size=300,
+                                     dev_fraction=0.1), progress=False)
+    n = store.num_windows("dev")
+    ranges = store.source_windows("dev")
+    k = n // 3
+    s = dev_sample(store, k)
+    assert not s.whole_split and s.num_windows == k and s.note is None
+    assert np.array_equal(s.windows, dev_sample(store, k).windows)  # fixed: the same windows every time
+    assert len(np.unique(s.windows)) == k and np.all(np.diff(s.windows) > 0)
+    for (name, drawn), (a, b) in zip(s.per_source.items(), ranges):
+        inside = ((s.windows >= a) & (s.windows < b)).sum()
+        assert inside == drawn >= 1
+        assert abs(drawn - k * (b - a) / n) <= 1  # proportional to the source's windows
+    first = dev_sample(store, k).windows
+    assert not np.all(first < ranges[0][1])  # the first k windows would all be a.txt's
+    assert not np.array_equal(dev_sample(store, k, seed=1).windows, s.windows)
+    whole = dev_sample(store, 0)
+    assert whole.whole_split and np.array_equal(whole.windows, np.arange(n))
+    assert dev_sample(store, n + 5).whole_split
+    # a store from before the per-source records
+    manifest = dict(store.manifest)
+    del manifest[SOURCE_SPLITS]
+    old = TokenStore(store.path, manifest)
+    o = dev_sample(old, k)
+    assert o.per_source is None and "evenly spaced" in o.note and "--force" in o.note
+    assert o.num_windows == k and o.windows[0] == 0 and o.windows[-1] == n - 1
+    assert old.dev_shares() is None and "dev_share_by_source" not in old.summary()
+
+
+def test_prepare_says_when_an_up_to_date_store_lacks_the_per_source_records(tmp_path, runner):
+    src = _one_document_corpus(tmp_path / "corpus")
+    args = ["prepare", src, "-o", tmp_path / "s", "--vocab-size", "300", "--seq-len", "16", "--dev-fraction", "0.1"]
+    r = invoke(runner, args)
+    assert r.exit_code == 0 and "dev_share_by_source" in r.stdout and "b.txt" in r.stdout, r.output
+    mf = tmp_path / "s" / "manifest.json"
+    m = json.loads(mf.read_text())
+    del m["source_splits"]  # what an older cachekd wrote
+    mf.write_text(json.dumps(m))
+    r = invoke(runner, args)
+    assert r.exit_code == 0 and "nothing to do" in r.stdout
+    assert "before cachekd recorded each source's dev share" in r.stderr and "--force" in r.stderr
+    r = invoke(runner, args + ["--force"])
+    assert r.exit_code == 0 and "source_splits" in json.loads(mf.read_text())

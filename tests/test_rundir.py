@@ -90,7 +90,8 @@ def test_unfinished_message_names_the_command_and_checkpoint(tmp_path):
 
 def test_plan_start(tmp_path):
     assert RunDir(tmp_path / "new").plan_start(resume=False, force=False).action == "new"
-    assert RunDir(tmp_path / "new").plan_start(resume=True, force=False).action == "new"
+    with pytest.raises(CachekdError, match="nothing to resume .* no such directory"):
+        RunDir(tmp_path / "new").plan_start(resume=True, force=False)
     unfinished = _run(tmp_path, "u")
     with pytest.raises(CachekdError, match="holds an unfinished run; pass --resume"):
         unfinished.plan_start(resume=False, force=False)

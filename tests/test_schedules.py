@@ -24,6 +24,29 @@ def test_epoch_linear_is_choobaca_decay_with_floor():
     assert s2.value(0, 1, 1, 2) == pytest.approx(0.4)
 
 
+def test_epoch_linear_in_a_run_of_two_or_more_epochs_is_per_epoch():
+    s = Schedule("epoch_linear", start=0.9, end=0.5)
+    # E = 2, 10 steps an epoch: epoch 0 holds 0.9 at every step, epoch 1 holds max(0.5, 0.45) = 0.5
+    assert [s.value(i, 20, i // 10, 2) for i in range(10)] == pytest.approx([0.9] * 10)
+    assert [s.value(i, 20, i // 10, 2) for i in range(10, 20)] == pytest.approx([0.5] * 10)
+    # E = 3 (a run of 2.5 epochs rounds up): 0.9, 0.6, max(0.5, 0.3)
+    assert [s.value(e * 10, 25, e, 3) for e in range(3)] == pytest.approx([0.9, 0.6, 0.5])
+
+
+def test_epoch_linear_in_a_run_shorter_than_two_epochs_decays_per_step():
+    # A run that ends inside its first epoch (E = 1) would hold start for ever; there e/E becomes s/S.
+    s = Schedule("epoch_linear", start=0.9, end=0.5)
+    values = [s.value(i, 8, 0, 1) for i in range(8)]
+    assert values == pytest.approx([max(0.5, 0.9 * (1 - i / 8)) for i in range(8)])
+    assert values[0] == pytest.approx(0.9) and values[-1] == pytest.approx(0.5)  # reaches the floor
+    assert all(a >= b for a, b in zip(values, values[1:])) and values[1] < 0.9
+    # a floor of 0 (allowed for τ) is never reached: the last step is s = S − 1
+    t = Schedule("epoch_linear", start=2.0, end=0.0)
+    assert t.value(3, 4, 0, 1) == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="total_steps"):
+        s.value(0, 0, 0, 1)
+
+
 def test_linear():
     s = Schedule("linear", start=1.0, end=0.2)
     assert s.value(0, 8, 0, 1) == pytest.approx(1.0)

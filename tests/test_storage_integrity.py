@@ -404,3 +404,35 @@ def test_real_kill_during_creation_resumes(tmp_path, store_path, teacher_path, c
         r = subprocess.run(cmd + ["-o", str(out)], env=env, capture_output=True, text=True)
         assert r.returncode == 0, r.stdout + r.stderr
         _assert_same(_arrays(cache_ref), _arrays(out))
+
+
+@pytest.mark.parametrize("kind", ["cache", "store"])
+@pytest.mark.parametrize("field,value,expect", [("format", "something-else", "is not a"),
+                                                ("format_version", 99, "has format version 99; this cachekd reads")])
+def test_foreign_format_or_version_is_one_sentence(kind, field, value, expect, store_path, tmp_path):
+    """A manifest of another format, or of a format version this cachekd does not read, is refused by name."""
+    import json
+    import shutil
+
+    from cachekd.errors import CachekdError
+    from cachekd.tokens import TokenStore
+
+    if kind == "store":
+        d = tmp_path / "store"
+        shutil.copytree(store_path, d)
+        mf = d / "manifest.json"
+        m = json.loads(mf.read_text())
+        m[field] = value
+        mf.write_text(json.dumps(m))
+        with pytest.raises(CachekdError, match=expect):
+            TokenStore.open(d)
+    else:
+        from cachekd.cache.reader import _read_meta
+        from cachekd.cache import format as fmt
+
+        d = tmp_path / "cache"
+        d.mkdir()
+        mf = d / "manifest.json"
+        mf.write_text(json.dumps({"format": fmt.FORMAT, "format_version": fmt.FORMAT_VERSION} | {field: value}))
+        with pytest.raises(CachekdError, match=expect):
+            _read_meta(mf, fmt.CacheManifest)

@@ -112,12 +112,30 @@ def test_cli_options_come_from_the_config_fields():
 
 
 def test_saved_config_keeps_its_key_order():
-    """config.yaml lists the distill keys as it always has (teachers first), although the loss options are
-    declared on the shared base class; old files read the same."""
+    """config.yaml lists the distill keys as it always has (teachers first, then how many the config is written
+    for), although the loss options are declared on the shared base class; old files read the same."""
     from cachekd.config import to_dict
 
     cfg = load_train_config({"output": "x", "distill": {"objective": "tv"}})
     assert list(to_dict(cfg)["distill"]) == [
-        "cache", "teachers", "online", "objective", "temperature", "ce_weight", "alpha", "tail_mode",
+        "cache", "teachers", "num_teachers", "online", "objective", "temperature", "ce_weight", "alpha", "tail_mode",
         "teacher_combine", "teacher_weights", "beta", "skew_lambda", "detach_mix", "reduction", "chunk_size"]
     assert load_train_config(to_dict(cfg)) == cfg
+
+
+def test_chunk_size_is_memory_not_identity():
+    """The step-wise loss's chunk size changes memory, not the loss: a run may resume with another one (the ChooBaCa
+    presets moved from 32 to 128), while a training value such as the objective still must match."""
+    from cachekd.train_config import config_identity
+
+    def cfg(**distill):
+        return load_train_config({"output": "x", "data": {"store": "s"},
+                                  "distill": {"cache": "c", "objective": "reverse_kl", **distill}})
+
+    assert config_identity(cfg(chunk_size=32)) == config_identity(cfg(chunk_size=128))
+    assert config_identity(cfg(chunk_size=32)) == config_identity(cfg())
+    assert config_identity(cfg(chunk_size=32)) != config_identity(cfg(chunk_size=32, objective="forward_kl"))
+    from cachekd.config import PRESET_DIR, load_yaml
+
+    for preset in sorted(PRESET_DIR.glob("choobaca-*.yaml")):
+        assert load_yaml(preset)["distill"]["chunk_size"] == 128, preset.name

@@ -79,7 +79,9 @@ def test_train_writes_hf_model_metrics_and_config(tmp_path, store_path):
     train = [x for x in lines if x["kind"] == "train"]
     assert [x["step"] for x in train] == list(range(1, 7))
     assert all(k in train[0] for k in ("loss", "ce", "lr", "tokens_per_s", "wall_s"))
-    assert lines[-1]["kind"] == "dev" and s["final_dev_loss"] == lines[-1]["dev_loss"]
+    # 16 of the store's dev windows: a sample, labelled so in metrics.jsonl and summary.json
+    assert lines[-1]["kind"] == "dev" and s["final_dev_loss_sample"] == lines[-1]["dev_loss_sample"]
+    assert lines[-1]["dev_sample_windows"] == s["dev_sample_windows"] == 16 and "dev_loss" not in lines[-1]
     assert load_yaml(out / "config.yaml")["optim"]["max_steps"] == 6
     assert s["steps"] == 6 and s["mode"] == "train"
     assert train[-1]["loss"] < train[0]["loss"]
@@ -643,3 +645,91 @@ def test_preset_parameter_counts_are_right(name, count):
     m = build_model(from_dict(ModelConfig, load_yaml(name)["model"], "model"), 2000, 64)
     assert count_parameters(m) == count
     assert f"{count / 1e6:.2f}M parameters at vocab 2000" in preset_description(name)
+
+
+def test_one_coach_preset_refuses_a_two_teacher_cache(tmp_path, runner, store_path, caches):
+    """choobaca-*-1t-* declares one teacher (distill.num_teachers: 1): on a two-teacher cache it names them and the
+    way out instead of silently averaging both; naming one runs, and a 2t preset refuses a single teacher."""
+    base = ["distill", "--store", store_path, "--cache", caches / "topk", "--max-steps", "1",
+            "--precision", "fp32"] + TINY_CLI
+    r = invoke(runner, base + ["-c", "choobaca-rkl-1t-nomix", "-o", tmp_path / "one"])
+    assert_clean_error(r, "written for 1 teacher", "holds 2: teacher_a, teacher_b", "--teachers teacher_a",
+                       "distill.num_teachers=null")
+    assert not (tmp_path / "one").exists()
+    ok = invoke(runner, base + ["-c", "choobaca-rkl-1t-nomix", "-o", tmp_path / "one", "--teachers", "teacher_b"])
+    assert ok.exit_code == 0, ok.output
+    assert json.loads((tmp_path / "one" / "summary.json").read_text())["teachers"] == ["teacher_b"]
+    r = invoke(runner, base + ["-c", "choobaca-fkl-2t-nomix", "-o", tmp_path / "two", "--teachers", "teacher_a"])
+    assert_clean_error(r, "written for 2 teachers", "selects 1: teacher_a")
+    # what runs did before the check: every teacher of the cache, asked for explicitly
+    ok = invoke(runner, base + ["-c", "choobaca-rkl-1t-mix", "-o", tmp_path / "all", "--set",
+                                "distill.num_teachers=null"])
+    assert ok.exit_code == 0, ok.output
+    assert json.loads((tmp_path / "all" / "summary.json").read_text())["teachers"] == ["teacher_a", "teacher_b"]
+
+
+def test_teacher_count_is_not_part_of_the_checkpoint_identity():
+    """Checkpoints saved before distill.num_teachers existed (their config.yaml lacks it) still resume: the count
+    is a check on the teachers (checked again when they are opened), not a training value."""
+    from cachekd.train_config import config_identity
+
+    base = {"output": "x", "distill": {"cache": "c", "teachers": ["a"]}}
+    old = load_train_config(base)
+    new = load_train_config({**base, "distill": {**base["distill"], "num_teachers": 1}})
+    assert new.distill.num_teachers == 1 and old.distill.num_teachers is None
+    assert config_identity(old) == config_identity(new)
+    with pytest.raises(Exception, match="num_teachers"):
+        load_train_config({**base, "distill": {**base["distill"], "num_teachers": 0}})
+
+
+def test_distill_says_when_the_top_k_holds_little_of_the_teachers_mass(tmp_path, runner, store_path, caches):
+    """The tiny teachers' top-8 holds a few percent of their mass: distill says so at start with the number from
+    the manifest and the options, records the mass in summary.json, and says nothing with tail_mode renormalize."""
+    from cachekd.cache.reader import LogitCache
+    from cachekd.teachers import LOW_TOPK_MASS
+
+    cache = LogitCache.open(caches / "topk")
+    mass = cache.captured_topk_mass("teacher_a", 2.0)[0]
+    assert mass < LOW_TOPK_MASS
+    base = ["distill", "--store", store_path, "--cache", caches / "topk", "--max-steps", "1", "--teachers",
+            "teacher_a", "--temperature", "2"] + TINY_CLI
+    r = invoke(runner, base + ["-o", tmp_path / "bucket", "--tail-mode", "bucket"])
+    assert r.exit_code == 0, r.output
+    assert f"top-8 holds {mass:.2f} of the probability of teacher 'teacher_a' at τ=2" in r.stderr, r.stderr
+    for fragment in ("from the cache manifest", "below 0.5", "--top-k", "--tail-mode renormalize", "--sample N"):
+        assert fragment in r.stderr, (fragment, r.stderr)
+    s = json.loads((tmp_path / "bucket" / "summary.json").read_text())
+    assert s["captured_topk_mass"] == {"teacher_a": pytest.approx(mass, abs=1e-5)}
+    r = invoke(runner, base + ["-o", tmp_path / "renorm", "--tail-mode", "renormalize"])
+    assert r.exit_code == 0, r.output
+    assert "probability at τ" not in r.stderr
+
+
+def test_periodic_dev_loss_is_a_labelled_sample_from_every_source(tmp_path):
+    """data.eval_windows < the dev split: the trainer scores the fixed per-source sample (`dev_sample`), not the
+    first windows (all from the first source), and labels it; eval_windows 0 scores the whole split as dev_loss."""
+    from transformers import AutoModelForCausalLM
+
+    from cachekd.evaluate import dev_loss
+    from cachekd.tokens import PrepareConfig, TokenStore, prepare
+    from cachekd.tokens.reader import dev_sample
+    from tests.test_prepare import _one_document_corpus
+
+    store, _ = prepare(PrepareConfig(inputs=[str(_one_document_corpus(tmp_path / "corpus"))],
+                                     output=str(tmp_path / "store"), seq_len=16, vocab_size=300, dev_fraction=0.1),
+                       progress=False)
+    n_dev = store.num_windows("dev")
+    k = n_dev // 2
+    s = run(_cfg(store.path, tmp_path / "sample", **{"data.eval_windows": k, "optim.max_steps": 2}), progress=False)
+    sample = dev_sample(TokenStore.open(store.path), k)
+    assert min(sample.per_source.values()) >= 1  # b.txt (a one-document source) is in it
+    model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "sample" / "model"))
+    want = dev_loss(model, store, windows=sample.windows, progress=False)["loss"]
+    first = dev_loss(model, store, max_windows=k, progress=False)["loss"]
+    assert s["final_dev_loss_sample"] == pytest.approx(want, rel=1e-5) and s["dev_sample_windows"] == k
+    assert "final_dev_loss" not in s and want != pytest.approx(first, rel=1e-6)
+    whole = run(_cfg(store.path, tmp_path / "whole", **{"data.eval_windows": 0, "optim.max_steps": 2}),
+                progress=False)
+    model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "whole" / "model"))
+    assert whole["final_dev_loss"] == pytest.approx(dev_loss(model, store, progress=False)["loss"], rel=1e-5)
+    assert "final_dev_loss_sample" not in whole and "dev_sample_windows" not in whole

@@ -11,6 +11,7 @@ import numpy as np
 
 from cachekd.cache import format as fmt
 from cachekd.errors import CachekdError
+from cachekd.io import check_format
 
 
 @dataclass
@@ -60,6 +61,20 @@ def _reason(e: BaseException) -> str:
     if "decompress" in msg or "blosc" in msg or "zstd" in msg:
         return "decompression failed"
     return type(e).__name__
+
+
+MASS_SAMPLE_CHUNKS = 4
+"""Chunks read to estimate the captured top-k mass of a cache whose manifest does not record it."""
+
+
+def topk_mass(logprobs: np.ndarray, tail_lse: np.ndarray, tau: float) -> np.ndarray:
+    """Per position, the share of the teacher's probability at temperature τ in its top-k: with
+    h = logsumexp_k(logprobs / τ) and the stored tail t = log Σ_{v∉top-k} exp(log p_v / τ) (same shift),
+    exp(h − logaddexp(h, t)). `logprobs` (..., k) τ=1 log-probabilities, `tail_lse` (...) at τ; float64 result."""
+    z = np.asarray(logprobs, dtype=np.float64) / tau
+    m = z.max(-1, keepdims=True)
+    head = np.log(np.exp(z - m).sum(-1)) + m[..., 0]
+    return np.exp(head - np.logaddexp(head, np.asarray(tail_lse, dtype=np.float64)))
 
 
 class LogitCache:
@@ -364,6 +379,30 @@ class LogitCache:
         except CachekdError:
             return None
 
+    # --- fidelity
+    def captured_topk_mass(self, teacher: str, tau: float, split: str = "train") -> tuple[float, str]:
+        """The mean share of teacher `teacher`'s probability at temperature `tau` that its cached top-k holds, over
+        the positions of `split`, and where it comes from: ``"manifest"`` (the chunk statistics precompute
+        records), or, for a cache whose manifest lacks them, ``"sample of N chunks"`` (computed here from the
+        stored log-probabilities and tail_lse of up to `MASS_SAMPLE_CHUNKS` evenly spaced chunks). τ must be one
+        of the cached temperatures; top-k caches only."""
+        assert self.mode == "topk", "captured_topk_mass: a full-logit cache holds all of the mass"
+        i = self.temperature_index(tau)
+        stats = self.plan.stats if isinstance(self.plan, fmt.CacheManifest) else {}
+        recorded = ((stats.get(split) or {}).get(teacher) or {}).get("mean_topk_mass") or {}
+        for t, v in recorded.items():
+            if math.isclose(float(t), tau, rel_tol=1e-9, abs_tol=1e-12):
+                return float(v), "manifest"
+        n = self.num_chunks(split)
+        picks = min(n, MASS_SAMPLE_CHUNKS)
+        chunks = sorted({round(j * (n - 1) / max(picks - 1, 1)) for j in range(picks)})  # evenly spaced
+        total, count = 0.0, 0
+        for c in chunks:
+            b = self.read_chunk(split, c, [teacher])[teacher]
+            total += float(topk_mass(b.logprobs, b.tail_lse[..., i], tau).sum())
+            count += b.logprobs.shape[0] * b.logprobs.shape[1]
+        return total / max(count, 1), f"sample of {len(chunks)} chunk{'s' if len(chunks) != 1 else ''}"
+
     # --- summary
     def summary(self) -> dict[str, Any]:
         """What the cache holds, as plain JSON values (`cachekd info --json`); `summary_text` formats it."""
@@ -422,13 +461,8 @@ def _read_meta(path: Path, cls: type[fmt.CachePlan]) -> dict[str, Any]:
     if not isinstance(meta, dict):
         raise _DamagedMeta("it is not a JSON object")
     p = path.parent
-    if meta.get("format") != fmt.FORMAT:
-        raise CachekdError(f"{str(p)!r} is not a logit cache (its manifest says {meta.get('format')!r}).")
-    if meta.get("format_version") != fmt.FORMAT_VERSION:
-        raise CachekdError(
-            f"cache {str(p)!r} has format version {meta.get('format_version')}; this cachekd reads "
-            f"{fmt.FORMAT_VERSION}. Run precompute again."
-        )
+    check_format(meta, expected=fmt.FORMAT, version=fmt.FORMAT_VERSION, what="logit cache", path=p,
+                 remedy="run `cachekd precompute` again")
     try:
         cls.from_dict(meta)
     except CachekdError as e:

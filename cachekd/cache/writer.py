@@ -15,7 +15,7 @@ import numpy as np
 from cachekd import __version__
 from cachekd.cache import format as fmt
 from cachekd.errors import CachekdError
-from cachekd.io import atomic_write_bytes, atomic_write_json, read_json_dict_or_none
+from cachekd.io import atomic_write_bytes, atomic_write_json
 
 @contextmanager
 def _lock(root: Path):
@@ -113,20 +113,13 @@ def _open_or_create(root: Path, plan: fmt.CachePlan, force: bool) -> fmt.CachePl
                 f"choose another output or pass --force to start it again."
             )
         _clear(root)
-    elif _half_created(root):  # killed during creation by a cachekd that wrote the plan last: nothing done yet
+    elif fmt.is_half_created(root):  # killed during creation by a cachekd that wrote the plan last: nothing done yet
         _clear(root)
     elif any(not fmt.is_lock_file(p.name) for p in root.iterdir()):
         raise CachekdError(f"output {str(root)!r} is not empty and is not a logit cache; choose another path.")
     atomic_write_json(fmt.plan_path(root), plan.to_dict())
     _create_layout(root, plan)
     return plan
-
-
-def _half_created(root: Path) -> bool:
-    """A Zarr group of a logit cache without plan.json and without any done-marker."""
-    meta = read_json_dict_or_none(root / "zarr.json")
-    return (meta is not None and meta.get("attributes", {}).get("cachekd") == fmt.FORMAT
-            and not (root / fmt.DONE_DIR).exists())
 
 
 def _create_layout(root: Path, plan: fmt.CachePlan) -> None:
@@ -138,7 +131,7 @@ def _create_layout(root: Path, plan: fmt.CachePlan) -> None:
         # mode "a", not "w": "w" empties the directory, lock files included (.lock is held right now)
         group = zarr.open_group(str(root), mode="a", zarr_format=3)
     except Exception:  # noqa: BLE001 - an unreadable group zarr.json left by a kill during creation
-        (root / "zarr.json").unlink(missing_ok=True)
+        fmt.group_meta_path(root).unlink(missing_ok=True)
         group = zarr.open_group(str(root), mode="a", zarr_format=3)
     if group.attrs.get("cachekd") != fmt.FORMAT:
         group.attrs["cachekd"] = fmt.FORMAT

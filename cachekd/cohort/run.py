@@ -74,12 +74,15 @@ def _train_candidate(cfg: Any, progress: bool) -> float:
 
     rd = RunDir(cfg.output)
     if rd.finished:
-        return float(rd.read_summary()["final_dev_loss"])
-    resume = rd.last_checkpoint is not None
-    summary = run(cfg, resume=resume, force=not resume and rd.exists, progress=progress)
-    if summary["final_dev_loss"] is None:
+        summary = rd.read_summary()
+    else:
+        resume = rd.last_checkpoint is not None
+        summary = run(cfg, resume=resume, force=not resume and rd.exists, progress=progress)
+    # the whole dev split, or the same fixed sample of data.eval_windows windows for every candidate
+    dev = summary.get("final_dev_loss", summary.get("final_dev_loss_sample"))
+    if dev is None:
         raise CachekdError("peer search ranks candidates by dev loss, but the token store has no dev split.")
-    return float(summary["final_dev_loss"])
+    return float(dev)
 
 
 def run_search(cohort: CohortConfig, *, progress: bool = True, say: Callable[[str], None] | None = None) -> dict[str, Any]:

@@ -205,7 +205,7 @@ class CohortTrainer(Trainer):
             "tokens": self.tokens_seen, "wall_s": round(self.wall_s, 3), "stopped_by": stop_reason,
             "processes": self.world, "peers": [s.cfg.name for s in self.students],
             "peer_dirs": [str(Path(PEERS_DIR) / s.cfg.name) for s in self.students],
-            "final_dev_loss": {s.cfg.name: d for s, d in zip(self.students, devs)},
+            "final_dev": {s.cfg.name: s.final_dev(d) for s, d in zip(self.students, devs)},
         }
         if self.mutual:
             summary["members"] = self.cohort.member_names
@@ -230,7 +230,7 @@ def open_fixed_peers(cohort: CohortConfig, store) -> CachedTeachers:
     tail_index = None
     if cache.mode == "topk":
         tail_index = cache.temperature_index(mu.temperature)
-    return CachedTeachers(cache, list(mu.fixed_peers), cohort.cache, tail_index)
+    return CachedTeachers(cache, list(mu.fixed_peers), cohort.cache, tail_index=tail_index)
 
 
 def _load(data: dict[str, Any]) -> CohortConfig:

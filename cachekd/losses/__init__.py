@@ -5,9 +5,11 @@ One job a module:
 * ``api`` — the public types (``DenseTarget``, ``SparseTarget``, ``KDConfig``, ``LossParts``) and entry points
   (``distill_loss``, ``chunked_distill_loss``, ``total_loss``); validates and flattens the inputs;
 * ``plan`` — the flattened batch (``Prepared``) and ``LossPlan``, the one decision of which path computes it
-  (``F.cross_entropy``, the fused sparse student or the (n, V) log-softmax, per-teacher or combined, chunked);
+  (``F.cross_entropy``, a fused student or the (n, V) log-softmax, per-teacher or combined, chunked);
 * ``rowloss`` — the CE and KD sums on a set of rows, following the plan; dense targets, mixing, combining;
 * ``sparse`` — sparse targets on rows, the fused student side (``SparseStudent``) and the three tail modes;
+* ``mixed`` — the fused ChooBaCa path: CE + forward/reverse KL against one sparse uniform-tail teacher mixed
+  with the student (τ = 1), one pass over the logits each way (``MixedSparseStudent``);
 * ``student`` — the student's (n, V) log-softmax quantities, shared by the CE and every teacher;
 * ``divergences`` — one small pointwise function per objective, in a registry;
 * ``chunked`` — the step-wise loss: chunks of rows, recomputed in backward.

@@ -19,9 +19,11 @@ Everything here is a pure function of tensors. Conventions:
 
 Sparse targets (``SparseTarget``: the k cached teacher logits, their ids and the log-sum-exp of the rest) are
 handled in one of three ``tail_mode`` s (``sparse``): ``bucket`` and ``renormalize`` through the fused student
-side, O(k) a position beyond the student's own log-normaliser; ``uniform`` tails and mixing through the (n, V)
-log-softmax. ``distill_loss(chunk_size=...)`` or ``chunked_distill_loss`` bound the memory (``chunked``).
-Which path a batch takes is decided once, by ``plan.make_plan``.
+side, O(k) a position beyond the student's own log-normaliser; ``uniform`` tails through the (n, V) log-softmax.
+Mixing goes through the (n, V) log-softmax too, except the ChooBaCa case (one sparse uniform-tail teacher, τ = 1,
+forward or reverse KL), which has its own fused path (``mixed``). ``distill_loss(chunk_size=...)`` or
+``chunked_distill_loss`` bound the memory (``chunked``). Which path a batch takes is decided once, by
+``plan.make_plan``.
 
 Several teachers: ``teacher_combine="losses"`` keeps every sparse teacher sparse (any tail mode). ``logits`` and
 ``probs`` need one dense target, so several sparse teachers are expanded to their (n, V) uniform-tail

@@ -57,22 +57,22 @@ def jsd(logp: Tensor, logq: Tensor, cfg: KDConfig) -> Tensor:
     return beta * logp.exp() * (logp - logm) + (1.0 - beta) * logq.exp() * (logq - logm)
 
 
+def _skew_kl(loga: Tensor, logb: Tensor, lam: float) -> Tensor:
+    """KL(a‖λa + (1−λ)b) pointwise: a (log a − log r); λ = 1 gives 0, λ = 0 the plain KL(a‖b)."""
+    if lam == 1.0:
+        return _zero(loga, logb)
+    logr = logb if lam == 0.0 else torch.logaddexp(loga + math.log(lam), logb + math.log1p(-lam))
+    return loga.exp() * (loga - logr)
+
+
 def skew_forward_kl(logp: Tensor, logq: Tensor, cfg: KDConfig) -> Tensor:
     """KL(p‖λp + (1−λ)q): p (log p − log r)."""
-    lam = cfg.skew_lambda
-    if lam == 1.0:
-        return _zero(logp, logq)
-    logr = logq if lam == 0.0 else torch.logaddexp(logp + math.log(lam), logq + math.log1p(-lam))
-    return logp.exp() * (logp - logr)
+    return _skew_kl(logp, logq, cfg.skew_lambda)
 
 
 def skew_reverse_kl(logp: Tensor, logq: Tensor, cfg: KDConfig) -> Tensor:
     """KL(q‖λq + (1−λ)p): q (log q − log r)."""
-    lam = cfg.skew_lambda
-    if lam == 1.0:
-        return _zero(logp, logq)
-    logr = logp if lam == 0.0 else torch.logaddexp(logq + math.log(lam), logp + math.log1p(-lam))
-    return logq.exp() * (logq - logr)
+    return _skew_kl(logq, logp, cfg.skew_lambda)
 
 
 POINTWISE: dict[str, Pointwise] = {

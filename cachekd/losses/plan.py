@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Literal
 import torch
 from torch import Tensor
 
+from cachekd.losses import mixed
+
 if TYPE_CHECKING:
     from cachekd.losses.api import KDConfig
 
@@ -48,19 +50,24 @@ class LossPlan:
     entry: Literal["cross_entropy", "rows", "chunked"]
     """cross_entropy: CE alone through ``F.cross_entropy`` (no teacher, float32, unchunked); rows: one pass over
     the rows (all of them with ``mask_ignored``, else the non-ignored ones); chunked: ``chunked.ChunkedLoss``."""
-    student: Literal["fused", "log_softmax"]
+    student: Literal["fused", "fused_mix", "log_softmax"]
     """fused: the CE and the sparse teachers' student values from ``sparse.SparseStudent`` (no (n, V)
-    log-softmax); log_softmax: from the (n, V) log-softmax (``student.Student``)."""
+    log-softmax); fused_mix: the CE and the KD term against one sparse uniform-tail teacher mixed with the
+    student from ``mixed.MixedSparseStudent`` (τ = 1, forward or reverse KL: the ChooBaCa path); log_softmax:
+    from the (n, V) log-softmax (``student.Student``)."""
     combine: Literal["per_teacher", "logits", "probs"]
     """per_teacher: a weighted sum of per-teacher divergences (one teacher, or teacher_combine="losses");
     logits/probs: the teachers combined into one dense target first."""
     mixing: bool
     """mix_alpha < 1: every teacher becomes a dense target mixed with the student's logits."""
     mask_ignored: bool
-    """The rows pass covers every row and masks the ignored ones out (fused and unchunked only): selecting the
-    others would copy the (N, V) logits and, in backward, scatter their gradient back."""
+    """The rows pass covers every row and masks the ignored ones out (fused students, unchunked, only): selecting
+    the others would copy the (N, V) logits and, in backward, scatter their gradient back."""
     bucket_tails: bool
     """Sparse teachers with k < V take the student's tail mass from the fused student (tail_mode bucket)."""
+    chunk_state: bool
+    """Chunked with the fused_mix student: forward keeps each chunk's O(n·k) statistics (``mixed.MixedRows``) and
+    backward recomputes only the chunk's logits, not its loss."""
 
     @property
     def sparse_by_ids(self) -> bool:
@@ -79,6 +86,14 @@ def make_plan(
         not teachers
         or (combine == "per_teacher" and not mixing and all(isinstance(t, FlatSparse) for t in teachers))
     )
+    fused_mix = (
+        mixing
+        and cfg.tail_mode == "uniform"
+        and cfg.temperature == 1.0
+        and cfg.objective in mixed.FUSED_MIX_OBJECTIVES
+        and len(teachers) == 1
+        and isinstance(teachers[0], FlatSparse)
+    )
     if not chunked and num_teachers_given == 0 and compute_dtype == torch.float32:
         # Cross-entropy alone (plain LM training): PyTorch's fused kernel is ~1.6x faster than the general path.
         entry = "cross_entropy"
@@ -86,11 +101,12 @@ def make_plan(
         entry = "chunked" if chunked else "rows"
     return LossPlan(
         entry=entry,
-        student="fused" if fused else "log_softmax",
+        student="fused" if fused else "fused_mix" if fused_mix else "log_softmax",
         combine=combine,
         mixing=mixing,
-        mask_ignored=fused and entry == "rows",
+        mask_ignored=(fused or fused_mix) and entry == "rows",
         bucket_tails=fused and cfg.tail_mode == "bucket",
+        chunk_state=fused_mix and entry == "chunked",
     )
 
 

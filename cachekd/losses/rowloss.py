@@ -15,6 +15,16 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from cachekd.losses.divergences import LOG_FLOOR, divergence
+from cachekd.losses.mixed import (
+    GradCoefficients,
+    LogitStats,
+    MixedRows,
+    MixedSparseStudent,
+    grad_coefficients,
+    gradient_pass,
+    logit_stats,
+    mixed_from_stats,
+)
 from cachekd.losses.plan import FlatDense, FlatTarget, Prepared, Rows, take
 from cachekd.losses.sparse import SparseRows, SparseStudent, sparse_divergence, sparse_rows
 from cachekd.losses.student import Student
@@ -33,13 +43,18 @@ def loss_on_rows(z: Tensor, rows: Rows, prep: Prepared, ignored: Tensor | None =
     gradient.
     """
     plan = prep.plan
+    assert ignored is None or plan.mask_ignored, "ignored rows are only masked on the fused paths"
+    if plan.student == "fused_mix":
+        cfg = prep.cfg
+        inputs = _mixed_inputs(rows, prep, z.dtype, z.device, ignored)
+        ce, kd = MixedSparseStudent.apply(z, *inputs, prep.mix_alpha, cfg.objective, cfg.detach_mix, ignored)
+        return ce.sum(), (prep.weights[0] * kd).sum()
     tau = prep.cfg.temperature
     labels = take(prep.labels, rows)  # (n,)
     if ignored is not None:
-        assert plan.mask_ignored, "ignored rows are only masked on the fused path"
         labels = labels.index_fill(0, ignored, 0)
-    student = Student(z, tau)
     targets = [teacher_rows(t, rows, tau, z.dtype, z.device, ignored) for t in prep.teachers]
+    student = Student(z, tau)
     # Student values at the sparse teachers' ids (teachers compared one by one, without mixing).
     sparse = [t for t in targets if isinstance(t, SparseRows)] if plan.sparse_by_ids else []
     ce, logq_ids, log_tails = _student_values(student, labels, sparse, prep, ignored)
@@ -102,6 +117,73 @@ def _student_values(
         return ce, [], no_tails
     logq_ids = student.logq.gather(1, torch.cat([t.ids for t in sparse], dim=1))
     return ce, list(logq_ids.split(split, dim=1)), no_tails
+
+
+def _mixed_inputs(
+    rows: Rows, prep: Prepared, dtype: torch.dtype, device: torch.device, ignored: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(labels, ids, logp_ids, log_u) of ``mixed``'s functions for the rows (fused_mix plans)."""
+    labels = take(prep.labels, rows)  # (n,)
+    if ignored is not None:
+        labels = labels.index_fill(0, ignored, 0)
+    target = sparse_rows(prep.teachers[0], rows, 1.0, dtype, device, ignored)
+    vocab_size = prep.vocab_size
+    if target.k < vocab_size:
+        log_u = target.log_tail - math.log(vocab_size - target.k)  # as in SparseRows.dense_logp
+    else:
+        log_u = torch.full_like(target.log_tail, -math.inf)  # no tail
+    return labels, target.ids, target.logp, log_u
+
+
+class MixedChunks:
+    """The fused_mix loss over ``prep.rows`` whose logits come a chunk at a time, in order (plans with
+    ``chunk_state``): forward keeps each chunk's ``LogitStats`` and computes the loss from all of them at once;
+    backward turns the upstream gradients into per-row coefficients once and writes each chunk's gradient from
+    its recomputed logits. Keeps O(k) numbers a row, never the logits."""
+
+    def __init__(self, prep: Prepared, dtype: torch.dtype, device: torch.device) -> None:
+        self.prep = prep
+        self.labels, self.ids, self.logp_ids, self.log_u = _mixed_inputs(prep.rows, prep, dtype, device, None)
+        self.parts: list[LogitStats] = []
+        self.offset = 0
+        self.state: MixedRows | None = None
+        self.coef: GradCoefficients | None = None
+
+    def _next_rows(self, n: int) -> slice:
+        rows = slice(self.offset, self.offset + n)
+        self.offset = rows.stop
+        return rows
+
+    def add(self, z: Tensor) -> None:
+        """Forward: the next chunk's logits (n, V)."""
+        rows = self._next_rows(z.shape[0])
+        cfg = self.prep.cfg
+        beta, forward_kl = 1.0 - self.prep.mix_alpha, cfg.objective == "forward_kl"
+        self.parts.append(logit_stats(z, self.labels[rows], self.ids[rows], beta, with_eb_d=forward_kl))
+
+    def finish(self) -> tuple[Tensor, Tensor]:
+        """Forward: (ce_sum, kd_sum) over every chunk added."""
+        prep, cfg = self.prep, self.prep.cfg
+        if not self.parts:  # no valid rows
+            zero = torch.zeros((), dtype=self.logp_ids.dtype, device=self.logp_ids.device)
+            return zero, zero.clone()
+        ce, kd, self.state = mixed_from_stats(
+            LogitStats.cat(self.parts), prep.vocab_size, self.labels, self.ids, self.logp_ids, self.log_u,
+            prep.mix_alpha, cfg.objective, cfg.detach_mix, None,
+        )
+        self.parts = []
+        return ce.sum(), (prep.weights[0] * kd).sum()
+
+    def start_backward(self, g_ce: Tensor, g_kd: Tensor) -> None:
+        """Backward: the upstream gradients of ce_sum and kd_sum, before the chunks' ``grad`` calls."""
+        self.offset = 0
+        if self.state is not None:
+            self.coef = grad_coefficients(self.state, g_ce, g_kd * self.prep.weights[0])
+
+    def grad(self, z: Tensor) -> Tensor:
+        """Backward: (n, V) the gradient for the next chunk's recomputed logits."""
+        assert self.state is not None and self.coef is not None
+        return gradient_pass(z, self.state, self.coef, self._next_rows(z.shape[0]))
 
 
 def _dense_logp(target: TeacherRows, vocab_size: int) -> Tensor:

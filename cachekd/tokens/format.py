@@ -27,7 +27,10 @@ FORMAT_VERSION = 1
 POSITIONS_PER_CHUNK = 4096
 SPLITS = ("train", "dev")
 MANIFEST = "manifest.json"
+ZARR_META = "zarr.json"
 TOKENIZER_DIR = "tokenizer"
+SOURCE_SPLITS = "source_splits"
+"""Manifest key: each source's documents, tokens and window range in each split (absent in older stores)."""
 
 
 def chunk_windows_for(seq_len: int) -> int:
@@ -53,7 +56,7 @@ def is_token_store(path: Path) -> bool:
     from cachekd.io import read_json_dict_or_none
 
     p = Path(path)
-    for meta in (read_json_dict_or_none(manifest_path(p)), read_json_dict_or_none(p / "zarr.json")):
+    for meta in (read_json_dict_or_none(manifest_path(p)), read_json_dict_or_none(p / ZARR_META)):
         if meta is not None and FORMAT in (meta.get("format"), meta.get("attributes", {}).get("cachekd")):
             return True
     return False
@@ -100,10 +103,13 @@ def chunk_file(root: Path, split: str, array, chunk: int) -> Path:
 def build_manifest(*, version: str, seq_len: int, vocab_size: int, vocab_size_requested: int | None,
                    dtype: np.dtype, chunk_windows: int, special_tokens: dict[str, int | None],
                    tokenizer_fingerprint: str, tokenizer_source: str, splits: dict[str, dict[str, Any]],
-                   sources: list[dict[str, Any]], options: dict[str, Any], input_fingerprint: str) -> dict[str, Any]:
+                   sources: list[dict[str, Any]], options: dict[str, Any], input_fingerprint: str,
+                   source_splits: list[dict[str, Any]]) -> dict[str, Any]:
     """The manifest of a finished store (its JSON keys are the format). `splits` maps a split to its
     num_windows/num_tokens/num_documents/dropped_tokens/sha256 (of the windows' bytes); the store's fingerprint
-    covers the tokenizer, the window length and those hashes."""
+    covers the tokenizer, the window length and those hashes. `source_splits` (one entry a source, in the order of
+    `sources`): ``held_out_by`` (documents | lines | words | none) and per split its ``num_documents``,
+    ``num_tokens`` and ``windows`` [start, stop) — stores written before it have no such key."""
     from cachekd.io import sha256_json
 
     return {
@@ -121,6 +127,7 @@ def build_manifest(*, version: str, seq_len: int, vocab_size: int, vocab_size_re
         "tokenizer_source": tokenizer_source,
         "splits": splits,
         "sources": sources,
+        SOURCE_SPLITS: source_splits,
         "options": options,
         "input_fingerprint": input_fingerprint,
         "fingerprint": sha256_json(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from collections.abc import Callable
 from typing import Any
@@ -10,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from cachekd.errors import CachekdError
-from cachekd.io import read_json_dict
+from cachekd.io import check_format, read_json_dict
 from cachekd.tokens import format as tfmt
 
 
@@ -42,17 +43,12 @@ class TokenStore:
             raise CachekdError(f"token store {str(p)!r} does not exist; create it with `cachekd prepare`.")
         mf = tfmt.manifest_path(p)
         if not mf.exists():
-            if (p / "zarr.json").exists():
+            if tfmt.is_token_store(p):
                 raise CachekdError(f"token store {str(p)!r} is incomplete (no manifest); run `cachekd prepare` again.")
             raise CachekdError(f"{str(p)!r} is not a token store (no manifest.json); create one with `cachekd prepare`.")
         manifest = read_json_dict(mf, "the token store is damaged: " + REBUILD_HINT + ".")
-        if manifest.get("format") != tfmt.FORMAT:
-            raise CachekdError(f"{str(p)!r} is not a token store (its manifest says {manifest.get('format')!r}).")
-        if manifest.get("format_version") != tfmt.FORMAT_VERSION:
-            raise CachekdError(
-                f"token store {str(p)!r} has format version {manifest.get('format_version')}, this cachekd reads "
-                f"{tfmt.FORMAT_VERSION}; prepare it again."
-            )
+        check_format(manifest, expected=tfmt.FORMAT, version=tfmt.FORMAT_VERSION, what="token store", path=p,
+                     remedy="run `cachekd prepare` again")
         return cls(p, manifest)
 
     # --- facts
@@ -97,6 +93,32 @@ class TokenStore:
 
     def splits(self) -> list[str]:
         return [s for s in tfmt.SPLITS if s in self.manifest["splits"]]
+
+    def source_names(self) -> list[str]:
+        """The sources' file (or directory) names, in manifest order (their paths where two share a name)."""
+        paths = [src["path"] for src in self.manifest["sources"]]
+        names = [Path(p).name for p in paths]
+        return names if len(set(names)) == len(names) else paths
+
+    def source_windows(self, split: str) -> list[tuple[int, int]] | None:
+        """Per source (manifest order), the windows [start, stop) of `split` that start in its text; None for a
+        store prepared before the manifest recorded them."""
+        records = self.manifest.get(tfmt.SOURCE_SPLITS)
+        if records is None:
+            return None
+        return [tuple(r[split]["windows"]) if split in r else (0, 0) for r in records]  # type: ignore[misc]
+
+    def dev_shares(self) -> dict[str, dict[str, Any]] | None:
+        """Per source name: the share of its tokens in the dev split and how it was held out (documents, lines,
+        words, none); None for a store prepared before the manifest recorded them."""
+        records = self.manifest.get(tfmt.SOURCE_SPLITS)
+        if records is None:
+            return None
+        out = {}
+        for name, r in zip(self.source_names(), records):
+            dev, train = r.get("dev", {}).get("num_tokens", 0), r.get("train", {}).get("num_tokens", 0)
+            out[name] = {"dev_share": round(dev / max(dev + train, 1), 4), "held_out_by": r["held_out_by"]}
+        return out
 
     def num_windows(self, split: str = "train") -> int:
         return int(self.manifest["splits"].get(split, {}).get("num_windows", 0))
@@ -212,6 +234,7 @@ class TokenStore:
 
     def summary(self) -> dict[str, Any]:
         m = self.manifest
+        shares = self.dev_shares() if "dev" in self.splits() else None
         return {
             "kind": "token store",
             "path": str(self.path),
@@ -223,8 +246,81 @@ class TokenStore:
             "chunk_windows": m["chunk_windows"],
             "splits": m["splits"],
             "num_sources": len(m["sources"]),
+            **({"dev_share_by_source": {k: v["dev_share"] for k, v in shares.items()}} if shares else {}),
             "source_bytes": sum(s["size"] for s in m["sources"]),
             "tokenizer_fingerprint": m["tokenizer_fingerprint"][:16],
             "fingerprint": m["fingerprint"][:16],
             "created": m.get("created"),
         }
+
+
+# ------------------------------------------------------------------------------------------ dev sample
+
+DEV_SAMPLE_SEED = 0
+"""Seed of the periodic dev sample: the same for every run on a store, so their dev curves compare."""
+
+
+@dataclass(frozen=True)
+class WindowSample:
+    """Which windows of a split the trainer's periodic dev loss scores (`dev_sample`)."""
+
+    windows: np.ndarray
+    """Window indices, sorted, int64."""
+    whole_split: bool
+    """True when the sample is every window of the split (then its loss is the split's loss)."""
+    per_source: dict[str, int] | None
+    """Windows drawn from each source (None: an evenly spaced sample of a store without per-source records)."""
+    note: str | None = None
+    """A sentence for the user when the sample is not drawn per source."""
+
+    @property
+    def num_windows(self) -> int:
+        return int(len(self.windows))
+
+
+def allocate_by_size(num: int, sizes: list[int]) -> list[int]:
+    """Split `num` draws over groups of `sizes` items in proportion to their sizes (largest remainder), each
+    non-empty group getting at least one when `num` allows it, and none more than its size. Needs
+    0 <= num <= sum(sizes)."""
+    assert 0 <= num <= sum(sizes), "allocate_by_size: more draws than items"
+    total = sum(sizes)
+    if total == 0:
+        return [0] * len(sizes)
+    quota = [num * n / total for n in sizes]
+    floor = 1 if num >= sum(1 for n in sizes if n) else 0
+    alloc = [min(n, max(floor if n else 0, int(q))) for n, q in zip(sizes, quota)]
+    while sum(alloc) > num:  # the minimum of one each overshot: take from the groups furthest above their quota
+        j = max((i for i in range(len(sizes)) if alloc[i] > floor), key=lambda i: alloc[i] - quota[i])
+        alloc[j] -= 1
+    while sum(alloc) < num:  # hand out the rest to the groups furthest below their quota
+        j = max((i for i in range(len(sizes)) if alloc[i] < sizes[i]), key=lambda i: quota[i] - alloc[i])
+        alloc[j] += 1
+    return alloc
+
+
+def dev_sample(store: TokenStore, num_windows: int | None, *, split: str = "dev",
+               seed: int = DEV_SAMPLE_SEED) -> WindowSample:
+    """The fixed sample of `split` the trainer's periodic dev loss scores: `num_windows` windows (None or 0, or at
+    least the split's size: all of them) drawn without replacement from every source in proportion to its windows
+    (at least one each), seeded, so every run on the store scores the same windows. A store prepared before the
+    manifest recorded each source's windows gets `num_windows` evenly spaced windows over the whole split instead,
+    with a note saying so."""
+    total = store.num_windows(split)
+    if not num_windows or num_windows >= total:
+        ranges = store.source_windows(split)
+        per = None if ranges is None else {n: b - a for n, (a, b) in zip(store.source_names(), ranges)}
+        return WindowSample(np.arange(total, dtype=np.int64), True, per)
+    ranges = store.source_windows(split)
+    if ranges is None:
+        windows = np.unique(np.linspace(0, total - 1, num_windows).round().astype(np.int64))
+        note = (f"note: token store {str(store.path)!r} was prepared before cachekd recorded which {split} windows "
+                f"come from which source, so the periodic dev loss scores {len(windows)} evenly spaced {split} windows "
+                f"instead of a sample from every source; prepare it again with --force to record them (a source of "
+                f"one document then gets its dev share too).")
+        return WindowSample(windows, False, None, note)
+    sizes = [b - a for a, b in ranges]
+    alloc = allocate_by_size(num_windows, sizes)
+    rng = np.random.default_rng(seed)
+    drawn = [a + rng.choice(b - a, size=k, replace=False) for (a, b), k in zip(ranges, alloc) if k]
+    windows = np.sort(np.concatenate(drawn).astype(np.int64))
+    return WindowSample(windows, False, dict(zip(store.source_names(), alloc)))

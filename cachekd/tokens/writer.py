@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import os
 import random
+import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +20,12 @@ from cachekd.io import atomic_write_json, read_json_dict_or_none, sha256_json
 from cachekd.tokens import format as tfmt
 from cachekd.tokens.format import FORMAT, FORMAT_VERSION
 from cachekd.tokens.reader import TokenStore
+
+
+MAX_VOCAB_SIZE = 1 << 20
+"""The largest BPE vocabulary `prepare` trains (1,048,576): four times the largest vocabularies in use (Gemma's
+262,144). The tokenizer trainer allocates memory for the size asked before it looks at the corpus: 10⁹ tried to
+allocate ~70 GB and aborted the process."""
 
 
 @dataclass
@@ -52,13 +59,19 @@ class PrepareConfig:
             raise CachekdError(f"--seq-len must be at least 2 (got {self.seq_len}): a window needs an input and a next token.")
         if not 0.0 <= self.dev_fraction < 1.0:
             raise CachekdError(f"--dev-fraction must be in [0, 1) (got {self.dev_fraction}).")
+        if self.vocab_size > MAX_VOCAB_SIZE:
+            raise CachekdError(
+                f"--vocab-size must be at most {MAX_VOCAB_SIZE:,} (got {self.vocab_size:,}), four times the largest "
+                f"vocabularies in use; Baby Llama uses 16,000."
+            )
 
 
 # ------------------------------------------------------------------------------------------------ prepare
 
 
 def _assign_dev(num_docs: int, cfg: PrepareConfig, source_index: int) -> np.ndarray:
-    """Boolean mask over a source's documents: True = dev."""
+    """Boolean mask over a source's documents: True = dev. A source of fewer than two documents gets none here
+    (`_split_tail` holds out the tail of its one document instead)."""
     mask = np.zeros(num_docs, dtype=bool)
     if cfg.dev_fraction <= 0 or num_docs < 2:
         return mask
@@ -72,6 +85,29 @@ def _assign_dev(num_docs: int, cfg: PrepareConfig, source_index: int) -> np.ndar
     return mask
 
 
+HeldOutBy = Literal["documents", "lines", "words", "none"]
+"""How a source's dev share was held out: whole documents; the last lines, or the last words, of a source that is
+one document; none (`dev_fraction` 0)."""
+
+
+def _split_tail(doc: str, fraction: float, source: str) -> tuple[str, str, HeldOutBy]:
+    """A source that is one document (e.g. a file without blank lines) cannot give whole documents to both splits:
+    its text is cut once, at the line boundary (else the space) nearest to leaving `fraction` of its characters
+    for dev, with at least one line (word) on each side. Returns (train text, dev text, how it was cut); a text of
+    a single word cannot be cut and is refused."""
+    target = len(doc) * (1.0 - fraction)
+    first, last = len(doc) - len(doc.lstrip()), len(doc.rstrip()) - 1  # the text's first and last visible characters
+    for sep, how in (("\n", "lines"), (" ", "words")):
+        cuts = [m.start() for m in re.finditer(sep, doc) if first < m.start() < last]
+        if cuts:
+            cut = min(cuts, key=lambda i: abs(i - target))
+            return doc[:cut], doc[cut + 1:], how  # type: ignore[return-value]
+    raise CachekdError(
+        f"{source!r} is one document of a single word, so no dev share can be held out from it; add text to it, "
+        f"leave it out, or pass --dev-fraction 0."
+    )
+
+
 class _WindowWriter:
     """Packs a stream of token ids into fixed windows and appends whole chunks to a zarr array."""
 
@@ -83,6 +119,7 @@ class _WindowWriter:
         self.num_tokens = 0
         self.num_documents = 0
         self.num_windows = 0
+        self.doc_tokens: list[int] = []  # tokens of each document added, in order
         self.hash = hashlib.sha256()
 
     def add(self, ids: np.ndarray) -> None:
@@ -90,6 +127,7 @@ class _WindowWriter:
         self.buffered += len(ids)
         self.num_tokens += len(ids)
         self.num_documents += 1
+        self.doc_tokens.append(len(ids))
         if self.buffered >= self.seq_len * self.chunk_windows * 8:
             self._flush(final=False)
 
@@ -131,8 +169,7 @@ def _check_output(out: Path, input_fingerprint: str, force: bool) -> str:
     if tfmt.manifest_path(out).exists():
         manifest = read_json_dict_or_none(tfmt.manifest_path(out))
         if manifest is None:  # damaged: replaceable only when the directory is a token store's Zarr group
-            group = read_json_dict_or_none(out / "zarr.json") or {}
-            if group.get("attributes", {}).get("cachekd") != FORMAT:
+            if not tfmt.is_token_store(out):
                 raise CachekdError(f"output {str(out)!r} holds something else (an unreadable manifest.json); "
                                    f"choose another path.")
             if not force:
@@ -161,7 +198,7 @@ def prepare(cfg: PrepareConfig, *, force: bool = False, progress: bool = True) -
     if not cfg.output:
         raise CachekdError("no output path given: pass --output DIR for the token store.")
     out = Path(cfg.output)
-    sources = resolve_sources(cfg.inputs)
+    sources = resolve_sources(cfg.inputs, output=out)
     tok_src = None
     if cfg.tokenizer:
         tp = Path(cfg.tokenizer)
@@ -176,7 +213,7 @@ def prepare(cfg: PrepareConfig, *, force: bool = False, progress: bool = True) -
     if state == "same":
         return TokenStore.open(out), False
 
-    train_docs, dev_docs = _read_documents(sources, cfg, progress)
+    train_docs, dev_docs, per_source = _read_documents(sources, cfg, progress)
     if cfg.tokenizer:
         tokenizer = given_tokenizer
     else:
@@ -196,6 +233,7 @@ def prepare(cfg: PrepareConfig, *, force: bool = False, progress: bool = True) -
         group.attrs["cachekd"] = FORMAT
         docs_by_split = {"train": train_docs, **({"dev": dev_docs} if cfg.dev_fraction > 0 else {})}
         split_info = _encode_splits(group, tokenizer, docs_by_split, cfg.seq_len, cw, dtype, progress)
+        source_splits = _source_splits(per_source, split_info, cfg.seq_len)
         tokenizer.save_pretrained(str(tmp / tfmt.TOKENIZER_DIR))
         manifest = tfmt.build_manifest(
             version=__version__, seq_len=cfg.seq_len, vocab_size=vocab_size,
@@ -204,7 +242,7 @@ def prepare(cfg: PrepareConfig, *, force: bool = False, progress: bool = True) -
             tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
             tokenizer_source=tok_src["path"] if tok_src else "trained",
             splits=split_info, sources=[s.describe() for s in sources], options=options,
-            input_fingerprint=input_fingerprint,
+            input_fingerprint=input_fingerprint, source_splits=source_splits,
         )
         atomic_write_json(tfmt.manifest_path(tmp), manifest)
         _publish(tmp, out, replace=state == "replace")
@@ -214,22 +252,56 @@ def prepare(cfg: PrepareConfig, *, force: bool = False, progress: bool = True) -
     return TokenStore.open(out), True
 
 
-def _read_documents(sources: list, cfg: PrepareConfig, progress: bool) -> tuple[list[str], list[str]]:
-    """Every document of the corpus, read once, as (train, dev); the dev split is assigned per source."""
+def _read_documents(sources: list, cfg: PrepareConfig,
+                    progress: bool) -> tuple[list[str], list[str], list[dict[str, Any]]]:
+    """Every document of the corpus, read once, as (train, dev, per source); the dev split is held out from every
+    source: whole documents (`_assign_dev`) where it has two or more, else the tail of its one document
+    (`_split_tail`). Per source (in order): its documents in each split and how its dev share was held out."""
     from tqdm.auto import tqdm
 
     from cachekd.corpus import iter_documents
 
     train_docs: list[str] = []
     dev_docs: list[str] = []
+    per_source: list[dict[str, Any]] = []
     for i, src in enumerate(tqdm(sources, desc="reading", unit="file", disable=not progress or len(sources) < 2)):
         docs = list(iter_documents(src, doc_sep=cfg.doc_sep, text_column=cfg.text_column, clean=cfg.clean))
-        dev_mask = _assign_dev(len(docs), cfg, i)
-        for d, is_dev in zip(docs, dev_mask):
-            (dev_docs if is_dev else train_docs).append(d)
+        n_train, n_dev = len(train_docs), len(dev_docs)
+        how: HeldOutBy = "none"
+        if cfg.dev_fraction > 0 and len(docs) == 1:
+            head, tail, how = _split_tail(docs[0], cfg.dev_fraction, str(src.path))
+            train_docs.append(head)
+            dev_docs.append(tail)
+        else:
+            dev_mask = _assign_dev(len(docs), cfg, i)
+            how = "documents" if dev_mask.any() else "none"
+            for d, is_dev in zip(docs, dev_mask):
+                (dev_docs if is_dev else train_docs).append(d)
+        per_source.append({"held_out_by": how, "num_documents": {"train": len(train_docs) - n_train,
+                                                                  "dev": len(dev_docs) - n_dev}})
     if not train_docs:
         raise CachekdError("the corpus is empty: no non-blank text was found in the inputs.")
-    return train_docs, dev_docs
+    return train_docs, dev_docs, per_source
+
+
+def _source_splits(per_source: list[dict[str, Any]], split_info: dict[str, dict[str, Any]],
+                   seq_len: int) -> list[dict[str, Any]]:
+    """The manifest's record of each source's part of each split: its documents, tokens and windows. A split
+    packs its sources' documents in source order, so a source's tokens are one range [t0, t1) of the split's
+    stream; its windows are those that start inside that range, [⌈t0/L⌉, ⌈t1/L⌉) within the split (a window that
+    straddles two sources counts for the one it starts in)."""
+    out = [{"held_out_by": ps["held_out_by"]} for ps in per_source]
+    for split, info in split_info.items():
+        doc_tokens = info.pop("doc_tokens")
+        start_doc = start_tok = 0
+        for ps, rec in zip(per_source, out):
+            n = ps["num_documents"][split]
+            tokens = int(sum(doc_tokens[start_doc:start_doc + n]))
+            t0, t1 = start_tok, start_tok + tokens
+            w0, w1 = (min(-(-t // seq_len), info["num_windows"]) for t in (t0, t1))
+            rec[split] = {"num_documents": n, "num_tokens": tokens, "windows": [w0, w1]}
+            start_doc, start_tok = start_doc + n, t1
+    return out
 
 
 def _encode_splits(group, tokenizer, docs_by_split: dict[str, list[str]], seq_len: int, chunk_windows: int,
@@ -250,7 +322,7 @@ def _encode_splits(group, tokenizer, docs_by_split: dict[str, list[str]], seq_le
                 for e in encs:
                     w.add(np.concatenate([np.asarray(e.ids, dtype=np.int64), eos_arr]))
                 bar.update(len(encs))
-        split_info[split] = w.close()
+        split_info[split] = w.close() | {"doc_tokens": w.doc_tokens}  # (doc_tokens: popped by _source_splits)
     if split_info["train"]["num_windows"] == 0:
         raise CachekdError(
             f"the corpus gives {split_info['train']['num_tokens']} training tokens, fewer than one window of "
