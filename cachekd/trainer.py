@@ -334,11 +334,15 @@ class Trainer:
                        **s.dev_record(dev)})
         return devs
 
+    def summary_fields(self) -> dict[str, Any]:
+        """What every student's summary.json adds from the loop that trained it (none for train / distill)."""
+        return {}
+
     def _finish(self, devs: list[float | None], stop_reason: str) -> dict[str, Any]:
         """Every student's model/ and summary.json; returns the first student's summary (all in self.summaries)."""
         common = {"steps": self.step, "tokens": self.tokens_seen, "wall_s": round(self.wall_s, 3),
                   "tokens_per_s": self.tokens_seen / self.wall_s if self.wall_s else None,
-                  "stopped_by": stop_reason, "processes": self.world}
+                  "stopped_by": stop_reason, "processes": self.world, **self.summary_fields()}
         out = [s.finish({**common, **s.final_dev(dev)}) for s, dev in zip(self.students, devs)]
         self.place.barrier()
         self.summaries = out

@@ -107,6 +107,8 @@ def test_wml_cohort_resumes_exactly(tmp_path, store_path, detach):
     full = _cohort(store_path, tmp_path / "full", PEERS, _wml(detach), steps=7)
     s = run_cohort(full, progress=False)
     assert s["mode"] == "mutual" and abs(sum(s["weights"]) - 1) < 1e-12
+    peer = json.loads((tmp_path / "full" / "peers" / "a" / "summary.json").read_text())
+    assert (peer["mode"], peer["objective"], peer["cohort"]) == ("mutual", "wml-forward_kl", "c")
     # stopped after 3 steps with a checkpoint there, then resumed to 7
     part = _cohort(store_path, tmp_path / "part", PEERS, _wml(detach), steps=7)
     t = CohortTrainer(part, peer_configs(part), progress=False)

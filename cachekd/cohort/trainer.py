@@ -198,6 +198,13 @@ class CohortTrainer(Trainer):
         if self.is_main:
             self.cohort_dir.mark_running(on)
 
+    def summary_fields(self) -> dict[str, Any]:
+        """A peer's summary names its cohort; a mutual-learning peer's mode and objective say how it was trained."""
+        fields = {"cohort": self.cohort.name}
+        if self.mutual:
+            fields.update({"mode": "mutual", "objective": f"wml-{self.mutual.objective}"})
+        return fields
+
     def _finish(self, devs: list[float | None], stop_reason: str) -> dict[str, Any]:
         super()._finish(devs, stop_reason)
         summary = {
