@@ -180,7 +180,8 @@ def _unique_names(runs: list[dict[str, Any]]) -> list[str]:
     return [f"{p.parent.name}/{p.name}" if base.count(p.name) > 1 else p.name for p in paths]
 
 
-OUTPUT_FILES = ("compare.md", "compare.csv", "curves.png", "accuracy_by_group.png", "accuracy_by_file.png")
+OUTPUT_FILES = ("compare.md", "compare.csv", "curves.png", "accuracy_by_group.png", "accuracy_by_file.png",
+                "weights.png")
 """What `compare_runs` writes into its output directory (an earlier comparison's files are replaced)."""
 
 
@@ -205,6 +206,7 @@ def compare_runs(run_dirs: list[str | Path], out_dir: str | Path | None = None) 
     if missing:
         raise CachekdError(f"run director{'ies' if len(missing) > 1 else 'y'} {', '.join(map(repr, missing))} "
                            f"do{'' if len(missing) > 1 else 'es'} not exist.")
+    run_dirs, cohorts = expand_cohorts(run_dirs)
     unique: dict[Path, str | Path] = {}
     for d in run_dirs:  # the same run given twice (`run`, `./run`) is compared once
         unique.setdefault(Path(d).resolve(), d)
@@ -242,6 +244,10 @@ def compare_runs(run_dirs: list[str | Path], out_dir: str | Path | None = None) 
             f.unlink(missing_ok=True)  # a stale plot from an earlier comparison would mislead
         files["accuracy_by_group"] = files["accuracy_by_file"] = None
 
+    weights = _weights_plot(cohorts, out / "weights.png")
+    if weights is not None:
+        files["weights"] = str(weights)  # only when cohorts with mutual learning were compared
+
     lines = ["# Run comparison", "", markdown_table(rows, columns)]
     lines += [
         "`dev_from`: `eval` = `cachekd eval` over the whole dev split (eval.json), `trainer:sampleN` = the trainer's "
@@ -262,6 +268,8 @@ def compare_runs(run_dirs: list[str | Path], out_dir: str | Path | None = None) 
     lines += [f"- {n}: `{r['dir']}`{notes[_state(r)]}{' (teacher)' if i in teachers else ''}"
               for i, (r, n) in enumerate(zip(runs, names))]
     lines += ["", f"![training and dev curves]({curves.name})", ""]
+    if files.get("weights"):
+        lines += ["![cohort peer weights ω](weights.png)", ""]
     if files["accuracy_by_group"]:
         lines += [f"![minimal-pair accuracy by group]({acc.name})", "",
                   f"![minimal-pair accuracy by phenomenon]({acc_file.name})", ""]
@@ -269,19 +277,69 @@ def compare_runs(run_dirs: list[str | Path], out_dir: str | Path | None = None) 
     atomic_write_bytes(md, ("\n".join(lines).rstrip("\n") + "\n").encode())
     files["markdown"] = str(md)
 
-    csv_path = out / "compare.csv"
-    with open(csv_path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
-        w.writeheader()
-        for row in rows:
-            w.writerow({c: ("" if row.get(c) is None else row.get(c)) for c in columns})
-    files["csv"] = str(csv_path)
+    files["csv"] = str(_write_csv(out / "compare.csv", rows, columns))
     return {"rows": rows, "columns": columns, "files": files, "out": str(out), "replaced": replaced,
             "teachers": [names[i] for i in sorted(teachers)]}
 
 
+def _write_csv(path: Path, rows: list[dict[str, Any]], columns: list[str]) -> Path:
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+        w.writeheader()
+        for row in rows:
+            w.writerow({c: ("" if row.get(c) is None else row.get(c)) for c in columns})
+    return path
+
+
+def expand_cohorts(run_dirs: list[str | Path]) -> tuple[list[str | Path], list[tuple[str, list[dict[str, Any]]]]]:
+    """A cohort directory stands for its peers' runs: returns the run directories with each cohort replaced by its
+    peers, and each cohort's (name, ω records) for the weights plot (cohorts with mutual learning only)."""
+    from cachekd.cohort.config import cohort_peer_dirs
+
+    out: list[str | Path] = []
+    cohorts = []
+    for d in run_dirs:
+        peers = cohort_peer_dirs(d)
+        if peers is None:
+            out.append(d)
+            continue
+        out += peers
+        records = [m for m in RunDir(d).read_metrics() if m.get("kind") == "weights"]
+        if records:
+            cohorts.append((Path(d).resolve().name, records))
+    return out, cohorts
+
+
 # ------------------------------------------------------------------------------------------------ plots
 # matplotlib's object API (Figure + savefig) draws with Agg without touching pyplot's global backend.
+
+
+def _weights_plot(cohorts: list[tuple[str, list[dict[str, Any]]]], path: Path) -> Path | None:
+    """Plot the cohorts' ω into `path`; without cohorts remove a stale plot there and return None."""
+    if not cohorts:
+        path.unlink(missing_ok=True)
+        return None
+    _plot_weights(cohorts, path)
+    return path
+
+
+def _plot_weights(cohorts: list[tuple[str, list[dict[str, Any]]]], path: Path) -> None:
+    """ω of each member (peers and fixed peers) over the steps, a panel per cohort."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6 * len(cohorts), 4), layout="constrained")
+    axes = fig.subplots(1, len(cohorts), squeeze=False)[0]
+    for ax, (name, records) in zip(axes, cohorts):
+        members = records[-1].get("members") or [f"member {i}" for i in range(len(records[-1]["weights"]))]
+        steps = [r["step"] for r in records]
+        for i, member in enumerate(members):
+            ax.plot(steps, [r["weights"][i] for r in records], marker="o", markersize=3, label=member)
+        ax.set_title(f"peer weights ω: {name}")
+        ax.set_xlabel("step")
+        ax.set_ylabel("ω")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.savefig(path, dpi=110)
 
 
 def _plot_curves(runs: list[dict[str, Any]], names: list[str], path: Path) -> None:

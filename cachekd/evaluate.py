@@ -574,11 +574,11 @@ def agreement_with_cache(model, cache, store: TokenStore, *, split: str = "dev",
     for b in tqdm(range(0, n, batch_size), desc="against cache", unit="batch", disable=not progress):
         e = min(b + batch_size, n)
         x = torch.from_numpy(store.read(split, b, e).astype(np.int64)).to(device)
-        labels = torch.full_like(x, -100)
+        labels = torch.full_like(x, cfg.ignore_index)
         labels[:, :-1] = x[:, 1:]
         logits = model(input_ids=x).logits[..., : cache.vocab_size].float()
         s_top1 = logits.argmax(-1)
-        mask = labels != -100
+        mask = labels != cfg.ignore_index
         for t, blk in cache.read(split, b, e).items():
             if blk.logits is not None:
                 z = torch.from_numpy(blk.logits).to(device).float()

@@ -30,6 +30,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 
+from cachekd.batch import IGNORE_INDEX, Batch, CachedLogits, CachedSampled, CachedTeacher, CachedTopK
 from cachekd.errors import CachekdError
 
 
@@ -75,8 +76,8 @@ class WindowSource:
     """Reads whole chunks of tokens (and cached teacher outputs) for a split, keeping one block in memory."""
 
     def __init__(self, store, split: str, cache=None, teachers: Sequence[str] | None = None,
-                 temperature_index: int | None = None):
-        self.store, self.split, self.cache = store, split, cache
+                 temperature_index: int | None = None, ignore_index: int = IGNORE_INDEX):
+        self.store, self.split, self.cache, self.ignore_index = store, split, cache, ignore_index
         self.teachers = cache.select_teachers(teachers) if cache is not None else []
         self.temperature_index = temperature_index
         self._block_key: tuple | None = None
@@ -99,13 +100,12 @@ class WindowSource:
                     parts_t[t].append(blk)
         self._block = {"tokens": np.concatenate(parts_tok), "pos": pos, "teachers": {}}
         for t, blks in parts_t.items():
-            b0 = blks[0]
             merged = {}
+            b0 = blks[0]
             for name in b0.NAMES:
                 if getattr(b0, name) is not None:
-                    arr = np.concatenate([getattr(b, name) for b in blks])
-                    if name == "ids":
-                        arr = arr.astype(np.int32)
+                    arr = np.concatenate([getattr(b, name) for b in blks])  # ids: IDS_DTYPE from the reader's decode
+                    # a sampled cache keeps every τ: its target at τ also needs the proposal's normaliser
                     if name == "tail_lse" and self.temperature_index is not None and b0.sample_ids is None:
                         arr = arr[..., self.temperature_index]
                     merged[name] = arr
@@ -117,18 +117,17 @@ class WindowSource:
         pos = self._block["pos"]
         return np.array([pos[int(w) // cw][0] + int(w) - pos[int(w) // cw][1] for w in window_ids], dtype=np.int64)
 
-    def batch(self, window_ids: np.ndarray) -> dict[str, Any]:
+    def batch(self, window_ids: np.ndarray) -> Batch:
         r = self.rows(window_ids)
         tokens = torch.from_numpy(self._block["tokens"][r].astype(np.int64))
-        labels = torch.full_like(tokens, -100)
+        labels = torch.full_like(tokens, self.ignore_index)
         labels[:, :-1] = tokens[:, 1:]
-        out: dict[str, Any] = {"input_ids": tokens, "labels": labels, "window_ids": torch.from_numpy(window_ids.copy())}
-        if self.teachers:
-            out["teachers"] = {
-                t: {name: torch.from_numpy(np.ascontiguousarray(arr[r])) for name, arr in arrays.items()}
-                for t, arrays in self._block["teachers"].items()
-            }
-        return out
+        teachers: dict[str, CachedTeacher] = {}
+        for t, arrays in self._block["teachers"].items():
+            rows = {name: torch.from_numpy(np.ascontiguousarray(arr[r])) for name, arr in arrays.items()}
+            kind = CachedLogits if "logits" in rows else CachedSampled if "sample_ids" in rows else CachedTopK
+            teachers[t] = kind(**rows)
+        return Batch(tokens, labels, torch.from_numpy(window_ids.copy()), teachers)
 
 
 class CachedBatches(torch.utils.data.IterableDataset):
@@ -136,7 +135,8 @@ class CachedBatches(torch.utils.data.IterableDataset):
 
     def __init__(self, store, split: str, order: Order, *, rank: int = 0, world: int = 1, cache=None,
                  teachers: Sequence[str] | None = None, temperature_index: int | None = None,
-                 start_epoch: int = 0, start_step: int = 0, max_epochs: int | None = None):
+                 start_epoch: int = 0, start_step: int = 0, max_epochs: int | None = None,
+                 ignore_index: int = IGNORE_INDEX):
         if order.global_batch % world:
             raise CachekdError(f"the global batch ({order.global_batch}) must be divisible by the number of processes ({world}).")
         if order.steps_per_epoch() < 1:
@@ -148,11 +148,13 @@ class CachedBatches(torch.utils.data.IterableDataset):
         self.rank, self.world = rank, world
         self.cache, self.teachers, self.temperature_index = cache, teachers, temperature_index
         self.start_epoch, self.start_step, self.max_epochs = start_epoch, start_step, max_epochs
+        self.ignore_index = ignore_index
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
+    def __iter__(self) -> Iterator[Batch]:
         info = torch.utils.data.get_worker_info()
         wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
-        src = WindowSource(self.store, self.split, self.cache, self.teachers, self.temperature_index)
+        src = WindowSource(self.store, self.split, self.cache, self.teachers, self.temperature_index,
+                           self.ignore_index)
         order, G = self.order, self.order.global_batch
         local = G // self.world
         epoch, step = self.start_epoch, self.start_step
@@ -176,21 +178,10 @@ class CachedBatches(torch.utils.data.IterableDataset):
                     w = cache_win[bi][max(lo, bounds[bi]) - bounds[bi]: min(hi, bounds[bi + 1]) - bounds[bi]]
                     src.load_block((epoch, bi), blocks[bi])
                     pieces.append(src.batch(w))
-                batch = pieces[0] if len(pieces) == 1 else _concat(pieces)
-                batch["epoch"], batch["step"] = epoch, s
+                batch = pieces[0] if len(pieces) == 1 else Batch.concat(pieces)
+                batch.epoch, batch.step = epoch, s
                 yield batch
             epoch, step = epoch + 1, 0
-
-
-def _concat(pieces: list[dict[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key in pieces[0]:
-        if key == "teachers":
-            out[key] = {t: {n: torch.cat([p[key][t][n] for p in pieces]) for n in pieces[0][key][t]}
-                        for t in pieces[0][key]}
-        else:
-            out[key] = torch.cat([p[key] for p in pieces])
-    return out
 
 
 class Prefetcher:
@@ -221,7 +212,7 @@ class Prefetcher:
         try:
             for item in it:
                 if self.pin:
-                    item = _pin(item)
+                    item = item.pin_memory()
                 if not self._put(("item", item)):
                     return
             self._put(("end", None))
@@ -244,19 +235,3 @@ class Prefetcher:
         self._stop.set()
         if self.thread is not threading.current_thread():
             self.thread.join()
-
-
-def _pin(x):
-    if isinstance(x, torch.Tensor):
-        return x.pin_memory()
-    if isinstance(x, dict):
-        return {k: _pin(v) for k, v in x.items()}
-    return x
-
-
-def to_device(x, device: torch.device):
-    if isinstance(x, torch.Tensor):
-        return x.to(device, non_blocking=True)
-    if isinstance(x, dict):
-        return {k: to_device(v, device) for k, v in x.items()}
-    return x

@@ -26,6 +26,7 @@ import torch
 from cachekd.errors import CachekdError
 
 if TYPE_CHECKING:
+    from cachekd.batch import Batch
     from cachekd.cache.reader import LogitCache
     from cachekd.losses import DenseTarget, SparseTarget
     from cachekd.tokens import TokenStore
@@ -239,8 +240,8 @@ class TeacherSource(ABC):
         return len(self.names)
 
     @abstractmethod
-    def targets(self, batch: dict[str, Any], input_ids: torch.Tensor) -> list[DenseTarget | SparseTarget]:
-        """One target a teacher for the micro-batch `input_ids` (B, T); `batch["teachers"]` holds what the loader
+    def targets(self, batch: Batch, input_ids: torch.Tensor) -> list[DenseTarget | SparseTarget]:
+        """One target a teacher for the micro-batch `input_ids` (B, T); `batch.teachers` holds what the loader
         read from a cache for these rows."""
 
     @abstractmethod
@@ -252,12 +253,15 @@ class CachedTeachers(TeacherSource):
     """Targets read from a logit cache: sparse (top-k + tail_lse) or full logits."""
 
     def __init__(self, cache: LogitCache, names: list[str], cache_spec: str, temperature: float = 1.0,
-                 captured_mass: dict[str, float] | None = None, notes: tuple[str, ...] = ()):
+                 captured_mass: dict[str, float] | None = None, notes: tuple[str, ...] = (),
+                 tail_index: int | None = None):
         self.cache, self.names, self.cache_spec = cache, names, cache_spec
         self.temperature = temperature  # the loss τ (sampled caches build their targets at it)
         self.captured_mass = captured_mass or {}
         """Per teacher, the mean share of its probability at the run's τ that the cached top-k holds (top-k caches)."""
         self.notes = notes
+        self.tail_index = tail_index
+        """Which stored tail_lse (temperature) the targets use: top-k caches; None for full logits."""
 
     @classmethod
     def open(cls, d: DistillConfig, store: TokenStore) -> CachedTeachers:
@@ -283,28 +287,36 @@ class CachedTeachers(TeacherSource):
         mass = {t: cache.captured_topk_mass(t, tau) for t in names}
         notes = tuple(low_topk_mass_note(cache, t, tau, m, where, d.tail_mode) for t, (m, where) in mass.items()
                       if m < LOW_TOPK_MASS and d.tail_mode != "renormalize")
-        return cls(cache, names, d.cache, tau, {t: m for t, (m, _) in mass.items()}, notes)
+        return cls(cache, names, d.cache, tau, {t: m for t, (m, _) in mass.items()}, notes,
+                   tail_index=cache.temperature_index(tau))
 
     def temperature_index(self, tau: float) -> int | None:
         """Which stored tail_lse the loader reads (top-k caches), None for full logits and sampled caches (their
         targets need the normalisers of the loss τ and of the proposal: `targets` picks them)."""
         return self.cache.temperature_index(tau) if self.cache.mode == "topk" else None
 
-    def targets(self, batch: dict[str, Any], input_ids: torch.Tensor) -> list[DenseTarget | SparseTarget]:
+    def targets(self, batch: Batch, input_ids: torch.Tensor) -> list[DenseTarget | SparseTarget]:
+        from cachekd.batch import CachedLogits, CachedSampled
         from cachekd.losses import DenseTarget, SparseTarget
 
         out: list[DenseTarget | SparseTarget] = []
         for t in self.names:
-            b = batch["teachers"][t]
-            if "logits" in b:
-                out.append(DenseTarget(b["logits"]))
-            elif "sample_ids" in b:
+            cached = batch.teachers[t]
+            if isinstance(cached, CachedLogits):
+                out.append(DenseTarget(cached.logits))
+                continue
+            if isinstance(cached, CachedSampled):
                 from cachekd.teacher_samples import target_at
 
                 spec = self.cache.plan.sample_spec
-                out.append(target_at(b, self.cache.temperatures, self.temperature, spec.proposal_temperature))
-            else:
-                out.append(SparseTarget(ids=b["ids"].long(), logits=b["logprobs"], tail_lse=b["tail_lse"]))
+                out.append(target_at(cached, self.cache.temperatures, self.temperature, spec.proposal_temperature))
+                continue
+            tail = cached.tail_lse
+            if tail.dim() == cached.ids.dim():  # (B, T, n_τ): the loader kept every temperature (a cohort's stream)
+                tail = tail[..., self.tail_index]
+            # The cache's τ=1 log-probabilities serve as the target's logits: a softmax is shift-invariant, so
+            # log-probabilities are logits (up to a constant per position that cancels).
+            out.append(SparseTarget(ids=cached.ids, logits=cached.logprobs, tail_lse=tail))
         return out
 
     def summary(self) -> dict[str, Any]:
@@ -406,7 +418,7 @@ class OnlineTeachers(TeacherSource):
             models.append(m.to(device).eval().requires_grad_(False))
         return cls(models, infos, store.vocab_size, autocast, d.cache, tuple(notes))
 
-    def targets(self, batch: dict[str, Any], input_ids: torch.Tensor) -> list[DenseTarget | SparseTarget]:
+    def targets(self, batch: Batch, input_ids: torch.Tensor) -> list[DenseTarget | SparseTarget]:
         from cachekd.losses import DenseTarget
 
         with torch.inference_mode(), self._autocast():

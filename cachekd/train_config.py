@@ -49,6 +49,8 @@ class DataConfig:
     """Dev windows scored at each evaluation: a fixed, seeded sample drawn from every source in proportion, the
     same for every run on the store, logged as dev_loss_sample (0, or at least the dev split: all of them, logged
     as dev_loss)."""
+    order_seed: int | None = None
+    """Seed of the window order (null: the run's seed). A cohort's peers share one order with their own seeds."""
 
     def local_batch(self, world_size: int) -> int:
         """Windows per optimizer step in one of ``world_size`` processes."""
@@ -290,6 +292,8 @@ def config_identity(cfg: TrainConfig) -> dict[str, Any]:
         d.pop(k, None)
     for k in RUNTIME_ONLY_DATA:
         d["data"].pop(k, None)
+    if d["data"].get("order_seed") is None:  # runs from before data.order_seed existed have the same identity
+        d["data"].pop("order_seed", None)
     d["optim"].pop("max_time_s", None)
     d["optim"].pop("max_steps", None)
     if d.get("distill"):

@@ -15,53 +15,22 @@ accumulation and data parallelism give the same update as one big batch.
 from __future__ import annotations
 
 import math
-import random
 import signal
 import threading
 import time
-from collections.abc import Callable
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from cachekd import distributed
-from cachekd.checkpoint import CheckpointManager
+from cachekd.batch import IGNORE_INDEX, Batch
 from cachekd.errors import CachekdError
-from cachekd.rundir import RunDir
+from cachekd.loader import Order
+from cachekd.student import Norms, Placement, StepPlan, Student
 from cachekd.teachers import CachedTeachers, TeacherSource, open_teacher_source
-from cachekd.train_config import DistillConfig, TrainConfig, config_identity, load_train_config
-
-
-# ------------------------------------------------------------------------------------------------ setup
-
-
-def _seed_all(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-class _StudentLoss(torch.nn.Module):
-    """The student plus its loss in one forward, so DistributedDataParallel sees every parameter use."""
-
-    def __init__(self, model: torch.nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids, labels, targets, kd_cfg, alpha: float, chunk_size: int | None):
-        from cachekd.losses import chunked_distill_loss, distill_loss
-        from cachekd.models import backbone, output_embedding
-
-        if chunk_size:
-            hidden = backbone(self.model)(input_ids=input_ids).last_hidden_state
-            head = output_embedding(self.model)
-            return chunked_distill_loss(hidden, head.weight, getattr(head, "bias", None), labels, targets, kd_cfg,
-                                        mix_alpha=alpha, chunk_size=chunk_size)
-        logits = self.model(input_ids=input_ids).logits
-        return distill_loss(logits, labels, targets, kd_cfg, mix_alpha=alpha)
+from cachekd.train_config import TrainConfig, config_identity, load_train_config
 
 
 # ---------------------------------------------------------------------------------------------- trainer
@@ -77,290 +46,165 @@ class TrainingInterrupted(KeyboardInterrupt):
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, *, resume: bool = False, force: bool = False, progress: bool = True,
-                 say: Callable[[str], None] | None = None):
-        from cachekd.loader import Order
-        from cachekd.models import build_model, check_positions, count_parameters, quiet_transformers
+    """The loop: one batch stream, the step counter, signals, evaluation, checkpoints and metrics, for one student
+    (`cachekd train` / `distill`) or several fed by the same batches (a cohort: `configs` holds one config each,
+    all sharing the first's data section, window order and length)."""
+
+    def __init__(self, cfg: TrainConfig | list[TrainConfig], *, resume: bool = False, force: bool = False,
+                 progress: bool = True, say: Callable[[str], None] | None = None):
+        from cachekd.models import quiet_transformers
         from cachekd.tokens import TokenStore
 
         quiet_transformers()
-        self.cfg, self.progress = cfg, progress
-        self.say = say or (lambda msg: None)
-        self.rank, self.world, local_rank = distributed.setup()
-        self.is_main = self.rank == 0
-        self.device = distributed.resolve_device(cfg.device, local_rank)
-        if cfg.precision == "fp16" and self.device.type != "cuda":
-            raise CachekdError(f"precision fp16 needs a CUDA device (the device is {self.device}); use bf16 or fp32.")
-        if not cfg.output:
+        configs = list(cfg) if isinstance(cfg, (list, tuple)) else [cfg]
+        self.progress, self.say = progress, say or (lambda msg: None)
+        lead = configs[0]
+        rank, world, local_rank = distributed.setup()
+        device = distributed.resolve_device(lead.device, local_rank)
+        if lead.precision == "fp16" and device.type != "cuda":
+            raise CachekdError(f"precision fp16 needs a CUDA device (the device is {device}); use bf16 or fp32.")
+        if not all(c.output for c in configs):
             raise CachekdError("no output directory given: pass --output DIR.")
-        self.out = Path(cfg.output)
-        self.run_dir = RunDir(self.out)
-        self.store = TokenStore.open(cfg.data.store)
-        self.mode = "distill" if cfg.distill is not None else "train"
-
-        self._open_teachers(cfg.distill)
-
-        # Data order and step counts.
-        G = cfg.data.batch_size
-        self.local_batch = cfg.data.local_batch(self.world)
-        self.micro = cfg.data.micro_batch(self.world)
-        self.accum = cfg.data.accumulation_steps(self.world)
-        self.order = Order(self.store.num_windows("train"), self.store.chunk_windows, G, seed=cfg.seed,
-                           block_chunks=cfg.data.block_chunks, shuffle=cfg.data.shuffle)
-        self.steps_per_epoch = self.order.steps_per_epoch()
-        if self.steps_per_epoch < 1:
-            raise CachekdError(f"the train split has {self.order.num_windows} windows, fewer than one batch of {G}; "
-                               f"lower data.batch_size.")
-        self.total_steps = cfg.optim.max_steps or cfg.optim.epochs * self.steps_per_epoch
-        self.total_epochs = math.ceil(self.total_steps / self.steps_per_epoch)
-
-        # Model and optimiser.
-        _seed_all(cfg.seed)
-        special = self.store.manifest.get("special_tokens", {})
-        self.model = build_model(cfg.model, self.store.vocab_size, self.store.seq_len, special).to(self.device)
-        if cfg.model.init_from is not None:
-            v = self.model.get_output_embeddings().weight.shape[0]
-            if v < self.store.vocab_size:
-                raise CachekdError(f"model.init_from has a vocabulary of {v}, smaller than the store's {self.store.vocab_size}.")
-            check_positions(self.model, self.store.seq_len, f"model.init_from {cfg.model.init_from!r}")
-        self.num_params = count_parameters(self.model)
-        decay = [p for p in self.model.parameters() if p.dim() >= 2]
-        no_decay = [p for p in self.model.parameters() if p.dim() < 2]
-        o = cfg.optim
-        self.optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
-        )
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
-        self.amp = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.precision]
-        self.scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" else None
-        self.loss_module: torch.nn.Module = _StudentLoss(self.model)
-        if self.world > 1:
-            from torch.nn.parallel import DistributedDataParallel as DDP
-
-            self.loss_module = DDP(self.loss_module, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-
+        amp = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[lead.precision]
+        self.place = Placement(rank, world, device, amp)
+        self.rank, self.world, self.is_main, self.device = rank, world, rank == 0, device
+        self.store = TokenStore.open(lead.data.store)
+        self.plan = StepPlan.of(lead, self.store.num_windows("train"), world)
+        self.total_steps, self.steps_per_epoch = self.plan.total_steps, self.plan.steps_per_epoch
+        self.order = Order(self.store.num_windows("train"), self.store.chunk_windows, self.plan.global_batch,
+                           seed=order_seed(lead), block_chunks=lead.data.block_chunks, shuffle=lead.data.shuffle)
+        self.students = [self._build_student(c) for c in configs]
         self.step, self.tokens_seen, self.wall_s = 0, 0, 0.0
         self._stop_signal: int | None = None
-        self.checkpoints = CheckpointManager(self.run_dir, config_identity(cfg), keep=cfg.keep_checkpoints,
-                                             identity_of_saved=lambda data: config_identity(load_train_config(data)))
         self._prepare_output(resume, force)
+        self._last_log = (time.perf_counter(), self.tokens_seen)  # (time, tokens) of the last train record
 
-    # ---------------------------------------------------------------------------------- helpers
-    def _lr_factor(self, step: int) -> float:
-        o = self.cfg.optim
-        if step < o.warmup_steps:
-            return (step + 1) / o.warmup_steps
-        span = max(1, self.total_steps - o.warmup_steps)
-        progress = min(1.0, (step - o.warmup_steps) / span)
-        return o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    def _open_teachers(self, d: DistillConfig | None) -> None:
-        """The schedules of τ, λ and α, and the teacher side: the cache (default) or live teachers (--online)."""
-        self.teacher_source: TeacherSource | None = None
-        self.tau_sched = self.lam_sched = self.alpha_sched = None
-        if d is not None:
-            self.tau_sched, self.lam_sched, self.alpha_sched = d.schedules()
-            self.teacher_source = open_teacher_source(d, self.store, device=self.device, autocast=self._autocast)
-            for note in self.teacher_source.notes if self.is_main else ():
+    def _build_student(self, cfg: TrainConfig) -> Student:
+        """A student with its teacher source (the cache's, or live teachers with --online)."""
+        source = None
+        if cfg.distill is not None:
+            source = open_teacher_source(cfg.distill, self.store, device=self.device, autocast=self.place.autocast)
+            for note in source.notes if self.is_main else ():
                 self.say(note)
+        return Student(cfg, self.place, self.plan, self.store, source, config_identity(cfg),
+                       lambda data: config_identity(load_train_config(data)), say=self.say)
 
-    def schedule_values(self, step: int) -> dict[str, float]:
-        if self.cfg.distill is None:
-            return {}
-        epoch = step // self.steps_per_epoch
-        args = dict(step=step, total_steps=self.total_steps, epoch=epoch, total_epochs=self.total_epochs)
-        return {"temperature": self.tau_sched.value(**args), "ce_weight": self.lam_sched.value(**args),
-                "alpha": self.alpha_sched.value(**args)}
+    # ------------------------------------------------------------------ the one student of train / distill
+    @property
+    def cfg(self) -> TrainConfig:
+        return self.students[0].cfg
 
-    # ---------------------------------------------------------------------------------- output
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.students[0].model
+
+    @property
+    def teacher_source(self) -> TeacherSource | None:
+        return self.students[0].teacher_source
+
+    @property
+    def mode(self) -> str:
+        return "distill" if self.cfg.distill is not None else "train"
+
+    def targets(self, batch: Batch, input_ids: torch.Tensor, temperature: float | None = None) -> list:
+        """The first student's loss targets for a micro-batch (cached or live teachers); [] without teachers."""
+        return self.students[0].targets(batch, input_ids)
+
+    # ------------------------------------------------------------------------------------------ output
     def _prepare_output(self, resume: bool, force: bool) -> None:
-        """Create the run directory, or resume / replace the run in it. Runs after every check of the config."""
-        plan = self.run_dir.plan_start(resume=resume, force=force)
-        if plan.action == "resume":
-            self.checkpoints.check_same_length(self.cfg.optim.max_steps)
-            self._load_checkpoint(plan.checkpoint)
+        """Create each student's run directory, or resume / replace the run in it. Runs after every check of the
+        configs; a cohort resumes only when all its students stopped at the same checkpoint step."""
+        plans = [s.run_dir.plan_start(resume=resume, force=force) for s in self.students]
+        if plans[0].action == "resume":
+            steps = {p.checkpoint.name if p.checkpoint else None for p in plans}
+            if len(steps) > 1 or any(p.action != "resume" for p in plans):
+                raise CachekdError("the students' last checkpoints are not at the same step; pass --force to start over.")
+            for s, p in zip(self.students, plans):
+                s.checkpoints.check_same_length(s.cfg.optim.max_steps)
+                state = s.load_checkpoint(p.checkpoint)
+            self.step, self.tokens_seen, self.wall_s = state["step"], state["tokens"], state["wall_s"]
             return
-        if plan.action == "restart":
-            # Stopped before its first checkpoint: start again from step 0 in the same directory, same config.
-            self.checkpoints.check_saved_config()
-            if self.is_main:
-                self.run_dir.reset_metrics()
-                self.say(f"{self.out} has no checkpoint yet: starting it again from step 0.")
-            self._barrier()
-            return
-        if plan.replace and self.is_main:
-            kept = self.run_dir.remove_run_files()
-            if kept:
-                self.say(f"--force: replaced the run in {self.out}; kept what cachekd did not write there: "
-                         f"{', '.join(kept)}")
-        self._barrier()
-        if self.is_main:
-            self.run_dir.create(self.cfg)
-
-    def _barrier(self) -> None:
-        if self.world > 1:
-            import torch.distributed as dist
-
-            dist.barrier()
+        for s, p in zip(self.students, plans):
+            if p.action == "restart":
+                # Stopped before its first checkpoint: start again from step 0 in the same directory, same config.
+                s.checkpoints.check_saved_config()
+                if self.is_main:
+                    s.run_dir.reset_metrics()
+                    self.say(f"{s.run_dir.path} has no checkpoint yet: starting it again from step 0.")
+            elif p.replace and self.is_main:
+                kept = s.run_dir.remove_run_files()
+                if kept:
+                    self.say(f"--force: replaced the run in {s.run_dir.path}; kept what cachekd did not write "
+                             f"there: {', '.join(kept)}")
+        self.place.barrier()
+        for s, p in zip(self.students, plans):
+            if p.action == "new" and self.is_main:
+                s.run_dir.create(s.cfg)
 
     def _save_checkpoint(self) -> Path | None:
-        """Write a resumable checkpoint of the current step (rank 0); returns its path."""
-        if not self.is_main:
-            return None
-        return self.checkpoints.save(self.step, {
-            "tokens": self.tokens_seen, "wall_s": self.wall_s,
-            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict() if self.scaler else None,
-        })
+        """Write every student's resumable checkpoint of the current step (rank 0); returns the first's path."""
+        counters = {"tokens": self.tokens_seen, "wall_s": self.wall_s}
+        paths = [s.save_checkpoint(self.step, counters) for s in self.students]
+        return paths[0]
 
-    def _load_checkpoint(self, path: Path) -> None:
-        state = self.checkpoints.load(path)
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        if self.scaler and state.get("scaler"):
-            self.scaler.load_state_dict(state["scaler"])
-        self.step, self.tokens_seen, self.wall_s = state["step"], state["tokens"], state["wall_s"]
-        if self.is_main:
-            self.run_dir.truncate_metrics(self.step)  # records after the checkpoint will be logged again
-
-    def _log(self, record: dict[str, Any]) -> None:
-        if not self.is_main:
-            return
-        self.run_dir.append_metrics(record)
-        if self._tb is not None:
-            for k, v in record.items():
-                if isinstance(v, (int, float)) and k not in ("step",) and v is not None:
-                    self._tb.add_scalar(f"{record['kind']}/{k}", v, record["step"])
+    def _log(self, record: dict[str, Any], student: Student | None = None) -> None:
+        (student or self.students[0]).log(record)
 
     # ---------------------------------------------------------------------------------- stages
-    def batches(self):
-        """Local batches from the current step on (tokens + aligned cached teacher outputs)."""
+    def batch_generator(self) -> Iterator[Batch]:
+        """This process's batches from the current step on: tokens and the cached outputs of every teacher any
+        student reads (one read and decode of the store and the cache for all students)."""
         from cachekd.loader import CachedBatches, Prefetcher
 
-        src = self.teacher_source if isinstance(self.teacher_source, CachedTeachers) else None
+        cached = self.cached_sources()
+        names = list(dict.fromkeys(n for src in cached for n in src.names))
+        tails = {src.tail_index for src in cached}
         ds = CachedBatches(
             self.store, "train", self.order, rank=self.rank, world=self.world,
-            cache=src.cache if src else None, teachers=src.names if src else None,
-            temperature_index=src.temperature_index(self.tau_sched.start) if src else None,
+            cache=cached[0].cache if cached else None, teachers=names if cached else None,
+            temperature_index=tails.pop() if len(tails) == 1 else None,  # several: keep all, each student picks
             start_epoch=self.step // self.steps_per_epoch, start_step=self.step % self.steps_per_epoch,
         )
         pin = self.device.type == "cuda"
-        if self.cfg.data.num_workers > 0:
-            return iter(torch.utils.data.DataLoader(ds, batch_size=None, num_workers=self.cfg.data.num_workers,
-                                                    pin_memory=pin, prefetch_factor=self.cfg.data.prefetch,
-                                                    persistent_workers=False))
+        workers = self.cfg.data.num_workers
+        if workers > 0:
+            return iter(torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers, pin_memory=pin,
+                                                    prefetch_factor=self.cfg.data.prefetch, persistent_workers=False))
         return Prefetcher(iter(ds), depth=self.cfg.data.prefetch, pin=pin)
 
-    def targets(self, batch: dict[str, Any], input_ids: torch.Tensor, temperature: float) -> list:
-        """Loss targets for a micro-batch, from the teacher source (cached or live teachers); [] without one."""
-        if self.teacher_source is None:
-            return []
-        return self.teacher_source.targets(batch, input_ids)
+    batches = batch_generator
 
-    def _autocast(self):
-        return torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None)
+    def cached_sources(self) -> list[CachedTeachers]:
+        """The logit-cache teacher sources the batch stream serves (one cache for all of them)."""
+        return [s.teacher_source for s in self.students if isinstance(s.teacher_source, CachedTeachers)]
 
-    def train_step(self, batch: dict[str, Any]) -> dict[str, float]:
-        from cachekd.loader import to_device
-        from cachekd.losses import KDConfig
-
-        sv = self.schedule_values(self.step)
-        tau = sv.get("temperature", 1.0)
-        lam = sv.get("ce_weight", 1.0)
-        alpha = sv.get("alpha", 1.0)
-        kd_cfg = self.cfg.kd_config(tau) if self.cfg.distill is not None else KDConfig()
-        batch = to_device(batch, self.device)
-        labels_all = batch["labels"]
-        counts = torch.tensor([(labels_all != -100).sum().item(), labels_all.shape[0]], dtype=torch.float64,
+    def global_norms(self, batch: Batch) -> Norms:
+        """The step's global token and sequence counts (summed over processes)."""
+        counts = torch.tensor([batch.num_tokens(IGNORE_INDEX), batch.labels.shape[0]], dtype=torch.float64,
                               device=self.device)
         n_tok, n_seq = distributed.all_reduce(counts, self.world).tolist()
-        kd_norm = n_seq if kd_cfg.reduction == "batchmean" else n_tok
-        sums = torch.zeros(2, dtype=torch.float64, device=self.device)  # CE sum, KD sum
-        self.model.train()
-        for i in range(self.accum):
-            sl = slice(i * self.micro, (i + 1) * self.micro)
-            x, y = batch["input_ids"][sl], batch["labels"][sl]
-            micro_batch = {"teachers": {t: {k: v[sl] for k, v in d.items()} for t, d in batch.get("teachers", {}).items()}}
-            targets = self.targets(micro_batch, x, tau)
-            sync = self.world == 1 or i == self.accum - 1
-            ctx = self.loss_module.no_sync() if not sync and hasattr(self.loss_module, "no_sync") else nullcontext()
-            with ctx:
-                with self._autocast():
-                    parts = self.loss_module(x, y, targets, kd_cfg, alpha, self.cfg.distill.chunk_size if self.cfg.distill else None)
-                ce = parts.ce_sum.float() / max(n_tok, 1)
-                if targets:
-                    loss = lam * ce + (1 - lam) * tau**2 * (parts.kd_sum.float() / max(kd_norm, 1))
-                else:
-                    loss = ce
-                loss = loss * self.world  # DDP averages gradients over processes; our sums are already global
-                if self.scaler:
-                    self.scaler.scale(loss).backward()
-                else:
-                    loss.backward()
-            sums += torch.stack([parts.ce_sum.detach().double(), parts.kd_sum.detach().double()])
-        if self.scaler:
-            self.scaler.unscale_(self.optimizer)
-        gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(),
-                                               self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf"))
-        if self.scaler:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        lr = self.scheduler.get_last_lr()[0]
-        self.scheduler.step()
-        distributed.all_reduce(sums, self.world)
-        ce_mean = sums[0].item() / max(n_tok, 1)
-        out = {"ce": ce_mean, "lr": lr, "grad_norm": float(gnorm), "tokens": int(n_tok)}
-        if self.cfg.distill is not None:
-            kd_mean = sums[1].item() / max(kd_norm, 1)
-            out.update({"kd": kd_mean, "loss": lam * ce_mean + (1 - lam) * tau**2 * kd_mean,
-                        "alpha": alpha, "ce_weight": lam, "temperature": tau})
-        else:
-            out["loss"] = ce_mean
-        return out
+        return Norms(n_tok, n_seq)
 
-    def evaluate(self) -> float | None:
-        """The periodic dev loss: on a fixed sample of `data.eval_windows` dev windows drawn from every source
-        (`cachekd.tokens.reader.dev_sample`, the same for every run on the store), or the whole dev split when
-        that is no larger; `self.dev_sample` says which."""
-        from cachekd.evaluate import dev_loss
-        from cachekd.tokens.reader import dev_sample
+    def train_step(self, batch: Batch) -> dict[str, Any]:
+        """One optimizer step of every student on `batch`: {"tokens": global tokens, "students": [metrics]}, and
+        the first student's metrics at the top level."""
+        batch = batch.to(self.device)
+        norms = self.global_norms(batch)
+        metrics = [s.train_step(batch, self.step, norms) for s in self.students]
+        return {**metrics[0], "tokens": int(norms.num_tokens), "students": metrics}
 
-        if "dev" not in self.store.splits() or self.store.num_windows("dev") == 0:
-            return None
-        if getattr(self, "dev_sample", None) is None:
-            self.dev_sample = dev_sample(self.store, self.cfg.data.eval_windows)
-            if self.dev_sample.note:
-                self.say(self.dev_sample.note)
-        res = dev_loss(self.model, self.store, split="dev", batch_size=self.micro, device=self.device,
-                       windows=None if self.dev_sample.whole_split else self.dev_sample.windows, progress=False)
-        self.model.train()
-        return float(res["loss"])
-
-    def dev_record(self, dev: float) -> dict[str, Any]:
-        """The dev loss under a key that says what it covers: ``dev_loss`` for the whole dev split, else
-        ``dev_loss_sample`` with ``dev_sample_windows``."""
-        if self.dev_sample.whole_split:
-            return {"dev_loss": dev}
-        return {"dev_loss_sample": dev, "dev_sample_windows": self.dev_sample.num_windows}
+    def evaluate(self) -> list[float | None]:
+        """Every student's dev loss (None without a dev split)."""
+        return [s.evaluate() for s in self.students]
 
     def train(self) -> dict[str, Any]:
-        """Run the loop to the end (or the time budget); returns the summary. In a single process, SIGINT/SIGTERM
-        stop it at the next step boundary with a checkpoint there (TrainingInterrupted); a second one aborts."""
+        """Run the loop to the end (or the time budget); returns the (first student's) summary. In a single
+        process, SIGINT/SIGTERM stop it at the next step boundary with a checkpoint there (TrainingInterrupted); a
+        second one aborts."""
         from tqdm.auto import tqdm
 
-        self._tb = None
-        if self.cfg.tensorboard and self.is_main:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                raise CachekdError("tensorboard: true needs the tensorboard package (pip install tensorboard).") from None
-            self._tb = SummaryWriter(str(self.run_dir.tensorboard_dir))
+        for s in self.students:
+            s.open_tensorboard()
         self._mark_running(True)
         try:
             previous = self._install_signal_handlers()
@@ -369,11 +213,11 @@ class Trainer:
             finally:
                 self._restore_signal_handlers(previous)
             if stop_reason == "signal":
-                path = self.checkpoints.path_for(self.step)
+                path = self.students[0].checkpoints.path_for(self.step)
                 if not path.exists():
                     path = self._save_checkpoint()
-                if self._tb is not None:
-                    self._tb.close()
+                for s in self.students:
+                    s.close_tensorboard()
                 raise TrainingInterrupted(self.step, self.total_steps, path, self._stop_signal)
             self._save_checkpoint()
             dev = self._eval_and_log()
@@ -384,10 +228,10 @@ class Trainer:
     def _loop(self, tqdm) -> str:
         """Optimizer steps until the end; returns why it stopped: steps, epochs, time or signal."""
         cfg = self.cfg
-        it = self.batches()
+        it = self.batch_generator()
         bar = tqdm(total=self.total_steps, initial=self.step, desc=f"{self.mode} {cfg.name}", unit="step",
                    disable=not (self.progress and self.is_main), dynamic_ncols=True)
-        last_log_t, last_log_tokens = time.perf_counter(), self.tokens_seen
+        self._last_log = (time.perf_counter(), self.tokens_seen)
         # max_steps given: the run ends at that step; otherwise it ends when its epochs are done.
         stop_reason = "steps" if cfg.optim.max_steps is not None else "epochs"
         start_step, start_wall = self.step, self.wall_s
@@ -409,21 +253,7 @@ class Trainer:
                 self.tokens_seen += m["tokens"]
                 self.wall_s += time.perf_counter() - t0
                 bar.update(1)
-                if self.step % cfg.log_every == 0 or self.step == self.total_steps:
-                    now = time.perf_counter()
-                    tps = (self.tokens_seen - last_log_tokens) / max(now - last_log_t, 1e-9)
-                    last_log_t, last_log_tokens = now, self.tokens_seen
-                    rec = {"kind": "train", "step": self.step, "epoch": (self.step - 1) // self.steps_per_epoch,
-                           "tokens": self.tokens_seen, "wall_s": round(self.wall_s, 4), "loss": m["loss"],
-                           "ce": m["ce"], "kd": m.get("kd"), "alpha": m.get("alpha"), "ce_weight": m.get("ce_weight"),
-                           "temperature": m.get("temperature"), "lr": m["lr"], "grad_norm": m["grad_norm"],
-                           "tokens_per_s": tps}
-                    self._log(rec)
-                    bar.set_postfix(loss=f"{m['loss']:.3f}", ce=f"{m['ce']:.3f}")
-                if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < self.total_steps:
-                    self._eval_and_log()
-                if cfg.save_every and self.step % cfg.save_every == 0 and self.step < self.total_steps:
-                    self._save_checkpoint()
+                self._after_step(m, bar)
         finally:
             bar.close()
             if hasattr(it, "close"):
@@ -433,6 +263,25 @@ class Trainer:
                     if self._stop_signal is None:
                         raise
         return stop_reason
+
+    def _after_step(self, m: dict[str, Any], bar) -> None:
+        """Log the step's metrics every log_every steps; evaluate and checkpoint on their schedules."""
+        cfg = self.cfg
+        if self.step % cfg.log_every == 0 or self.step == self.total_steps:
+            now = time.perf_counter()
+            tps = (self.tokens_seen - self._last_log[1]) / max(now - self._last_log[0], 1e-9)
+            self._last_log = (now, self.tokens_seen)
+            for s, sm in zip(self.students, m["students"]):
+                s.log({"kind": "train", "step": self.step, "epoch": (self.step - 1) // self.steps_per_epoch,
+                       "tokens": self.tokens_seen, "wall_s": round(self.wall_s, 4), "loss": sm["loss"],
+                       "ce": sm["ce"], "kd": sm.get("kd"), "alpha": sm.get("alpha"), "ce_weight": sm.get("ce_weight"),
+                       "temperature": sm.get("temperature"), "lr": sm["lr"], "grad_norm": sm["grad_norm"],
+                       "tokens_per_s": tps})
+            bar.set_postfix(loss=f"{m['loss']:.3f}", ce=f"{m['ce']:.3f}")
+        if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < self.total_steps:
+            self._eval_and_log()
+        if cfg.save_every and self.step % cfg.save_every == 0 and self.step < self.total_steps:
+            self._save_checkpoint()
 
     # ---------------------------------------------------------------------------------- interrupts
     def _install_signal_handlers(self) -> dict[int, Any] | None:
@@ -460,9 +309,9 @@ class Trainer:
                  f"({'press Ctrl-C' if signum == signal.SIGINT else 'send it'} again to abort at once).")
 
     def _mark_running(self, on: bool) -> None:
-        if not self.is_main:
-            return
-        self.run_dir.mark_running(on)
+        if self.is_main:
+            for s in self.students:
+                s.run_dir.mark_running(on)
 
     def _time_is_up(self, start_step: int, start_wall: float) -> bool:
         """Whether another step would end past optim.max_time_s (judged by this run's mean step time so far), so
@@ -477,43 +326,32 @@ class Trainer:
             dist.broadcast(up, 0)
         return bool(up.item())
 
-    def _eval_and_log(self) -> float | None:
-        dev = self.evaluate() if self.is_main else None
-        if dev is not None:
-            self._log({"kind": "dev", "step": self.step, "tokens": self.tokens_seen, "wall_s": round(self.wall_s, 4),
-                       **self.dev_record(dev)})
-        return dev
+    def _eval_and_log(self) -> list[float | None]:
+        devs = self.evaluate() if self.is_main else [None] * len(self.students)
+        for s, dev in zip(self.students, devs):
+            if dev is not None:
+                s.log({"kind": "dev", "step": self.step, "tokens": self.tokens_seen, "wall_s": round(self.wall_s, 4),
+                       **s.dev_record(dev)})
+        return devs
 
-    def _final_dev(self, dev: float | None) -> dict[str, Any]:
-        """The summary's last dev loss and perplexity, keyed like `dev_record` (``final_dev_loss_sample``, ... for
-        a sample)."""
-        if dev is None:
-            return {"final_dev_loss": None, "final_dev_ppl": None}
-        rec = self.dev_record(dev)
-        suffix = "" if "dev_loss" in rec else "_sample"
-        return {f"final_dev_loss{suffix}": dev, f"final_dev_ppl{suffix}": math.exp(dev) if dev < 50 else None,
-                **{k: v for k, v in rec.items() if k == "dev_sample_windows"}}
+    def summary_fields(self) -> dict[str, Any]:
+        """What every student's summary.json adds from the loop that trained it (none for train / distill)."""
+        return {}
 
-    def _finish(self, dev: float | None, stop_reason: str) -> dict[str, Any]:
-        summary = {
-            "name": self.cfg.name, "mode": self.mode, "online": bool(self.cfg.distill and self.cfg.distill.online),
-            "objective": self.cfg.distill.objective if self.cfg.distill else "ce",
-            "steps": self.step, "tokens": self.tokens_seen, "wall_s": round(self.wall_s, 3),
-            "tokens_per_s": self.tokens_seen / self.wall_s if self.wall_s else None,
-            "num_params": self.num_params, **self._final_dev(dev),
-            "stopped_by": stop_reason, "processes": self.world,
-            **(self.teacher_source.summary() if self.teacher_source else {"cache": None, "teachers": None}),
-        }
-        if self.is_main:
-            self.run_dir.save_model(self.model, self.store.load_tokenizer())
-            self.run_dir.write_summary(summary)
-            if self._tb is not None:
-                self._tb.close()
-        if self.world > 1:
-            import torch.distributed as dist
+    def _finish(self, devs: list[float | None], stop_reason: str) -> dict[str, Any]:
+        """Every student's model/ and summary.json; returns the first student's summary (all in self.summaries)."""
+        common = {"steps": self.step, "tokens": self.tokens_seen, "wall_s": round(self.wall_s, 3),
+                  "tokens_per_s": self.tokens_seen / self.wall_s if self.wall_s else None,
+                  "stopped_by": stop_reason, "processes": self.world, **self.summary_fields()}
+        out = [s.finish({**common, **s.final_dev(dev)}) for s, dev in zip(self.students, devs)]
+        self.place.barrier()
+        self.summaries = out
+        return out[0]
 
-            dist.barrier()
-        return summary
+
+def order_seed(cfg: TrainConfig) -> int:
+    """The seed of the window order: data.order_seed, or the run's seed."""
+    return cfg.data.order_seed if cfg.data.order_seed is not None else cfg.seed
 
 
 def run(cfg: TrainConfig, *, resume: bool = False, force: bool = False, progress: bool = True,

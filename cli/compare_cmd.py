@@ -20,7 +20,8 @@ def compare_command(runs, out_dir, as_json):
     accuracies get a column per way they were measured (pair set, --prefix, --max-pairs), e.g.
     mp[blimp prefix=eos]: numbers measured differently never share a column.
 
-    RUNS are output directories of `cachekd train` / `cachekd distill`; run `cachekd eval RUN ...` first to add
+    RUNS are output directories of `cachekd train` / `cachekd distill` (a `cachekd cohort` directory stands for
+    its peers' runs, and its peer weights ω are plotted in weights.png); run `cachekd eval RUN ...` first to add
     minimal-pair accuracies (saved as RUN/eval.json). The dev loss is `cachekd eval`'s over the whole dev split when
     there is one, else the trainer's own (column dev_from says which); a run without a summary is "(running)" while
     a process trains it and "(unfinished)" otherwise.
@@ -44,6 +45,8 @@ def compare_command(runs, out_dir, as_json):
     click.echo(f"Markdown table: {files['markdown']}")
     click.echo(f"CSV:            {files['csv']}")
     click.echo(f"Curves:         {files['curves']}")
+    if files.get("weights"):
+        click.echo(f"Cohort ω plot:  {files['weights']}")
     if files.get("accuracy_by_group"):
         click.echo(f"Accuracy plots: {files['accuracy_by_group']}, {files['accuracy_by_file']}")
     else:

@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from cachekd.batch import IGNORE_INDEX
 from cachekd.errors import ConfigFieldError
 from cachekd.kd_options import (  # noqa: F401  (the choices are re-exported: the losses' callers list them)
     OBJECTIVES,
@@ -99,8 +100,9 @@ class KDConfig(KDOptions):
 
     temperature: float = 1.0
     """τ > 0: both distributions are softmax(logits/τ). The trainer multiplies the KD term by τ²."""
-    ignore_index: int = -100
-    """Label value of positions that count for neither the cross-entropy nor the KD term."""
+    ignore_index: int = IGNORE_INDEX
+    """Label value of positions that count for neither the cross-entropy nor the KD term (the loader's
+    `cachekd.batch.IGNORE_INDEX`)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()

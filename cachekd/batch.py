@@ -1,0 +1,145 @@
+"""The batch: what the loader yields and a training step consumes — one type, one ignore index, one ids dtype.
+
+A `Batch` holds the token windows (`input_ids`), their next-token `labels` (`IGNORE_INDEX` where a position has
+no next token), and, per cached teacher, what the logit cache stores for those positions: `CachedTopK` (the top-k
+token ids, their τ=1 log-probabilities and the log-sum-exp of the rest), `CachedSampled` (drawn ids with their
+counts, log-probabilities, normalisers and entropies) or `CachedLogits` (full logits). The
+teacher source turns these into the losses' targets.
+
+Dtypes, fixed from the cache reader to the loss: token ids and labels int64, top-k ids `IDS_DTYPE` (int64: the
+losses gather and scatter with them, and torch indexes with int64 only, so they are decoded to it once, in the
+reader, and never converted again).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields, replace
+
+import torch
+from torch import Tensor
+
+IGNORE_INDEX = -100
+"""The label of a position that counts for no loss (the last position of every window). `KDConfig.ignore_index`
+defaults to it; the loader writes it and the trainer counts tokens with it."""
+
+IDS_DTYPE = torch.int64
+"""The dtype of a top-k cache's token ids from the reader's decode to the loss."""
+
+
+class FieldView:
+    """Read access by field name (``batch["input_ids"]``, ``for name in cached: ...``), as the untyped dicts these
+    types replace allowed."""
+
+    def __getitem__(self, name: str):
+        if name not in self.keys():
+            raise KeyError(name)
+        return getattr(self, name)
+
+    def keys(self) -> list[str]:
+        return [f.name for f in fields(self)]  # type: ignore[arg-type]
+
+    def __iter__(self):
+        return iter(self.keys())
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.keys() and getattr(self, str(name)) is not None
+
+    def values(self) -> list:
+        return [getattr(self, n) for n in self.keys() if getattr(self, n) is not None]
+
+    def get(self, name: str, default=None):
+        value = getattr(self, name, None) if name in self.keys() else None
+        return default if value is None else value
+
+
+@dataclass
+class CachedTopK(FieldView):
+    """A top-k cache's arrays for the positions of a batch."""
+
+    ids: Tensor
+    """(B, T, k) token ids (IDS_DTYPE), distinct within each position."""
+    logprobs: Tensor
+    """(B, T, k) float32 τ=1 log-probabilities of `ids` (the losses treat them as shift-invariant logits)."""
+    tail_lse: Tensor
+    """(B, T, n_τ) float32 log-sum-exp of logit/τ over the other ids, for each temperature the cache holds, or (B, T)
+    when the loader kept one temperature."""
+
+
+@dataclass
+class CachedLogits(FieldView):
+    """A full-logits cache's array for the positions of a batch."""
+
+    logits: Tensor
+    """(B, T, V) float16 teacher logits."""
+
+
+@dataclass
+class CachedSampled(FieldView):
+    """A sampled (or hybrid) cache's arrays for the positions of a batch (see `cachekd.teacher_samples`)."""
+
+    sample_ids: Tensor
+    """(B, T, W) drawn token ids (IDS_DTYPE), sorted; pads repeat the last id and have count 0."""
+    sample_logprobs: Tensor
+    """(B, T, W) float32 τ=1 log-probabilities of `sample_ids`."""
+    sample_counts: Tensor
+    """(B, T, W, n_r) int64 draws of each id, per proposal."""
+    tail_lse: Tensor
+    """(B, T, n_τ) float32 normaliser per cached τ (beyond the exact top-k for a hybrid); every τ is kept."""
+    entropy: Tensor
+    """(B, T, n_τ) float32 teacher entropy per cached τ."""
+    ids: Tensor | None = None
+    """Hybrid only: (B, T, k) the exact top-k ids (IDS_DTYPE)."""
+    logprobs: Tensor | None = None
+    """Hybrid only: (B, T, k) float32 τ=1 log-probabilities of `ids`."""
+
+
+CachedTeacher = CachedTopK | CachedLogits | CachedSampled
+
+
+@dataclass
+class Batch(FieldView):
+    """Token windows with their labels and cached teacher outputs, on one device."""
+
+    input_ids: Tensor
+    """(B, T) int64 token ids."""
+    labels: Tensor
+    """(B, T) int64 next-token labels; `IGNORE_INDEX` at positions without one."""
+    window_ids: Tensor
+    """(B,) int64 global window ids (which windows of the split these are)."""
+    teachers: dict[str, CachedTeacher] = field(default_factory=dict)
+    """Per cached teacher, by name: its arrays for these positions (empty without a cache)."""
+    epoch: int = 0
+    step: int = 0
+    """The epoch and the optimizer step (within the epoch) this batch belongs to."""
+
+    def num_tokens(self, ignore_index: int = IGNORE_INDEX) -> int:
+        """Positions that count for the loss."""
+        return int((self.labels != ignore_index).sum().item())
+
+    def map(self, fn: Callable[[Tensor], Tensor]) -> Batch:
+        """A batch with `fn` applied to every tensor (device moves, slicing, pinning)."""
+        teachers = {name: replace(t, **{f.name: fn(getattr(t, f.name)) for f in fields(t)
+                                        if getattr(t, f.name) is not None})
+                    for name, t in self.teachers.items()}
+        return Batch(fn(self.input_ids), fn(self.labels), fn(self.window_ids), teachers, self.epoch, self.step)
+
+    def to(self, device: torch.device) -> Batch:
+        return self.map(lambda x: x.to(device, non_blocking=True))
+
+    def pin_memory(self) -> Batch:
+        return self.map(lambda x: x.pin_memory())
+
+    def rows(self, rows: slice) -> Batch:
+        """The windows `rows` of this batch (a micro-batch)."""
+        return self.map(lambda x: x[rows])
+
+    @staticmethod
+    def concat(pieces: list[Batch]) -> Batch:
+        """The windows of several batches in order (their epoch and step are the first's)."""
+        first = pieces[0]
+        teachers = {name: replace(t, **{f.name: torch.cat([getattr(p.teachers[name], f.name) for p in pieces])
+                                        for f in fields(t) if getattr(t, f.name) is not None})
+                    for name, t in first.teachers.items()}
+        return Batch(torch.cat([p.input_ids for p in pieces]), torch.cat([p.labels for p in pieces]),
+                     torch.cat([p.window_ids for p in pieces]), teachers, first.epoch, first.step)
