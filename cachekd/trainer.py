@@ -14,7 +14,6 @@ accumulation and data parallelism give the same update as one big batch.
 
 from __future__ import annotations
 
-import math
 import signal
 import threading
 import time

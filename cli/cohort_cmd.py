@@ -1,11 +1,10 @@
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any
 
 import click
-from cachekd_cli.common import echo_json, echo_mapping
+from cachekd_cli.common import echo_json, echo_mapping, exit_interrupted
 from cachekd_cli.main import cli
 
 from cachekd.config import PRESET_DIR
@@ -77,11 +76,7 @@ def cohort_command(ctx, config, output, max_steps, overrides, resume, force, as_
         summary = run_cohort(cohort, resume=resume, force=force, progress=not quiet and not as_json,
                              say=lambda msg: click.echo(msg, err=True))
     except TrainingInterrupted as e:
-        import signal
-
-        click.echo(f"\nStopped by {signal.Signals(e.signum).name} at step {e.step} of {e.total_steps}; checkpoints "
-                   f"saved. Continue with the same command and --resume.", err=True)
-        sys.exit(128 + e.signum)
+        exit_interrupted(e, "checkpoints saved. Continue with the same command and --resume.")
     if as_json:
         echo_json(summary)
         return

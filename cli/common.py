@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Any
+from typing import Any, NoReturn
 
 import click
 
@@ -62,6 +62,16 @@ def _sentence(msg: str) -> str:
     if msg and msg[0].islower() and not any(c in first for c in "._"):  # leave config keys (distill.alpha) as written
         msg = msg[0].upper() + msg[1:]
     return msg if msg.endswith((".", "?", "!")) else msg + "."
+
+
+def exit_interrupted(e: Any, what_next: str) -> NoReturn:
+    """A run stopped by SIGINT/SIGTERM at a step boundary (`cachekd.trainer.TrainingInterrupted` `e`): say where it
+    stopped and `what_next`, and exit with the signal's status (128 + its number)."""
+    import signal
+
+    click.echo(f"\nStopped by {signal.Signals(e.signum).name} at step {e.step} of {e.total_steps}; {what_next}",
+               err=True)
+    sys.exit(128 + e.signum)
 
 
 def echo_json(obj: Any) -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import click
-from cachekd_cli.common import echo_json, echo_mapping
+from cachekd_cli.common import echo_json, echo_mapping, exit_interrupted
 from cachekd_cli.config_options import ConfigCommand
 from cachekd_cli.main import cli
 
@@ -122,11 +122,7 @@ def _run(kw: dict[str, Any], mode: str) -> None:
         summary = run(cfg, resume=kw["resume"], force=kw["force"], progress=not kw["quiet"] and not kw["as_json"],
                       say=lambda msg: click.echo(msg, err=True))
     except TrainingInterrupted as e:
-        import signal
-
-        click.echo(f"\nStopped by {signal.Signals(e.signum).name} at step {e.step} of {e.total_steps}; checkpoint "
-                   f"saved to {e.checkpoint}. Continue with: {_continue_command(ctx)}", err=True)
-        sys.exit(128 + e.signum)
+        exit_interrupted(e, f"checkpoint saved to {e.checkpoint}. Continue with: {_continue_command(ctx)}")
     except KeyboardInterrupt:
         if main_rank:
             click.echo("\n" + _interrupted_message(ctx, cfg.output), err=True)

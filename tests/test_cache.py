@@ -146,16 +146,12 @@ def _big_store(tmp_path: Path) -> Path:
     return out
 
 
-def test_resume_after_kill_gives_identical_arrays(tmp_path, runner):
-    store = _big_store(tmp_path)
-    teacher = make_teacher(store, tmp_path / "t", hidden=32)
-    st = TokenStore.open(store)
-    assert st.num_chunks("train") >= 8
-    ref = _precompute(runner, store, [teacher], tmp_path / "ref", "--top-k", "8")
-    out = tmp_path / "killed"
+def precompute_killed_mid_run(store, teacher, out, flags) -> tuple[Path, list[str]]:
+    """Start `cachekd precompute` in a subprocess (each chunk write slowed by 0.3 s), SIGKILL it inside a chunk's write
+    once two chunks are done, and check it left an incomplete cache; returns the output and the command to resume."""
     env = dict(os.environ, CACHEKD_TEST_WRITE_PAUSE_S="0.3", OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "cachekd_cli", "precompute", "--store", str(store), "--teacher", str(teacher),
-           "-o", str(out), "--top-k", "8", "--quiet"]
+           "-o", str(out), *flags, "--quiet"]
     p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     deadline = time.time() + 60
     while time.time() < deadline:
@@ -167,8 +163,17 @@ def test_resume_after_kill_gives_identical_arrays(tmp_path, runner):
     p.send_signal(signal.SIGKILL)
     p.wait()
     assert not (out / "manifest.json").exists(), "the run finished before it could be killed"
-    num_done = len(list((out / "done" / "train").glob("*.json")))
-    assert 2 <= num_done < st.num_chunks("train")
+    assert 2 <= len(list((out / "done" / "train").glob("*.json"))) < TokenStore.open(store).num_chunks("train")
+    return out, cmd
+
+
+def test_resume_after_kill_gives_identical_arrays(tmp_path, runner):
+    store = _big_store(tmp_path)
+    teacher = make_teacher(store, tmp_path / "t", hidden=32)
+    st = TokenStore.open(store)
+    assert st.num_chunks("train") >= 8
+    ref = _precompute(runner, store, [teacher], tmp_path / "ref", "--top-k", "8")
+    out, cmd = precompute_killed_mid_run(store, teacher, tmp_path / "killed", ["--top-k", "8"])
     with pytest.raises(Exception, match="incomplete"):
         LogitCache.open(out)
     r = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True)

@@ -6,10 +6,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -18,7 +16,7 @@ import torch
 from cachekd.cache.reader import LogitCache
 from cachekd.tokens import TokenStore
 from tests.conftest import assert_clean_error, invoke, make_teacher
-from tests.test_cache import _big_store, _precompute, _teacher_logits
+from tests.test_cache import _big_store, _precompute, _teacher_logits, precompute_killed_mid_run
 
 SAMPLE_ARRAYS = ("ids", "logprobs", "tail_lse", "sample_ids", "sample_logprobs", "sample_counts", "entropy")
 
@@ -109,25 +107,9 @@ def test_same_bytes_for_parts_torchrun_and_batch_size(tmp_path, runner, store_pa
 def test_resume_after_kill_gives_identical_arrays(tmp_path, runner):
     store = _big_store(tmp_path)
     teacher = make_teacher(store, tmp_path / "t", hidden=32)
-    st = TokenStore.open(store)
     flags = ["--sample", "16", "--temperatures", "1,2"]
     ref = _precompute(runner, store, [teacher], tmp_path / "ref", *flags)
-    out = tmp_path / "killed"
-    env = dict(os.environ, CACHEKD_TEST_WRITE_PAUSE_S="0.3", OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "cachekd_cli", "precompute", "--store", str(store), "--teacher", str(teacher),
-           "-o", str(out), *flags, "--quiet"]
-    p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        done = list((out / "done" / "train").glob("*.json")) if (out / "done" / "train").exists() else []
-        if len(done) >= 2:
-            break
-        time.sleep(0.05)
-    time.sleep(0.15)  # land inside the next chunk's write
-    p.send_signal(signal.SIGKILL)
-    p.wait()
-    assert not (out / "manifest.json").exists(), "the run finished before it could be killed"
-    assert 2 <= len(list((out / "done" / "train").glob("*.json"))) < st.num_chunks("train")
+    out, cmd = precompute_killed_mid_run(store, teacher, tmp_path / "killed", flags)
     r = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
     _assert_same(ref, LogitCache.open(out))
