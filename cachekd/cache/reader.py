@@ -9,6 +9,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from cachekd.cache import encoding as enc
 from cachekd.cache import format as fmt
 from cachekd.errors import CachekdError
 from cachekd.io import check_format
@@ -328,20 +329,20 @@ class LogitCache:
             if self.mode == "full":
                 out[t] = TeacherBlock(logits=get("logits"))
             elif self.mode == "sampled":
-                exact = {"ids": fmt.decode_ids(get("ids")),
-                         "logprobs": fmt.decode_logprobs(get("logprobs"), self.plan.logprob_scale)} if self.k else {}
+                exact = {"ids": enc.decode_ids(get("ids")),
+                         "logprobs": enc.decode_logprobs(get("logprobs"), self.plan.logprob_scale)} if self.k else {}
                 out[t] = TeacherBlock(
-                    **exact, tail_lse=fmt.decode_tail(get("tail_lse")),
-                    sample_ids=fmt.decode_ids(get("sample_ids")),
-                    sample_logprobs=fmt.decode_logprobs(get("sample_logprobs"), self.plan.logprob_scale),
+                    **exact, tail_lse=enc.decode_tail(get("tail_lse")),
+                    sample_ids=enc.decode_ids(get("sample_ids")),
+                    sample_logprobs=enc.decode_logprobs(get("sample_logprobs"), self.plan.logprob_scale),
                     sample_counts=get("sample_counts").astype(np.int64),
-                    entropy=fmt.decode_tail(get("entropy")),
+                    entropy=enc.decode_tail(get("entropy")),
                 )
             else:
                 out[t] = TeacherBlock(
-                    ids=fmt.decode_ids(get("ids")),
-                    logprobs=fmt.decode_logprobs(get("logprobs"), self.plan.logprob_scale),
-                    tail_lse=fmt.decode_tail(get("tail_lse")),
+                    ids=enc.decode_ids(get("ids")),
+                    logprobs=enc.decode_logprobs(get("logprobs"), self.plan.logprob_scale),
+                    tail_lse=enc.decode_tail(get("tail_lse")),
                 )
         return out
 

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from cachekd import __version__
+from cachekd.cache import encoding as enc
 from cachekd.cache import format as fmt
 from cachekd.errors import CachekdError
 from cachekd.io import atomic_write_bytes, atomic_write_json
@@ -122,6 +123,27 @@ def _open_or_create(root: Path, plan: fmt.CachePlan, force: bool) -> fmt.CachePl
     return plan
 
 
+def create_arrays(group, plan: fmt.CachePlan, root: Path) -> None:
+    """Create every teacher's arrays in every split that are not there yet; an array whose zarr.json cannot be
+    read is created again when none of its chunks was written (a kill during creation), else left for the reader
+    to report."""
+    import zarr
+
+    for split in plan.splits:
+        for teacher in plan.teacher_names:
+            for spec in plan.array_specs(split):
+                path = fmt.array_path(split, teacher, spec.name)
+                if (Path(root) / path / fmt.ZARR_META).exists():
+                    try:
+                        zarr.open_array(str(Path(root) / path), mode="r")
+                        continue
+                    except Exception:  # noqa: BLE001 - unreadable metadata
+                        if (Path(root) / path / "c").exists():
+                            continue
+                group.create_array(path, shape=spec.shape, chunks=spec.chunks, dtype=spec.dtype,
+                                   compressors=spec.compressors(), fill_value=0, overwrite=True)
+
+
 def _create_layout(root: Path, plan: fmt.CachePlan) -> None:
     """Create the Zarr group and every array of the plan that is not there (yet, or intact): a group or array
     whose zarr.json a kill left unreadable is created again as long as no chunk of it was written."""
@@ -135,7 +157,7 @@ def _create_layout(root: Path, plan: fmt.CachePlan) -> None:
         group = zarr.open_group(str(root), mode="a", zarr_format=3)
     if group.attrs.get("cachekd") != fmt.FORMAT:
         group.attrs["cachekd"] = fmt.FORMAT
-    fmt.create_arrays(group, plan, root)
+    create_arrays(group, plan, root)
 
 
 def _clear(root: Path) -> None:
@@ -194,15 +216,15 @@ class ChunkWriter:
             if self.plan.mode == "full":
                 self._arr(split, teacher, "logits")[start:stop] = r["logits"]
             if "ids" in r:
-                ids, q = fmt.encode_topk(r["ids"], r["logprobs"], vocab, self.plan.logprob_scale)
+                ids, q = enc.encode_topk(r["ids"], r["logprobs"], vocab, self.plan.logprob_scale)
                 self._arr(split, teacher, "ids")[start:stop] = ids
                 if pause:
                     time.sleep(pause)
                 self._arr(split, teacher, "logprobs")[start:stop] = q
             if "tail_lse" in r:
-                self._arr(split, teacher, "tail_lse")[start:stop] = fmt.encode_tail(r["tail_lse"])
+                self._arr(split, teacher, "tail_lse")[start:stop] = enc.encode_tail(r["tail_lse"])
             if self.plan.mode == "sampled":
-                sid, sq, counts = fmt.encode_samples(r["sample_ids"], r["sample_logprobs"], r["sample_counts"],
+                sid, sq, counts = enc.encode_samples(r["sample_ids"], r["sample_logprobs"], r["sample_counts"],
                                                      vocab, self.plan.logprob_scale)
                 self._arr(split, teacher, "sample_ids")[start:stop] = sid
                 if pause:
@@ -210,7 +232,7 @@ class ChunkWriter:
                 self._arr(split, teacher, "sample_logprobs")[start:stop] = sq
                 self._arr(split, teacher, "sample_counts")[start:stop] = counts.astype(
                     self.plan.sample_spec.count_dtype())
-                self._arr(split, teacher, "entropy")[start:stop] = fmt.encode_tail(r["entropy"])
+                self._arr(split, teacher, "entropy")[start:stop] = enc.encode_tail(r["entropy"])
             for name in self.plan.array_names():
                 arr = self._arr(split, teacher, name)
                 if fmt.has_checksum(arr):
