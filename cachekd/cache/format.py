@@ -1,5 +1,6 @@
-"""The on-disk layout of a logit cache. No other module knows paths, dtypes or codecs inside a cache; how the values
-are encoded is `cachekd.cache.encoding`'s (re-exported here).
+"""The on-disk layout of a logit cache. No other module knows paths, dtypes or codecs inside a cache (but the
+writer's lock files, `cachekd.cache.writer`); how the values are encoded is `cachekd.cache.encoding`'s (re-exported
+here).
 
 ::
 
@@ -41,12 +42,11 @@ is an error instead of silently different values. Caches written before the chec
 codec in their arrays' zarr.json and read as before (without that protection); the format version is unchanged
 because the codec pipeline is recorded per array.
 
-Sampled caches. Per position N ids are drawn with replacement from a proposal r: the teacher at the proposal
-temperature τ_r (r(v) = exp(ℓ_v/τ_r − N_τr)), restricted to the tokens beyond the exact top-K in a hybrid cache
-(r_tail(v) = r(v)/m_r, m_r its mass there). Draws are keyed by (seed, proposal, global window): one numpy
-generator per window gives each position its N uniforms in a fixed order, mapped through the proposal's CDF, so a
-chunk recomputed (resume, `--part`, torchrun, another batch size) gives the same bytes. The variable number of
-distinct ids per position is stored padded to W = N·n_r with count 0 rather than as offsets into a flat array.
+Sampled caches. Per position N ids are drawn with replacement from a proposal (the teacher at τ_r, restricted to
+the tokens beyond the exact top-K in a hybrid cache), keyed by (seed, proposal, global window) so a chunk
+recomputed (resume, `--part`, torchrun, another batch size) gives the same bytes (`cachekd.teacher_samples` owns
+the draws). The variable number of distinct ids per position is stored padded to W = N·n_r with count 0 rather than
+as offsets into a flat array.
 
 Why the values are stored as they are (the padding of the sampled arrays, fixed-point log-probabilities,
 delta-encoded ids) and the zstd level of each array (CLEVEL) are measured in `cachekd.cache.encoding`, which
@@ -88,8 +88,6 @@ ZARR_META = "zarr.json"          # a Zarr group's or array's metadata (the group
 PLAN_FILE = "plan.json"          # the plan, written when the cache is created
 MANIFEST_FILE = "manifest.json"  # the plan plus statistics, written last
 DONE_DIR = "done"                # done/<split>/<chunk>.json: one marker per finished chunk
-LOCK_FILE = ".lock"              # serialises creating, finalising and repairing the cache
-SHARE_LOCK = ".precompute-{share}-of-{shares}.lock"  # held by the process filling that share (1-based) of the chunks
 ARRAY_NAMES = {"topk": ("ids", "logprobs", "tail_lse"), "full": ("logits",),
                "sampled": ("ids", "logprobs", "tail_lse", "sample_ids", "sample_logprobs", "sample_counts", "entropy")}
 SAMPLE_ARRAYS = ("sample_ids", "sample_logprobs", "sample_counts", "entropy")  # beyond the top-k arrays
@@ -218,25 +216,6 @@ def is_half_created(root: Path) -> bool:
 def is_leftover_temp(name: str) -> bool:
     """A temporary file of an atomic write that a killed process left behind (``.<name>.<random>.tmp``)."""
     return name.startswith(".") and name.endswith(".tmp")
-
-
-def share_lock_name(share: int, shares: int) -> str:
-    return SHARE_LOCK.format(share=share, shares=shares)
-
-
-def share_locks(root: Path) -> list[Path]:
-    """The share lock files in a cache directory, in name order."""
-    return sorted(Path(root).glob(".precompute-*-of-*.lock"))
-
-
-def share_of_lock(name: str) -> tuple[str, str]:
-    """(share, shares) of a share lock file's name, as written."""
-    share, _, shares = name[len(".precompute-"):-len(".lock")].partition("-of-")
-    return share, shares
-
-
-def is_lock_file(name: str) -> bool:
-    return name == LOCK_FILE or (name.startswith(".precompute-") and name.endswith(".lock"))
 
 
 def full_chunk_windows(chunk_windows: int, seq_len: int, vocab_size: int) -> int:

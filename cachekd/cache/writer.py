@@ -18,10 +18,35 @@ from cachekd.cache import format as fmt
 from cachekd.errors import CachekdError
 from cachekd.io import atomic_write_bytes, atomic_write_json
 
+
+# The writer's lock files in the cache directory (not part of the data; `flock` drops a lock when its holder ends).
+LOCK_FILE = ".lock"              # serialises creating, finalising and repairing the cache
+SHARE_LOCK = ".precompute-{share}-of-{shares}.lock"  # held by the process filling that share (1-based) of the chunks
+
+
+def share_lock_name(share: int, shares: int) -> str:
+    return SHARE_LOCK.format(share=share, shares=shares)
+
+
+def share_locks(root: Path) -> list[Path]:
+    """The share lock files in a cache directory, in name order."""
+    return sorted(Path(root).glob(".precompute-*-of-*.lock"))
+
+
+def share_of_lock(name: str) -> tuple[str, str]:
+    """(share, shares) of a share lock file's name, as written."""
+    share, _, shares = name[len(".precompute-"):-len(".lock")].partition("-of-")
+    return share, shares
+
+
+def is_lock_file(name: str) -> bool:
+    return name == LOCK_FILE or (name.startswith(".precompute-") and name.endswith(".lock"))
+
+
 @contextmanager
 def _lock(root: Path):
     root.mkdir(parents=True, exist_ok=True)
-    with open(root / fmt.LOCK_FILE, "w") as f:
+    with open(root / LOCK_FILE, "w") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         try:
             yield
@@ -56,9 +81,9 @@ def busy_share(root: Path, slot: int, slots: int, *, own: bool = True) -> str | 
     root = Path(root)
     if not root.is_dir():
         return None
-    mine = fmt.share_lock_name(slot + 1, slots)
-    for lock in fmt.share_locks(root):
-        share, shares = fmt.share_of_lock(lock.name)
+    mine = share_lock_name(slot + 1, slots)
+    for lock in share_locks(root):
+        share, shares = share_of_lock(lock.name)
         if ((lock.name == mine and own) or shares != str(slots)) and _held(lock):
             return "the whole cache" if shares == "1" else f"share {share} of {shares}"
     return None
@@ -80,7 +105,7 @@ def open_or_create(root: Path, plan: fmt.CachePlan, *, force: bool = False,
         plan = _open_or_create(root, plan, force)
         if share is None:
             return plan, None
-        lock = try_flock(root / fmt.share_lock_name(share[0] + 1, share[1]))
+        lock = try_flock(root / share_lock_name(share[0] + 1, share[1]))
         if lock is not None and busy_share(root, *share, own=False) is not None:  # another split is running
             lock.close()
             lock = None
@@ -116,7 +141,7 @@ def _open_or_create(root: Path, plan: fmt.CachePlan, force: bool) -> fmt.CachePl
         _clear(root)
     elif fmt.is_half_created(root):  # killed during creation by a cachekd that wrote the plan last: nothing done yet
         _clear(root)
-    elif any(not fmt.is_lock_file(p.name) for p in root.iterdir()):
+    elif any(not is_lock_file(p.name) for p in root.iterdir()):
         raise CachekdError(f"output {str(root)!r} is not empty and is not a logit cache; choose another path.")
     atomic_write_json(fmt.plan_path(root), plan.to_dict())
     _create_layout(root, plan)
@@ -165,14 +190,14 @@ def _clear(root: Path) -> None:
     its share of the chunks); lock files stay, so a lock is never split across two files."""
     import shutil
 
-    for lock in fmt.share_locks(root):
+    for lock in share_locks(root):
         if _held(lock):
             raise CachekdError(
                 f"another precompute is filling the cache at {str(root)!r} right now; stop it before starting the "
                 f"cache again with --force."
             )
     for p in root.iterdir():
-        if fmt.is_lock_file(p.name):
+        if is_lock_file(p.name):
             continue
         shutil.rmtree(p) if p.is_dir() else p.unlink()
 
