@@ -157,6 +157,7 @@ def audit(cache_path: str | Path, *, teacher: str | None = None, student: str | 
     and the simulated options, at the cache's temperatures (or `temperatures`, a subset of them for the cache's
     own targets). Returns a JSON-able report."""
     from cachekd.cache.reader import LogitCache
+    from cachekd.cache.summary import cache_summary
     from cachekd.models import load_model
     from cachekd.teachers import load_teachers
     from cachekd.tokens import TokenStore
@@ -192,5 +193,5 @@ def audit(cache_path: str | Path, *, teacher: str | None = None, student: str | 
         "cache": str(cache.path), "storage_kind": cache.plan.storage_kind, "split": split,
         "windows": len(rows), "positions": int(len(rows) * (cache.seq_len - 1)), "teacher": info["name"],
         "teacher_matches_cache": same, "student": student or "random logits N(0, 1)", "objective": options.objective,
-        "bytes_per_position": cache.summary().get("bytes_per_position"), "options": results,
+        "bytes_per_position": cache_summary(cache).get("bytes_per_position"), "options": results,
     }

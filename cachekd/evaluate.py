@@ -1,11 +1,10 @@
-"""Evaluation: dev-set perplexity from a token store and BLiMP-style minimal-pair accuracy.
+"""Evaluation: dev-set perplexity from a token store, BLiMP-style minimal-pair accuracy (`cachekd.minimal_pairs`)
+and agreement with a logit cache's teachers.
 
 * `dev_loss` — mean next-token cross-entropy (nats) over every prediction of every window of a split: a window
   of L tokens gives L−1 predictions (labels = window[1:]), so windows never see across their edges and the number
   matches what the trainer logs.
-* `sentence_logprobs` — log P(sentence | prefix) summed over the sentence's tokens, the way the BabyLM
-  evaluation scores BLiMP: the context is a begin-of-text token (or a text, or nothing) and is not scored.
-* `minimal_pair_accuracy` — a pair counts as correct when the good sentence scores strictly higher than the bad.
+* `agreement_with_cache` — mean KL(teacher ‖ student) and top-1 agreement with each teacher of a logit cache.
 * `evaluate` — loads a checkpoint (or a run directory's `model/`), runs what was asked, returns one dict; the
   CLI prints it and saves it as ``RUN/eval.json``.
 
@@ -14,21 +13,20 @@ Library code: no printing beyond tqdm progress bars; bad input raises `CachekdEr
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import time
-import zlib
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
 from cachekd import __version__
 from cachekd.errors import CachekdError
-from cachekd.models import check_positions, max_positions
-from cachekd.rundir import RunDir, loss_key, minimal_pairs_key
+from cachekd.minimal_pairs import minimal_pair_accuracy, pair_files
+from cachekd.models import check_positions, output_size
+from cachekd.rundir import RunDir, loss_key
 from cachekd.teachers import has_tokenizer, tokenizer_fingerprint_of
 from cachekd.tokens import TokenStore
 
@@ -37,15 +35,6 @@ from cachekd.tokens import TokenStore
 
 def _open_store(store: TokenStore | str | Path) -> TokenStore:
     return store if isinstance(store, TokenStore) else TokenStore.open(store)
-
-
-def _output_size(model) -> int | None:
-    """Number of logits the model emits a position (its `config.vocab_size`)."""
-    get_head = getattr(model, "get_output_embeddings", None)
-    head = get_head() if get_head is not None else None
-    if head is not None and getattr(head, "weight", None) is not None:
-        return int(head.weight.shape[0])
-    return int(getattr(getattr(model, "config", None), "vocab_size", 0)) or None
 
 
 def _config_vocab_size(model_dir: Path) -> int | None:
@@ -100,7 +89,7 @@ def dev_loss(
     if n == 0:
         raise CachekdError(f"the {split!r} split of {str(store.path)!r} holds no windows.")
     check_positions(model, store.seq_len, "the model")
-    vocab = _output_size(model)
+    vocab = output_size(model)
     model.eval()
     model.to(device)
     total = 0.0  # python float: float64 accumulation
@@ -145,267 +134,6 @@ def _window_batches(store: TokenStore, split: str, n: int, batch_size: int, wind
             pending, buffered = [flat[batch_size:]], len(flat) - batch_size
     if buffered:
         yield np.concatenate(pending)
-
-
-# ------------------------------------------------------------------------------------------------ sentence scores
-
-
-def prefix_ids(tokenizer, prefix: str | None = "eos") -> list[int]:
-    """Token ids of the unscored context put before every sentence.
-
-    ``"eos"`` (default): the end-of-text token. `cachekd prepare` joins documents with it, so it is the context
-    every document was seen after in training (a model trained on such a store never sees ``<s>``; measured on the
-    demo grammar, subject–verb agreement scored 0.94 after ``</s>`` and 0.79 after ``<s>``);
-    ``"bos"``: the begin-of-text token (``<s>`` in a tokenizer trained by `cachekd prepare`); a tokenizer without
-    one falls back to its end-of-text token, as lm-evaluation-harness does for an empty context (GPT-2 style);
-    ``None``: no context, so a sentence's first token is context and its score starts at the second token;
-    any other text: its tokens (``"</s>"`` gives the end-of-text token, which is what precedes a document in a
-    token store).
-    """
-    if prefix is None:
-        return []
-    if prefix == "eos":
-        tid = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.bos_token_id
-        return [int(tid)] if tid is not None else []
-    if prefix == "bos":
-        tid = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-        return [int(tid)] if tid is not None else []
-    return list(tokenizer(prefix, add_special_tokens=False)["input_ids"])
-
-
-@torch.no_grad()
-def sentence_logprobs(
-    model,
-    tokenizer,
-    sentences: Sequence[str],
-    prefix: str | None = "eos",
-    batch_size: int = 32,
-    device: str | torch.device = "cpu",
-    progress: bool = False,
-) -> list[float]:
-    """log P(sentence | prefix) in nats for each sentence: the sum of its tokens' log-probabilities.
-
-    The prefix (see `prefix_ids`) is context only. With no prefix the first token cannot be predicted and the
-    sum starts at the second token; a sentence with no scored token gets 0.0. Sentences are batched by length,
-    right-padded, and padded positions are neither attended to (causal mask, pads come last) nor scored.
-    """
-    from tqdm.auto import tqdm
-
-    if batch_size < 1:
-        raise CachekdError(f"batch size must be at least 1 (got {batch_size}).")
-    sentences = list(sentences)
-    if not sentences:
-        return []
-    ctx = prefix_ids(tokenizer, prefix)
-    encoded = tokenizer(sentences, add_special_tokens=False)["input_ids"]
-    seqs = [ctx + list(ids) for ids in encoded]
-    first_scored = max(len(ctx), 1)  # index of the first token whose probability counts
-    max_pos = max_positions(model)
-    longest = max(len(s) for s in seqs)
-    if max_pos is not None and longest > max_pos:
-        i = max(range(len(seqs)), key=lambda k: len(seqs[k]))
-        raise CachekdError(
-            f"the sentence {sentences[i][:60]!r} is {longest} tokens with its prefix, more than the model's "
-            f"{max_pos} positions."
-        )
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    vocab = _output_size(model)
-    model.eval()
-    model.to(device)
-    order = sorted(range(len(seqs)), key=lambda k: -len(seqs[k]))
-    scores = [0.0] * len(seqs)
-    with tqdm(total=len(seqs), desc="scoring", unit="sent", disable=not progress) as bar:
-        for b in range(0, len(order), batch_size):
-            idx = [k for k in order[b:b + batch_size]]
-            lengths = torch.tensor([len(seqs[k]) for k in idx])
-            if int(lengths.max()) <= first_scored:
-                bar.update(len(idx))
-                continue  # nothing to score in this batch (and in the rest: they are shorter)
-            width = int(lengths.max())
-            ids = torch.full((len(idx), width), pad, dtype=torch.long)
-            for r, k in enumerate(idx):
-                ids[r, : len(seqs[k])] = torch.tensor(seqs[k], dtype=torch.long)
-            if vocab is not None and int(ids.max()) >= vocab:
-                raise CachekdError(
-                    f"the tokenizer gives token id {int(ids.max())} but the model has only {vocab} outputs; "
-                    f"use the tokenizer the model was trained with."
-                )
-            positions = torch.arange(width)
-            attention = (positions[None, :] < lengths[:, None]).long()  # (B, T)
-            ids, attention = ids.to(device), attention.to(device)
-            logits = model(input_ids=ids, attention_mask=attention, use_cache=False).logits  # (B, T, V)
-            logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)  # (B, T-1, V): predicts ids[:, 1:]
-            target_logp = logp.gather(-1, ids[:, 1:, None]).squeeze(-1).cpu()  # (B, T-1)
-            t = positions[1:]  # the position of the token each column predicts
-            scored = (t[None, :] >= first_scored) & (t[None, :] < lengths[:, None])  # (B, T-1)
-            sums = (target_logp.double() * scored).sum(-1)
-            for r, k in enumerate(idx):
-                scores[k] = float(sums[r])
-            bar.update(len(idx))
-    return scores
-
-
-# ------------------------------------------------------------------------------------------------ minimal pairs
-
-
-def pair_files(path: str | Path) -> list[Path]:
-    """`path` itself when it is a file, else the ``*.jsonl`` files in the directory and its subdirectories (as in
-    BabyLM's evaluation data: blimp_filtered/, supplement_filtered/), sorted."""
-    p = Path(path)
-    if not p.exists():
-        raise CachekdError(f"minimal pairs {str(p)!r} do not exist; give a .jsonl file or a directory of them.")
-    if p.is_file():
-        return [p]
-    files = sorted(f for f in p.rglob("*.jsonl") if f.is_file())
-    if not files:
-        raise CachekdError(f"directory {str(p)!r} holds no .jsonl minimal-pair files.")
-    return files
-
-
-def read_pairs(path: str | Path) -> list[dict[str, Any]]:
-    """Records of a BLiMP-format .jsonl file; each must have string ``sentence_good`` and ``sentence_bad``."""
-    p = Path(path)
-    records = []
-    try:
-        text = p.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise CachekdError(f"{str(p)!r} is not UTF-8 text.") from None
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:  # e.msg ends where json would add its character offset
-            where = f"column {e.colno}" if e.msg.endswith(" at") else f"at column {e.colno}"
-            raise CachekdError(f"{str(p)!r} line {lineno} is not valid JSON ({e.msg} {where}).") from None
-        if not isinstance(rec, dict):
-            raise CachekdError(f"{str(p)!r} line {lineno} is not a JSON object with sentence_good and sentence_bad.")
-        for key in ("sentence_good", "sentence_bad"):
-            if not isinstance(rec.get(key), str):
-                what = "has no" if key not in rec else "has a non-text"
-                raise CachekdError(f"{str(p)!r} line {lineno} {what} {key!r} field.")
-            if not rec[key].strip():
-                raise CachekdError(f"{str(p)!r} line {lineno} has an empty {key!r}; every pair needs two sentences.")
-        records.append(rec)
-    if not records:
-        raise CachekdError(f"{str(p)!r} holds no minimal pairs.")
-    return records
-
-
-def minimal_pair_accuracy(
-    model,
-    tokenizer,
-    path: str | Path,
-    prefix: str | None = "eos",
-    batch_size: int = 32,
-    device: str | torch.device = "cpu",
-    progress: bool = True,
-    max_pairs: int | None = None,
-    seed: int = 0,
-) -> dict[str, Any]:
-    """Accuracy on BLiMP-format minimal pairs: a pair is correct when log P(good) > log P(bad) (ties are wrong).
-
-    `path` is a .jsonl file or a directory of them (one phenomenon a file, as BLiMP ships them). `max_pairs`:
-    score at most that many pairs of each file, chosen at random without replacement by `seed` and the file's name
-    (`choose_pairs`), so a file's choice does not depend on the other files given. Returns
-    ``{"macro_accuracy": mean of the per-file accuracies, "micro_accuracy": over all pairs, "num_pairs",
-    "num_correct", "num_files", "by_file": {stem: {accuracy, num_pairs, num_pairs_in_file, num_correct, group,
-    linguistics_term}}, "by_group": {group: {accuracy (mean over its files), num_files, num_pairs, num_correct}},
-    "prefix", "pair_set", "files_fingerprint", "max_pairs", "seed", "key"}``; a file's group is its records'
-    ``field`` (the most common one) or, without it, the file stem. ``"key"`` (`minimal_pairs_key`) names what was
-    measured: the file set, its content, the prefix and the pair limit; results with different keys are not
-    comparable.
-    """
-    if max_pairs is not None and max_pairs < 1:
-        raise CachekdError(f"--max-pairs must be at least 1 (got {max_pairs}).")
-    files = pair_files(path)
-    stems = [f.stem for f in files]
-    if len(set(stems)) != len(stems):
-        raise CachekdError(f"two minimal-pair files share a name under {str(path)!r}; rename one.")
-    all_records = [read_pairs(f) for f in files]
-    per_file = [(f, choose_pairs(recs, f.stem, max_pairs, seed)) for f, recs in zip(files, all_records)]
-    sentences = [s for _, recs in per_file for r in recs for s in (r["sentence_good"], r["sentence_bad"])]
-    scores = sentence_logprobs(model, tokenizer, sentences, prefix=prefix, batch_size=batch_size, device=device,
-                               progress=progress)
-    by_file: dict[str, dict[str, Any]] = {}
-    pos = 0
-    for i, (f, recs) in enumerate(per_file):
-        good = np.array(scores[pos:pos + 2 * len(recs):2])
-        bad = np.array(scores[pos + 1:pos + 2 * len(recs):2])
-        pos += 2 * len(recs)
-        correct = int((good > bad).sum())
-        by_file[f.stem] = {
-            "accuracy": correct / len(recs),
-            "num_pairs": len(recs),
-            "num_pairs_in_file": len(all_records[i]),
-            "num_correct": correct,
-            "group": _most_common(str(r["field"]) for r in recs if r.get("field")) or f.stem,
-            "linguistics_term": _most_common(str(r["linguistics_term"]) for r in recs if r.get("linguistics_term")),
-            "mean_logprob_good": float(good.mean()),
-            "mean_logprob_bad": float(bad.mean()),
-        }
-    by_group: dict[str, dict[str, Any]] = {}
-    for stem, r in by_file.items():
-        g = by_group.setdefault(r["group"], {"files": [], "num_pairs": 0, "num_correct": 0})
-        g["files"].append(stem)
-        g["num_pairs"] += r["num_pairs"]
-        g["num_correct"] += r["num_correct"]
-    for g in by_group.values():
-        g["accuracy"] = float(np.mean([by_file[s]["accuracy"] for s in g["files"]]))
-        g["num_files"] = len(g["files"])
-    num_pairs = sum(r["num_pairs"] for r in by_file.values())
-    num_correct = sum(r["num_correct"] for r in by_file.values())
-    result = {
-        "path": str(path),
-        "prefix": prefix,
-        "pair_set": pair_set_name(path),
-        "files_fingerprint": pair_files_fingerprint(files),
-        "max_pairs": max_pairs,
-        "seed": seed if max_pairs is not None else None,
-        "num_files": len(by_file),
-        "num_pairs": num_pairs,
-        "num_correct": num_correct,
-        "macro_accuracy": float(np.mean([r["accuracy"] for r in by_file.values()])),
-        "micro_accuracy": num_correct / num_pairs,
-        "by_group": dict(sorted(by_group.items())),
-        "by_file": by_file,
-    }
-    result["key"] = minimal_pairs_key(result)
-    return result
-
-
-def choose_pairs(records: list[dict[str, Any]], name: str, max_pairs: int | None,
-                 seed: int = 0) -> list[dict[str, Any]]:
-    """At most `max_pairs` of a file's records, in file order: all of them when there are no more, else a uniform
-    random choice without replacement drawn by ``numpy.random.default_rng([seed, crc32(name)])``, so the same file
-    name and seed always give the same pairs."""
-    if max_pairs is None or len(records) <= max_pairs:
-        return records
-    rng = np.random.default_rng([seed, zlib.crc32(name.encode("utf-8"))])
-    chosen = np.sort(rng.choice(len(records), size=max_pairs, replace=False))
-    return [records[int(i)] for i in chosen]
-
-
-def pair_set_name(path: str | Path) -> str:
-    """Short name of a minimal-pair file set: the directory's name, or the file's stem."""
-    p = Path(path).resolve()
-    return p.stem if p.is_file() else p.name
-
-
-def pair_files_fingerprint(files: Sequence[Path]) -> str:
-    """SHA-256 over the files' stems and bytes, in order: two file sets with the same name and other pairs differ."""
-    h = hashlib.sha256()
-    for f in files:
-        h.update(f.stem.encode("utf-8") + b"\0")
-        h.update(hashlib.sha256(f.read_bytes()).digest())
-    return h.hexdigest()
-
-
-def _most_common(values: Iterable[str]) -> str | None:
-    counts: dict[str, int] = {}
-    for v in values:
-        counts[v] = counts.get(v, 0) + 1
-    return max(counts, key=lambda k: counts[k]) if counts else None
 
 
 # ------------------------------------------------------------------------------------------------ checks
@@ -477,42 +205,15 @@ def evaluate(
     entry, only when it covers the whole dev split), "minimal_pairs": {...} (with `minimal_pairs`)}``. A loss on
     the train split or on part of the dev split is never under ``"dev"``.
     """
-    from cachekd.corpus import load_tokenizer
-    from cachekd.models import checkpoint_fingerprint, count_parameters, load_model, resolve_model_dir
-
     if dev_store is None and minimal_pairs is None and against_cache is None:
         raise CachekdError("nothing to evaluate: pass a token store (--dev) and/or minimal pairs (--minimal-pairs).")
     t0 = time.perf_counter()
-    model_dir = resolve_model_dir(model_path)
-    store = _open_store(dev_store) if dev_store is not None else None
-    if minimal_pairs is not None:
-        pair_files(minimal_pairs)  # fail on a bad path before loading the model
-        if max_pairs is not None and max_pairs < 1:
-            raise CachekdError(f"--max-pairs must be at least 1 (got {max_pairs}).")
+    model_dir, store = _check_request(model_path, dev_store, minimal_pairs, max_pairs)
+    model, tokenizer = _load_model_and_tokenizer(model_dir, store)
+    result = _model_facts(model_path, model_dir, model, device)
     if store is not None:
-        check_tokenizer_matches(model_dir, store)
-    model = load_model(model_dir)
-    if has_tokenizer(model_dir):
-        tokenizer = load_tokenizer(model_dir)
-    elif store is not None:
-        tokenizer = store.load_tokenizer()
-    else:
-        tokenizer = None
-    run_dir = RunDir.of_model_path(model_path)
-    result: dict[str, Any] = {
-        "model": str(model_dir),
-        "run_dir": str(run_dir.path) if run_dir is not None else None,
-        "num_params": count_parameters(model),
-        "checkpoint_fingerprint": checkpoint_fingerprint(model_dir),
-        "device": str(device),
-    }
-    if store is not None:
-        d = dev_loss(model, store, split=split, batch_size=batch_size, device=device, max_windows=max_windows,
-                     progress=progress)
-        entry = {"store": str(store.path), "split": split, "store_fingerprint": store.fingerprint,
-                 "max_windows": max_windows, **d, "split_windows": store.num_windows(split),
-                 "complete": d["num_windows"] == store.num_windows(split)}
-        entry["key"] = loss_key(entry)
+        entry = _dev_loss_entry(model, store, split=split, batch_size=batch_size, device=device,
+                                max_windows=max_windows, progress=progress)
         result["losses"] = {entry["key"]: entry}
         if entry["key"] == "dev":
             result["dev"] = entry
@@ -520,16 +221,7 @@ def evaluate(
         from cachekd.cache.reader import LogitCache
 
         cache = LogitCache.open(against_cache)
-        if store is not None:
-            cstore = store
-        else:
-            recorded = cache.meta["token_store"]["path"]
-            if not Path(recorded).exists():
-                raise CachekdError(
-                    f"the token store this cache was built from ({recorded!r}) is not there any more; pass its new "
-                    f"location with --dev STORE."
-                )
-            cstore = _open_store(recorded)
+        cstore = store if store is not None else _store_of_cache(cache)
         check_tokenizer_matches(model_dir, cstore)
         result["against_cache"] = agreement_with_cache(model, cache, cstore, split=split, batch_size=batch_size,
                                                        device=device, max_windows=max_windows, progress=progress)
@@ -546,6 +238,78 @@ def evaluate(
     result["created"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     result["cachekd_version"] = __version__
     return result
+
+
+def _check_request(model_path: str | Path, dev_store: TokenStore | str | Path | None,
+                   minimal_pairs: str | Path | None, max_pairs: int | None) -> tuple[Path, TokenStore | None]:
+    """The checkpoint directory and the opened dev store (or None), after refusing what would fail later: a bad
+    pair path or `max_pairs`, a store built with another tokenizer than the model's (all before loading it)."""
+    from cachekd.models import resolve_model_dir
+
+    model_dir = resolve_model_dir(model_path)
+    store = _open_store(dev_store) if dev_store is not None else None
+    if minimal_pairs is not None:
+        pair_files(minimal_pairs)  # fail on a bad path before loading the model
+        if max_pairs is not None and max_pairs < 1:
+            raise CachekdError(f"--max-pairs must be at least 1 (got {max_pairs}).")
+    if store is not None:
+        check_tokenizer_matches(model_dir, store)
+    return model_dir, store
+
+
+def _load_model_and_tokenizer(model_dir: Path, store: TokenStore | None):
+    """The model, and the tokenizer saved with it, else the store's, else None."""
+    from cachekd.corpus import load_tokenizer
+    from cachekd.models import load_model
+
+    model = load_model(model_dir)
+    if has_tokenizer(model_dir):
+        tokenizer = load_tokenizer(model_dir)
+    elif store is not None:
+        tokenizer = store.load_tokenizer()
+    else:
+        tokenizer = None
+    return model, tokenizer
+
+
+def _model_facts(model_path: str | Path, model_dir: Path, model, device: str | torch.device) -> dict[str, Any]:
+    """The head of `evaluate`'s result: which model (and run directory), its size and fingerprint, the device."""
+    from cachekd.models import checkpoint_fingerprint, count_parameters
+
+    run_dir = RunDir.of_model_path(model_path)
+    return {
+        "model": str(model_dir),
+        "run_dir": str(run_dir.path) if run_dir is not None else None,
+        "num_params": count_parameters(model),
+        "checkpoint_fingerprint": checkpoint_fingerprint(model_dir),
+        "device": str(device),
+    }
+
+
+def _dev_loss_entry(model, store: TokenStore, *, split: str, batch_size: int, device: str | torch.device,
+                    max_windows: int | None, progress: bool) -> dict[str, Any]:
+    """`dev_loss` on `store`'s `split` with what names it: the store, its fingerprint, whether it covers the whole
+    split, and its `loss_key`."""
+    d = dev_loss(model, store, split=split, batch_size=batch_size, device=device, max_windows=max_windows,
+                 progress=progress)
+    entry = {"store": str(store.path), "split": split, "store_fingerprint": store.fingerprint,
+             "max_windows": max_windows, **d, "split_windows": store.num_windows(split),
+             "complete": d["num_windows"] == store.num_windows(split)}
+    entry["key"] = loss_key(entry)
+    return entry
+
+
+def _store_of_cache(cache) -> TokenStore:
+    """The token store a cache was built from, where its plan recorded it; refused when it is not there any more."""
+    recorded = cache.meta["token_store"]["path"]
+    if not Path(recorded).exists():
+        raise CachekdError(
+            f"the token store this cache was built from ({recorded!r}) is not there any more; pass its new "
+            f"location with --dev STORE."
+        )
+    return _open_store(recorded)
+
+
 
 
 @torch.no_grad()

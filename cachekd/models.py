@@ -162,6 +162,15 @@ def count_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def output_size(model) -> int | None:
+    """Number of logits the model emits a position (its LM head's rows, else its `config.vocab_size`)."""
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if get_head is not None else None
+    if head is not None and getattr(head, "weight", None) is not None:
+        return int(head.weight.shape[0])
+    return int(getattr(getattr(model, "config", None), "vocab_size", 0)) or None
+
+
 def output_embedding(model) -> torch.nn.Module:
     """The LM head (V, H) of an HF causal LM."""
     head = model.get_output_embeddings()

@@ -22,8 +22,9 @@ import numpy as np
 import torch
 
 from cachekd import distributed
-from cachekd.cache import writer as cw
+from cachekd.cache import encoding as enc
 from cachekd.cache import format as fmt
+from cachekd.cache import writer as cw
 from cachekd.errors import CachekdError
 from cachekd.teacher_rows import teacher_targets
 from cachekd.teacher_samples import sampled_teacher_targets
@@ -197,7 +198,7 @@ def build_plan(cfg: PrecomputeConfig, store: TokenStore, teachers: list[dict[str
         k=None if cfg.full else cfg.top_k,
         temperatures=[] if cfg.full else [float(t) for t in cfg.temperatures],
         splits=splits,
-        encoding=fmt.encoding_descriptors(1.0 / cfg.logprob_step),
+        encoding=enc.encoding_descriptors(1.0 / cfg.logprob_step),
         sample=None if cfg.sample is None else fmt.SampleSpec(
             cfg.sample, None if cfg.proposal_temperature is None else float(cfg.proposal_temperature),
             cfg.sample_seed).to_dict(),

@@ -20,8 +20,9 @@ def describe(path: Path) -> dict:
         return TokenStore.open(path).summary()
     if is_logit_cache(path):
         from cachekd.cache.reader import LogitCache
+        from cachekd.cache.summary import cache_summary
 
-        return LogitCache.open(path, allow_incomplete=True).summary()
+        return cache_summary(LogitCache.open(path, allow_incomplete=True))
     raise CachekdError(f"{str(path)!r} is neither a token store nor a logit cache.")
 
 
@@ -41,7 +42,7 @@ def info_command(path: Path, as_json: bool):
     if as_json:
         echo_json(summary)
     elif summary.get("kind") == "logit cache":
-        from cachekd.cache.reader import summary_text
+        from cachekd.cache.summary import summary_text
 
         echo_mapping(summary_text(summary))
     else:

@@ -75,10 +75,11 @@ def precompute_command(store, teachers, output, top_k, sample, proposal_temperat
     click.echo(f"Computed {result['positions_computed']} positions in {result['seconds']:.1f} s"
                + (f" ({rate:,.0f} positions/s)" if rate else ""))
     if result["complete"]:
-        from cachekd.cache.reader import LogitCache, summary_text
+        from cachekd.cache.reader import LogitCache
+        from cachekd.cache.summary import cache_summary, summary_text
 
         click.echo(f"Cache {output} is complete.")
-        echo_mapping(summary_text(LogitCache.open(output).summary()))
+        echo_mapping(summary_text(cache_summary(LogitCache.open(output))))
     else:
         click.echo(f"{result['chunks_remaining']} chunks remain for other parts; run them, then the cache completes.")
 

@@ -14,9 +14,8 @@ from click.testing import CliRunner
 
 from cachekd.demo import data as demo_data
 from cachekd.errors import CachekdError
-from cachekd.evaluate import (
-    check_tokenizer_matches, dev_loss, evaluate, minimal_pair_accuracy, prefix_ids, sentence_logprobs,
-)
+from cachekd.evaluate import check_tokenizer_matches, dev_loss, evaluate
+from cachekd.minimal_pairs import minimal_pair_accuracy, prefix_ids, sentence_logprobs
 from cachekd.models import ModelConfig, build_model
 from cachekd.rundir import save_eval
 from cachekd.tokens import PrepareConfig, TokenStore, prepare
@@ -513,7 +512,7 @@ def test_eval_json_never_puts_a_train_split_loss_under_dev(store, tmp_path):
 def test_max_pairs_is_a_seeded_choice_per_file(store, tmp_path):
     """--max-pairs N scores N pairs of each longer file, chosen by the seed and the file's name alone, and the
     accuracy is exactly that of those pairs scored on their own."""
-    from cachekd.evaluate import choose_pairs, read_pairs
+    from cachekd.minimal_pairs import choose_pairs, read_pairs
 
     tok = store.load_tokenizer()
     model = tiny_model(store.vocab_size)

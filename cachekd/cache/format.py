@@ -1,4 +1,6 @@
-"""The on-disk layout of a logit cache. No other module knows paths, dtypes or encodings inside a cache.
+"""The on-disk layout of a logit cache. No other module knows paths, dtypes or codecs inside a cache (but the
+writer's lock files, `cachekd.cache.writer`); how the values are encoded is `cachekd.cache.encoding`'s (re-exported
+here).
 
 ::
 
@@ -40,33 +42,15 @@ is an error instead of silently different values. Caches written before the chec
 codec in their arrays' zarr.json and read as before (without that protection); the format version is unchanged
 because the codec pipeline is recorded per array.
 
-Sampled caches. Per position N ids are drawn with replacement from a proposal r: the teacher at the proposal
-temperature τ_r (r(v) = exp(ℓ_v/τ_r − N_τr)), restricted to the tokens beyond the exact top-K in a hybrid cache
-(r_tail(v) = r(v)/m_r, m_r its mass there). Draws are keyed by (seed, proposal, global window): one numpy
-generator per window gives each position its N uniforms in a fixed order, mapped through the proposal's CDF, so a
-chunk recomputed (resume, `--part`, torchrun, another batch size) gives the same bytes. The variable number of
-distinct ids per position is stored padded to W = N·n_r with count 0 rather than as offsets into a flat array.
-Measured by benchmarks/bench_fidelity.py on the first 4096-position chunk of a sampled cache (N=50 per τ at τ=1
-and τ=2, W=100, 72 distinct ids a position from a flat trained teacher, V=2000), against an offsets layout of the
-same data (the real entries concatenated plus one count of distinct ids per position, same codecs): padded 207
-B/position, offsets 170 (-18%); reading the chunk took 4.1 ms padded against 4.9 ms for the offsets layout read
-and scattered back to the rectangular form the losses take (on a toy teacher with N=10 and nearly all draws
-distinct the two were within 1 B/position). Padding is the layout: it keeps every array chunk-aligned with the
-token store (whole-chunk reads, the same done-markers, checksums and damage checks as every other array) and
-needs no offsets array. The price, ~1.3 B per pad slot in the measurement above, grows with the number of pads
-(W minus the distinct ids: a sharper teacher has more), so it is the first thing to revisit if sampled caches must
-get smaller.
+Sampled caches. Per position N ids are drawn with replacement from a proposal (the teacher at τ_r, restricted to
+the tokens beyond the exact top-K in a hybrid cache), keyed by (seed, proposal, global window) so a chunk
+recomputed (resume, `--part`, torchrun, another batch size) gives the same bytes (`cachekd.teacher_samples` owns
+the draws). The variable number of distinct ids per position is stored padded to W = N·n_r with count 0 rather than
+as offsets into a flat array.
 
-Why these encodings (measured on trained teachers, k=64, V=8000; benchmarks/bench_precompute.py reproduces
-the totals): sorted ids stored as deltas take ~20 B/position under Blosc-zstd with byte shuffle (random-order
-ids ~86); fixed-point log-probabilities keep every stored top-k log-probability within 2⁻¹⁰ ≈ 9.8e-4 nats of
-the fp32 value, which fp16 cannot (fp16 rounds a log-probability of −12 by up to 4e-3), at ~70–90 B/position;
-a finer 2⁻¹¹ step costs ~8 B/position more. The values are shift-invariant logits as far as the losses are
-concerned: softmax, mixing and averaging of several teachers all ignore a per-position constant, and `tail_lse`
-uses the same shift. The zstd level inside Blosc is chosen per array (4096 positions a chunk, trained teacher):
-the delta ids shrink from 27.5 B/position at level 1 to 21.9 at level 5 (level 9: 20.2 for 30x the CPU), while
-the log-probabilities take 88.8 B at level 1 and 88.6 at level 5 for 7x the CPU, so they use level 1. On a small
-machine the writer's CPU time is taken from the teacher's forward.
+Why the values are stored as they are (the padding of the sampled arrays, fixed-point log-probabilities,
+delta-encoded ids) and the zstd level of each array (CLEVEL) are measured in `cachekd.cache.encoding`, which
+encodes and decodes the values.
 """
 
 from __future__ import annotations
@@ -78,16 +62,16 @@ from typing import Any, Literal
 
 import numpy as np
 
+from cachekd.cache.encoding import (  # noqa: F401 - the value encodings, re-exported with the layout
+    LOGPROB_MIN, LOGPROB_SCALE, TAIL_NEG_INF, TAIL_SCALE, decode_ids, decode_logprobs, decode_tail, encode_samples,
+    encode_tail, encode_topk, encoding_descriptors, id_dtype,
+)
 from cachekd.errors import CachekdError
 
 FORMAT = "cachekd-logit-cache"
 FORMAT_VERSION = 1
-LOGPROB_SCALE = 512.0           # fixed-point steps per nat: max rounding error 2⁻¹⁰ ≈ 9.8e-4
-LOGPROB_MIN = -65535 / LOGPROB_SCALE  # ≈ −128 nats: smaller top-k log-probabilities are clipped here
-TAIL_SCALE = 512.0              # tail_lse fixed point: range ±64, max rounding error 9.8e-4
-TAIL_NEG_INF = -32768           # stored for an empty tail (k = V)
 CLEVEL = {"ids": 5, "logprobs": 1, "tail_lse": 5, "sample_ids": 5, "sample_logprobs": 1, "sample_counts": 5,
-          "entropy": 5}  # zstd level inside Blosc per array (see above)
+          "entropy": 5}  # zstd level inside Blosc per array (measured: see cachekd.cache.encoding)
 BLOCKSIZE = 1 << 20             # one Blosc block per top-k chunk: zstd sees the whole chunk (-2.4 B/position, faster)
 MAX_FULL_CHUNK_BYTES = 32 << 20
 # A CRC-32C after the compressor, checked on every read. Measured cost on one top-k chunk of 4096 positions
@@ -104,15 +88,9 @@ ZARR_META = "zarr.json"          # a Zarr group's or array's metadata (the group
 PLAN_FILE = "plan.json"          # the plan, written when the cache is created
 MANIFEST_FILE = "manifest.json"  # the plan plus statistics, written last
 DONE_DIR = "done"                # done/<split>/<chunk>.json: one marker per finished chunk
-LOCK_FILE = ".lock"              # serialises creating, finalising and repairing the cache
-SHARE_LOCK = ".precompute-{share}-of-{shares}.lock"  # held by the process filling that share (1-based) of the chunks
 ARRAY_NAMES = {"topk": ("ids", "logprobs", "tail_lse"), "full": ("logits",),
                "sampled": ("ids", "logprobs", "tail_lse", "sample_ids", "sample_logprobs", "sample_counts", "entropy")}
 SAMPLE_ARRAYS = ("sample_ids", "sample_logprobs", "sample_counts", "entropy")  # beyond the top-k arrays
-
-
-def id_dtype(vocab_size: int) -> np.dtype:
-    return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
 
 
 def array_path(split: str, teacher: str, name: str) -> str:
@@ -240,25 +218,6 @@ def is_leftover_temp(name: str) -> bool:
     return name.startswith(".") and name.endswith(".tmp")
 
 
-def share_lock_name(share: int, shares: int) -> str:
-    return SHARE_LOCK.format(share=share, shares=shares)
-
-
-def share_locks(root: Path) -> list[Path]:
-    """The share lock files in a cache directory, in name order."""
-    return sorted(Path(root).glob(".precompute-*-of-*.lock"))
-
-
-def share_of_lock(name: str) -> tuple[str, str]:
-    """(share, shares) of a share lock file's name, as written."""
-    share, _, shares = name[len(".precompute-"):-len(".lock")].partition("-of-")
-    return share, shares
-
-
-def is_lock_file(name: str) -> bool:
-    return name == LOCK_FILE or (name.startswith(".precompute-") and name.endswith(".lock"))
-
-
 def full_chunk_windows(chunk_windows: int, seq_len: int, vocab_size: int) -> int:
     """Windows per chunk of a full-logit array: the largest divisor of the token chunk that stays under 32 MiB,
     so every token-store chunk still maps to a whole number of cache chunks."""
@@ -302,12 +261,6 @@ def data_bytes(root: Path) -> int:
     root = Path(root)
     return sum(f.stat().st_size for f in root.rglob("*")
                if f.is_file() and DONE_DIR not in f.relative_to(root).parts and f.name != MANIFEST_FILE)
-
-
-def encoding_descriptors(logprob_scale: float) -> dict[str, Any]:
-    """The plan's `encoding` entry: how each array's values are stored (the scale is read back by the reader)."""
-    return {"ids": "sorted, delta", "logprobs": "uint16 fixed point", "logprob_scale": logprob_scale,
-            "tail_lse": f"int16 fixed point, 1/{TAIL_SCALE:g} nat", "logits": "float16"}
 
 
 @dataclass(frozen=True)
@@ -548,75 +501,3 @@ def read_plan(path: Path, cls: type[CachePlan] = CachePlan) -> CachePlan:
     except ValueError:
         raise CachekdError("it is not valid JSON") from None
     return cls.from_dict(data)
-
-
-def create_arrays(group, plan: CachePlan, root: Path) -> None:
-    """Create every teacher's arrays in every split that are not there yet; an array whose zarr.json cannot be
-    read is created again when none of its chunks was written (a kill during creation), else left for the reader
-    to report."""
-    import zarr
-
-    for split in plan.splits:
-        for teacher in plan.teacher_names:
-            for spec in plan.array_specs(split):
-                path = array_path(split, teacher, spec.name)
-                if (Path(root) / path / ZARR_META).exists():
-                    try:
-                        zarr.open_array(str(Path(root) / path), mode="r")
-                        continue
-                    except Exception:  # noqa: BLE001 - unreadable metadata
-                        if (Path(root) / path / "c").exists():
-                            continue
-                group.create_array(path, shape=spec.shape, chunks=spec.chunks, dtype=spec.dtype,
-                                   compressors=spec.compressors(), fill_value=0, overwrite=True)
-
-
-def encode_topk(ids: np.ndarray, logprobs: np.ndarray, vocab_size: int, scale: float = LOGPROB_SCALE
-                ) -> tuple[np.ndarray, np.ndarray]:
-    """(n, L, k) ids and τ=1 log-probabilities → (delta-encoded sorted ids, fixed-point log-probabilities).
-
-    `scale` is fixed-point steps per nat: the largest rounding error is 1/(2·scale). The rows are sorted by id
-    with the fixed-point value packed into the low 16 bits of one integer key (a plain sort of keys is ~4x
-    faster than an argsort and two gathers; ids are unique within a row, so the order is the ids' order)."""
-    q = np.clip(np.rint(logprobs.astype(np.float64) * -scale), 0, 65535).astype(np.uint64)
-    key = (ids.astype(np.uint64) << np.uint64(16)) | q
-    if vocab_size <= 1 << 16:
-        key = key.astype(np.uint32)
-    key.sort(axis=-1)
-    ids_sorted = (key >> 16).astype(np.int64)
-    deltas = np.diff(ids_sorted, axis=-1, prepend=0).astype(id_dtype(vocab_size))
-    return deltas, (key & 0xFFFF).astype(np.uint16)
-
-
-def decode_ids(deltas: np.ndarray) -> np.ndarray:
-    """Delta-encoded ids → sorted ids (int64)."""
-    return np.cumsum(deltas.astype(np.int64), axis=-1)
-
-
-def decode_logprobs(q: np.ndarray, scale: float = LOGPROB_SCALE) -> np.ndarray:
-    return q.astype(np.float32) * np.float32(-1.0 / scale)
-
-
-def encode_tail(tail_lse: np.ndarray) -> np.ndarray:
-    """float tail_lse → int16 fixed point; −inf (no tail) → TAIL_NEG_INF. Finite values must lie within ±64."""
-    t = np.asarray(tail_lse, dtype=np.float64)
-    q = np.clip(np.rint(t * TAIL_SCALE), TAIL_NEG_INF + 1, 32767)
-    q = np.where(np.isneginf(t), TAIL_NEG_INF, q)
-    return q.astype(np.int16)
-
-
-def encode_samples(ids: np.ndarray, logprobs: np.ndarray, counts: np.ndarray, vocab_size: int,
-                   scale: float = LOGPROB_SCALE) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Drawn ids (n, L, W) sorted ascending with the pads (count 0 in every proposal) at the end, repeating the
-    last id, their τ=1 log-probabilities and counts (n, L, W, n_r) → (delta ids, fixed-point log-probabilities
-    with 0 at the pads, counts as stored)."""
-    real = counts.sum(-1) > 0
-    deltas = np.diff(ids.astype(np.int64), axis=-1, prepend=0).astype(id_dtype(vocab_size))
-    q = np.clip(np.rint(logprobs.astype(np.float64) * -scale), 0, 65535)
-    return deltas, np.where(real, q, 0).astype(np.uint16), counts
-
-
-def decode_tail(q: np.ndarray) -> np.ndarray:
-    out = q.astype(np.float32) * np.float32(1.0 / TAIL_SCALE)
-    out[q == TAIL_NEG_INF] = -np.inf
-    return out

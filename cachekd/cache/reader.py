@@ -9,6 +9,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from cachekd.cache import encoding as enc
 from cachekd.cache import format as fmt
 from cachekd.errors import CachekdError
 from cachekd.io import check_format
@@ -328,20 +329,20 @@ class LogitCache:
             if self.mode == "full":
                 out[t] = TeacherBlock(logits=get("logits"))
             elif self.mode == "sampled":
-                exact = {"ids": fmt.decode_ids(get("ids")),
-                         "logprobs": fmt.decode_logprobs(get("logprobs"), self.plan.logprob_scale)} if self.k else {}
+                exact = {"ids": enc.decode_ids(get("ids")),
+                         "logprobs": enc.decode_logprobs(get("logprobs"), self.plan.logprob_scale)} if self.k else {}
                 out[t] = TeacherBlock(
-                    **exact, tail_lse=fmt.decode_tail(get("tail_lse")),
-                    sample_ids=fmt.decode_ids(get("sample_ids")),
-                    sample_logprobs=fmt.decode_logprobs(get("sample_logprobs"), self.plan.logprob_scale),
+                    **exact, tail_lse=enc.decode_tail(get("tail_lse")),
+                    sample_ids=enc.decode_ids(get("sample_ids")),
+                    sample_logprobs=enc.decode_logprobs(get("sample_logprobs"), self.plan.logprob_scale),
                     sample_counts=get("sample_counts").astype(np.int64),
-                    entropy=fmt.decode_tail(get("entropy")),
+                    entropy=enc.decode_tail(get("entropy")),
                 )
             else:
                 out[t] = TeacherBlock(
-                    ids=fmt.decode_ids(get("ids")),
-                    logprobs=fmt.decode_logprobs(get("logprobs"), self.plan.logprob_scale),
-                    tail_lse=fmt.decode_tail(get("tail_lse")),
+                    ids=enc.decode_ids(get("ids")),
+                    logprobs=enc.decode_logprobs(get("logprobs"), self.plan.logprob_scale),
+                    tail_lse=enc.decode_tail(get("tail_lse")),
                 )
         return out
 
@@ -376,9 +377,9 @@ class LogitCache:
 
     def describe_missing(self) -> str:
         """What keeps the cache from being complete, in words ('' when it is complete)."""
-        text = _describe_missing({s: p for s, p in self.pending_chunks().items() if p},
-                                 {s: self.num_chunks(s) for s in self.splits()},
-                                 not self.has_manifest and self.manifest_problem is None)
+        text = describe_missing_chunks({s: p for s, p in self.pending_chunks().items() if p},
+                                       {s: self.num_chunks(s) for s in self.splits()},
+                                       not self.has_manifest and self.manifest_problem is None)
         return "; ".join(x for x in (text, self.manifest_problem) if x)
 
     def check_tokens(self, split: str, chunk: int, tokens: np.ndarray) -> None:
@@ -428,66 +429,6 @@ class LogitCache:
             count += b.logprobs.shape[0] * b.logprobs.shape[1]
         return total / max(count, 1), f"sample of {len(chunks)} chunk{'s' if len(chunks) != 1 else ''}"
 
-    # --- summary
-    def summary(self) -> dict[str, Any]:
-        """What the cache holds, as plain JSON values (`cachekd info --json`); `summary_text` formats it."""
-        plan = self.plan
-        pending = self.pending_chunks()
-        out: dict[str, Any] = {"kind": "logit cache", "path": str(self.path), "complete": self.complete}
-        if not self.complete:
-            out["missing"] = {"manifest": not self.has_manifest,
-                              "chunks_not_done": {s: p for s, p in pending.items() if p}}
-        nbytes = fmt.data_bytes(self.path)
-        positions = {s: n * self.seq_len for s, n in plan.splits.items()}
-        out.update({
-            "mode": plan.mode,
-            "storage_kind": plan.storage_kind,
-            "k": plan.k,
-            "temperatures": [float(t) for t in plan.temperatures],
-            "vocab_size": self.vocab_size,
-            "seq_len": self.seq_len,
-            "windows": dict(plan.splits),
-            "positions": positions,
-            "chunks": {s: {"done": self.num_chunks(s) - len(pending[s]), "total": self.num_chunks(s)}
-                       for s in plan.splits},
-            "teachers": [
-                {"name": t["name"], "model_type": t["model_type"], "num_params": t["num_params"], "path": t["path"],
-                 "fingerprint": t.get("fingerprint"), "model_vocab_size": t.get("model_vocab_size"),
-                 "padded_logits_dropped": t.get("padded_logits_dropped", 0)}
-                for t in plan.teachers
-            ],
-            "checksums": self.has_checksums(),
-            "bytes_on_disk": nbytes,
-            "bytes_per_array": self.bytes_per_array(),
-        })
-        if plan.sample is not None:
-            out["sample"] = dict(plan.sample)
-        if self.complete:
-            out["bytes_per_position"] = round(nbytes / max(sum(positions.values()), 1), 2)
-        for split, per_teacher in (plan.stats if isinstance(plan, fmt.CacheManifest) else {}).items():
-            for t, s in per_teacher.items():
-                row = {"entropy_mean": round(s["entropy_mean"], 4), "entropy_min": round(s["entropy_min"], 4),
-                       "entropy_max": round(s["entropy_max"], 4)}
-                for tau, v in s.get("mean_topk_mass", {}).items():
-                    row[f"topk_mass@tau={float(tau):g}"] = round(v, 5)
-                if "mean_distinct_ids" in s:
-                    row["distinct_ids_per_position"] = round(s["mean_distinct_ids"], 2)
-                out.setdefault("teacher_stats", {})[f"{split}/{t}"] = row
-        return out
-
-
-    def bytes_per_array(self) -> dict[str, float]:
-        """Bytes on disk per position of each array (summed over splits and teachers), by array name."""
-        positions = max(sum(self.plan.splits.values()) * self.seq_len, 1)
-        out: dict[str, float] = {}
-        for split in self.splits():
-            for t in self.teachers:
-                for name in self.plan.array_names():
-                    d = self.path / fmt.array_path(split, t, name)
-                    n = sum(f.stat().st_size for f in d.rglob("*") if f.is_file()) if d.exists() else 0
-                    out[name] = out.get(name, 0.0) + n
-        return {k: round(v / positions, 2) for k, v in out.items()}
-
 
 class _DamagedMeta(CachekdError):
     """plan.json or manifest.json does not parse or does not describe a cache (the message says how)."""
@@ -514,41 +455,8 @@ def _read_meta(path: Path, cls: type[fmt.CachePlan]) -> dict[str, Any]:
     return meta
 
 
-def summary_text(s: dict[str, Any]) -> dict[str, Any]:
-    """`LogitCache.summary()` as the strings `cachekd info` prints."""
-    out: dict[str, Any] = {"kind": s["kind"], "path": s["path"], "complete": s["complete"]}
-    if "missing" in s:
-        miss = s["missing"]
-        out["missing"] = (_describe_missing(miss["chunks_not_done"], {sp: c["total"] for sp, c in s["chunks"].items()},
-                                            miss["manifest"]) + f" ({FINISH_HINT})")
-    out.update({
-        "mode": s["mode"],
-        "storage_kind": s.get("storage_kind", s["mode"]),
-        "k": "full logits" if s["mode"] == "full" else s["k"],
-        "temperatures": ", ".join(f"{t:g}" for t in s["temperatures"]) or "-",
-        "vocab_size": s["vocab_size"],
-        "seq_len": s["seq_len"],
-        "windows": s["windows"],
-        "positions": s["positions"],
-        "chunks_done": {sp: f"{c['done']}/{c['total']} chunks" for sp, c in s["chunks"].items()},
-        "teachers": {
-            t["name"]: f"{t['model_type']}, {t['num_params'] / 1e6:.2f}M params, {t['path']}"
-            + (f" ({t['padded_logits_dropped']} padded logits dropped)" if t.get("padded_logits_dropped") else "")
-            for t in s["teachers"]
-        },
-        "checksums": {True: "crc32c per chunk", False: "none (written before checksums were added)",
-                      None: "unknown (an array cannot be opened)"}[s["checksums"]],
-        "bytes_on_disk": s["bytes_on_disk"],
-        "bytes_per_position_by_array": ", ".join(f"{k} {v:g}" for k, v in s.get("bytes_per_array", {}).items()),
-    })
-    if "bytes_per_position" in s:
-        out["bytes_per_position"] = s["bytes_per_position"]
-    if "teacher_stats" in s:
-        out["teacher_stats"] = s["teacher_stats"]
-    return out
-
-
-def _describe_missing(not_done: dict[str, list[int]], totals: dict[str, int], no_manifest: bool) -> str:
+def describe_missing_chunks(not_done: dict[str, list[int]], totals: dict[str, int], no_manifest: bool) -> str:
+    """The chunks not done per split (the first ten of each) and a missing manifest, in words ('' for none)."""
     parts = [f"{len(p)} of {totals[sp]} {sp} chunks not done ({', '.join(str(c) for c in p[:10])}"
              f"{', ...' if len(p) > 10 else ''})" for sp, p in not_done.items() if p]
     if no_manifest:

@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from cachekd.cache import encoding as enc
 from cachekd.cache import format as fmt
 from cachekd.cache.reader import FINISH_HINT, REPAIR_HINT, DamagedChunkError, LogitCache
 from cachekd.errors import CachekdError
@@ -245,7 +246,7 @@ def precompute_command(cache: LogitCache, store_path: Path | None = None) -> str
                 args += ["--sample-seed", str(spec.seed)]
     args += ["--splits", ",".join(plan.splits)]
     scale = plan.logprob_scale
-    if scale != fmt.LOGPROB_SCALE:
+    if scale != enc.LOGPROB_SCALE:
         args += ["--logprob-step", repr(1.0 / scale)]
     return " ".join(args)
 
@@ -303,7 +304,7 @@ def recompute_windows(cache: LogitCache, store, n: int, seed: int) -> dict[str, 
                  "max_abs_tail_lse_diff": np.nan_to_num(tail_diff, nan=np.inf).reshape(len(rows), -1).max(-1)}
         storage = 0.5 / cache.plan.logprob_scale  # the fixed-point rounding of a stored log-probability
         tol = {"max_abs_logprob_diff": storage + allowance,
-               "max_abs_tail_lse_diff": storage + 0.5 / fmt.TAIL_SCALE + allowance}
+               "max_abs_tail_lse_diff": storage + 0.5 / enc.TAIL_SCALE + allowance}
         out[info["name"]] = _within(diffs, tol, rows) | {"topk_id_agreement": float((fresh_sorted == ids).mean())}
     return out
 
@@ -330,8 +331,8 @@ def _recompute_sampled(cache: LogitCache, logits, blocks, rows: np.ndarray, allo
              "max_abs_entropy_diff": np.abs(get["entropy"] - fresh["entropy"].numpy()).reshape(n, -1).max(-1)}
     storage = 0.5 / cache.plan.logprob_scale
     tol = {"max_abs_logprob_diff": storage + allowance,
-           "max_abs_tail_lse_diff": storage + 0.5 / fmt.TAIL_SCALE + allowance,
-           "max_abs_entropy_diff": 0.5 / fmt.TAIL_SCALE + allowance}
+           "max_abs_tail_lse_diff": storage + 0.5 / enc.TAIL_SCALE + allowance,
+           "max_abs_entropy_diff": 0.5 / enc.TAIL_SCALE + allowance}
     same = (fresh["sample_ids"].numpy() == get["sample_ids"]) & (fresh["sample_counts"].numpy() == get["sample_counts"]).all(-1)
     return _within(diffs, tol, rows) | {"draw_agreement": float(same.mean())}
 

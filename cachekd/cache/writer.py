@@ -13,14 +13,40 @@ from typing import Any
 import numpy as np
 
 from cachekd import __version__
+from cachekd.cache import encoding as enc
 from cachekd.cache import format as fmt
 from cachekd.errors import CachekdError
 from cachekd.io import atomic_write_bytes, atomic_write_json
 
+
+# The writer's lock files in the cache directory (not part of the data; `flock` drops a lock when its holder ends).
+LOCK_FILE = ".lock"              # serialises creating, finalising and repairing the cache
+SHARE_LOCK = ".precompute-{share}-of-{shares}.lock"  # held by the process filling that share (1-based) of the chunks
+
+
+def share_lock_name(share: int, shares: int) -> str:
+    return SHARE_LOCK.format(share=share, shares=shares)
+
+
+def share_locks(root: Path) -> list[Path]:
+    """The share lock files in a cache directory, in name order."""
+    return sorted(Path(root).glob(".precompute-*-of-*.lock"))
+
+
+def share_of_lock(name: str) -> tuple[str, str]:
+    """(share, shares) of a share lock file's name, as written."""
+    share, _, shares = name[len(".precompute-"):-len(".lock")].partition("-of-")
+    return share, shares
+
+
+def is_lock_file(name: str) -> bool:
+    return name == LOCK_FILE or (name.startswith(".precompute-") and name.endswith(".lock"))
+
+
 @contextmanager
 def _lock(root: Path):
     root.mkdir(parents=True, exist_ok=True)
-    with open(root / fmt.LOCK_FILE, "w") as f:
+    with open(root / LOCK_FILE, "w") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         try:
             yield
@@ -55,9 +81,9 @@ def busy_share(root: Path, slot: int, slots: int, *, own: bool = True) -> str | 
     root = Path(root)
     if not root.is_dir():
         return None
-    mine = fmt.share_lock_name(slot + 1, slots)
-    for lock in fmt.share_locks(root):
-        share, shares = fmt.share_of_lock(lock.name)
+    mine = share_lock_name(slot + 1, slots)
+    for lock in share_locks(root):
+        share, shares = share_of_lock(lock.name)
         if ((lock.name == mine and own) or shares != str(slots)) and _held(lock):
             return "the whole cache" if shares == "1" else f"share {share} of {shares}"
     return None
@@ -79,7 +105,7 @@ def open_or_create(root: Path, plan: fmt.CachePlan, *, force: bool = False,
         plan = _open_or_create(root, plan, force)
         if share is None:
             return plan, None
-        lock = try_flock(root / fmt.share_lock_name(share[0] + 1, share[1]))
+        lock = try_flock(root / share_lock_name(share[0] + 1, share[1]))
         if lock is not None and busy_share(root, *share, own=False) is not None:  # another split is running
             lock.close()
             lock = None
@@ -115,11 +141,32 @@ def _open_or_create(root: Path, plan: fmt.CachePlan, force: bool) -> fmt.CachePl
         _clear(root)
     elif fmt.is_half_created(root):  # killed during creation by a cachekd that wrote the plan last: nothing done yet
         _clear(root)
-    elif any(not fmt.is_lock_file(p.name) for p in root.iterdir()):
+    elif any(not is_lock_file(p.name) for p in root.iterdir()):
         raise CachekdError(f"output {str(root)!r} is not empty and is not a logit cache; choose another path.")
     atomic_write_json(fmt.plan_path(root), plan.to_dict())
     _create_layout(root, plan)
     return plan
+
+
+def create_arrays(group, plan: fmt.CachePlan, root: Path) -> None:
+    """Create every teacher's arrays in every split that are not there yet; an array whose zarr.json cannot be
+    read is created again when none of its chunks was written (a kill during creation), else left for the reader
+    to report."""
+    import zarr
+
+    for split in plan.splits:
+        for teacher in plan.teacher_names:
+            for spec in plan.array_specs(split):
+                path = fmt.array_path(split, teacher, spec.name)
+                if (Path(root) / path / fmt.ZARR_META).exists():
+                    try:
+                        zarr.open_array(str(Path(root) / path), mode="r")
+                        continue
+                    except Exception:  # noqa: BLE001 - unreadable metadata
+                        if (Path(root) / path / "c").exists():
+                            continue
+                group.create_array(path, shape=spec.shape, chunks=spec.chunks, dtype=spec.dtype,
+                                   compressors=spec.compressors(), fill_value=0, overwrite=True)
 
 
 def _create_layout(root: Path, plan: fmt.CachePlan) -> None:
@@ -135,7 +182,7 @@ def _create_layout(root: Path, plan: fmt.CachePlan) -> None:
         group = zarr.open_group(str(root), mode="a", zarr_format=3)
     if group.attrs.get("cachekd") != fmt.FORMAT:
         group.attrs["cachekd"] = fmt.FORMAT
-    fmt.create_arrays(group, plan, root)
+    create_arrays(group, plan, root)
 
 
 def _clear(root: Path) -> None:
@@ -143,14 +190,14 @@ def _clear(root: Path) -> None:
     its share of the chunks); lock files stay, so a lock is never split across two files."""
     import shutil
 
-    for lock in fmt.share_locks(root):
+    for lock in share_locks(root):
         if _held(lock):
             raise CachekdError(
                 f"another precompute is filling the cache at {str(root)!r} right now; stop it before starting the "
                 f"cache again with --force."
             )
     for p in root.iterdir():
-        if fmt.is_lock_file(p.name):
+        if is_lock_file(p.name):
             continue
         shutil.rmtree(p) if p.is_dir() else p.unlink()
 
@@ -194,15 +241,15 @@ class ChunkWriter:
             if self.plan.mode == "full":
                 self._arr(split, teacher, "logits")[start:stop] = r["logits"]
             if "ids" in r:
-                ids, q = fmt.encode_topk(r["ids"], r["logprobs"], vocab, self.plan.logprob_scale)
+                ids, q = enc.encode_topk(r["ids"], r["logprobs"], vocab, self.plan.logprob_scale)
                 self._arr(split, teacher, "ids")[start:stop] = ids
                 if pause:
                     time.sleep(pause)
                 self._arr(split, teacher, "logprobs")[start:stop] = q
             if "tail_lse" in r:
-                self._arr(split, teacher, "tail_lse")[start:stop] = fmt.encode_tail(r["tail_lse"])
+                self._arr(split, teacher, "tail_lse")[start:stop] = enc.encode_tail(r["tail_lse"])
             if self.plan.mode == "sampled":
-                sid, sq, counts = fmt.encode_samples(r["sample_ids"], r["sample_logprobs"], r["sample_counts"],
+                sid, sq, counts = enc.encode_samples(r["sample_ids"], r["sample_logprobs"], r["sample_counts"],
                                                      vocab, self.plan.logprob_scale)
                 self._arr(split, teacher, "sample_ids")[start:stop] = sid
                 if pause:
@@ -210,7 +257,7 @@ class ChunkWriter:
                 self._arr(split, teacher, "sample_logprobs")[start:stop] = sq
                 self._arr(split, teacher, "sample_counts")[start:stop] = counts.astype(
                     self.plan.sample_spec.count_dtype())
-                self._arr(split, teacher, "entropy")[start:stop] = fmt.encode_tail(r["entropy"])
+                self._arr(split, teacher, "entropy")[start:stop] = enc.encode_tail(r["entropy"])
             for name in self.plan.array_names():
                 arr = self._arr(split, teacher, name)
                 if fmt.has_checksum(arr):

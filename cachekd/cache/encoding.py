@@ -1,0 +1,100 @@
+"""How a logit cache's values are stored: fixed-point log-probabilities and tails, delta-encoded sorted ids, and
+the padded sampled arrays. `cachekd.cache.format` owns where each array lives and its shape, chunks and codecs; this
+module owns the bytes' meaning (encode on write, decode on read).
+
+Sampled arrays. The variable number of distinct ids per position is stored padded to W = N·n_r with count 0 rather
+than as offsets into a flat array. Measured by benchmarks/bench_fidelity.py on the first 4096-position chunk of a sampled cache (N=50 per τ at τ=1
+and τ=2, W=100, 72 distinct ids a position from a flat trained teacher, V=2000), against an offsets layout of the
+same data (the real entries concatenated plus one count of distinct ids per position, same codecs): padded 207
+B/position, offsets 170 (-18%); reading the chunk took 4.1 ms padded against 4.9 ms for the offsets layout read
+and scattered back to the rectangular form the losses take (on a toy teacher with N=10 and nearly all draws
+distinct the two were within 1 B/position). Padding is the layout: it keeps every array chunk-aligned with the
+token store (whole-chunk reads, the same done-markers, checksums and damage checks as every other array) and
+needs no offsets array. The price, ~1.3 B per pad slot in the measurement above, grows with the number of pads
+(W minus the distinct ids: a sharper teacher has more), so it is the first thing to revisit if sampled caches must
+get smaller.
+
+Why these encodings (measured on trained teachers, k=64, V=8000; benchmarks/bench_precompute.py reproduces
+the totals): sorted ids stored as deltas take ~20 B/position under Blosc-zstd with byte shuffle (random-order
+ids ~86); fixed-point log-probabilities keep every stored top-k log-probability within 2⁻¹⁰ ≈ 9.8e-4 nats of
+the fp32 value, which fp16 cannot (fp16 rounds a log-probability of −12 by up to 4e-3), at ~70–90 B/position;
+a finer 2⁻¹¹ step costs ~8 B/position more. The values are shift-invariant logits as far as the losses are
+concerned: softmax, mixing and averaging of several teachers all ignore a per-position constant, and `tail_lse`
+uses the same shift. The zstd level inside Blosc is chosen per array (4096 positions a chunk, trained teacher):
+the delta ids shrink from 27.5 B/position at level 1 to 21.9 at level 5 (level 9: 20.2 for 30x the CPU), while
+the log-probabilities take 88.8 B at level 1 and 88.6 at level 5 for 7x the CPU, so they use level 1. On a small
+machine the writer's CPU time is taken from the teacher's forward.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+LOGPROB_SCALE = 512.0           # fixed-point steps per nat: max rounding error 2⁻¹⁰ ≈ 9.8e-4
+LOGPROB_MIN = -65535 / LOGPROB_SCALE  # ≈ −128 nats: smaller top-k log-probabilities are clipped here
+TAIL_SCALE = 512.0              # tail_lse fixed point: range ±64, max rounding error 9.8e-4
+TAIL_NEG_INF = -32768           # stored for an empty tail (k = V)
+
+
+def id_dtype(vocab_size: int) -> np.dtype:
+    """The dtype stored ids (and their deltas) take: uint16 up to 65536 tokens, else uint32."""
+    return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
+
+
+def encoding_descriptors(logprob_scale: float) -> dict[str, Any]:
+    """The plan's `encoding` entry: how each array's values are stored (the scale is read back by the reader)."""
+    return {"ids": "sorted, delta", "logprobs": "uint16 fixed point", "logprob_scale": logprob_scale,
+            "tail_lse": f"int16 fixed point, 1/{TAIL_SCALE:g} nat", "logits": "float16"}
+
+
+def encode_topk(ids: np.ndarray, logprobs: np.ndarray, vocab_size: int, scale: float = LOGPROB_SCALE
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """(n, L, k) ids and τ=1 log-probabilities → (delta-encoded sorted ids, fixed-point log-probabilities).
+
+    `scale` is fixed-point steps per nat: the largest rounding error is 1/(2·scale). The rows are sorted by id
+    with the fixed-point value packed into the low 16 bits of one integer key (a plain sort of keys is ~4x
+    faster than an argsort and two gathers; ids are unique within a row, so the order is the ids' order)."""
+    q = np.clip(np.rint(logprobs.astype(np.float64) * -scale), 0, 65535).astype(np.uint64)
+    key = (ids.astype(np.uint64) << np.uint64(16)) | q
+    if vocab_size <= 1 << 16:
+        key = key.astype(np.uint32)
+    key.sort(axis=-1)
+    ids_sorted = (key >> 16).astype(np.int64)
+    deltas = np.diff(ids_sorted, axis=-1, prepend=0).astype(id_dtype(vocab_size))
+    return deltas, (key & 0xFFFF).astype(np.uint16)
+
+
+def decode_ids(deltas: np.ndarray) -> np.ndarray:
+    """Delta-encoded ids → sorted ids (int64)."""
+    return np.cumsum(deltas.astype(np.int64), axis=-1)
+
+
+def decode_logprobs(q: np.ndarray, scale: float = LOGPROB_SCALE) -> np.ndarray:
+    return q.astype(np.float32) * np.float32(-1.0 / scale)
+
+
+def encode_tail(tail_lse: np.ndarray) -> np.ndarray:
+    """float tail_lse → int16 fixed point; −inf (no tail) → TAIL_NEG_INF. Finite values must lie within ±64."""
+    t = np.asarray(tail_lse, dtype=np.float64)
+    q = np.clip(np.rint(t * TAIL_SCALE), TAIL_NEG_INF + 1, 32767)
+    q = np.where(np.isneginf(t), TAIL_NEG_INF, q)
+    return q.astype(np.int16)
+
+
+def encode_samples(ids: np.ndarray, logprobs: np.ndarray, counts: np.ndarray, vocab_size: int,
+                   scale: float = LOGPROB_SCALE) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Drawn ids (n, L, W) sorted ascending with the pads (count 0 in every proposal) at the end, repeating the
+    last id, their τ=1 log-probabilities and counts (n, L, W, n_r) → (delta ids, fixed-point log-probabilities
+    with 0 at the pads, counts as stored)."""
+    real = counts.sum(-1) > 0
+    deltas = np.diff(ids.astype(np.int64), axis=-1, prepend=0).astype(id_dtype(vocab_size))
+    q = np.clip(np.rint(logprobs.astype(np.float64) * -scale), 0, 65535)
+    return deltas, np.where(real, q, 0).astype(np.uint16), counts
+
+
+def decode_tail(q: np.ndarray) -> np.ndarray:
+    out = q.astype(np.float32) * np.float32(1.0 / TAIL_SCALE)
+    out[q == TAIL_NEG_INF] = -np.inf
+    return out
