@@ -197,23 +197,10 @@ def compare_runs(run_dirs: list[str | Path], out_dir: str | Path | None = None) 
     ``{"rows", "columns", "files", "out", "replaced", "teachers"}``; ``replaced`` names the files of an earlier
     comparison in `out_dir` that this one replaced (or, for a stale accuracy plot, removed); ``teachers`` names the
     runs that are a teacher of another compared run (`teacher_runs`)."""
-    from cachekd.io import atomic_write_bytes
-    from cachekd.report import markdown_table
-
-    if not run_dirs:
-        raise CachekdError("no run directories given: pass one or more.")
-    missing = [str(d) for d in run_dirs if not Path(d).is_dir()]
-    if missing:
-        raise CachekdError(f"run director{'ies' if len(missing) > 1 else 'y'} {', '.join(map(repr, missing))} "
-                           f"do{'' if len(missing) > 1 else 'es'} not exist.")
-    run_dirs, cohorts = expand_cohorts(run_dirs)
-    unique: dict[Path, str | Path] = {}
-    for d in run_dirs:  # the same run given twice (`run`, `./run`) is compared once
-        unique.setdefault(Path(d).resolve(), d)
-    runs = [load_run(d) for d in unique.values()]
-    names = _unique_names(runs)
     from cachekd.rundir import minimal_pair_results
 
+    runs, cohorts, run_dirs = _read_runs(run_dirs)
+    names = _unique_names(runs)
     results = [minimal_pair_results(r["eval"]) for r in runs]
     one_each = {k: mp for res in results for k, mp in res.items()}
     keys = sorted(one_each)
@@ -228,14 +215,41 @@ def compare_runs(run_dirs: list[str | Path], out_dir: str | Path | None = None) 
     out.mkdir(parents=True, exist_ok=True)
     replaced = [n for n in OUTPUT_FILES if (out / n).exists()]
 
+    files = _plots(out, runs, names, cohorts, {labels[k]: [(n, res[k], i in teachers) for i, (n, res)
+                                                           in enumerate(zip(names, results)) if k in res]
+                                               for k in keys})
+    files["markdown"] = str(_write_markdown(out / "compare.md", rows, columns, runs, names, teachers, files))
+    files["csv"] = str(_write_csv(out / "compare.csv", rows, columns))
+    return {"rows": rows, "columns": columns, "files": files, "out": str(out), "replaced": replaced,
+            "teachers": [names[i] for i in sorted(teachers)]}
+
+
+def _read_runs(run_dirs: list[str | Path]) -> tuple[list[dict[str, Any]], list, list[str | Path]]:
+    """The runs to compare (a cohort directory stands for its peers; the same run given twice counts once), the
+    cohorts among them, and the run directories after expanding cohorts."""
+    if not run_dirs:
+        raise CachekdError("no run directories given: pass one or more.")
+    missing = [str(d) for d in run_dirs if not Path(d).is_dir()]
+    if missing:
+        raise CachekdError(f"run director{'ies' if len(missing) > 1 else 'y'} {', '.join(map(repr, missing))} "
+                           f"do{'' if len(missing) > 1 else 'es'} not exist.")
+    run_dirs, cohorts = expand_cohorts(run_dirs)
+    unique: dict[Path, str | Path] = {}
+    for d in run_dirs:  # the same run given twice (`run`, `./run`) is compared once
+        unique.setdefault(Path(d).resolve(), d)
+    return [load_run(d) for d in unique.values()], cohorts, run_dirs
+
+
+def _plots(out: Path, runs: list[dict[str, Any]], names: list[str], cohorts: list,
+           series: dict[str, list]) -> dict[str, str | None]:
+    """curves.png, the accuracy plots when there are minimal-pair `series` (else a stale one is removed) and the
+    cohorts' weights plot; returns their paths by name (None: not drawn)."""
     files: dict[str, str | None] = {}
     curves = out / "curves.png"
     _plot_curves(runs, names, curves)
     files["curves"] = str(curves)
     acc, acc_file = out / "accuracy_by_group.png", out / "accuracy_by_file.png"
-    if keys:
-        series = {labels[k]: [(n, res[k], i in teachers) for i, (n, res) in enumerate(zip(names, results)) if k in res]
-                  for k in keys}
+    if series:
         _plot_accuracy_by_group(series, acc)
         _plot_accuracy_by_file(series, acc_file)
         files["accuracy_by_group"], files["accuracy_by_file"] = str(acc), str(acc_file)
@@ -243,43 +257,44 @@ def compare_runs(run_dirs: list[str | Path], out_dir: str | Path | None = None) 
         for f in (acc, acc_file):
             f.unlink(missing_ok=True)  # a stale plot from an earlier comparison would mislead
         files["accuracy_by_group"] = files["accuracy_by_file"] = None
-
     weights = _weights_plot(cohorts, out / "weights.png")
     if weights is not None:
         files["weights"] = str(weights)  # only when cohorts with mutual learning were compared
+    return files
 
-    lines = ["# Run comparison", "", markdown_table(rows, columns)]
-    lines += [
-        "`dev_from`: `eval` = `cachekd eval` over the whole dev split (eval.json), `trainer:sampleN` = the trainer's "
-        "dev loss on its fixed sample of N dev windows from every source (the same windows for every run on the "
-        "store), `trainer` = the trainer's dev loss over the whole dev split (runs from before the sample: its first "
-        "`data.eval_windows` windows), `eval:firstN` = `cachekd eval --max-windows N` on the dev split. "
-        "`mp[<pairs> prefix=<p>]`: mean minimal-pair accuracy over the phenomena (files) of the pair set "
-        "`<pairs>`, each sentence scored after the context `<p>` (`eos`: end-of-text token, `bos`: begin-of-text "
-        "token, `none`: no context, or the quoted text), on at most N pairs a file when `max_pairs=N`; "
-        "`acc[...]:<group>`: mean over a group's phenomena. Accuracies measured another way are in other columns "
-        "and are not comparable.",
-        "",
-        "Runs:",
-        "",
-    ]
+
+COLUMN_NOTES = (
+    "`dev_from`: `eval` = `cachekd eval` over the whole dev split (eval.json), `trainer:sampleN` = the trainer's "
+    "dev loss on its fixed sample of N dev windows from every source (the same windows for every run on the "
+    "store), `trainer` = the trainer's dev loss over the whole dev split (runs from before the sample: its first "
+    "`data.eval_windows` windows), `eval:firstN` = `cachekd eval --max-windows N` on the dev split. "
+    "`mp[<pairs> prefix=<p>]`: mean minimal-pair accuracy over the phenomena (files) of the pair set "
+    "`<pairs>`, each sentence scored after the context `<p>` (`eos`: end-of-text token, `bos`: begin-of-text "
+    "token, `none`: no context, or the quoted text), on at most N pairs a file when `max_pairs=N`; "
+    "`acc[...]:<group>`: mean over a group's phenomena. Accuracies measured another way are in other columns "
+    "and are not comparable."
+)
+"""What compare.md says under its table about the columns."""
+
+
+def _write_markdown(path: Path, rows: list[dict[str, Any]], columns: list[str], runs: list[dict[str, Any]],
+                    names: list[str], teachers: set[int], files: dict[str, str | None]) -> Path:
+    from cachekd.io import atomic_write_bytes
+    from cachekd.report import markdown_table
+
+    lines = ["# Run comparison", "", markdown_table(rows, columns), COLUMN_NOTES, "", "Runs:", ""]
     notes = {"complete": "", "running": " (running: no summary.json yet)",
              "unfinished": " (unfinished: no summary.json and no process training it; `--resume` continues it)"}
     lines += [f"- {n}: `{r['dir']}`{notes[_state(r)]}{' (teacher)' if i in teachers else ''}"
               for i, (r, n) in enumerate(zip(runs, names))]
-    lines += ["", f"![training and dev curves]({curves.name})", ""]
+    lines += ["", f"![training and dev curves]({Path(files['curves']).name})", ""]
     if files.get("weights"):
         lines += ["![cohort peer weights ω](weights.png)", ""]
     if files["accuracy_by_group"]:
-        lines += [f"![minimal-pair accuracy by group]({acc.name})", "",
-                  f"![minimal-pair accuracy by phenomenon]({acc_file.name})", ""]
-    md = out / "compare.md"
-    atomic_write_bytes(md, ("\n".join(lines).rstrip("\n") + "\n").encode())
-    files["markdown"] = str(md)
-
-    files["csv"] = str(_write_csv(out / "compare.csv", rows, columns))
-    return {"rows": rows, "columns": columns, "files": files, "out": str(out), "replaced": replaced,
-            "teachers": [names[i] for i in sorted(teachers)]}
+        lines += [f"![minimal-pair accuracy by group]({Path(files['accuracy_by_group']).name})", "",
+                  f"![minimal-pair accuracy by phenomenon]({Path(files['accuracy_by_file']).name})", ""]
+    atomic_write_bytes(path, ("\n".join(lines).rstrip("\n") + "\n").encode())
+    return path
 
 
 def _write_csv(path: Path, rows: list[dict[str, Any]], columns: list[str]) -> Path:
