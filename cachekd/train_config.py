@@ -175,8 +175,9 @@ class DistillConfig(KDOptions):
 
 
 @dataclass
-class TrainConfig:
-    """Everything `cachekd train` and `cachekd distill` need; saved as config.yaml with every run."""
+class RunPlacement:
+    """The first fields of every run's config (a training run's, a cohort's): its name, where it writes, its seed
+    and where and in what precision it runs."""
 
     name: str = "run"
     """Run name, shown in progress bars and summary.json; `cachekd compare` labels runs by directory."""
@@ -188,6 +189,12 @@ class TrainConfig:
     """auto (a GPU when there is one, else the CPU), cpu, cuda, cuda:N, mps."""
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     """Autocast dtype of the forward; fp16 uses a gradient scaler (CUDA only)."""
+
+
+@dataclass
+class TrainConfig(RunPlacement):
+    """Everything `cachekd train` and `cachekd distill` need; saved as config.yaml with every run."""
+
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cachekd.schedules import Schedule
+from cachekd.train_config import RunPlacement
 
 PEERS_DIR = "peers"
 """Where the peers' run directories live inside the cohort directory."""
@@ -148,17 +149,15 @@ def _require(ok: bool, key: str, rule: str, value: Any, reason: str = "") -> Non
 
 
 @dataclass
-class CohortConfig:
-    """Everything `cachekd cohort` needs; saved as <output>/config.yaml."""
+class CohortConfig(RunPlacement):
+    """Everything `cachekd cohort` needs; saved as <output>/config.yaml. Its precision applies to every peer (fp16:
+    variant grids only; mutual learning forms one loss over several gradient scalers)."""
 
     name: str = "cohort"
     output: str = ""
     """Cohort directory: config.yaml, metrics.jsonl (ω), checkpoints/ (ω), summary.json, and peers/<name>/ runs."""
     seed: int = 0
     """Seed of the window order all peers share (and of each peer's initialisation unless it gives its own)."""
-    device: str = "auto"
-    precision: str = "fp32"
-    """fp32 | bf16 | fp16 (fp16: variant grids only; mutual learning forms one loss over several scalers)."""
     data: dict[str, Any] = field(default_factory=dict)
     """The data section every peer uses (store, batch_size, micro_batch_size, block_chunks, ...)."""
     optim: dict[str, Any] = field(default_factory=dict)
