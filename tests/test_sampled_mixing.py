@@ -66,14 +66,15 @@ def test_pads_count_once():
     value; the stored id keeps its mass once; a row of all-distinct ids is unchanged; a lone −inf id (p = 0) stays."""
     vocab_size = 10
     logp = torch.tensor([[[-1.0, -2.0, -math.inf, -3.0], [-1.5, -math.inf, -2.5, -math.inf],
-                          [-0.5, -2.0, -3.0, -4.0], [-1.0, -math.inf, -2.0, -3.0]]], dtype=f64)
-    ids = torch.tensor([[[4, 1, 4, 0], [2, 2, 5, 5], [3, 1, 2, 0], [7, 9, 8, 6]]])
+                          [-0.5, -2.0, -3.0, -4.0], [-1.0, -math.inf, -2.0, -3.0],
+                          [-1.0, -math.inf, -2.0, -3.0]]], dtype=f64)
+    ids = torch.tensor([[[4, 1, 4, 0], [2, 2, 5, 5], [3, 1, 2, 0], [7, 9, 8, 6], [9, 9, 8, 0]]])
     # the rest: 1 − Σ_stored p (row 1: ids 2 and 5 only)
     stored_p = torch.where(torch.isfinite(logp), logp.exp(), 0.0).sum(-1)
     stored_p[0, 3] = logp[0, 3, [0, 2, 3]].exp().sum()
     log_rest = (1 - stored_p).log()
     tgt = SampledTarget(ids=ids, logp=logp, weights=torch.zeros_like(logp), log_rest=log_rest,
-                        entropy=torch.zeros(1, 4, dtype=f64))
+                        entropy=torch.zeros(1, 5, dtype=f64))
     out_ids, logits, tail_lse = uniform_tail_form(tgt, vocab_size, 1.0)
     assert out_ids[0, 0].tolist()[:2] == [4, 1] and out_ids[0, 0, 3] == 0 and out_ids[0, 0, 2] not in (4, 1, 0)
     assert out_ids[0, 1, 0] == 2 and out_ids[0, 1, 2] == 5 and len(set(out_ids[0, 1].tolist())) == 4
@@ -81,7 +82,8 @@ def test_pads_count_once():
     assert torch.equal(out_ids[0, 2], ids[0, 2]) and torch.equal(logits[0, 2], logp[0, 2])
     assert out_ids[0, 3, 1] == 9 and logits[0, 3, 1] == -math.inf  # a real id of zero probability
     dense = _dense_of(out_ids, logits, tail_lse, vocab_size, 1.0)[0].exp()
-    for row, stored in enumerate(([4, 1, 0], [2, 5], [3, 1, 2, 0], [7, 8, 6])):
+    assert out_ids[0, 4, 1] not in (9, 8, 0) and len(set(out_ids[0, 4].tolist())) == 4  # ids beyond the fillers' range
+    for row, stored in enumerate(([4, 1, 0], [2, 5], [3, 1, 2, 0], [7, 8, 6], [9, 8, 0])):
         p = torch.zeros(vocab_size, dtype=f64)
         stored_logp = {int(v): float(lp) for v, lp in zip(ids[0, row], logp[0, row]) if math.isfinite(lp)}
         for v in stored:

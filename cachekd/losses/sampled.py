@@ -145,8 +145,9 @@ def uniform_tail_form(target: SampledTarget, vocab_size: int, temperature: float
     log_u = torch.where(num_other > 0, log_rest - torch.log(num_other.clamp_min(1.0)), -math.inf)  # (n,)
     # Fillers: the first unused ids among 0..C−1 (C = min(V, 2W) holds ≥ W − |S| unused ones since W ≤ V).
     num_cand = min(vocab_size, 2 * width)
-    cand = torch.arange(num_cand, device=ids.device)
-    used = ((cand.view(1, -1, 1) == ids.unsqueeze(1)) & ~pad.unsqueeze(1)).any(-1)  # (n, C)
+    slot = torch.where(pad | (ids >= num_cand), num_cand, ids)  # (n, W): a stored id below C, else the spare column
+    used = torch.zeros(ids.shape[0], num_cand + 1, dtype=torch.bool, device=ids.device)
+    used = used.scatter_(1, slot, True)[:, :num_cand]  # (n, C)
     unused_first = torch.sort(used.to(torch.int8), dim=1, stable=True).indices  # (n, C): unused ids first
     rank = (pad.cumsum(1) - 1).clamp_min(0)  # (n, W) which filler a pad takes
     fillers = unused_first.gather(1, rank.clamp_max(num_cand - 1))
