@@ -280,7 +280,7 @@ class CachedTeachers(TeacherSource):
             raise CachekdError(f"cache {d.cache!r} has no train split.")
         tau = float(d.schedules()[0].start)
         if cache.mode == "sampled":
-            _check_sampled_settings(cache, d, len(names))
+            _check_sampled_settings(cache, d)
         if cache.mode != "topk":
             return cls(cache, names, d.cache, tau)
         _check_topk_settings(cache, d, len(names))  # a top-k cache takes a constant τ only
@@ -355,22 +355,19 @@ def low_topk_mass_note(cache: LogitCache, teacher: str, tau: float, mass: float,
 
 
 SAMPLED_TAIL_NOTE = ("distill.tail_mode is ignored with a sampled cache: forward KL uses the unbiased estimate over "
-                     "the drawn ids, every other objective the stored ids plus one bucket of the exact remaining mass")
+                     "the drawn ids, every other objective the stored ids plus one bucket of the exact remaining mass; "
+                     "mixing and combining teachers by logits or probabilities spread that mass evenly over the other "
+                     "tokens")
 
 
-def _check_sampled_settings(cache: LogitCache, d: DistillConfig, num_teachers: int) -> None:
-    """Refuse what a sampled cache cannot serve: a τ schedule, a τ it has no normaliser for, mixing, combining."""
+def _check_sampled_settings(cache: LogitCache, d: DistillConfig) -> None:
+    """Refuse what a sampled cache cannot serve: a τ schedule, a τ it has no normaliser for. (Mixing and combining
+    teachers by logits or probabilities take the sampled target's uniform-tail form: `cachekd.losses.sampled`.)"""
     temperature = d.schedules()[0]
     if temperature.kind != "constant":
         raise CachekdError("a temperature schedule needs a --full cache: a sampled cache has normalisers and "
                            f"entropies for temperatures {cache.temperatures} only.")
     cache.temperature_index(temperature.start)
-    if d.mixing():
-        raise CachekdError("mixing teacher and student logits (distill.alpha below 1) needs a dense target, which a "
-                           "sampled cache does not have; use a top-k cache with --tail-mode uniform or a --full cache.")
-    if num_teachers > 1 and d.teacher_combine != "losses":
-        raise CachekdError(f"combining several sampled teachers by {d.teacher_combine} is not possible (each is "
-                           f"compared at its own ids); pass --teacher-combine losses (distill.teacher_combine).")
 
 
 def _check_topk_settings(cache: LogitCache, d: DistillConfig, num_teachers: int) -> None:

@@ -55,3 +55,25 @@ def ref_bucket(objective: str, z_teacher: torch.Tensor, z_student: torch.Tensor,
         cats_p.append(torch.logsumexp(logp[rest], 0))
         cats_q.append(torch.logsumexp(logq[rest], 0))
     return ref_divergence(objective, torch.stack(cats_p), torch.stack(cats_q), beta=beta, lam=lam)
+
+
+def ref_uniform_tail_logp(z_teacher: torch.Tensor, stored: list[int], tau: float) -> torch.Tensor:
+    """(V,) the dense target of a sampled or hybrid cache for mixing and combining: the stored ids (distinct) at
+    their exact p_τ, the rest's exact mass 1 − Σ_stored p_τ spread evenly over the other tokens."""
+    p = torch.softmax(z_teacher.to(f64) / tau, 0)
+    vocab_size = p.shape[0]
+    out = torch.empty(vocab_size, dtype=f64)
+    rest = torch.ones(vocab_size, dtype=torch.bool)
+    rest[stored] = False
+    if rest.any():
+        out[rest] = (1.0 - p[stored].sum()) / int(rest.sum())
+    out[stored] = p[stored]
+    return out.log()
+
+
+def ref_mixed(objective: str, logp_teacher: torch.Tensor, z_student: torch.Tensor, tau: float, alpha: float,
+              detach: bool = True) -> torch.Tensor:
+    """ChooBaCa: the divergence against softmax(α·log p + (1−α)·z_S/τ) (student part detached if `detach`)."""
+    zs = z_student.detach() if detach else z_student
+    target = torch.log_softmax(alpha * logp_teacher + (1 - alpha) * zs / tau, 0)
+    return ref_divergence(objective, target, torch.log_softmax(z_student / tau, 0))

@@ -115,7 +115,7 @@ def test_resume_after_kill_gives_identical_arrays(tmp_path, runner):
     _assert_same(ref, LogitCache.open(out))
 
 
-def test_distill_from_sampled_and_hybrid_caches(tmp_path, runner, store_path, teacher_path):
+def test_distill_from_sampled_and_hybrid_caches(tmp_path, runner, store_path, teacher_path, teacher_b_path):
     base = ["distill", "--store", store_path, "--quiet", "--max-steps", "2", "--set", "model.hidden_size=32",
             "--set", "model.num_layers=1", "--set", "model.num_heads=2", "--set", "model.intermediate_size=32",
             "--batch-size", "4"]
@@ -131,9 +131,25 @@ def test_distill_from_sampled_and_hybrid_caches(tmp_path, runner, store_path, te
         assert all(np.isfinite(m["loss"]) for m in metrics if "loss" in m)
     r = invoke(runner, base + ["--cache", tmp_path / "s", "-o", tmp_path / "r1", "--temperature", "3"])
     assert_clean_error(r, "sampled cache", "not 3")
-    r = invoke(runner, base + ["--cache", tmp_path / "s", "-o", tmp_path / "r2", "--temperature", "1",
-                               "--alpha", "0.5"])
-    assert_clean_error(r, "mixing", "sampled cache")
+    # mixing (ChooBaCa) from a sampled and a hybrid cache: the uniform-tail form of the target
+    _precompute(runner, store_path, [teacher_path], tmp_path / "h1", "--top-k", "3", "--sample", "8",
+                "--temperatures", "1")
+    for cache in ("s", "h1"):
+        out = tmp_path / f"mix-{cache}"
+        r = invoke(runner, base + ["--cache", tmp_path / cache, "-o", out, "--objective", "reverse_kl",
+                                   "--temperature", "1", "--alpha", "0.5"])
+        assert r.exit_code == 0, r.output
+        metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+        assert any("loss" in m for m in metrics) and all(np.isfinite(m["loss"]) for m in metrics if "loss" in m)
+    # two sampled teachers combined by logits (one dense target of their uniform-tail forms)
+    _precompute(runner, store_path, [teacher_path, teacher_b_path], tmp_path / "s2", "--sample", "8",
+                "--temperatures", "1")
+    out = tmp_path / "combine"
+    r = invoke(runner, base + ["--cache", tmp_path / "s2", "-o", out, "--objective", "forward_kl", "--temperature",
+                               "1", "--teacher-combine", "logits"])
+    assert r.exit_code == 0, r.output
+    metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert any("loss" in m for m in metrics) and all(np.isfinite(m["loss"]) for m in metrics if "loss" in m)
 
 
 def test_refusals(tmp_path, runner, store_path, teacher_path):

@@ -207,8 +207,6 @@ def test_ignored_positions_and_refusals():
     parts.kd_sum.backward()
     assert torch.isfinite(parts.kd_sum) and int(parts.kd_count) == 6
     assert (s.grad[:, -1] == 0).all() and torch.isfinite(s.grad).all()
-    with pytest.raises(ValueError, match="cannot be mixed"):
-        distill_loss(z_s, labels, [tgt], KDConfig(), mix_alpha=0.5)
     with pytest.raises(ValueError, match="sampled weights must be float"):
         distill_loss(z_s, labels, [SampledTarget(tgt.ids, tgt.logp, tgt.weights[..., :2], tgt.log_rest,
                                                  tgt.entropy)], KDConfig())

@@ -11,7 +11,8 @@ One job a module:
 * ``mixed`` — the fused ChooBaCa path: CE + forward/reverse KL against one sparse uniform-tail teacher mixed
   with the student (τ = 1), one pass over the logits each way (``MixedSparseStudent``);
 * ``sampled`` — sampled and hybrid targets (``SampledTarget``, ``sampled_target``): the unbiased forward-KL
-  estimator over drawn ids and the bucket form of the other objectives, on the same fused student side;
+  estimator over drawn ids and the bucket form of the other objectives, on the same fused student side; their
+  uniform-tail form (``uniform_tail_form``) for mixing and combining teachers into a dense target;
 * ``student`` — the student's (n, V) log-softmax quantities, shared by the CE and every teacher;
 * ``divergences`` — one small pointwise function per objective, in a registry;
 * ``chunked`` — the step-wise loss: chunks of rows, recomputed in backward.

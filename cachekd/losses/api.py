@@ -27,7 +27,10 @@ forward or reverse KL), which has its own fused path (``mixed``). ``distill_loss
 
 Sampled targets (``SampledTarget``, from a sampled or hybrid cache; ``sampled``) take the same fused student side:
 forward KL is the unbiased estimate over the drawn ids, every other objective the stored ids plus one bucket of the
-exact remaining mass; ``tail_mode`` does not apply to them, and they cannot be mixed or combined into a dense target.
+exact remaining mass; ``tail_mode`` does not apply to them. Mixed with the student or combined with other teachers
+by logits or probabilities, a sampled target becomes a sparse target with a ``uniform`` tail
+(``sampled.uniform_tail_form``: the stored ids' exact probabilities, the exact rest spread evenly) and takes the
+paths above, the fused ChooBaCa one included.
 
 Several teachers: ``teacher_combine="losses"`` keeps every sparse teacher sparse (any tail mode). ``logits`` and
 ``probs`` need one dense target, so several sparse teachers are expanded to their (n, V) uniform-tail
@@ -58,7 +61,7 @@ from cachekd.losses.chunked import ChunkedLoss
 from cachekd.losses.divergences import POINTWISE
 from cachekd.losses.plan import FlatDense, FlatSampled, FlatSparse, FlatTarget, Prepared, Rows, make_plan, take
 from cachekd.losses.rowloss import loss_on_rows
-from cachekd.losses.sampled import SampledTarget
+from cachekd.losses.sampled import SampledTarget, uniform_tail_form
 
 assert set(POINTWISE) == set(OBJECTIVES), "every objective has a pointwise divergence"
 
@@ -153,8 +156,8 @@ def distill_loss(
             with ``kd_sum = 0`` and ``kd_count = 0``.
         cfg: the objective, temperature, tail handling, teacher combination and reduction.
         mix_alpha: ChooBaCa mixing in logit space, target logits ``α·z_T + (1−α)·z_S`` (student part detached
-            when ``cfg.detach_mix``); 1 means no mixing. Needs a dense target: a DenseTarget, or a SparseTarget
-            with ``tail_mode="uniform"``.
+            when ``cfg.detach_mix``); 1 means no mixing. Needs a dense target: a DenseTarget, a SparseTarget
+            with ``tail_mode="uniform"``, or a SampledTarget (always mixed through its uniform-tail form).
         chunk_size: if given, positions are processed ``chunk_size`` at a time and recomputed in backward, so the
             float32 (B·T, V) intermediates never exist for the whole batch at once (only the gradient of
             ``student_logits``, in its own dtype, is full-size). Same value and gradient as unchunked.
@@ -332,7 +335,9 @@ def _flatten_teacher(
 
 def _flatten_sampled(
     t: SampledTarget, name: str, shape: tuple[int, int, int], cfg: KDConfig, mix_alpha: float, num_teachers: int
-) -> FlatSampled:
+) -> FlatSampled | FlatSparse:
+    """A sampled teacher checked and flattened: compared at its ids, or in its uniform-tail form when it must become
+    a dense target (mixing; combining by logits or probabilities)."""
     batch_size, seq_len, vocab_size = shape
     s = t.ids.shape[-1] if t.ids.dim() == 3 else -1
     if t.ids.dim() != 3 or tuple(t.ids.shape[:2]) != (batch_size, seq_len) or s < 1:
@@ -351,10 +356,11 @@ def _flatten_sampled(
             raise ValueError(f"{name}: sampled {field_name} must be (B, T) = {(batch_size, seq_len)}; "
                              f"got {tuple(v.shape)}.")
     if mix_alpha < 1.0 or (num_teachers > 1 and cfg.teacher_combine != "losses"):
-        raise ValueError(
-            f"{name}: a sampled target is compared at its own ids and cannot be mixed with the student or combined "
-            f"with other teachers into one dense target; use mix_alpha=1 and teacher_combine='losses'."
-        )
+        # A dense target is needed: the stored ids at their exact p, the exact rest spread evenly (whatever tail_mode).
+        ids, logits, tail_lse = uniform_tail_form(t, vocab_size, cfg.temperature)
+        k = ids.shape[-1]
+        return FlatSparse(ids=ids.detach().reshape(-1, k), logits=logits.detach().reshape(-1, k),
+                          tail_lse=tail_lse.detach().reshape(-1), uniform_tail=True)
     return FlatSampled(ids=t.ids.detach().reshape(-1, s), logp=t.logp.detach().reshape(-1, s),
                        weights=t.weights.detach().reshape(-1, s), log_rest=t.log_rest.detach().reshape(-1),
                        entropy=t.entropy.detach().reshape(-1))

@@ -38,6 +38,9 @@ class FlatSparse:
     ids: Tensor  # (N, k) integer ids
     logits: Tensor  # (N, k)
     tail_lse: Tensor  # (N,)
+    uniform_tail: bool = False
+    """The tail is spread evenly whatever ``cfg.tail_mode``: a sampled target in its uniform-tail form
+    (``sampled.uniform_tail_form``), made only for mixing and combining into a dense target."""
 
 
 @dataclass
@@ -70,7 +73,8 @@ class LossPlan:
     """per_teacher: a weighted sum of per-teacher divergences (one teacher, or teacher_combine="losses");
     logits/probs: the teachers combined into one dense target first."""
     mixing: bool
-    """mix_alpha < 1: every teacher becomes a dense target mixed with the student's logits."""
+    """mix_alpha < 1: every teacher becomes a dense target mixed with the student's logits (a sampled one through
+    its uniform-tail form)."""
     mask_ignored: bool
     """The rows pass covers every row and masks the ignored ones out (fused students, unchunked, only): selecting
     the others would copy the (N, V) logits and, in backward, scatter their gradient back."""
@@ -102,11 +106,11 @@ def make_plan(
     )
     fused_mix = (
         mixing
-        and cfg.tail_mode == "uniform"
         and cfg.temperature == 1.0
         and cfg.objective in mixed.FUSED_MIX_OBJECTIVES
         and len(teachers) == 1
         and isinstance(teachers[0], FlatSparse)
+        and (cfg.tail_mode == "uniform" or teachers[0].uniform_tail)
     )
     if not chunked and num_teachers_given == 0 and compute_dtype == torch.float32:
         # Cross-entropy alone (plain LM training): PyTorch's fused kernel is ~1.6x faster than the general path.

@@ -26,6 +26,13 @@ the teacher's exact entropy H_τ. At the loss temperature τ:
 
 Pads (positions with fewer distinct ids than the array width) repeat a real id with ``logp = −inf`` and weight 0;
 they count for nothing in any objective.
+
+Mixing with the student (ChooBaCa) and combining teachers by logits or probabilities need a dense target:
+``uniform_tail_form`` turns the sampled target into the top-k-with-``uniform``-tail form of a ``SparseTarget`` — the
+stored ids at their exact ``log p_τ``, the exact rest mass ``1 − Σ_S p_τ(v)`` spread evenly over the other
+``V − |S|`` tokens. The mass of every stored id and of the rest is exact; the shape of the rest (uniform) is the
+approximation. Pads become distinct unused ids at the uniform value (``SparseTarget`` ids must be distinct), so
+the dense reconstruction is the same as with the distinct stored ids alone.
 """
 
 from __future__ import annotations
@@ -104,6 +111,52 @@ def sampled_target(
         logp = torch.cat([logp_exact, logp_drawn], dim=-1)
         weights = torch.cat([logp_exact.exp(), w_drawn], dim=-1)
     return SampledTarget(ids=ids, logp=logp, weights=weights, log_rest=log_rest, entropy=entropy.to(dtype))
+
+
+def uniform_tail_form(target: SampledTarget, vocab_size: int, temperature: float) -> tuple[Tensor, Tensor, Tensor]:
+    """(ids, logits, tail_lse) of the top-k target with a uniform tail equal to ``target`` at τ = ``temperature``:
+    ids (B, T, W) distinct in each row, logits (B, T, W) with ``logits/τ = log p_τ``, tail_lse (B, T) the log of the
+    teacher's mass at τ outside those ids (the ``SparseTarget`` convention with the normaliser 0; −inf when W = V).
+
+    The distinct stored ids keep their log-probabilities; a pad (an id repeated in its row; the entry with a finite
+    ``logp`` is the one kept) becomes an id that is not stored in its row, with the uniform value
+    ``log u = log_rest − log(V − |S|)``; the tail is the rest less the pads' share, so the uniform-tail
+    reconstruction (``u`` on every token outside S) is the same as from the stored ids alone. W is the target's
+    width, or V when that is wider (only pads are dropped: a row has at most V distinct ids)."""
+    ids, logp, log_rest = target.ids, target.logp, target.log_rest
+    *lead, width = ids.shape
+    ids = ids.reshape(-1, width).to(torch.int64)  # (n, W)
+    logp = logp.reshape(-1, width)
+    log_rest = log_rest.reshape(-1).to(logp.dtype)
+    # Duplicates: sort each row by (id, pad last) and mark an entry equal to its predecessor (a stored pad must not
+    # count twice; the kept entry of a repeated id is a finite one where there is one).
+    key = ids * 2 + (~torch.isfinite(logp)).to(torch.int64)
+    order = torch.sort(key, dim=1, stable=True).indices
+    sorted_ids = ids.gather(1, order)
+    dup_sorted = torch.zeros_like(sorted_ids, dtype=torch.bool)
+    dup_sorted[:, 1:] = sorted_ids[:, 1:] == sorted_ids[:, :-1]
+    pad = torch.empty_like(dup_sorted).scatter_(1, order, dup_sorted)  # (n, W) in the original column order
+    if width > vocab_size:  # wider than the vocabulary: the stored ids first (in order), at most V columns kept
+        keep = torch.sort(pad.to(torch.int8), dim=1, stable=True).indices[:, :vocab_size]
+        ids, logp, pad, width = ids.gather(1, keep), logp.gather(1, keep), pad.gather(1, keep), vocab_size
+    num_stored = (~pad).sum(1)  # (n,) |S|
+    # The rest spread evenly over the V − |S| other tokens (none when every token is stored).
+    num_other = (vocab_size - num_stored).to(logp.dtype)
+    log_u = torch.where(num_other > 0, log_rest - torch.log(num_other.clamp_min(1.0)), -math.inf)  # (n,)
+    # Fillers: the first unused ids among 0..C−1 (C = min(V, 2W) holds ≥ W − |S| unused ones since W ≤ V).
+    num_cand = min(vocab_size, 2 * width)
+    slot = torch.where(pad | (ids >= num_cand), num_cand, ids)  # (n, W): a stored id below C, else the spare column
+    used = torch.zeros(ids.shape[0], num_cand + 1, dtype=torch.bool, device=ids.device)
+    used = used.scatter_(1, slot, True)[:, :num_cand]  # (n, C)
+    unused_first = torch.sort(used.to(torch.int8), dim=1, stable=True).indices  # (n, C): unused ids first
+    rank = (pad.cumsum(1) - 1).clamp_min(0)  # (n, W) which filler a pad takes
+    fillers = unused_first.gather(1, rank.clamp_max(num_cand - 1))
+    out_ids = torch.where(pad, fillers, ids)
+    out_logp = torch.where(pad, log_u.unsqueeze(1).expand_as(logp), logp)
+    # tail = rest − (#pads)·u = u·(V − W), formed without the subtraction.
+    tail_lse = log_u + math.log(vocab_size - width) if width < vocab_size else torch.full_like(log_u, -math.inf)
+    tau = float(temperature)
+    return (out_ids.reshape(*lead, width), (tau * out_logp).reshape(*lead, width), tail_lse.reshape(lead))
 
 
 @dataclass
