@@ -360,22 +360,23 @@ SAMPLED_TAIL_NOTE = ("distill.tail_mode is ignored with a sampled cache: forward
                      "tokens")
 
 
+def _check_constant_temperature(cache: LogitCache, d: DistillConfig, what: str) -> None:
+    """Refuse a τ schedule, or a τ the cache holds no normaliser for (`what`: "top-k" or "sampled")."""
+    temperature = d.schedules()[0]
+    if temperature.kind != "constant":
+        raise CachekdError(f"a temperature schedule needs a --full cache: a {what} cache only has its normalisers "
+                           f"for temperatures {cache.temperatures}.")
+    cache.temperature_index(temperature.start)
+
+
 def _check_sampled_settings(cache: LogitCache, d: DistillConfig) -> None:
     """Refuse what a sampled cache cannot serve: a τ schedule, a τ it has no normaliser for. (Mixing and combining
     teachers by logits or probabilities take the sampled target's uniform-tail form: `cachekd.losses.sampled`.)"""
-    temperature = d.schedules()[0]
-    if temperature.kind != "constant":
-        raise CachekdError("a temperature schedule needs a --full cache: a sampled cache has normalisers and "
-                           f"entropies for temperatures {cache.temperatures} only.")
-    cache.temperature_index(temperature.start)
+    _check_constant_temperature(cache, d, "sampled")
 
 
 def _check_topk_settings(cache: LogitCache, d: DistillConfig, num_teachers: int) -> None:
-    temperature = d.schedules()[0]
-    if temperature.kind != "constant":
-        raise CachekdError("a temperature schedule needs a --full cache: a top-k cache only has tail_lse "
-                           f"for temperatures {cache.temperatures}.")
-    cache.temperature_index(temperature.start)
+    _check_constant_temperature(cache, d, "top-k")
     if d.mixing() and d.tail_mode != "uniform":
         raise CachekdError(
             f"mixing teacher and student logits (distill.alpha below 1) needs a dense target: with a "
