@@ -8,7 +8,7 @@ the other, repeated; the ratio is grid wall time ÷ the sum of the four runs' wa
 where the rest goes.
 
 (b) Every student is trained for the same steps on the same window order; its dev loss is measured on the whole
-dev split afterwards (`cachekd.evaluate.dev_loss`). A WML row reports the peer with the CE student's shape (the
+dev split afterwards (`cachekd.dev_loss.dev_loss`). A WML row reports the peer with the CE student's shape (the
 like-for-like figure) and the other peers separately. A difference within the seeds' spread is "unresolved".
 
     python benchmarks/bench_cohort.py [--data DIR] [--mb 1.5] [--steps 120] [--seeds 3] [--grid-steps 40]

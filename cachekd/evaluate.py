@@ -14,7 +14,6 @@ Library code: no printing beyond tqdm progress bars; bad input raises `CachekdEr
 from __future__ import annotations
 
 import json
-import math
 import time
 from pathlib import Path
 from typing import Any
@@ -24,17 +23,14 @@ import torch
 
 from cachekd import __version__
 from cachekd.errors import CachekdError
+from cachekd.dev_loss import dev_loss, open_store  # noqa: F401  (dev_loss: also this module's public API)
 from cachekd.minimal_pairs import minimal_pair_accuracy, pair_files
-from cachekd.models import check_positions, output_size
+from cachekd.models import check_positions
 from cachekd.rundir import RunDir, loss_key
 from cachekd.teachers import has_tokenizer, tokenizer_fingerprint_of
 from cachekd.tokens import TokenStore
 
 # ------------------------------------------------------------------------------------------------ helpers
-
-
-def _open_store(store: TokenStore | str | Path) -> TokenStore:
-    return store if isinstance(store, TokenStore) else TokenStore.open(store)
 
 
 def _config_vocab_size(model_dir: Path) -> int | None:
@@ -50,95 +46,6 @@ def _config_vocab_size(model_dir: Path) -> int | None:
 
 
 @torch.no_grad()
-def dev_loss(
-    model,
-    store: TokenStore | str | Path,
-    split: str = "dev",
-    batch_size: int = 32,
-    device: str | torch.device = "cpu",
-    max_windows: int | None = None,
-    progress: bool = True,
-    windows: np.ndarray | None = None,
-) -> dict[str, Any]:
-    """Mean per-token next-token loss of `model` over the windows of a token-store split.
-
-    Returns ``{"loss": nats a prediction, "ppl": exp(loss), "num_tokens": predictions scored,
-    "num_windows": windows read}``. Each (L,) window gives L−1 predictions; log-probabilities are taken in
-    float32 whatever the model's dtype, and summed in float64. `max_windows` evaluates the first windows only;
-    `windows` (sorted indices, e.g. `cachekd.tokens.reader.dev_sample`) evaluates those windows only.
-    """
-    from tqdm.auto import tqdm
-
-    store = _open_store(store)
-    if split not in store.splits():
-        raise CachekdError(
-            f"token store {str(store.path)!r} has no {split!r} split (it has {', '.join(store.splits())})."
-        )
-    if batch_size < 1:
-        raise CachekdError(f"batch size must be at least 1 (got {batch_size}).")
-    n = store.num_windows(split)
-    if windows is not None:
-        windows = np.asarray(windows, dtype=np.int64)
-        if len(windows) and (windows.min() < 0 or windows.max() >= n):
-            raise CachekdError(f"window indices must lie in [0, {n}) for the {split!r} split.")
-        n = len(windows)
-    if max_windows is not None:
-        if max_windows < 1:
-            raise CachekdError(f"--max-windows must be at least 1 (got {max_windows}).")
-        n = min(n, max_windows)
-    if n == 0:
-        raise CachekdError(f"the {split!r} split of {str(store.path)!r} holds no windows.")
-    check_positions(model, store.seq_len, "the model")
-    vocab = output_size(model)
-    model.eval()
-    model.to(device)
-    total = 0.0  # python float: float64 accumulation
-    num_tokens = 0
-    with tqdm(total=n, desc=f"dev loss ({split})", unit="win", disable=not progress) as bar:
-        for block in _window_batches(store, split, n, batch_size, windows):
-            ids = torch.from_numpy(block.astype(np.int64)).to(device)  # (B, L)
-            if vocab is not None and int(ids.max()) >= vocab:
-                raise CachekdError(
-                    f"the token store holds token id {int(ids.max())} but the model has only {vocab} outputs; "
-                    f"it was built with another tokenizer."
-                )
-            logits = model(input_ids=ids, use_cache=False).logits  # (B, L, V)
-            loss = torch.nn.functional.cross_entropy(
-                logits[:, :-1].float().reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum"
-            )
-            total += float(loss)
-            num_tokens += ids[:, 1:].numel()
-            bar.update(len(block))
-    mean = total / num_tokens
-    return {"loss": mean, "ppl": math.exp(mean) if mean < 700 else float("inf"), "num_tokens": num_tokens,
-            "num_windows": n}
-
-
-def _window_batches(store: TokenStore, split: str, n: int, batch_size: int, windows: np.ndarray | None):
-    """(B, L) arrays of token windows: the first `n` windows of the split, or the given `windows` (sorted), read a
-    whole chunk at a time (one read a chunk, not one a window)."""
-    if windows is None:
-        for start in range(0, n, batch_size):
-            yield store.read(split, start, min(n, start + batch_size))
-        return
-    cw = store.chunk_windows
-    pending: list[np.ndarray] = []
-    buffered = 0
-    for c in np.unique(windows // cw):
-        rows = windows[(windows // cw) == c] - c * cw
-        pending.append(store.read_chunk(split, int(c))[rows])
-        buffered += len(rows)
-        while buffered >= batch_size:
-            flat = np.concatenate(pending)
-            yield flat[:batch_size]
-            pending, buffered = [flat[batch_size:]], len(flat) - batch_size
-    if buffered:
-        yield np.concatenate(pending)
-
-
-# ------------------------------------------------------------------------------------------------ checks
-
-
 def check_tokenizer_matches(
     model_dir_or_tokenizer, store: TokenStore | str | Path, *, model_vocab_size: int | None = None
 ) -> None:
@@ -152,7 +59,7 @@ def check_tokenizer_matches(
     from cachekd.corpus import tokenizer_fingerprint
     from cachekd.models import resolve_model_dir
 
-    store = _open_store(store)
+    store = open_store(store)
     if isinstance(model_dir_or_tokenizer, (str, Path)):
         model_dir = resolve_model_dir(model_dir_or_tokenizer)
         where = f"the model {str(model_dir)!r}"
@@ -247,7 +154,7 @@ def _check_request(model_path: str | Path, dev_store: TokenStore | str | Path | 
     from cachekd.models import resolve_model_dir
 
     model_dir = resolve_model_dir(model_path)
-    store = _open_store(dev_store) if dev_store is not None else None
+    store = open_store(dev_store) if dev_store is not None else None
     if minimal_pairs is not None:
         pair_files(minimal_pairs)  # fail on a bad path before loading the model
         if max_pairs is not None and max_pairs < 1:
@@ -307,7 +214,7 @@ def _store_of_cache(cache) -> TokenStore:
             f"the token store this cache was built from ({recorded!r}) is not there any more; pass its new "
             f"location with --dev STORE."
         )
-    return _open_store(recorded)
+    return open_store(recorded)
 
 
 

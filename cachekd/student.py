@@ -282,7 +282,7 @@ class Student:
         source (`cachekd.tokens.reader.dev_sample`, the same for every run on the store), or the whole dev split
         when that is no larger (0: always); None without a dev split. `self.dev_sample` says which (the periodic
         evaluation's sample)."""
-        from cachekd.evaluate import dev_loss
+        from cachekd.dev_loss import dev_loss
         from cachekd.tokens.reader import dev_sample
 
         if "dev" not in self.store.splits() or self.store.num_windows("dev") == 0:
