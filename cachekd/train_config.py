@@ -175,7 +175,24 @@ class DistillConfig(KDOptions):
 
 
 @dataclass
-class RunPlacement:
+class RunCadence:
+    """How often a run (a training run, a cohort) logs, evaluates and checkpoints: options that may change when the
+    run is resumed. Saved last in config.yaml (`key_order`)."""
+
+    log_every: int = 10
+    eval_every: int = 0
+    """Steps between dev evaluations (0: only at the end)."""
+    save_every: int = 200
+    """Steps between resumable checkpoints (0: only at the end)."""
+    keep_checkpoints: int = 2
+    tensorboard: bool = False
+
+
+CADENCE_KEYS = ("log_every", "eval_every", "save_every", "keep_checkpoints", "tensorboard")
+
+
+@dataclass
+class RunPlacement(RunCadence):
     """The first fields of every run's config (a training run's, a cohort's): its name, where it writes, its seed
     and where and in what precision it runs."""
 
@@ -200,13 +217,9 @@ class TrainConfig(RunPlacement):
     optim: OptimConfig = field(default_factory=OptimConfig)
     distill: DistillConfig | None = None
     """None: plain language-model training (cross-entropy)."""
-    log_every: int = 10
-    eval_every: int = 0
-    """Steps between dev evaluations (0: only at the end)."""
-    save_every: int = 200
-    """Steps between resumable checkpoints (0: only at the end)."""
-    keep_checkpoints: int = 2
-    tensorboard: bool = False
+
+    key_order: ClassVar[tuple[str, ...]] = ("name", "output", "seed", "device", "precision", "model", "data", "optim",
+                                            "distill", *CADENCE_KEYS)
 
     def __post_init__(self) -> None:
         validate_config(self)
@@ -285,7 +298,7 @@ def validate_config(cfg: TrainConfig) -> None:
 
 # ------------------------------------------------------------------------------------------------ identity
 
-RUNTIME_ONLY = {"output", "device", "log_every", "tensorboard", "save_every", "keep_checkpoints", "eval_every"}
+RUNTIME_ONLY = {"output", "device", *CADENCE_KEYS}
 """Top-level fields that may change between a run and its resumption."""
 RUNTIME_ONLY_DATA = {"prefetch", "num_workers"}
 """data.* fields that may change between a run and its resumption."""

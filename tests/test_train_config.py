@@ -139,3 +139,13 @@ def test_chunk_size_is_memory_not_identity():
 
     for preset in sorted(PRESET_DIR.glob("choobaca-*.yaml")):
         assert load_yaml(preset)["distill"]["chunk_size"] == 128, preset.name
+
+
+def test_key_orders_list_every_field_once():
+    """config.yaml keeps its key order (the cadence fields last, though they come from a base class)."""
+    from cachekd.cohort.config import CohortConfig
+
+    for cls in (TrainConfig, CohortConfig, DistillConfig):
+        assert sorted(cls.key_order) == sorted(f.name for f in dataclasses.fields(cls)), cls.__name__
+    assert TrainConfig.key_order[:5] == ("name", "output", "seed", "device", "precision")
+    assert TrainConfig.key_order[-5:] == ("log_every", "eval_every", "save_every", "keep_checkpoints", "tensorboard")

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from cachekd.schedules import Schedule
-from cachekd.train_config import RunPlacement
+from cachekd.train_config import CADENCE_KEYS, RunPlacement
 
 PEERS_DIR = "peers"
 """Where the peers' run directories live inside the cohort directory."""
@@ -170,11 +170,9 @@ class CohortConfig(RunPlacement):
     """Weighted mutual learning; null (default): a variant grid of independent students."""
     search: SearchConfig | None = None
     """Settings of `cachekd cohort search` (which writes the peers it finds)."""
-    log_every: int = 10
-    eval_every: int = 0
-    save_every: int = 200
-    keep_checkpoints: int = 2
-    tensorboard: bool = False
+
+    key_order: ClassVar[tuple[str, ...]] = ("name", "output", "seed", "device", "precision", "data", "optim", "cache",
+                                            "peers", "mutual", "search", *CADENCE_KEYS)
 
     def __post_init__(self) -> None:
         names = [p.name or f"peer{i}" for i, p in enumerate(self.peers)]
