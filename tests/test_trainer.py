@@ -733,3 +733,15 @@ def test_periodic_dev_loss_is_a_labelled_sample_from_every_source(tmp_path):
     model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "whole" / "model"))
     assert whole["final_dev_loss"] == pytest.approx(dev_loss(model, store, progress=False)["loss"], rel=1e-5)
     assert "final_dev_loss_sample" not in whole and "dev_sample_windows" not in whole
+
+
+def test_a_temperature_schedule_needs_a_full_cache(tmp_path, runner, store_path, caches):
+    """A top-k cache holds its normalisers for the temperatures it was built with only: a τ schedule is refused in
+    one sentence naming them, before the run directory is made; a full cache takes it."""
+    base = ["distill", "--store", store_path, "--max-steps", "1", "--teacher-combine", "losses", "--set",
+            "distill.temperature={kind: linear, start: 2, end: 1}", *TINY_CLI]
+    r = invoke(runner, base + ["--cache", caches / "topk", "-o", tmp_path / "topk"])
+    assert_clean_error(r, "a temperature schedule needs a --full cache", "top-k cache")
+    assert not (tmp_path / "topk").exists()
+    r = invoke(runner, base + ["--cache", caches / "full", "-o", tmp_path / "full", "--quiet"])
+    assert r.exit_code == 0, r.output
