@@ -22,6 +22,7 @@ def open_store(store: TokenStore | str | Path) -> TokenStore:
     return store if isinstance(store, TokenStore) else TokenStore.open(store)
 
 
+@torch.no_grad()
 def dev_loss(
     model,
     store: TokenStore | str | Path,

@@ -42,10 +42,9 @@ def _config_vocab_size(model_dir: Path) -> int | None:
     return int(v) if isinstance(v, int) else None
 
 
-# ------------------------------------------------------------------------------------------------ dev loss
+# ------------------------------------------------------------------------------------------------ checks
 
 
-@torch.no_grad()
 def check_tokenizer_matches(
     model_dir_or_tokenizer, store: TokenStore | str | Path, *, model_vocab_size: int | None = None
 ) -> None:

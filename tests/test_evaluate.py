@@ -542,3 +542,18 @@ def test_max_pairs_is_a_seeded_choice_per_file(store, tmp_path):
     assert_one_clean_error(invoke("eval", tmp_path / "run", "--minimal-pairs", d, "--max-pairs", 0), "max-pairs")
     res = invoke("eval", tmp_path / "run", "--dev", store.path, "--max-pairs", 5)
     assert res.exit_code == 2 and "give the pairs too" in res.output
+
+
+def test_dev_loss_builds_no_graph(stores):
+    """The dev loss is a measurement: no autograd graph (memory) and no gradients on the model afterwards."""
+    from cachekd.dev_loss import dev_loss as the_dev_loss
+
+    store, _ = stores
+    model = tiny_model(store.vocab_size)
+    assert torch.is_grad_enabled()
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # "Converting a tensor with requires_grad=True to a scalar" would raise
+        res = the_dev_loss(model, store, split="dev", batch_size=4, progress=False)
+    assert res["num_tokens"] > 0 and all(p.grad is None for p in model.parameters())
