@@ -139,7 +139,7 @@ def _loader_seconds(store: Path, cache: Path, args) -> float:
 def bench_quality(work: Path, store: Path, cache: Path, args) -> list[dict]:
     from cachekd.cohort.config import load_cohort_config
     from cachekd.cohort.run import run_cohort
-    from cachekd.evaluate import dev_loss
+    from cachekd.dev_loss import dev_loss
     from cachekd.models import load_model
     from cachekd.tokens import TokenStore
 

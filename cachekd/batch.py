@@ -37,16 +37,17 @@ class FieldView:
         return getattr(self, name)
 
     def keys(self) -> list[str]:
-        return [f.name for f in fields(self)]  # type: ignore[arg-type]
+        """The names of the fields that hold an array (a pure sampled cache has no exact top-k)."""
+        return [f.name for f in fields(self) if getattr(self, f.name) is not None]  # type: ignore[arg-type]
 
     def __iter__(self):
         return iter(self.keys())
 
     def __contains__(self, name: object) -> bool:
-        return name in self.keys() and getattr(self, str(name)) is not None
+        return name in self.keys()
 
     def values(self) -> list:
-        return [getattr(self, n) for n in self.keys() if getattr(self, n) is not None]
+        return [getattr(self, n) for n in self.keys()]
 
     def get(self, name: str, default=None):
         value = getattr(self, name, None) if name in self.keys() else None

@@ -59,6 +59,8 @@ def dev_loss(
         if max_windows < 1:
             raise CachekdError(f"--max-windows must be at least 1 (got {max_windows}).")
         n = min(n, max_windows)
+        if windows is not None:
+            windows = windows[:n]  # score what is counted
     if n == 0:
         raise CachekdError(f"the {split!r} split of {str(store.path)!r} holds no windows.")
     check_positions(model, store.seq_len, "the model")
@@ -107,8 +109,3 @@ def _window_batches(store: TokenStore, split: str, n: int, batch_size: int, wind
             pending, buffered = [flat[batch_size:]], len(flat) - batch_size
     if buffered:
         yield np.concatenate(pending)
-
-
-# ------------------------------------------------------------------------------------------------ checks
-
-

@@ -231,7 +231,6 @@ def minimal_pair_accuracy(
     return result
 
 
-
 def _file_result(stem: str, records: list[dict[str, Any]], num_pairs_in_file: int,
                  scores: Sequence[float]) -> dict[str, Any]:
     """One file's entry of `minimal_pair_accuracy`'s ``by_file`` from its scored records' sentence scores

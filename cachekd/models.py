@@ -163,11 +163,15 @@ def count_parameters(model: torch.nn.Module) -> int:
 
 
 def output_size(model) -> int | None:
-    """Number of logits the model emits a position (its LM head's rows, else its `config.vocab_size`)."""
+    """Number of logits the model emits a position: the rows of its LM head (`out_features`, else its weight's
+    rows), else its `config.vocab_size`; None when neither is known."""
     get_head = getattr(model, "get_output_embeddings", None)
     head = get_head() if get_head is not None else None
-    if head is not None and getattr(head, "weight", None) is not None:
-        return int(head.weight.shape[0])
+    if head is not None:
+        weight = getattr(head, "weight", None)
+        rows = getattr(head, "out_features", None) or (weight.shape[0] if weight is not None else None)
+        if rows:
+            return int(rows)
     return int(getattr(getattr(model, "config", None), "vocab_size", 0)) or None
 
 

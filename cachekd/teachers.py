@@ -28,7 +28,7 @@ from cachekd.errors import CachekdError
 if TYPE_CHECKING:
     from cachekd.batch import Batch
     from cachekd.cache.reader import LogitCache
-    from cachekd.losses import DenseTarget, SparseTarget
+    from cachekd.losses import Target
     from cachekd.tokens import TokenStore
     from cachekd.train_config import DistillConfig
 
@@ -46,14 +46,6 @@ def tokenizer_fingerprint_of(model_dir: Path) -> str | None:
     from cachekd.corpus import load_tokenizer, tokenizer_fingerprint
 
     return tokenizer_fingerprint(load_tokenizer(model_dir)) if has_tokenizer(model_dir) else None
-
-
-def output_size(model) -> int:
-    """Number of logits a causal LM emits a position (the rows of its output embedding)."""
-    from cachekd.models import output_embedding
-
-    head = output_embedding(model)
-    return int(getattr(head, "out_features", None) or head.weight.shape[0])
 
 
 # ------------------------------------------------------------------------------------------ resolution
@@ -165,6 +157,8 @@ def check_teacher(name: str, path: Path, model, store: TokenStore,
     that they are dropped."""
     from cachekd.models import check_positions, checkpoint_fingerprint, count_parameters
 
+    from cachekd.models import output_size
+
     v_model = output_size(model)
     fingerprint = tokenizer_fingerprint_of(path)
     store.check_tokenizer(
@@ -240,7 +234,7 @@ class TeacherSource(ABC):
         return len(self.names)
 
     @abstractmethod
-    def targets(self, batch: Batch, input_ids: torch.Tensor) -> list[DenseTarget | SparseTarget]:
+    def targets(self, batch: Batch, input_ids: torch.Tensor) -> list[Target]:
         """One target a teacher for the micro-batch `input_ids` (B, T); `batch.teachers` holds what the loader
         read from a cache for these rows."""
 
@@ -250,7 +244,8 @@ class TeacherSource(ABC):
 
 
 class CachedTeachers(TeacherSource):
-    """Targets read from a logit cache: sparse (top-k + tail_lse) or full logits."""
+    """Targets read from a logit cache: sparse (top-k + tail_lse), sampled or hybrid (drawn ids with their weights),
+    or full logits."""
 
     def __init__(self, cache: LogitCache, names: list[str], cache_spec: str, temperature: float = 1.0,
                  captured_mass: dict[str, float] | None = None, notes: tuple[str, ...] = (),
@@ -261,7 +256,8 @@ class CachedTeachers(TeacherSource):
         """Per teacher, the mean share of its probability at the run's τ that the cached top-k holds (top-k caches)."""
         self.notes = notes
         self.tail_index = tail_index
-        """Which stored tail_lse (temperature) the targets use: top-k caches; None for full logits."""
+        """Which stored tail_lse (temperature) the targets use: top-k caches; None for full logits and for sampled caches
+        (their targets pick the loss τ's and the proposal's normalisers themselves)."""
 
     @classmethod
     def open(cls, d: DistillConfig, store: TokenStore) -> CachedTeachers:
@@ -295,7 +291,7 @@ class CachedTeachers(TeacherSource):
         targets need the normalisers of the loss τ and of the proposal: `targets` picks them)."""
         return self.cache.temperature_index(tau) if self.cache.mode == "topk" else None
 
-    def targets(self, batch: Batch, input_ids: torch.Tensor) -> list[DenseTarget | SparseTarget]:
+    def targets(self, batch: Batch, input_ids: torch.Tensor) -> list[Target]:
         from cachekd.batch import CachedLogits, CachedSampled
         from cachekd.losses import DenseTarget, SparseTarget
 
@@ -416,7 +412,7 @@ class OnlineTeachers(TeacherSource):
             models.append(m.to(device).eval().requires_grad_(False))
         return cls(models, infos, store.vocab_size, autocast, d.cache, tuple(notes))
 
-    def targets(self, batch: Batch, input_ids: torch.Tensor) -> list[DenseTarget | SparseTarget]:
+    def targets(self, batch: Batch, input_ids: torch.Tensor) -> list[Target]:
         from cachekd.losses import DenseTarget
 
         with torch.inference_mode(), self._autocast():

@@ -193,8 +193,9 @@ CADENCE_KEYS = ("log_every", "eval_every", "save_every", "keep_checkpoints", "te
 
 @dataclass
 class RunPlacement(RunCadence):
-    """The first fields of every run's config (a training run's, a cohort's): its name, where it writes, its seed
-    and where and in what precision it runs."""
+    """What every run's config (a training run's, a cohort's) holds: its name, where it writes, its seed and where
+    and in what precision it runs, plus the cadence fields of `RunCadence`. In config.yaml these come first and the
+    cadence last (`key_order`); in `dataclasses.fields` the cadence comes first."""
 
     name: str = "run"
     """Run name, shown in progress bars and summary.json; `cachekd compare` labels runs by directory."""

@@ -285,3 +285,28 @@ def test_torchrun_two_processes_equal_one_for_a_wml_cohort(tmp_path, store_path)
         wa, wb = _weights(tmp_path / "one" / "peers" / name), _weights(tmp_path / "two" / "peers" / name)
         for k in wa:
             torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-5)
+
+
+def test_sampled_fixed_peer_gives_targets_at_the_mutual_temperature(tmp_path, store_path, teacher_path):
+    """A sampled cache as a fixed peer: its targets are built at the mutual τ (here 2, not the default 1), and a τ
+    the cache holds no normaliser for is refused in one sentence before anything is written."""
+    from click.testing import CliRunner
+
+    from cachekd.cohort.trainer import open_fixed_peers
+    from cachekd.errors import CachekdError
+    from cachekd.tokens import TokenStore
+
+    sampled = tmp_path / "sampled"
+    r = invoke(CliRunner(), ["precompute", "--store", store_path, "--teacher", f"ta={teacher_path}", "-o", sampled,
+                             "--sample", "8", "--temperatures", "1,2", "--quiet"])
+    assert r.exit_code == 0, r.output
+    store = TokenStore.open(store_path)
+    c = _cohort(store_path, tmp_path / "s", [PEERS[0]], _wml(fixed=["ta"], update_every=0, temperature=2.0),
+                cache=sampled)
+    source = open_fixed_peers(c, store)
+    assert source.temperature == 2.0 and source.tail_index is None
+    run_cohort(c, progress=False)
+    bad = _cohort(store_path, tmp_path / "bad", [PEERS[0]], _wml(fixed=["ta"], update_every=0, temperature=3.0),
+                  cache=sampled)
+    with pytest.raises(CachekdError, match="not 3"):
+        open_fixed_peers(bad, store)

@@ -710,7 +710,7 @@ def test_periodic_dev_loss_is_a_labelled_sample_from_every_source(tmp_path):
     first windows (all from the first source), and labels it; eval_windows 0 scores the whole split as dev_loss."""
     from transformers import AutoModelForCausalLM
 
-    from cachekd.evaluate import dev_loss
+    from cachekd.dev_loss import dev_loss
     from cachekd.tokens import PrepareConfig, TokenStore, prepare
     from cachekd.tokens.reader import dev_sample
     from tests.test_prepare import _one_document_corpus

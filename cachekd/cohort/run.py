@@ -14,7 +14,8 @@ def check_peers(cohort: CohortConfig, configs: list[Any]) -> None:
     """Refuse, before anything is written, a cohort without peers or a peer that does not fit the token store (a
     checkpoint to start from with another tokenizer or a smaller vocabulary)."""
     from cachekd.models import load_model, resolve_model_dir
-    from cachekd.teachers import output_size, tokenizer_fingerprint_of
+    from cachekd.models import output_size
+    from cachekd.teachers import tokenizer_fingerprint_of
     from cachekd.tokens import TokenStore
 
     if not configs:

@@ -234,10 +234,11 @@ def open_fixed_peers(cohort: CohortConfig, store) -> CachedTeachers:
     if missing:
         raise CachekdError(f"fixed peer {missing[0]!r} is not a teacher of the cache {cohort.cache!r} (it holds: "
                            f"{', '.join(cache.teachers)}).")
-    tail_index = None
-    if cache.mode == "topk":
-        tail_index = cache.temperature_index(mu.temperature)
-    return CachedTeachers(cache, list(mu.fixed_peers), cohort.cache, tail_index=tail_index)
+    # a τ the cache holds no normaliser for is refused here (top-k and sampled caches alike); sampled targets are
+    # built at the mutual τ, top-k ones read its tail
+    tail_index = cache.temperature_index(mu.temperature) if cache.mode != "full" else None
+    return CachedTeachers(cache, list(mu.fixed_peers), cohort.cache, temperature=mu.temperature,
+                          tail_index=tail_index if cache.mode == "topk" else None)
 
 
 def _load(data: dict[str, Any]) -> CohortConfig:
