@@ -386,10 +386,8 @@ def report(args, sizes: dict, repeats: int, rows: dict, load: tuple) -> tuple:
         a, rows_a = sizes["a"], rows["a"]
         config["(a) positions, V, k"] = f"{a['n']}, {a['vocab']}, {a['k']}"
         config["(a) timing"] = f"median of {repeats} interleaved rounds; × CE = median over rounds of time ÷ F.cross_entropy's"
-        lines += ["### (a) Forward+backward on the same student logits", "",
-                  "| variant | time (ms) | × CE |", "|---|---:|---:|"]
-        lines += [f"| {r['variant']} | {r['seconds'] * 1e3:.1f} | {r['ratio']:.2f} |" for r in rows_a if "variant" in r]
-        lines.append("")
+        lines += _time_table("(a) Forward+backward on the same student logits", "× CE",
+                             [r for r in rows_a if "variant" in r])
         sparse_ratios = [r["ratio"] for r in rows_a if "bucket" in r.get("variant", "") and "τ=1" in r["variant"]
                          and "confident" not in r["variant"]]
         notes += [r["note"] for r in rows_a if "note" in r]
@@ -418,10 +416,8 @@ def report(args, sizes: dict, repeats: int, rows: dict, load: tuple) -> tuple:
         c, rows_c = sizes["c"], rows["c"]
         config["(c) positions, V, H, k, chunk"] = f"{c['n']}, {c['V']}, {c['H']}, {c['k']}, {c['chunk']}"
         config["(c) timing"] = f"median of {repeats} interleaved rounds; × CE step = median over rounds of the ratio"
-        lines += ["### (c) The ChooBaCa step against a CE step: projection + loss + gradients from hidden states", "",
-                  "| variant | time (ms) | × CE step |", "|---|---:|---:|"]
-        lines += [f"| {r['variant']} | {r['seconds'] * 1e3:.1f} | {r['ratio']:.2f} |" for r in rows_c]
-        lines.append("")
+        lines += _time_table("(c) The ChooBaCa step against a CE step: projection + loss + gradients from hidden "
+                             "states", "× CE step", rows_c)
         fused = [r["ratio"] for r in rows_c if r["variant"].endswith("fused")]  # at the preset's chunk
         notes.append(f"Goal (c) ChooBaCa step (reverse KL τ=1, mixing, uniform top-{c['k']} tail, chunk {c['chunk']}) "
                      f"≤ 1.3× the CE step: {'MET' if max(fused) <= 1.3 else 'NOT MET'} "
@@ -433,6 +429,12 @@ def report(args, sizes: dict, repeats: int, rows: dict, load: tuple) -> tuple:
                      "(the chunked and blocked code paths) suffer more from preempted OpenMP threads than a few "
                      "large ones; compare with a `--threads 1` run.")
     return config, "\n".join(lines).rstrip(), "\n".join(f"- {n}" for n in notes)
+
+
+def _time_table(title: str, ratio_label: str, rows: list[dict]) -> list[str]:
+    """A Markdown section: one row a variant with its time and its ratio to the baseline."""
+    return [f"### {title}", "", f"| variant | time (ms) | {ratio_label} |", "|---|---:|---:|",
+            *(f"| {r['variant']} | {r['seconds'] * 1e3:.1f} | {r['ratio']:.2f} |" for r in rows), ""]
 
 
 def main() -> None:
