@@ -27,6 +27,7 @@ from cachekd import distributed
 from cachekd.batch import Batch
 from cachekd.checkpoint import CheckpointManager, capture_rng_state, restore_rng_state
 from cachekd.errors import CachekdError
+from cachekd.losses import total_loss
 from cachekd.rundir import RunDir
 
 if TYPE_CHECKING:
@@ -102,6 +103,10 @@ class Norms:
 
     num_tokens: float
     num_sequences: float
+
+    def kd_count(self, reduction: str) -> float:
+        """What the KD sum is divided by: sequences for Baby Llama's ``batchmean``, else tokens (at least 1)."""
+        return max(self.num_sequences if reduction == "batchmean" else self.num_tokens, 1)
 
 
 class StudentLoss(torch.nn.Module):
@@ -216,8 +221,7 @@ class Student:
                 parts = self.loss_module(micro.input_ids, micro.labels, targets, kd_cfg, scalars.get("alpha", 1.0), chunk)
             ce = parts.ce_sum.float() / max(norms.num_tokens, 1)
             if targets:
-                kd_norm = norms.num_sequences if kd_cfg.reduction == "batchmean" else norms.num_tokens
-                loss = lam * ce + (1 - lam) * tau**2 * (parts.kd_sum.float() / max(kd_norm, 1))
+                loss = total_loss(ce, parts.kd_sum.float() / norms.kd_count(kd_cfg.reduction), lam, tau)
             else:
                 loss = ce
             self.backward(loss)
@@ -271,9 +275,8 @@ class Student:
             out["loss"] = ce_mean
             return out
         tau, lam = scalars["temperature"], scalars["ce_weight"]
-        kd_norm = norms.num_sequences if kd_cfg.reduction == "batchmean" else norms.num_tokens
-        kd_mean = sums[1].item() / max(kd_norm, 1)
-        out.update({"kd": kd_mean, "loss": lam * ce_mean + (1 - lam) * tau**2 * kd_mean, "alpha": scalars["alpha"],
+        kd_mean = sums[1].item() / norms.kd_count(kd_cfg.reduction)
+        out.update({"kd": kd_mean, "loss": total_loss(ce_mean, kd_mean, lam, tau), "alpha": scalars["alpha"],
                     "ce_weight": lam, "temperature": tau})
         return out
 
