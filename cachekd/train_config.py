@@ -305,18 +305,24 @@ RUNTIME_ONLY_DATA = {"prefetch", "num_workers"}
 """data.* fields that may change between a run and its resumption."""
 
 
-def config_identity(cfg: TrainConfig) -> dict[str, Any]:
-    """The config without what may change on resume (runtime options, the stop limits): what a checkpoint must
-    match."""
-    d = to_dict(cfg)
+def without_runtime_options(d: dict[str, Any]) -> dict[str, Any]:
+    """A saved config (`to_dict` of a training run's or a cohort's) without the options that may change when the run
+    is resumed (`RUNTIME_ONLY`, `RUNTIME_ONLY_DATA`) and its stop limits (optim.max_steps, optim.max_time_s)."""
     for k in RUNTIME_ONLY:
         d.pop(k, None)
     for k in RUNTIME_ONLY_DATA:
         d["data"].pop(k, None)
+    for k in ("max_time_s", "max_steps"):
+        d["optim"].pop(k, None)
+    return d
+
+
+def config_identity(cfg: TrainConfig) -> dict[str, Any]:
+    """The config without what may change on resume (runtime options, the stop limits): what a checkpoint must
+    match."""
+    d = without_runtime_options(to_dict(cfg))
     if d["data"].get("order_seed") is None:  # runs from before data.order_seed existed have the same identity
         d["data"].pop("order_seed", None)
-    d["optim"].pop("max_time_s", None)
-    d["optim"].pop("max_steps", None)
     if d.get("distill"):
         # A check on the teachers, not a training value (the teachers themselves are distill.teachers): checkpoints
         # saved before the key existed resume, and the check runs again when the teachers are opened.

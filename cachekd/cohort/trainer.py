@@ -34,15 +34,10 @@ from cachekd.trainer import Trainer
 
 def cohort_identity(cohort: CohortConfig) -> dict[str, Any]:
     """The cohort config without what may change on resume (runtime options, the stop limits)."""
-    from cachekd.train_config import RUNTIME_ONLY, RUNTIME_ONLY_DATA
+    from cachekd.train_config import without_runtime_options
 
-    d = to_dict(cohort)
-    for k in (*RUNTIME_ONLY, "search"):
-        d.pop(k, None)
-    for k in RUNTIME_ONLY_DATA:
-        d["data"].pop(k, None)
-    for k in ("max_time_s", "max_steps"):
-        d["optim"].pop(k, None)
+    d = without_runtime_options(to_dict(cohort))
+    d.pop("search", None)
     return d
 
 
