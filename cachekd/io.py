@@ -92,6 +92,22 @@ def check_format(meta: dict, *, expected: str, version: int, what: str, path: Pa
                            f"{version}: {remedy}.")
 
 
+def open_array_read_only(path: Path, what: str, remedy: str):
+    """The zarr array at `path`, read-only. A missing or unparsable zarr.json is one sentence: `what` (e.g. "the
+    train split of token store 'x'") cannot be opened, and the `remedy`."""
+    import zarr
+
+    from cachekd.errors import CachekdError
+
+    try:
+        return zarr.open_array(str(path), mode="r")
+    except (PermissionError, MemoryError):
+        raise
+    except Exception as e:  # missing or unparsable zarr.json
+        raise CachekdError(f"{what} cannot be opened ({type(e).__name__}: its zarr.json is missing or damaged); "
+                           f"{remedy}.") from e
+
+
 def read_json_dict_or_none(path: Path) -> dict | None:
     """A JSON object from `path`; None when the file is missing, unreadable or not a JSON object."""
     try:

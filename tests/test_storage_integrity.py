@@ -436,3 +436,24 @@ def test_foreign_format_or_version_is_one_sentence(kind, field, value, expect, s
         mf.write_text(json.dumps({"format": fmt.FORMAT, "format_version": fmt.FORMAT_VERSION} | {field: value}))
         with pytest.raises(CachekdError, match=expect):
             _read_meta(mf, fmt.CacheManifest)
+
+
+def test_a_missing_array_zarr_json_is_one_sentence(tmp_path, store_copy, cache_ref):
+    """An array whose zarr.json is gone (token store or cache) is refused naming what cannot be opened and the
+    remedy, not with zarr's own error."""
+    from cachekd.cache.reader import LogitCache
+    from cachekd.errors import CachekdError
+    from cachekd.tokens import TokenStore
+
+    (store_copy / "train" / "tokens" / "zarr.json").unlink()
+    with pytest.raises(CachekdError, match=r"the train split of token store .* cannot be opened .*zarr\.json is "
+                                           r"missing or damaged\); rebuild it with the same `cachekd prepare`"):
+        TokenStore.open(store_copy).array("train")
+    cache = tmp_path / "cache"
+    shutil.copytree(cache_ref, cache)
+    c = LogitCache.open(cache)
+    teacher = c.teachers[0]
+    (cache / "train" / teacher / "ids" / "zarr.json").unlink()
+    with pytest.raises(CachekdError, match=r"the ids array of teacher .* cannot be opened .*rebuild the cache with the "
+                                           r"same `cachekd precompute` command plus --force\.$"):
+        c._array("train", teacher, "ids")

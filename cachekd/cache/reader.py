@@ -12,7 +12,7 @@ import numpy as np
 from cachekd.cache import encoding as enc
 from cachekd.cache import format as fmt
 from cachekd.errors import CachekdError
-from cachekd.io import check_format
+from cachekd.io import check_format, open_array_read_only
 
 
 @dataclass
@@ -232,18 +232,9 @@ class LogitCache:
     def _array(self, split: str, teacher: str, name: str):
         key = fmt.array_path(split, teacher, name)
         if key not in self._arrays:
-            import zarr
-
-            try:
-                self._arrays[key] = zarr.open_array(str(self.path / key), mode="r")
-            except (PermissionError, MemoryError):
-                raise
-            except Exception as e:  # missing or unparsable zarr.json
-                raise CachekdError(
-                    f"the {name} array of teacher {teacher!r} ({split} split) in cache {str(self.path)!r} cannot be "
-                    f"opened ({type(e).__name__}: its zarr.json is missing or damaged); rebuild the cache with the "
-                    f"same `cachekd precompute` command plus --force."
-                ) from e
+            self._arrays[key] = open_array_read_only(
+                self.path / key, f"the {name} array of teacher {teacher!r} ({split} split) in cache {str(self.path)!r}",
+                "rebuild the cache with the same `cachekd precompute` command plus --force")
         return self._arrays[key]
 
     def _chunks(self, start: int, stop: int) -> range:

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from cachekd.errors import CachekdError
-from cachekd.io import check_format, read_json_dict
+from cachekd.io import check_format, open_array_read_only, read_json_dict
 from cachekd.tokens import format as tfmt
 
 
@@ -131,17 +131,9 @@ class TokenStore:
         if split not in self.manifest["splits"]:
             raise CachekdError(f"token store {str(self.path)!r} has no {split!r} split (it has {', '.join(self.splits())}).")
         if split not in self._arrays:
-            import zarr
-
-            try:
-                self._arrays[split] = zarr.open_array(str(self.path / tfmt.tokens_path(split)), mode="r")
-            except (PermissionError, MemoryError):
-                raise
-            except Exception as e:  # missing or unparsable zarr.json
-                raise CachekdError(
-                    f"the {split} split of token store {str(self.path)!r} cannot be opened ({type(e).__name__}: its "
-                    f"zarr.json is missing or damaged); " + REBUILD_HINT + "."
-                ) from e
+            self._arrays[split] = open_array_read_only(
+                self.path / tfmt.tokens_path(split), f"the {split} split of token store {str(self.path)!r}",
+                REBUILD_HINT)
         return self._arrays[split]
 
     def has_checksums(self) -> bool:
