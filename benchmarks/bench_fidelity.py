@@ -12,13 +12,22 @@ rows), from:
     sampled     a sampled cache, N=50 draws per position (one proposal per cached τ)
     hybrid      the exact top-16 plus N=50 draws from beyond it
 
-for forward KL at τ=1 and τ=2 and reverse KL at τ=1 (ChooBaCa's setting), λ = 0.5. For each row: bytes/position of
+for forward KL at τ=1 and τ=2 and reverse KL at τ=1, λ = 0.5; and the two settings whose targets are dense, built
+from a cache's stored ids with the rest spread evenly (`tail_mode: uniform` for the top-k cache; a sampled or hybrid
+cache gives that form whatever the tail mode):
+
+    rkl1mix     ChooBaCa's preset: reverse KL, τ=1, target logits α·z_T + (1−α)·z_S with α from 0.9 to 0.5
+    fkl2ens     Baby Llama's: forward KL, τ=2, two teachers (a second, GPT-2-shaped teacher is trained), raw
+                logits averaged
+
+For each row: bytes/position of
 the cache, the gradient angle to the full target (``cachekd.audit.audit_targets`` on dev positions, with the CE
 student of the first seed as the student), the whole-dev-split loss (mean ± standard deviation over seeds) and the
 share of the full-KD gain kept, (CE − X)/(CE − full), per seed then mean ± standard deviation; a gain that is not
 larger than its spread is reported as "not resolved". Also measured: the importance-weight variance of τ=2 targets
-drawn at τ_r=1 against own draws (the default proposal), and the ragged-layout choice (padded with count 0 vs
-offsets: bytes and read time of the same chunk).
+drawn at τ_r=1 against own draws (the default proposal), the ragged-layout choice (padded with count 0 vs
+offsets: bytes and read time of the same chunk), and the bytes of a sampled N cache against the teacher's entropy
+(the same teacher's distributions sharpened by caching τ < 1: distinct ids, and so bytes, follow the entropy).
 
 Writes benchmarks/results/fidelity_<hardware>_<date>.md.
 
@@ -48,10 +57,27 @@ TEACHER = {"arch": "llama", "hidden_size": 128, "num_layers": 4, "num_heads": 4,
 # idle): the vocabulary and windows are smaller than babylm_like's usual settings so that every row gets 3 seeds.
 FULL = dict(text_mb=0.3, vocab_size=2000, seq_len=64, teacher_steps=400, teacher_budget=900.0, steps=80,
             batch_size=8, seeds=3, top_k=64, sample=50, hybrid_top_k=16, audit_positions=1024,
-            settings="fkl2,rkl1,fkl1")
+            settings="fkl2,rkl1,fkl1,rkl1mix,fkl2ens")
 QUICK = dict(text_mb=0.03, vocab_size=400, seq_len=32, teacher_steps=30, teacher_budget=5.0, steps=3, batch_size=4,
-             seeds=1, top_k=16, sample=10, hybrid_top_k=4, audit_positions=64, settings="fkl2")
-SETTINGS = {"fkl1": ("forward_kl", 1.0), "fkl2": ("forward_kl", 2.0), "rkl1": ("reverse_kl", 1.0)}
+             seeds=1, top_k=16, sample=10, hybrid_top_k=4, audit_positions=64, settings="fkl2,rkl1mix,fkl2ens")
+TEACHER2 = {"arch": "gpt2", "hidden_size": 128, "num_layers": 4, "num_heads": 4, "intermediate_size": 512}
+# setting: (objective, τ, extra distill options); the dense-target settings (mixing, several teachers by logits)
+# have a top-k row with the uniform tail instead of bucket/renormalize, which cannot form a dense target.
+CHOOBACA_ALPHA = {"kind": "epoch_linear", "start": 0.9, "end": 0.5}
+SETTINGS: dict[str, tuple[str, float, dict[str, Any]]] = {
+    "fkl1": ("forward_kl", 1.0, {}), "fkl2": ("forward_kl", 2.0, {}), "rkl1": ("reverse_kl", 1.0, {}),
+    "rkl1mix": ("reverse_kl", 1.0, {"alpha": CHOOBACA_ALPHA}),
+    "fkl2ens": ("forward_kl", 2.0, {"teacher_combine": "logits"}),
+}
+ENSEMBLE = "fkl2ens"
+SHARPEN_TAUS = (0.25, 0.5, 0.75)
+
+
+def setting_rows(setting: str) -> list[str]:
+    """The rows of a setting: dense-target settings take the top-k cache with the uniform tail."""
+    if SETTINGS[setting][2]:
+        return ["full", "top-k uniform", "sampled", "hybrid"]
+    return ["full", "top-k bucket", "top-k renormalize", "sampled", "hybrid"]
 STUDENT_LR, TEACHER_LR, CE_WEIGHT = 3e-3, 2e-3, 0.5
 
 
@@ -204,21 +230,34 @@ def main() -> None:
                     progress=False)
         log(f"teacher: {tinfo['steps']} steps in {time.perf_counter() - t0:.0f} s, dev loss "
             f"{tinfo['final_dev_loss']:.4f}")
-        temps = sorted({tau for _, tau in (SETTINGS[s] for s in settings)})
+        teachers = [str(teacher_dir)]
+        tinfo2 = None
+        if ENSEMBLE in settings:  # Baby Llama's second teacher: another family, another seed
+            teacher2_dir = work / "teacher2"
+            t0 = time.perf_counter()
+            tinfo2 = run(train_cfg("teacher2", teacher2_dir, str(store_dir), TEACHER2, lr=TEACHER_LR,
+                                   steps=args.teacher_steps, batch=args.batch_size, seed=1,
+                                   max_time_s=args.teacher_budget), force=True, progress=False)
+            teachers.append(str(teacher2_dir))
+            log(f"teacher2: {tinfo2['steps']} steps in {time.perf_counter() - t0:.0f} s, dev loss "
+                f"{tinfo2['final_dev_loss']:.4f}")
+        temps = sorted({SETTINGS[s][1] for s in settings})
         caches = {"top-k": dict(top_k=args.top_k), "sampled": dict(top_k=0, sample=args.sample),
                   "hybrid": dict(top_k=args.hybrid_top_k, sample=args.sample)}
         cache_info: dict[str, dict[str, Any]] = {}
         for name, kw in caches.items():
             out = work / f"cache-{name}"
             t0 = time.perf_counter()
-            r = precompute(PrecomputeConfig(store=str(store_dir), teachers=[str(teacher_dir)], output=str(out),
+            r = precompute(PrecomputeConfig(store=str(store_dir), teachers=teachers, output=str(out),
                                             temperatures=temps, splits=["train"], device="cpu", **kw),
                            force=True, progress=False)
             man = r["manifest"]
-            st = next(iter(man["stats"]["train"].values()))
-            cache_info[name] = {"dir": out, "bytes": man["bytes_per_position"], "seconds": time.perf_counter() - t0,
+            st = man["stats"]["train"]["teacher"]
+            # bytes per position and teacher (the caches hold both teachers when the ensemble setting runs)
+            cache_info[name] = {"dir": out, "bytes": man["bytes_per_position"] / len(teachers),
+                                "seconds": time.perf_counter() - t0,
                                 "distinct": st.get("mean_distinct_ids"), "mass": st.get("mean_topk_mass", {})}
-            log(f"cache {name}: {man['bytes_per_position']:.1f} B/position, {time.perf_counter() - t0:.0f} s")
+            log(f"cache {name}: {cache_info[name]['bytes']:.1f} B/position a teacher, {time.perf_counter() - t0:.0f} s")
         # bytes with a single cached τ (the dev split, for size only)
         single: dict[str, float] = {}
         for name in ("sampled", "hybrid"):
@@ -230,10 +269,24 @@ def main() -> None:
                 m = r["manifest"]
                 single[f"{name} τ={tau:g}"] = m["bytes_per_position"]
                 single[f"{name} τ={tau:g} distinct ids"] = next(iter(m["stats"]["dev"].values()))["mean_distinct_ids"]
+        # sharper distributions of the same teacher (τ < 1): bytes and distinct ids of sampled N against entropy
+        sharpen: list[dict[str, float]] = []
+        for tau in (*SHARPEN_TAUS, 1.0, 2.0):
+            out = work / f"cache-sharpen-t{tau:g}"
+            r = precompute(PrecomputeConfig(store=str(store_dir), teachers=[str(teacher_dir)], output=str(out),
+                                            temperatures=[tau], splits=["dev"], device="cpu", top_k=0,
+                                            sample=args.sample), force=True, progress=False)
+            m = r["manifest"]
+            st = next(iter(m["stats"]["dev"].values()))
+            c = LogitCache.open(out)
+            block = c.read("dev", 0, c.num_windows("dev"))[c.teachers[0]]  # the exact H_τ the cache stores
+            sharpen.append({"tau": tau, "entropy": float(block.entropy.mean()), "distinct": st["mean_distinct_ids"],
+                            "bytes": m["bytes_per_position"]})
+            shutil.rmtree(out, ignore_errors=True)
+        log(f"sharpen: {sharpen}")
         layout = layout_measure(cache_info["sampled"]["dir"], work)
         log(f"layout: {layout}")
 
-        rows = ["full", "top-k bucket", "top-k renormalize", "sampled", "hybrid"]
         results: dict[str, dict[str, list[float]]] = {}
         ce_loss: list[float] = []
         for seed in range(args.seeds):
@@ -251,7 +304,9 @@ def main() -> None:
             zs = student(input_ids=x).logits[..., : store.vocab_size].float()
         angles: dict[str, dict[str, dict[str, float]]] = {}
         for setting in settings:
-            objective, tau = SETTINGS[setting]
+            objective, tau, extra = SETTINGS[setting]
+            if extra:  # audit_targets knows one teacher without mixing
+                continue
             angles[setting] = audit_targets(z, zs, [tau], AuditOptions(args.top_k, args.sample, args.hybrid_top_k,
                                                                        objective))
         pv = proposal_variance(z)
@@ -265,12 +320,12 @@ def main() -> None:
             ce_m, ce_s = mean_sd(ce_loss)
             summary: dict[str, Any] = {"ce": ce_loss}
             for setting in done:
-                _, tau = SETTINGS[setting]
+                _, tau, _ = SETTINGS[setting]
                 lines.append(f"| {setting} | CE only | - | - | - | {ce_m:.4f} ± {ce_s:.4f} | 0 |")
                 full = results[f"{setting}|full"]["dev"]
                 gains = [c - f for c, f in zip(ce_loss, full)]
                 g_m, g_s = mean_sd(gains)
-                for row in rows:
+                for row in setting_rows(setting):
                     dev = results[f"{setting}|{row}"]["dev"]
                     d_m, d_s = mean_sd(dev)
                     share = [(c - x_) / g if g != 0 else float("nan") for c, x_, g in zip(ce_loss, dev, gains)]
@@ -279,17 +334,27 @@ def main() -> None:
                     share_txt = f"{100 * sh_m:.0f}% ± {100 * sh_s:.0f}%" if resolved else "not resolved (full-KD gain ≤ its sd)"
                     if row == "full":
                         share_txt = f"100% (gain {g_m:+.4f} ± {g_s:.4f} nat)"
-                    a = angles[setting].get(audit_name.get(row, ""), {}).get(f"{tau:g}", {})
+                    a = angles.get(setting, {}).get(audit_name.get(row, ""), {}).get(f"{tau:g}", {})
+                    if row == "full":
+                        a = {"captured_mass": 1.0, "grad_angle_deg": 0.0}
                     name = row.split()[0]
                     b = f"{cache_info[name]['bytes']:.1f}" if row != "full" else "-"
-                    lines.append(f"| {setting} | {row} | {b} | {a.get('captured_mass', 1.0):.3f} | "
-                                 f"{a.get('grad_angle_deg', 0.0):.1f} | {d_m:.4f} ± {d_s:.4f} | {share_txt} |")
-                    summary[f"{setting}|{row}"] = {"dev": dev, "share": share, "angle": a.get("grad_angle_deg")}
+                    mass = f"{a['captured_mass']:.3f}" if a else "-"
+                    ang = f"{a['grad_angle_deg']:.1f}" if a else "-"
+                    lines.append(f"| {setting} | {row} | {b} | {mass} | {ang} | {d_m:.4f} ± {d_s:.4f} | {share_txt} |")
+                    summary[f"{setting}|{row}"] = {"dev": dev, "share": share, "angle": a.get("grad_angle_deg") if a
+                                                   else None}
             elapsed = time.perf_counter() - t_start
             table = "\n".join(lines)
             print(table)
+            teacher_txt = (f"Teacher: {tinfo['steps']} steps, dev loss {tinfo['final_dev_loss']:.4f}"
+                           + (f"; second teacher (GPT-2 shape, {ENSEMBLE} only): {tinfo2['steps']} steps, dev loss "
+                              f"{tinfo2['final_dev_loss']:.4f}" if tinfo2 else ""))
+            sharpen_txt = "Sampled N={} cache of the same teacher at sharper temperatures (dev split, one τ each): ".format(
+                args.sample) + "; ".join(f"τ={r['tau']:g}: entropy {r['entropy']:.2f} nats, {r['distinct']:.1f} distinct "
+                                         f"ids, {r['bytes']:.1f} B/position" for r in sharpen) + "."
             notes = [
-                f"Teacher: {tinfo['steps']} steps, dev loss {tinfo['final_dev_loss']:.4f}; students {args.steps} steps "
+                f"{teacher_txt}; students {args.steps} steps "
                 f"of {args.batch_size}×{args.seq_len} tokens, λ={CE_WEIGHT}, seeds {list(range(args.seeds))} (paired: "
                 f"the seed sets init and data order). CE dev loss per seed {[round(v, 4) for v in ce_loss]}.",
                 "Caches (train split, temperatures " + ", ".join(f"{t:g}" for t in temps) + "): " + "; ".join(
@@ -297,6 +362,11 @@ def main() -> None:
                     + (f", {c['distinct']:.1f} distinct ids/position" if c['distinct'] else "")
                     + (f", top-k mass {c['mass']}" if c['mass'] else "") for n, c in cache_info.items()) + ".",
                 "With one cached τ (dev split): " + "; ".join(f"{k}: {v:.1f}" for k, v in single.items()) + ".",
+                sharpen_txt,
+                f"Dense-target settings ({', '.join(s_ for s_ in SETTINGS if SETTINGS[s_][2])}): ChooBaCa's α "
+                f"{CHOOBACA_ALPHA}, per step (< 2 epochs); the top-k cache with tail_mode uniform, the sampled and "
+                f"hybrid caches in their uniform-tail form; no gradient angle (the audit takes one teacher, no "
+                f"mixing). Caches hold both teachers when {ENSEMBLE} runs; the other settings name the first.",
                 f"Importance-weight variance of τ=2 targets drawn at τ_r=1, relative to own draws at τ=2 (Σ Var w over the "
                 f"vocabulary, per position): mean {pv['mean']:.2f}×, median {pv['median']:.2f}×, max {pv['max']:.1f}×.",
                 f"Ragged layout, first train chunk of the sampled cache ({layout['positions']} positions, width "
@@ -312,6 +382,7 @@ def main() -> None:
             path = write_result("fidelity", "Fidelity of sparse caches (students distilled from each storage option)",
                                 config, table, "\n\n".join(notes), results_dir=args.results_dir)
             (path.with_suffix(".json")).write_text(json.dumps({"summary": summary, "angles": angles, "layout": layout,
+                                                               "sharpen": sharpen,
                                                                "single_tau_bytes": single, "proposal_variance": pv,
                                                                "caches": {k: {kk: str(vv) if kk == "dir" else vv
                                                                               for kk, vv in v.items()}
@@ -320,15 +391,17 @@ def main() -> None:
 
         done: list[str] = []
         for setting in settings:
-            objective, tau = SETTINGS[setting]
-            for row in rows:
-                base = {"objective": objective, "temperature": tau, "ce_weight": CE_WEIGHT}
+            objective, tau, extra = SETTINGS[setting]
+            n_t = 2 if setting == ENSEMBLE else 1
+            for row in setting_rows(setting):
+                base = {"objective": objective, "temperature": tau, "ce_weight": CE_WEIGHT, **extra}
                 if row == "full":
-                    d = {**base, "online": True, "teachers": [str(teacher_dir)]}
+                    d = {**base, "online": True, "teachers": teachers[:n_t]}
                 else:
                     cache = cache_info[row.split()[0]]["dir"]
-                    mode = "renormalize" if row.endswith("renormalize") else "bucket"
-                    d = {**base, "cache": str(cache), "tail_mode": mode}
+                    mode = row.split()[1] if row.startswith("top-k") else "bucket"
+                    d = {**base, "cache": str(cache), "tail_mode": mode,
+                         "teachers": [Path(t).name for t in teachers[:n_t]]}
                 for seed in range(args.seeds):
                     tag = f"{setting}-{row}-{seed}".replace(" ", "_")
                     s = run(train_cfg(tag, work / "students" / tag, str(store_dir), STUDENT, lr=STUDENT_LR, steps=args.steps,
