@@ -11,6 +11,7 @@ rows), from:
     top-k bucket / top-k renormalize    a top-64 cache, tail as one bucket / dropped
     sampled     a sampled cache, N=50 draws per position (one proposal per cached τ)
     hybrid      the exact top-16 plus N=50 draws from beyond it
+    wide hybrid the exact top-64 (the top-k cache's k) plus N=50 draws from beyond it: all the top-k cache holds
 
 for forward KL at τ=1 and τ=2 and reverse KL at τ=1, λ = 0.5; and the two settings whose targets are dense, built
 from a cache's stored ids with the rest spread evenly (`tail_mode: uniform` for the top-k cache; a sampled or hybrid
@@ -76,8 +77,8 @@ SHARPEN_TAUS = (0.25, 0.5, 0.75)
 def setting_rows(setting: str) -> list[str]:
     """The rows of a setting: dense-target settings take the top-k cache with the uniform tail."""
     if SETTINGS[setting][2]:
-        return ["full", "top-k uniform", "sampled", "hybrid"]
-    return ["full", "top-k bucket", "top-k renormalize", "sampled", "hybrid"]
+        return ["full", "top-k uniform", "sampled", "hybrid", "wide hybrid"]
+    return ["full", "top-k bucket", "top-k renormalize", "sampled", "hybrid", "wide hybrid"]
 STUDENT_LR, TEACHER_LR, CE_WEIGHT = 3e-3, 2e-3, 0.5
 
 
@@ -243,7 +244,8 @@ def main() -> None:
                 f"{tinfo2['final_dev_loss']:.4f}")
         temps = sorted({SETTINGS[s][1] for s in settings})
         caches = {"top-k": dict(top_k=args.top_k), "sampled": dict(top_k=0, sample=args.sample),
-                  "hybrid": dict(top_k=args.hybrid_top_k, sample=args.sample)}
+                  "hybrid": dict(top_k=args.hybrid_top_k, sample=args.sample),
+                  "wide": dict(top_k=args.top_k, sample=args.sample)}
         cache_info: dict[str, dict[str, Any]] = {}
         for name, kw in caches.items():
             out = work / f"cache-{name}"
@@ -309,12 +311,15 @@ def main() -> None:
                 continue
             angles[setting] = audit_targets(z, zs, [tau], AuditOptions(args.top_k, args.sample, args.hybrid_top_k,
                                                                        objective))
+            wide = audit_targets(z, zs, [tau], AuditOptions(args.top_k, args.sample, args.top_k, objective))
+            angles[setting].update({k: v for k, v in wide.items() if k.startswith("hybrid")})
         pv = proposal_variance(z)
 
         def write_report(done: list[str]) -> Path:
             audit_name = {"top-k bucket": f"top-{args.top_k} bucket", "top-k renormalize": f"top-{args.top_k} renormalize",
                           "sampled": f"sampled N={args.sample}",
-                          "hybrid": f"hybrid top-{args.hybrid_top_k} + sampled N={args.sample}"}
+                          "hybrid": f"hybrid top-{args.hybrid_top_k} + sampled N={args.sample}",
+                          "wide hybrid": f"hybrid top-{args.top_k} + sampled N={args.sample}"}
             lines = ["| setting | row | B/position | captured mass | angle to full (°) | dev loss (mean ± sd) | "
                      "share of full-KD gain (mean ± sd) |", "|---|---|---|---|---|---|---|"]
             ce_m, ce_s = mean_sd(ce_loss)
