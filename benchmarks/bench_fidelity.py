@@ -14,8 +14,8 @@ rows), from:
     wide hybrid the exact top-64 (the top-k cache's k) plus N=50 draws from beyond it: all the top-k cache holds
 
 for forward KL at τ=1 and τ=2 and reverse KL at τ=1, λ = 0.5; and the two settings whose targets are dense, built
-from a cache's stored ids with the rest spread evenly (`tail_mode: uniform` for the top-k cache; a sampled or hybrid
-cache gives that form whatever the tail mode):
+from a cache's stored ids with the rest spread evenly (`tail_mode: uniform`) or shaped like the student (`bucket`,
+the default):
 
     rkl1mix     ChooBaCa's preset: reverse KL, τ=1, target logits α·z_T + (1−α)·z_S with α from 0.9 to 0.5
     fkl2ens     Baby Llama's: forward KL, τ=2, two teachers (a second, GPT-2-shaped teacher is trained), raw
@@ -75,9 +75,10 @@ SHARPEN_TAUS = (0.25, 0.5, 0.75)
 
 
 def setting_rows(setting: str) -> list[str]:
-    """The rows of a setting: dense-target settings take the top-k cache with the uniform tail."""
+    """The rows of a setting: dense-target settings take the top-k cache with the uniform or the bucket tail (the
+    rest shaped like the student), and the sampled cache with either (the other sampled rows: bucket)."""
     if SETTINGS[setting][2]:
-        return ["full", "top-k uniform", "sampled", "hybrid", "wide hybrid"]
+        return ["full", "top-k uniform", "top-k bucket", "sampled uniform", "sampled", "hybrid", "wide hybrid"]
     return ["full", "top-k bucket", "top-k renormalize", "sampled", "hybrid", "wide hybrid"]
 STUDENT_LR, TEACHER_LR, CE_WEIGHT = 3e-3, 2e-3, 0.5
 
@@ -369,9 +370,9 @@ def main() -> None:
                 "With one cached τ (dev split): " + "; ".join(f"{k}: {v:.1f}" for k, v in single.items()) + ".",
                 sharpen_txt,
                 f"Dense-target settings ({', '.join(s_ for s_ in SETTINGS if SETTINGS[s_][2])}): ChooBaCa's α "
-                f"{CHOOBACA_ALPHA}, per step (< 2 epochs); the top-k cache with tail_mode uniform, the sampled and "
-                f"hybrid caches in their uniform-tail form; no gradient angle (the audit takes one teacher, no "
-                f"mixing). Caches hold both teachers when {ENSEMBLE} runs; the other settings name the first.",
+                f"{CHOOBACA_ALPHA}, per step (< 2 epochs); rows named uniform spread the rest of the stored ids' mass "
+                f"evenly, the others (bucket) shape it like the student; no gradient angle (the audit takes one "
+                f"teacher, no mixing). Caches hold both teachers when {ENSEMBLE} runs; the other settings name the first.",
                 f"Importance-weight variance of τ=2 targets drawn at τ_r=1, relative to own draws at τ=2 (Σ Var w over the "
                 f"vocabulary, per position): mean {pv['mean']:.2f}×, median {pv['median']:.2f}×, max {pv['max']:.1f}×.",
                 f"Ragged layout, first train chunk of the sampled cache ({layout['positions']} positions, width "
@@ -404,7 +405,8 @@ def main() -> None:
                     d = {**base, "online": True, "teachers": teachers[:n_t]}
                 else:
                     cache = cache_info[row.split()[0]]["dir"]
-                    mode = row.split()[1] if row.startswith("top-k") else "bucket"
+                    words = row.split()
+                    mode = words[1] if len(words) > 1 and words[1] in ("bucket", "uniform", "renormalize") else "bucket"
                     d = {**base, "cache": str(cache), "tail_mode": mode,
                          "teachers": [Path(t).name for t in teachers[:n_t]]}
                 for seed in range(args.seeds):

@@ -78,10 +78,10 @@ class KDOptions:
     """Skew KL λ in [0, 1] (DistiLLM uses 0.1); 0 is the plain KL, 1 gives 0."""
     tail_mode: TailMode = "bucket"
     """How the teacher's tail beyond a top-k cache's ids is treated: bucket (the tail is one extra category on
-    both sides: the exact divergence of the coarse-grained distributions), uniform (the tail mass spread evenly
-    over the V−k other tokens: a dense target, needed for mixing and for combining several top-k teachers by
-    logits or probs), renormalize (drop the tail and renormalise both sides over the k ids: the biased
-    baseline)."""
+    both sides: the exact divergence of the coarse-grained distributions; where mixing or combining teachers by
+    logits or probs needs a dense target, the tail mass is shaped like the student, which gives the same),
+    uniform (the tail mass spread evenly over the V−k other tokens), renormalize (drop the tail and renormalise
+    both sides over the k ids: the biased baseline; no dense target)."""
     teacher_combine: TeacherCombine = "logits"
     """Several teachers: logits (weighted mean of raw logits, then the tempered softmax: Baby Llama), probs
     (weighted mean of the tempered probabilities), losses (weighted sum of the per-teacher divergences). A single

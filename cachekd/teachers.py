@@ -262,7 +262,7 @@ class CachedTeachers(TeacherSource):
     @classmethod
     def open(cls, d: DistillConfig, store: TokenStore) -> CachedTeachers:
         """The cache of distill config `d` for `store`, refusing settings it cannot serve (a temperature it has no
-        tail_lse for, a schedule of τ with a top-k cache, mixing or combining top-k teachers without the uniform
+        tail_lse for, a schedule of τ with a top-k cache, mixing or combining top-k teachers with the renormalize
         tail)."""
         from cachekd.cache.reader import LogitCache
 
@@ -350,10 +350,10 @@ def low_topk_mass_note(cache: LogitCache, teacher: str, tau: float, mass: float,
     )
 
 
-SAMPLED_TAIL_NOTE = ("distill.tail_mode is ignored with a sampled cache: forward KL uses the unbiased estimate over "
-                     "the drawn ids, every other objective the stored ids plus one bucket of the exact remaining mass; "
-                     "mixing and combining teachers by logits or probabilities spread that mass evenly over the other "
-                     "tokens")
+SAMPLED_TAIL_NOTE = ("with a sampled cache forward KL uses the unbiased estimate over the drawn ids, every other "
+                     "objective the stored ids plus one bucket of the exact remaining mass; mixing and combining "
+                     "teachers by logits or probabilities shape that mass like the student (tail_mode bucket or "
+                     "renormalize) or spread it evenly over the other tokens (tail_mode uniform)")
 
 
 def _check_constant_temperature(cache: LogitCache, d: DistillConfig, what: str) -> None:
@@ -367,21 +367,23 @@ def _check_constant_temperature(cache: LogitCache, d: DistillConfig, what: str) 
 
 def _check_sampled_settings(cache: LogitCache, d: DistillConfig) -> None:
     """Refuse what a sampled cache cannot serve: a τ schedule, a τ it has no normaliser for. (Mixing and combining
-    teachers by logits or probabilities take the sampled target's uniform-tail form: `cachekd.losses.sampled`.)"""
+    teachers by logits or probabilities take a dense form of the sampled target: `cachekd.losses.api`.)"""
     _check_constant_temperature(cache, d, "sampled")
 
 
 def _check_topk_settings(cache: LogitCache, d: DistillConfig, num_teachers: int) -> None:
     _check_constant_temperature(cache, d, "top-k")
-    if d.mixing() and d.tail_mode != "uniform":
+    if d.mixing() and d.tail_mode == "renormalize":
         raise CachekdError(
-            f"mixing teacher and student logits (distill.alpha below 1) needs a dense target: with a "
-            f"top-k cache pass --tail-mode uniform (distill.tail_mode: uniform; it is {d.tail_mode})."
+            "mixing teacher and student logits (distill.alpha below 1) needs a dense target, which the renormalize "
+            "tail cannot give: pass --tail-mode bucket (the rest shaped like the student) or uniform "
+            "(distill.tail_mode)."
         )
-    if num_teachers > 1 and d.teacher_combine != "losses" and d.tail_mode != "uniform":
+    if num_teachers > 1 and d.teacher_combine != "losses" and d.tail_mode == "renormalize":
         raise CachekdError(
-            f"combining several top-k teachers by {d.teacher_combine} needs the uniform tail: pass "
-            f"--tail-mode uniform or --teacher-combine losses (distill.tail_mode, distill.teacher_combine)."
+            f"combining several top-k teachers by {d.teacher_combine} needs a dense target, which the renormalize "
+            f"tail cannot give: pass --tail-mode bucket or uniform, or --teacher-combine losses "
+            f"(distill.tail_mode, distill.teacher_combine)."
         )
 
 

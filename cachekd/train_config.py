@@ -123,8 +123,8 @@ class DistillConfig(KDOptions):
     ce_weight: Schedule | float = 0.5
     """λ in [0, 1] in λ·CE + (1−λ)·τ²·KD (Baby Llama α=0.5; 1: cross-entropy only)."""
     alpha: Schedule | float = 1.0
-    """ChooBaCa mixing α in [0, 1]: target logits α·z_T + (1−α)·z_S, 1 = no mixing (below 1 a top-k cache needs
-    tail_mode uniform). A schedule such as {kind: epoch_linear, start: 0.9, end: 0.5} gives the progressive α."""
+    """ChooBaCa mixing α in [0, 1]: target logits α·z_T + (1−α)·z_S, 1 = no mixing (below 1 a sparse cache's rest
+    is shaped like the student with tail_mode bucket, spread evenly with uniform; renormalize is refused). A schedule such as {kind: epoch_linear, start: 0.9, end: 0.5} gives the progressive α."""
     chunk_size: int | None = None
     """Step-wise loss over chunks of this many positions: the student's logits are formed chunk by chunk and
     never all exist."""

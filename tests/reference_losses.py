@@ -3,7 +3,9 @@
 Written separately from cachekd/losses.py and never importing it. Targets are plain tuples:
 ``("dense", logits (B, T, V))`` or ``("sparse", ids (B, T, k), logits (B, T, k), tail_lse (B, T))``.
 Sparse targets are expanded here into explicit distributions over V (uniform), over k+1 categories (bucket) or
-over k (renormalize), then compared with the student's explicit distribution. Everything is differentiable
+over k (renormalize), then compared with the student's explicit distribution; where mixing or combining needs a
+distribution over V, the bucket tail's mass is spread over the tail tokens in proportion to the (detached)
+student. Everything is differentiable
 (torch.float64), so gradients can be compared too.
 """
 
@@ -55,13 +57,27 @@ def _log_softmax(x):
     return x - torch.logsumexp(x, 0)
 
 
-def _dense_teacher_logits(target, b, t, vocab_size, tau):
-    """Raw teacher logits over V at one position (sparse: the uniform-tail reconstruction)."""
+def _dense_teacher_logits(target, b, t, vocab_size, tau, tail_mode="uniform", logq=None):
+    """Raw teacher logits over V at one position (sparse: the uniform-tail reconstruction; with tail_mode bucket
+    the tail's mass in proportion to the student's probabilities ``logq`` at τ)."""
     if target[0] == "dense":
         return target[1][b, t].to(f64)
     _, ids, logits, tail_lse = target
     ids_bt = ids[b, t].long()
     k = ids_bt.numel()
+    if tail_mode == "bucket":
+        tl = logits[b, t].to(f64) / tau
+        tail = tail_lse[b, t].to(f64)
+        lse = torch.logaddexp(torch.logsumexp(tl, 0), tail)
+        lq = logq.detach()
+        in_tail = torch.ones(vocab_size, dtype=torch.bool)
+        in_tail[ids_bt] = False
+        logp = torch.full((vocab_size,), -math.inf, dtype=f64)
+        if in_tail.any():
+            q_tail = torch.logsumexp(lq[in_tail], 0)
+            logp[in_tail] = (tail - lse) + lq[in_tail] - q_tail  # mass exp(tail − lse), shaped like q
+        logp[ids_bt] = tl - lse
+        return tau * logp
     if k == vocab_size:
         out = torch.empty(vocab_size, dtype=f64)
     else:
@@ -124,9 +140,9 @@ def ref_distill(
                     if wi == 0:
                         continue
                     if target[0] == "dense" or tail_mode == "uniform" or mix_alpha != 1.0:
-                        if target[0] == "sparse" and tail_mode != "uniform":
-                            raise ValueError("mixing needs tail_mode uniform")
-                        zt = mixed(_dense_teacher_logits(target, b, t, V, tau))
+                        if target[0] == "sparse" and tail_mode == "renormalize":
+                            raise ValueError("mixing cannot use tail_mode renormalize")
+                        zt = mixed(_dense_teacher_logits(target, b, t, V, tau, tail_mode, logq))
                         d = ref_divergence(objective, _log_softmax(zt / tau), logq, beta, skew_lambda)
                     else:
                         _, ids, logits, tail_lse = target
@@ -148,9 +164,9 @@ def ref_distill(
                             d = ref_divergence(objective, lp, lq, beta, skew_lambda)
                     kd_sum = kd_sum + wi * d
             else:
-                if any(tg[0] == "sparse" for tg in targets) and tail_mode != "uniform":
-                    raise ValueError("combining sparse teachers needs tail_mode uniform")
-                raw = [_dense_teacher_logits(tg, b, t, V, tau) for tg in targets]
+                if any(tg[0] == "sparse" for tg in targets) and tail_mode == "renormalize":
+                    raise ValueError("combining sparse teachers cannot use tail_mode renormalize")
+                raw = [_dense_teacher_logits(tg, b, t, V, tau, tail_mode, logq) for tg in targets]
                 if teacher_combine == "logits":  # Baby Llama: mean of raw logits, then tempered softmax
                     zt = sum(wi * r for wi, r in zip(w, raw) if wi > 0)
                 else:  # probs: mean of tempered probabilities; as logits, tau·log p

@@ -71,6 +71,21 @@ def ref_uniform_tail_logp(z_teacher: torch.Tensor, stored: list[int], tau: float
     return out.log()
 
 
+def ref_student_shaped_logp(z_teacher: torch.Tensor, stored: list[int], tau: float,
+                            logq_student: torch.Tensor) -> torch.Tensor:
+    """(V,) the dense target with tail_mode bucket: the stored ids (distinct) at their exact p_τ, the rest's exact
+    mass 1 − Σ_stored p_τ spread over the other tokens in proportion to the student's q (``logq_student`` at τ)."""
+    p = torch.softmax(z_teacher.to(f64) / tau, 0)
+    q = logq_student.detach().to(f64).exp()
+    rest = torch.ones(p.shape[0], dtype=torch.bool)
+    rest[stored] = False
+    out = torch.zeros_like(p)
+    if rest.any():
+        out[rest] = (1.0 - p[stored].sum()) * q[rest] / q[rest].sum()
+    out[stored] = p[stored]
+    return out.log()
+
+
 def ref_mixed(objective: str, logp_teacher: torch.Tensor, z_student: torch.Tensor, tau: float, alpha: float,
               detach: bool = True) -> torch.Tensor:
     """ChooBaCa: the divergence against softmax(α·log p + (1−α)·z_S/τ) (student part detached if `detach`)."""

@@ -82,7 +82,7 @@ def test_matches_reference(objective, kind, setup, alpha, tau):
     tail_mode = "bucket" if kind == "dense" else kind
     opts = dict(objective=objective, temperature=tau, beta=0.3, skew_lambda=0.2, tail_mode=tail_mode,
                 teacher_combine=combine, teacher_weights=weights)
-    sparse_dense_needed = kind in ("bucket", "renormalize") and (alpha < 1 or setup in ("logits", "probs"))
+    sparse_dense_needed = kind == "renormalize" and (alpha < 1 or setup in ("logits", "probs"))
     for reduction in ("token_mean", "batchmean"):
         for detach in ((True, False) if alpha < 1 else (True,)):
             cfg = KDConfig(**opts, reduction=reduction, detach_mix=detach)
@@ -691,9 +691,9 @@ def test_invalid_calls_raise_naming_the_option():
     z, (t0, t1), labels, g = make_inputs(121)
     sparse = to_target(make_sparse(t0, 4, 1.0, generator=g))
     cases = [
-        (lambda: distill_loss(z, labels, [sparse], KDConfig(tail_mode="bucket"), mix_alpha=0.5), "tail_mode"),
         (lambda: distill_loss(z, labels, [sparse], KDConfig(tail_mode="renormalize"), mix_alpha=0.5), "tail_mode"),
-        (lambda: distill_loss(z, labels, [sparse, sparse], KDConfig(teacher_combine="probs")), "tail_mode"),
+        (lambda: distill_loss(z, labels, [sparse, sparse], KDConfig(teacher_combine="probs", tail_mode="renormalize")),
+         "tail_mode"),
         (lambda: distill_loss(z, labels, [DenseTarget(t0)], KDConfig(), mix_alpha=1.5), "mix_alpha"),
         (lambda: distill_loss(z, labels, [DenseTarget(t0)], KDConfig(teacher_weights=(1.0, 2.0))), "teacher_weights"),
         (lambda: distill_loss(z, labels, [DenseTarget(t0[..., :5])], KDConfig()), "teacher 0"),

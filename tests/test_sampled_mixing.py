@@ -1,6 +1,7 @@
 """Mixing (ChooBaCa) and combining teachers by logits/probs from sampled and hybrid targets: the target's
-uniform-tail form (stored ids at their exact p, the exact rest spread evenly) against the float64 reference
-(tests/reference_sampled.py), against the top-k target built from the same ids, pads, and the k = V limit."""
+dense forms (stored ids at their exact p; the exact rest spread evenly with tail_mode uniform, shaped like the
+student with bucket) against the float64 reference (tests/reference_sampled.py), against the top-k target built
+from the same ids, pads, and the k = V limit."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from cachekd.losses.sparse import sparse_rows
 from cachekd.losses.plan import FlatSparse
 from cachekd.teacher_samples import target_at
 from tests.reference_losses import ref_divergence
-from tests.reference_sampled import ref_mixed, ref_uniform_tail_logp
+from tests.reference_sampled import ref_mixed, ref_student_shaped_logp, ref_uniform_tail_logp
 from tests.test_sampled_losses import TEMPS, _cached, _teacher
 
 f64 = torch.float64
@@ -106,7 +107,8 @@ def _sampled_and_topk(vocab_size, k_exact, n, tau, seed):
 @pytest.mark.parametrize("objective,tau,chunk", [("reverse_kl", 1.0, None), ("forward_kl", 1.0, 2),
                                                  ("reverse_kl", 2.0, None), ("jsd", 1.0, None)])
 @pytest.mark.parametrize("k_exact", [0, 3])
-def test_mixing_equals_topk_and_float64(objective, tau, chunk, k_exact):
+@pytest.mark.parametrize("tail", ["uniform", "bucket"])
+def test_mixing_equals_topk_and_float64(objective, tau, chunk, k_exact, tail):
     """Mixing from a sampled target: the same loss and gradient as from the top-k cache of the same ids (each
     position alone, k = |S|), and as the float64 reference; the fused ChooBaCa path (τ = 1, forward/reverse KL)
     and the general one both."""
@@ -114,9 +116,9 @@ def test_mixing_equals_topk_and_float64(objective, tau, chunk, k_exact):
     z, tgt = _sampled_and_topk(vocab_size, k_exact, 10, tau, seed=31 + k_exact)
     z_s = _teacher(2, 3, vocab_size, seed=32).double()
     labels = torch.randint(0, vocab_size, (2, 3), generator=torch.Generator().manual_seed(1))
-    cfg = KDConfig(objective=objective, temperature=tau)  # tail_mode stays the default: a sampled target ignores it
+    cfg = KDConfig(objective=objective, temperature=tau, tail_mode=tail)
     plan = _prepare(z_s, labels, [tgt], cfg, alpha, chunk, source_dim=None).plan
-    fused = tau == 1.0 and objective in ("forward_kl", "reverse_kl")
+    fused = tau == 1.0 and objective in ("forward_kl", "reverse_kl") and tail == "uniform"
     assert plan.student == ("fused_mix" if fused else "log_softmax") and plan.chunk_state == (fused and chunk is not None)
     s = z_s.clone().requires_grad_(True)
     parts = distill_loss(s, labels, [tgt], cfg, mix_alpha=alpha, chunk_size=chunk)
@@ -127,7 +129,9 @@ def test_mixing_equals_topk_and_float64(objective, tau, chunk, k_exact):
         for t in range(3):
             stored = _stored(tgt, b, t)
             zs = z_s[b, t].clone().requires_grad_(True)
-            ref = ref_mixed(objective, ref_uniform_tail_logp(z[b, t], stored, tau), zs, tau, alpha)
+            teacher = (ref_uniform_tail_logp(z[b, t], stored, tau) if tail == "uniform" else
+                       ref_student_shaped_logp(z[b, t], stored, tau, torch.log_softmax(zs.detach() / tau, 0)))
+            ref = ref_mixed(objective, teacher, zs, tau, alpha)
             ref = ref - torch.log_softmax(zs, 0)[labels[b, t]]
             ref.backward()
             ref_total += ref.detach()
@@ -137,8 +141,7 @@ def test_mixing_equals_topk_and_float64(objective, tau, chunk, k_exact):
             top = SparseTarget(ids=tgt.ids[b, t][real].view(1, 1, -1), logits=tau * tgt.logp[b, t][real].view(1, 1, -1),
                                tail_lse=tgt.log_rest[b, t].view(1, 1))
             one = z_s[b, t].view(1, 1, -1).clone().requires_grad_(True)
-            p_top = distill_loss(one, labels[b, t].view(1, 1), [top], KDConfig(objective=objective, temperature=tau,
-                                                                             tail_mode="uniform"), mix_alpha=alpha)
+            p_top = distill_loss(one, labels[b, t].view(1, 1), [top], cfg, mix_alpha=alpha)
             one_s = z_s[b, t].view(1, 1, -1).clone().requires_grad_(True)
             sub = SampledTarget(*(getattr(tgt, f)[b : b + 1, t : t + 1] for f in ("ids", "logp", "weights", "log_rest",
                                                                                    "entropy")))
@@ -153,7 +156,8 @@ def test_mixing_equals_topk_and_float64(objective, tau, chunk, k_exact):
 
 
 @pytest.mark.parametrize("objective", ["forward_kl", "reverse_kl"])
-def test_k_equals_v_limit_is_the_dense_mixed_loss(objective):
+@pytest.mark.parametrize("tail", ["uniform", "bucket"])
+def test_k_equals_v_limit_is_the_dense_mixed_loss(objective, tail):
     """Every token stored (N draws covering the vocabulary): the mixed loss is the dense mixed loss."""
     vocab_size = 8
     z = _teacher(2, 3, vocab_size, seed=41, scale=0.5)
@@ -161,7 +165,7 @@ def test_k_equals_v_limit_is_the_dense_mixed_loss(objective):
     assert all(len(_stored(tgt, b, t)) == vocab_size for b in range(2) for t in range(3))
     z_s = _teacher(2, 3, vocab_size, seed=42).double()
     labels = torch.zeros(2, 3, dtype=torch.long)
-    cfg = KDConfig(objective=objective)
+    cfg = KDConfig(objective=objective, tail_mode=tail)
     grads = []
     sums = []
     for target in (tgt, DenseTarget(z.double())):
@@ -175,16 +179,18 @@ def test_k_equals_v_limit_is_the_dense_mixed_loss(objective):
 
 
 @pytest.mark.parametrize("combine", ["logits", "probs"])
-def test_combining_sampled_teachers(combine):
-    """Two sampled teachers (or a sampled and a dense one) combined by logits or probs: each in its uniform-tail
-    form, against the float64 reference of the combined target."""
+@pytest.mark.parametrize("tail", ["uniform", "bucket"])
+def test_combining_sampled_teachers(combine, tail):
+    """Two sampled teachers (or a sampled and a dense one) combined by logits or probs: each in its dense form
+    (uniform tail, or shaped like the student), against the float64 reference of the combined target."""
     vocab_size, tau = 30, 2.0
     za, zb = _teacher(2, 3, vocab_size, seed=51), _teacher(2, 3, vocab_size, seed=52)
     ta = target_at(_cached(za, 0, 10, seed=6), TEMPS, tau, None)
     tb = target_at(_cached(zb, 2, 10, seed=7), TEMPS, tau, None)
     z_s = _teacher(2, 3, vocab_size, seed=53).double()
     labels = torch.zeros(2, 3, dtype=torch.long)
-    cfg = KDConfig(objective="reverse_kl", temperature=tau, teacher_combine=combine, teacher_weights=(0.3, 0.7))
+    cfg = KDConfig(objective="reverse_kl", temperature=tau, teacher_combine=combine, teacher_weights=(0.3, 0.7),
+                   tail_mode=tail)
     for second, ref_b in ((tb, None), (DenseTarget(zb.double()), "dense")):
         s = z_s.clone().requires_grad_(True)
         parts = distill_loss(s, labels, [ta, second], cfg)
@@ -193,9 +199,14 @@ def test_combining_sampled_teachers(combine):
         grad = torch.zeros_like(z_s)
         for b in range(2):
             for t in range(3):
-                la = ref_uniform_tail_logp(za[b, t], _stored(ta, b, t), tau)
-                lb = (torch.log_softmax(zb[b, t].double() / tau, 0) if ref_b else
-                      ref_uniform_tail_logp(zb[b, t], _stored(tb, b, t), tau))
+                logq = torch.log_softmax(z_s[b, t] / tau, 0)
+
+                def dense(zt, stored):
+                    return (ref_uniform_tail_logp(zt, stored, tau) if tail == "uniform" else
+                            ref_student_shaped_logp(zt, stored, tau, logq))
+
+                la = dense(za[b, t], _stored(ta, b, t))
+                lb = torch.log_softmax(zb[b, t].double() / tau, 0) if ref_b else dense(zb[b, t], _stored(tb, b, t))
                 if combine == "logits":
                     target = torch.log_softmax(0.3 * la + 0.7 * lb, 0)
                 else:

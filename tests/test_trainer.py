@@ -228,10 +228,11 @@ def test_refusals_via_cli(tmp_path, runner, store_path, caches, corpus):
     r = invoke(runner, base + ["--cache", caches / "topk", "-o", tmp_path / "r1", "--temperature", "3"])
     assert_clean_error(r, "temperatures 1, 2 only", "not 3")
     r = invoke(runner, base + ["--cache", caches / "topk", "-o", tmp_path / "r2", "--temperature", "1",
-                               "--alpha", "0.5", "--tail-mode", "bucket", "--teacher-combine", "losses"])
-    assert_clean_error(r, "tail_mode", "--tail-mode uniform")
-    r = invoke(runner, base + ["--cache", caches / "topk", "-o", tmp_path / "r2", "--temperature", "1"])
-    assert_clean_error(r, "--tail-mode uniform", "--teacher-combine losses")  # two top-k teachers combined by logits
+                               "--alpha", "0.5", "--tail-mode", "renormalize", "--teacher-combine", "losses"])
+    assert_clean_error(r, "tail_mode", "--tail-mode bucket", "renormalize")
+    r = invoke(runner, base + ["--cache", caches / "topk", "-o", tmp_path / "r2", "--temperature", "1",
+                               "--tail-mode", "renormalize"])
+    assert_clean_error(r, "--tail-mode bucket or uniform", "--teacher-combine losses")  # two top-k teachers, logits
     r = invoke(runner, base + ["--cache", caches / "topk", "-o", tmp_path / "r3", "--objective", "nonsense"])
     assert_clean_error(r, "objective")
     tok = str(Path(store_path) / "tokenizer")

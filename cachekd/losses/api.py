@@ -27,14 +27,15 @@ forward or reverse KL), which has its own fused path (``mixed``). ``distill_loss
 
 Sampled targets (``SampledTarget``, from a sampled or hybrid cache; ``sampled``) take the same fused student side:
 forward KL is the unbiased estimate over the drawn ids, every other objective the stored ids plus one bucket of the
-exact remaining mass; ``tail_mode`` does not apply to them. Mixed with the student or combined with other teachers
-by logits or probabilities, a sampled target becomes a sparse target with a ``uniform`` tail
-(``sampled.uniform_tail_form``: the stored ids' exact probabilities, the exact rest spread evenly) and takes the
-paths above, the fused ChooBaCa one included.
+exact remaining mass; ``tail_mode`` does not apply to them compared one by one.
 
-Several teachers: ``teacher_combine="losses"`` keeps every sparse teacher sparse (any tail mode). ``logits`` and
-``probs`` need one dense target, so several sparse teachers are expanded to their (n, V) uniform-tail
-reconstruction (``tail_mode="uniform"`` is required there; O(V) a position).
+Mixing with the student and combining teachers by logits or probabilities need a dense target: a sparse or sampled
+teacher is expanded to (n, V) (O(V) a position) with its stored ids at their exact probabilities and its exact
+rest mass either shaped like the student (``tail_mode="bucket"``, the default: ``sparse.student_shaped_logp``; the
+loss then equals the one on the coarse-grained distributions, and cannot pull the rest's shape anywhere) or spread
+evenly (``tail_mode="uniform"``; a sampled target through ``sampled.uniform_tail_form``, and the ChooBaCa case
+takes the fused ``mixed`` path). ``renormalize`` cannot form a dense target and is refused there.
+``teacher_combine="losses"`` keeps every sparse teacher sparse (any tail mode).
 """
 
 from __future__ import annotations
@@ -156,8 +157,8 @@ def distill_loss(
             with ``kd_sum = 0`` and ``kd_count = 0``.
         cfg: the objective, temperature, tail handling, teacher combination and reduction.
         mix_alpha: ChooBaCa mixing in logit space, target logits ``α·z_T + (1−α)·z_S`` (student part detached
-            when ``cfg.detach_mix``); 1 means no mixing. Needs a dense target: a DenseTarget, a SparseTarget
-            with ``tail_mode="uniform"``, or a SampledTarget (always mixed through its uniform-tail form).
+            when ``cfg.detach_mix``); 1 means no mixing. Needs a dense target: a DenseTarget, or a SparseTarget or
+            SampledTarget with ``tail_mode`` bucket (rest shaped like the student) or uniform (rest spread evenly).
         chunk_size: if given, positions are processed ``chunk_size`` at a time and recomputed in backward, so the
             float32 (B·T, V) intermediates never exist for the whole batch at once (only the gradient of
             ``student_logits``, in its own dtype, is full-size). Same value and gradient as unchunked.
@@ -319,12 +320,12 @@ def _flatten_teacher(
         )
     mixing = mix_alpha < 1.0
     combine_dense = num_teachers > 1 and cfg.teacher_combine != "losses"
-    if (mixing or combine_dense) and cfg.tail_mode != "uniform":
+    if (mixing or combine_dense) and cfg.tail_mode == "renormalize":
         why = f"mixing (mix_alpha={mix_alpha})" if mixing else f"teacher_combine={cfg.teacher_combine!r}"
         raise ValueError(
-            f"{why} needs a dense teacher target, but tail_mode={cfg.tail_mode!r} keeps the sparse "
-            f"teacher's tail out of it; use tail_mode='uniform'"
-            + (" or teacher_combine='losses'." if not mixing else " or a DenseTarget.")
+            f"{why} needs a dense teacher target, but tail_mode='renormalize' drops the sparse teacher's tail; "
+            f"use tail_mode='bucket' (the rest shaped like the student) or 'uniform' (the rest spread evenly)"
+            + (" or teacher_combine='losses'." if not mixing else ".")
         )
     return FlatSparse(
         ids=t.ids.detach().reshape(-1, k),
@@ -355,8 +356,9 @@ def _flatten_sampled(
         if tuple(v.shape) != (batch_size, seq_len):
             raise ValueError(f"{name}: sampled {field_name} must be (B, T) = {(batch_size, seq_len)}; "
                              f"got {tuple(v.shape)}.")
-    if mix_alpha < 1.0 or (num_teachers > 1 and cfg.teacher_combine != "losses"):
-        # A dense target is needed: the stored ids at their exact p, the exact rest spread evenly (whatever tail_mode).
+    if cfg.tail_mode == "uniform" and (mix_alpha < 1.0 or (num_teachers > 1 and cfg.teacher_combine != "losses")):
+        # A dense target with the uniform rest: the stored ids at their exact p, the exact rest spread evenly.
+        # (With the other tail modes the rest is shaped like the student: rowloss builds that from the rows.)
         ids, logits, tail_lse = uniform_tail_form(t, vocab_size, cfg.temperature)
         k = ids.shape[-1]
         return FlatSparse(ids=ids.detach().reshape(-1, k), logits=logits.detach().reshape(-1, k),

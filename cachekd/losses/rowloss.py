@@ -68,17 +68,17 @@ def loss_on_rows(z: Tensor, rows: Rows, prep: Prepared, ignored: Tensor | None =
         at_ids = iter(zip(logq_ids, log_tails))
         kd = None
         for target, weight in zip(targets, prep.weights):
-            if isinstance(target, SampledRows):  # (sampled targets are always compared at their ids)
+            if isinstance(target, SampledRows) and plan.sparse_by_ids:
                 logq_at_ids, log_tail = next(at_ids)
                 d = sampled_divergence(student, target, logq_at_ids, log_tail, prep.cfg)
             elif isinstance(target, SparseRows) and plan.sparse_by_ids:
                 logq_at_ids, log_tail = next(at_ids)
                 d = sparse_divergence(student, target, logq_at_ids, log_tail, prep.cfg, prep.vocab_size)
             else:
-                d = dense_divergence(student, _dense_logp(target, prep.vocab_size), prep.cfg, prep.mix_alpha)
+                d = dense_divergence(student, _dense_logp(target, student, prep), prep.cfg, prep.mix_alpha)
             kd = weight * d if kd is None else kd + weight * d
     else:
-        logp = combine_teachers([_dense_logp(t, prep.vocab_size) for t in targets], prep.weights, plan.combine)
+        logp = combine_teachers([_dense_logp(t, student, prep) for t in targets], prep.weights, plan.combine)
         kd = dense_divergence(student, logp, prep.cfg, prep.mix_alpha)
     if ignored is not None:
         kd = kd.index_fill(0, ignored, 0.0)
@@ -193,8 +193,14 @@ class MixedChunks:
         return gradient_pass(z, self.state, self.coef, self._next_rows(z.shape[0]))
 
 
-def _dense_logp(target: TeacherRows, vocab_size: int) -> Tensor:
-    return target if isinstance(target, Tensor) else target.dense_logp(vocab_size)
+def _dense_logp(target: TeacherRows, student: Student, prep: Prepared) -> Tensor:
+    """(n, V) a teacher as a dense target at τ: a sparse or sampled one with its rest spread evenly
+    (``tail_mode: uniform``) or shaped like the student (otherwise: the ``bucket`` tail made dense)."""
+    if isinstance(target, Tensor):
+        return target
+    if isinstance(target, SparseRows) and prep.cfg.tail_mode == "uniform":
+        return target.dense_logp(prep.vocab_size)
+    return target.student_shaped_logp(student.logq)
 
 
 def combine_teachers(dense: list[Tensor], weights: list[float], combine: str) -> Tensor:

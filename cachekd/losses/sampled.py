@@ -46,6 +46,7 @@ from torch import Tensor
 
 from cachekd.losses.divergences import LOG_FLOOR, pointwise_divergence
 from cachekd.losses.plan import FlatSampled, Rows, take
+from cachekd.losses.sparse import student_shaped_logp
 
 if TYPE_CHECKING:
     from cachekd.losses.api import KDConfig
@@ -172,6 +173,10 @@ class SampledRows:
     @property
     def k(self) -> int:
         return self.ids.shape[1]
+
+    def student_shaped_logp(self, logq: Tensor) -> Tensor:
+        """(n, V) the dense target with the rest shaped like the student (``sparse.student_shaped_logp``)."""
+        return student_shaped_logp(self.ids, self.logp, self.log_rest, logq)
 
 
 def needs_student_rest(cfg: KDConfig) -> bool:

@@ -174,6 +174,10 @@ class SparseRows:
     def k(self) -> int:
         return self.ids.shape[1]
 
+    def student_shaped_logp(self, logq: Tensor) -> Tensor:
+        """(n, V) the reconstruction whose tail follows the student (``student_shaped_logp``)."""
+        return student_shaped_logp(self.ids, self.logp, self.log_tail, logq)
+
     def dense_logp(self, vocab_size: int) -> Tensor:
         """(n, V) the uniform-tail reconstruction: ids keep their log-probs, the tail shares its mass evenly."""
         if self.k == vocab_size:
@@ -182,6 +186,31 @@ class SparseRows:
             fill = self.log_tail - math.log(vocab_size - self.k)
         out = fill.unsqueeze(1).expand(-1, vocab_size).contiguous()
         return out.scatter_(1, self.ids, self.logp)
+
+
+def student_shaped_logp(ids: Tensor, logp: Tensor, log_rest: Tensor, logq: Tensor) -> Tensor:
+    """(n, V) a dense teacher target whose rest follows the student: the stored ids (n, S) keep their exact
+    log-probabilities ``logp`` (entries at −inf are pads: an id repeated with no value of its own), and the exact
+    rest mass ``exp(log_rest)`` (n,) is spread over the other tokens in proportion to the student's ``q``
+    (``logq`` (n, V), taken as a constant): ``log p̃_v = log_rest + log q_v − log Q_rest``.
+
+    This is the ``bucket`` tail made dense. Against it every divergence, mixed target and logit/probability
+    combination of teachers equals the one computed on the coarse-grained distributions (the stored ids, and the
+    rest as one category): within the rest the target has the student's own shape, so the loss can move only the
+    rest's total mass, never its shape. (The ``uniform`` tail instead pulls the rest toward a flat distribution.)"""
+    logq = logq.detach()
+    stored = _stored_mask(ids, logp, logq.shape[1])
+    log_q_rest = torch.logsumexp(logq.masked_fill(stored, -math.inf), dim=-1).clamp_min(LOG_FLOOR)  # (n,)
+    fill = logq + (log_rest - log_q_rest).unsqueeze(1)
+    values = torch.full_like(logq, -math.inf).scatter_reduce_(1, ids, logp.to(logq.dtype), "amax")
+    return torch.where(stored, values, fill)
+
+
+def _stored_mask(ids: Tensor, logp: Tensor, vocab_size: int) -> Tensor:
+    """(n, V) which tokens hold a stored value (pads, at −inf, mark nothing)."""
+    real = torch.isfinite(logp).to(torch.uint8)
+    mask = torch.zeros(ids.shape[0], vocab_size, dtype=torch.uint8, device=ids.device)
+    return mask.scatter_reduce_(1, ids, real, "amax").bool()
 
 
 def sparse_rows(
