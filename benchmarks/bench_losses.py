@@ -170,6 +170,8 @@ def part_a(n: int, vocab: int, k: int, repeats: int, device: str) -> list[dict]:
                 mix_alpha=alpha)
     variant(f"CE + sparse k={k} uniform reverse KL + mixing α=0.5 (ChooBaCa loss, general (n, V) path)", [tgt1],
             choobaca, mix_alpha=0.5, general=True)
+    variant(f"CE + sparse k={k} bucket reverse KL + mixing α=0.5 (ChooBaCa loss, rest shaped like the student)",
+            [tgt1], KDConfig("reverse_kl", tail_mode="bucket", detach_mix=True), mix_alpha=0.5)
     # sampled targets (RS-KD, N=50 draws a position, one proposal per τ), built as precompute builds them
     for tau in (1.0, 2.0):
         smp = sampled_from_dense(teacher, 50, tau)
@@ -341,10 +343,10 @@ def part_c(n: int, V: int, H: int, k: int, chunk: int, repeats: int, device: str
     s = sparse_from_dense(teacher, k, 1.0)
     target = SparseTarget(s.ids.view(1, n, k), s.logits.view(1, n, k), s.tail_lse.view(1, n))
     del teacher
-    cfg = KDConfig("reverse_kl", tail_mode="uniform", detach_mix=True)
+    uniform = KDConfig("reverse_kl", tail_mode="uniform", detach_mix=True)
     fns = {}
 
-    def variant(name, alpha=None, general=False, chunk_size=chunk):
+    def variant(name, alpha=None, general=False, chunk_size=chunk, cfg=uniform):
         def step():
             hidden.grad = None
             weight.grad = None
@@ -365,6 +367,10 @@ def part_c(n: int, V: int, H: int, k: int, chunk: int, repeats: int, device: str
         variant(f"ChooBaCa step, α={alpha}, fused", alpha)
     variant("ChooBaCa step, α=0.5, general (n, V) path (before)", 0.5, general=True)
     variant(f"ChooBaCa step, α=0.5, fused, chunk {4 * chunk} instead of {chunk}", 0.5, chunk_size=4 * chunk)
+    bucket = KDConfig("reverse_kl", tail_mode="bucket", detach_mix=True)
+    variant("ChooBaCa step, α=0.5, bucket tail (mixed on the categories)", 0.5, cfg=bucket)
+    variant(f"ChooBaCa step, α=0.5, bucket tail, chunk {4 * chunk} instead of {chunk}", 0.5, chunk_size=4 * chunk,
+            cfg=bucket)
     summary = summarise(interleaved_times(fns, repeats, device), base=base)
     return [{"variant": name, **v} for name, v in summary.items()]
 

@@ -119,7 +119,9 @@ def test_mixing_equals_topk_and_float64(objective, tau, chunk, k_exact, tail):
     cfg = KDConfig(objective=objective, temperature=tau, tail_mode=tail)
     plan = _prepare(z_s, labels, [tgt], cfg, alpha, chunk, source_dim=None).plan
     fused = tau == 1.0 and objective in ("forward_kl", "reverse_kl") and tail == "uniform"
-    assert plan.student == ("fused_mix" if fused else "log_softmax") and plan.chunk_state == (fused and chunk is not None)
+    expected = "fused" if tail == "bucket" else "fused_mix" if fused else "log_softmax"  # bucket: coarse mixing
+    assert plan.student == expected and plan.chunk_state == (fused and chunk is not None)
+    assert plan.mix_bucket == (tail == "bucket")
     s = z_s.clone().requires_grad_(True)
     parts = distill_loss(s, labels, [tgt], cfg, mix_alpha=alpha, chunk_size=chunk)
     (parts.kd_sum + parts.ce_sum).backward()

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from cachekd.losses import KDConfig, SparseTarget, distill_loss
+from cachekd.losses.api import _prepare
 from tests.reference_losses import make_sparse, ref_divergence
 
 f64 = torch.float64
@@ -57,6 +58,9 @@ def test_mixing_one_topk_teacher_is_the_coarse_mixture(objective, tau, detach, c
     target = make_sparse(zt, k, tau, generator=g, top=False)
     _, ids, logits, tail_lse = target
     cfg = KDConfig(objective=objective, temperature=tau, tail_mode="bucket", beta=0.3, detach_mix=detach)
+    sparse = SparseTarget(ids=ids, logits=logits, tail_lse=tail_lse)
+    # a detached student part is mixed on the categories (fused, O(k)); an attached one through the dense target
+    assert _prepare(z, labels, [sparse], cfg, alpha, chunk, source_dim=None).plan.mix_bucket == detach
     s = z.clone().requires_grad_(True)
     parts = distill_loss(s, labels, [SparseTarget(ids=ids, logits=logits, tail_lse=tail_lse)], cfg, mix_alpha=alpha,
                          chunk_size=chunk)

@@ -198,7 +198,7 @@ def test_every_preset_loads_and_validates(name, tmp_path):
     if "choobaca" in name:
         assert cfg.distill.chunk_size and cfg.distill.objective in ("forward_kl", "reverse_kl")
         if "-mix" in name:
-            assert cfg.distill.alpha.kind == "epoch_linear" and cfg.distill.tail_mode == "uniform"
+            assert cfg.distill.alpha.kind == "epoch_linear" and cfg.distill.tail_mode == "bucket"
     text = (PRESET_DIR / f"{name}.yaml").read_text()
     assert text.startswith("#")  # every preset says what it is
 

@@ -94,3 +94,30 @@ def pointwise_divergence(logp: Tensor, logq: Tensor, cfg: KDConfig) -> Tensor:
 def divergence(logp: Tensor, logq: Tensor, cfg: KDConfig) -> Tensor:
     """Divergence of two distributions given as log-probabilities along the last axis: (..., C) → (...)."""
     return pointwise_divergence(logp, logq, cfg).sum(-1)
+
+
+def bucket_divergence(logp_ids: Tensor, log_rest: Tensor, logq_ids: Tensor, log_rest_q: Tensor, cfg: KDConfig) -> Tensor:
+    """(n,) the divergence of the coarse-grained distributions: the ids (n, S) one by one, and the rest of the
+    vocabulary as one category, teacher ``logp_ids``/``log_rest`` (n,) against student ``logq_ids``/``log_rest_q``.
+    An id whose teacher value is −inf is a pad (an id repeated with no value of its own): it is compared with itself
+    (φ(x, x) = 0, no gradient), so no φ(−inf, q) is formed anywhere."""
+    real = torch.isfinite(logp_ids)
+    logp = torch.where(real, logp_ids, logq_ids.detach())
+    terms = torch.where(real, pointwise_divergence(logp, logq_ids, cfg), 0.0).sum(-1)
+    # (every token stored: both rests are empty, log 0 on both sides, floored so that the term is 0, not NaN)
+    rest_q = log_rest_q.clamp_min(LOG_FLOOR).unsqueeze(1)
+    rest = pointwise_divergence(log_rest.clamp_min(LOG_FLOOR).unsqueeze(1), rest_q, cfg).squeeze(1)
+    return terms + rest
+
+
+def mixed_bucket_target(logp_ids: Tensor, log_rest: Tensor, logq_ids: Tensor, log_rest_q: Tensor,
+                        alpha: float) -> tuple[Tensor, Tensor]:
+    """ChooBaCa's mixed target on the coarse-grained categories (the ids, and the rest as one): log r̄ ∝
+    α·log p̄ + (1−α)·log q̄ with the student part ``logq_ids``/``log_rest_q`` as given (detach it for a constant
+    target). With the teacher's rest shaped like the student (tail_mode bucket) this is exactly the dense mixed
+    target, coarse-grained (``sparse.student_shaped_logp``). Pads (−inf teacher values) stay −inf. 0 < α ≤ 1."""
+    a, b = alpha, 1.0 - alpha
+    mix_ids = torch.where(torch.isfinite(logp_ids), a * logp_ids + b * logq_ids, -math.inf)
+    mix_rest = a * log_rest.clamp_min(LOG_FLOOR) + b * log_rest_q.clamp_min(LOG_FLOOR)
+    log_z = torch.logaddexp(torch.logsumexp(mix_ids, dim=-1), mix_rest)
+    return mix_ids - log_z.unsqueeze(1), mix_rest - log_z

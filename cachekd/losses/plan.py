@@ -73,8 +73,13 @@ class LossPlan:
     """per_teacher: a weighted sum of per-teacher divergences (one teacher, or teacher_combine="losses");
     logits/probs: the teachers combined into one dense target first."""
     mixing: bool
-    """mix_alpha < 1: every teacher becomes a dense target mixed with the student's logits (a sampled one through
-    its uniform-tail form)."""
+    """mix_alpha < 1: every teacher's target is mixed with the student's logits: on the coarse-grained categories
+    (``mix_bucket``), else as a dense target."""
+    mix_bucket: bool
+    """Mixing with sparse or sampled teachers compared one by one, the bucket tail (the rest shaped like the
+    student) and a detached student part: the mixed target is formed on the stored ids and the rest as one
+    category (``divergences.mixed_bucket_target``), O(k) a position on the fused student, which equals the dense
+    mixed target with ``sparse.student_shaped_logp``."""
     mask_ignored: bool
     """The rows pass covers every row and masks the ignored ones out (fused students, unchunked, only): selecting
     the others would copy the (N, V) logits and, in backward, scatter their gradient back."""
@@ -86,8 +91,9 @@ class LossPlan:
 
     @property
     def sparse_by_ids(self) -> bool:
-        """Sparse teachers are compared at their ids (no dense reconstruction): per teacher, without mixing."""
-        return self.combine == "per_teacher" and not self.mixing
+        """Sparse teachers are compared at their ids (no dense reconstruction): per teacher, without mixing or
+        mixed on the coarse-grained categories."""
+        return self.combine == "per_teacher" and (not self.mixing or self.mix_bucket)
 
 
 def make_plan(
@@ -97,12 +103,13 @@ def make_plan(
     """The one decision of how to compute the loss (see ``LossPlan``)."""
     mixing = mix_alpha < 1.0
     combine = "per_teacher" if len(teachers) <= 1 or cfg.teacher_combine == "losses" else cfg.teacher_combine
-    # (sampled targets ignore the tail mode: their rest is always one bucket)
+    # (sampled targets compared one by one ignore the tail mode: their rest is always one bucket)
+    by_ids = all(isinstance(t, FlatSampled) or (isinstance(t, FlatSparse) and cfg.tail_mode != "uniform")
+                 for t in teachers)
+    mix_bucket = (mixing and mix_alpha > 0.0 and combine == "per_teacher" and cfg.detach_mix
+                  and cfg.tail_mode == "bucket" and bool(teachers) and by_ids)
     fused = (cfg.tail_mode != "uniform" or any(isinstance(t, FlatSampled) for t in teachers)) and (
-        not teachers
-        or (combine == "per_teacher" and not mixing
-            and all(isinstance(t, FlatSampled) or (isinstance(t, FlatSparse) and cfg.tail_mode != "uniform")
-                    for t in teachers))
+        not teachers or (combine == "per_teacher" and (not mixing or mix_bucket) and by_ids)
     )
     fused_mix = (
         mixing
@@ -122,6 +129,7 @@ def make_plan(
         student="fused" if fused else "fused_mix" if fused_mix else "log_softmax",
         combine=combine,
         mixing=mixing,
+        mix_bucket=mix_bucket,
         mask_ignored=(fused or fused_mix) and entry == "rows",
         bucket_tails=fused and cfg.tail_mode == "bucket",
         chunk_state=fused_mix and entry == "chunked",

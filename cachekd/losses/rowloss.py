@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from cachekd.losses.divergences import LOG_FLOOR, divergence
+from cachekd.losses.divergences import LOG_FLOOR, bucket_divergence, divergence, mixed_bucket_target
 from cachekd.losses.mixed import (
     GradCoefficients,
     LogitStats,
@@ -68,7 +68,10 @@ def loss_on_rows(z: Tensor, rows: Rows, prep: Prepared, ignored: Tensor | None =
         at_ids = iter(zip(logq_ids, log_tails))
         kd = None
         for target, weight in zip(targets, prep.weights):
-            if isinstance(target, SampledRows) and plan.sparse_by_ids:
+            if isinstance(target, (SampledRows, SparseRows)) and plan.mix_bucket:
+                logq_at_ids, log_tail = next(at_ids)
+                d = _mixed_bucket_divergence(target, logq_at_ids, log_tail, prep)
+            elif isinstance(target, SampledRows) and plan.sparse_by_ids:
                 logq_at_ids, log_tail = next(at_ids)
                 d = sampled_divergence(student, target, logq_at_ids, log_tail, prep.cfg)
             elif isinstance(target, SparseRows) and plan.sparse_by_ids:
@@ -83,6 +86,17 @@ def loss_on_rows(z: Tensor, rows: Rows, prep: Prepared, ignored: Tensor | None =
     if ignored is not None:
         kd = kd.index_fill(0, ignored, 0.0)
     return ce_sum, kd.sum()
+
+
+def _mixed_bucket_divergence(target: SparseRows | SampledRows, logq_ids: Tensor, log_rest_q: Tensor | None,
+                             prep: Prepared) -> Tensor:
+    """(n,) the divergence against the teacher mixed with the (detached) student on the coarse-grained categories:
+    the stored ids and the rest (``plan.mix_bucket``). ``log_rest_q`` None: every token is stored (no rest)."""
+    logp, log_rest = (target.logp, target.log_tail) if isinstance(target, SparseRows) else (target.logp, target.log_rest)
+    if log_rest_q is None:
+        log_rest_q = torch.full_like(log_rest, -math.inf)
+    mix_ids, mix_rest = mixed_bucket_target(logp, log_rest, logq_ids.detach(), log_rest_q.detach(), prep.mix_alpha)
+    return bucket_divergence(mix_ids, mix_rest, logq_ids, log_rest_q, prep.cfg)
 
 
 def teacher_rows(
@@ -107,7 +121,7 @@ def _student_values(
     if prep.plan.student == "fused":
         # The fused path, no (n, V) log-softmax at all.
         index = torch.cat([labels.unsqueeze(1), *[t.ids for t in sparse]], dim=1)
-        with_tail = [needs_student_rest(prep.cfg) if isinstance(t, SampledRows)
+        with_tail = [(needs_student_rest(prep.cfg) or prep.plan.mix_bucket) if isinstance(t, SampledRows)
                      else prep.plan.bucket_tails and t.k < vocab_size for t in sparse]
         starts = [sum(split[:i]) for i in range(len(sparse))]
         groups = tuple((start, t.k) for start, t, tail in zip(starts, sparse, with_tail) if tail)

@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from cachekd.losses.divergences import LOG_FLOOR, pointwise_divergence
+from cachekd.losses.divergences import bucket_divergence
 from cachekd.losses.plan import FlatSampled, Rows, take
 from cachekd.losses.sparse import student_shaped_logp
 
@@ -211,11 +211,4 @@ def sampled_divergence(student: Student, target: SampledRows, logq_ids: Tensor, 
         return -target.entropy - (target.weights * logq_ids).sum(-1)
     if log_rest_q is None:
         log_rest_q = torch.logsumexp(student.logq.scatter(1, target.ids, -math.inf), dim=-1)
-    real = torch.isfinite(target.logp)
-    # pads: compared with themselves (φ(x, x) = 0, no gradient), so no huge φ(−inf, q) is formed anywhere
-    logp = torch.where(real, target.logp, logq_ids.detach())
-    terms = torch.where(real, pointwise_divergence(logp, logq_ids, cfg), 0.0).sum(-1)
-    # (every token stored: both rests are empty, log 0 on both sides, floored so that the term is 0, not NaN)
-    rest_q = log_rest_q.clamp_min(LOG_FLOOR).unsqueeze(1)
-    rest = pointwise_divergence(target.log_rest.unsqueeze(1), rest_q, cfg).squeeze(1)
-    return terms + rest
+    return bucket_divergence(target.logp, target.log_rest, logq_ids, log_rest_q, cfg)
