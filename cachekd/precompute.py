@@ -31,6 +31,13 @@ from cachekd.teacher_samples import sampled_teacher_targets
 from cachekd.tokens import TokenStore
 
 
+DEFAULT_STORAGE = (16, 50)
+"""(K, N) of the cache `precompute` makes when no storage option is given: the hybrid of the exact top-K and N draws
+from the teacher beyond it. Chosen from `benchmarks/bench_fidelity.py` (README, "Which option for which
+objective"): the sampled caches kept the full-teacher gain for forward KL where top-64 kept a fraction, and no
+option was resolved better for the other objectives."""
+
+
 @dataclass
 class PrecomputeConfig:
     """Options of ``cachekd precompute``."""
@@ -42,7 +49,9 @@ class PrecomputeConfig:
     output: str = ""
     """Directory of the logit cache."""
     top_k: int | None = None
-    """Logits kept exactly per position (ignored with `full`); None: 64, or 0 with `sample` (a pure sampled cache)."""
+    """Logits kept exactly per position (ignored with `full`). None: the default storage (`DEFAULT_STORAGE`) when
+    `sample` is None too, 0 with `sample` (a pure sampled cache). An explicit top_k without `sample` gives a
+    top-k cache."""
     full: bool = False
     """Store all logits in fp16 instead of the top-k (small vocabularies, exactness tests)."""
     temperatures: list[float] = field(default_factory=lambda: [1.0, 2.0])
@@ -63,14 +72,20 @@ class PrecomputeConfig:
     nats). 1/256 saves ~8 bytes a position at k=64 for twice the error."""
     sample: int | None = None
     """N: store N ids drawn from the teacher per position (a sampled cache; with an explicit top_k a hybrid of the
-    exact top-k and N draws from the rest). None: a top-k cache."""
+    exact top-k and N draws from the rest). None: the default storage, or a top-k cache with an explicit top_k."""
     proposal_temperature: float | None = None
     """The temperature the draws are made at, one of `temperatures`; None: each cached τ gets its own N draws."""
     sample_seed: int = 0
     """Seed of the draws (each window's draws are a function of the seed and the window)."""
 
+    default_storage: bool = field(default=False, init=False)
+    """Set when neither top_k nor sample nor full was given: the cache takes `DEFAULT_STORAGE`."""
+
     def __post_init__(self) -> None:
-        if self.top_k is None:
+        if self.top_k is None and self.sample is None and not self.full:
+            self.top_k, self.sample = DEFAULT_STORAGE
+            self.default_storage = True
+        elif self.top_k is None:
             self.top_k = 0 if self.sample is not None else 64
         if not self.full and self.sample is None and self.top_k < 1:
             raise CachekdError(f"--top-k must be at least 1 (got {self.top_k}).")
@@ -288,6 +303,10 @@ def precompute(cfg: PrecomputeConfig, *, force: bool = False, progress: bool = T
         raise CachekdError("no output path given: pass --output DIR for the cache.")
     store = TokenStore.open(cfg.store)
     vocab = store.vocab_size
+    if cfg.default_storage and cfg.top_k >= vocab:
+        raise CachekdError(f"the default storage (the exact top-{cfg.top_k} and {cfg.sample} draws beyond it) needs a "
+                           f"vocabulary of more than {cfg.top_k} tokens (this one has {vocab}): pass --full for a "
+                           f"vocabulary this small, or --top-k K for a top-k cache.")
     if not cfg.full and cfg.top_k >= vocab and cfg.sample is not None:
         raise CachekdError(f"--top-k {cfg.top_k} with --sample leaves no tokens to draw from (the vocabulary has "
                            f"{vocab}); use a top-k cache, or a smaller --top-k.")

@@ -21,10 +21,12 @@ def _floats(ctx, param, value):
               help="Teacher: HF checkpoint dir, `cachekd train` run dir, a registry name, or NAME=PATH. Repeat for several.")
 @click.option("-o", "--output", required=True, type=click.Path(), help="Directory of the logit cache.")
 @click.option("--top-k", default=None, type=int,
-              help="Logits kept exactly per position [default: 64; with --sample: 0, a pure sampled cache].")
+              help="Logits kept exactly per position. Alone: a top-k cache (e.g. --top-k 64); with --sample N: a "
+                   "hybrid (0: a pure sampled cache). [default: neither given: --top-k 16 --sample 50]")
 @click.option("--sample", default=None, type=int, metavar="N",
               help="Draw N ids per position from the teacher and store them with counts (RS-KD: an unbiased "
-                   "forward-KL target); with --top-k K, N draws from beyond the exact top-K (a hybrid).")
+                   "forward-KL target); with --top-k K, N draws from beyond the exact top-K (a hybrid). Alone: "
+                   "a pure sampled cache.")
 @click.option("--proposal-temperature", default=None, type=float, metavar="T",
               help="Draw at this one temperature (one of --temperatures) instead of once per cached temperature.")
 @click.option("--sample-seed", default=0, show_default=True, type=int, help="Seed of the --sample draws.")
@@ -48,10 +50,12 @@ def precompute_command(store, teachers, output, top_k, sample, proposal_temperat
                        logprob_step, splits, batch_size, device, dtype, registry, part, force, as_json, quiet):
     """Run the frozen teacher(s) ONCE over a token store and cache their outputs for every later student.
 
-    Per position it keeps the top-k teacher log-probabilities and ids plus the exact log-sum-exp of the rest
-    (tail_lse) at each --temperatures value, or with --full every logit, or with --sample N the distinct ids of N
-    draws from the teacher with their counts, log-probabilities, the normaliser and entropy (an unbiased target;
-    `--top-k K --sample N` keeps the top-K exact and draws from the rest). Killed at any moment, the same command
+    Per position it keeps, by default, the exact top-16 teacher log-probabilities and ids, the distinct ids of 50
+    draws from the teacher beyond them (per --temperatures value) with their counts and log-probabilities, the
+    exact log-sum-exp of the rest (tail_lse), the normaliser and the entropy: an unbiased forward-KL target, and
+    for every objective the stored ids plus the rest's exact mass (the README's fidelity figures say which to use
+    when). `--top-k K` alone keeps only the top-K and tail_lse (a top-k cache), `--sample N` alone only draws,
+    `--full` every logit. Killed at any moment, the same command
     resumes where it stopped. Under `torchrun --nproc-per-node N -m cachekd_cli precompute ...` each rank takes its own
     chunks; `--part i/n` does the same for independent jobs.
 
