@@ -19,7 +19,8 @@ the default):
 
     rkl1mix     ChooBaCa's preset: reverse KL, τ=1, target logits α·z_T + (1−α)·z_S with α from 0.9 to 0.5
     fkl2ens     Baby Llama's: forward KL, τ=2, two teachers (a second, GPT-2-shaped teacher is trained), raw
-                logits averaged
+                logits averaged; also from caches of the combination made at precompute time
+                (`precompute --ensemble logits`): ens-sampled (N=50), ens-hybrid (top-16 + 50)
 
 For each row: bytes/position of
 the cache, the gradient angle to the full target (``cachekd.audit.audit_targets`` on dev positions, with the CE
@@ -78,7 +79,8 @@ def setting_rows(setting: str) -> list[str]:
     """The rows of a setting: dense-target settings take the top-k cache with the uniform or the bucket tail (the
     rest shaped like the student), and the sampled cache with either (the other sampled rows: bucket)."""
     if SETTINGS[setting][2]:
-        return ["full", "top-k uniform", "top-k bucket", "sampled uniform", "sampled", "hybrid", "wide hybrid"]
+        rows = ["full", "top-k uniform", "top-k bucket", "sampled uniform", "sampled", "hybrid", "wide hybrid"]
+        return rows + (["ens-sampled", "ens-hybrid"] if setting == ENSEMBLE else [])
     return ["full", "top-k bucket", "top-k renormalize", "sampled", "hybrid", "wide hybrid"]
 STUDENT_LR, TEACHER_LR, CE_WEIGHT = 3e-3, 2e-3, 0.5
 
@@ -247,6 +249,9 @@ def main() -> None:
         caches = {"top-k": dict(top_k=args.top_k), "sampled": dict(top_k=0, sample=args.sample),
                   "hybrid": dict(top_k=args.hybrid_top_k, sample=args.sample),
                   "wide": dict(top_k=args.top_k, sample=args.sample)}
+        if ENSEMBLE in settings:  # the two teachers combined at precompute time, cached as one teacher
+            caches |= {"ens-sampled": dict(top_k=0, sample=args.sample, ensemble="logits"),
+                       "ens-hybrid": dict(top_k=args.hybrid_top_k, sample=args.sample, ensemble="logits")}
         cache_info: dict[str, dict[str, Any]] = {}
         for name, kw in caches.items():
             out = work / f"cache-{name}"
@@ -255,9 +260,11 @@ def main() -> None:
                                             temperatures=temps, splits=["train"], device="cpu", **kw),
                            force=True, progress=False)
             man = r["manifest"]
-            st = man["stats"]["train"]["teacher"]
-            # bytes per position and teacher (the caches hold both teachers when the ensemble setting runs)
-            cache_info[name] = {"dir": out, "bytes": man["bytes_per_position"] / len(teachers),
+            cached = list(man["stats"]["train"])
+            st = man["stats"]["train"][cached[0]]
+            # bytes per position and teacher of the cache (both teachers when the ensemble setting runs; one, the
+            # combined one, in an ens- cache)
+            cache_info[name] = {"dir": out, "bytes": man["bytes_per_position"] / len(cached),
                                 "seconds": time.perf_counter() - t0,
                                 "distinct": st.get("mean_distinct_ids"), "mass": st.get("mean_topk_mass", {})}
             log(f"cache {name}: {cache_info[name]['bytes']:.1f} B/position a teacher, {time.perf_counter() - t0:.0f} s")
@@ -409,6 +416,8 @@ def main() -> None:
                     mode = words[1] if len(words) > 1 and words[1] in ("bucket", "uniform", "renormalize") else "bucket"
                     d = {**base, "cache": str(cache), "tail_mode": mode,
                          "teachers": [Path(t).name for t in teachers[:n_t]]}
+                    if row.startswith("ens-"):  # one cached teacher, the combination: compared on its own
+                        d["teachers"] = ["ensemble"]
                 for seed in range(args.seeds):
                     tag = f"{setting}-{row}-{seed}".replace(" ", "_")
                     s = run(train_cfg(tag, work / "students" / tag, str(store_dir), STUDENT, lr=STUDENT_LR, steps=args.steps,

@@ -159,6 +159,7 @@ def audit(cache_path: str | Path, *, teacher: str | None = None, student: str | 
     from cachekd.cache.reader import LogitCache
     from cachekd.cache.summary import cache_summary
     from cachekd.models import load_model
+    from cachekd.ensemble import load_cached_teacher
     from cachekd.teachers import load_teachers
     from cachekd.tokens import TokenStore
 
@@ -169,9 +170,12 @@ def audit(cache_path: str | Path, *, teacher: str | None = None, student: str | 
     cache.check_store(store)
     split = split or ("train" if "train" in cache.splits() else cache.splits()[0])
     name = cache.teachers[0]
-    spec = teacher or f"{name}={cache.plan.teachers[0]['path']}"
-    model, _, info = load_teachers([spec], store)[0]
-    same = info["fingerprint"] == cache.plan.teachers[0].get("fingerprint")
+    cached_info = cache.plan.teachers[0]
+    if teacher is None and cached_info.get("members"):  # an ensemble cache: rebuilt from its members
+        model, info = load_cached_teacher(cached_info, cache.vocab_size), cached_info
+    else:
+        model, _, info = load_teachers([teacher or f"{name}={cached_info['path']}"], store)[0]
+    same = info["fingerprint"] == cached_info.get("fingerprint")
     temps = list(temperatures or cache.temperatures or [1.0])
     for t in temps:
         if cache.mode != "full":

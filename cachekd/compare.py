@@ -145,6 +145,7 @@ def teacher_runs(runs: list[dict[str, Any]]) -> set[int]:
     as an online teacher in a distilled run's summary, or as a teacher in the manifest of the cache it was distilled
     from (a cache that cannot be opened any more is passed over)."""
     from cachekd.cache.reader import LogitCache
+    from cachekd.ensemble import member_infos
 
     paths: set[Path] = set()
     fingerprints: set[str] = set()
@@ -158,8 +159,8 @@ def teacher_runs(runs: list[dict[str, Any]]) -> set[int]:
                 pass
         for t in teachers:
             if isinstance(t, dict):
-                if t.get("path"):
-                    paths.add(Path(t["path"]).resolve())
+                for m in member_infos(t) if t.get("path") else []:
+                    paths.add(Path(m["path"]).resolve())
                 if t.get("fingerprint"):
                     fingerprints.add(str(t["fingerprint"]))
     found = set()

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from cachekd import distributed
+from cachekd import distributed, ensemble
 from cachekd.cache import encoding as enc
 from cachekd.cache import format as fmt
 from cachekd.cache import writer as cw
@@ -77,6 +77,11 @@ class PrecomputeConfig:
     """The temperature the draws are made at, one of `temperatures`; None: each cached τ gets its own N draws."""
     sample_seed: int = 0
     """Seed of the draws (each window's draws are a function of the seed and the window)."""
+    ensemble: str | None = None
+    """logits or probs: cache the teachers' combination as one teacher, `ensemble` (`cachekd.ensemble`): exact,
+    where combining sparse caches at training time is not. None: each teacher on its own."""
+    ensemble_weights: list[float] | None = None
+    """One weight per teacher for `ensemble` (normalised); None: equal weights."""
 
     default_storage: bool = field(default=False, init=False)
     """Set when neither top_k nor sample nor full was given: the cache takes `DEFAULT_STORAGE`."""
@@ -297,7 +302,7 @@ def precompute(cfg: PrecomputeConfig, *, force: bool = False, progress: bool = T
     the user (a teacher's extra output rows dropped as padding)."""
     from tqdm.auto import tqdm
 
-    from cachekd.teachers import load_teachers
+    from cachekd.teachers import EnsembleTeacher, load_teachers
 
     if not cfg.output:
         raise CachekdError("no output path given: pass --output DIR for the cache.")
@@ -321,9 +326,14 @@ def precompute(cfg: PrecomputeConfig, *, force: bool = False, progress: bool = T
     busy = cw.busy_share(root, slot, slots)
     if busy:  # stop at once, before loading any teacher
         raise _busy_error(root, busy)
+    ensemble.check_options(cfg.ensemble, cfg.ensemble_weights, len(cfg.teachers))
     loaded = load_teachers(cfg.teachers, store, cfg.registry, say=say)
     models = [m.to(device).eval() for m, _, _ in loaded]
     infos = [info for _, _, info in loaded]
+    if cfg.ensemble:
+        weights = cfg.ensemble_weights or [1.0] * len(models)
+        models = [EnsembleTeacher(models, weights, cfg.ensemble, vocab).eval()]
+        infos = [ensemble.ensemble_info(infos, cfg.ensemble, weights)]
     plan = build_plan(cfg, store, infos, vocab)
     plan, lock = _open_cache(root, plan, force and (world == 1 or rank == 0), slot, slots, rank, world)
     try:

@@ -19,6 +19,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from pathlib import Path
+from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -217,6 +218,30 @@ def load_teachers(specs: list[str], store: TokenStore, registry: str | None = No
     return loaded
 
 
+class EnsembleTeacher(torch.nn.Module):
+    """Member models → one model whose ``logits`` (B, T, V) are the combined log-probabilities over the store's
+    vocabulary (members' extra output rows, already checked to be padding, are dropped first): the teacher of a
+    `precompute --ensemble` cache (`cachekd.ensemble`)."""
+
+    def __init__(self, members: list[torch.nn.Module], weights: list[float], combine: str, vocab_size: int) -> None:
+        super().__init__()
+        self.members = torch.nn.ModuleList(members)
+        total = float(sum(weights))
+        self.weights = [float(w) / total for w in weights]
+        self.combine = combine
+        self.vocab_size = vocab_size
+
+    def forward(self, input_ids: torch.Tensor, **kwargs: Any) -> SimpleNamespace:
+        logps = [torch.log_softmax(m(input_ids=input_ids, **kwargs).logits[..., : self.vocab_size].float(), dim=-1)
+                 for m in self.members]
+        if self.combine == "logits":
+            out = sum(w * lp for w, lp in zip(self.weights, logps) if w > 0)
+        else:
+            out = torch.logsumexp(torch.stack([lp + torch.tensor(w).log() for w, lp in zip(self.weights, logps)
+                                               if w > 0]), dim=0)
+        return SimpleNamespace(logits=out)
+
+
 # -------------------------------------------------------------------------------------------- sources
 
 
@@ -407,7 +432,12 @@ class OnlineTeachers(TeacherSource):
         if not specs and d.cache:
             from cachekd.cache.reader import LogitCache
 
-            specs = [t["path"] for t in LogitCache.open(d.cache).meta["teachers"]]
+            cached = LogitCache.open(d.cache).meta["teachers"]
+            if any(t.get("members") for t in cached):
+                raise CachekdError(
+                    f"cache {d.cache!r} holds an ensemble of teachers (precompute --ensemble); to run them live pass "
+                    f"each member with --teacher and --teacher-combine {cached[0].get('combine', 'logits')}.")
+            specs = [t["path"] for t in cached]
         models, infos, notes = [], [], []
         for m, path, info in load_teachers(specs, store, say=notes.append):
             infos.append({"name": info["name"], "path": str(path), "fingerprint": info["fingerprint"]})

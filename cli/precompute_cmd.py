@@ -31,6 +31,12 @@ def _floats(ctx, param, value):
               help="Draw at this one temperature (one of --temperatures) instead of once per cached temperature.")
 @click.option("--sample-seed", default=0, show_default=True, type=int, help="Seed of the --sample draws.")
 @click.option("--full", is_flag=True, help="Store all logits (fp16) instead of the top-k.")
+@click.option("--ensemble", type=click.Choice(["logits", "probs"]), default=None,
+              help="Cache the teachers' combination as ONE teacher, 'ensemble': logits (Baby Llama: raw logits "
+                   "averaged) or probs (probabilities averaged). Exact, where combining the teachers' sparse caches "
+                   "at training time is not; the weights are fixed in the cache.")
+@click.option("--ensemble-weights", default=None, callback=_floats, metavar="W1,W2,...",
+              help="One weight per --teacher for --ensemble (default: equal).")
 @click.option("--temperatures", default="1.0,2.0", show_default=True, callback=_floats,
               help="Temperatures to store the exact tail mass for (comma-separated).")
 @click.option("--logprob-step", default=1 / 512, show_default="1/512", type=float,
@@ -46,8 +52,9 @@ def _floats(ctx, param, value):
 @click.option("--force", is_flag=True, help="Start again over a cache begun with other settings.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def precompute_command(store, teachers, output, top_k, sample, proposal_temperature, sample_seed, full, temperatures,
-                       logprob_step, splits, batch_size, device, dtype, registry, part, force, as_json, quiet):
+def precompute_command(store, teachers, output, top_k, sample, proposal_temperature, sample_seed, full, ensemble,
+                       ensemble_weights, temperatures, logprob_step, splits, batch_size, device, dtype, registry, part,
+                       force, as_json, quiet):
     """Run the frozen teacher(s) ONCE over a token store and cache their outputs for every later student.
 
     Per position it keeps, by default, the exact top-16 teacher log-probabilities and ids, the distinct ids of 50
@@ -67,7 +74,8 @@ def precompute_command(store, teachers, output, top_k, sample, proposal_temperat
 
     cfg = PrecomputeConfig(
         store=store, teachers=list(teachers), output=output, top_k=top_k, full=full, temperatures=temperatures,
-        sample=sample, proposal_temperature=proposal_temperature, sample_seed=sample_seed,
+        sample=sample, proposal_temperature=proposal_temperature, sample_seed=sample_seed, ensemble=ensemble,
+        ensemble_weights=ensemble_weights,
         splits=[s.strip() for s in splits.split(",") if s.strip()], batch_size=batch_size, device=device, dtype=dtype,
         registry=registry, part=part, logprob_step=logprob_step,
     )

@@ -196,7 +196,7 @@ def repair_chunks(cache: LogitCache, chunks: list[tuple[str, int]], store_proble
     arguments recomputes exactly those chunks. Refused (nothing changed) when precompute could not run: a teacher
     checkpoint or the token store is missing or changed."""
     from cachekd.cache import writer as cw
-    from cachekd.models import checkpoint_fingerprint
+    from cachekd.ensemble import teacher_problem
 
     if not chunks and cache.manifest_problem is None:
         return {"marked_for_recompute": {}, "next": "nothing to repair"}
@@ -204,11 +204,9 @@ def repair_chunks(cache: LogitCache, chunks: list[tuple[str, int]], store_proble
     if store_problem:
         blockers.append(store_problem)
     for t in cache.plan.teachers:
-        p = Path(t["path"])
-        if not p.exists():
-            blockers.append(f"teacher {t['name']!r} is no longer at {str(p)!r}")
-        elif checkpoint_fingerprint(p) != t["fingerprint"]:
-            blockers.append(f"teacher {t['name']!r} at {str(p)!r} changed since the cache was built")
+        problem = teacher_problem(t)
+        if problem:
+            blockers.append(problem)
     if blockers:
         return {"marked_for_recompute": {}, "refused": (
             "; ".join(blockers) + ", so precompute could not recompute the damaged chunks; nothing was changed: "
@@ -225,11 +223,13 @@ def precompute_command(cache: LogitCache, store_path: Path | None = None) -> str
     """The precompute command line that recreates this cache's plan (its identity: store, teachers by name and
     path, k or --full, temperatures, splits, logprob step). `store_path`: where the token store is now (verify
     --store), when it moved; the cache matches a store by fingerprint, not by path."""
+    from cachekd.ensemble import teacher_args
+
     plan = cache.plan
     q = shlex.quote
     args = ["cachekd", "precompute", "--store", q(str(store_path or plan.token_store.path))]
     for t in plan.teachers:
-        args += ["--teacher", q(f"{t['name']}={t['path']}")]
+        args += [q(a) for a in teacher_args(t)]
     args += ["-o", q(str(cache.path))]
     if plan.mode == "full":
         args.append("--full")
@@ -256,7 +256,7 @@ def recompute_windows(cache: LogitCache, store, n: int, seed: int) -> dict[str, 
     that cannot be loaded (deleted, changed) or whose windows cannot be read is reported as skipped, with why."""
     import torch
 
-    from cachekd.models import checkpoint_fingerprint, load_model
+    from cachekd.ensemble import load_cached_teacher
     from cachekd.teacher_rows import teacher_targets
 
     split = "train" if "train" in cache.splits() else cache.splits()[0]
@@ -264,13 +264,8 @@ def recompute_windows(cache: LogitCache, store, n: int, seed: int) -> dict[str, 
     rows = np.sort(rng.choice(cache.num_windows(split), size=min(n, cache.num_windows(split)), replace=False))
     out: dict[str, Any] = {"split": split, "windows": len(rows)}
     for info in cache.plan.teachers:
-        path = Path(info["path"])
         try:
-            if not path.exists():
-                raise CachekdError(f"teacher {info['name']!r} is no longer at {str(path)!r}")
-            if checkpoint_fingerprint(path) != info["fingerprint"]:
-                raise CachekdError(f"teacher {info['name']!r} at {str(path)!r} changed since the cache was built")
-            model = load_model(path).eval()
+            model = load_cached_teacher(info, cache.vocab_size)
             blocks = [cache.read(split, int(r), int(r) + 1, [info["name"]])[info["name"]] for r in rows]
         except CachekdError as e:
             out[info["name"]] = {"skipped": str(e).rstrip(".")}
