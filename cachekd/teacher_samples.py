@@ -44,6 +44,29 @@ def inverse_cdf(log_weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return idx.clamp_(max=log_weights.shape[-1] - 1)
 
 
+UNDERFLOW_TAIL = 1e-20
+"""Rows whose weights beyond the top-K sum to less than this (relative to the position's largest exp(z/τ) term) are
+drawn from their own log-weights instead (`inverse_cdf`): there the float32 exponentials taken relative to the whole
+row's maximum have lost the tail's shape."""
+
+
+def _draw(weights: torch.Tensor, d: torch.Tensor, tau_r: float, top: torch.Tensor | None,
+          u: torch.Tensor) -> torch.Tensor:
+    """(r, N) draws for uniforms `u` from the non-negative `weights` (r, V) (exp(d/τ_r) beyond the top-K): the first
+    id whose float64 cumulative weight exceeds u·total; rows whose weights underflow go through `inverse_cdf` on the
+    log-weights `d/τ_r` (top-K masked), which normalises by the rows' own maximum."""
+    cdf = torch.cumsum(weights.double(), dim=-1)
+    total = cdf[:, -1:]
+    idx = torch.searchsorted(cdf, (u.to(cdf) * total).contiguous(), right=True).clamp_(max=weights.shape[-1] - 1)
+    low = (total.squeeze(1) < UNDERFLOW_TAIL).nonzero().squeeze(1)
+    if low.numel():
+        logw = d.index_select(0, low) / tau_r
+        if top is not None:
+            logw = logw.scatter(1, top.index_select(0, low), float("-inf"))
+        idx[low] = inverse_cdf(logw, u.index_select(0, low))
+    return idx
+
+
 def merge_draws(draws: torch.Tensor, num_proposals: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Draws (r, n_r, N) → (ids (r, width) sorted distinct with pads repeating the last id, counts
     (r, width, n_r) with 0 at the pads)."""
@@ -95,22 +118,34 @@ def sampled_teacher_targets(logits: torch.Tensor, vocab_size: int, k: int, tempe
     uniforms = [torch.from_numpy(draw_uniforms(seed, c, window_ids, L, num_draws)).to(dev) for c in range(nr)]
     for rows in row_blocks(flat):
         zb = flat[rows].float()
-        lse[rows] = torch.logsumexp(zb, dim=-1)
-        ell = zb - lse[rows, None]                                   # (r, V) log p₁
-        p1 = ell.exp()
-        entropy1[rows] = -torch.where(p1 > 0, p1 * ell, 0.0).sum(-1)
-        beyond = ell if top is None else ell.scatter(1, top[rows], float("-inf"))
+        top_b = None if top is None else top[rows]
+        # One exponential of d = z − max per temperature (a square root of the τ=1 one at τ=2) serves the
+        # normaliser, the entropy, the tail sum and the proposal's CDF. With c = log Σ exp(d) (so ℓ = d − c):
+        # N_τ = log Z_τ − c/τ, H_τ = log Z_τ − Σ e_τ d / (τ Z_τ), tail_lse[τ] = log Σ_beyond e_τ − c/τ.
+        m = zb.amax(dim=-1, keepdim=True)
+        d = zb - m
+        d_finite = d.clamp_min(-1e30)  # (−inf logits, e.g. masked tokens, have e = 0: their e·d is then 0)
+        e1 = d.exp()
+        c = e1.sum(-1).log()  # (r,)
+        lse[rows] = m.squeeze(1) + c
+        beyond_e: dict[float, torch.Tensor] = {}
+        h: dict[float, torch.Tensor] = {}
         for t, tau in enumerate(temperatures):
-            s = ell / tau
-            n_tau = torch.logsumexp(s, dim=-1)
-            p = torch.softmax(s, dim=-1)
-            # (−inf logits, e.g. masked tokens, have p = 0: 0·(−inf) is taken as 0)
-            entropy[rows, t] = n_tau - torch.where(p > 0, p * s, 0.0).sum(-1)
-            tails[rows, t] = n_tau if top is None else torch.logsumexp(beyond / tau, dim=-1)
-        for c, tau_r in enumerate(proposals):
-            draws[rows, c] = inverse_cdf(beyond / tau_r, uniforms[c][rows])
+            e = e1 if tau == 1.0 else e1.sqrt() if tau == 2.0 else (d / tau).exp()
+            log_z = e.sum(-1).log()
+            h[tau] = entropy[rows, t] = log_z - torch.linalg.vecdot(e, d_finite) / (tau * log_z.exp())
+            beyond = e if top_b is None else e.scatter(1, top_b, 0.0)
+            beyond_e[tau] = beyond
+            tails[rows, t] = (log_z if top_b is None else beyond.sum(-1).log()) - c / tau
+        entropy1[rows] = h[1.0] if 1.0 in h else c - torch.linalg.vecdot(e1, d_finite) / c.exp()
+        for p_idx, tau_r in enumerate(proposals):
+            w = beyond_e.get(tau_r)
+            if w is None:  # a proposal temperature that is not cached (never: it must be one of them)
+                e = (d / tau_r).exp()
+                w = e if top_b is None else e.scatter(1, top_b, 0.0)
+            draws[rows, p_idx] = _draw(w, d, tau_r, top_b, uniforms[p_idx][rows])
         ids_b, counts_b = merge_draws(draws[rows], nr, width)
-        ell_drawn[rows] = ell.gather(1, ids_b)
+        ell_drawn[rows] = d.gather(1, ids_b) - c.unsqueeze(1)
         sample_ids[rows], sample_counts[rows] = ids_b, counts_b
     real = sample_counts.sum(-1) > 0
     arrays.update({

@@ -369,9 +369,9 @@ def low_topk_mass_note(cache: LogitCache, teacher: str, tau: float, mass: float,
         f"{what}, "
         f"so it passes on little of the teacher and the student may do no better than cross-entropy. Options: a "
         f"larger k (`cachekd precompute --top-k`), another tail mode (--tail-mode renormalize keeps the shape of the "
-        f"top-k, biased), a lower τ (the captured mass falls as τ grows), or a sampled cache (`cachekd precompute "
-        f"--sample 50`: unbiased forward-KL targets that kept the whole full-teacher gain in the README's fidelity "
-        f"figures)."
+        f"top-k, biased), a lower τ (the captured mass falls as τ grows), or a hybrid or sampled cache (what "
+        f"`cachekd precompute` makes without --top-k: unbiased forward-KL targets that kept about the whole "
+        f"full-teacher gain in the README's fidelity figures)."
     )
 
 

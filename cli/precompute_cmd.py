@@ -67,8 +67,10 @@ def precompute_command(store, teachers, output, top_k, sample, proposal_temperat
     chunks; `--part i/n` does the same for independent jobs.
 
     \b
-    Example:
+    Examples:
       cachekd precompute --store runs/tokens --teacher runs/teacher-llama --teacher runs/teacher-gpt2 -o runs/cache
+      # Baby Llama's ensemble as one exact teacher
+      cachekd precompute --store runs/tokens --teacher A --teacher B --ensemble logits -o runs/cache-ens
     """
     from cachekd.precompute import PrecomputeConfig, precompute
 

@@ -221,3 +221,30 @@ def test_topk_caches_keep_their_format(tmp_path, runner, store_path, teacher_pat
     assert cache.plan.sample_spec is None and cache.plan.storage_kind == "top-4"
     b = cache.read("train", 0, 2)[cache.teachers[0]]
     assert b.sample_ids is None and b.ids.shape == (2, 16, 4)
+
+
+def test_draws_from_a_tail_that_underflows_relative_to_the_top():
+    """A teacher whose tail beyond the exact top-K is e^-120 of its top (float32 exponentials taken relative to the
+    row maximum are all 0 there): the draws still come from the tail, in proportion to its own shape, never from
+    the top-K; a row without that gap keeps the direct path. Frequencies against the exact tail distribution."""
+    import numpy as np
+    import torch
+
+    from cachekd.teacher_samples import sampled_teacher_targets
+
+    vocab, k, n_draws = 40, 4, 4000
+    z = torch.zeros(1, 2, vocab)
+    z[0, :, :k] = 120.0  # the top-K, far above the rest
+    tail_logits = torch.linspace(0.0, 3.0, vocab - k)
+    z[0, :, k:] = tail_logits
+    z[0, 1, :k] = 2.0  # the second position: no gap
+    arrays, _ = sampled_teacher_targets(z, vocab, k, [1.0], n_draws, None, 0, np.arange(1))
+    ids, counts = arrays["sample_ids"][0, 0], arrays["sample_counts"][0, 0, :, 0]
+    assert int(counts.sum()) == n_draws and bool((ids[counts > 0] >= k).all())
+    freq = torch.zeros(vocab, dtype=torch.float64).index_add_(0, ids, counts.double()) / n_draws
+    expected = torch.softmax(tail_logits.double(), 0)
+    assert float((freq[k:] - expected).abs().max()) < 0.02  # ~4 sd of a frequency near 0.06 at N = 4000
+    top2 = set(arrays["ids"][0, 1].tolist())  # (the second position's top-K: the largest tail logits)
+    ids2, counts2 = arrays["sample_ids"][0, 1], arrays["sample_counts"][0, 1, :, 0]
+    assert top2 == set(range(vocab - k, vocab)) and int(counts2.sum()) == n_draws
+    assert not top2 & set(ids2[counts2 > 0].tolist())

@@ -1,6 +1,7 @@
 """`cachekd demo`: the whole job on a built-in corpus, on CPU, in minutes.
 
-prepare → train a teacher → precompute its top-k logits once → from that one cache distil a forward-KL student and
+prepare → train a teacher → precompute its outputs once (the default storage: the exact top-16 and 50 draws beyond
+them) → from that one cache distil a forward-KL student and
 a reverse-KL student with logit mixing and progressive α, beside a cross-entropy baseline of the same shape and
 steps → evaluate all (dev perplexity, minimal pairs) → compare (table + plots). Every number comes from the runs.
 Re-running skips the stages that finished and resumes the one that was interrupted.
@@ -26,14 +27,13 @@ class DemoSize:
     teacher_steps: int
     student_steps: int
     batch_size: int
-    top_k: int
     eval_windows: int
 
 
 FULL = DemoSize(num_documents=8000, num_pairs=200, vocab_size=2000, seq_len=64, teacher_steps=600, student_steps=400,
-                batch_size=32, top_k=32, eval_windows=256)
+                batch_size=32, eval_windows=256)
 SMALL = DemoSize(num_documents=600, num_pairs=20, vocab_size=400, seq_len=64, teacher_steps=30, student_steps=20,
-                 batch_size=8, top_k=16, eval_windows=32)
+                 batch_size=8, eval_windows=32)
 
 TEACHER_MODEL = {"arch": "llama", "hidden_size": 192, "num_layers": 4, "num_heads": 4, "intermediate_size": 512}
 STUDENT_MODEL = {"arch": "llama", "hidden_size": 64, "num_layers": 2, "num_heads": 2, "intermediate_size": 172}
@@ -126,8 +126,8 @@ def run_demo(out_dir: str | Path = "demo_out", *, corpus: str | None = None, sma
     stage("train teacher", lambda: train("teacher", TEACHER_MODEL, size.teacher_steps, 2e-3, None))
     cache = out / "cache"
     stage("precompute", lambda: precompute(PrecomputeConfig(
-        store=str(store), teachers=[str(out / "runs" / "teacher")], output=str(cache), top_k=size.top_k,
-        temperatures=[1.0, 2.0], device=device), progress=progress))
+        store=str(store), teachers=[str(out / "runs" / "teacher")], output=str(cache), temperatures=[1.0, 2.0],
+        device=device), progress=progress))
 
     # 4. students of one shape and step count, from the one cache
     students = {
@@ -135,7 +135,7 @@ def run_demo(out_dir: str | Path = "demo_out", *, corpus: str | None = None, sma
         "student-forward-kl": {"cache": str(cache), "objective": "forward_kl", "temperature": 2.0, "ce_weight": 0.5,
                                "tail_mode": "bucket"},
         "student-reverse-kl-mix": {"cache": str(cache), "objective": "reverse_kl", "temperature": 1.0,
-                                   "ce_weight": 0.5, "tail_mode": "uniform", "chunk_size": size.seq_len // 2,
+                                   "ce_weight": 0.5, "tail_mode": "bucket", "chunk_size": size.seq_len // 2,
                                    "alpha": {"kind": "epoch_linear", "start": 0.9, "end": 0.5}},
     }
     for name, distill in students.items():
