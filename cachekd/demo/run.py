@@ -135,7 +135,7 @@ def run_demo(out_dir: str | Path = "demo_out", *, corpus: str | None = None, sma
         "student-forward-kl": {"cache": str(cache), "objective": "forward_kl", "temperature": 2.0, "ce_weight": 0.5,
                                "tail_mode": "bucket"},
         "student-reverse-kl-mix": {"cache": str(cache), "objective": "reverse_kl", "temperature": 1.0,
-                                   "ce_weight": 0.5, "tail_mode": "bucket", "chunk_size": size.seq_len // 2,
+                                   "ce_weight": 0.5, "tail_mode": "bucket", "chunk_size": 512,
                                    "alpha": {"kind": "epoch_linear", "start": 0.9, "end": 0.5}},
     }
     for name, distill in students.items():
