@@ -18,7 +18,7 @@ from cachekd_cli.main import cli
 def demo_command(out_dir, corpus, small, seed, device, as_json, quiet):
     """Run the whole job on a built-in corpus: prepare → train a teacher → precompute its logits ONCE → distil a
     cross-entropy baseline, a forward-KL student and a reverse-KL student with mixing and progressive α from the one
-    cache → evaluate → compare. About 4 minutes on 2 CPU cores; re-running resumes.
+    cache → evaluate → compare. About 6 minutes on 2 CPU cores; re-running resumes.
 
     \b
     Examples:
