@@ -362,7 +362,7 @@ def _flatten_sampled(
         ids, logits, tail_lse = uniform_tail_form(t, vocab_size, cfg.temperature)
         k = ids.shape[-1]
         return FlatSparse(ids=ids.detach().reshape(-1, k), logits=logits.detach().reshape(-1, k),
-                          tail_lse=tail_lse.detach().reshape(-1), uniform_tail=True)
+                          tail_lse=tail_lse.detach().reshape(-1))
     return FlatSampled(ids=t.ids.detach().reshape(-1, s), logp=t.logp.detach().reshape(-1, s),
                        weights=t.weights.detach().reshape(-1, s), log_rest=t.log_rest.detach().reshape(-1),
                        entropy=t.entropy.detach().reshape(-1))

@@ -38,9 +38,6 @@ class FlatSparse:
     ids: Tensor  # (N, k) integer ids
     logits: Tensor  # (N, k)
     tail_lse: Tensor  # (N,)
-    uniform_tail: bool = False
-    """The tail is spread evenly whatever ``cfg.tail_mode``: a sampled target in its uniform-tail form
-    (``sampled.uniform_tail_form``), made only for mixing and combining into a dense target."""
 
 
 @dataclass
@@ -76,8 +73,8 @@ class LossPlan:
     """mix_alpha < 1: every teacher's target is mixed with the student's logits: on the coarse-grained categories
     (``mix_bucket``), else as a dense target."""
     mix_bucket: bool
-    """Mixing with sparse or sampled teachers compared one by one, the bucket tail (the rest shaped like the
-    student) and a detached student part: the mixed target is formed on the stored ids and the rest as one
+    """Mixing with sparse or sampled teachers compared one by one, their rest shaped like the student (any tail mode
+    but uniform) and a detached student part: the mixed target is formed on the stored ids and the rest as one
     category (``divergences.mixed_bucket_target``), O(k) a position on the fused student, which equals the dense
     mixed target with ``sparse.student_shaped_logp``."""
     mask_ignored: bool
@@ -103,11 +100,12 @@ def make_plan(
     """The one decision of how to compute the loss (see ``LossPlan``)."""
     mixing = mix_alpha < 1.0
     combine = "per_teacher" if len(teachers) <= 1 or cfg.teacher_combine == "losses" else cfg.teacher_combine
-    # (sampled targets compared one by one ignore the tail mode: their rest is always one bucket)
+    # (sampled targets compared one by one ignore the tail mode: their rest is always one bucket; one that must be
+    # mixed with the uniform tail arrives here already in its uniform-tail sparse form, and a sparse one with the
+    # renormalize tail is refused before any mixing)
     by_ids = all(isinstance(t, FlatSampled) or (isinstance(t, FlatSparse) and cfg.tail_mode != "uniform")
                  for t in teachers)
-    mix_bucket = (mixing and mix_alpha > 0.0 and combine == "per_teacher" and cfg.detach_mix
-                  and cfg.tail_mode == "bucket" and bool(teachers) and by_ids)
+    mix_bucket = mixing and mix_alpha > 0.0 and combine == "per_teacher" and cfg.detach_mix and bool(teachers) and by_ids
     fused = (cfg.tail_mode != "uniform" or any(isinstance(t, FlatSampled) for t in teachers)) and (
         not teachers or (combine == "per_teacher" and (not mixing or mix_bucket) and by_ids)
     )
@@ -117,7 +115,7 @@ def make_plan(
         and cfg.objective in mixed.FUSED_MIX_OBJECTIVES
         and len(teachers) == 1
         and isinstance(teachers[0], FlatSparse)
-        and (cfg.tail_mode == "uniform" or teachers[0].uniform_tail)
+        and cfg.tail_mode == "uniform"
     )
     if not chunked and num_teachers_given == 0 and compute_dtype == torch.float32:
         # Cross-entropy alone (plain LM training): PyTorch's fused kernel is ~1.6x faster than the general path.
