@@ -105,7 +105,8 @@ def make_plan(
     # renormalize tail is refused before any mixing)
     by_ids = all(isinstance(t, FlatSampled) or (isinstance(t, FlatSparse) and cfg.tail_mode != "uniform")
                  for t in teachers)
-    mix_bucket = mixing and mix_alpha > 0.0 and combine == "per_teacher" and cfg.detach_mix and bool(teachers) and by_ids
+    mix_bucket = (mixing and mix_alpha > 0.0 and combine == "per_teacher" and cfg.detach_mix and bool(teachers)
+                  and by_ids)
     fused = (cfg.tail_mode != "uniform" or any(isinstance(t, FlatSampled) for t in teachers)) and (
         not teachers or (combine == "per_teacher" and (not mixing or mix_bucket) and by_ids)
     )
