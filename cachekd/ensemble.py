@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from cachekd.errors import CachekdError
+from cachekd.kd_options import is_real
 
 COMBINES = ("logits", "probs")
 NAME = "ensemble"
@@ -41,7 +42,7 @@ def check_options(combine: str | None, weights: list[float] | None, num_teachers
     if weights is not None:
         if len(weights) != num_teachers:
             raise CachekdError(f"--ensemble-weights needs one weight per teacher ({num_teachers}); got {len(weights)}.")
-        if any(not (w >= 0) or w == float("inf") for w in weights) or sum(weights) <= 0:
+        if not all(is_real(w) and w >= 0 for w in weights) or sum(weights) <= 0:
             raise CachekdError(f"--ensemble-weights must be finite numbers ≥ 0 with a positive sum (got {weights}).")
 
 

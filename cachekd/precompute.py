@@ -103,6 +103,7 @@ class PrecomputeConfig:
             raise CachekdError(f"--batch-size must be at least 1 (got {self.batch_size}).")
         if not 1 / 65536 <= self.logprob_step <= 1:
             raise CachekdError(f"--logprob-step must be between 1/65536 and 1 (got {self.logprob_step}).")
+        ensemble.check_options(self.ensemble, self.ensemble_weights, len(self.teachers))
         if self.sample is not None:
             if self.full:
                 raise CachekdError("--sample and --full exclude each other: full logits need no samples.")
@@ -326,14 +327,12 @@ def precompute(cfg: PrecomputeConfig, *, force: bool = False, progress: bool = T
     busy = cw.busy_share(root, slot, slots)
     if busy:  # stop at once, before loading any teacher
         raise _busy_error(root, busy)
-    ensemble.check_options(cfg.ensemble, cfg.ensemble_weights, len(cfg.teachers))
     loaded = load_teachers(cfg.teachers, store, cfg.registry, say=say)
     models = [m.to(device).eval() for m, _, _ in loaded]
     infos = [info for _, _, info in loaded]
-    if cfg.ensemble:
-        weights = cfg.ensemble_weights or [1.0] * len(models)
-        models = [EnsembleTeacher(models, weights, cfg.ensemble, vocab).eval()]
-        infos = [ensemble.ensemble_info(infos, cfg.ensemble, weights)]
+    if cfg.ensemble:  # the model takes the weights as recorded, as verify and audit rebuild it
+        infos = [ensemble.ensemble_info(infos, cfg.ensemble, cfg.ensemble_weights or [1.0] * len(models))]
+        models = [EnsembleTeacher(models, infos[0]["weights"], cfg.ensemble, vocab).eval()]
     plan = build_plan(cfg, store, infos, vocab)
     plan, lock = _open_cache(root, plan, force and (world == 1 or rank == 0), slot, slots, rank, world)
     try:

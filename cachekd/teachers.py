@@ -14,6 +14,7 @@ signal a training step asks for (`TeacherSource`).
 
 from __future__ import annotations
 
+import math
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -224,10 +225,10 @@ class EnsembleTeacher(torch.nn.Module):
     `precompute --ensemble` cache (`cachekd.ensemble`)."""
 
     def __init__(self, members: list[torch.nn.Module], weights: list[float], combine: str, vocab_size: int) -> None:
+        """`weights`: normalised, one per member (`ensemble.ensemble_info` records them so)."""
         super().__init__()
         self.members = torch.nn.ModuleList(members)
-        total = float(sum(weights))
-        self.weights = [float(w) / total for w in weights]
+        self.weights = list(weights)
         self.combine = combine
         self.vocab_size = vocab_size
 
@@ -237,8 +238,8 @@ class EnsembleTeacher(torch.nn.Module):
         if self.combine == "logits":
             out = sum(w * lp for w, lp in zip(self.weights, logps) if w > 0)
         else:
-            out = torch.logsumexp(torch.stack([lp + torch.tensor(w).log() for w, lp in zip(self.weights, logps)
-                                               if w > 0]), dim=0)
+            out = torch.logsumexp(torch.stack([lp + math.log(w) for w, lp in zip(self.weights, logps) if w > 0]),
+                                  dim=0)
         return SimpleNamespace(logits=out)
 
 
