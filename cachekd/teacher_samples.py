@@ -126,21 +126,23 @@ def sampled_teacher_targets(logits: torch.Tensor, vocab_size: int, k: int, tempe
         d = zb - m
         d_finite = d.clamp_min(-1e30)  # (−inf logits, e.g. masked tokens, have e = 0: their e·d is then 0)
         e1 = d.exp()
-        c = e1.sum(-1).log()  # (r,)
+        z1 = e1.sum(-1)
+        c = z1.log()  # (r,)
         lse[rows] = m.squeeze(1) + c
         beyond_e: dict[float, torch.Tensor] = {}
         h: dict[float, torch.Tensor] = {}
         for t, tau in enumerate(temperatures):
             e = e1 if tau == 1.0 else e1.sqrt() if tau == 2.0 else (d / tau).exp()
-            log_z = e.sum(-1).log()
-            h[tau] = entropy[rows, t] = log_z - torch.linalg.vecdot(e, d_finite) / (tau * log_z.exp())
+            z = e.sum(-1)
+            log_z = z.log()
+            h[tau] = entropy[rows, t] = log_z - torch.linalg.vecdot(e, d_finite) / (tau * z)
             beyond = e if top_b is None else e.scatter(1, top_b, 0.0)
             beyond_e[tau] = beyond
             tails[rows, t] = (log_z if top_b is None else beyond.sum(-1).log()) - c / tau
-        entropy1[rows] = h[1.0] if 1.0 in h else c - torch.linalg.vecdot(e1, d_finite) / c.exp()
+        entropy1[rows] = h[1.0] if 1.0 in h else c - torch.linalg.vecdot(e1, d_finite) / z1
         for p_idx, tau_r in enumerate(proposals):
             w = beyond_e.get(tau_r)
-            if w is None:  # a proposal temperature that is not cached (never: it must be one of them)
+            if w is None:  # a proposal temperature equal to a cached one only up to rounding (math.isclose)
                 e = (d / tau_r).exp()
                 w = e if top_b is None else e.scatter(1, top_b, 0.0)
             draws[rows, p_idx] = _draw(w, d, tau_r, top_b, uniforms[p_idx][rows])
