@@ -36,7 +36,8 @@ def dev_loss(
     """Mean per-token next-token loss of `model` over the windows of a token-store split.
 
     Returns ``{"loss": nats a prediction, "ppl": exp(loss), "num_tokens": predictions scored,
-    "num_windows": windows read}``. Each (L,) window gives L−1 predictions; log-probabilities are taken in
+    "num_windows": windows read, "batch_losses": the mean loss of each batch of `batch_size` windows, in order}``
+    (the per-batch losses drive the cohort's ω update, one step a batch as in the seed code). Each (L,) window gives L−1 predictions; log-probabilities are taken in
     float32 whatever the model's dtype, and summed in float64. `max_windows` evaluates the first windows only;
     `windows` (sorted indices, e.g. `cachekd.tokens.reader.dev_sample`) evaluates those windows only.
     """
@@ -69,6 +70,7 @@ def dev_loss(
     model.to(device)
     total = 0.0  # python float: float64 accumulation
     num_tokens = 0
+    batch_losses: list[float] = []
     with tqdm(total=n, desc=f"dev loss ({split})", unit="win", disable=not progress) as bar:
         for block in _window_batches(store, split, n, batch_size, windows):
             ids = torch.from_numpy(block.astype(np.int64)).to(device)  # (B, L)
@@ -83,10 +85,11 @@ def dev_loss(
             )
             total += float(loss)
             num_tokens += ids[:, 1:].numel()
+            batch_losses.append(float(loss) / ids[:, 1:].numel())
             bar.update(len(block))
     mean = total / num_tokens
     return {"loss": mean, "ppl": math.exp(mean) if mean < 700 else float("inf"), "num_tokens": num_tokens,
-            "num_windows": n}
+            "num_windows": n, "batch_losses": batch_losses}
 
 
 def _window_batches(store: TokenStore, split: str, n: int, batch_size: int, windows: np.ndarray | None):

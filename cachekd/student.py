@@ -285,6 +285,12 @@ class Student:
         source (`cachekd.tokens.reader.dev_sample`, the same for every run on the store), or the whole dev split
         when that is no larger (0: always); None without a dev split. `self.dev_sample` says which (the periodic
         evaluation's sample)."""
+        res = self.dev_result(windows)
+        return None if res is None else float(res["loss"])
+
+    def dev_result(self, windows: int | None = None) -> dict[str, Any] | None:
+        """`evaluate`'s whole record (`cachekd.dev_loss.dev_loss`: the loss, and each dev batch's loss); None without
+        a dev split."""
         from cachekd.dev_loss import dev_loss
         from cachekd.tokens.reader import dev_sample
 
@@ -301,7 +307,7 @@ class Student:
         res = dev_loss(self.model, self.store, split="dev", batch_size=self.plan.micro, device=self.place.device,
                        windows=None if sample.whole_split else sample.windows, progress=False)
         self.model.train()
-        return float(res["loss"])
+        return res
 
     def dev_record(self, dev: float) -> dict[str, Any]:
         """The dev loss under a key that says what it covers: ``dev_loss`` for the whole dev split, else

@@ -110,22 +110,42 @@ def test_wml_loss_at_alpha_zero_is_the_weighted_cross_entropy_exactly():
 
 
 def test_mirror_descent_step_matches_hand_computation():
-    # ω = (0.5, 0.3, 0.2), dev CE (0.8, 2.0 → clamped to 1, −0.1 → 0), η = 0.25:
-    # unnormalised: 0.5·e^(−0.2), 0.3·e^(−0.25), 0.2·e^0
-    w = mirror_descent_step([0.5, 0.3, 0.2], [0.8, 2.0, -0.1], eta=0.25, clip=1.0)
-    a, b, c = 0.5 * math.exp(-0.2), 0.3 * math.exp(-0.25), 0.2
-    s = a + b + c
-    assert w == pytest.approx([a / s, b / s, c / s], rel=1e-12)
-    assert sum(w) == pytest.approx(1.0, rel=1e-12)
+    # The seed code's rule: one step per dev batch b with g_ib = CE_ib / B clamped to [0, clip].
+    # ω = (0.5, 0.3, 0.2), two batches of realistic dev CE (nats): peer 0 (3.2, 3.6) is the best, peer 1 (4.1, 4.5),
+    # peer 2 (5.0, 4.8). η = 0.25, B = 2: g = CE / 2 (1.6 … 2.5 > clip 1 → clamped to 1) with clip 1; no clamp with 0.
+    losses = [[3.2, 3.6], [4.1, 4.5], [5.0, 4.8]]
+    eta = 0.25
+    w = [0.5, 0.3, 0.2]
+    for b in range(2):  # by hand, unclamped
+        u = [w[i] * math.exp(-eta * losses[i][b] / 2) for i in range(3)]
+        w = [x / sum(u) for x in u]
+    got = mirror_descent_step([0.5, 0.3, 0.2], losses, eta=eta, clip=0.0)
+    assert got == pytest.approx(w, rel=1e-12)
+    # one pass moves ω by exp(−η·mean_b CE_ib): the closed form
+    u = [0.5 * math.exp(-eta * 3.4), 0.3 * math.exp(-eta * 4.3), 0.2 * math.exp(-eta * 4.9)]
+    assert got == pytest.approx([x / sum(u) for x in u], rel=1e-12)
+    # ω moves, and the best peer gains weight while the worst loses it
+    assert got[0] > 0.5 + 0.02 and got[2] < 0.2 - 0.01
+    assert sum(got) == pytest.approx(1.0, rel=1e-12)
+    # with the seed's clip 1 and only two batches every g is clamped to 1: equal steps, ω unchanged
+    assert mirror_descent_step([0.5, 0.3, 0.2], losses, eta=eta, clip=1.0) == pytest.approx([0.5, 0.3, 0.2])
+    # the seed's 60 batches: g = CE/60 < 1, the clamp does not bite, and ω moves as the closed form says
+    sixty = [[3.4] * 60, [4.3] * 60, [4.9] * 60]
+    assert mirror_descent_step([0.5, 0.3, 0.2], sixty, eta=eta, clip=1.0) == pytest.approx(
+        [x / sum(u) for x in u], rel=1e-12)
+    # negative losses cannot push ω the wrong way (g clamped at 0)
+    assert mirror_descent_step([0.5, 0.5], [[-1.0], [0.0]], eta=1.0) == pytest.approx([0.5, 0.5])
 
 
 def test_mirror_descent_keeps_fixed_peer_weights():
     # two trained peers with ω 0.3 / 0.3 and a fixed peer at 0.4: the trained pair keeps its mass 0.6
-    w = mirror_descent_step([0.3, 0.3, 0.4], [0.5, 1.0], eta=1.0)
-    a, b = 0.3 * math.exp(-0.5), 0.3 * math.exp(-1.0)
+    w = mirror_descent_step([0.3, 0.3, 0.4], [[3.0, 4.0], [4.0, 6.0]], eta=1.0, clip=0.0)
+    a, b = 0.3 * math.exp(-3.5), 0.3 * math.exp(-5.0)
     assert w == pytest.approx([0.6 * a / (a + b), 0.6 * b / (a + b), 0.4], rel=1e-12)
     with pytest.raises(ValueError, match="eta"):
-        mirror_descent_step([0.5, 0.5], [1.0, 1.0], eta=0.0)
+        mirror_descent_step([0.5, 0.5], [[1.0], [1.0]], eta=0.0)
+    with pytest.raises(ValueError, match="same"):
+        mirror_descent_step([0.5, 0.5], [[1.0], [1.0, 2.0]], eta=1.0)
 
 
 def test_initial_weights():

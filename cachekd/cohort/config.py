@@ -61,9 +61,11 @@ class MutualConfig:
     eta: Schedule | float = DEFAULT_ETA
     """Step size η > 0 of the ω update, a schedule over the training steps (the seed code: cosine 0.25 → 0.0025)."""
     grad_clip: float = 1.0
-    """The dev loss entering the ω update is clamped to [0, grad_clip] (the seed code: 1)."""
+    """Each dev batch's ω gradient CE_b / (number of dev batches) is clamped to [0, grad_clip] (the seed code: 1,
+    with 60 batches: it never bites); 0: no upper clamp."""
     eval_windows: int = 0
-    """Dev windows scored for the ω update (0: the whole dev split)."""
+    """Dev windows scored for the ω update (0: the whole dev split); ω takes one mirror-descent step for each dev
+    batch of the run's micro-batch size, as the seed code does once per validation batch."""
     initial_weights: list[float] | None = None
     """ω at step 0, one per member (trained peers, then fixed peers), normalised to sum 1; default: the fixed peers'
     `fixed_weights`, the rest shared equally."""

@@ -141,22 +141,26 @@ class CohortTrainer(Trainer):
         mu = self.mutual
         eta = mu.eta_schedule.value(step=self.step, total_steps=self.total_steps, epoch=self.plan.epoch_of(self.step),
                                     total_epochs=self.plan.total_epochs)
-        devs = [s.evaluate(mu.eval_windows) for s in self.students] if self.is_main else []
-        if self.is_main and all(d is not None for d in devs):
-            self.weights = mirror_descent_step(self.weights, devs, eta=eta, clip=mu.grad_clip)
+        results = [s.dev_result(mu.eval_windows) for s in self.students] if self.is_main else []
+        devs = [None if r is None else float(r["loss"]) for r in results]
+        if self.is_main and all(r is not None for r in results):
+            self.weights = mirror_descent_step(self.weights, [r["batch_losses"] for r in results], eta=eta,
+                                               clip=mu.grad_clip)
         if self.world > 1:
             import torch.distributed as dist
 
             w = torch.tensor(self.weights, dtype=torch.float64, device=self.device)
             dist.broadcast(w, 0)
             self.weights = w.tolist()
-        self._log_weights(eta, devs)
+        self._log_weights(eta, devs, [r["batch_losses"] if r else None for r in results])
 
-    def _log_weights(self, eta: float | None, devs: list[float | None]) -> None:
+    def _log_weights(self, eta: float | None, devs: list[float | None],
+                     batch_losses: list[list[float] | None] | None = None) -> None:
         if self.is_main:
             self.cohort_dir.append_metrics({
                 "kind": "weights", "step": self.step, "members": self.cohort.member_names,
-                "weights": list(self.weights), "eta": eta, "dev_losses": devs or None})
+                "weights": list(self.weights), "eta": eta, "dev_losses": devs or None,
+                "dev_batch_losses": batch_losses or None})
 
     # --------------------------------------------------------------------------------------- cohort dir
     def _prepare_output(self, resume: bool, force: bool) -> None:

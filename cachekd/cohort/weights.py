@@ -1,9 +1,15 @@
 """The peer weights ω of weighted mutual learning: a point on the simplex moved by mirror descent on dev losses.
 
-Every ``update_every`` optimizer steps, with g_i the trained peer i's cross-entropy on the dev split clamped to
-[0, clip] (the derivative of Σ_i ω_i·CE_i with respect to ω_i):
+Every ``update_every`` optimizer steps the trained peers are scored on dev batches b = 1..B, and ω takes one
+exponentiated-gradient step per batch, as the seed code's ``validate`` does (``src/WML_distill/train.py`` of
+AI-DA-STC/generative-ai-research-babylm): with the objective Σ_i ω_i·CE_ib / B of that batch, its gradient is
 
-    ω_i ← ω_i·exp(−η·g_i) / Σ_j ω_j·exp(−η·g_j)
+    g_ib = ∂(Σ_i ω_i·CE_ib / B)/∂ω_i = CE_ib / B,   clamped to [0, clip]
+    ω_i ← ω_i·exp(−η·g_ib) / Σ_j ω_j·exp(−η·g_jb)
+
+so one pass moves ω by about exp(−η·mean_b CE_ib): the better peer (lower dev CE) gains weight. The clamp acts
+on CE_ib / B (the seed: clip 1, B = 60), so it bites only for a batch loss above B·clip nats. (Clamping the *mean*
+dev CE to [0, 1] instead would freeze ω for every language model, whose dev CE is above 1 nat.)
 
 This is the first-order rule of the seed paper's bi-level update: the public code's second-order term
 differentiates a detached leaf and is always zero, so it is left out here. Fixed peers (cached teachers) have no
@@ -16,34 +22,41 @@ import math
 from collections.abc import Sequence
 
 
-def mirror_descent_step(weights: Sequence[float], dev_losses: Sequence[float], *, eta: float,
+def mirror_descent_step(weights: Sequence[float], batch_losses: Sequence[Sequence[float]], *, eta: float,
                         clip: float = 1.0) -> list[float]:
-    """One exponentiated-gradient step of the trained peers' weights.
+    """One validation pass of exponentiated-gradient steps on the trained peers' weights (one step a dev batch).
 
     Args:
         weights: ω of all members, trained peers first then fixed peers; non-negative, summing to 1.
-        dev_losses: the N trained peers' dev cross-entropies (nats), N ≤ len(weights).
+        batch_losses: for each of the N trained peers (N ≤ len(weights)) its mean cross-entropy (nats) on each of
+            the same B dev batches, in order: an N × B table.
         eta: the step size η > 0.
-        clip: g_i = min(max(dev_loss_i, 0), clip); clip ≤ 0 means no upper clamp.
+        clip: g_ib = min(max(CE_ib / B, 0), clip); clip ≤ 0 means no upper clamp.
 
     Returns:
         The new ω (same length): the trained peers' weights rescaled to keep their total, the fixed ones unchanged.
     """
-    n = len(dev_losses)
+    n = len(batch_losses)
     if not eta > 0:
         raise ValueError(f"the peer-weight step size eta must be > 0 (got {eta!r}).")
     if n > len(weights):
-        raise ValueError(f"{n} dev losses for {len(weights)} weights.")
-    grads = [max(float(g), 0.0) for g in dev_losses]
-    if clip > 0:
-        grads = [min(g, clip) for g in grads]
+        raise ValueError(f"{n} peers' dev losses for {len(weights)} weights.")
+    num_batches = {len(row) for row in batch_losses}
+    if len(num_batches) > 1 or num_batches == {0}:
+        raise ValueError("every trained peer needs a dev loss on each of the same (at least one) dev batches.")
+    (num_batches,) = num_batches or {1}
     trained = [float(w) for w in weights[:n]]
     mass = sum(trained)
-    moved = [w * math.exp(-eta * g) for w, g in zip(trained, grads)]
-    total = sum(moved)
-    if total <= 0:  # every trained weight is 0: nothing to move
-        return [float(w) for w in weights]
-    return [w * mass / total for w in moved] + [float(w) for w in weights[n:]]
+    for b in range(num_batches):
+        grads = [max(float(row[b]) / num_batches, 0.0) for row in batch_losses]
+        if clip > 0:
+            grads = [min(g, clip) for g in grads]
+        moved = [w * math.exp(-eta * g) for w, g in zip(trained, grads)]
+        total = sum(moved)
+        if total <= 0:  # every trained weight is 0: nothing to move
+            return [float(w) for w in weights]
+        trained = [w * mass / total for w in moved]
+    return trained + [float(w) for w in weights[n:]]
 
 
 def initial_weights(num_trained: int, fixed: Sequence[float] = (), given: Sequence[float] | None = None) -> list[float]:
