@@ -107,7 +107,7 @@ def audit_targets(full_logits: torch.Tensor, student_logits: torch.Tensor, tempe
         rows.append((f"top-{k} bucket", sparse, top_mask, "bucket"))
         rows.append((f"top-{k} renormalize", sparse, top_mask, "renormalize"))
         for name, arr in ((f"sampled N={options.sample}", samp), (f"hybrid top-{kh} + sampled N={options.sample}", hyb)):
-            tgt = target_at(arr, temperatures, tau, None)
+            tgt = target_at(arr, temperatures, tau, None, vocab_size=V)
             mask = torch.zeros(B, T, V, dtype=torch.bool).scatter_(-1, tgt.ids, torch.isfinite(tgt.logp))
             rows.append((name, tgt, mask, "bucket"))
         if cached is not None and tau in cached:
@@ -143,7 +143,8 @@ def cached_targets(cache, block, temperatures: list[float], shape: tuple[int, in
         else:
             arrays = {n: None if getattr(block, n) is None else torch.from_numpy(getattr(block, n))
                       for n in block.NAMES}
-            tgt = target_at(arrays, cache.temperatures, tau, cache.plan.sample_spec.proposal_temperature)
+            tgt = target_at(arrays, cache.temperatures, tau, cache.plan.sample_spec.proposal_temperature,
+                            rounding=cache.plan.rounding, vocab_size=V)
             mask = torch.zeros(B, T, V, dtype=torch.bool).scatter_(-1, tgt.ids, torch.isfinite(tgt.logp))
             out[tau] = (name, tgt, mask, "bucket")
     return out

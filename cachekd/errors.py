@@ -3,11 +3,26 @@
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 
 class CachekdError(ValueError):
     """Bad input or state a user can fix. The CLI prints the message (one sentence) and exits non-zero."""
+
+
+class NonFiniteError(CachekdError):
+    """A training step whose loss or gradient norm is not finite: the run stops before the optimizer applies it."""
+
+
+def check_finite(who: str, step: int, values: dict[str, float]) -> None:
+    """Raise `NonFiniteError` naming `who` (a run) and `step` when any of `values` (a loss, a gradient norm) is
+    not finite: a run whose loss or gradient is inf or NaN has failed and must not go on (or end with exit 0)."""
+    bad = [f"{name} is {value}" for name, value in values.items() if not math.isfinite(value)]
+    if bad:
+        raise NonFiniteError(
+            f"{who}: at step {step} the {' and the '.join(bad)}, so the run stops before applying it (its last "
+            f"checkpoint is kept); verify the teacher cache and check the objective, temperature and learning rate.")
 
 
 def show_value(value: Any) -> str:

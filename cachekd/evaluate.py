@@ -258,7 +258,8 @@ def agreement_with_cache(model, cache, store: TokenStore, *, split: str = "dev",
 
                 arrays = {n: None if getattr(blk, n) is None else torch.from_numpy(getattr(blk, n)).to(device)
                           for n in blk.NAMES}
-                target = target_at(arrays, cache.temperatures, temperature, cache.plan.sample_spec.proposal_temperature)
+                target = target_at(arrays, cache.temperatures, temperature, cache.plan.sample_spec.proposal_temperature,
+                                   rounding=cache.plan.rounding, vocab_size=cache.vocab_size)
                 best = torch.where(torch.isfinite(target.logp), target.logp, -torch.inf).argmax(-1, keepdim=True)
                 t_top1 = target.ids.gather(-1, best).squeeze(-1)
             else:

@@ -26,7 +26,7 @@ import torch
 from cachekd import distributed
 from cachekd.batch import Batch
 from cachekd.checkpoint import CheckpointManager, capture_rng_state, restore_rng_state
-from cachekd.errors import CachekdError
+from cachekd.errors import CachekdError, check_finite
 from cachekd.losses import total_loss
 from cachekd.rundir import RunDir
 
@@ -172,6 +172,11 @@ class Student:
         self.say = say or (lambda msg: None)
 
     # ------------------------------------------------------------------------------------------ schedules
+    @property
+    def run_name(self) -> str:
+        """How messages name this student: its run directory."""
+        return f"run {str(self.run_dir.path)!r}"
+
     def lr_factor(self, step: int) -> float:
         """Linear warmup, then a cosine down to lr · min_lr_ratio at the last step."""
         o = self.cfg.optim
@@ -235,12 +240,16 @@ class Student:
         else:
             loss.backward()
 
-    def optimizer_step(self) -> tuple[float, float]:
-        """Clip, step the optimizer and the LR schedule; returns (the LR used, the gradient norm before clipping)."""
+    def optimizer_step(self, step: int) -> tuple[float, float]:
+        """Optimizer step number `step` (from 1): clip, step the optimizer and the LR schedule; returns (the LR used, the gradient norm before clipping).
+        A gradient norm that is not finite stops the run (`NonFiniteError`) before the optimizer applies it, except
+        under fp16 loss scaling, whose scaler skips such a step by design."""
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
         clip = self.cfg.optim.grad_clip
         gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip if clip > 0 else float("inf"))
+        if not self.scaler:
+            check_finite(self.run_name, step, {"gradient norm": float(gnorm)})
         if self.scaler:
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -263,8 +272,10 @@ class Student:
                 parts = self.forward_backward_step(batch.rows(slice(i * micro, (i + 1) * micro)), norms, scalars,
                                                    kd_cfg, sync=self.place.world == 1 or i == accum - 1)
                 sums += torch.stack([parts.ce_sum.detach().double(), parts.kd_sum.detach().double()])
-            lr, gnorm = self.optimizer_step()
-        distributed.all_reduce(sums, self.place.world)
+            distributed.all_reduce(sums, self.place.world)
+            ce_sum, kd_sum = sums.tolist()
+            check_finite(self.run_name, step + 1, {"cross-entropy": ce_sum, "distillation loss": kd_sum})
+            lr, gnorm = self.optimizer_step(step + 1)
         return self.step_metrics(sums, norms, scalars, kd_cfg, lr, gnorm)
 
     def step_metrics(self, sums: torch.Tensor, norms: Norms, scalars: dict[str, float], kd_cfg: KDConfig, lr: float,

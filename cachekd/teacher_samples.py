@@ -164,10 +164,12 @@ def sampled_teacher_targets(logits: torch.Tensor, vocab_size: int, k: int, tempe
 
 
 def target_at(arrays: dict[str, torch.Tensor], temperatures: list[float], temperature: float,
-              proposal_temperature: float | None):
+              proposal_temperature: float | None, *, vocab_size: int, rounding: float = 0.0):
     """The ``SampledTarget`` at `temperature` (one of `temperatures`) from a sampled cache's decoded arrays
     (torch tensors keyed as ``TeacherBlock``'s fields, (B, T, ...)): picks the τ's normaliser and entropy, the
-    counts of the proposal that serves it and the proposal's normaliser. Used by training, evaluation and audit."""
+    counts of the proposal that serves it and the proposal's normaliser. `rounding` is the stored values' largest
+    rounding error (`LogitCache.rounding`; 0 for a teacher's fresh values), `vocab_size` V (both bound the rest's
+    mass: ``cachekd.losses.sampled.rest_log_mass``). Used by training, evaluation and audit."""
     from cachekd.losses.sampled import sampled_target
 
     ti = _index(temperatures, temperature)
@@ -181,7 +183,8 @@ def target_at(arrays: dict[str, torch.Tensor], temperatures: list[float], temper
         arrays["sample_ids"].long(), arrays["sample_logprobs"], arrays["sample_counts"][..., ci], tail[..., ti],
         arrays["entropy"][..., ti], temperature, tau_r, tail[..., ri],
         exact_ids=None if arrays.get("ids") is None else arrays["ids"].long(),
-        exact_logprobs=arrays.get("logprobs"), stored=arrays["sample_counts"].sum(-1) > 0,
+        exact_logprobs=arrays.get("logprobs"), stored=arrays["sample_counts"].sum(-1) > 0, rounding=rounding,
+        vocab_size=vocab_size,
     )
 
 

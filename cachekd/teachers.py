@@ -331,7 +331,8 @@ class CachedTeachers(TeacherSource):
                 from cachekd.teacher_samples import target_at
 
                 spec = self.cache.plan.sample_spec
-                out.append(target_at(cached, self.cache.temperatures, self.temperature, spec.proposal_temperature))
+                out.append(target_at(cached, self.cache.temperatures, self.temperature, spec.proposal_temperature,
+                                     rounding=self.cache.plan.rounding, vocab_size=self.cache.vocab_size))
                 continue
             tail = cached.tail_lse
             if tail.dim() == cached.ids.dim():  # (B, T, n_τ): the loader kept every temperature (a cohort's stream)

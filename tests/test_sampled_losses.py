@@ -48,7 +48,7 @@ def _cached(z, k, n, proposal=None, seed=0, windows=None, rounded=True):
 def test_weights_logp_rest_entropy_against_float64(k, proposal, tau):
     z = _teacher(2, 3, 40, seed=1)
     arr = _cached(z, k, 12, proposal)
-    tgt = target_at(arr, TEMPS, tau, proposal)
+    tgt = target_at(arr, TEMPS, tau, proposal, vocab_size=z.shape[-1])
     tau_r = tau if proposal is None else proposal
     ci = TEMPS.index(tau) if proposal is None else 0
     for b in range(2):
@@ -92,7 +92,7 @@ def _losses(z_t, z_s, target, objective, tau):
 def test_forward_kl_estimate_and_gradient_against_reference(k, proposal, tau):
     z_t, z_s = _teacher(2, 3, 50, seed=2), _teacher(2, 3, 50, seed=3, scale=1.0)
     arr = _cached(z_t, k, 10, proposal)
-    tgt = target_at(arr, TEMPS, tau, proposal)
+    tgt = target_at(arr, TEMPS, tau, proposal, vocab_size=z_t.shape[-1])
     value, grad = _losses(z_t, z_s, tgt, "forward_kl", tau)
     s = z_s.double().requires_grad_(True)
     tau_r = tau if proposal is None else proposal
@@ -116,7 +116,7 @@ def test_bucket_objectives_against_reference(objective, k):
     tau = 2.0
     z_t, z_s = _teacher(2, 3, 30, seed=4), _teacher(2, 3, 30, seed=5, scale=1.0)
     arr = _cached(z_t, k, 8)
-    tgt = target_at(arr, TEMPS, tau, None)
+    tgt = target_at(arr, TEMPS, tau, None, vocab_size=z_t.shape[-1])
     value, grad = _losses(z_t, z_s, tgt, objective, tau)
     s = z_s.double().requires_grad_(True)
     total = 0
@@ -149,7 +149,7 @@ def test_sampled_gradient_is_unbiased_and_renormalised_is_not(proposal, tau):
     z_s = _teacher(1, 1, V, seed=7, scale=1.0).expand(M, 1, V).contiguous()
     # (unrounded: the fixed-point rounding of the stored values is a bias of ~1e-3 relative in the importance
     # weights, which this many draws would resolve; it is bounded by the weight tests above)
-    tgt = target_at(_cached(z_t, 0, 8, proposal, seed=11, rounded=False), TEMPS, tau, proposal)
+    tgt = target_at(_cached(z_t, 0, 8, proposal, seed=11, rounded=False), TEMPS, tau, proposal, vocab_size=z_t.shape[-1])
     _, g_full = _losses(z_t, z_s, DenseTarget(z_t), "forward_kl", tau)
     full = g_full[0, 0].double()
 
@@ -169,11 +169,11 @@ def test_limits_equal_the_dense_loss():
     V, tau = 24, 2.0
     z_t, z_s = _teacher(2, 2, V, seed=8), _teacher(2, 2, V, seed=9, scale=1.0)
     dense_v, dense_g = _losses(z_t, z_s, DenseTarget(z_t), "forward_kl", tau)
-    tgt = target_at(_cached(z_t, V - 1, 5), TEMPS, tau, None)
+    tgt = target_at(_cached(z_t, V - 1, 5), TEMPS, tau, None, vocab_size=z_t.shape[-1])
     v, g = _losses(z_t, z_s, tgt, "forward_kl", tau)
     assert abs(float(v) - float(dense_v)) < 5e-3
     torch.testing.assert_close(g, dense_g, atol=2e-4, rtol=1e-2)
-    big = target_at(_cached(z_t, 0, 60000), TEMPS, tau, None)
+    big = target_at(_cached(z_t, 0, 60000), TEMPS, tau, None, vocab_size=z_t.shape[-1])
     v, g = _losses(z_t, z_s, big, "forward_kl", tau)
     assert abs(float(v) - float(dense_v)) < 0.02 * max(float(dense_v), 1.0)
     torch.testing.assert_close(g, dense_g, atol=5e-3, rtol=0.0)
@@ -188,7 +188,7 @@ def test_limits_equal_the_dense_loss():
 def test_forward_kl_is_a_divergence_zero_in_expectation_at_the_teacher():
     V, M, tau = 32, 4000, 1.0
     z_t = _teacher(1, 1, V, seed=10).expand(M, 1, V).contiguous()
-    tgt = target_at(_cached(z_t, 0, 16, seed=3), TEMPS, tau, None)
+    tgt = target_at(_cached(z_t, 0, 16, seed=3), TEMPS, tau, None, vocab_size=z_t.shape[-1])
     labels = torch.zeros(M, 1, dtype=torch.long)
     parts = distill_loss(z_t.clone(), labels, [tgt], KDConfig(objective="forward_kl", temperature=tau))
     mean = float(parts.kd_sum) / M
@@ -198,7 +198,7 @@ def test_forward_kl_is_a_divergence_zero_in_expectation_at_the_teacher():
 
 def test_ignored_positions_and_refusals():
     z_t, z_s = _teacher(2, 4, 20, seed=12), _teacher(2, 4, 20, seed=13)
-    tgt = target_at(_cached(z_t, 0, 6), TEMPS, 1.0, None)
+    tgt = target_at(_cached(z_t, 0, 6), TEMPS, 1.0, None, vocab_size=z_t.shape[-1])
     labels = torch.zeros(2, 4, dtype=torch.long)
     labels[:, -1] = -100
     tgt.logp[:, -1] = float("nan")  # garbage at ignored positions never reaches the sums or the gradient

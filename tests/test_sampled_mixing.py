@@ -41,7 +41,7 @@ def test_uniform_tail_form_against_float64(k, tau):
     target built from the same distinct ids and their log-probabilities; its rows have distinct ids."""
     vocab_size = 40
     z = _teacher(2, 3, vocab_size, seed=21)
-    tgt = target_at(_cached(z, k, 12, seed=4), TEMPS, tau, None)
+    tgt = target_at(_cached(z, k, 12, seed=4), TEMPS, tau, None, vocab_size=z.shape[-1])
     ids, logits, tail_lse = uniform_tail_form(tgt, vocab_size, tau)
     dense = _dense_of(ids, logits, tail_lse, vocab_size, tau)
     num_pads = 0
@@ -98,7 +98,7 @@ def _sampled_and_topk(vocab_size, k_exact, n, tau, seed):
     """A sampled (or hybrid) target and the top-k target of the same distinct ids (k = |S| per row is ragged, so
     each position is checked on its own)."""
     z = _teacher(2, 3, vocab_size, seed=seed)
-    tgt = target_at(_cached(z, k_exact, n, seed=seed, rounded=False), TEMPS, tau, None)
+    tgt = target_at(_cached(z, k_exact, n, seed=seed, rounded=False), TEMPS, tau, None, vocab_size=z.shape[-1])
     # float64, unrounded: the comparisons below are of the formulas, not of the cache's rounding (tested above)
     return z, SampledTarget(*(getattr(tgt, f).double() if getattr(tgt, f).is_floating_point() else getattr(tgt, f)
                               for f in ("ids", "logp", "weights", "log_rest", "entropy")))
@@ -163,7 +163,7 @@ def test_k_equals_v_limit_is_the_dense_mixed_loss(objective, tail):
     """Every token stored (N draws covering the vocabulary): the mixed loss is the dense mixed loss."""
     vocab_size = 8
     z = _teacher(2, 3, vocab_size, seed=41, scale=0.5)
-    tgt = target_at(_cached(z, 0, 4000, seed=5, rounded=False), TEMPS, 1.0, None)
+    tgt = target_at(_cached(z, 0, 4000, seed=5, rounded=False), TEMPS, 1.0, None, vocab_size=z.shape[-1])
     assert all(len(_stored(tgt, b, t)) == vocab_size for b in range(2) for t in range(3))
     z_s = _teacher(2, 3, vocab_size, seed=42).double()
     labels = torch.zeros(2, 3, dtype=torch.long)
@@ -187,8 +187,8 @@ def test_combining_sampled_teachers(combine, tail):
     (uniform tail, or shaped like the student), against the float64 reference of the combined target."""
     vocab_size, tau = 30, 2.0
     za, zb = _teacher(2, 3, vocab_size, seed=51), _teacher(2, 3, vocab_size, seed=52)
-    ta = target_at(_cached(za, 0, 10, seed=6), TEMPS, tau, None)
-    tb = target_at(_cached(zb, 2, 10, seed=7), TEMPS, tau, None)
+    ta = target_at(_cached(za, 0, 10, seed=6), TEMPS, tau, None, vocab_size=za.shape[-1])
+    tb = target_at(_cached(zb, 2, 10, seed=7), TEMPS, tau, None, vocab_size=zb.shape[-1])
     z_s = _teacher(2, 3, vocab_size, seed=53).double()
     labels = torch.zeros(2, 3, dtype=torch.long)
     cfg = KDConfig(objective="reverse_kl", temperature=tau, teacher_combine=combine, teacher_weights=(0.3, 0.7),

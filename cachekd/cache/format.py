@@ -364,6 +364,13 @@ class CachePlan:
         return float((self.encoding or {}).get("logprob_scale", LOGPROB_SCALE))
 
     @property
+    def rounding(self) -> float:
+        """The largest rounding error (nats) of a stored log-probability or tail_lse (half a fixed-point step)."""
+        from cachekd.cache.encoding import TAIL_SCALE
+
+        return max(0.5 / self.logprob_scale, 0.5 / TAIL_SCALE)
+
+    @property
     def chunk_windows(self) -> int:
         return int(self.token_store.chunk_windows)
 

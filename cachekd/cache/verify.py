@@ -159,11 +159,15 @@ def _sampled_problems(cache: LogitCache, b) -> list[str]:
         if not np.isfinite(getattr(b, name)).all():
             out.append(f"non-finite {name}")
     if np.isfinite(b.tail_lse).all():
+        from cachekd.losses.sampled import share_rounding
+
         for ti, tau in enumerate(cache.temperatures):
             lp = np.where(real, b.sample_logprobs / tau - b.tail_lse[..., ti:ti + 1], -np.inf)
-            mass = np.exp(np.logaddexp.reduce(lp, axis=-1))
-            if (mass > 1 + 4 / cache.plan.logprob_scale).any():  # rounding: each ℓ and tail_lse within 2⁻¹⁰
-                out.append(f"drawn ids with more mass at τ={tau:g} than the normaliser allows (weights would be wrong)")
+            log_mass = np.logaddexp.reduce(lp.astype(np.float64), axis=-1)
+            # the rounding of ℓ and tail_lse allows a share up to e^ε (the losses bound the rest by the same ε)
+            if (log_mass > share_rounding(cache.plan.rounding, tau) + 1e-6).any():
+                out.append(f"drawn ids with more mass at τ={tau:g} than the normaliser and the stored rounding "
+                           f"allow (weights would be wrong)")
     return out
 
 

@@ -25,7 +25,7 @@ from cachekd.batch import IGNORE_INDEX, Batch
 from cachekd.checkpoint import CheckpointManager
 from cachekd.cohort.config import PEERS_DIR, CohortConfig
 from cachekd.config import to_dict
-from cachekd.errors import CachekdError
+from cachekd.errors import CachekdError, check_finite
 from cachekd.rundir import RunDir
 from cachekd.teachers import CachedTeachers
 from cachekd.train_config import TrainConfig
@@ -85,8 +85,11 @@ class CohortTrainer(Trainer):
             sync = self.world == 1 or i == accum - 1
             ce, div = self.forward_backward_step(batch.rows(slice(i * micro, (i + 1) * micro)), norms.num_tokens, sync)
             sums += torch.cat([ce.detach().double(), div.detach().double().reshape(-1)])
-        steps = [s.optimizer_step() for s in self.students]
         distributed.all_reduce(sums, self.world)
+        for i, (s, ce) in enumerate(zip(self.students, sums[:n].tolist())):
+            check_finite(s.run_name, self.step + 1, {"cross-entropy": ce,
+                                                 "mutual divergence": sum(sums[n + i * m:n + (i + 1) * m].tolist())})
+        steps = [s.optimizer_step(self.step + 1) for s in self.students]
         return self._mutual_metrics(sums, norms.num_tokens, steps)
 
     def forward_backward_step(self, micro: Batch, num_tokens: float, sync: bool) -> tuple[torch.Tensor, torch.Tensor]:

@@ -23,6 +23,14 @@ the teacher's exact entropy H_τ. At the loss temperature τ:
   is the top-k cache's ``bucket`` tail with the stored ids as the "top". Its absolute error is that of the stored
   log-probabilities (each drawn p within 2⁻¹⁰ relative, so the rest mass within ~1e-3 absolute): a small
   rest carries a larger relative error, which the bucket term weighs by that small mass.
+* The rest is bounded by what the rounding allows. The drawn share of the mass beyond the top-K,
+  ``f = Σ_drawn exp(ℓ_v/τ − tail_lse[τ])``, is known only within a factor ``e^{±ε}``, ``ε = δ/τ + δ`` for stored
+  values rounded by at most δ (ℓ and tail_lse each). Where ``1 − f̂`` is not resolved (smaller than half the
+  largest rest the rounding allows, ``½(1 − f̂·e^{−ε})``) the rest takes that half: a positive mass inside the
+  rounding interval. (Fixed-point values rounded up made ``f̂`` exceed 1 on ~9% of positions of a pure sampled
+  cache, and the rest −inf made reverse KL infinite.) Only a row whose stored ids cover the whole vocabulary has
+  no rest (−inf); stored values beyond their rounding (a damaged cache; `verify` reports them) keep the smallest
+  positive rest, so every objective stays finite.
 
 Pads (positions with fewer distinct ids than the array width) repeat a real id with ``logp = −inf`` and weight 0;
 they count for nothing in any objective.
@@ -74,6 +82,7 @@ def sampled_target(
     sample_ids: Tensor, sample_logprobs: Tensor, counts: Tensor, tail_lse: Tensor, entropy: Tensor,
     temperature: float, proposal_temperature: float, tail_lse_proposal: Tensor,
     exact_ids: Tensor | None = None, exact_logprobs: Tensor | None = None, stored: Tensor | None = None,
+    rounding: float = 0.0, vocab_size: int | None = None,
 ) -> SampledTarget:
     """The target at ``temperature`` τ from what a sampled cache stores (all (B, T, ...) tensors, τ=1 values):
 
@@ -83,8 +92,9 @@ def sampled_target(
     ``exact_ids``, ``exact_logprobs`` (B, T, K) the hybrid's exact top-K (None without one); ``stored`` (B, T, W)
     which drawn ids are real (drawn by any proposal; default ``counts > 0``): an id drawn only by another
     proposal gets weight 0 but still counts as stored for the bucket objectives, whose categories must be the
-    ids the student side sees. See the module docstring for the formulas; computed in float32 (float64 stays
-    float64)."""
+    ids the student side sees; ``rounding`` the largest rounding error δ (nats) of the stored ℓ and tail_lse (0
+    for unrounded values), which bounds the rest's mass; ``vocab_size`` V, to know the rows whose stored ids
+    leave no rest. See the module docstring for the formulas; computed in float32 (float64 stays float64)."""
     dtype = torch.float64 if sample_logprobs.dtype == torch.float64 else torch.float32
     tau, tau_r = float(temperature), float(proposal_temperature)
     ell = sample_logprobs.to(dtype)
@@ -102,8 +112,10 @@ def sampled_target(
     w_drawn = torch.where(counts > 0, share * torch.exp(torch.where(real, log_ratio, 0.0)), 0.0)
     # The rest: the mass beyond the top-K (log m = tail − N_τ) less the drawn ids' mass, without 1 − Σ_top-K.
     log_m = tail - lse
-    frac = torch.exp(torch.logsumexp(logp_drawn, dim=-1) - log_m)  # drawn share of m, ≤ 1 up to rounding
-    log_rest = torch.where(frac < 1.0, log_m + torch.log1p(-frac.clamp(max=1.0 - 1e-7)), -math.inf)
+    num_stored = real.sum(-1) + (0 if s_exact is None else s_exact.shape[-1])
+    log_frac = torch.logsumexp(torch.where(real, ell / tau, -math.inf), dim=-1) - tail  # drawn share of m
+    log_rest = rest_log_mass(log_m, log_frac, share_rounding(rounding, tau),
+                             None if vocab_size is None else num_stored >= vocab_size)
     if s_exact is None:
         ids, logp, weights = sample_ids, logp_drawn, w_drawn
     else:
@@ -112,6 +124,29 @@ def sampled_target(
         logp = torch.cat([logp_exact, logp_drawn], dim=-1)
         weights = torch.cat([logp_exact.exp(), w_drawn], dim=-1)
     return SampledTarget(ids=ids, logp=logp, weights=weights, log_rest=log_rest, entropy=entropy.to(dtype))
+
+
+def share_rounding(rounding: float, temperature: float) -> float:
+    """ε: the drawn ids' share of the mass beyond the top-K, ``Σ exp(ℓ_v/τ − tail_lse[τ])``, from values each
+    rounded by at most `rounding` δ, is within a factor ``e^{±ε}`` of the true share, ``ε = δ/τ + δ``."""
+    return rounding * (1.0 / temperature + 1.0)
+
+
+def rest_log_mass(log_m: Tensor, log_frac: Tensor, eps: float, no_rest: Tensor | None = None) -> Tensor:
+    """(n,) log of the teacher's mass outside the stored ids: ``log m + log(1 − f)`` with ``f = exp(log_frac)`` the
+    drawn ids' share of the mass m beyond the top-K, known within ``e^{±eps}``. Where ``1 − f̂`` is not resolved the
+    rest takes half the largest value the rounding allows, ``½(1 − f̂·e^{−eps})`` (module docstring); values beyond
+    the rounding keep the smallest positive rest; −inf where ``no_rest`` (the stored ids cover the vocabulary) or
+    m = 0 (no mass beyond the top-K)."""
+    eps = max(float(eps), 1e-6)  # float32 arithmetic on unrounded values
+    frac = torch.exp(log_frac)
+    resolved = -torch.expm1(log_frac)  # 1 − f̂
+    allowed = 0.5 * -torch.expm1(log_frac - eps)  # ½(1 − f̂·e^{−ε})
+    share = torch.maximum(resolved, allowed).clamp_min(torch.finfo(frac.dtype).tiny)
+    log_rest = torch.where(torch.isfinite(log_m), log_m + torch.log(share), -math.inf)
+    if no_rest is not None:
+        log_rest = log_rest.masked_fill(no_rest, -math.inf)
+    return log_rest
 
 
 def uniform_tail_form(target: SampledTarget, vocab_size: int, temperature: float) -> tuple[Tensor, Tensor, Tensor]:

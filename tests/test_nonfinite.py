@@ -1,0 +1,162 @@
+"""Wrong numbers with exit 0, round two (issue 20, item 2): reverse KL from a pure sampled cache was infinite where
+the fixed-point log-probabilities of the drawn ids rounded up to more mass than the normaliser, and runs whose loss or
+gradient norm was not finite ended with exit 0."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import assert_clean_error, invoke, make_teacher
+from tests.test_cache import _precompute
+
+STUDENT = ["--set", "model.hidden_size=32", "--set", "model.num_layers=1", "--set", "model.num_heads=2",
+           "--set", "model.intermediate_size=32", "--batch-size", "4"]
+
+
+def _sharp_teacher(store_path, out, scale: float):
+    """A tiny teacher whose output layer is scaled by `scale`: near one-hot distributions (entropy near 0), where
+    a few draws cover almost all the mass and the stored rounding decides whether any rest is left."""
+    from transformers import AutoModelForCausalLM
+
+    make_teacher(store_path, out, seed=5)
+    m = AutoModelForCausalLM.from_pretrained(out)
+    with torch.no_grad():
+        m.get_output_embeddings().weight.mul_(scale)
+    m.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def sharp_sampled(tmp_path_factory, store_path):
+    from click.testing import CliRunner
+
+    d = tmp_path_factory.mktemp("sharp")
+    teacher = _sharp_teacher(store_path, d / "teacher", scale=40.0)
+    _precompute(CliRunner(), store_path, [teacher], d / "cache", "--sample", "20", "--temperatures", "0.5,1,2")
+    return d / "cache", teacher
+
+
+def _drawn_share_and_truth(cache_path, teacher, store_path, tau):
+    """For the first chunk of the train split: the cache's target at τ, the drawn ids' share of the mass as the
+    stored (rounded) values give it, and the true rest mass from the teacher's own logits."""
+    from transformers import AutoModelForCausalLM
+
+    from cachekd.cache.reader import LogitCache
+    from cachekd.teacher_samples import target_at
+    from cachekd.tokens import TokenStore
+
+    cache = LogitCache.open(cache_path)
+    b = cache.read_chunk("train", 0)[cache.teachers[0]]
+    arrays = {n: None if getattr(b, n) is None else torch.from_numpy(getattr(b, n)) for n in b.NAMES}
+    tgt = target_at(arrays, cache.temperatures, tau, None, rounding=cache.plan.rounding, vocab_size=cache.vocab_size)
+    ti = cache.temperatures.index(tau)
+    real = arrays["sample_counts"].sum(-1) > 0
+    ell = arrays["sample_logprobs"].double()
+    share = torch.logsumexp(torch.where(real, ell / tau, -math.inf), -1) - arrays["tail_lse"][..., ti].double()
+    ids = TokenStore.open(store_path).read_chunk("train", 0)
+    with torch.no_grad():
+        z = AutoModelForCausalLM.from_pretrained(teacher)(input_ids=torch.from_numpy(ids.astype(np.int64))).logits
+    logp = torch.log_softmax(z.double() / tau, -1)
+    # (pads repeat a real id: count each id's real entries, not the last write)
+    stored = torch.zeros_like(logp).scatter_add_(-1, arrays["sample_ids"].long(), real.double()) > 0
+    true_rest = torch.where(stored, 0.0, logp.exp()).sum(-1)
+    return tgt, share, true_rest, cache.plan.rounding
+
+
+@pytest.mark.parametrize("tau", [0.5, 1.0])
+def test_rest_mass_is_bounded_by_the_rounding(sharp_sampled, store_path, tau):
+    cache_path, teacher = sharp_sampled
+    tgt, log_share, true_rest, delta = _drawn_share_and_truth(cache_path, teacher, store_path, tau)
+    # the case of the issue occurs: stored values whose drawn share rounds up to more than all the mass
+    assert (log_share > 0).any()
+    rest = tgt.log_rest.double().exp()
+    assert torch.isfinite(tgt.log_rest).all()
+    assert (rest > 0).all()
+    # within what the rounding allows: the drawn share is known within e^{±ε}, ε = δ/τ + δ
+    eps = delta * (1 / tau + 1)
+    assert ((rest - true_rest).abs() <= 2 * eps + 1e-6).all(), float((rest - true_rest).abs().max())
+
+
+@pytest.mark.parametrize("args", [
+    ["--objective", "reverse_kl", "--temperature", "1"],
+    ["--objective", "reverse_kl", "--temperature", "0.5"],
+    ["--objective", "reverse_kl", "--temperature", "1", "--alpha", "0.7"],
+    ["--objective", "reverse_kl", "--temperature", "1", "--tail-mode", "uniform"],
+    ["--objective", "jsd", "--temperature", "2"],
+])
+def test_reverse_kl_from_a_pure_sampled_cache_is_finite(tmp_path, runner, store_path, sharp_sampled, args):
+    cache_path, _ = sharp_sampled
+    out = tmp_path / "run"
+    r = invoke(runner, ["distill", "--store", store_path, "--cache", cache_path, "-o", out, "--quiet",
+                        "--max-steps", "3", "--set", "log_every=1", *STUDENT, *args])
+    assert r.exit_code == 0, r.output
+    steps = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [m for m in steps if "kd" in m]
+    assert len(steps) == 3
+    for m in steps:
+        assert math.isfinite(m["kd"]) and 0 <= m["kd"] < 50, m
+        assert math.isfinite(m["grad_norm"]) and m["grad_norm"] < 1e4, m
+
+
+def test_a_step_whose_loss_is_not_finite_stops_the_run(tmp_path, runner, store_path, sharp_sampled, monkeypatch):
+    """Any run (here a distill step whose KD sum is inf) stops with one sentence and a non-zero exit, before the
+    optimizer applies the step; the model saved at the last checkpoint is untouched."""
+    from cachekd import student as student_mod
+
+    cache_path, _ = sharp_sampled
+    real_step = student_mod.Student.forward_backward_step
+
+    def poisoned(self, micro, norms, scalars, kd_cfg, sync):
+        parts = real_step(self, micro, norms, scalars, kd_cfg, sync)
+        if getattr(self, "_calls", 0) >= 2:  # the third step
+            parts.kd_sum = parts.kd_sum + math.inf
+        self._calls = getattr(self, "_calls", 0) + 1
+        return parts
+
+    monkeypatch.setattr(student_mod.Student, "forward_backward_step", poisoned)
+    out = tmp_path / "run"
+    r = invoke(runner, ["distill", "--store", store_path, "--cache", cache_path, "-o", out, "--quiet",
+                        "--max-steps", "5", "--objective", "reverse_kl", "--temperature", "1", *STUDENT])
+    assert_clean_error(r, "at step 3", "distillation loss is inf", "stops")
+    assert not (out / "summary.json").exists()
+
+
+def test_a_gradient_that_is_not_finite_stops_the_run(tmp_path, runner, store_path, monkeypatch):
+    """The same for a gradient norm (a cross-entropy run: every run is guarded, not only distillation)."""
+    from cachekd import student as student_mod
+
+    real_backward = student_mod.Student.backward
+
+    def poisoned(self, loss):
+        real_backward(self, loss)
+        next(iter(self.model.parameters())).grad.fill_(math.nan)
+
+    monkeypatch.setattr(student_mod.Student, "backward", poisoned)
+    r = invoke(runner, ["train", "--store", store_path, "-o", tmp_path / "ce", "--quiet", "--max-steps", "2",
+                        *STUDENT])
+    assert_clean_error(r, "at step 1", "gradient norm is nan")
+
+
+
+def test_verify_accepts_rounding_and_reports_more(sharp_sampled, runner):
+    """`verify` allows exactly what the rounding allows (the share of the drawn ids up to e^ε, the bound the losses
+    use) and reports stored values beyond it."""
+    from dataclasses import replace
+
+    from cachekd.cache.reader import LogitCache
+    from cachekd.cache.verify import _sampled_problems
+
+    cache_path, _ = sharp_sampled
+    r = invoke(runner, ["verify", cache_path])
+    assert r.exit_code == 0, r.output
+    cache = LogitCache.open(cache_path)
+    b = cache.read_chunk("train", 0)[cache.teachers[0]]
+    assert not _sampled_problems(cache, b)
+    # every tail lowered by 4 rounding steps: beyond the rounding at τ = 1 where a share was near 1
+    tail = b.tail_lse - 4 * cache.plan.rounding
+    assert any("more mass at τ=1" in p for p in _sampled_problems(cache, replace(b, tail_lse=tail)))
