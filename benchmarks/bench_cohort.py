@@ -17,6 +17,7 @@ like-for-like figure) and the other peers separately. A difference within the se
 from __future__ import annotations
 
 import argparse
+import datetime as _dt
 import json
 import statistics
 import subprocess
@@ -26,7 +27,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import DEFAULT_DATA, write_result  # noqa: E402
+from _common import DEFAULT_DATA, hardware_tag, write_result  # noqa: E402
 from bench_precompute import _subset_corpus  # noqa: E402
 
 BASE = {"arch": "llama", "hidden_size": 64, "num_layers": 2, "num_heads": 2, "intermediate_size": 128}
@@ -161,7 +162,7 @@ def bench_quality(work: Path, store: Path, cache: Path, args) -> list[dict]:
         "WML, 3 peers + cached teacher as fixed peer (ω_T=0.25)": (
             peers3, {**wml, "fixed_peers": ["teacher"], "fixed_weights": [0.25]}),
     }
-    rows = []
+    rows, trajectories = [], {}
     for label, (peers, mutual) in setups.items():
         per_seed: dict[str, list[float]] = {}
         walls = []
@@ -172,11 +173,46 @@ def bench_quality(work: Path, store: Path, cache: Path, args) -> list[dict]:
                                     "peers": ps, "mutual": mutual, **common})
             s = run_cohort(c, force=True, progress=False)
             walls.append(s["wall_s"])
+            if mutual:
+                trajectories.setdefault(label, []).append(_weight_trajectory(out))
             for p in peers:
                 per_seed.setdefault(p["name"], []).append(full_dev(out / "peers" / p["name"]))
-        rows.append({"setup": label, "dev": per_seed, "wall_s": statistics.mean(walls)})
+        rows.append({"setup": label, "dev": per_seed, "wall_s": statistics.mean(walls),
+                     "weights": trajectories.get(label)})
         print(f"  {label}: base {statistics.mean(per_seed['base']):.4f}", flush=True)
     return rows
+
+
+def _weight_trajectory(cohort_dir: Path) -> dict:
+    """The cohort's ω records: members, and (step, ω) at the start and after each update."""
+    recs = [json.loads(x) for x in (cohort_dir / "metrics.jsonl").read_text().splitlines()]
+    recs = [r for r in recs if r.get("kind") == "weights"]
+    return {"members": recs[0]["members"], "steps": [r["step"] for r in recs], "weights": [r["weights"] for r in recs]}
+
+
+def plot_weights(rows: list[dict], path: Path) -> None:
+    """One panel per WML setup: every member's ω against the step, one line per seed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    wml = [r for r in rows if r.get("weights")]
+    fig, axes = plt.subplots(1, len(wml), figsize=(5.5 * len(wml), 3.8), squeeze=False)
+    for ax, r in zip(axes[0], wml):
+        colours = {}
+        for traj in r["weights"]:
+            for j, name in enumerate(traj["members"]):
+                line, = ax.plot(traj["steps"], [w[j] for w in traj["weights"]], marker="o", ms=3, alpha=0.8,
+                                color=colours.get(name), label=None if name in colours else name)
+                colours.setdefault(name, line.get_color())
+        ax.set_title(r["setup"], fontsize=9)
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("peer weight ω")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def _ms(xs: list[float]) -> str:
@@ -236,6 +272,21 @@ def main() -> None:
             others = "; ".join(f"{n}: {statistics.mean(v):.4f}" for n, v in r["dev"].items() if n != "base")
             lines.append(f"| {r['setup']} | {_ms(r['dev']['base'])} | {others or '-'} | {r['wall_s']:.1f} |")
         lines.append("")
+        for r in rows:
+            if not r.get("weights"):
+                continue
+            members = r["weights"][0]["members"]
+            start = r["weights"][0]["weights"][0]
+            final = [[t["weights"][-1][j] for t in r["weights"]] for j in range(len(members))]
+            lines.append(f"ω of {r['setup']}, start → after the last update (step "
+                         f"{r['weights'][0]['steps'][-1]}), mean ± sd over seeds: "
+                         + "; ".join(f"{n} {start[j]:.3f} → {statistics.mean(final[j]):.3f} ± "
+                                     f"{statistics.stdev(final[j]) if len(final[j]) > 1 else 0.0:.3f}"
+                                     for j, n in enumerate(members)))
+            lines.append("")
+        plot = Path(__file__).resolve().parent / "results" / f"cohort_weights_{hardware_tag()}_{_dt.date.today()}.png"
+        plot_weights(rows, plot)
+        notes.append(f"ω trajectories: `{plot.name}` (one line a member and seed).")
         keys = list(base)
 
         def verdict(a: str, b: str) -> str:
@@ -254,7 +305,7 @@ def main() -> None:
                      "from the first line above for these tiny models and steps. A WML row trains three peers, so it "
                      "costs about three peers' compute (see the wall_s column): at equal compute CE would get more "
                      "steps.")
-        print("\n".join(lines[-(len(rows) + 4):]), flush=True)
+        print("\n".join(lines[-(len(rows) + 8):]), flush=True)
     config = {"data": f"{args.data} (first {args.mb} MB, evenly over its files)", "vocab": args.vocab_size,
               "window": 128, "batch": f"{args.batch_size} windows", "top_k": args.k,
               "teacher": f"{TEACHER} trained {args.teacher_steps} steps", "base student": BASE,

@@ -216,9 +216,10 @@ def compare_runs(run_dirs: list[str | Path], out_dir: str | Path | None = None) 
     out.mkdir(parents=True, exist_ok=True)
     replaced = [n for n in OUTPUT_FILES if (out / n).exists()]
 
+    styles = run_styles(names, {names[i] for i in teachers})
     files = _plots(out, runs, names, cohorts, {labels[k]: [(n, res[k], i in teachers) for i, (n, res)
                                                            in enumerate(zip(names, results)) if k in res]
-                                               for k in keys})
+                                               for k in keys}, styles)
     files["markdown"] = str(_write_markdown(out / "compare.md", rows, columns, runs, names, teachers, files))
     files["csv"] = str(_write_csv(out / "compare.csv", rows, columns))
     return {"rows": rows, "columns": columns, "files": files, "out": str(out), "replaced": replaced,
@@ -242,17 +243,18 @@ def _read_runs(run_dirs: list[str | Path]) -> tuple[list[dict[str, Any]], list, 
 
 
 def _plots(out: Path, runs: list[dict[str, Any]], names: list[str], cohorts: list,
-           series: dict[str, list]) -> dict[str, str | None]:
+           series: dict[str, list], styles: dict[str, dict[str, Any]]) -> dict[str, str | None]:
     """curves.png, the accuracy plots when there are minimal-pair `series` (else a stale one is removed) and the
-    cohorts' weights plot; returns their paths by name (None: not drawn)."""
+    cohorts' weights plot, every run in its one style (`run_styles`); returns their paths by name (None: not
+    drawn)."""
     files: dict[str, str | None] = {}
     curves = out / "curves.png"
-    _plot_curves(runs, names, curves)
+    curves_figure(runs, names, styles).savefig(curves, dpi=110)
     files["curves"] = str(curves)
     acc, acc_file = out / "accuracy_by_group.png", out / "accuracy_by_file.png"
     if series:
-        _plot_accuracy_by_group(series, acc)
-        _plot_accuracy_by_file(series, acc_file)
+        _plot_accuracy_by_group(series, acc, styles)
+        _plot_accuracy_by_file(series, acc_file, styles)
         files["accuracy_by_group"], files["accuracy_by_file"] = str(acc), str(acc_file)
     else:
         for f in (acc, acc_file):
@@ -358,34 +360,32 @@ def _plot_weights(cohorts: list[tuple[str, list[dict[str, Any]]]], path: Path) -
     fig.savefig(path, dpi=110)
 
 
-def _plot_curves(runs: list[dict[str, Any]], names: list[str], path: Path) -> None:
-    curves_figure(runs, names).savefig(path, dpi=110)
-
-
-def curves_figure(runs: list[dict[str, Any]], names: list[str]):
+def curves_figure(runs: list[dict[str, Any]], names: list[str], styles: dict[str, dict[str, Any]] | None = None):
     """The figure of ``curves.png``: training cross-entropy by step; the dev loss by step and by wall-clock time,
     the trainer's values as lines (labelled with the sample size when they are its sample) and `cachekd eval`'s
-    whole-split value as a star at the run's end."""
+    whole-split value as a star at the run's end. Each run in its `styles` colour (default: `run_styles(names)`),
+    a teacher's lines dashed."""
     from matplotlib.figure import Figure
 
+    styles = styles or run_styles(names)
     fig = Figure(figsize=(15, 4.5), layout="constrained")
     ax_train, ax_dev_step, ax_dev_wall = fig.subplots(1, 3)
     for run, name in zip(runs, names):
+        color, dash = styles[name]["color"], "--" if styles[name]["teacher"] else "-"
         # The hard-label cross-entropy is comparable across CE and distillation runs; the total loss is not.
         pts = [(m.get("step"), _num(m.get("ce", m.get("loss")))) for m in run["train"]]
         pts = [(s, v) for s, v in pts if s is not None and v is not None]
         if pts:
-            ax_train.plot(*zip(*pts), label=name, linewidth=1)
+            ax_train.plot(*zip(*pts), label=styles[name]["label"], linewidth=1, color=color, linestyle=dash)
         dev = [(m.get("step"), _num(m.get("wall_s")), *trainer_dev_loss(m)) for m in run["dev"]]
         by_step = [(s, v) for s, _, v, _ in dev if s is not None and v is not None]
         by_wall = [(w, v) for _, w, v, _ in dev if w is not None and v is not None]
         sizes = {n for *_, v, n in dev if v is not None}
-        label = name if sizes <= {None} else f"{name} (sample of {', '.join(str(n) for n in sorted(sizes - {None}))})"
-        color = None
+        label = styles[name]["label"]
+        label = label if sizes <= {None} else f"{label} (sample of {', '.join(str(n) for n in sorted(sizes - {None}))})"
         for ax, pts in ((ax_dev_step, by_step), (ax_dev_wall, by_wall)):
             if pts:
-                (line,) = ax.plot(*zip(*pts), marker="o", markersize=3, label=label, color=color)
-                color = line.get_color()
+                ax.plot(*zip(*pts), marker="o", markersize=3, label=label, color=color, linestyle=dash)
         full = full_dev_loss(run["eval"])
         if full is not None and _num(full.get("loss")) is not None:
             # the whole dev split (cachekd eval, at the end of the run): what the table reports
@@ -394,9 +394,8 @@ def curves_figure(runs: list[dict[str, Any]], names: list[str]):
             end_wall = _num(run["summary"].get("wall_s", last.get("wall_s")))
             for ax, x in ((ax_dev_step, end_step), (ax_dev_wall, end_wall)):
                 if x is not None:
-                    (pt,) = ax.plot([x], [_num(full["loss"])], marker="*", markersize=12, linestyle="none",
-                                    color=color, label=f"{name}: whole dev split (eval)")
-                    color = pt.get_color()
+                    ax.plot([x], [_num(full["loss"])], marker="*", markersize=12, linestyle="none",
+                            color=color, label=f"{name}: whole dev split (eval)")
     dev_title = "dev loss: trainer's sample (lines), whole split from eval (★)"
     for ax, title, xlabel in ((ax_train, "training cross-entropy (hard labels)", "step"),
                               (ax_dev_step, dev_title, "step"),
@@ -423,12 +422,12 @@ AccuracySeries = dict[str, list[tuple[str, dict[str, Any], bool]]]
 """Per convention label: (run name, minimal-pair result, whether the run is a teacher) of each run measured so."""
 
 
-def _run_styles(series: AccuracySeries) -> dict[str, dict[str, Any]]:
-    """One colour per run across every panel; teachers drawn in black."""
+def run_styles(names: list[str], teachers: set[str] = frozenset()) -> dict[str, dict[str, Any]]:
+    """One colour per run of a comparison, the same in every figure (curves, accuracy by group and by file):
+    the students in order from matplotlib's tab10, the teachers in black."""
     from matplotlib import colormaps
 
-    names = list(dict.fromkeys(n for runs in series.values() for n, _, _ in runs))
-    teachers = {n for runs in series.values() for n, _, t in runs if t}
+    names = list(dict.fromkeys(names))
     cmap = colormaps["tab10"]
     styles, c = {}, 0
     for n in names:
@@ -449,13 +448,12 @@ def _finish_accuracy_axis(ax, title: str) -> None:
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
 
 
-def _plot_accuracy_by_group(series: AccuracySeries, path: Path) -> None:
+def _plot_accuracy_by_group(series: AccuracySeries, path: Path, styles: dict[str, dict[str, Any]]) -> None:
     """Horizontal grouped bars: a row per group (and the macro average on top), a bar per run, one panel per
     convention; the teacher's bars are black and hatched, the dashed line is chance."""
     import numpy as np
     from matplotlib.figure import Figure
 
-    styles = _run_styles(series)
     panels = []
     for label, runs in series.items():
         groups = sorted({g for _, mp, _ in runs for g in (mp.get("by_group") or {})},
@@ -480,14 +478,13 @@ def _plot_accuracy_by_group(series: AccuracySeries, path: Path) -> None:
     fig.savefig(path, dpi=PLOT_DPI)
 
 
-def _plot_accuracy_by_file(series: AccuracySeries, path: Path) -> None:
+def _plot_accuracy_by_file(series: AccuracySeries, path: Path, styles: dict[str, dict[str, Any]]) -> None:
     """A dot plot: a row per phenomenon (file), sorted by the runs' mean accuracy (best on top), a marker per run
     (the teacher a black diamond) on a line from the lowest to the highest run; one panel per convention; the dashed
     line is chance."""
     import numpy as np
     from matplotlib.figure import Figure
 
-    styles = _run_styles(series)
     panels = []
     for label, runs in series.items():
         files = {f for _, mp, _ in runs for f in (mp.get("by_file") or {})}

@@ -335,3 +335,31 @@ def test_trainer_dev_sample_is_labelled_and_the_plot_shows_the_whole_split(runs,
     wall_star = [ln for ln in ax_wall.lines if ln.get_label() == "ce: whole dev split (eval)"][0]
     assert list(wall_star.get_xdata()) == [pytest.approx(3.0)]
     assert "sample" in ax_step.get_title() and "whole split" in ax_step.get_title()
+
+
+def test_a_run_keeps_one_colour_in_every_figure(runs, tmp_path, monkeypatch):
+    """One style per run for the whole comparison: the curves and both accuracy figures draw a run in the same
+    colour (students from tab10 in order, a teacher in black, its curves dashed)."""
+    from matplotlib import colormaps
+    from matplotlib.colors import to_rgba
+
+    from cachekd import compare as cmp
+
+    styles = cmp.run_styles(["ce", "kd-forward", "live"], {"live"})
+    assert [styles[n]["color"] for n in ("ce", "kd-forward")] == [colormaps["tab10"](0), colormaps["tab10"](1)]
+    assert styles["live"]["color"] == "black" and styles["live"]["teacher"]
+    fig = cmp.curves_figure([cmp.load_run(p) for p in runs], ["ce", "kd-forward", "live"], styles)
+    for ax in fig.axes:
+        for line in ax.lines:
+            name = next(n for n in ("kd-forward", "live", "ce") if line.get_label().startswith(n))
+            assert to_rgba(line.get_color()) == to_rgba(styles[name]["color"]), (ax.get_title(), line.get_label())
+            if name == "live" and line.get_linestyle() != "None":
+                assert line.get_linestyle() == "--"
+    seen = {}
+    for fn in ("_plot_accuracy_by_group", "_plot_accuracy_by_file", "curves_figure"):
+        real = getattr(cmp, fn)
+        monkeypatch.setattr(cmp, fn, lambda *a, _real=real, _fn=fn, **k: (seen.setdefault(_fn, a[-1]), _real(*a, **k))[1])
+    series = {"p": [(n, {"macro_accuracy": 0.6, "by_group": {"g": {"accuracy": 0.6}},
+                         "by_file": {"f": {"accuracy": 0.6}}}, n == "live") for n in ("ce", "kd-forward", "live")]}
+    cmp._plots(tmp_path, [cmp.load_run(p) for p in runs], ["ce", "kd-forward", "live"], [], series, styles)
+    assert all(v is styles for v in seen.values()) and len(seen) == 3
