@@ -13,7 +13,8 @@ COHORT_EXAMPLES = PRESET_DIR / "cohorts"
 """Shipped cohort examples, found by name with -c."""
 
 
-def _load(config: str, output: str | None, max_steps: int | None, overrides: tuple[str, ...]):
+def _load(config: str, output: str | None, max_steps: int | None, overrides: tuple[str, ...],
+          store: str | None = None, cache: str | None = None):
     from cachekd.cohort.config import load_cohort_config
     from cachekd.config import deep_merge, load_yaml, parse_overrides
 
@@ -29,6 +30,10 @@ def _load(config: str, output: str | None, max_steps: int | None, overrides: tup
         extra["output"] = output
     if max_steps is not None:
         extra["optim"] = {"max_steps": max_steps}
+    if store is not None:
+        extra["data"] = {"store": store}
+    if cache is not None:
+        extra["cache"] = cache
     data = deep_merge(deep_merge(data, extra), parse_overrides(overrides))
     cohort = load_cohort_config(data)
     if not cohort.output:
@@ -40,6 +45,9 @@ def _load(config: str, output: str | None, max_steps: int | None, overrides: tup
 @click.option("-c", "--config", default=None, help="Cohort YAML (a file, or a shipped example: cohort-choobaca-grid, "
               "cohort-wml-tiny, ...).")
 @click.option("-o", "--output", default=None, help="Cohort directory (output); the peers' runs go to OUTPUT/peers/NAME.")
+@click.option("--store", default=None, help="Token store the peers read (data.store), as `cachekd prepare` wrote it.")
+@click.option("--cache", default=None, help="Logit cache of that store (cache): the distilling peers of a grid and "
+              "the fixed peers read it.")
 @click.option("--max-steps", type=int, default=None, help="Stop every peer after N optimizer steps (optim.max_steps).")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="Override a cohort value, e.g. --set mutual.alpha=0.3 (repeatable).")
@@ -49,7 +57,7 @@ def _load(config: str, output: str | None, max_steps: int | None, overrides: tup
 @click.option("--json", "as_json", is_flag=True, help="Print the cohort summary as JSON.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.pass_context
-def cohort_command(ctx, config, output, max_steps, overrides, resume, force, as_json, quiet):
+def cohort_command(ctx, config, output, store, cache, max_steps, overrides, resume, force, as_json, quiet):
     """Train N students in one loop from one stream of windows and cached teacher targets.
 
     With a `mutual:` section the peers learn from each other (weighted mutual learning, "When Babies Teach
@@ -60,9 +68,9 @@ def cohort_command(ctx, config, output, max_steps, overrides, resume, force, as_
 
     \b
     Examples:
-      cachekd cohort -c cohort-wml-tiny --set data.store=runs/tokens -o runs/wml
-      cachekd cohort -c cohort-choobaca-grid --set data.store=runs/tokens --set cache=runs/cache -o runs/grid
-      cachekd cohort search -c cohort-search-tiny --set data.store=runs/tokens -o runs/search
+      cachekd cohort -c cohort-wml-tiny --store runs/tokens -o runs/wml
+      cachekd cohort -c cohort-choobaca-grid --store runs/tokens --cache runs/cache -o runs/grid
+      cachekd cohort search -c cohort-search-tiny --store runs/tokens -o runs/search
     """
     if ctx.invoked_subcommand is not None:
         return
@@ -71,7 +79,7 @@ def cohort_command(ctx, config, output, max_steps, overrides, resume, force, as_
     from cachekd.cohort.run import run_cohort
     from cachekd.trainer import TrainingInterrupted
 
-    cohort = _load(config, output, max_steps, overrides)
+    cohort = _load(config, output, max_steps, overrides, store, cache)
     try:
         summary = run_cohort(cohort, resume=resume, force=force, progress=not quiet and not as_json,
                              say=lambda msg: click.echo(msg, err=True))
@@ -88,17 +96,18 @@ def cohort_command(ctx, config, output, max_steps, overrides, resume, force, as_
 @cohort_command.command("search")
 @click.option("-c", "--config", required=True, help="Cohort YAML with a `search:` section.")
 @click.option("-o", "--output", default=None, help="Directory of the search (OUTPUT/search/...).")
+@click.option("--store", default=None, help="Token store the candidates train on (data.store).")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a cohort value (repeatable).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def search_command(config, output, overrides, as_json, quiet):
+def search_command(config, output, store, overrides, as_json, quiet):
     """Peer search: successive halving over a seeded random pool of LLaMA shapes (layers, heads, hidden size)
     within a parameter range; keeps the `search.keep` best by dev loss (distinct shapes). Resumable: run the same
     command again after an interruption. Writes OUTPUT/search/search.json.
     """
     from cachekd.cohort.run import run_search
 
-    cohort = _load(config, output, None, overrides)
+    cohort = _load(config, output, None, overrides, store)
     result = run_search(cohort, progress=not quiet and not as_json, say=lambda msg: click.echo(msg, err=True))
     if as_json:
         echo_json(result)

@@ -195,6 +195,7 @@ def test_teacher_as_fixed_peer_at_full_weight_is_distillation(tmp_path, store_pa
     ({"mutual": {"fixed_peers": ["nobody"]}}, "fixed peer 'nobody' is not a teacher of the cache"),
     ({"peers": [{"name": "x", "model": {**SMALL, "init_from": "BIG"}}, {"name": "y", "model": SMALL}]},
      "vocabulary of"),
+    ({"cache": None, "mutual": {"fixed_peers": ["ta"]}}, "add the line `cache: PATH`"),
 ])
 def test_bad_cohorts_are_refused_with_nothing_written(tmp_path, store_path, cache, runner, change, fragment, big_vocab):
     import yaml
@@ -224,12 +225,11 @@ def big_vocab(tmp_path_factory, store_path):
 def test_cli_cohort_runs_and_compare_plots_weights(tmp_path, store_path, runner):
     import yaml
 
-    d = {"name": "cli", "seed": 0, "device": "cpu", "data": {"store": str(store_path), "batch_size": 8,
-                                                             "eval_windows": 16},
+    d = {"name": "cli", "seed": 0, "device": "cpu", "data": {"batch_size": 8, "eval_windows": 16},
          "optim": {"max_steps": 4, "warmup_steps": 1}, "peers": PEERS, "mutual": _wml(update_every=2)}
     cfg = tmp_path / "cohort.yaml"
     cfg.write_text(yaml.safe_dump(d))
-    r = invoke(runner, ["cohort", "-c", cfg, "-o", tmp_path / "run", "--quiet", "--json"])
+    r = invoke(runner, ["cohort", "-c", cfg, "-o", tmp_path / "run", "--store", store_path, "--quiet", "--json"])
     assert r.exit_code == 0, r.output
     assert json.loads(r.output)["peers"] == ["a", "b"]
     r = invoke(runner, ["compare", tmp_path / "run", "--out", tmp_path / "cmp", "--json"])
@@ -238,7 +238,8 @@ def test_cli_cohort_runs_and_compare_plots_weights(tmp_path, store_path, runner)
     assert len(out["rows"]) == 2 and Path(out["files"]["weights"]).exists()
     r = invoke(runner, ["eval", tmp_path / "run" / "peers" / "a", "--dev", store_path, "--json"])
     assert r.exit_code == 0, r.output
-    r = invoke(runner, ["cohort", "-c", cfg, "-o", tmp_path / "run", "--quiet"])
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["data"]["store"] == str(store_path)
+    r = invoke(runner, ["cohort", "-c", cfg, "-o", tmp_path / "run", "--store", store_path, "--quiet"])
     assert_clean_error(r, "finished")
 
 

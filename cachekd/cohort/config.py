@@ -201,7 +201,10 @@ class CohortConfig(RunPlacement):
                     raise CachekdError(f"peer {p.name!r} has a distill section, but with mutual learning the mutual "
                                      f"section sets the loss; drop one of them.")
             if m.fixed_peers and not self.cache:
-                raise CachekdError("mutual.fixed_peers are teachers of a logit cache: set cache.")
+                raise CachekdError(
+                    f"mutual.fixed_peers {m.fixed_peers} are teachers of a logit cache, but the cohort has no cache: "
+                    f"add the line `cache: PATH` at the top level of the cohort config (the cache precompute wrote "
+                    f"for that token store), or pass --cache PATH.")
             if m.initial_weights is not None and len(m.initial_weights) != len(self.peers) + len(m.fixed_peers):
                 raise CachekdError(f"mutual.initial_weights has {len(m.initial_weights)} values for "
                                  f"{len(self.peers) + len(m.fixed_peers)} members (peers, then fixed peers).")
