@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 if TYPE_CHECKING:
-    from cachekd.losses.api import KDConfig
+    from cachekd.losses.types import KDConfig
 
 # Log-probabilities of exactly-zero probabilities (-inf) are raised to this finite floor before they enter a
 # divergence, so that 0·log 0 terms give 0 (and a zero gradient) instead of NaN, while a genuinely infinite

@@ -15,10 +15,10 @@ from typing import TYPE_CHECKING, Literal
 import torch
 from torch import Tensor
 
-from cachekd.losses import mixed
+import cachekd.losses.mixed as mixed
 
 if TYPE_CHECKING:
-    from cachekd.losses.api import KDConfig
+    from cachekd.losses.types import KDConfig
 
 Rows = slice | Tensor
 """A set of flattened rows: a slice, or an int64 index."""

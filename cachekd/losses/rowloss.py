@@ -31,7 +31,7 @@ from cachekd.losses.sparse import SparseRows, SparseStudent, sparse_divergence, 
 from cachekd.losses.student import Student
 
 if TYPE_CHECKING:
-    from cachekd.losses.api import KDConfig
+    from cachekd.losses.types import KDConfig
 
 TeacherRows = Tensor | SparseRows | SampledRows
 """A teacher on n rows: dense log-probabilities at τ (n, V), sparse rows, or sampled rows."""

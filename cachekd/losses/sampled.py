@@ -57,7 +57,7 @@ from cachekd.losses.plan import FlatSampled, Rows, take
 from cachekd.losses.sparse import student_shaped_logp
 
 if TYPE_CHECKING:
-    from cachekd.losses.api import KDConfig
+    from cachekd.losses.types import KDConfig
     from cachekd.losses.student import Student
 
 

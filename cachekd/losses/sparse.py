@@ -26,7 +26,7 @@ from cachekd.losses.student import CHEAP_TAIL_MIN, Student
 from cachekd.rows import block_rows, row_blocks, tail_underflows
 
 if TYPE_CHECKING:
-    from cachekd.losses.api import KDConfig
+    from cachekd.losses.types import KDConfig
 
 
 class SparseStudent(torch.autograd.Function):

@@ -12,7 +12,7 @@ import numpy as np
 
 from cachekd.errors import CachekdError
 from cachekd.io import check_format, open_array_read_only, read_json_dict
-from cachekd.tokens import format as tfmt
+import cachekd.tokens.format as tfmt
 
 
 REBUILD_HINT = ("rebuild it with the same `cachekd prepare` command plus --force (a rebuilt store with the same "

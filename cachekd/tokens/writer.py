@@ -17,7 +17,7 @@ import numpy as np
 from cachekd import __version__
 from cachekd.errors import CachekdError
 from cachekd.io import atomic_write_json, read_json_dict_or_none, sha256_json
-from cachekd.tokens import format as tfmt
+import cachekd.tokens.format as tfmt
 from cachekd.tokens.format import FORMAT, FORMAT_VERSION
 from cachekd.tokens.reader import TokenStore
 
