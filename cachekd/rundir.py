@@ -12,9 +12,11 @@ Layout (every name here; nothing else in cachekd spells them)::
     RUN/eval.json          `cachekd eval`'s results, merged by what was measured (`save_eval`)
     RUN/tensorboard/       with `tensorboard: true`
 
-State (`RunDir.state`): ``empty`` (no directory, or nothing in it), ``foreign`` (files, but no run), ``finished``
-(summary.json), ``running`` (unfinished and a live process trains it) or ``unfinished`` (stopped, crashed or
-killed: `--resume` continues it). A run is a directory with config.yaml, metrics.jsonl or summary.json in it.
+State (`RunDir.state`): ``empty`` (no directory, or nothing in it but a running.json), ``foreign`` (files, but no
+run), ``finished`` (summary.json), ``running`` (unfinished and a live process trains it) or ``unfinished`` (stopped,
+crashed or killed: `--resume` continues it). A run is a directory with config.yaml, metrics.jsonl or summary.json in
+it. A process claims a run before it writes anything there (`RunDir.claim`), and every command that would train or
+replace a run another process has claimed is refused (`RunDir.plan_start`).
 
 One `RunDir` per student: a cohort of N students trained in one loop has N run directories.
 """
@@ -184,10 +186,9 @@ class RunDir:
 
     def running_elsewhere(self) -> bool:
         """Whether another process than this one is training the run now (`is_running`)."""
-        if self._key() in _CLAIMS:
-            return False
-        if self.running_info().get("pid") == os.getpid() and not self.running_info().get("lock"):
-            return False  # an unlocked file naming this process
+        info = self.running_info()
+        if self._key() in _CLAIMS or (info.get("pid") == os.getpid() and not info.get("lock")):
+            return False  # claimed by this process, or an unlocked file naming it
         return self.is_running()
 
     def live_message(self) -> str:
@@ -241,6 +242,9 @@ class RunDir:
             return (f"{str(self.path)!r} is a finished cachekd run but its model/ is missing: "
                     f"`cachekd {command} -c {config} {fix}.")
         where = f" (last checkpoint: step {step})" if step is not None else ""
+        if self.running_elsewhere():
+            return (f"{str(self.path)!r} is a cachekd run being trained right now, so it has no model/ yet{where}: "
+                    f"evaluate it once it has finished.")
         return (f"{str(self.path)!r} is a cachekd run that has not finished, so it has no model/ yet{where}: finish it "
                 f"with `cachekd {command} -c {config} --resume`, or evaluate a finished run or an HF checkpoint.")
 

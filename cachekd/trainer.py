@@ -129,7 +129,7 @@ class Trainer:
         step all its run directories hold (a crash or a full disk between two students' writes leaves one student
         a checkpoint ahead): the newer checkpoints are removed; with none in common, it starts again from step 0."""
         plans = [s.run_dir.plan_start(resume=resume, force=force, check_live=self.is_main) for s in self.students]
-        resume_step = self.resumed_from = self._common_step(plans) if resume else None
+        resume_step = self.resumed_from = self._common_step() if resume else None
         if self.is_main:
             self._claim()
         if resume_step is not None:
@@ -166,7 +166,7 @@ class Trainer:
             state = s.load_checkpoint(s.checkpoints.path_for(step))
         self.step, self.tokens_seen, self.wall_s = state["step"], state["tokens"], state["wall_s"]
 
-    def _common_step(self, plans: list[StartPlan]) -> int | None:
+    def _common_step(self) -> int | None:
         """The checkpoint step a resume starts from: the last one every run directory holds; None (start again
         from step 0) when there is none, said when some directory had one."""
         dirs = self.run_dirs()
@@ -290,7 +290,7 @@ class Trainer:
     def _disk_full_message(self) -> str:
         """A full disk stopped the run: where it can continue from."""
         step = common_checkpoint_step(self.run_dirs())
-        where = self.run_dirs()[0].path if len(self.run_dirs()) == 1 else "the run directories"
+        where = self.run_dirs()[-1].path  # the run's directory; a cohort's own
         last = f"step {step}, the last checkpoint" if step is not None else "step 0: no checkpoint yet"
         return (f"the disk is full (writing in {str(where)!r}), so the run stopped; free space, then continue it with "
                 f"--resume (from {last}).")
