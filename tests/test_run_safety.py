@@ -251,10 +251,13 @@ def _temp_files(d: Path) -> list[str]:
     return [str(p.relative_to(d)) for p in d.rglob("*") if p.name.endswith(".tmp") or p.name.startswith(".")]
 
 
-def test_a_full_disk_during_distill_is_one_sentence_and_resumes_identically(tmp_path, runner, store_path, cache):
+@pytest.mark.parametrize("command", ["distill", "train"])
+def test_a_full_disk_during_distill_is_one_sentence_and_resumes_identically(tmp_path, runner, store_path, cache,
+                                                                            command):
     """torch's `inline_container.cc ... unexpected pos` traceback and a `.step_*.pt.tmp` left behind; now one
     sentence, no temporary file, and `--resume` after space is freed gives the uninterrupted run's weights."""
-    base = ["distill", "--store", store_path, "--cache", cache, *TINY_CLI, "--max-steps", "12",
+    source = ["--cache", cache, "--temperature", "1"] if command == "distill" else []
+    base = [command, "--store", store_path, *source, *TINY_CLI[:-2], "--max-steps", "12",
             "--set", "save_every=2", "--set", "log_every=1"]
     r = invoke(runner, [*base, "-o", tmp_path / "ref"])
     assert r.exit_code == 0, r.output
