@@ -46,6 +46,21 @@ class TrainingInterrupted(KeyboardInterrupt):
         self.step, self.total_steps, self.checkpoint, self.signum = step, total_steps, checkpoint, signum
 
 
+class DiskFull(CachekdError):
+    """A full disk stopped the run in `where`; it continues from the checkpoint of `step` (None: from step 0).
+    Every file was written whole or not at all: no temporary file is left."""
+
+    def __init__(self, where: Path, step: int | None):
+        self.where, self.step = where, step
+        super().__init__(self.message())
+
+    def message(self, how: str = "by resuming it") -> str:
+        """The sentence, saying `how` to continue (a front end names its command)."""
+        last = f"step {self.step}, the last checkpoint" if self.step is not None else "step 0 (no checkpoint yet)"
+        return (f"the disk is full (writing in {str(self.where)!r}), so the run stopped; free space, then continue it "
+                f"from {last}, {how}.")
+
+
 class Trainer:
     """The loop: one batch stream, the step counter, signals, evaluation, checkpoints and metrics, for one student
     (`cachekd train` / `distill`) or several fed by the same batches (a cohort: `configs` holds one config each,
@@ -283,17 +298,10 @@ class Trainer:
 
             if not is_disk_full(e):
                 raise
-            raise CachekdError(self._disk_full_message()) from None
+            # (the run's directory, a cohort's own; the step every run directory holds a checkpoint of)
+            raise DiskFull(self.run_dirs()[-1].path, common_checkpoint_step(self.run_dirs())) from None
         finally:
             _release(self._claimed)
-
-    def _disk_full_message(self) -> str:
-        """A full disk stopped the run: where it can continue from."""
-        step = common_checkpoint_step(self.run_dirs())
-        where = self.run_dirs()[-1].path  # the run's directory; a cohort's own
-        last = f"step {step}, the last checkpoint" if step is not None else "step 0: no checkpoint yet"
-        return (f"the disk is full (writing in {str(where)!r}), so the run stopped; free space, then continue it with "
-                f"--resume (from {last}).")
 
     def _loop(self, tqdm) -> str:
         """Optimizer steps until the end; returns why it stopped: steps, epochs, time or signal."""

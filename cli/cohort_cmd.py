@@ -69,7 +69,7 @@ def cohort_command(ctx, config, output, max_steps, overrides, resume, force, as_
     if not config:
         raise click.UsageError("give the cohort config with -c FILE (see `cachekd cohort --help`).")
     from cachekd.cohort.run import run_cohort
-    from cachekd.trainer import TrainingInterrupted
+    from cachekd.trainer import DiskFull, TrainingInterrupted
 
     cohort = _load(config, output, max_steps, overrides)
     try:
@@ -77,6 +77,9 @@ def cohort_command(ctx, config, output, max_steps, overrides, resume, force, as_
                              say=lambda msg: click.echo(msg, err=True))
     except TrainingInterrupted as e:
         exit_interrupted(e, "checkpoints saved. Continue with the same command and --resume.")
+    except DiskFull as e:
+        msg = e.message("with the same command and --resume")
+        raise click.ClickException(msg[0].upper() + msg[1:]) from None
     if as_json:
         echo_json(summary)
         return
