@@ -5,13 +5,19 @@ scheduler, scaler, counters) plus what this module adds: the cachekd version, th
 without runtime options) and its sha256, and the Python / NumPy / torch / CUDA random states. A resume is refused
 when the identity differs, saying which value; so is one whose planned length (``optim.max_steps``) changed.
 
+Checkpoints hold tensors and plain values only (the NumPy random state as a tensor) and are loaded with
+``weights_only=True``: a file holding anything else (a pickled callable) is refused without running it. Checkpoints
+written before held the NumPy state as an array: NumPy arrays (numeric, no objects) are allowed too, so they load.
+
 One manager per run directory: a cohort of students trained in one loop has one manager per student.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import random
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -26,20 +32,57 @@ from cachekd.rundir import RunDir, checkpoint_name
 
 
 def capture_rng_state() -> dict[str, Any]:
-    """The Python, NumPy, torch and (when present) CUDA random states."""
+    """The Python, NumPy, torch and (when present) CUDA random states, as tensors and plain values."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
     return {
-        "python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        "python": random.getstate(), "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached),
+        "torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
     }
 
 
 def restore_rng_state(s: dict[str, Any]) -> None:
-    """Put back what `capture_rng_state` returned."""
+    """Put back what `capture_rng_state` returned (or the NumPy array of a checkpoint written before)."""
     random.setstate(s["python"])
-    np.random.set_state(s["numpy"])
+    kind, keys, *rest = s["numpy"]
+    if isinstance(keys, torch.Tensor):
+        keys = keys.numpy().astype(np.uint32)
+    np.random.set_state((kind, keys, *rest))
     torch.set_rng_state(s["torch"])
     if s.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(s["cuda"])
+
+
+def _allowed_globals() -> list[Any]:
+    """What a checkpoint may hold beyond tensors and plain values: numeric NumPy arrays (the NumPy random state of
+    checkpoints written before it was stored as a tensor)."""
+    from numpy._core.multiarray import _reconstruct
+
+    return [_reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+
+
+def load_state(path: Path) -> dict[str, Any]:
+    """A checkpoint's contents, loaded with ``weights_only=True`` (tensors and plain values only); anything else,
+    a file that cannot be read, or one that vanished meanwhile is one sentence (CachekdError), and nothing it
+    holds is run."""
+    import pickle
+
+    where = str(path)
+    try:
+        with torch.serialization.safe_globals(_allowed_globals()):
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CachekdError(f"checkpoint {where!r} was removed while it was being read (does another process write "
+                           f"this run?); run the command again.") from None
+    except pickle.UnpicklingError as e:
+        found = re.search(r"GLOBAL (\S+)", str(e))
+        what = f" ({found.group(1)})" if found else ""
+        raise CachekdError(f"checkpoint {where!r} holds Python objects other than tensors and plain values{what}, "
+                           f"which cachekd never writes; it was not loaded, since loading it could run code.") from None
+    except Exception as e:  # noqa: BLE001
+        raise CachekdError(f"checkpoint {where!r} cannot be read ({type(e).__name__}); it may be corrupt.") from None
+    if not isinstance(state, dict) or "config_identity" not in state:
+        raise CachekdError(f"checkpoint {where!r} is not a cachekd checkpoint.")
+    return state
 
 
 def first_difference(a: Any, b: Any, prefix: str = "") -> str:
@@ -70,28 +113,42 @@ class CheckpointManager:
     def path_for(self, step: int) -> Path:
         return self.directory / checkpoint_name(step)
 
-    def save(self, step: int, state: dict[str, Any]) -> Path:
+    def save(self, step: int, state: dict[str, Any], *, rotate: bool = True) -> Path:
         """Write `state` (with the step, identity and random states added) as the checkpoint of `step`, atomically,
-        then delete all but the newest `keep`; returns its path."""
+        then (with `rotate`) delete all but the newest `keep`; returns its path. A write that fails (a full disk)
+        leaves no temporary file, and raises OSError(ENOSPC) when the disk is full whatever torch reports."""
+        from cachekd.io import is_disk_full
+
         d = self.directory
         d.mkdir(parents=True, exist_ok=True)
         full = {"cachekd_version": __version__, "config_identity": self.identity_hash, "config": self.identity,
                 "step": step, **state, "rng": capture_rng_state()}
         path = self.path_for(step)
         tmp = d / f".{path.name}.tmp"
-        torch.save(full, tmp)
-        os.replace(tmp, path)
-        for old in self.run.checkpoints()[: -self.keep]:
-            old.unlink()
+        try:
+            with open(tmp, "wb") as f:  # (a file object: torch's RuntimeError then keeps the OSError as context)
+                torch.save(full, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException as e:
+            tmp.unlink(missing_ok=True)
+            if is_disk_full(e):
+                raise OSError(errno.ENOSPC, "No space left on device", str(path)) from None
+            raise
+        if rotate:
+            self.rotate()
         return path
 
+    def rotate(self) -> None:
+        """Delete all but the newest `keep` checkpoints."""
+        for old in self.run.checkpoints()[: -self.keep]:
+            old.unlink()
+
     def load(self, path: Path, *, restore_rng: bool = True) -> dict[str, Any]:
-        """The state saved in `path`, after checking it was written with this config; restores the random states."""
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as e:  # noqa: BLE001
-            raise CachekdError(
-                f"checkpoint {str(path)!r} cannot be read ({type(e).__name__}); it may be corrupt.") from None
+        """The state saved in `path` (`load_state`), after checking it was written with this config; restores the
+        random states."""
+        state = load_state(path)
         if state["config_identity"] != self.identity_hash:
             diff = first_difference(state.get("config", {}), self.identity)
             raise CachekdError(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import json
 import os
@@ -38,6 +40,48 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def try_flock(path: Path):
+    """The open file `path` (created when missing) with an exclusive lock on it, or None when another open file
+    holds it. The kernel drops the lock when the holder ends, however it ends (a kill -9 leaves nothing to clean
+    up)."""
+    f = open(path, "a")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        return None
+    return f
+
+
+def flock_held(path: Path) -> bool:
+    """Whether an open file holds a lock on `path` (False when there is no such file); creates nothing."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # (closing drops the probe's own shared lock)
+    return False
+
+
+def is_disk_full(e: BaseException) -> bool:
+    """Whether `e`, or an exception it was raised from or while handling, says the disk (or quota) is full: torch
+    reports a full disk while saving as a RuntimeError ("unexpected pos") raised while handling the OSError."""
+    seen: set[int] = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "No space left on device" in str(e):  # libraries that keep only the message (safetensors)
+            return True
+        e = e.__cause__ or e.__context__
+    return False
 
 
 def give_usual_mode(directory: Path) -> None:

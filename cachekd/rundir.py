@@ -5,15 +5,18 @@ Layout (every name here; nothing else in cachekd spells them)::
     RUN/config.yaml        the run's config, written when it starts (its presence makes RUN a run)
     RUN/metrics.jsonl      one JSON object a line: {"kind": "train" | "dev", "step", ...}
     RUN/checkpoints/       step_00000042.pt, ... (resumable state; see `cachekd.checkpoint`)
-    RUN/running.json       {pid, host, started} while a process trains the run; removed when it stops
+    RUN/running.json       {pid, host, started} while a process trains the run, which holds a lock on it (flock, dropped
+                           by the kernel however the process ends); removed when it stops
     RUN/model/             the final HF checkpoint (model + tokenizer), written at the end
     RUN/summary.json       written last: its presence means the run finished
     RUN/eval.json          `cachekd eval`'s results, merged by what was measured (`save_eval`)
     RUN/tensorboard/       with `tensorboard: true`
 
-State (`RunDir.state`): ``empty`` (no directory, or nothing in it), ``foreign`` (files, but no run), ``finished``
-(summary.json), ``running`` (unfinished and a live process trains it) or ``unfinished`` (stopped, crashed or
-killed: `--resume` continues it). A run is a directory with config.yaml, metrics.jsonl or summary.json in it.
+State (`RunDir.state`): ``empty`` (no directory, or nothing in it but a running.json), ``foreign`` (files, but no
+run), ``finished`` (summary.json), ``running`` (unfinished and a live process trains it) or ``unfinished`` (stopped,
+crashed or killed: `--resume` continues it). A run is a directory with config.yaml, metrics.jsonl or summary.json in
+it. A process claims a run before it writes anything there (`RunDir.claim`), and every command that would train or
+replace a run another process has claimed is refused (`RunDir.plan_start`).
 
 One `RunDir` per student: a cohort of N students trained in one loop has N run directories.
 """
@@ -43,8 +46,9 @@ only ever the whole dev split, the one number `cachekd compare` reports as a run
 kept the same way: ``"minimal_pairs_results"`` maps `minimal_pairs_key` (file set, prefix convention, pair limit) to
 each result, so scoring other files, or the same files with another prefix, never replaces an earlier result."""
 RUNNING_FILE = "running.json"
-"""{pid, host, started} of the process training the run right now; removed when it stops (`cachekd compare` tells a
-live run from an unfinished one with it)."""
+"""{pid, host, started, lock} of the process training the run right now, which holds an exclusive flock on the file
+(`RunDir.claim`); removed when it stops. A run whose file is locked is refused to every other command that would
+train it (`plan_start`), and `cachekd compare` tells a live run from an unfinished one with it."""
 MODEL_DIR = "model"
 MODEL_TMP_DIR = ".model.tmp"
 CHECKPOINTS_DIR = "checkpoints"
@@ -61,6 +65,9 @@ LIVE_METRICS_S = 600.0
 """A run trained on another machine counts as running while its metrics.jsonl changed this recently."""
 
 RunState = Literal["empty", "foreign", "unfinished", "running", "finished"]
+
+_CLAIMS: dict[str, list[Any]] = {}
+"""The runs this process has claimed (`RunDir.claim`): resolved path -> [running.json open and locked, count]."""
 
 
 @dataclass(frozen=True)
@@ -113,8 +120,8 @@ class RunDir:
     # ------------------------------------------------------------------------------------------- state
     @property
     def exists(self) -> bool:
-        """Whether the directory is there and holds anything."""
-        return self.path.is_dir() and any(self.path.iterdir())
+        """Whether the directory is there and holds anything (but a running.json left by a claim)."""
+        return self.path.is_dir() and any(p.name != RUNNING_FILE for p in self.path.iterdir())
 
     @property
     def is_run(self) -> bool:
@@ -130,6 +137,12 @@ class RunDir:
         """The step checkpoints, oldest first (their names sort by step)."""
         return sorted(self.checkpoint_dir.glob("step_*.pt")) if self.checkpoint_dir.is_dir() else []
 
+    def drop_checkpoints_after(self, step: int) -> None:
+        """Delete the checkpoints of steps after `step` (a resume from an earlier step abandons them)."""
+        for p in self.checkpoints():
+            if checkpoint_step(p) > step:
+                p.unlink()
+
     @property
     def last_checkpoint(self) -> Path | None:
         ckpts = self.checkpoints()
@@ -140,21 +153,51 @@ class RunDir:
         last = self.last_checkpoint
         return checkpoint_step(last) if last is not None else None
 
-    def is_running(self) -> bool:
-        """Whether a process is training this run now: its ``running.json`` names a live process on this machine,
-        or, from another machine, its metrics changed in the last LIVE_METRICS_S seconds. A crashed or killed run
-        leaves a stale file: its process is gone."""
+    def running_info(self) -> dict[str, Any]:
+        """What running.json says ({pid, host, started, lock}); {} when it is missing or unreadable."""
         try:
             info = json.loads(self.running_path.read_text())
+        except (OSError, ValueError):
+            return {}
+        return info if isinstance(info, dict) else {}
+
+    def is_running(self) -> bool:
+        """Whether a process is training this run now: it holds the lock on ``running.json`` (`claim`; a file
+        written before the lock, by an older cachekd: names a live process on this machine), or, from another
+        machine, its metrics changed in the last LIVE_METRICS_S seconds. A crashed or killed run leaves a stale
+        file: its lock is gone with its process."""
+        from cachekd.io import flock_held
+
+        if self._key() in _CLAIMS:
+            return True
+        info = self.running_info()
+        try:
             pid, host = int(info["pid"]), str(info["host"])
-        except (OSError, ValueError, KeyError, TypeError):
-            return False
+        except (KeyError, TypeError, ValueError):  # missing, or being written by a claim right now
+            return flock_held(self.running_path)
         if host != socket.gethostname():
             try:
                 return time.time() - self.metrics_path.stat().st_mtime < LIVE_METRICS_S
             except OSError:
                 return False
+        if info.get("lock"):
+            return flock_held(self.running_path)
         return _process_lives(pid)
+
+    def running_elsewhere(self) -> bool:
+        """Whether another process than this one is training the run now (`is_running`)."""
+        info = self.running_info()
+        if self._key() in _CLAIMS or (info.get("pid") == os.getpid() and not info.get("lock")):
+            return False  # claimed by this process, or an unlocked file naming it
+        return self.is_running()
+
+    def live_message(self) -> str:
+        """Why no other command may train or replace this run now, in one sentence."""
+        info = self.running_info()
+        who = f"pid {info['pid']} on {info.get('host', '?')}" if "pid" in info else "another process"
+        since = f", started {info['started']}" if info.get("started") else ""
+        return (f"the run in {str(self.path)!r} is being trained right now ({who}{since}); wait for it to end or stop "
+                f"it before running another command that trains or replaces it.")
 
     @property
     def state(self) -> RunState:
@@ -199,13 +242,19 @@ class RunDir:
             return (f"{str(self.path)!r} is a finished cachekd run but its model/ is missing: "
                     f"`cachekd {command} -c {config} {fix}.")
         where = f" (last checkpoint: step {step})" if step is not None else ""
+        if self.running_elsewhere():
+            return (f"{str(self.path)!r} is a cachekd run being trained right now, so it has no model/ yet{where}: "
+                    f"evaluate it once it has finished.")
         return (f"{str(self.path)!r} is a cachekd run that has not finished, so it has no model/ yet{where}: finish it "
                 f"with `cachekd {command} -c {config} --resume`, or evaluate a finished run or an HF checkpoint.")
 
     # ---------------------------------------------------------------------------------- starting a run
-    def plan_start(self, *, resume: bool, force: bool) -> StartPlan:
-        """How `train`/`distill` with `--resume` / `--force` begin here, or a CachekdError saying why they cannot."""
+    def plan_start(self, *, resume: bool, force: bool, check_live: bool = True) -> StartPlan:
+        """How `train`/`distill` with `--resume` / `--force` begin here, or a CachekdError saying why they cannot:
+        with `check_live`, whatever the options, while another process trains the run (`running_elsewhere`)."""
         out = str(self.path)
+        if check_live and self.running_elsewhere():
+            raise CachekdError(self.live_message())
         finished = self.finished
         if resume and finished:
             raise CachekdError(f"the run in {out!r} already finished; nothing to resume (pass --force to "
@@ -249,6 +298,8 @@ class RunDir:
             # also the temporary file of an atomic write cut off by a crash (".summary.json.x1y2.tmp")
             ours = entry.name in RUN_FILES or (entry.name.endswith(".tmp") and any(
                 entry.name.startswith(f".{name}.") for name in RUN_FILES))
+            if entry.name == RUNNING_FILE and self._key() in _CLAIMS:
+                continue  # this process's claim: removing it would let another process claim the run
             if ours:
                 if entry.is_dir() and not entry.is_symlink():
                     shutil.rmtree(entry)
@@ -258,29 +309,79 @@ class RunDir:
                 kept.append(entry.name)
         return kept
 
-    def mark_running(self, on: bool) -> None:
-        """Write running.json for this process (on), or remove it (off)."""
-        from cachekd.io import atomic_write_json
+    def claim(self) -> None:
+        """Mark the run as trained by this process until `release`: an exclusive lock (flock) on running.json,
+        which names the process; the kernel drops the lock however the process ends. Creates the directory. A run
+        another process has claimed is refused (CachekdError); a second claim in this process only counts."""
+        from cachekd.io import try_flock
 
-        if on:
-            atomic_write_json(self.running_path, {"pid": os.getpid(), "host": socket.gethostname(),
-                                                  "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+        key = self._key()
+        if key in _CLAIMS:
+            _CLAIMS[key][1] += 1
+            return
+        self.path.mkdir(parents=True, exist_ok=True)
+        for _ in range(50):
+            f = try_flock(self.running_path)
+            if f is not None:
+                if _same_file(f, self.running_path):
+                    break
+                f.close()  # its holder removed the file between our open and our lock: lock the new one
+            else:
+                time.sleep(0.01)  # a probe (`flock_held`) holds the lock for an instant
         else:
-            self.running_path.unlink(missing_ok=True)
+            raise CachekdError(self.live_message())
+        f.seek(0)
+        f.truncate()
+        f.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "lock": "flock",
+                            "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}, indent=2) + "\n")
+        f.flush()
+        _CLAIMS[key] = [f, 1]
+
+    def release(self) -> None:
+        """End this process's claim (the last of its claims removes running.json and drops the lock)."""
+        entry = _CLAIMS.get(self._key())
+        if entry is None:
+            return
+        entry[1] -= 1
+        if entry[1] > 0:
+            return
+        del _CLAIMS[self._key()]
+        f = entry[0]
+        try:
+            if _same_file(f, self.running_path):
+                self.running_path.unlink()
+        except OSError:
+            pass
+        f.close()
+
+    def mark_running(self, on: bool) -> None:
+        """`claim` (on) or `release` (off) the run for this process."""
+        self.claim() if on else self.release()
+
+    def _key(self) -> str:
+        return str(self.path.resolve())
 
     # ----------------------------------------------------------------------------------------- metrics
     def reset_metrics(self) -> None:
         self.metrics_path.write_text("")
 
     def append_metrics(self, record: dict[str, Any]) -> None:
-        with open(self.metrics_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        """Append one line; a write cut off (a full disk) leaves the file as it was."""
+        line = memoryview((json.dumps(record) + "\n").encode())
+        with open(self.metrics_path, "ab", buffering=0) as f:
+            start = f.tell()
+            try:
+                while line:
+                    line = line[f.write(line):]
+            except BaseException:
+                f.truncate(start)
+                raise
 
     def truncate_metrics(self, step: int) -> None:
-        """Drop the records logged after `step` (a resumed run logs them again)."""
+        """Drop the records logged after `step` (a resumed run logs them again), and a last line cut off by a
+        crash."""
         if self.metrics_path.exists():
-            keep = [ln for ln in self.metrics_path.read_text().splitlines()
-                    if ln.strip() and json.loads(ln)["step"] <= step]
+            keep = [json.dumps(rec) for rec in read_metrics(self.metrics_path) if rec.get("step", 0) <= step]
             self.metrics_path.write_text("".join(ln + "\n" for ln in keep))
 
     def read_metrics(self) -> list[dict[str, Any]]:
@@ -306,8 +407,12 @@ class RunDir:
         tmp = self.path / MODEL_TMP_DIR
         if tmp.exists():
             shutil.rmtree(tmp)
-        model.save_pretrained(str(tmp))
-        tokenizer.save_pretrained(str(tmp))
+        try:
+            model.save_pretrained(str(tmp))
+            tokenizer.save_pretrained(str(tmp))
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)  # (a full disk: leave no partial copy)
+            raise
         give_usual_mode(tmp)
         if self.model_dir.exists():
             shutil.rmtree(self.model_dir)
@@ -333,6 +438,14 @@ def checkpoint_name(step: int) -> str:
     return f"step_{step:08d}.pt"
 
 
+def _same_file(f: Any, path: Path) -> bool:
+    """Whether the open file `f` is still the file at `path` (not removed or replaced since it was opened)."""
+    try:
+        return os.fstat(f.fileno()).st_ino == os.stat(path).st_ino
+    except OSError:
+        return False
+
+
 def _process_lives(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -343,6 +456,15 @@ def _process_lives(pid: int) -> bool:
     except OSError:
         return False
     return True
+
+
+def common_checkpoint_step(runs: list[RunDir]) -> int | None:
+    """The last step every run in `runs` holds a checkpoint of; None when they hold none in common."""
+    common: set[int] | None = None
+    for run in runs:
+        steps = {checkpoint_step(p) for p in run.checkpoints()}
+        common = steps if common is None else common & steps
+    return max(common) if common else None
 
 
 def run_state(out: str | Path) -> dict[str, Any]:

@@ -339,13 +339,14 @@ class Student:
 
     # --------------------------------------------------------------------------------- checkpoints, output
     def save_checkpoint(self, step: int, counters: dict[str, Any]) -> Path | None:
-        """Write a resumable checkpoint of `step` (rank 0) with the trainer's `counters`; returns its path."""
+        """Write a resumable checkpoint of `step` (rank 0) with the trainer's `counters`; returns its path. The
+        trainer deletes the old ones (`CheckpointManager.rotate`) once every student has written the new one."""
         if not self.place.is_main:
             return None
         state = {**counters, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                  "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict() if self.scaler else None}
         with self.own_rng():  # the checkpoint records this student's random state
-            return self.checkpoints.save(step, state)
+            return self.checkpoints.save(step, state, rotate=False)
 
     def load_checkpoint(self, path: Path) -> dict[str, Any]:
         """Restore the model, optimizer, schedules and random state; returns the checkpoint (with the counters)."""

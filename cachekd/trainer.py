@@ -17,6 +17,7 @@ from __future__ import annotations
 import signal
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ from cachekd import distributed
 from cachekd.batch import IGNORE_INDEX, Batch
 from cachekd.errors import CachekdError
 from cachekd.loader import Order
+from cachekd.rundir import RunDir, StartPlan, common_checkpoint_step
 from cachekd.student import Norms, Placement, StepPlan, Student
 from cachekd.teachers import CachedTeachers, TeacherSource, open_teacher_source
 from cachekd.train_config import TrainConfig, config_identity, load_train_config
@@ -42,6 +44,21 @@ class TrainingInterrupted(KeyboardInterrupt):
     def __init__(self, step: int, total_steps: int, checkpoint: Path, signum: int):
         super().__init__(f"interrupted at step {step}")
         self.step, self.total_steps, self.checkpoint, self.signum = step, total_steps, checkpoint, signum
+
+
+class DiskFull(CachekdError):
+    """A full disk stopped the run in `where`; it continues from the checkpoint of `step` (None: from step 0).
+    Every file was written whole or not at all: no temporary file is left."""
+
+    def __init__(self, where: Path, step: int | None):
+        self.where, self.step = where, step
+        super().__init__(self.message())
+
+    def message(self, how: str = "by resuming it") -> str:
+        """The sentence, saying `how` to continue (a front end names its command)."""
+        last = f"step {self.step}, the last checkpoint" if self.step is not None else "step 0 (no checkpoint yet)"
+        return (f"the disk is full (writing in {str(self.where)!r}), so the run stopped; free space, then continue it "
+                f"from {last}, {how}.")
 
 
 class Trainer:
@@ -75,7 +92,14 @@ class Trainer:
         self.students = [self._build_student(c) for c in configs]
         self.step, self.tokens_seen, self.wall_s = 0, 0, 0.0
         self._stop_signal: int | None = None
-        self._prepare_output(resume, force)
+        self._claimed: list[RunDir] = []
+        self.resumed_from: int | None = None  # the checkpoint step the run resumed from
+        weakref.finalize(self, _release, self._claimed)  # a trainer dropped without training lets its runs go
+        try:
+            self._prepare_output(resume, force)
+        except BaseException:
+            _release(self._claimed)
+            raise
         self._last_log = (time.perf_counter(), self.tokens_seen)  # (time, tokens) of the last train record
 
     def _build_student(self, cfg: TrainConfig) -> Student:
@@ -110,24 +134,35 @@ class Trainer:
         return self.students[0].targets(batch, input_ids)
 
     # ------------------------------------------------------------------------------------------ output
+    def run_dirs(self) -> list[RunDir]:
+        """Every run directory this trainer writes: each student's (a cohort adds its own)."""
+        return [s.run_dir for s in self.students]
+
     def _prepare_output(self, resume: bool, force: bool) -> None:
-        """Create each student's run directory, or resume / replace the run in it. Runs after every check of the
-        configs; a cohort resumes only when all its students stopped at the same checkpoint step."""
-        plans = [s.run_dir.plan_start(resume=resume, force=force) for s in self.students]
-        if plans[0].action == "resume":
-            steps = {p.checkpoint.name if p.checkpoint else None for p in plans}
-            if len(steps) > 1 or any(p.action != "resume" for p in plans):
-                raise CachekdError("the students' last checkpoints are not at the same step; pass --force to start over.")
-            for s, p in zip(self.students, plans):
+        """Claim each student's run directory (refused while another process trains it), then create it, or resume
+        / replace the run in it. Runs after every check of the configs. A cohort resumes from the last checkpoint
+        step all its run directories hold (a crash or a full disk between two students' writes leaves one student
+        a checkpoint ahead): the newer checkpoints are removed; with none in common, it starts again from step 0."""
+        plans = [s.run_dir.plan_start(resume=resume, force=force, check_live=self.is_main) for s in self.students]
+        resume_step = self.resumed_from = self._common_step() if resume else None
+        if self.is_main:
+            self._claim()
+        if resume_step is not None:
+            for s in self.students:
                 s.checkpoints.check_same_length(s.cfg.optim.max_steps)
-                state = s.load_checkpoint(p.checkpoint)
-            self.step, self.tokens_seen, self.wall_s = state["step"], state["tokens"], state["wall_s"]
+            self._resume_from(resume_step)
+            if self.is_main:  # (only once every checkpoint of the step was found good)
+                for d in self.run_dirs():
+                    d.drop_checkpoints_after(resume_step)
             return
+        if resume:
+            plans = [StartPlan("restart") for _ in plans]
         for s, p in zip(self.students, plans):
             if p.action == "restart":
                 # Stopped before its first checkpoint: start again from step 0 in the same directory, same config.
                 s.checkpoints.check_saved_config()
                 if self.is_main:
+                    s.run_dir.drop_checkpoints_after(0)
                     s.run_dir.reset_metrics()
                     self.say(f"{s.run_dir.path} has no checkpoint yet: starting it again from step 0.")
             elif p.replace and self.is_main:
@@ -140,11 +175,49 @@ class Trainer:
             if p.action == "new" and self.is_main:
                 s.run_dir.create(s.cfg)
 
+    def _resume_from(self, step: int) -> None:
+        """Load every student's checkpoint of `step` and the loop's counters."""
+        for s in self.students:
+            state = s.load_checkpoint(s.checkpoints.path_for(step))
+        self.step, self.tokens_seen, self.wall_s = state["step"], state["tokens"], state["wall_s"]
+
+    def _common_step(self) -> int | None:
+        """The checkpoint step a resume starts from: the last one every run directory holds; None (start again
+        from step 0) when there is none, said when some directory had one."""
+        dirs = self.run_dirs()
+        last = [d.last_checkpoint_step for d in dirs]
+        step = common_checkpoint_step(dirs)
+        if len(set(last)) > 1 and self.is_main:
+            where = "; ".join(f"{d.path}: {'none' if n is None else f'step {n}'}" for d, n in zip(dirs, last))
+            then = f"resuming every one from step {step}, the last they all hold" if step is not None else \
+                "they hold none in common, so every one starts again from step 0"
+            self.say(f"the last checkpoints differ ({where}): {then}.")
+        return step
+
+    def _claim(self) -> None:
+        """Claim every run directory for this process (`RunDir.claim`) until the trainer is done with them."""
+        for d in self.run_dirs():
+            d.claim()
+            self._claimed.append(d)
+
     def _save_checkpoint(self) -> Path | None:
-        """Write every student's resumable checkpoint of the current step (rank 0); returns the first's path."""
+        """Write every student's resumable checkpoint of the current step (rank 0), then delete the old ones: the
+        older checkpoints stay until every student has the new one, so a run cut off between two students' writes
+        resumes from the last step they all hold. Returns the first student's path."""
         counters = {"tokens": self.tokens_seen, "wall_s": self.wall_s}
         paths = [s.save_checkpoint(self.step, counters) for s in self.students]
+        self._save_own_checkpoint()
+        if self.is_main:
+            for m in self.checkpoint_managers():
+                m.rotate()
         return paths[0]
+
+    def _save_own_checkpoint(self) -> None:
+        """What a subclass saves beside the students' checkpoints of the step (a cohort: ω)."""
+
+    def checkpoint_managers(self) -> list[Any]:
+        """The checkpoint managers of every run directory (a cohort adds its own)."""
+        return [s.checkpoints for s in self.students]
 
     def _log(self, record: dict[str, Any], student: Student | None = None) -> None:
         (student or self.students[0]).log(record)
@@ -204,7 +277,6 @@ class Trainer:
 
         for s in self.students:
             s.open_tensorboard()
-        self._mark_running(True)
         try:
             previous = self._install_signal_handlers()
             try:
@@ -221,8 +293,15 @@ class Trainer:
             self._save_checkpoint()
             dev = self._eval_and_log()
             return self._finish(dev, stop_reason)
+        except Exception as e:
+            from cachekd.io import is_disk_full
+
+            if not is_disk_full(e):
+                raise
+            # (the run's directory, a cohort's own; the step every run directory holds a checkpoint of)
+            raise DiskFull(self.run_dirs()[-1].path, common_checkpoint_step(self.run_dirs())) from None
         finally:
-            self._mark_running(False)
+            _release(self._claimed)
 
     def _loop(self, tqdm) -> str:
         """Optimizer steps until the end; returns why it stopped: steps, epochs, time or signal."""
@@ -307,11 +386,6 @@ class Trainer:
         self.say(f"\n{signal.Signals(signum).name} received: stopping after the current step and saving a checkpoint "
                  f"({'press Ctrl-C' if signum == signal.SIGINT else 'send it'} again to abort at once).")
 
-    def _mark_running(self, on: bool) -> None:
-        if self.is_main:
-            for s in self.students:
-                s.run_dir.mark_running(on)
-
     def _time_is_up(self, start_step: int, start_wall: float) -> bool:
         """Whether another step would end past optim.max_time_s (judged by this run's mean step time so far), so
         a run stops within its time budget instead of overrunning it by one step."""
@@ -346,6 +420,12 @@ class Trainer:
         self.place.barrier()
         self.summaries = out
         return out[0]
+
+
+def _release(claimed: list[RunDir]) -> None:
+    """End the claims a trainer took (`RunDir.claim`), once."""
+    while claimed:
+        claimed.pop().release()
 
 
 def order_seed(cfg: TrainConfig) -> int:

@@ -77,7 +77,7 @@ def cohort_command(ctx, config, output, store, cache, max_steps, overrides, resu
     if not config:
         raise click.UsageError("give the cohort config with -c FILE (see `cachekd cohort --help`).")
     from cachekd.cohort.run import run_cohort
-    from cachekd.trainer import TrainingInterrupted
+    from cachekd.trainer import DiskFull, TrainingInterrupted
 
     cohort = _load(config, output, max_steps, overrides, store, cache)
     try:
@@ -85,6 +85,9 @@ def cohort_command(ctx, config, output, store, cache, max_steps, overrides, resu
                              say=lambda msg: click.echo(msg, err=True))
     except TrainingInterrupted as e:
         exit_interrupted(e, "checkpoints saved. Continue with the same command and --resume.")
+    except DiskFull as e:
+        msg = e.message("with the same command and --resume")
+        raise click.ClickException(msg[0].upper() + msg[1:]) from None
     if as_json:
         echo_json(summary)
         return

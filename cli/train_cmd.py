@@ -115,7 +115,7 @@ def _run(kw: dict[str, Any], mode: str) -> None:
         raise click.UsageError("no token store given: pass --store or set data.store in the config.")
     if not cfg.output:
         raise click.UsageError("no run directory given: pass --output or set output in the config.")
-    from cachekd.trainer import TrainingInterrupted, run  # (torch: only once the config is known to be valid)
+    from cachekd.trainer import DiskFull, TrainingInterrupted, run  # (torch: only once the config is valid)
 
     main_rank = os.environ.get("RANK", "0") == "0"
     try:
@@ -123,6 +123,9 @@ def _run(kw: dict[str, Any], mode: str) -> None:
                       say=lambda msg: click.echo(msg, err=True))
     except TrainingInterrupted as e:
         exit_interrupted(e, f"checkpoint saved to {e.checkpoint}. Continue with: {_continue_command(ctx)}")
+    except DiskFull as e:
+        msg = e.message(f"with: {_continue_command(ctx)}")
+        raise click.ClickException(msg[0].upper() + msg[1:]) from None
     except KeyboardInterrupt:
         if main_rank:
             click.echo("\n" + _interrupted_message(ctx, cfg.output), err=True)

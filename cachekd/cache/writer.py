@@ -16,7 +16,7 @@ from cachekd import __version__
 from cachekd.cache import encoding as enc
 from cachekd.cache import format as fmt
 from cachekd.errors import CachekdError
-from cachekd.io import atomic_write_bytes, atomic_write_json
+from cachekd.io import atomic_write_bytes, atomic_write_json, try_flock
 
 
 # The writer's lock files in the cache directory (not part of the data; `flock` drops a lock when its holder ends).
@@ -52,18 +52,6 @@ def _lock(root: Path):
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def try_flock(path: Path):
-    """The open lock file with an exclusive lock on it, or None when another process holds it. The kernel drops
-    the lock when the holder ends, however it ends (a kill -9 leaves nothing to clean up)."""
-    f = open(path, "a")
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.close()
-        return None
-    return f
 
 
 def _held(path: Path) -> bool:

@@ -51,8 +51,9 @@ class CohortTrainer(Trainer):
         self.cohort_checkpoints = CheckpointManager(
             self.cohort_dir, cohort_identity(cohort), keep=cohort.keep_checkpoints,
             identity_of_saved=lambda data: cohort_identity(_load(data)))
-        # Refuse what the cohort directory cannot do before a peer's directory is touched.
-        self._cohort_plan = self.cohort_dir.plan_start(resume=resume, force=force)
+        # Refuse what the cohort directory cannot do (a live cohort too) before a peer's directory is touched.
+        rank = distributed.setup()[0]
+        self._cohort_plan = self.cohort_dir.plan_start(resume=resume, force=force, check_live=rank == 0)
         self.fixed: CachedTeachers | None = None
         if self.mutual and self.mutual.fixed_peers:
             from cachekd.tokens import TokenStore
@@ -166,21 +167,21 @@ class CohortTrainer(Trainer):
                 "dev_batch_losses": batch_losses or None})
 
     # --------------------------------------------------------------------------------------- cohort dir
+    def run_dirs(self) -> list[RunDir]:
+        return [*super().run_dirs(), self.cohort_dir]
+
+    def checkpoint_managers(self) -> list[Any]:
+        return [*super().checkpoint_managers(), self.cohort_checkpoints]
+
     def _prepare_output(self, resume: bool, force: bool) -> None:
         plan = self._cohort_plan
-        super()._prepare_output(resume, force)
-        if plan.action == "resume":
-            state = self.cohort_checkpoints.load(plan.checkpoint, restore_rng=False)
-            if state["step"] != self.step:
-                raise CachekdError(f"the cohort's checkpoint is at step {state['step']} but its peers' at step "
-                                   f"{self.step}; pass --force to start over.")
-            self.weights = list(state["weights"])
-            if self.is_main:
-                self.cohort_dir.truncate_metrics(self.step)
+        super()._prepare_output(resume, force)  # (claims the cohort directory too: `run_dirs`)
+        if self.resumed_from is not None:
             return
         if self.is_main:
-            if plan.action == "restart":
+            if resume:
                 self.cohort_checkpoints.check_saved_config()
+                self.cohort_dir.drop_checkpoints_after(0)
                 self.cohort_dir.reset_metrics()
             else:
                 if plan.replace:
@@ -189,16 +190,18 @@ class CohortTrainer(Trainer):
             if self.mutual:
                 self._log_weights(None, [])
 
-    def _save_checkpoint(self) -> Path | None:
-        path = super()._save_checkpoint()
+    def _resume_from(self, step: int) -> None:
+        """The peers' checkpoints and ω of `step`, the last step every peer and the cohort directory hold."""
+        super()._resume_from(step)
+        state = self.cohort_checkpoints.load(self.cohort_checkpoints.path_for(step), restore_rng=False)
+        self.weights = list(state["weights"])
         if self.is_main:
-            self.cohort_checkpoints.save(self.step, {"weights": list(self.weights), "tokens": self.tokens_seen})
-        return path
+            self.cohort_dir.truncate_metrics(step)
 
-    def _mark_running(self, on: bool) -> None:
-        super()._mark_running(on)
+    def _save_own_checkpoint(self) -> None:
         if self.is_main:
-            self.cohort_dir.mark_running(on)
+            self.cohort_checkpoints.save(self.step, {"weights": list(self.weights), "tokens": self.tokens_seen},
+                                         rotate=False)
 
     def summary_fields(self) -> dict[str, Any]:
         """A peer's summary names its cohort; a mutual-learning peer's mode and objective say how it was trained."""
