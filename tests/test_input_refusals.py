@@ -1,0 +1,145 @@
+"""Bad inputs of issue 20 ("Tracebacks and silent acceptances", item 6, "Cosmetic"): each is one sentence and a
+non-zero exit, no traceback, nothing written; and the silent acceptances now refused or said."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.conftest import assert_clean_error, invoke
+
+
+def _precompute(runner, store_path, teacher_path, out, *extra):
+    r = invoke(runner, ["precompute", "--store", store_path, "--teacher", teacher_path, "-o", out, "--quiet", *extra])
+    assert r.exit_code == 0, r.output
+    return out
+
+
+@pytest.fixture(scope="module")
+def topk_cache(tmp_path_factory, store_path, teacher_path):
+    from click.testing import CliRunner
+
+    out = tmp_path_factory.mktemp("caches") / "topk"
+    return _precompute(CliRunner(), store_path, teacher_path, out, "--top-k", "8", "--splits", "train,dev")
+
+
+# ------------------------------------------------------------------------------------------ options given twice
+
+
+@pytest.mark.parametrize("args,option", [
+    (["precompute", "--store", "S", "--teacher", "T", "-o", "OUT", "--temperatures", "1", "--temperatures", "2"],
+     "--temperatures"),
+    (["precompute", "--store", "S", "--teacher", "T", "-o", "OUT", "--quiet", "--quiet"], "--quiet"),
+    (["distill", "--store", "S", "--cache", "C", "-o", "OUT", "--lr", "1", "--lr", "2"], "--lr"),
+    (["verify", "OUT", "--seed", "1", "--seed", "2"], "--seed"),
+    (["audit", "OUT", "--top-k", "4", "--top-k", "8"], "--top-k"),
+    (["cohort", "-c", "a", "--config", "b", "-o", "OUT"], "--config"),
+    (["cohort", "search", "-c", "a", "-c", "b", "-o", "OUT"], "--config"),
+    (["eval", "OUT", "--json", "--json"], "--json"),
+])
+def test_an_option_given_twice_is_refused(tmp_path, runner, args, option):
+    """click kept the last value: `--temperatures 1 --temperatures 2` cached τ=2 only, without a word."""
+    args = [str(tmp_path / "out") if a == "OUT" else a for a in args]
+    r = invoke(runner, args)
+    assert_clean_error(r, f"{option} is given 2 times", "give it once")
+    assert r.exit_code == 2
+    assert not (tmp_path / "out").exists()
+
+
+def test_options_that_collect_values_may_repeat(tmp_path, runner, store_path, teacher_path, teacher_b_path):
+    """`--teacher` (multiple) and `--set` still take several values."""
+    r = invoke(runner, ["precompute", "--store", store_path, "--teacher", teacher_path, "--teacher", teacher_b_path,
+                        "-o", tmp_path / "c", "--top-k", "4", "--splits", "dev", "--quiet", "--json"])
+    assert r.exit_code == 0, r.output
+    plan = json.loads((tmp_path / "c" / "plan.json").read_text())
+    assert len(plan["teachers"]) == 2
+
+
+# ------------------------------------------------------------------------------------------------- precompute
+
+
+@pytest.mark.parametrize("extra,fragments", [
+    (["--sample", "5", "--sample-seed", "-1"], ["--sample-seed", "-1"]),
+    (["--splits", ","], ["--splits", "empty entry"]),
+    (["--splits", "train,,dev"], ["--splits", "empty entry"]),
+    (["--top-k", "4", "--temperatures", "1,,2"], ["--temperatures", "empty entry"]),
+    (["--proposal-temperature", "1"], ["--proposal-temperature needs --sample"]),
+    (["--top-k", "8", "--temperatures", "0.02,1"], ["--temperatures 0.02 is below 0.12", "300 tokens", "-64 nats"]),
+    (["--sample", "8", "--temperatures", "0.05"], ["--temperatures 0.05 is below 0.12"]),
+])
+def test_precompute_option_refusals(tmp_path, runner, store_path, teacher_path, extra, fragments):
+    """A negative seed failed inside numpy after the cache was created (the corrected command then met a cache
+    "begun with other settings"); ',' made a complete cache of nothing; '1,,2' dropped an entry; the proposal τ
+    was accepted without --sample (with the default storage); τ=0.02 was clipped at −64 nats."""
+    r = invoke(runner, ["precompute", "--store", store_path, "--teacher", teacher_path, "-o", tmp_path / "c",
+                        "--quiet", *extra])
+    assert_clean_error(r, *fragments)
+    assert not (tmp_path / "c").exists()
+
+
+def test_ensemble_weight_refusals_and_an_overflowing_sum(tmp_path, runner, store_path, teacher_path, teacher_b_path):
+    """'1,,2' was read as 1,2; 1e308,1e308 (finite weights whose sum overflows) failed with a TypeError after
+    the cache was created. They are equal weights."""
+    base = ["precompute", "--store", store_path, "--teacher", teacher_path, "--teacher", teacher_b_path,
+            "--ensemble", "logits", "--top-k", "4", "--splits", "dev", "--quiet"]
+    assert_clean_error(invoke(runner, base + ["-o", tmp_path / "a", "--ensemble-weights", "1,,2"]),
+                       "--ensemble-weights", "empty entry")
+    assert not (tmp_path / "a").exists()
+    r = invoke(runner, base + ["-o", tmp_path / "b", "--ensemble-weights", "1e308,1e308"])
+    assert r.exit_code == 0, r.output
+    (info,) = json.loads((tmp_path / "b" / "plan.json").read_text())["teachers"]
+    assert info["weights"] == [0.5, 0.5]
+
+
+def test_min_temperature_bound_against_a_float64_reference():
+    """The bound: a tail clipped to the smallest stored value counts for at most 2⁻²⁴ of the tempered mass."""
+    from cachekd.cache import encoding as enc
+
+    for V in (300, 32000, 128256):
+        tau = enc.min_temperature(V)
+        clipped_share_worst = math.exp(-32767 / 512 + math.log(V) / tau)  # top token's term ≥ V^(−1/τ)
+        assert clipped_share_worst == pytest.approx(2.0 ** -24, rel=1e-9)
+    assert enc.min_temperature(300) == pytest.approx(math.log(300) / (32767 / 512 - 24 * math.log(2)))
+
+
+def test_verify_recompute_accepts_a_tail_clipped_by_design(tmp_path, store_path, teacher_path):
+    """At an allowed τ a tail below −64 nats is stored clipped; verify --recompute compared it with the unclipped
+    value and called the cache damaged. A sharp teacher (scaled logits) gives such tails at τ=1."""
+    import torch
+
+    from cachekd.cache.verify import verify_path
+    from cachekd.models import load_model
+    from cachekd.precompute import PrecomputeConfig, precompute
+
+    sharp = tmp_path / "sharp"
+    model = load_model(teacher_path)
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(400.0)
+    model.save_pretrained(sharp)
+    for f in Path(teacher_path).glob("tokenizer*"):
+        (sharp / f.name).write_bytes(f.read_bytes())
+    cache = tmp_path / "c"
+    precompute(PrecomputeConfig(store=str(store_path), teachers=[str(sharp)], output=str(cache), top_k=4,
+                                temperatures=[1.0], splits=["train"], device="cpu"), progress=False)
+    from cachekd.cache.reader import LogitCache
+
+    tail = LogitCache.open(cache).read_chunk("train", 0)["sharp"].tail_lse
+    assert (tail <= -63.99).any(), float(tail.min())  # clipped positions exist
+    report = verify_path(cache, recompute=4, seed=0, progress=False)
+    assert report["ok"], report["problems"]
+
+
+def test_precompute_config_refusals_in_the_library():
+    from cachekd.errors import CachekdError, ConfigFieldError
+    from cachekd.precompute import PrecomputeConfig
+
+    with pytest.raises(ConfigFieldError, match=r"sample_seed must be an integer ≥ 0 \(got -1\)"):
+        PrecomputeConfig(sample=5, sample_seed=-1)
+    with pytest.raises(CachekdError, match="at least one split"):
+        PrecomputeConfig(splits=[])
+    with pytest.raises(CachekdError, match="needs --sample"):
+        PrecomputeConfig(proposal_temperature=1.0)
