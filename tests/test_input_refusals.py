@@ -143,3 +143,97 @@ def test_precompute_config_refusals_in_the_library():
         PrecomputeConfig(splits=[])
     with pytest.raises(CachekdError, match="needs --sample"):
         PrecomputeConfig(proposal_temperature=1.0)
+
+
+# ------------------------------------------------------------------------------------------- verify and audit
+
+
+def test_verify_recompute_fails_when_a_teacher_is_gone(tmp_path, runner, store_path, teacher_path):
+    """It printed "skipped" and then OK with exit 0: a requested check that did not run is not a pass."""
+    import shutil
+
+    gone = tmp_path / "gone"
+    shutil.copytree(teacher_path, gone)
+    cache = _precompute(runner, store_path, gone, tmp_path / "c", "--top-k", "4", "--splits", "dev")
+    shutil.rmtree(gone)
+    r = invoke(runner, ["verify", cache, "--recompute", "2", "--quiet"])
+    assert r.exit_code == 1, r.output
+    assert "--recompute could not check teacher 'gone'" in r.output and "OK" not in r.output.splitlines()[-1]
+    assert "Traceback" not in r.output
+
+
+def test_audit_refusals(tmp_path, runner, store_path, topk_cache):
+    """--hybrid-top-k ≥ V became K = V − 1; a student of another vocabulary was accepted."""
+    from tests.conftest import make_teacher
+
+    r = invoke(runner, ["audit", topk_cache, "--hybrid-top-k", "300", "--positions", "16"])
+    assert_clean_error(r, "--hybrid-top-k 300 leaves no tokens to draw from", "300")
+    small = make_teacher(store_path, tmp_path / "small", extra_vocab=-10)
+    assert_clean_error(invoke(runner, ["audit", topk_cache, "--student", small, "--positions", "16"]),
+                       "student", "vocabulary of 290")
+    big = make_teacher(store_path, tmp_path / "big", extra_vocab=50)
+    for f in big.glob("tokenizer*"):
+        f.unlink()
+    assert_clean_error(invoke(runner, ["audit", topk_cache, "--student", big, "--positions", "16"]),
+                       "350 outputs", "no tokenizer", "real tokens")
+
+
+def test_a_teacher_without_a_tokenizer_is_cached_with_a_note(tmp_path, runner, store_path):
+    """Only its vocabulary size can be checked: precompute says so instead of nothing."""
+    from tests.conftest import make_teacher
+
+    t = make_teacher(store_path, tmp_path / "bare", seed=4)
+    for f in t.glob("tokenizer*"):
+        f.unlink()
+    r = invoke(runner, ["precompute", "--store", store_path, "--teacher", t, "-o", tmp_path / "c", "--top-k", "4",
+                        "--splits", "dev", "--quiet"])
+    assert r.exit_code == 0, r.output
+    assert "teacher 'bare' has no tokenizer" in r.output and "only its vocabulary size (300" in r.output
+
+
+# ------------------------------------------------------------------------------------------------------ cohorts
+
+
+PEER = {"arch": "llama", "hidden_size": 32, "num_layers": 1, "num_heads": 2, "intermediate_size": 32}
+
+
+def _cohort_yaml(tmp_path, store_path, **changes) -> Path:
+    import yaml
+
+    d = {"name": "t", "seed": 0, "device": "cpu", "output": str(tmp_path / "out"),
+         "data": {"store": str(store_path), "batch_size": 8, "eval_windows": 16},
+         "optim": {"max_steps": 2, "warmup_steps": 1},
+         "peers": [{"name": "a", "model": dict(PEER)}, {"name": "b", "model": dict(PEER)}], "mutual": {"alpha": 0.5}}
+    d.update(changes)
+    cfg = tmp_path / "cohort.yaml"
+    cfg.write_text(yaml.safe_dump(d))
+    return cfg
+
+
+def test_cohort_peer_refusals(tmp_path, runner, store_path, topk_cache):
+    """A trained peer named like a fixed peer (members a, teacher, teacher); a peer starting from a checkpoint with
+    more outputs than the store's vocabulary and no tokenizer (precompute refuses such a teacher)."""
+    from tests.conftest import make_teacher
+
+    cfg = _cohort_yaml(tmp_path, store_path, cache=str(topk_cache),
+                       peers=[{"name": "teacher", "model": dict(PEER)}, {"name": "b", "model": dict(PEER)}],
+                       mutual={"alpha": 0.5, "fixed_peers": ["teacher"]})
+    assert_clean_error(invoke(runner, ["cohort", "-c", cfg]), "peer 'teacher' has the name of a fixed peer")
+    assert not (tmp_path / "out").exists()
+    big = make_teacher(store_path, tmp_path / "big", extra_vocab=50)
+    for f in big.glob("tokenizer*"):
+        f.unlink()
+    cfg = _cohort_yaml(tmp_path, store_path, peers=[{"name": "a", "model": {**PEER, "init_from": str(big)}},
+                                                    {"name": "b", "model": dict(PEER)}])
+    assert_clean_error(invoke(runner, ["cohort", "-c", cfg]), "peer 'a'", "350 outputs", "real tokens")
+    assert not (tmp_path / "out").exists()
+
+
+def test_eval_of_a_cohort_directory_names_its_peers(tmp_path, runner, store_path):
+    """It advised `cachekd train -c OUT/config.yaml --resume`, which fails: a cohort's models are its peers'."""
+    r = invoke(runner, ["cohort", "-c", _cohort_yaml(tmp_path, store_path), "--quiet"])
+    assert r.exit_code == 0, r.output
+    out = tmp_path / "out"
+    r = invoke(runner, ["eval", out, "--dev", store_path, "--quiet"])
+    assert_clean_error(r, "is a cohort directory", str(out / "peers" / "a"), str(out / "peers" / "b"))
+    assert "--resume" not in r.output

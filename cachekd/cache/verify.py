@@ -70,6 +70,9 @@ def verify_cache(path: str | Path, *, store_path: str | Path | None = None, reco
         else:
             report["recompute"] = recompute_windows(cache, store, recompute, seed)
             problems.extend(_beyond_tolerance(report["recompute"]))
+            # a requested check that did not run is not a pass
+            problems.extend(f"--recompute could not check teacher {name!r}: {r['skipped']}"
+                            for name, r in report["recompute"].items() if isinstance(r, dict) and "skipped" in r)
     report["damaged_chunks"] = _by_split(damaged)
     if repair:
         report["repair"] = repair_chunks(cache, sorted(damaged), store_problem, store_path=sp)

@@ -198,6 +198,10 @@ class CohortConfig(RunPlacement):
                 if p.distill is not None:
                     raise CachekdError(f"peer {p.name!r} has a distill section, but with mutual learning the mutual "
                                      f"section sets the loss; drop one of them.")
+            clash = next((n for n in names if n in m.fixed_peers), None)
+            if clash is not None:  # ω, the metrics and the summary key members by name
+                raise CachekdError(f"peer {clash!r} has the name of a fixed peer (a teacher of the cache); name the "
+                                   f"trained peer otherwise.")
             if m.fixed_peers and not self.cache:
                 raise CachekdError("mutual.fixed_peers are teachers of a logit cache: set cache.")
             if m.initial_weights is not None and len(m.initial_weights) != len(self.peers) + len(m.fixed_peers):
