@@ -237,3 +237,84 @@ def test_eval_of_a_cohort_directory_names_its_peers(tmp_path, runner, store_path
     r = invoke(runner, ["eval", out, "--dev", store_path, "--quiet"])
     assert_clean_error(r, "is a cohort directory", str(out / "peers" / "a"), str(out / "peers" / "b"))
     assert "--resume" not in r.output
+
+
+# ------------------------------------------------------------------------------------- damaged stores and caches
+
+TINY_RUN = ["--set", "model.hidden_size=32", "--set", "model.num_layers=1", "--set", "model.num_heads=2",
+            "--set", "model.intermediate_size=32", "--batch-size", "8", "--max-steps", "2", "--quiet"]
+
+
+def _edit_zarr_json(path: Path, change) -> None:
+    meta = json.loads(path.read_text())
+    change(meta)
+    path.write_text(json.dumps(meta))
+
+
+@pytest.mark.parametrize("what,change", [
+    ("shape", lambda m: m["shape"].__setitem__(0, m["shape"][0] - 40)),
+    ("shape", lambda m: m["shape"].__setitem__(2, m["shape"][2] + 1)),
+    ("dtype", lambda m: m.__setitem__("data_type", "int16")),
+])
+def test_an_edited_zarr_json_is_one_sentence(tmp_path, runner, store_path, topk_cache, what, change):
+    """An edited shape was a traceback in verify, --repair and distill (or, in the last axis, "repeated ids" that
+    --repair marked for a recomputation that could never fix them); an edited dtype went unnoticed."""
+    import shutil
+
+    cache = tmp_path / "c"
+    shutil.copytree(topk_cache, cache)
+    _edit_zarr_json(cache / "train" / "teacher_a" / "ids" / "zarr.json", change)
+    for args in (["verify", cache, "--quiet"], ["verify", cache, "--repair", "--quiet"]):
+        r = invoke(runner, args)
+        assert r.exit_code == 1 and "Traceback" not in r.output, r.output
+        assert "the ids array of teacher 'teacher_a' (train split)" in r.output and "zarr.json" in r.output, r.output
+        assert "--force" in r.output and "Marked" not in r.output
+    assert sorted(p.name for p in (cache / "done" / "train").iterdir()) == \
+        sorted(p.name for p in (topk_cache / "done" / "train").iterdir())  # nothing marked for recomputation
+    r = invoke(runner, ["distill", "--store", store_path, "--cache", cache, "-o", tmp_path / "run", *TINY_RUN])
+    assert_clean_error(r, "ids array", what, "zarr.json", "--force")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("array", ["tail_lse", "entropy", "sample_ids", "sample_logprobs"])
+def test_a_deleted_chunk_file_is_reported_missing(tmp_path, runner, store_path, teacher_path, array):
+    """These four arrays of a sampled cache were reported as "misplaced or stale" when a chunk file was deleted."""
+    cache = _precompute(runner, store_path, teacher_path, tmp_path / "s", "--sample", "8", "--top-k", "4",
+                        "--splits", "dev")
+    (f,) = [p for p in (cache / "dev" / "teacher_a" / array / "c" / "0").rglob("*") if p.is_file()]
+    f.unlink()
+    r = invoke(runner, ["verify", cache, "--quiet"])
+    assert r.exit_code == 1
+    assert f"dev chunk 0, teacher 'teacher_a': the {array} data cannot be read (file missing)" in r.output, r.output
+    assert "misplaced or stale" not in r.output
+
+
+def test_a_temporary_done_marker_is_removed_on_resume(tmp_path, runner, store_path, teacher_path):
+    """A process killed while writing a done-marker left `.0000001.json.<random>.tmp`; the resume kept it."""
+    args = ["--top-k", "4", "--splits", "train"]
+    cache = _precompute(runner, store_path, teacher_path, tmp_path / "c", *args)
+    done = cache / "done" / "train"
+    (done / "0000001.json").unlink()
+    (done / ".0000001.json.x1y2z3.tmp").write_text('{"half": ')
+    _precompute(runner, store_path, teacher_path, cache, *args)
+    assert not [p.name for p in done.iterdir() if p.name.endswith(".tmp")]
+    assert (done / "0000001.json").exists()
+
+
+def test_a_deleted_token_store_chunk_is_found_before_a_run_starts(tmp_path, runner, store_path):
+    """A short run never reached the deleted chunk and exited 0."""
+    import shutil
+
+    from cachekd.tokens import TokenStore
+
+    store = tmp_path / "store"
+    shutil.copytree(store_path, store)
+    st = TokenStore.open(store)
+    last = st.num_chunks("train") - 1
+    from cachekd.tokens import format as tfmt
+
+    tfmt.chunk_file(store, "train", st.array("train"), last).unlink()
+    assert TokenStore.open(store).missing_chunks("train") == [last]
+    r = invoke(runner, ["train", "--store", store, "-o", tmp_path / "run", *TINY_RUN])
+    assert_clean_error(r, f"train split's chunk {last}", "file is missing")
+    assert not (tmp_path / "run").exists()
