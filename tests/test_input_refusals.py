@@ -162,6 +162,13 @@ def test_verify_recompute_fails_when_a_teacher_is_gone(tmp_path, runner, store_p
     assert "Traceback" not in r.output
 
 
+@pytest.mark.parametrize("command", [["verify", "CACHE", "--recompute", "2"], ["audit", "CACHE"]])
+def test_negative_seeds_name_the_option(runner, topk_cache, command):
+    """numpy's "expected non-negative integer", without the option's name (a traceback from verify)."""
+    r = invoke(runner, [topk_cache if a == "CACHE" else a for a in command] + ["--seed", "-1"])
+    assert_clean_error(r, "--seed", "-1")
+
+
 def test_audit_refusals(tmp_path, runner, store_path, topk_cache):
     """--hybrid-top-k ≥ V became K = V − 1; a student of another vocabulary was accepted."""
     from tests.conftest import make_teacher
