@@ -14,8 +14,9 @@ from cachekd.errors import CachekdError, ConfigFieldError
 
 def refuse_repeated_options(command: click.Command, ctx: click.Context, args: list[str]) -> None:
     """Refuse an option given more than once unless it collects its values (`multiple`, `count`): click keeps the
-    last value silently, so `--temperatures 1 --temperatures 2` would cache τ=2 only. The arguments are scanned by
-    the command's own parser (strings only, nothing converted); a group's scan stops at its subcommand's name."""
+    last value silently, so `--temperatures 1 --temperatures 2` would cache τ=2 only. A plain flag (`--quiet`)
+    repeated loses nothing and may repeat; one with an off switch (`--x/--no-x`) may not. The arguments are scanned
+    by the command's own parser (strings only, nothing converted); a group's scan stops at its subcommand's name."""
     if ctx.resilient_parsing:
         return
     try:
@@ -24,14 +25,14 @@ def refuse_repeated_options(command: click.Command, ctx: click.Context, args: li
         return  # the real parse says what is wrong
     counts: dict[click.Option, int] = {}
     for param in order:
-        if isinstance(param, click.Option) and not param.multiple and not param.count:
+        if isinstance(param, click.Option) and not (param.multiple or param.count or
+                                                    (param.is_flag and not param.secondary_opts)):
             counts[param] = counts.get(param, 0) + 1
     for param, n in counts.items():
         if n > 1:
             raise click.UsageError(
                 f"{max(param.opts, key=len)} is given {n} times; give it once, as only the last value would count"
-                + ("" if param.is_flag else " (an option that takes several values takes them comma-separated)")
-                + ".", ctx)
+                f" (an option that takes several values takes them comma-separated).", ctx)
 
 
 class SingleOptionsCommand(click.Command):

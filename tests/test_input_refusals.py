@@ -33,13 +33,13 @@ def topk_cache(tmp_path_factory, store_path, teacher_path):
 @pytest.mark.parametrize("args,option", [
     (["precompute", "--store", "S", "--teacher", "T", "-o", "OUT", "--temperatures", "1", "--temperatures", "2"],
      "--temperatures"),
-    (["precompute", "--store", "S", "--teacher", "T", "-o", "OUT", "--quiet", "--quiet"], "--quiet"),
+    (["precompute", "--store", "S", "--teacher", "T", "-o", "OUT", "--top-k", "4", "--top-k", "8"], "--top-k"),
     (["distill", "--store", "S", "--cache", "C", "-o", "OUT", "--lr", "1", "--lr", "2"], "--lr"),
     (["verify", "OUT", "--seed", "1", "--seed", "2"], "--seed"),
     (["audit", "OUT", "--top-k", "4", "--top-k", "8"], "--top-k"),
     (["cohort", "-c", "a", "--config", "b", "-o", "OUT"], "--config"),
     (["cohort", "search", "-c", "a", "-c", "b", "-o", "OUT"], "--config"),
-    (["eval", "OUT", "--json", "--json"], "--json"),
+    (["eval", "OUT", "--dev", "a", "--dev", "b"], "--dev"),
 ])
 def test_an_option_given_twice_is_refused(tmp_path, runner, args, option):
     """click kept the last value: `--temperatures 1 --temperatures 2` cached τ=2 only, without a word."""
@@ -51,9 +51,9 @@ def test_an_option_given_twice_is_refused(tmp_path, runner, args, option):
 
 
 def test_options_that_collect_values_may_repeat(tmp_path, runner, store_path, teacher_path, teacher_b_path):
-    """`--teacher` (multiple) and `--set` still take several values."""
+    """`--teacher` (multiple) still takes several values; a plain flag repeated (`--quiet`) loses nothing."""
     r = invoke(runner, ["precompute", "--store", store_path, "--teacher", teacher_path, "--teacher", teacher_b_path,
-                        "-o", tmp_path / "c", "--top-k", "4", "--splits", "dev", "--quiet", "--json"])
+                        "-o", tmp_path / "c", "--top-k", "4", "--splits", "dev", "--quiet", "--json", "--quiet"])
     assert r.exit_code == 0, r.output
     plan = json.loads((tmp_path / "c" / "plan.json").read_text())
     assert len(plan["teachers"]) == 2
