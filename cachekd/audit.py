@@ -169,6 +169,24 @@ def audit(cache_path: str | Path, *, teacher: str | None = None, student: str | 
     cache = LogitCache.open(cache_path)
     store = TokenStore.open(store_path or cache.plan.token_store.path)
     cache.check_store(store)
+    V = cache.vocab_size
+    if options.hybrid_top_k >= V:
+        raise CachekdError(f"--hybrid-top-k {options.hybrid_top_k} leaves no tokens to draw from (the vocabulary has "
+                           f"{V}); give a K below {V}.")
+    student_model = None
+    if student:
+        from cachekd.models import resolve_model_dir
+        from cachekd.teachers import check_vocabulary
+
+        d = resolve_model_dir(student)
+        student_model = load_model(d)
+        check_vocabulary(
+            f"student {student!r}", d, student_model, store,
+            tokenizer_error=lambda fp: f"student {student!r} comes with a different tokenizer than the cache's token "
+                                       f"store {str(store.path)!r}; audit a student of this tokenizer.",
+            vocab_error=lambda v: f"student {student!r} has a vocabulary of {v} tokens but the cache's token store has "
+                                  f"{V}; audit a student of this tokenizer.",
+            advice="audit a student trained with this store's tokenizer (and save that tokenizer next to it)")
     split = split or ("train" if "train" in cache.splits() else cache.splits()[0])
     name = cache.teachers[0]
     cached_info = cache.plan.teachers[0]
@@ -185,8 +203,8 @@ def audit(cache_path: str | Path, *, teacher: str | None = None, student: str | 
     x = torch.from_numpy(np.stack([store.read(split, int(r), int(r) + 1)[0] for r in rows]).astype(np.int64))
     with torch.inference_mode():
         z = model.eval()(input_ids=x).logits[..., : cache.vocab_size].float()
-        if student:
-            s = load_model(student).eval()(input_ids=x).logits[..., : cache.vocab_size].float()
+        if student_model is not None:
+            s = student_model.eval()(input_ids=x).logits[..., : cache.vocab_size].float()
         else:
             s = torch.randn(z.shape, generator=torch.Generator().manual_seed(seed))
     parts = [cache.read(split, int(r), int(r) + 1, [name])[name] for r in rows]

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -48,8 +49,11 @@ def check_options(combine: str | None, weights: list[float] | None, num_teachers
 
 def ensemble_info(members: list[dict[str, Any]], combine: str, weights: list[float]) -> dict[str, Any]:
     """The cache plan's record of the ensemble teacher (its identity: members, combination, weights)."""
-    total = float(sum(weights))
-    norm = [float(w) / total for w in weights]
+    weights = [float(w) for w in weights]
+    if not math.isfinite(sum(weights)):  # finite weights whose sum overflows (1e308, 1e308): only ratios count
+        weights = [w / max(weights) for w in weights]
+    total = sum(weights)
+    norm = [w / total for w in weights]
     ident = json.dumps({"members": [m["fingerprint"] for m in members], "combine": combine, "weights": norm},
                        sort_keys=True)
     return {

@@ -87,6 +87,12 @@ def resolve_model_dir(path: str | Path) -> Path:
     if (p / MODEL_DIR / "config.json").exists():
         return p / MODEL_DIR
     if not (p / "config.json").exists():
+        from cachekd.cohort.config import cohort_peer_dirs
+
+        peers = cohort_peer_dirs(p)
+        if peers:  # a cohort directory is a run directory too, but its models are its peers'
+            raise CachekdError(f"{str(p)!r} is a cohort directory, which has no model of its own; give one of its "
+                               f"peers' runs: {', '.join(repr(str(d)) for d in peers)}.")
         run = RunDir(p.parent if p.name == MODEL_DIR else p)
         if run.is_run:
             raise CachekdError(run.unfinished_message())

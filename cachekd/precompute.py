@@ -25,7 +25,7 @@ from cachekd import distributed, ensemble
 from cachekd.cache import encoding as enc
 from cachekd.cache import format as fmt
 from cachekd.cache import writer as cw
-from cachekd.errors import CachekdError
+from cachekd.errors import CachekdError, ConfigFieldError
 from cachekd.teacher_rows import teacher_targets
 from cachekd.teacher_samples import sampled_teacher_targets
 from cachekd.tokens import TokenStore
@@ -87,6 +87,8 @@ class PrecomputeConfig:
     """Set when neither top_k nor sample nor full was given: the cache takes `DEFAULT_STORAGE`."""
 
     def __post_init__(self) -> None:
+        if self.proposal_temperature is not None and self.sample is None:  # before the default storage sets it
+            raise CachekdError("--proposal-temperature needs --sample N.")
         if self.top_k is None and self.sample is None and not self.full:
             self.top_k, self.sample = DEFAULT_STORAGE
             self.default_storage = True
@@ -99,6 +101,10 @@ class PrecomputeConfig:
                 raise CachekdError(f"temperatures must be positive numbers (got {t}).")
         if len(set(self.temperatures)) != len(self.temperatures):
             raise CachekdError("--temperatures lists a value twice.")
+        if not self.splits or not all(self.splits):
+            raise CachekdError(f"--splits must name at least one split of the token store (got {self.splits}).")
+        if not isinstance(self.sample_seed, int) or self.sample_seed < 0:
+            raise ConfigFieldError("sample_seed", "an integer ≥ 0", self.sample_seed)
         if self.batch_size < 1:
             raise CachekdError(f"--batch-size must be at least 1 (got {self.batch_size}).")
         if not 1 / 65536 <= self.logprob_step <= 1:
@@ -318,6 +324,13 @@ def precompute(cfg: PrecomputeConfig, *, force: bool = False, progress: bool = T
                            f"{vocab}); use a top-k cache, or a smaller --top-k.")
     if not cfg.full and cfg.top_k > vocab:
         raise CachekdError(f"--top-k {cfg.top_k} is larger than the vocabulary ({vocab} tokens).")
+    low = [t for t in ([] if cfg.full else cfg.temperatures) if t < enc.min_temperature(vocab)]
+    if low:
+        raise CachekdError(
+            f"--temperatures {', '.join(f'{t:g}' for t in low)} is below {enc.min_temperature(vocab):.3g}, the "
+            f"smallest τ the cache can store for a vocabulary of {vocab} tokens (ln V / 47.36: the tail's log-sum-exp "
+            f"is stored down to {enc.TAIL_MIN:.0f} nats, and below that τ a clipped tail could count for more than "
+            f"2⁻²⁴ of the tempered mass); cache τ ≥ {enc.min_temperature(vocab):.3g}, or --full.")
     rank, world, local_rank = distributed.setup()
     device = distributed.resolve_device(cfg.device, local_rank)
     amp = autocast_dtype(cfg.dtype, device)

@@ -147,11 +147,49 @@ def _probe_padding(model, store: TokenStore) -> tuple[float, int]:
     return float(padding_mass(logits, store.vocab_size).double().mean()), n
 
 
+def check_vocabulary(label: str, path: Path, model, store: TokenStore, *, tokenizer_error: Callable[[str], str],
+                     vocab_error: Callable[[int], str], advice: str,
+                     say: Callable[[str], None] | None = None) -> tuple[int, float | None]:
+    """The single check of a checkpoint's tokenizer and output rows against a token store (`label` names it in the
+    sentences: "teacher 'a'", "peer 'p' (model.init_from)"): its saved tokenizer, if any, must be the store's and
+    it must have at least the store's vocabulary of outputs (`TokenStore.check_tokenizer`, worded by
+    `tokenizer_error` / `vocab_error`). Without a tokenizer, what can be checked is said or refused: extra output
+    rows are measured on the store's first windows (`padding_mass`) and refused as real tokens above
+    `PADDING_MASS_LIMIT` (`advice` says what to do), else `say` is told they are dropped; a vocabulary of exactly
+    the store's size is accepted with a note that only its size was checked. Returns (output rows, padding mass
+    or None when not measured)."""
+    from cachekd.models import output_size
+
+    v_model = output_size(model)
+    fingerprint = tokenizer_fingerprint_of(path)
+    store.check_tokenizer(fingerprint=fingerprint, vocab_size=v_model, tokenizer_error=tokenizer_error,
+                          vocab_error=vocab_error)
+    extra = v_model - store.vocab_size
+    if fingerprint is not None:
+        return v_model, None
+    if extra == 0:
+        if say is not None:
+            say(f"note: {label} has no tokenizer in {str(path)!r}, so only its vocabulary size ({v_model}, the token "
+                f"store's) was checked, not that it was trained with the store's tokenizer (save that tokenizer next "
+                f"to it to have it checked).")
+        return v_model, None
+    mass, n = _probe_padding(model, store)
+    what = (f"{label} has {v_model} outputs, {extra} more than the token store's vocabulary of "
+            f"{store.vocab_size}, and no tokenizer in {str(path)!r} to show they are padding; on the store's "
+            f"first {n} windows they carry {mass:.3g} of the probability (mean over positions)")
+    if not mass <= PADDING_MASS_LIMIT:
+        raise CachekdError(f"{what}, more than the {PADDING_MASS_LIMIT:g} padding may carry, so they are real tokens; "
+                           f"{advice}.")
+    if say is not None:
+        say(f"note: {what} (at most {PADDING_MASS_LIMIT:g} for padding), so they are dropped as padding.")
+    return v_model, mass
+
+
 def check_teacher(name: str, path: Path, model, store: TokenStore,
                   say: Callable[[str], None] | None = None) -> dict[str, Any]:
     """The single check of a teacher against a token store, before it computes anything: its tokenizer, its
-    vocabulary (at least the store's) and its positions (at least the store's window) must fit; returns what the
-    cache manifest and run summary record about it.
+    vocabulary (at least the store's; `check_vocabulary`) and its positions (at least the store's window) must
+    fit; returns what the cache manifest and run summary record about it.
 
     Extra output rows beyond the store's vocabulary are dropped as padding. With the store's tokenizer saved next
     to the teacher that is certain; without one, the rows' probability mass is measured on the store's first
@@ -159,33 +197,16 @@ def check_teacher(name: str, path: Path, model, store: TokenStore,
     that they are dropped."""
     from cachekd.models import check_positions, checkpoint_fingerprint, count_parameters
 
-    from cachekd.models import output_size
-
-    v_model = output_size(model)
-    fingerprint = tokenizer_fingerprint_of(path)
-    store.check_tokenizer(
-        fingerprint=fingerprint, vocab_size=v_model,
+    v_model, mass = check_vocabulary(
+        f"teacher {name!r}", path, model, store, say=say,
         tokenizer_error=lambda fp: (f"teacher {name!r} comes with a different tokenizer than the token store "
                                     f"{str(store.path)!r}; prepare the store with --tokenizer {path} or use a "
                                     f"matching teacher."),
         vocab_error=lambda v: (f"teacher {name!r} has a vocabulary of {v} tokens but the token store's tokenizer has "
                                f"{store.vocab_size}; use a teacher trained with this tokenizer."),
-    )
+        advice="use the teacher trained with this store's tokenizer (and save that tokenizer next to it)")
     check_positions(model, store.seq_len, f"teacher {name!r}")
     extra = v_model - store.vocab_size
-    mass = None
-    if extra > 0 and fingerprint is None:
-        mass, n = _probe_padding(model, store)
-        what = (f"teacher {name!r} has {v_model} outputs, {extra} more than the token store's vocabulary of "
-                f"{store.vocab_size}, and no tokenizer in {str(path)!r} to show they are padding; on the store's "
-                f"first {n} windows they carry {mass:.3g} of the probability (mean over positions)")
-        if not mass <= PADDING_MASS_LIMIT:
-            raise CachekdError(
-                f"{what}, more than the {PADDING_MASS_LIMIT:g} padding may carry, so they are real tokens; use the "
-                f"teacher trained with this store's tokenizer (and save that tokenizer next to it)."
-            )
-        if say is not None:
-            say(f"note: {what} (at most {PADDING_MASS_LIMIT:g} for padding), so they are dropped as padding.")
     return {
         "name": name,
         "path": str(path.resolve()),

@@ -85,6 +85,7 @@ class Trainer:
         self.place = Placement(rank, world, device, amp)
         self.rank, self.world, self.is_main, self.device = rank, world, rank == 0, device
         self.store = TokenStore.open(lead.data.store)
+        self.store.check_chunks([s for s in ("train", "dev") if s in self.store.splits()])  # not only when reached
         self.plan = StepPlan.of(lead, self.store.num_windows("train"), world)
         self.total_steps, self.steps_per_epoch = self.plan.total_steps, self.plan.steps_per_epoch
         self.order = Order(self.store.num_windows("train"), self.store.chunk_windows, self.plan.global_batch,

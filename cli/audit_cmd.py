@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import click
 
-from cachekd_cli.common import echo_json
+from cachekd_cli.common import comma_list, echo_json
 from cachekd_cli.main import cli
 
 
@@ -17,7 +17,7 @@ from cachekd_cli.main import cli
 @click.option("--top-k", default=64, show_default=True, type=int, help="k of the simulated top-k options.")
 @click.option("--sample", default=50, show_default=True, type=int, help="N of the simulated sampled options.")
 @click.option("--hybrid-top-k", default=16, show_default=True, type=int, help="Exact top-K of the simulated hybrid.")
-@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0), help="Seed of the positions drawn.")
 @click.option("--json", "as_json", is_flag=True)
 def audit_command(cache, teacher, student, positions, store, objective, temperatures, top_k, sample, hybrid_top_k,
                   seed, as_json):
@@ -39,12 +39,7 @@ def audit_command(cache, teacher, student, positions, store, objective, temperat
     for flag, v in (("--top-k", top_k), ("--sample", sample), ("--hybrid-top-k", hybrid_top_k)):
         if v < 1:
             raise click.UsageError(f"{flag} must be at least 1 (got {v}).")
-    temps = None
-    if temperatures:
-        try:
-            temps = [float(t) for t in temperatures.split(",") if t.strip()]
-        except ValueError:
-            raise click.UsageError(f"--temperatures takes comma-separated numbers (got {temperatures!r}).") from None
+    temps = None if temperatures is None else comma_list(temperatures, "--temperatures", float, "numbers")
     try:
         report = audit(cache, teacher=teacher, student=student, positions=positions, store_path=store, seed=seed,
                        temperatures=temps, options=AuditOptions(top_k=top_k, sample=sample,

@@ -4,18 +4,65 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from typing import Any, NoReturn
 
 import click
 
 from cachekd.errors import CachekdError, ConfigFieldError
-from cachekd_cli.config_options import field_error_message
 
 
-class CachekdGroup(click.Group):
-    """A click group that turns user errors into one sentence and a non-zero exit, never a traceback."""
+def refuse_repeated_options(command: click.Command, ctx: click.Context, args: list[str]) -> None:
+    """Refuse an option given more than once unless it collects its values (`multiple`, `count`): click keeps the
+    last value silently, so `--temperatures 1 --temperatures 2` would cache τ=2 only. A plain flag (`--quiet`)
+    repeated loses nothing and may repeat; one with an off switch (`--x/--no-x`) may not. The arguments are scanned
+    by the command's own parser (strings only, nothing converted); a group's scan stops at its subcommand's name."""
+    if ctx.resilient_parsing:
+        return
+    try:
+        _, _, order = command.make_parser(ctx).parse_args(args=list(args))
+    except click.UsageError:
+        return  # the real parse says what is wrong
+    counts: dict[click.Option, int] = {}
+    for param in order:
+        if isinstance(param, click.Option) and not (param.multiple or param.count or
+                                                    (param.is_flag and not param.secondary_opts)):
+            counts[param] = counts.get(param, 0) + 1
+    for param, n in counts.items():
+        if n > 1:
+            raise click.UsageError(
+                f"{max(param.opts, key=len)} is given {n} times; give it once, as only the last value would count"
+                f" (an option that takes several values takes them comma-separated).", ctx)
+
+
+class SingleOptionsCommand(click.Command):
+    """A command that refuses an option given twice (`refuse_repeated_options`)."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        refuse_repeated_options(self, ctx, args)
+        return super().parse_args(ctx, args)
+
+
+class SingleOptionsGroup(click.Group):
+    """A group (`cachekd cohort`) that refuses its own options given twice, and whose commands do too."""
+
+    command_class = SingleOptionsCommand
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        refuse_repeated_options(self, ctx, args)
+        return super().parse_args(ctx, args)
+
+
+SingleOptionsGroup.group_class = SingleOptionsGroup
+
+
+class CachekdGroup(SingleOptionsGroup):
+    """A click group that turns user errors into one sentence and a non-zero exit, never a traceback; its commands
+    and subgroups refuse an option given twice."""
 
     def invoke(self, ctx: click.Context) -> Any:
+        from cachekd_cli.config_options import field_error_message
+
         try:
             return super().invoke(ctx)
         except ConfigFieldError as e:  # starts with the config key, written as it is (distill.alpha, seed)
@@ -41,6 +88,19 @@ class CachekdGroup(click.Group):
             else:
                 click.echo("\nInterrupted; run the same command again to continue where it stopped.", err=True)
             sys.exit(130)
+
+
+def comma_list(text: str, option: str, convert: Callable[[str], Any] = str, what: str = "values") -> list[Any]:
+    """The comma-separated values of `option`, each converted; an empty entry ('1,,2', ',') is refused rather than
+    skipped, since it is more likely a value left out than a stray comma."""
+    items = [t.strip() for t in text.split(",")]
+    if not text.strip() or not all(items):
+        raise click.BadParameter(f"an empty entry in {text!r}: give comma-separated {what}, none empty.",
+                                 param_hint=option)
+    try:
+        return [convert(t) for t in items]
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated {what}, got {text!r}.", param_hint=option) from None
 
 
 def _user_message(e: CachekdError) -> str:

@@ -16,6 +16,7 @@ from typing import Any
 import click
 
 from cachekd.errors import ConfigFieldError
+from cachekd_cli.common import SingleOptionsCommand
 
 TRAIN_OPTIONS: dict[str, tuple[str, ...]] = {
     "data.store": ("--store",),
@@ -125,7 +126,7 @@ def overrides_from_options(ctx_params: dict[str, Any], params: list[click.Parame
     return out
 
 
-class ConfigCommand(click.Command):
+class ConfigCommand(SingleOptionsCommand):
     """A command whose options are built on first use (its help or a run) by ``build_params``, so starting the
     CLI does not import the config tree's modules (and torch with them)."""
 

@@ -2,17 +2,16 @@ from __future__ import annotations
 
 import click
 
-from cachekd_cli.common import echo_json, echo_mapping
+from cachekd_cli.common import comma_list, echo_json, echo_mapping
 from cachekd_cli.main import cli
 
 
 def _floats(ctx, param, value):
-    if value is None:
-        return None
-    try:
-        return [float(v) for v in value.split(",") if v.strip()]
-    except ValueError:
-        raise click.BadParameter(f"expected comma-separated numbers, got {value!r}") from None
+    return None if value is None else comma_list(value, param.opts[-1], float, "numbers")
+
+
+def _names(ctx, param, value):
+    return comma_list(value, param.opts[-1], what="names")
 
 
 @cli.command("precompute")
@@ -29,7 +28,7 @@ def _floats(ctx, param, value):
                    "a pure sampled cache.")
 @click.option("--proposal-temperature", default=None, type=float, metavar="T",
               help="Draw at this one temperature (one of --temperatures) instead of once per cached temperature.")
-@click.option("--sample-seed", default=0, show_default=True, type=int, help="Seed of the --sample draws.")
+@click.option("--sample-seed", default=0, show_default=True, type=click.IntRange(min=0), help="Seed of the --sample draws.")
 @click.option("--full", is_flag=True, help="Store all logits (fp16) instead of the top-k.")
 @click.option("--ensemble", type=click.Choice(["logits", "probs"]), default=None,
               help="Cache the teachers' combination as ONE teacher, 'ensemble': logits (Baby Llama: raw logits "
@@ -41,7 +40,7 @@ def _floats(ctx, param, value):
               help="Temperatures to store the exact tail mass for (comma-separated).")
 @click.option("--logprob-step", default=1 / 512, show_default="1/512", type=float,
               help="Fixed-point step of the stored log-probabilities; the largest error is half of it.")
-@click.option("--splits", default="train,dev", show_default=True, help="Token-store splits to cache.")
+@click.option("--splits", default="train,dev", show_default=True, callback=_names, help="Token-store splits to cache.")
 @click.option("--batch-size", default=32, show_default=True, type=int, help="Windows per teacher forward.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1, ...")
 @click.option("--dtype", type=click.Choice(["auto", "bf16", "fp16", "fp32"]), default="auto", show_default=True,
@@ -78,7 +77,7 @@ def precompute_command(store, teachers, output, top_k, sample, proposal_temperat
         store=store, teachers=list(teachers), output=output, top_k=top_k, full=full, temperatures=temperatures,
         sample=sample, proposal_temperature=proposal_temperature, sample_seed=sample_seed, ensemble=ensemble,
         ensemble_weights=ensemble_weights,
-        splits=[s.strip() for s in splits.split(",") if s.strip()], batch_size=batch_size, device=device, dtype=dtype,
+        splits=splits, batch_size=batch_size, device=device, dtype=dtype,
         registry=registry, part=part, logprob_step=logprob_step,
     )
     result = precompute(cfg, force=force, progress=not quiet and not as_json, say=lambda msg: click.echo(msg, err=True))
@@ -106,7 +105,7 @@ def precompute_command(store, teachers, output, top_k, sample, proposal_temperat
 @click.option("--repair", is_flag=True,
               help="Mark every damaged chunk for recomputation (remove its done-marker and manifest.json); "
                    "then re-run precompute with the same arguments.")
-@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0), help="Seed of the --recompute windows.")
 @click.option("--json", "as_json", is_flag=True)
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def verify_command(cache, store, recompute, repair, seed, as_json, quiet):

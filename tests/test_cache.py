@@ -447,7 +447,8 @@ def test_verify_recompute_without_teacher_and_bad_counts(tmp_path, runner, store
     assert_clean_error(invoke(runner, ["verify", out, "--recompute", "-3"]), "--recompute", "-3")
     shutil.rmtree(teacher)
     r = invoke(runner, ["verify", out, "--quiet", "--recompute", "2"])
-    assert r.exit_code == 0 and r.output.strip().endswith("OK"), r.output
+    # a requested check that did not run is not a pass (issue 20): exit 1, naming the teacher
+    assert r.exit_code == 1 and "--recompute could not check teacher 't'" in r.output, r.output
     assert "skipped" in r.output and "no longer at" in r.output and "Traceback" not in r.output, r.output
     # --repair refuses when precompute could not recompute the chunk: nothing is removed
     os.truncate(_chunk_file(out, "train", "t", "tail_lse", 0), 10)

@@ -315,8 +315,10 @@ def test_bad_values_refused_before_the_run_directory_is_touched(tmp_path, runner
                                                                  args, fragments):
     """Every bad value is one clean sentence naming the key/option and the range; a new output directory is not
     created, and --force over a finished run leaves every file of it as it was."""
-    base = ["distill", "--store", store_path, "--cache", caches / "topk", "--temperature", "1", "--teacher-combine",
-            "losses", "--max-steps", "2", *TINY_CLI]
+    base = ["distill", "--store", store_path, "--cache", caches / "topk", "--teacher-combine", "losses", *TINY_CLI]
+    for option, value in (("--temperature", "1"), ("--max-steps", "2")):  # an option is given once
+        if option not in args:
+            base += [option, value]
     r = invoke(runner, base + ["-o", tmp_path / "new", *args])
     assert_clean_error(r, *fragments)
     assert not (tmp_path / "new").exists()

@@ -28,6 +28,7 @@ machine the writer's CPU time is taken from the teacher's forward.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -36,6 +37,22 @@ LOGPROB_SCALE = 512.0           # fixed-point steps per nat: max rounding error 
 LOGPROB_MIN = -65535 / LOGPROB_SCALE  # ≈ −128 nats: smaller top-k log-probabilities are clipped here
 TAIL_SCALE = 512.0              # tail_lse fixed point: range ±64, max rounding error 9.8e-4
 TAIL_NEG_INF = -32768           # stored for an empty tail (k = V)
+TAIL_MIN = (TAIL_NEG_INF + 1) / TAIL_SCALE  # −32767/512 ≈ −63.998 nats: the smallest finite tail_lse stored
+CLIPPED_SHARE_BITS = 24         # a tail clipped to TAIL_MIN may count for at most 2⁻²⁴ (float32's rounding) of the mass
+
+
+def min_temperature(vocab_size: int) -> float:
+    """The smallest τ a top-k, sampled or hybrid cache can store: ln V / (63.998 − 24·ln 2) ≈ ln V / 47.36
+    (0.12 for V = 300, 0.22 for V = 32000, 0.25 for V = 128256).
+
+    tail_lse at τ is log Σ_{v ∉ stored} p_v^{1/τ} in int16 fixed point, so a finite value below `TAIL_MIN` is
+    clipped up to it. What clipping distorts is the tail's share of the tempered mass, exp(tail_lse − log Σ_v
+    p_v^{1/τ}); the whole sum is at least the top token's p^{1/τ} ≥ V^{−1/τ}, so a clipped tail's share is at most
+    exp(TAIL_MIN + ln V / τ). At τ ≥ this bound that is ≤ 2⁻²⁴ for every teacher: the clip changes no float32
+    normaliser a loss computes (a tail that small was below float32's resolution anyway). Below it a teacher whose
+    top log-probability is low enough (a flat position at τ = 0.05) has its tail stored as far more mass than it
+    holds (V = 300, τ = 0.02: the top token's term is e^−285, the clipped tail e^−64)."""
+    return math.log(vocab_size) / (-TAIL_MIN - CLIPPED_SHARE_BITS * math.log(2))
 
 
 def id_dtype(vocab_size: int) -> np.dtype:

@@ -142,7 +142,18 @@ class LogitCache:
                 f"cache {str(p)!r} is incomplete ({cache.describe_missing()}); run the same `cachekd precompute` "
                 f"command again to finish it."
             )
+        if not allow_incomplete:  # verify opens them one by one and reports each
+            cache.open_arrays()
         return cache
+
+    def open_arrays(self) -> None:
+        """Open every array of every teacher (their zarr.json only): a missing or edited one is one sentence now,
+        before a run writes anything, not a traceback at the first read of it."""
+        for split in self.splits():
+            for teacher in self.teachers:
+                for spec in self.plan.array_specs(split):
+                    self._array(split, teacher, spec.name)
+        self._arrays.clear()  # opened again where they are read (a loader's worker process)
 
     # --- facts
     @property
@@ -232,9 +243,16 @@ class LogitCache:
     def _array(self, split: str, teacher: str, name: str):
         key = fmt.array_path(split, teacher, name)
         if key not in self._arrays:
-            self._arrays[key] = open_array_read_only(
-                self.path / key, f"the {name} array of teacher {teacher!r} ({split} split) in cache {str(self.path)!r}",
-                "rebuild the cache with the same `cachekd precompute` command plus --force")
+            what = f"the {name} array of teacher {teacher!r} ({split} split) in cache {str(self.path)!r}"
+            remedy = "rebuild the cache with the same `cachekd precompute` command plus --force"
+            arr = open_array_read_only(self.path / key, what, remedy)
+            spec = next((a for a in self.plan.array_specs(split) if a.name == name), None)
+            # an edited or damaged zarr.json that still parses: every read would index or decode it wrongly
+            if spec is not None and (tuple(arr.shape) != spec.shape or np.dtype(arr.dtype) != spec.dtype):
+                raise CachekdError(f"{what} has shape {list(arr.shape)} and dtype {np.dtype(arr.dtype)} in its "
+                                   f"zarr.json, where the cache's plan needs {list(spec.shape)} and {spec.dtype} (the "
+                                   f"file was edited or damaged); {remedy}.")
+            self._arrays[key] = arr
         return self._arrays[key]
 
     def _chunks(self, start: int, stop: int) -> range:
@@ -302,7 +320,10 @@ class LogitCache:
             if want is None:
                 continue  # written before the binding existed, or without the checksum codec
             lo, hi = self._chunk_windows(c, arr)
-            if [fmt.stored_crc32c(f) for f in fmt.chunk_files(arr, base, lo, hi)] != want:
+            got = [fmt.stored_crc32c(f) for f in fmt.chunk_files(arr, base, lo, hi)]
+            if any(g is None and w is not None for g, w in zip(got, want)):  # written, now gone: read as zeros
+                raise self._damaged(split, teacher, name, c, (lo, hi), "file is missing", "file missing")
+            if got != want:
                 raise self._damaged(split, teacher, name, c, (lo, hi),
                                     "file holds other data than was written for this chunk (a misplaced or stale "
                                     "chunk file)", "misplaced or stale")

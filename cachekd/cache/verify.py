@@ -70,6 +70,9 @@ def verify_cache(path: str | Path, *, store_path: str | Path | None = None, reco
         else:
             report["recompute"] = recompute_windows(cache, store, recompute, seed)
             problems.extend(_beyond_tolerance(report["recompute"]))
+            # a requested check that did not run is not a pass
+            problems.extend(f"--recompute could not check teacher {name!r}: {r['skipped']}"
+                            for name, r in report["recompute"].items() if isinstance(r, dict) and "skipped" in r)
     report["damaged_chunks"] = _by_split(damaged)
     if repair:
         report["repair"] = repair_chunks(cache, sorted(damaged), store_problem, store_path=sp)
@@ -298,7 +301,10 @@ def recompute_windows(cache: LogitCache, store, n: int, seed: int) -> dict[str, 
         lp_true = np.take_along_axis(full_lp, ids, axis=-1)
         fresh_sorted = np.sort(fresh["ids"].numpy(), axis=-1)
         keep = lp_true > -60  # below this the fixed-point encoding clips by design
-        tail_diff = np.abs(np.where(np.isinf(tail), 0, tail - fresh["tail_lse"].numpy()))
+        # against the value as stored: a finite tail below the int16 range is clipped to TAIL_MIN by design
+        # (precompute refuses a τ at which that clip could matter, `enc.min_temperature`)
+        fresh_tail = np.maximum(fresh["tail_lse"].numpy(), enc.TAIL_MIN)
+        tail_diff = np.abs(np.where(np.isinf(tail), 0, tail - fresh_tail))
         diffs = {"max_abs_logprob_diff": np.where(keep, np.abs(lp - lp_true), 0).reshape(len(rows), -1).max(-1),
                  "max_abs_tail_lse_diff": np.nan_to_num(tail_diff, nan=np.inf).reshape(len(rows), -1).max(-1)}
         storage = 0.5 / cache.plan.logprob_scale  # the fixed-point rounding of a stored log-probability
@@ -326,7 +332,8 @@ def _recompute_sampled(cache: LogitCache, logits, blocks, rows: np.ndarray, allo
     lp_true = np.take_along_axis(full_lp, get["sample_ids"], axis=-1)
     n = len(rows)
     diffs = {"max_abs_logprob_diff": np.where(real, np.abs(get["sample_logprobs"] - lp_true), 0).reshape(n, -1).max(-1),
-             "max_abs_tail_lse_diff": np.abs(get["tail_lse"] - fresh["tail_lse"].numpy()).reshape(n, -1).max(-1),
+             "max_abs_tail_lse_diff": np.abs(get["tail_lse"] - np.maximum(fresh["tail_lse"].numpy(), enc.TAIL_MIN)
+                                             ).reshape(n, -1).max(-1),
              "max_abs_entropy_diff": np.abs(get["entropy"] - fresh["entropy"].numpy()).reshape(n, -1).max(-1)}
     storage = 0.5 / cache.plan.logprob_scale
     tol = {"max_abs_logprob_diff": storage + allowance,

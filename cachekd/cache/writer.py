@@ -97,7 +97,22 @@ def open_or_create(root: Path, plan: fmt.CachePlan, *, force: bool = False,
         if lock is not None and busy_share(root, *share, own=False) is not None:  # another split is running
             lock.close()
             lock = None
+        if lock is not None:
+            _remove_leftover_markers(root, plan, *share)
         return plan, lock
+
+
+def _remove_leftover_markers(root: Path, plan: fmt.CachePlan, slot: int, slots: int) -> None:
+    """Delete the temporary files of done-markers that a killed process left (``.0000003.json.<random>.tmp``),
+    for the chunks of this share only: another share's process may be writing its own markers right now."""
+    for split in plan.splits:
+        d = fmt.done_dir(root, split)
+        if not d.is_dir():
+            continue
+        for f in d.iterdir():
+            chunk = f.name[1:].split(".", 1)[0]
+            if fmt.is_leftover_temp(f.name) and chunk.isdigit() and int(chunk) % slots == slot and f.is_file():
+                f.unlink(missing_ok=True)
 
 
 def _open_or_create(root: Path, plan: fmt.CachePlan, force: bool) -> fmt.CachePlan:

@@ -200,6 +200,10 @@ class CohortConfig(RunPlacement):
                 if p.distill is not None:
                     raise CachekdError(f"peer {p.name!r} has a distill section, but with mutual learning the mutual "
                                      f"section sets the loss; drop one of them.")
+            clash = next((n for n in names if n in m.fixed_peers), None)
+            if clash is not None:  # ω, the metrics and the summary key members by name
+                raise CachekdError(f"peer {clash!r} has the name of a fixed peer (a teacher of the cache); name the "
+                                   f"trained peer otherwise.")
             if m.fixed_peers and not self.cache:
                 raise CachekdError(
                     f"mutual.fixed_peers {m.fixed_peers} are teachers of a logit cache, but the cohort has no cache: "

@@ -10,12 +10,12 @@ from cachekd.cohort.config import CohortConfig, peer_configs
 from cachekd.errors import CachekdError
 
 
-def check_peers(cohort: CohortConfig, configs: list[Any]) -> None:
+def check_peers(cohort: CohortConfig, configs: list[Any], say: Callable[[str], None] | None = None) -> None:
     """Refuse, before anything is written, a cohort without peers or a peer that does not fit the token store (a
-    checkpoint to start from with another tokenizer or a smaller vocabulary)."""
+    checkpoint to start from with another tokenizer, a smaller vocabulary, or without a tokenizer extra output rows
+    that carry mass: `cachekd.teachers.check_vocabulary`, the rule precompute applies to a teacher)."""
     from cachekd.models import load_model, resolve_model_dir
-    from cachekd.models import output_size
-    from cachekd.teachers import tokenizer_fingerprint_of
+    from cachekd.teachers import check_vocabulary
     from cachekd.tokens import TokenStore
 
     if not configs:
@@ -27,12 +27,13 @@ def check_peers(cohort: CohortConfig, configs: list[Any]) -> None:
         if cfg.model.init_from is None:
             continue
         d = resolve_model_dir(cfg.model.init_from)
-        store.check_tokenizer(
-            fingerprint=tokenizer_fingerprint_of(d), vocab_size=output_size(load_model(d)),
+        check_vocabulary(
+            f"peer {cfg.name!r}'s checkpoint to start from", d, load_model(d), store, say=say,
             tokenizer_error=lambda fp, n=cfg.name: (f"peer {n!r} starts from a checkpoint with another tokenizer than "
                                                     f"the token store {str(store.path)!r}."),
             vocab_error=lambda v, n=cfg.name: (f"peer {n!r} starts from a checkpoint with a vocabulary of {v} tokens "
-                                               f"but the token store has {store.vocab_size}."))
+                                               f"but the token store has {store.vocab_size}."),
+            advice="start from a checkpoint trained with this store's tokenizer (and save that tokenizer next to it)")
 
 
 def run_cohort(cohort: CohortConfig, *, resume: bool = False, force: bool = False, progress: bool = True,
@@ -42,7 +43,7 @@ def run_cohort(cohort: CohortConfig, *, resume: bool = False, force: bool = Fals
     from cachekd.cohort.trainer import CohortTrainer
 
     configs = peer_configs(cohort)
-    check_peers(cohort, configs)
+    check_peers(cohort, configs, say)
     return CohortTrainer(cohort, configs, resume=resume, force=force, progress=progress, say=say).train()
 
 

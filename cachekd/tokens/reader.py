@@ -172,6 +172,24 @@ class TokenStore:
             f"the {split} split's {where} of token store {str(self.path)!r} cannot be read: {problem}; "
             + REBUILD_HINT + ".", split=split, chunk=chunk, reason=reason)
 
+    def missing_chunks(self, split: str) -> list[int]:
+        """The chunks of `split` whose file is not there, from one listing of the split's chunk files (cheap on
+        an object store too): zarr would read a missing one as zeros, `read` refuses it when it gets there."""
+        import os
+
+        arr = self.array(split)
+        base = self.path / tfmt.tokens_path(split)
+        present = {Path(d, f) for d, _, files in os.walk(base) for f in files}
+        return [c for c in range(self.num_chunks(split)) if tfmt.chunk_file(self.path, split, arr, c) not in present]
+
+    def check_chunks(self, splits: list[str]) -> None:
+        """Refuse, before a run starts, a store of which a chunk it will read (every chunk of `splits`) is gone."""
+        for split in splits:
+            missing = self.missing_chunks(split)
+            if missing:
+                more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+                raise self._damaged(split, missing[0], f"its file is missing{more}", "file missing")
+
     def read_chunk(self, split: str, chunk: int) -> np.ndarray:
         cw = self.chunk_windows
         return self.read(split, chunk * cw, min((chunk + 1) * cw, self.num_windows(split)))
