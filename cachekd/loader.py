@@ -13,10 +13,11 @@ The order of an epoch is a pure function of (seed, epoch, number of chunks, bloc
 So the state to resume from is two integers (epoch, step), one process and N processes see the same global
 batches, and no window is repeated or skipped within an epoch.
 
-The price of that equivalence: every rank (and every DataLoader worker) decodes the whole blocks its batches come
-from, so reading work grows with the number of readers. At ~100 bytes a position and ~370k decoded positions/s
-per reader thread (benchmarks/bench_loader.py) this stays far from a GPU step's cost; one background thread per
-process is the default.
+The price of that equivalence: every rank (and every DataLoader worker) reads and decompresses the whole blocks its
+batches come from, so reading work grows with the number of readers. The values are not decoded here: a batch
+carries each teacher's rows as stored (`EncodedTeacher`, a few bytes a value), pinned when training on a GPU, and
+the training step decodes them on its device (`Batch.decode`), so one loader thread only reads, decompresses and
+gathers (benchmarks/bench_loader.py measures each kind); one background thread per process is the default.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 
-from cachekd.batch import IGNORE_INDEX, Batch, CachedLogits, CachedSampled, CachedTeacher, CachedTopK
+from cachekd.batch import IGNORE_INDEX, Batch, CachedTeacher, EncodedTeacher
 from cachekd.errors import CachekdError
 
 
@@ -84,10 +85,12 @@ class WindowSource:
         self._block: dict[str, Any] = {}
 
     def load_block(self, key: tuple, chunk_ids: np.ndarray) -> None:
+        """Read the chunks of a block: tokens, and each teacher's arrays as stored (decoding waits for the rows of
+        a batch, on the training device)."""
         if key == self._block_key:
             return
         parts_tok, pos = [], {}
-        parts_t: dict[str, list] = {t: [] for t in self.teachers}
+        parts_t: dict[str, list[dict[str, np.ndarray]]] = {t: [] for t in self.teachers}
         offset = 0
         for c in chunk_ids:
             tok = self.store.read_chunk(self.split, int(c))
@@ -96,19 +99,17 @@ class WindowSource:
             offset += len(tok)
             parts_tok.append(tok)
             if self.cache is not None:
-                for t, blk in self.cache.read_chunk(self.split, int(c), self.teachers, tokens=tok).items():
-                    parts_t[t].append(blk)
+                for t, arrays in self.cache.read_chunk_stored(self.split, int(c), self.teachers, tokens=tok).items():
+                    parts_t[t].append(arrays)
         self._block = {"tokens": np.concatenate(parts_tok), "pos": pos, "teachers": {}}
         for t, blks in parts_t.items():
             merged = {}
-            b0 = blks[0]
-            for name in b0.NAMES:
-                if getattr(b0, name) is not None:
-                    arr = np.concatenate([getattr(b, name) for b in blks])  # ids: IDS_DTYPE from the reader's decode
-                    # a sampled cache keeps every τ: its target at τ also needs the proposal's normaliser
-                    if name == "tail_lse" and self.temperature_index is not None and b0.sample_ids is None:
-                        arr = arr[..., self.temperature_index]
-                    merged[name] = arr
+            for name in blks[0]:
+                arr = np.concatenate([b[name] for b in blks]) if len(blks) > 1 else blks[0][name]
+                # a sampled cache keeps every τ: its target at τ also needs the proposal's normaliser
+                if name == "tail_lse" and self.temperature_index is not None and "sample_ids" not in blks[0]:
+                    arr = arr[..., self.temperature_index]
+                merged[name] = arr
             self._block["teachers"][t] = merged
         self._block_key = key
 
@@ -118,15 +119,17 @@ class WindowSource:
         return np.array([pos[int(w) // cw][0] + int(w) - pos[int(w) // cw][1] for w in window_ids], dtype=np.int64)
 
     def batch(self, window_ids: np.ndarray) -> Batch:
+        """The batch of `window_ids` (windows of the loaded block); each teacher's rows as stored (`EncodedTeacher`)."""
+        from cachekd.cache.encoding import stored_tensor
+
         r = self.rows(window_ids)
         tokens = torch.from_numpy(self._block["tokens"][r].astype(np.int64))
         labels = torch.full_like(tokens, self.ignore_index)
         labels[:, :-1] = tokens[:, 1:]
-        teachers: dict[str, CachedTeacher] = {}
-        for t, arrays in self._block["teachers"].items():
-            rows = {name: torch.from_numpy(np.ascontiguousarray(arr[r])) for name, arr in arrays.items()}
-            kind = CachedLogits if "logits" in rows else CachedSampled if "sample_ids" in rows else CachedTopK
-            teachers[t] = kind(**rows)
+        scale = self.cache.plan.logprob_scale if self.cache is not None else 0.0
+        teachers: dict[str, CachedTeacher | EncodedTeacher] = {
+            t: EncodedTeacher({name: stored_tensor(arr[r]) for name, arr in arrays.items()}, scale)
+            for t, arrays in self._block["teachers"].items()}
         return Batch(tokens, labels, torch.from_numpy(window_ids.copy()), teachers)
 
 
