@@ -32,7 +32,7 @@ Measured by benchmarks/bench_loader.py on one thread of this 2-core CPU (the def
 batches): the numpy decode it replaces took ~2.5–3 µs a position (`np.cumsum` over a short last axis is slow),
 the torch decode ~0.1–0.2 µs. torch's unsigned 16- and 32-bit types lack `cat`, indexing and `cumsum` on some
 devices, so uint16 and uint32 arrays travel as the signed type of the same width (`stored_tensor`, the same bytes)
-and are widened back with a mask; every decoded value is bit-identical to the numpy formulas it replaced (tested
+and are viewed back as unsigned to convert; every decoded value is bit-identical to the numpy formulas it replaced (tested
 over every uint16 and int16 value).
 """
 
@@ -126,22 +126,21 @@ def stored_tensor(stored: np.ndarray) -> torch.Tensor:
 
 
 def _unsigned(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The stored unsigned values of `x` (uint8, or an int16/int32 view of uint16/uint32) as `dtype`, exactly."""
-    if x.dtype == torch.int16:
-        return x.to(dtype) & 0xFFFF
-    if x.dtype == torch.int32:
-        return x.to(torch.int64) & 0xFFFFFFFF
-    return x.to(dtype)
+    """The stored unsigned values of `x` (uint8, or an int16/int32 view of uint16/uint32) as `dtype`, exactly: the
+    bits viewed as unsigned and converted in one pass (torch converts its unsigned types on every device; measured
+    ~2x faster on the CPU than widening the signed view and masking)."""
+    unsigned = {torch.int16: torch.uint16, torch.int32: torch.uint32}.get(x.dtype)
+    return (x.view(unsigned) if unsigned is not None else x).to(dtype)
 
 
 def ids_from_deltas(deltas: torch.Tensor) -> torch.Tensor:
     """(..., k) delta-encoded ids → sorted ids, int64 (`cachekd.batch.IDS_DTYPE`)."""
-    return torch.cumsum(_unsigned(deltas, torch.int64), dim=-1)
+    return _unsigned(deltas, torch.int64).cumsum_(dim=-1)
 
 
 def logprobs_from_fixed(q: torch.Tensor, scale: float = LOGPROB_SCALE) -> torch.Tensor:
     """(...) fixed-point log-probabilities → float32 −q/scale: one float32 product, as the numpy decode was."""
-    return _unsigned(q, torch.int32).to(torch.float32) * float(np.float32(-1.0 / scale))
+    return _unsigned(q, torch.float32).mul_(float(np.float32(-1.0 / scale)))
 
 
 def tail_from_fixed(q: torch.Tensor) -> torch.Tensor:
