@@ -129,7 +129,40 @@ shares are wall time, as a training run sees them.
 done-marker checks), the same before and after; zarr runs it on its own event-loop thread, one chunk of one array
 at a time here. "Whole loader" is one epoch of the loader in the benchmark's thread: read, decompress, decode
 (after: the batch decoded on the CPU, as a CPU device would).
+
+The simulated GPU student stands for a student whose step consumes 10^6 positions/s (a Baby-Llama-58M student on
+one H100): its step is a sleep of that time, during which the CPU thread waits as it would on the GPU, after the
+batch's decode on the CPU (before: already decoded by the loader thread; after: the torch decode, which on a GPU
+would run on the device, so the figure is conservative). Its data-wait share says how much of such a student's
+time one loader thread leaves it waiting.
 """
+
+
+def simulated_gpu_waits(store, cache, batch_size: int, version: str, steps: int, rate: float) -> tuple[float, float]:
+    """(data-wait share, positions/s) of a loop whose step is the batch's decode on this thread plus a sleep of
+    the time a student consuming `rate` positions/s takes (a GPU step, during which the CPU thread waits), fed by
+    the trainer's background loader thread (`Prefetcher`), after 3 warm-up steps."""
+    from cachekd.loader import CachedBatches, Order, Prefetcher
+
+    order = Order(store.num_windows("train"), store.chunk_windows, batch_size, seed=0)
+    with loader_as(version):
+        it = Prefetcher(iter(CachedBatches(store, "train", order, cache=cache, temperature_index=0)))
+        try:
+            wait = total = 0.0
+            n = 0
+            for i in range(steps + 3):
+                t0 = time.perf_counter()
+                b = next(it)
+                t1 = time.perf_counter()
+                b = b.decode()
+                time.sleep(b.input_ids.numel() / rate)
+                if i >= 3:
+                    wait += t1 - t0
+                    total += time.perf_counter() - t0
+                    n += b.input_ids.numel()
+        finally:
+            it.close()
+    return wait / total, n / total
 
 
 @contextlib.contextmanager
@@ -256,6 +289,8 @@ def main() -> None:
                     help="MB of text for the per-kind tables (a full-logit cache takes 2·V bytes a position)")
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--wait-steps", type=int, default=24)
+    ap.add_argument("--gpu-rate", type=float, default=1e6,
+                    help="positions/s of the simulated GPU student (a Baby-Llama-58M student on one H100: ~10^6)")
     ap.add_argument("--work", default=None)
     args = ap.parse_args()
     if not Path(args.data).exists():
@@ -369,14 +404,21 @@ def main() -> None:
                 "distill": {"cache": str(hybrid_dir), "objective": "forward_kl", "temperature": 1.0}})
             return Trainer(cfg, force=True, progress=False)
 
-        waits = {"before": [], "after": []}
+        waits: dict[str, list] = {"before": [], "after": [], "before, simulated GPU student": [],
+                                  "after, simulated GPU student": []}
         for _ in range(2):  # interleaved: before, after, before, after
             for version in ("before", "after"):
                 waits[version].append(wait_shares(make_trainer, version, args.wait_steps))
                 print(version, waits[version][-1], flush=True)
+        hybrid = kind_caches[next(k for k in KINDS if k.startswith("hybrid"))]
+        for _ in range(2):
+            for version in ("before", "after"):
+                waits[f"{version}, simulated GPU student"].append(simulated_gpu_waits(
+                    dstore, hybrid, args.batch_size, version, args.wait_steps * 4, args.gpu_rate))
+                print(version, "simulated", waits[f"{version}, simulated GPU student"][-1], flush=True)
         wait_rows = [f"| {v} | {', '.join(f'{w:.1%}' for w, _ in waits[v])} | "
-                     f"{', '.join(f'{r:,.0f}' for _, r in waits[v])} |" for v in ("before", "after")]
-        wait_md = "\n".join(["| loader | data-wait share of the step (two runs) | distill loop positions/s |",
+                     f"{', '.join(f'{r:,.0f}' for _, r in waits[v])} |" for v in waits]
+        wait_md = "\n".join(["| loader, step | data-wait share of the step (two runs) | loop positions/s |",
                              "|---|---|---|", *wait_rows])
 
         md = "\n".join([
@@ -392,7 +434,8 @@ def main() -> None:
             kinds_md, "",
             f"### Data-wait share of a distill step, hybrid cache, tiny student (2×64 LLaMA, forward KL τ=1, "
             f"{args.wait_steps} steps of {args.batch_size} × 128 after 3 warm-up steps, 1 torch thread, the trainer's "
-            f"background loader thread)", "",
+            f"background loader thread; the simulated GPU student: {args.wait_steps * 4} steps, each the batch's "
+            f"decode on the CPU plus a sleep of batch positions ÷ {args.gpu_rate:.0e} positions/s)", "",
             wait_md])
         print(md)
         path = write_result("loader", "loader throughput and decode per cache kind", {
