@@ -1,5 +1,6 @@
-"""Elastic resume: a distill run resumes at another torchrun world size with the same global batch (2 → 1 → 2
-processes on CPU/gloo) and gives the losses and weights of an uninterrupted run, within float reduction order; a
+"""Elastic resume: a distill run and a WML cohort resume at another torchrun world size with the same global batch
+(2 → 1 → 2 processes on CPU/gloo) and give the losses and weights of an uninterrupted run, within float reduction
+order; a
 precompute started as one `--part` of three is finished by two torchrun processes, byte for byte one process's.
 
 Run as a module (``python -m tests.test_elastic_resume CONFIG new|resume STOP``, under torchrun or not), this file
@@ -22,8 +23,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _segment(config: str, mode: str, stop: str) -> None:
-    """Train the run of `config` (a new one, or resumed from its last checkpoint) to step `stop`, logging every
-    step as the trainer does, and save a checkpoint there."""
+    """Train the run (or cohort) of `config` (a new one, or resumed from its last checkpoint) to step `stop`,
+    logging every step as the trainer does, and save a checkpoint there."""
     from cachekd.config import load_yaml
     from cachekd.train_config import load_train_config
     from cachekd.trainer import Trainer
@@ -32,7 +33,15 @@ def _segment(config: str, mode: str, stop: str) -> None:
         def set_postfix(self, **_):
             pass
 
-    t = Trainer(load_train_config(load_yaml(config)), resume=mode == "resume", progress=False)
+    data = load_yaml(config)
+    if "peers" in data:  # a cohort
+        from cachekd.cohort.config import load_cohort_config, peer_configs
+        from cachekd.cohort.trainer import CohortTrainer
+
+        cohort = load_cohort_config(data)
+        t = CohortTrainer(cohort, peer_configs(cohort), resume=mode == "resume", progress=False)
+    else:
+        t = Trainer(load_train_config(data), resume=mode == "resume", progress=False)
     it = t.batches()
     t._last_log = (time.perf_counter(), t.tokens_seen)
     try:
@@ -65,7 +74,7 @@ def _losses(run_dir: Path) -> dict[int, dict[str, float]]:
     for line in (run_dir / "metrics.jsonl").read_text().splitlines():
         rec = json.loads(line)
         if rec.get("kind") == "train":
-            out[rec["step"]] = {k: rec[k] for k in ("loss", "ce", "kd")}
+            out[rec["step"]] = {k: rec.get(k) for k in ("loss", "ce", "kd")}
     return out
 
 
@@ -103,6 +112,37 @@ def test_resume_at_another_world_size_gives_the_uninterrupted_run(tmp_path, stor
     wa, wb = _weights(tmp_path / "ref"), _weights(tmp_path / "elastic")
     for k in wa:
         torch.testing.assert_close(wb[k], wa[k], rtol=1e-4, atol=1e-5)
+
+
+def test_wml_cohort_resumes_at_another_world_size(tmp_path, store_path):
+    import yaml
+
+    from tests.test_cohort import PEERS, _weights, _wml
+
+    d = {"name": "c", "seed": 5, "device": "cpu",
+         "data": {"store": str(store_path), "batch_size": 8, "eval_windows": 16, "block_chunks": 1},
+         "optim": {"lr": 3e-3, "warmup_steps": 2, "max_steps": 6}, "log_every": 1, "save_every": 0,
+         "peers": PEERS, "mutual": _wml(detach=False, update_every=2)}
+    from cachekd.cohort.config import load_cohort_config
+    from cachekd.cohort.run import run_cohort
+
+    ref = run_cohort(load_cohort_config({**d, "output": str(tmp_path / "ref")}), progress=False)
+    cfg = tmp_path / "elastic.yaml"
+    cfg.write_text(yaml.safe_dump({**d, "output": str(tmp_path / "elastic")}))
+    seg = ["-m", "tests.test_elastic_resume", str(cfg)]
+    _torchrun(2, seg + ["new", "2"])
+    _torchrun(1, seg + ["resume", "4"])
+    _torchrun(2, ["-m", "cachekd_cli", "cohort", "-c", str(cfg), "--resume", "--quiet"])
+    got = json.loads((tmp_path / "elastic" / "summary.json").read_text())
+    assert got["processes"] == 2 and got["weights"] == pytest.approx(ref["weights"], rel=1e-5)
+    for name in ("a", "b"):
+        want, have = _losses(tmp_path / "ref" / "peers" / name), _losses(tmp_path / "elastic" / "peers" / name)
+        assert sorted(have) == sorted(want) == list(range(1, 7))
+        for step in want:
+            assert have[step]["loss"] == pytest.approx(want[step]["loss"], rel=1e-4, abs=1e-5), (name, step)
+        wa, wb = _weights(tmp_path / "ref" / "peers" / name), _weights(tmp_path / "elastic" / "peers" / name)
+        for k in wa:
+            torch.testing.assert_close(wb[k], wa[k], rtol=1e-4, atol=1e-5)
 
 
 def test_precompute_resumes_with_another_split_into_ranks(tmp_path, store_path, teacher_path):
