@@ -375,9 +375,9 @@ def main() -> None:
                                             splits=["train"], **opts), force=True, progress=False)
             c = kind_caches[label] = LogitCache.open(d)
             r = decode_rates(c, args.batch_size, args.repeats)
-            # the whole loader in this thread, before and after interleaved twice (the best of each kept)
+            # the whole loader in this thread, before and after interleaved three times (the best of each kept)
             lb, la = [], []
-            for _ in range(2):
+            for _ in range(3):
                 lb.append(loader_rate(dstore, c, args.batch_size, "before"))
                 la.append(loader_rate(dstore, c, args.batch_size, "after"))
             lb_, la_ = max(lb), max(la)
@@ -426,7 +426,8 @@ def main() -> None:
             "| what | positions/s | MB/s |", "|---|---|---|",
             f"| loader, one background thread, top-{args.k} cache (stored batches, decoded on the device) | "
             f"{load_rate:,.0f} | {n_bytes / t_load / 1e6:.1f} stored, {load_rate * disk_per_pos / 1e6:.1f} from disk |",
-            f"| tiny student distillation step (2×64 LLaMA, forward KL, bucket; decode included) | {train_rate:,.0f} | |",
+            f"| tiny student distillation step (2×64 LLaMA, forward KL, bucket; decode included) | "
+            f"{train_rate:,.0f} | |",
             "", f"**loader ÷ training: {load_rate / train_rate:.1f}×** (goal ≥ 20×); cache {disk_per_pos:.1f} "
                 f"bytes/position on disk.", "",
             f"### Decode per cache kind, one thread, positions per CPU second (V = {dstore.vocab_size}, "
@@ -443,7 +444,7 @@ def main() -> None:
             "train windows": f"{store.num_windows('train')} (per-kind tables: {dstore.num_windows('train')})",
             "k": args.k, "batch": f"{args.batch_size} × 128",
             "threads": "default for the first table; 1 torch thread and 1 Blosc thread after",
-            "repeats": f"median of {args.repeats} for decode; the best of 2 interleaved epochs for the whole loader",
+            "repeats": f"median of {args.repeats} for decode; the best of 3 interleaved epochs for the whole loader",
             "load average at the end (1, 5, 15 min)": ", ".join(f"{x:.1f}" for x in os.getloadavg())},
             md, notes=NOTES)
         print(f"\nwrote {path}")

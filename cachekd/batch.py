@@ -11,8 +11,8 @@ values, a few bytes a value) and the training step decodes them on its device (`
 crosses from the loader thread to the device is the compact form, and the decoding runs where it is cheap.
 
 Dtypes, fixed from the cache reader to the loss: token ids and labels int64, top-k ids `IDS_DTYPE` (int64: the
-losses gather and scatter with them, and torch indexes with int64 only, so they are decoded to it once, in the
-reader, and never converted again).
+losses gather and scatter with them, and torch indexes with int64 only, so they are decoded to it once, by
+`EncodedTeacher.decode` or the reader, and never converted again).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ IGNORE_INDEX = -100
 defaults to it; the loader writes it and the trainer counts tokens with it."""
 
 IDS_DTYPE = torch.int64
-"""The dtype of a top-k cache's token ids from the reader's decode to the loss."""
+"""The dtype of a top-k cache's token ids from their decode to the loss."""
 
 
 class FieldView:
@@ -142,6 +142,15 @@ def _map_teacher(t: CachedTeacher | EncodedTeacher, fn: Callable[[Tensor], Tenso
     return replace(t, **{f.name: fn(getattr(t, f.name)) for f in fields(t) if getattr(t, f.name) is not None})
 
 
+def _concat_teachers(parts: list) -> CachedTeacher | EncodedTeacher:
+    """One teacher's arrays of several batches, concatenated along the windows."""
+    first = parts[0]
+    if isinstance(first, EncodedTeacher):
+        return EncodedTeacher({n: torch.cat([p.arrays[n] for p in parts]) for n in first.arrays}, first.logprob_scale)
+    return replace(first, **{f.name: torch.cat([getattr(p, f.name) for p in parts])
+                             for f in fields(first) if getattr(first, f.name) is not None})
+
+
 @dataclass
 class Batch(FieldView):
     """Token windows with their labels and cached teacher outputs, on one device."""
@@ -188,10 +197,6 @@ class Batch(FieldView):
     def concat(pieces: list[Batch]) -> Batch:
         """The windows of several batches in order (their epoch and step are the first's)."""
         first = pieces[0]
-        teachers = {name: EncodedTeacher({n: torch.cat([p.teachers[name].arrays[n] for p in pieces])  # type: ignore[union-attr]
-                                          for n in t.arrays}, t.logprob_scale) if isinstance(t, EncodedTeacher) else
-                    replace(t, **{f.name: torch.cat([getattr(p.teachers[name], f.name) for p in pieces])
-                                  for f in fields(t) if getattr(t, f.name) is not None})
-                    for name, t in first.teachers.items()}
+        teachers = {name: _concat_teachers([p.teachers[name] for p in pieces]) for name in first.teachers}
         return Batch(torch.cat([p.input_ids for p in pieces]), torch.cat([p.labels for p in pieces]),
                      torch.cat([p.window_ids for p in pieces]), teachers, first.epoch, first.step)

@@ -43,7 +43,8 @@ def assert_same_bits(got: np.ndarray, want: np.ndarray) -> None:
 def _both_decodes(name: str, stored: np.ndarray, scale: float) -> list[np.ndarray]:
     """The torch decode of a stored array, through the tensor path the loader takes and the reader's numpy path."""
     out = [decode_stored(name, stored_tensor(stored), scale).numpy()]
-    numpy_api = {"ids": fmt.decode_ids, "logprobs": lambda q: fmt.decode_logprobs(q, scale), "tail_lse": fmt.decode_tail}
+    numpy_api = {"ids": fmt.decode_ids, "logprobs": lambda q: fmt.decode_logprobs(q, scale),
+                 "tail_lse": fmt.decode_tail}
     if name in numpy_api:
         out.append(numpy_api[name](stored))
     return out

@@ -28,12 +28,13 @@ machine the writer's CPU time is taken from the teacher's forward.
 Decoding is torch ops (`decode_stored`), so it runs where the tensors are: the loader ships the stored integers
 (pinned) and the training device decodes them (`cachekd.batch.EncodedTeacher`); the numpy functions below
 (`decode_ids`, `decode_logprobs`, `decode_tail`) are the same code on the CPU, for the reader's decoded blocks.
-Measured by benchmarks/bench_loader.py on one thread of this 2-core CPU (the default hybrid, 2048-position
-batches): the numpy decode it replaces took ~2.5–3 µs a position (`np.cumsum` over a short last axis is slow),
-the torch decode ~0.1–0.2 µs. torch's unsigned 16- and 32-bit types lack `cat`, indexing and `cumsum` on some
-devices, so uint16 and uint32 arrays travel as the signed type of the same width (`stored_tensor`, the same bytes)
-and are viewed back as unsigned to convert; every decoded value is bit-identical to the numpy formulas it replaced (tested
-over every uint16 and int16 value).
+Measured on one thread of this 2-core CPU (a hybrid batch of 2048 positions, top-16 + 100 drawn ids, decoded
+over and over): the numpy decode it replaced took 1.8–3.0 µs a position (`np.cumsum` over a short last axis is
+slow), the torch decode 0.12–0.26 µs; benchmarks/bench_loader.py measures the whole way from decompressed chunks
+to a batch's tensors for each cache kind. torch's unsigned 16- and 32-bit types lack `cat`, indexing and `cumsum` on some
+devices, so uint16 and uint32 arrays travel as the signed type of the same width (`stored_tensor`, the same
+bytes) and are viewed back as unsigned to convert; every decoded value is bit-identical to the numpy formulas it
+replaced (tested over every uint16 and int16 value).
 """
 
 from __future__ import annotations
