@@ -6,9 +6,13 @@ token ids, their τ=1 log-probabilities and the log-sum-exp of the rest), `Cache
 counts, log-probabilities, normalisers and entropies) or `CachedLogits` (full logits). The
 teacher source turns these into the losses' targets.
 
+The loader yields each teacher's arrays as the cache stores them (`EncodedTeacher`: delta-coded ids, fixed-point
+values, a few bytes a value) and the training step decodes them on its device (`Batch.decode`, torch ops): what
+crosses from the loader thread to the device is the compact form, and the decoding runs where it is cheap.
+
 Dtypes, fixed from the cache reader to the loss: token ids and labels int64, top-k ids `IDS_DTYPE` (int64: the
-losses gather and scatter with them, and torch indexes with int64 only, so they are decoded to it once, in the
-reader, and never converted again).
+losses gather and scatter with them, and torch indexes with int64 only, so they are decoded to it once, by
+`EncodedTeacher.decode` or the reader, and never converted again).
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ IGNORE_INDEX = -100
 defaults to it; the loader writes it and the trainer counts tokens with it."""
 
 IDS_DTYPE = torch.int64
-"""The dtype of a top-k cache's token ids from the reader's decode to the loss."""
+"""The dtype of a top-k cache's token ids from their decode to the loss."""
 
 
 class FieldView:
@@ -99,6 +103,55 @@ CachedTeacher = CachedTopK | CachedLogits | CachedSampled
 
 
 @dataclass
+class EncodedTeacher:
+    """A teacher's cache arrays for the positions of a batch as stored (`cachekd.cache.encoding.stored_tensor`):
+    what the loader yields; `decode` gives the `CachedTeacher` the losses take, with torch ops on the tensors'
+    device, bit-identical to the reader's decode."""
+
+    arrays: dict[str, Tensor]
+    """By cache array name (`cachekd.cache.format.ARRAY_NAMES`): (B, T, ...) stored values."""
+    logprob_scale: float
+    """Fixed-point steps per nat of the stored log-probabilities (the cache plan's)."""
+
+    def decode(self) -> CachedTeacher:
+        from cachekd.cache.encoding import decode_stored
+
+        rows = {name: decode_stored(name, x, self.logprob_scale) for name, x in self.arrays.items()}
+        kind = CachedLogits if "logits" in rows else CachedSampled if "sample_ids" in rows else CachedTopK
+        return kind(**rows)
+
+    def map(self, fn: Callable[[Tensor], Tensor]) -> EncodedTeacher:
+        return EncodedTeacher({name: fn(x) for name, x in self.arrays.items()}, self.logprob_scale)
+
+    def __getitem__(self, name: str) -> Tensor:
+        return self.arrays[name]
+
+    def __iter__(self):
+        return iter(self.arrays)
+
+    def keys(self) -> list[str]:
+        return list(self.arrays)
+
+    def values(self) -> list[Tensor]:
+        return list(self.arrays.values())
+
+
+def _map_teacher(t: CachedTeacher | EncodedTeacher, fn: Callable[[Tensor], Tensor]) -> CachedTeacher | EncodedTeacher:
+    if isinstance(t, EncodedTeacher):
+        return t.map(fn)
+    return replace(t, **{f.name: fn(getattr(t, f.name)) for f in fields(t) if getattr(t, f.name) is not None})
+
+
+def _concat_teachers(parts: list) -> CachedTeacher | EncodedTeacher:
+    """One teacher's arrays of several batches, concatenated along the windows."""
+    first = parts[0]
+    if isinstance(first, EncodedTeacher):
+        return EncodedTeacher({n: torch.cat([p.arrays[n] for p in parts]) for n in first.arrays}, first.logprob_scale)
+    return replace(first, **{f.name: torch.cat([getattr(p, f.name) for p in parts])
+                             for f in fields(first) if getattr(first, f.name) is not None})
+
+
+@dataclass
 class Batch(FieldView):
     """Token windows with their labels and cached teacher outputs, on one device."""
 
@@ -108,8 +161,9 @@ class Batch(FieldView):
     """(B, T) int64 next-token labels; `IGNORE_INDEX` at positions without one."""
     window_ids: Tensor
     """(B,) int64 global window ids (which windows of the split these are)."""
-    teachers: dict[str, CachedTeacher] = field(default_factory=dict)
-    """Per cached teacher, by name: its arrays for these positions (empty without a cache)."""
+    teachers: dict[str, CachedTeacher | EncodedTeacher] = field(default_factory=dict)
+    """Per cached teacher, by name: its arrays for these positions (empty without a cache); as stored
+    (`EncodedTeacher`) until `decode`."""
     epoch: int = 0
     step: int = 0
     """The epoch and the optimizer step (within the epoch) this batch belongs to."""
@@ -120,10 +174,14 @@ class Batch(FieldView):
 
     def map(self, fn: Callable[[Tensor], Tensor]) -> Batch:
         """A batch with `fn` applied to every tensor (device moves, slicing, pinning)."""
-        teachers = {name: replace(t, **{f.name: fn(getattr(t, f.name)) for f in fields(t)
-                                        if getattr(t, f.name) is not None})
-                    for name, t in self.teachers.items()}
+        teachers = {name: _map_teacher(t, fn) for name, t in self.teachers.items()}
         return Batch(fn(self.input_ids), fn(self.labels), fn(self.window_ids), teachers, self.epoch, self.step)
+
+    def decode(self) -> Batch:
+        """This batch with every teacher's stored arrays decoded (`EncodedTeacher.decode`) on the device they are
+        on; teachers already decoded are kept."""
+        teachers = {name: t.decode() if isinstance(t, EncodedTeacher) else t for name, t in self.teachers.items()}
+        return Batch(self.input_ids, self.labels, self.window_ids, teachers, self.epoch, self.step)
 
     def to(self, device: torch.device) -> Batch:
         return self.map(lambda x: x.to(device, non_blocking=True))
@@ -139,8 +197,6 @@ class Batch(FieldView):
     def concat(pieces: list[Batch]) -> Batch:
         """The windows of several batches in order (their epoch and step are the first's)."""
         first = pieces[0]
-        teachers = {name: replace(t, **{f.name: torch.cat([getattr(p.teachers[name], f.name) for p in pieces])
-                                        for f in fields(t) if getattr(t, f.name) is not None})
-                    for name, t in first.teachers.items()}
+        teachers = {name: _concat_teachers([p.teachers[name] for p in pieces]) for name in first.teachers}
         return Batch(torch.cat([p.input_ids for p in pieces]), torch.cat([p.labels for p in pieces]),
                      torch.cat([p.window_ids for p in pieces]), teachers, first.epoch, first.step)

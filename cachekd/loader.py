@@ -13,10 +13,11 @@ The order of an epoch is a pure function of (seed, epoch, number of chunks, bloc
 So the state to resume from is two integers (epoch, step), one process and N processes see the same global
 batches, and no window is repeated or skipped within an epoch.
 
-The price of that equivalence: every rank (and every DataLoader worker) decodes the whole blocks its batches come
-from, so reading work grows with the number of readers. At ~100 bytes a position and ~370k decoded positions/s
-per reader thread (benchmarks/bench_loader.py) this stays far from a GPU step's cost; one background thread per
-process is the default.
+The price of that equivalence: every rank (and every DataLoader worker) reads and decompresses the whole blocks its
+batches come from, so reading work grows with the number of readers. The values are not decoded here: a batch
+carries each teacher's rows as stored (`EncodedTeacher`, a few bytes a value), pinned when training on a GPU, and
+the training step decodes them on its device (`Batch.decode`), so one loader thread only reads, decompresses and
+gathers (benchmarks/bench_loader.py measures each kind); one background thread per process is the default.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 
-from cachekd.batch import IGNORE_INDEX, Batch, CachedLogits, CachedSampled, CachedTeacher, CachedTopK
+from cachekd.batch import IGNORE_INDEX, Batch, CachedTeacher, EncodedTeacher
 from cachekd.errors import CachekdError
 
 
@@ -84,50 +85,60 @@ class WindowSource:
         self._block: dict[str, Any] = {}
 
     def load_block(self, key: tuple, chunk_ids: np.ndarray) -> None:
+        """Read the chunks of a block: tokens, and each teacher's arrays as stored, kept chunk by chunk (a batch
+        gathers its rows from them; decoding waits for the batch, on the training device)."""
         if key == self._block_key:
             return
-        parts_tok, pos = [], {}
-        parts_t: dict[str, list] = {t: [] for t in self.teachers}
-        offset = 0
+        parts_tok, first = [], []
+        parts_t: dict[str, list[dict[str, np.ndarray]]] = {t: [] for t in self.teachers}
         for c in chunk_ids:
             tok = self.store.read_chunk(self.split, int(c))
-            start = int(c) * self.store.chunk_windows
-            pos[int(c)] = (offset, start)
-            offset += len(tok)
+            first.append(int(c) * self.store.chunk_windows)
             parts_tok.append(tok)
             if self.cache is not None:
-                for t, blk in self.cache.read_chunk(self.split, int(c), self.teachers, tokens=tok).items():
-                    parts_t[t].append(blk)
-        self._block = {"tokens": np.concatenate(parts_tok), "pos": pos, "teachers": {}}
-        for t, blks in parts_t.items():
-            merged = {}
-            b0 = blks[0]
-            for name in b0.NAMES:
-                if getattr(b0, name) is not None:
-                    arr = np.concatenate([getattr(b, name) for b in blks])  # ids: IDS_DTYPE from the reader's decode
+                for t, arrays in self.cache.read_chunk_stored(self.split, int(c), self.teachers, tokens=tok).items():
                     # a sampled cache keeps every τ: its target at τ also needs the proposal's normaliser
-                    if name == "tail_lse" and self.temperature_index is not None and b0.sample_ids is None:
-                        arr = arr[..., self.temperature_index]
-                    merged[name] = arr
-            self._block["teachers"][t] = merged
+                    if self.temperature_index is not None and "sample_ids" not in arrays and "tail_lse" in arrays:
+                        arrays = {**arrays, "tail_lse": arrays["tail_lse"][..., self.temperature_index]}
+                    parts_t[t].append(arrays)
+        self._block = {"tokens": parts_tok, "chunks": {int(c): i for i, c in enumerate(chunk_ids)},
+                       "first": first, "teachers": parts_t}
         self._block_key = key
 
-    def rows(self, window_ids: np.ndarray) -> np.ndarray:
+    def locate(self, window_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(which chunk of the loaded block, row within it) of each window."""
         cw = self.store.chunk_windows
-        pos = self._block["pos"]
-        return np.array([pos[int(w) // cw][0] + int(w) - pos[int(w) // cw][1] for w in window_ids], dtype=np.int64)
+        part = np.array([self._block["chunks"][int(w) // cw] for w in window_ids], dtype=np.int64)
+        row = np.asarray(window_ids, dtype=np.int64) - np.asarray(self._block["first"], dtype=np.int64)[part]
+        return part, row
 
     def batch(self, window_ids: np.ndarray) -> Batch:
-        r = self.rows(window_ids)
-        tokens = torch.from_numpy(self._block["tokens"][r].astype(np.int64))
+        """The batch of `window_ids` (windows of the loaded block); each teacher's rows as stored (`EncodedTeacher`)."""
+        from cachekd.cache.encoding import stored_tensor
+
+        part, row = self.locate(window_ids)
+        tokens = torch.from_numpy(gather_rows(self._block["tokens"], part, row).astype(np.int64))
         labels = torch.full_like(tokens, self.ignore_index)
         labels[:, :-1] = tokens[:, 1:]
-        teachers: dict[str, CachedTeacher] = {}
-        for t, arrays in self._block["teachers"].items():
-            rows = {name: torch.from_numpy(np.ascontiguousarray(arr[r])) for name, arr in arrays.items()}
-            kind = CachedLogits if "logits" in rows else CachedSampled if "sample_ids" in rows else CachedTopK
-            teachers[t] = kind(**rows)
+        scale = self.cache.plan.logprob_scale if self.cache is not None else 0.0
+        teachers: dict[str, CachedTeacher | EncodedTeacher] = {
+            t: EncodedTeacher({name: stored_tensor(gather_rows([a[name] for a in parts], part, row))
+                               for name in parts[0]}, scale)
+            for t, parts in self._block["teachers"].items()}
         return Batch(tokens, labels, torch.from_numpy(window_ids.copy()), teachers)
+
+
+def gather_rows(parts: Sequence[np.ndarray], part: np.ndarray, row: np.ndarray) -> np.ndarray:
+    """Rows `row[i]` of `parts[part[i]]`, stacked in order: a batch gathered from the chunks of a block without
+    concatenating the block first (measured: about half the time of concatenating and gathering)."""
+    if len(parts) == 1:
+        return parts[0][row]
+    out = np.empty((len(row),) + parts[0].shape[1:], dtype=parts[0].dtype)
+    for i, p in enumerate(parts):
+        sel = np.flatnonzero(part == i)
+        if len(sel):
+            out[sel] = p[row[sel]]
+    return out
 
 
 class CachedBatches(torch.utils.data.IterableDataset):

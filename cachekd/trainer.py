@@ -261,7 +261,7 @@ class Trainer:
     def train_step(self, batch: Batch) -> dict[str, Any]:
         """One optimizer step of every student on `batch`: {"tokens": global tokens, "students": [metrics]}, and
         the first student's metrics at the top level."""
-        batch = batch.to(self.device)
+        batch = batch.to(self.device).decode()  # the cache's stored values, decoded on the device
         norms = self.global_norms(batch)
         metrics = [s.train_step(batch, self.step, norms) for s in self.students]
         return {**metrics[0], "tokens": int(norms.num_tokens), "students": metrics}

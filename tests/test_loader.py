@@ -66,7 +66,7 @@ def test_ranks_and_workers_no_gap_no_duplicate(store_path, world, workers):
 def test_teacher_outputs_are_aligned(store_path, cache_path):
     store, cache = TokenStore.open(store_path), LogitCache.open(cache_path)
     order = _order(store)
-    batch = next(iter(CachedBatches(store, "train", order, cache=cache, temperature_index=1, max_epochs=1)))
+    batch = next(iter(CachedBatches(store, "train", order, cache=cache, temperature_index=1, max_epochs=1))).decode()
     t = cache.teachers[0]
     for i, w in enumerate(batch["window_ids"].tolist()):
         assert np.array_equal(batch["input_ids"][i].numpy(), store.read("train", w, w + 1)[0].astype(np.int64))

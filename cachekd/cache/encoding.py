@@ -24,14 +24,26 @@ uses the same shift. The zstd level inside Blosc is chosen per array (4096 posit
 the delta ids shrink from 27.5 B/position at level 1 to 21.9 at level 5 (level 9: 20.2 for 30x the CPU), while
 the log-probabilities take 88.8 B at level 1 and 88.6 at level 5 for 7x the CPU, so they use level 1. On a small
 machine the writer's CPU time is taken from the teacher's forward.
+
+Decoding is torch ops (`decode_stored`), so it runs where the tensors are: the loader ships the stored integers
+(pinned) and the training device decodes them (`cachekd.batch.EncodedTeacher`); the numpy functions below
+(`decode_ids`, `decode_logprobs`, `decode_tail`) are the same code on the CPU, for the reader's decoded blocks.
+Measured on one thread of this 2-core CPU (a hybrid batch of 2048 positions, top-16 + 100 drawn ids, decoded
+over and over): the numpy decode it replaced took 1.8–3.0 µs a position (`np.cumsum` over a short last axis is
+slow), the torch decode 0.12–0.26 µs; benchmarks/bench_loader.py measures the whole way from decompressed chunks
+to a batch's tensors for each cache kind. torch's unsigned 16- and 32-bit types lack `cat`, indexing and `cumsum` on some
+devices, so uint16 and uint32 arrays travel as the signed type of the same width (`stored_tensor`, the same
+bytes) and are viewed back as unsigned to convert; every decoded value is bit-identical to the numpy formulas it
+replaced (tested over every uint16 and int16 value).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
+import torch
 
 LOGPROB_SCALE = 512.0           # fixed-point steps per nat: max rounding error 2⁻¹⁰ ≈ 9.8e-4
 LOGPROB_MIN = -65535 / LOGPROB_SCALE  # ≈ −128 nats: smaller top-k log-probabilities are clipped here
@@ -85,11 +97,12 @@ def encode_topk(ids: np.ndarray, logprobs: np.ndarray, vocab_size: int, scale: f
 
 def decode_ids(deltas: np.ndarray) -> np.ndarray:
     """Delta-encoded ids → sorted ids (int64)."""
-    return np.cumsum(deltas.astype(np.int64), axis=-1)
+    return ids_from_deltas(stored_tensor(deltas)).numpy()
 
 
 def decode_logprobs(q: np.ndarray, scale: float = LOGPROB_SCALE) -> np.ndarray:
-    return q.astype(np.float32) * np.float32(-1.0 / scale)
+    """Fixed-point log-probabilities → float32 (value = −q / scale)."""
+    return logprobs_from_fixed(stored_tensor(q), scale).numpy()
 
 
 def encode_tail(tail_lse: np.ndarray) -> np.ndarray:
@@ -112,6 +125,66 @@ def encode_samples(ids: np.ndarray, logprobs: np.ndarray, counts: np.ndarray, vo
 
 
 def decode_tail(q: np.ndarray) -> np.ndarray:
-    out = q.astype(np.float32) * np.float32(1.0 / TAIL_SCALE)
-    out[q == TAIL_NEG_INF] = -np.inf
-    return out
+    """int16 fixed-point tails (and entropies) → float32; TAIL_NEG_INF → −inf."""
+    return tail_from_fixed(stored_tensor(q)).numpy()
+
+
+# --- decoding with torch ops, on whatever device the stored tensors are
+
+
+def stored_tensor(stored: np.ndarray) -> torch.Tensor:
+    """A stored array as a CPU tensor over the same bytes: uint16 and uint32 become int16 and int32 views (torch
+    lacks `cat`, indexing and `cumsum` for its unsigned 16- and 32-bit types on some devices); the decoders widen
+    them back. Other dtypes (uint8 counts, int16 tails, float16 logits) are kept."""
+    a = np.ascontiguousarray(stored)
+    if not a.flags.writeable:  # torch.from_numpy wants a writable array
+        a = a.copy()
+    signed = {np.dtype(np.uint16): np.int16, np.dtype(np.uint32): np.int32}.get(a.dtype)
+    return torch.from_numpy(a.view(signed) if signed is not None else a)
+
+
+def _unsigned(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The stored unsigned values of `x` (uint8, or an int16/int32 view of uint16/uint32) as `dtype`, exactly: the
+    bits viewed as unsigned and converted in one pass (torch converts its unsigned types on every device; measured
+    ~2x faster on the CPU than widening the signed view and masking)."""
+    unsigned = {torch.int16: torch.uint16, torch.int32: torch.uint32}.get(x.dtype)
+    return (x.view(unsigned) if unsigned is not None else x).to(dtype)
+
+
+def ids_from_deltas(deltas: torch.Tensor) -> torch.Tensor:
+    """(..., k) delta-encoded ids → sorted ids, int64 (`cachekd.batch.IDS_DTYPE`)."""
+    return _unsigned(deltas, torch.int64).cumsum_(dim=-1)
+
+
+def logprobs_from_fixed(q: torch.Tensor, scale: float = LOGPROB_SCALE) -> torch.Tensor:
+    """(...) fixed-point log-probabilities → float32 −q/scale: one float32 product, as the numpy decode was."""
+    return _unsigned(q, torch.float32).mul_(float(np.float32(-1.0 / scale)))
+
+
+def tail_from_fixed(q: torch.Tensor) -> torch.Tensor:
+    """(...) int16 fixed-point tails or entropies → float32 q/TAIL_SCALE, −inf where q is TAIL_NEG_INF."""
+    return (q.to(torch.float32) * float(np.float32(1.0 / TAIL_SCALE))).masked_fill_(q == TAIL_NEG_INF, -np.inf)
+
+
+def counts_from_stored(q: torch.Tensor) -> torch.Tensor:
+    """(..., W, n_r) stored draw counts (uint8, or uint16 for N > 255) → int64."""
+    return _unsigned(q, torch.int64)
+
+
+DECODERS: dict[str, Callable[[torch.Tensor, float], torch.Tensor]] = {
+    "ids": lambda x, scale: ids_from_deltas(x),
+    "sample_ids": lambda x, scale: ids_from_deltas(x),
+    "logprobs": logprobs_from_fixed,
+    "sample_logprobs": logprobs_from_fixed,
+    "tail_lse": lambda x, scale: tail_from_fixed(x),
+    "entropy": lambda x, scale: tail_from_fixed(x),
+    "sample_counts": lambda x, scale: counts_from_stored(x),
+    "logits": lambda x, scale: x,  # stored as used (float16)
+}
+"""Per cache array (by name, `cachekd.cache.format.ARRAY_NAMES`): stored tensor, logprob scale → decoded tensor."""
+
+
+def decode_stored(name: str, stored: torch.Tensor, logprob_scale: float = LOGPROB_SCALE) -> torch.Tensor:
+    """One cache array as stored (a `stored_tensor`, on any device) → the values the losses take, with torch ops
+    on that device: ids int64, log-probabilities, tails and entropies float32, counts int64, logits as stored."""
+    return DECODERS[name](stored, logprob_scale)

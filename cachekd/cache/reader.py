@@ -328,35 +328,23 @@ class LogitCache:
                                     "file holds other data than was written for this chunk (a misplaced or stale "
                                     "chunk file)", "misplaced or stale")
 
+    def read_stored(self, split: str, start: int, stop: int, teachers: Sequence[str] | None = None
+                    ) -> dict[str, dict[str, np.ndarray]]:
+        """Windows [start, stop) of each teacher's arrays as stored (by array name, not decoded: see
+        `cachekd.cache.encoding.decode_stored`). Raises DamagedChunkError (a CachekdError) for a chunk that cannot
+        be read or decoded."""
+        if split not in self.plan.splits:
+            raise CachekdError(f"the cache has no {split!r} split (it has {', '.join(self.splits())}).")
+        return {t: {name: self._read_array(split, t, name, start, stop) for name in self.plan.array_names()}
+                for t in self.select_teachers(teachers)}
+
     def read(self, split: str, start: int, stop: int, teachers: Sequence[str] | None = None) -> dict[str, TeacherBlock]:
         """Decoded outputs of windows [start, stop) for each teacher. Raises DamagedChunkError (a CachekdError)
         for a chunk that cannot be read or decoded."""
-        if split not in self.plan.splits:
-            raise CachekdError(f"the cache has no {split!r} split (it has {', '.join(self.splits())}).")
-        out = {}
-        for t in self.select_teachers(teachers):
-            def get(name: str, t: str = t) -> np.ndarray:
-                return self._read_array(split, t, name, start, stop)
-
-            if self.mode == "full":
-                out[t] = TeacherBlock(logits=get("logits"))
-            elif self.mode == "sampled":
-                exact = {"ids": enc.decode_ids(get("ids")),
-                         "logprobs": enc.decode_logprobs(get("logprobs"), self.plan.logprob_scale)} if self.k else {}
-                out[t] = TeacherBlock(
-                    **exact, tail_lse=enc.decode_tail(get("tail_lse")),
-                    sample_ids=enc.decode_ids(get("sample_ids")),
-                    sample_logprobs=enc.decode_logprobs(get("sample_logprobs"), self.plan.logprob_scale),
-                    sample_counts=get("sample_counts").astype(np.int64),
-                    entropy=enc.decode_tail(get("entropy")),
-                )
-            else:
-                out[t] = TeacherBlock(
-                    ids=enc.decode_ids(get("ids")),
-                    logprobs=enc.decode_logprobs(get("logprobs"), self.plan.logprob_scale),
-                    tail_lse=enc.decode_tail(get("tail_lse")),
-                )
-        return out
+        scale = self.plan.logprob_scale
+        return {t: TeacherBlock(**{name: enc.decode_stored(name, enc.stored_tensor(a), scale).numpy()
+                                   for name, a in arrays.items()})
+                for t, arrays in self.read_stored(split, start, stop, teachers).items()}
 
     def read_chunk(self, split: str, chunk: int, teachers: Sequence[str] | None = None,
                    tokens: np.ndarray | None = None) -> dict[str, TeacherBlock]:
@@ -366,6 +354,14 @@ class LogitCache:
             self.check_tokens(split, chunk, tokens)
         start, stop = self.chunk_range(split, chunk)
         return self.read(split, start, stop, teachers)
+
+    def read_chunk_stored(self, split: str, chunk: int, teachers: Sequence[str] | None = None,
+                          tokens: np.ndarray | None = None) -> dict[str, dict[str, np.ndarray]]:
+        """One chunk's arrays as stored (`read_stored`), checked against `tokens` as `read_chunk` does."""
+        if tokens is not None:
+            self.check_tokens(split, chunk, tokens)
+        start, stop = self.chunk_range(split, chunk)
+        return self.read_stored(split, start, stop, teachers)
 
     def chunk_range(self, split: str, chunk: int) -> tuple[int, int]:
         """Windows [start, stop) of a chunk."""

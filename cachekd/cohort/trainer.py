@@ -75,7 +75,7 @@ class CohortTrainer(Trainer):
     def train_step(self, batch: Batch) -> dict[str, Any]:
         if self.mutual is None:
             return super().train_step(batch)
-        batch = batch.to(self.device)
+        batch = batch.to(self.device).decode()  # the cache's stored values, decoded on the device
         norms = self.global_norms(batch)
         n, m = len(self.students), len(self.weights)
         sums = torch.zeros(n + n * m, dtype=torch.float64, device=self.device)  # CE sums, then divergence sums
