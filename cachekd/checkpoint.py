@@ -53,9 +53,13 @@ def restore_rng_state(s: dict[str, Any]) -> None:
 
 
 def _allowed_globals() -> list[Any]:
-    """What a checkpoint may hold beyond tensors and plain values: numeric NumPy arrays (the NumPy random state of
-    checkpoints written before it was stored as a tensor)."""
-    from numpy._core.multiarray import _reconstruct
+    """What a checkpoint may hold beyond tensors and plain values: NumPy arrays (the NumPy random state of
+    checkpoints written before it was stored as a tensor; an array's items go through the same restricted loader,
+    so no callable is run)."""
+    try:
+        from numpy._core.multiarray import _reconstruct
+    except ImportError:  # NumPy 1
+        from numpy.core.multiarray import _reconstruct
 
     return [_reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
 
