@@ -171,7 +171,11 @@ def bench_quality(work: Path, store: Path, cache: Path, args) -> list[dict]:
             ps = [{**p, "seed": 100 * seed + i} for i, p in enumerate(peers)]
             c = load_cohort_config({"name": label, "output": str(out), "seed": seed, "cache": str(cache),
                                     "peers": ps, "mutual": mutual, **common})
-            s = run_cohort(c, force=True, progress=False)
+            done = out / "summary.json"
+            if args.reuse and done.exists():  # a finished run of the same config (the work dir is the bench's own)
+                s = json.loads(done.read_text())
+            else:
+                s = run_cohort(c, force=True, progress=False)
             walls.append(s["wall_s"])
             if mutual:
                 trajectories.setdefault(label, []).append(_weight_trajectory(out))
@@ -234,6 +238,8 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--skip", choices=["a", "b"], default=None)
     ap.add_argument("--work", default=None)
+    ap.add_argument("--reuse", action="store_true",
+                    help="(b) take the finished runs already in --work instead of training them again")
     args = ap.parse_args()
     if not Path(args.data).exists():
         sys.exit(f"no data at {args.data}; pass --data DIR")

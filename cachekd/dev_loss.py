@@ -36,8 +36,8 @@ def dev_loss(
     """Mean per-token next-token loss of `model` over the windows of a token-store split.
 
     Returns ``{"loss": nats a prediction, "ppl": exp(loss), "num_tokens": predictions scored,
-    "num_windows": windows read, "batch_losses": the mean loss of each batch of `batch_size` windows, in order}``
-    (the per-batch losses drive the cohort's ω update, one step a batch as in the seed code). Each (L,) window gives L−1 predictions; log-probabilities are taken in
+    "num_windows": windows read, "window_losses": each window's mean loss, in order}`` (the cohort's ω update
+    groups the windows into the seed code's validation batches). Each (L,) window gives L−1 predictions; log-probabilities are taken in
     float32 whatever the model's dtype, and summed in float64. `max_windows` evaluates the first windows only;
     `windows` (sorted indices, e.g. `cachekd.tokens.reader.dev_sample`) evaluates those windows only.
     """
@@ -70,7 +70,7 @@ def dev_loss(
     model.to(device)
     total = 0.0  # python float: float64 accumulation
     num_tokens = 0
-    batch_losses: list[float] = []
+    window_losses: list[float] = []
     with tqdm(total=n, desc=f"dev loss ({split})", unit="win", disable=not progress) as bar:
         for block in _window_batches(store, split, n, batch_size, windows):
             ids = torch.from_numpy(block.astype(np.int64)).to(device)  # (B, L)
@@ -80,16 +80,16 @@ def dev_loss(
                     f"it was built with another tokenizer."
                 )
             logits = model(input_ids=ids, use_cache=False).logits  # (B, L, V)
-            loss = torch.nn.functional.cross_entropy(
-                logits[:, :-1].float().reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum"
-            )
-            total += float(loss)
+            per_window = torch.nn.functional.cross_entropy(
+                logits[:, :-1].float().transpose(1, 2), ids[:, 1:], reduction="none"
+            ).double().sum(-1)  # (B,)
+            total += float(per_window.sum())
             num_tokens += ids[:, 1:].numel()
-            batch_losses.append(float(loss) / ids[:, 1:].numel())
+            window_losses += (per_window / (ids.shape[1] - 1)).tolist()
             bar.update(len(block))
     mean = total / num_tokens
     return {"loss": mean, "ppl": math.exp(mean) if mean < 700 else float("inf"), "num_tokens": num_tokens,
-            "num_windows": n, "batch_losses": batch_losses}
+            "num_windows": n, "window_losses": window_losses}
 
 
 def _window_batches(store: TokenStore, split: str, n: int, batch_size: int, windows: np.ndarray | None):

@@ -145,6 +145,7 @@ def test_weights_follow_the_dev_losses(tmp_path, store_path):
     r = upd[0]
     assert r["weights"] == pytest.approx(mirror_descent_step([0.5, 0.5], r["dev_batch_losses"], eta=r["eta"]),
                                          rel=1e-12)
+    assert len(r["dev_batch_losses"][0]) == 60  # the seed's 60 validation batches (the whole dev split scored)
     # ω moves (the dev CE of a language model is > 1 nat: a clamp on the mean would freeze it), and the peer with
     # the lower dev loss gains weight
     assert min(r["dev_losses"]) > 1.0

@@ -9,7 +9,7 @@ import torch
 
 from cachekd.cohort.search import (Rung, Shape, best_distinct, candidate_shapes, llama_num_params, next_rung,
                                    sample_shapes)
-from cachekd.cohort.weights import initial_weights, mirror_descent_step
+from cachekd.cohort.weights import group_losses, initial_weights, mirror_descent_step
 from cachekd.cohort.wml import mutual_sums, wml_loss
 
 f64 = torch.float64
@@ -188,3 +188,17 @@ def test_successive_halving_rungs_and_final_choice():
     assert r2.steps == 400 and set(r2.shapes) == set(shapes[5:])  # half of 4 is 2 < keep: keep 3
     assert next_rung(r2, losses, keep=3) is None
     assert best_distinct(losses, 2) == [shapes[7], shapes[6]]
+
+
+def test_window_losses_grouped_into_the_seeds_validation_batches():
+    # 7 windows into 3 groups as equal as can be (2, 3, 2 by rounding of the bounds), each its mean
+    w = [3.0, 5.0, 4.0, 4.0, 4.0, 6.0, 2.0]
+    assert group_losses(w, 3) == pytest.approx([4.0, 4.0, 4.0])
+    assert group_losses(w, 60) == pytest.approx(w)  # fewer windows than batches: one a window
+    assert group_losses(w, 1) == pytest.approx([sum(w) / 7])
+    # with the seed's 60 batches of realistic CE the clamp never bites and ω moves by exp(−η·mean CE)
+    a, b = [4.0 + 0.01 * (i % 7) for i in range(120)], [4.6 + 0.01 * (i % 5) for i in range(120)]
+    w2 = mirror_descent_step([0.5, 0.5], [group_losses(a, 60), group_losses(b, 60)], eta=0.25, clip=1.0)
+    ua, ub = 0.5 * math.exp(-0.25 * sum(a) / 120), 0.5 * math.exp(-0.25 * sum(b) / 120)
+    assert w2 == pytest.approx([ua / (ua + ub), ub / (ua + ub)], rel=1e-9)
+    assert w2[0] > 0.53

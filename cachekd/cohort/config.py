@@ -61,11 +61,14 @@ class MutualConfig:
     eta: Schedule | float = DEFAULT_ETA
     """Step size η > 0 of the ω update, a schedule over the training steps (the seed code: cosine 0.25 → 0.0025)."""
     grad_clip: float = 1.0
-    """Each dev batch's ω gradient CE_b / (number of dev batches) is clamped to [0, grad_clip] (the seed code: 1,
-    with 60 batches: it never bites); 0: no upper clamp."""
+    """Each validation batch's ω gradient CE_b / num_batches is clamped to [0, grad_clip] (the seed code: 1, with
+    60 batches, so it bites only above 60 nats); 0: no upper clamp."""
+    num_batches: int = 60
+    """ω takes this many mirror-descent steps per update, one per group of the scored dev windows, each with the
+    gradient (group CE) / num_batches (the seed code: one step per validation batch, 60 batches; fewer when fewer
+    windows are scored): one update moves ω by about exp(−η·mean dev CE)."""
     eval_windows: int = 0
-    """Dev windows scored for the ω update (0: the whole dev split); ω takes one mirror-descent step for each dev
-    batch of the run's micro-batch size, as the seed code does once per validation batch."""
+    """Dev windows scored for the ω update (0: the whole dev split)."""
     initial_weights: list[float] | None = None
     """ω at step 0, one per member (trained peers, then fixed peers), normalised to sum 1; default: the fixed peers'
     `fixed_weights`, the rest shared equally."""
@@ -92,6 +95,8 @@ class MutualConfig:
             _require(v > 0, "mutual.eta" if eta.kind == "constant" else f"mutual.eta.{part}", "> 0", v,
                      "it is the step size of the peer-weight update")
         _require(self.grad_clip >= 0, "mutual.grad_clip", ">= 0", self.grad_clip)
+        _require(isinstance(self.num_batches, int) and not isinstance(self.num_batches, bool)
+                 and self.num_batches >= 1, "mutual.num_batches", "a whole number >= 1", self.num_batches)
         _require(self.eval_windows >= 0, "mutual.eval_windows", "a whole number >= 0", self.eval_windows)
         for key in ("initial_weights", "fixed_weights"):
             w = getattr(self, key)

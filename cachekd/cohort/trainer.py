@@ -140,7 +140,7 @@ class CohortTrainer(Trainer):
 
     def update_weights(self) -> None:
         """The first-order mirror-descent step of ω on the peers' dev losses (rank 0 decides; all ranks agree)."""
-        from cachekd.cohort.weights import mirror_descent_step
+        from cachekd.cohort.weights import group_losses, mirror_descent_step
 
         mu = self.mutual
         eta = mu.eta_schedule.value(step=self.step, total_steps=self.total_steps, epoch=self.plan.epoch_of(self.step),
@@ -148,15 +148,15 @@ class CohortTrainer(Trainer):
         results = [s.dev_result(mu.eval_windows) for s in self.students] if self.is_main else []
         devs = [None if r is None else float(r["loss"]) for r in results]
         if self.is_main and all(r is not None for r in results):
-            self.weights = mirror_descent_step(self.weights, [r["batch_losses"] for r in results], eta=eta,
-                                               clip=mu.grad_clip)
+            batches = [group_losses(r["window_losses"], mu.num_batches) for r in results]
+            self.weights = mirror_descent_step(self.weights, batches, eta=eta, clip=mu.grad_clip)
         if self.world > 1:
             import torch.distributed as dist
 
             w = torch.tensor(self.weights, dtype=torch.float64, device=self.device)
             dist.broadcast(w, 0)
             self.weights = w.tolist()
-        self._log_weights(eta, devs, [r["batch_losses"] if r else None for r in results])
+        self._log_weights(eta, devs, batches if self.is_main and all(results) else None)
 
     def _log_weights(self, eta: float | None, devs: list[float | None],
                      batch_losses: list[list[float] | None] | None = None) -> None:

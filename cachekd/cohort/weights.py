@@ -1,8 +1,9 @@
 """The peer weights ω of weighted mutual learning: a point on the simplex moved by mirror descent on dev losses.
 
-Every ``update_every`` optimizer steps the trained peers are scored on dev batches b = 1..B, and ω takes one
-exponentiated-gradient step per batch, as the seed code's ``validate`` does (``src/WML_distill/train.py`` of
-AI-DA-STC/generative-ai-research-babylm): with the objective Σ_i ω_i·CE_ib / B of that batch, its gradient is
+Every ``update_every`` optimizer steps the trained peers are scored on the dev windows, the windows are grouped
+into B validation batches b = 1..B (``num_batches``, the seed's 60; fewer when there are fewer windows), and ω
+takes one exponentiated-gradient step per batch, as the seed code's ``validate`` does (``src/WML_distill/train.py``
+of AI-DA-STC/generative-ai-research-babylm): with the objective Σ_i ω_i·CE_ib / B of that batch, its gradient is
 
     g_ib = ∂(Σ_i ω_i·CE_ib / B)/∂ω_i = CE_ib / B,   clamped to [0, clip]
     ω_i ← ω_i·exp(−η·g_ib) / Σ_j ω_j·exp(−η·g_jb)
@@ -57,6 +58,15 @@ def mirror_descent_step(weights: Sequence[float], batch_losses: Sequence[Sequenc
             return [float(w) for w in weights]
         trained = [w * mass / total for w in moved]
     return trained + [float(w) for w in weights[n:]]
+
+
+def group_losses(window_losses: Sequence[float], num_batches: int) -> list[float]:
+    """The mean loss of each of `num_batches` contiguous groups of windows (as equal as can be; one group a window
+    when there are fewer windows): the seed code's validation batches, from the windows the cohort scored."""
+    n = len(window_losses)
+    groups = max(1, min(int(num_batches), n))
+    bounds = [round(g * n / groups) for g in range(groups + 1)]
+    return [math.fsum(window_losses[a:b]) / (b - a) for a, b in zip(bounds, bounds[1:])]
 
 
 def initial_weights(num_trained: int, fixed: Sequence[float] = (), given: Sequence[float] | None = None) -> list[float]:
