@@ -119,8 +119,6 @@ class PrecomputeConfig:
                 raise CachekdError(f"--top-k must be at least 0 with --sample (got {self.top_k}).")
         if self.proposal_temperature is not None:
             t = self.proposal_temperature
-            if self.sample is None:
-                raise CachekdError("--proposal-temperature needs --sample N.")
             if not t > 0 or not math.isfinite(t):
                 raise CachekdError(f"--proposal-temperature must be a positive number (got {t}).")
             if not any(math.isclose(t, x) for x in self.temperatures):

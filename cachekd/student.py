@@ -152,9 +152,18 @@ class Student:
         special = store.manifest.get("special_tokens", {})
         self.model = build_model(cfg.model, store.vocab_size, store.seq_len, special).to(place.device)
         if cfg.model.init_from is not None:
-            v = self.model.get_output_embeddings().weight.shape[0]
-            if v < store.vocab_size:
-                raise CachekdError(f"model.init_from has a vocabulary of {v}, smaller than the store's {store.vocab_size}.")
+            from cachekd.models import resolve_model_dir
+            from cachekd.teachers import check_vocabulary
+
+            label = f"model.init_from {cfg.model.init_from!r}"
+            check_vocabulary(
+                label, resolve_model_dir(cfg.model.init_from), self.model, store, say=say if place.rank == 0 else None,
+                tokenizer_error=lambda fp: f"{label} comes with another tokenizer than the token store "
+                                           f"{str(store.path)!r}; start from a checkpoint of this tokenizer.",
+                vocab_error=lambda v: f"model.init_from has a vocabulary of {v}, smaller than the store's "
+                                      f"{store.vocab_size}.",
+                advice="start from a checkpoint trained with this store's tokenizer (and save that tokenizer next to "
+                       "it)")
             check_positions(self.model, store.seq_len, f"model.init_from {cfg.model.init_from!r}")
         self.num_params = count_parameters(self.model)
         self.optimizer = _adamw(self.model, cfg)

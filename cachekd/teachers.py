@@ -141,9 +141,12 @@ def _probe_padding(model, store: TokenStore) -> tuple[float, int]:
 
     split = "train" if "train" in store.splits() else store.splits()[0]
     n = min(PADDING_PROBE_WINDOWS, store.num_windows(split))
-    x = torch.from_numpy(store.read(split, 0, n).astype(np.int64))
+    device = next(model.parameters()).device  # a student's model is already on its device
+    x = torch.from_numpy(store.read(split, 0, n).astype(np.int64)).to(device)
+    training = model.training
     with torch.inference_mode():
         logits = model.eval()(input_ids=x, use_cache=False).logits  # (n, L, V_model)
+    model.train(training)
     return float(padding_mass(logits, store.vocab_size).double().mean()), n
 
 

@@ -236,6 +236,29 @@ def test_cohort_peer_refusals(tmp_path, runner, store_path, topk_cache):
     assert not (tmp_path / "out").exists()
 
 
+def test_init_from_without_a_tokenizer_is_measured_or_said(tmp_path, runner, store_path, teacher_path):
+    """`train`/`distill` with model.init_from checked only that the vocabulary was not smaller: extra rows without
+    a tokenizer (real tokens) were accepted, a checkpoint without one passed without a word."""
+    import shutil
+
+    from tests.conftest import make_teacher
+
+    big = make_teacher(store_path, tmp_path / "big", extra_vocab=50)
+    bare = tmp_path / "bare"
+    shutil.copytree(teacher_path, bare)
+    for d in (big, bare):
+        for f in d.glob("tokenizer*"):
+            f.unlink()
+    r = invoke(runner, ["train", "--store", store_path, "-o", tmp_path / "r1", "--set", f"model.init_from={big}",
+                        *TINY_RUN])
+    assert_clean_error(r, "model.init_from", "350 outputs", "real tokens")
+    assert not (tmp_path / "r1").exists()
+    r = invoke(runner, ["train", "--store", store_path, "-o", tmp_path / "r2", "--set", f"model.init_from={bare}",
+                        *TINY_RUN])
+    assert r.exit_code == 0, r.output
+    assert "has no tokenizer" in r.output and "only its vocabulary size (300" in r.output
+
+
 def test_eval_of_a_cohort_directory_names_its_peers(tmp_path, runner, store_path):
     """It advised `cachekd train -c OUT/config.yaml --resume`, which fails: a cohort's models are its peers'."""
     r = invoke(runner, ["cohort", "-c", _cohort_yaml(tmp_path, store_path), "--quiet"])

@@ -10,10 +10,11 @@ from cachekd.cohort.config import CohortConfig, peer_configs
 from cachekd.errors import CachekdError
 
 
-def check_peers(cohort: CohortConfig, configs: list[Any], say: Callable[[str], None] | None = None) -> None:
+def check_peers(cohort: CohortConfig, configs: list[Any]) -> None:
     """Refuse, before anything is written, a cohort without peers or a peer that does not fit the token store (a
     checkpoint to start from with another tokenizer, a smaller vocabulary, or without a tokenizer extra output rows
-    that carry mass: `cachekd.teachers.check_vocabulary`, the rule precompute applies to a teacher)."""
+    that carry mass: `cachekd.teachers.check_vocabulary`, the rule precompute applies to a teacher; each peer's
+    `Student` says what could not be checked)."""
     from cachekd.models import load_model, resolve_model_dir
     from cachekd.teachers import check_vocabulary
     from cachekd.tokens import TokenStore
@@ -28,7 +29,7 @@ def check_peers(cohort: CohortConfig, configs: list[Any], say: Callable[[str], N
             continue
         d = resolve_model_dir(cfg.model.init_from)
         check_vocabulary(
-            f"peer {cfg.name!r}'s checkpoint to start from", d, load_model(d), store, say=say,
+            f"peer {cfg.name!r}'s checkpoint to start from", d, load_model(d), store,
             tokenizer_error=lambda fp, n=cfg.name: (f"peer {n!r} starts from a checkpoint with another tokenizer than "
                                                     f"the token store {str(store.path)!r}."),
             vocab_error=lambda v, n=cfg.name: (f"peer {n!r} starts from a checkpoint with a vocabulary of {v} tokens "
@@ -43,7 +44,7 @@ def run_cohort(cohort: CohortConfig, *, resume: bool = False, force: bool = Fals
     from cachekd.cohort.trainer import CohortTrainer
 
     configs = peer_configs(cohort)
-    check_peers(cohort, configs, say)
+    check_peers(cohort, configs)
     return CohortTrainer(cohort, configs, resume=resume, force=force, progress=progress, say=say).train()
 
 
