@@ -197,6 +197,7 @@ def test_teacher_as_fixed_peer_at_full_weight_is_distillation(tmp_path, store_pa
     ({"peers": [{"name": "x", "model": {**SMALL, "init_from": "BIG"}}, {"name": "y", "model": SMALL}]},
      "vocabulary of"),
     ({"cache": None, "mutual": {"fixed_peers": ["ta"]}}, "add the line `cache: PATH`"),
+    ({"mutual": {"initial_weights": [1e308, 1e308]}}, "with a finite sum"),
 ])
 def test_bad_cohorts_are_refused_with_nothing_written(tmp_path, store_path, cache, runner, change, fragment, big_vocab):
     import yaml

@@ -100,8 +100,8 @@ class MutualConfig:
         _require(self.eval_windows >= 0, "mutual.eval_windows", "a whole number >= 0", self.eval_windows)
         for key in ("initial_weights", "fixed_weights"):
             w = getattr(self, key)
-            _require(w is None or (bool(w) and all(0 <= x < math.inf for x in w) and sum(w) > 0), f"mutual.{key}",
-                     "non-negative numbers, not all 0", w)
+            _require(w is None or (bool(w) and all(0 <= x < math.inf for x in w) and 0 < sum(w) < math.inf),
+                     f"mutual.{key}", "non-negative numbers, not all 0, with a finite sum", w)
         if self.fixed_weights is not None:
             _require(len(self.fixed_weights) == len(self.fixed_peers), "mutual.fixed_weights",
                      f"one weight for each of the {len(self.fixed_peers)} fixed peers", self.fixed_weights)
