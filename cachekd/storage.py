@@ -282,8 +282,9 @@ def _check_reachable(loc: RemotePath) -> None:
         return
     url = f"{loc.protocol}://{bucket}"
     try:
-        if hasattr(loc.fs, "call_s3"):
-            loc.fs.call_s3("head_bucket", Bucket=bucket)
+        if hasattr(loc.fs, "call_s3"):  # (a listing, not HEAD: its errors carry the server's explanation)
+            prefix = loc.path.partition("/")[2]
+            loc.fs.call_s3("list_objects_v2", Bucket=bucket, Prefix=prefix, MaxKeys=1)
         elif not loc.fs.exists(bucket):
             raise FileNotFoundError(bucket)
     except FileNotFoundError:
@@ -512,8 +513,9 @@ class Lease:
                     raise FileExistsError(str(loc))
                 loc.write_bytes(cls.body())
                 return cls(loc, None)
-            except FileExistsError:
-                pass
+            except OSError as e:
+                if not _precondition_failed(e):
+                    raise
             state = lease_state(loc)
             if state is None:
                 continue  # released meanwhile: try again
@@ -526,24 +528,32 @@ class Lease:
                                                    IfMatch=etag)["ETag"])
                 loc.write_bytes(cls.body())
                 return cls(loc, None)
-            except (OSError, FileExistsError):
-                return None  # another process took it over first
+            except OSError as e:
+                if _precondition_failed(e):
+                    return None  # another process took it over first
+                raise
         return None
 
-    def _renew_loop(self) -> None:
+    def renew(self) -> bool:
+        """Renew the lease (conditional on its ETag); False, and `lost` set, when another process took it over.
+        A transient error leaves it to the next beat (the lease goes stale only after five missed beats)."""
         bucket, _, key = self.loc.path.partition("/")
+        try:
+            if self.etag is not None:
+                self.etag = self.loc.fs.call_s3("put_object", Bucket=bucket, Key=key, Body=self.body(),
+                                                IfMatch=self.etag)["ETag"]
+            else:
+                self.loc.write_bytes(self.body())
+        except OSError as e:
+            if _precondition_failed(e):
+                self.lost = True
+                return False
+        return True
+
+    def _renew_loop(self) -> None:
         while not self._stop.wait(lease_stale_s() / 5):
-            try:
-                if self.etag is not None:
-                    self.etag = self.loc.fs.call_s3("put_object", Bucket=bucket, Key=key, Body=self.body(),
-                                                    IfMatch=self.etag)["ETag"]
-                else:
-                    self.loc.write_bytes(self.body())
-            except OSError as e:
-                if "pre-condition" in str(e).lower() or "precondition" in str(e).lower():
-                    self.lost = True
-                    return
-                # a transient error: try again at the next beat (the lease goes stale only after five misses)
+            if not self.renew():
+                return
 
     def check(self) -> None:
         if self.lost:
@@ -564,6 +574,12 @@ class Lease:
                 self.loc.unlink(missing_ok=True)
         except OSError:
             pass  # taken over meanwhile: it is the other process's now
+
+
+def _precondition_failed(e: BaseException) -> bool:
+    """Whether a conditional request was refused (HTTP 412, or 409 for two conditional writes at once)."""
+    code = getattr(e.__cause__, "response", {}).get("Error", {}).get("Code")
+    return isinstance(e, FileExistsError) or code in ("PreconditionFailed", "ConditionalRequestConflict")
 
 
 def lease_state(loc: RemotePath) -> tuple[str | None, float] | None:
