@@ -30,6 +30,7 @@ import socket
 import tempfile
 import threading
 import time
+from collections import OrderedDict
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Iterator, Union
@@ -47,6 +48,8 @@ the environment variable CACHEKD_LEASE_STALE_S. The holder renews it every fifth
 _S3_DEFAULTS: dict[str, Any] = {
     # other processes write done-markers and leases: a listing must never come from a cache of an earlier one
     "use_listings_cache": False,
+    # chunks are small: one GET each (s3fs otherwise HEADs every object first, to split large ones into ranges)
+    "max_concurrency": 1,
     "config_kwargs": {"retries": {"max_attempts": CONNECT_TRIES, "mode": "standard"},
                       "connect_timeout": CONNECT_TIMEOUT_S},
 }
@@ -172,6 +175,8 @@ class RemotePath:
         return self
 
     def exists(self) -> bool:
+        if _is_chunk_key(self.path):  # a chunk is read right after its presence is checked: fetch it now
+            return _fetch_chunk(self)
         return bool(self.fs.exists(self.path))
 
     def is_file(self) -> bool:
@@ -204,12 +209,15 @@ class RemotePath:
         return self.read_bytes().decode()
 
     def read_tail(self, num_bytes: int) -> bytes:
-        return self.fs.cat_file(self.path, start=-num_bytes)
+        data = _memo_get(self.path)
+        return data[-num_bytes:] if data is not None else self.fs.cat_file(self.path, start=-num_bytes)
 
     def write_bytes(self, data: bytes) -> None:
+        _memo_drop(self.path)
         self.fs.pipe_file(self.path, data)
 
     def unlink(self, missing_ok: bool = False) -> None:
+        _memo_drop(self.path)
         try:
             self.fs.rm_file(self.path)
         except FileNotFoundError:
@@ -392,6 +400,84 @@ def local_copy(loc: Location) -> Path:
         return _local_copies[str(loc)]
 
 
+# ------------------------------------------------------------------------------------------------ chunk memo
+
+# The readers check that a chunk file is there (zarr would read a missing one as zeros) and, after decoding it,
+# compare its last 4 bytes (CRC-32C) with its done-marker. On an object store each of those is a request: instead
+# the presence check fetches the whole chunk into this memo, and zarr's read and the CRC check take it from there,
+# so a chunk costs one GET instead of a HEAD, a GET and a ranged GET. Entries live MEMO_TTL_S at most, within
+# MEMO_BYTES, and any write or delete through this process drops the key.
+MEMO_BYTES = 256 << 20
+MEMO_TTL_S = 60.0
+_memo: "OrderedDict[str, tuple[float, bytes]]" = OrderedDict()
+_memo_lock = threading.Lock()
+
+
+def _is_chunk_key(path: str) -> bool:
+    """Whether a path names a Zarr v3 chunk (``.../c/0/0``: the default key encoding)."""
+    parts = path.rsplit("/c/", 1)
+    return len(parts) == 2 and all(p.isdigit() for p in parts[1].split("/"))
+
+
+def _memo_put(path: str, data: bytes) -> None:
+    with _memo_lock:
+        _memo[path] = (time.monotonic(), data)
+        _memo.move_to_end(path)
+        total = sum(len(d) for _, d in _memo.values())
+        while total > MEMO_BYTES and _memo:
+            total -= len(_memo.popitem(last=False)[1][1])
+
+
+def _memo_get(path: str) -> bytes | None:
+    with _memo_lock:
+        entry = _memo.get(path)
+        if entry is None or time.monotonic() - entry[0] > MEMO_TTL_S:
+            _memo.pop(path, None)
+            return None
+        return entry[1]
+
+
+def _memo_drop(path: str) -> None:
+    with _memo_lock:
+        _memo.pop(path, None)
+
+
+def _fetch_chunk(loc: "RemotePath") -> bool:
+    """Fetch a chunk file whole through the bucket's Zarr store (so the local chunk cache serves it when it has
+    it) into the memo; False when there is no such file."""
+    from zarr.core.buffer import default_buffer_prototype
+    from zarr.core.sync import sync
+
+    store, key = _zarr_root(loc, read_only=True)
+    data = sync(store.get(key, default_buffer_prototype()))
+    if data is None:
+        return False
+    _memo_put(loc.path, data.to_bytes())
+    return True
+
+
+def _memo_store(store, root: str):
+    """`store` (rooted at `root`, a bucket) with reads of memoised chunks served from the memo, and writes and
+    deletes dropping them."""
+    from zarr.storage import WrapperStore
+
+    class MemoStore(WrapperStore):
+        async def get(self, key, prototype, byte_range=None):
+            if byte_range is None and (data := _memo_get(f"{root}/{key}")) is not None:
+                return prototype.buffer.from_bytes(data)
+            return await super().get(key, prototype, byte_range)
+
+        async def set(self, key, value) -> None:
+            _memo_drop(f"{root}/{key}")
+            await super().set(key, value)
+
+        async def delete(self, key) -> None:
+            _memo_drop(f"{root}/{key}")
+            await super().delete(key)
+
+    return MemoStore(store)
+
+
 # ------------------------------------------------------------------------------------------------ zarr
 
 
@@ -407,8 +493,8 @@ def _zarr_root(loc: RemotePath, read_only: bool):
     with _lock:
         store = _zarr_roots.get(rkey)
         if store is None:
-            store = FsspecStore.from_url(f"{loc.protocol}://{bucket}", storage_options=loc.options,
-                                         read_only=read_only)
+            store = _memo_store(FsspecStore.from_url(f"{loc.protocol}://{bucket}", storage_options=loc.options,
+                                                     read_only=read_only), bucket)
             if cached:
                 from zarr.experimental.cache_store import CacheStore
                 from zarr.storage import LocalStore

@@ -145,7 +145,7 @@ def test_kill9_of_a_remote_precompute_resumes_to_the_same_bytes(tmp_path, runner
 
     monkeypatch.setenv("CACHEKD_LEASE_STALE_S", "2")
     store = f"{s3.url}/bigstore"
-    prepare(PrepareConfig(inputs=[str(write_corpus(tmp_path / "big.txt", num_docs=1500, seed=3))], output=store,
+    prepare(PrepareConfig(inputs=[str(write_corpus(tmp_path / "big.txt", num_docs=900, seed=3))], output=store,
                           seq_len=128, vocab_size=300, dev_fraction=0.05), progress=False)
     assert TokenStore.open(store).num_chunks("train") >= 6
     teacher = make_teacher(store, tmp_path / "t", hidden=32)
@@ -287,7 +287,8 @@ def test_wrong_credentials_are_one_sentence(tmp_path, runner, corpus, monkeypatc
         for k, v in CREDENTIALS.items():
             monkeypatch.setenv(k, v)
         monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
-        s3fs.S3FileSystem(endpoint_url=endpoint, skip_instance_cache=True).call_s3("create_bucket", Bucket="some-bucket")
+        fs = s3fs.S3FileSystem(endpoint_url=endpoint, skip_instance_cache=True)
+        fs.call_s3("create_bucket", Bucket="some-bucket")  # one request: the only one without authentication
         r = invoke(runner, ["prepare", corpus, "-o", "s3://some-bucket/store", "--seq-len", "16"])
         assert_clean_error(r, "refused the credentials", "AWS_ACCESS_KEY_ID")
     finally:
