@@ -31,6 +31,7 @@ import tempfile
 import threading
 import time
 from collections import OrderedDict
+from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Iterator, Union
@@ -328,10 +329,6 @@ def _is_auth_error(e: BaseException) -> bool:
 
 
 # ------------------------------------------------------------------------------------------------ files
-
-
-def read_bytes(loc: Location) -> bytes:
-    return loc.read_bytes()
 
 
 def read_tail(loc: Location, num_bytes: int) -> bytes:
@@ -702,27 +699,22 @@ def is_held(loc: Location) -> bool:
     return False
 
 
+@contextmanager
 def exclusive(loc: Location, poll_s: float = 0.2):
-    """A context manager holding the lock named `loc`, waiting while another process holds it (a lease left by a
-    process that is gone is taken over once stale)."""
-    from contextlib import contextmanager
-
-    @contextmanager
-    def hold():
-        if isinstance(loc, Path):
-            loc.parent.mkdir(parents=True, exist_ok=True)
-            with open(loc, "w") as f:
-                fcntl.flock(f, fcntl.LOCK_EX)
-                try:
-                    yield
-                finally:
-                    fcntl.flock(f, fcntl.LOCK_UN)
-            return
-        while (lease := Lease.try_acquire(loc)) is None:
-            time.sleep(poll_s)
-        try:
-            yield
-        finally:
-            lease.close()
-
-    return hold()
+    """Hold the lock named `loc`, waiting while another process holds it (a lease left by a process that is gone
+    is taken over once stale)."""
+    if isinstance(loc, Path):
+        loc.parent.mkdir(parents=True, exist_ok=True)
+        with open(loc, "w") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+        return
+    while (lease := Lease.try_acquire(loc)) is None:
+        time.sleep(poll_s)
+    try:
+        yield
+    finally:
+        lease.close()
