@@ -25,8 +25,8 @@ from cachekd import distributed, ensemble
 from cachekd.cache import encoding as enc
 from cachekd.cache import format as fmt
 from cachekd.cache import writer as cw
-from cachekd.storage import location
 from cachekd.errors import CachekdError
+from cachekd.storage import location
 from cachekd.teacher_rows import teacher_targets
 from cachekd.teacher_samples import sampled_teacher_targets
 from cachekd.tokens import TokenStore

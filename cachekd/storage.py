@@ -60,6 +60,7 @@ _options: dict[str, Any] = {}
 _chunk_cache: dict[str, Any] = {}  # {"dir": Path, "max_bytes": int} when a local chunk cache is configured
 _checked: dict[tuple, None] = {}
 _zarr_roots: dict[tuple, Any] = {}
+_filesystems: dict[tuple, Any] = {}
 _lock = threading.Lock()
 
 
@@ -259,13 +260,24 @@ def _remote_from_url(url: str, options: dict[str, Any]) -> RemotePath:
     except ImportError as e:
         raise CachekdError(f"{protocol}:// URLs need a package that is not installed ({e}); install it with "
                            f"pip (s3:// needs s3fs, gs:// gcsfs, az:// adlfs).") from None
+    key = (protocol, json.dumps(options, sort_keys=True, default=str), _env_key())
     try:
-        fs = cls(**options)
+        with _lock:
+            fs = _filesystems.get(key)
+            if fs is None:
+                # fsspec's own instance cache ignores the environment (AWS_ENDPOINT_URL, credentials): ours keys on it
+                fs = _filesystems[key] = cls(**options, skip_instance_cache=True)
     except TypeError as e:
         raise CachekdError(f"a storage option does not apply to {protocol}:// ({e}); check --storage-option.") from None
     loc = RemotePath(fs, cls._strip_protocol(url), protocol, options)
     _check_reachable(loc)
     return loc
+
+
+def _env_key() -> tuple:
+    """The environment variables a filesystem reads its credentials, endpoint and config from."""
+    prefixes = ("AWS_", "FSSPEC_", "GOOGLE_", "AZURE_")
+    return tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith(prefixes)))
 
 
 def is_local(loc: Location) -> bool:
@@ -286,7 +298,7 @@ def _check_reachable(loc: RemotePath) -> None:
     """One request to the bucket (the first path component) of a remote location, once per process: its errors
     become one sentence each."""
     bucket = loc.path.split("/", 1)[0]
-    key = (loc.protocol, bucket, json.dumps(loc.options, sort_keys=True, default=str))
+    key = (loc.protocol, bucket, json.dumps(loc.options, sort_keys=True, default=str), _env_key())
     if key in _checked:
         return
     url = f"{loc.protocol}://{bucket}"
@@ -486,11 +498,12 @@ def _zarr_root(loc: RemotePath, read_only: bool):
 
     bucket, _, key = loc.path.partition("/")
     cached = read_only and bool(_chunk_cache)
-    rkey = (loc.protocol, bucket, json.dumps(loc.options, sort_keys=True, default=str), read_only, cached)
+    rkey = (loc.protocol, bucket, json.dumps(loc.options, sort_keys=True, default=str), _env_key(), read_only, cached)
     with _lock:
         store = _zarr_roots.get(rkey)
         if store is None:
-            store = _memo_store(FsspecStore.from_url(f"{loc.protocol}://{bucket}", storage_options=loc.options,
+            options = {**loc.options, "skip_instance_cache": True}
+            store = _memo_store(FsspecStore.from_url(f"{loc.protocol}://{bucket}", storage_options=options,
                                                      read_only=read_only), bucket)
             if cached:
                 from zarr.experimental.cache_store import CacheStore

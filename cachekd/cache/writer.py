@@ -11,13 +11,12 @@ from typing import Any
 
 import numpy as np
 
-from cachekd import __version__
+from cachekd import __version__, storage
 from cachekd.cache import encoding as enc
 from cachekd.cache import format as fmt
 from cachekd.errors import CachekdError
 from cachekd.io import atomic_write_bytes, atomic_write_json
 from cachekd.storage import location
-from cachekd import storage
 
 
 # The writer's lock files in the cache directory (not part of the data; `flock` drops a lock when its holder ends;
