@@ -518,6 +518,23 @@ def _zarr_root(loc: RemotePath, read_only: bool):
     return store, key
 
 
+@atexit.register
+def _close_sessions() -> None:
+    """Close the HTTP sessions of the Zarr stores this process opened (else aiohttp warns about each at exit)."""
+    from zarr.core.sync import sync
+
+    for store in list(_zarr_roots.values()):
+        while hasattr(store, "_store"):  # CacheStore(MemoStore(FsspecStore))
+            store = store._store
+        client = getattr(getattr(store, "fs", None), "_s3", None)
+        if client is not None:
+            try:
+                sync(client.close())
+            except Exception:  # noqa: BLE001 - best effort at exit
+                pass
+    _zarr_roots.clear()
+
+
 def open_array(loc: Location, *, mode: str = "r"):
     """The Zarr array at `loc`."""
     import zarr
