@@ -25,7 +25,12 @@ _FILE_MODE = 0o666 & ~_read_umask()
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that a reader sees either the old file or the whole new one."""
+    """Write ``data`` to ``path`` so that a reader sees either the old file or the whole new one (on an object
+    store, one PUT)."""
+    from cachekd.storage import location, write_bytes
+
+    if write_bytes(location(path), data):
+        return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -107,8 +112,9 @@ def _json_default(o: Any) -> Any:
 
 
 def read_json(path: Path) -> Any:
-    with open(path) as f:
-        return json.load(f)
+    from cachekd.storage import location
+
+    return json.loads(location(path).read_bytes())
 
 
 def read_json_dict(path: Path, hint: str) -> dict:
@@ -139,12 +145,11 @@ def check_format(meta: dict, *, expected: str, version: int, what: str, path: Pa
 def open_array_read_only(path: Path, what: str, remedy: str):
     """The zarr array at `path`, read-only. A missing or unparsable zarr.json is one sentence: `what` (e.g. "the
     train split of token store 'x'") cannot be opened, and the `remedy`."""
-    import zarr
-
     from cachekd.errors import CachekdError
+    from cachekd.storage import location, open_array
 
     try:
-        return zarr.open_array(str(path), mode="r")
+        return open_array(location(path), mode="r")
     except (PermissionError, MemoryError):
         raise
     except Exception as e:  # missing or unparsable zarr.json
@@ -175,4 +180,6 @@ def sha256_json(obj: Any) -> str:
 
 
 def dir_is_empty(path: Path) -> bool:
-    return not any(Path(path).iterdir())
+    from cachekd.storage import location
+
+    return not any(location(path).iterdir())

@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 import queue
 import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
@@ -73,8 +74,28 @@ class Order:
         return np.concatenate([self.block_windows(epoch, i, b) for i, b in enumerate(self.blocks(epoch))])
 
 
+FETCH_THREADS = 4
+"""Threads that read a block's chunks at once (and the next block's while the current one trains) when the store
+or the cache is on an object store, where each chunk is a few requests whose latency overlaps. On disk the chunks
+are read one after the other in the loader's thread, as before (threads gained nothing measurable there)."""
+
+
+class _Done:
+    """A read done when its result is asked for (the `Future` interface `load_block` uses, without a thread)."""
+
+    def __init__(self, fn, *args):
+        self.fn, self.args = fn, args
+
+    def result(self):
+        return self.fn(*self.args)
+
+    def cancel(self) -> bool:
+        return True
+
+
 class WindowSource:
-    """Reads whole chunks of tokens (and cached teacher outputs) for a split, keeping one block in memory."""
+    """Reads whole chunks of tokens (and cached teacher outputs) for a split, keeping one block in memory; the
+    chunks of a block are read concurrently, and `prefetch` starts reading the next block in the background."""
 
     def __init__(self, store, split: str, cache=None, teachers: Sequence[str] | None = None,
                  temperature_index: int | None = None, ignore_index: int = IGNORE_INDEX):
@@ -83,24 +104,61 @@ class WindowSource:
         self.temperature_index = temperature_index
         self._block_key: tuple | None = None
         self._block: dict[str, Any] = {}
+        self._pool: ThreadPoolExecutor | None = None
+        self._pending: dict[tuple, list[Future]] = {}
+
+    def _read_chunk(self, c: int) -> tuple[np.ndarray, dict[str, Any]]:
+        tok = self.store.read_chunk(self.split, c)
+        if self.cache is None:
+            return tok, {}
+        return tok, self.cache.read_chunk_stored(self.split, c, self.teachers, tokens=tok)
+
+    def _submit(self, chunk_ids: np.ndarray) -> list[Future]:
+        from cachekd.storage import is_local
+
+        if is_local(self.store.path) and (self.cache is None or is_local(self.cache.path)):
+            return [_Done(self._read_chunk, int(c)) for c in chunk_ids]  # read when asked, in this thread
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(FETCH_THREADS, thread_name_prefix="cachekd-fetch")
+        return [self._pool.submit(self._read_chunk, int(c)) for c in chunk_ids]
+
+    def prefetch(self, key: tuple, chunk_ids: np.ndarray) -> None:
+        """Start reading the chunks of block `key` (errors surface when it is loaded; at most one block ahead;
+        nothing on disk)."""
+        from cachekd.storage import is_local
+
+        if is_local(self.store.path) and (self.cache is None or is_local(self.cache.path)):
+            return
+        if key != self._block_key and key not in self._pending:
+            for futures in self._pending.values():
+                for f in futures:
+                    f.cancel()
+            self._pending = {key: self._submit(chunk_ids)}
+
+    def close(self) -> None:
+        """Stop the fetch threads, waiting for the chunks they are reading."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+        self._pending = {}
 
     def load_block(self, key: tuple, chunk_ids: np.ndarray) -> None:
         """Read the chunks of a block: tokens, and each teacher's arrays as stored, kept chunk by chunk (a batch
         gathers its rows from them; decoding waits for the batch, on the training device)."""
         if key == self._block_key:
             return
+        futures = self._pending.pop(key, None) or self._submit(chunk_ids)
         parts_tok, first = [], []
         parts_t: dict[str, list[dict[str, np.ndarray]]] = {t: [] for t in self.teachers}
-        for c in chunk_ids:
-            tok = self.store.read_chunk(self.split, int(c))
+        for c, future in zip(chunk_ids, futures):
+            tok, stored = future.result()
             first.append(int(c) * self.store.chunk_windows)
             parts_tok.append(tok)
-            if self.cache is not None:
-                for t, arrays in self.cache.read_chunk_stored(self.split, int(c), self.teachers, tokens=tok).items():
-                    # a sampled cache keeps every τ: its target at τ also needs the proposal's normaliser
-                    if self.temperature_index is not None and "sample_ids" not in arrays and "tail_lse" in arrays:
-                        arrays = {**arrays, "tail_lse": arrays["tail_lse"][..., self.temperature_index]}
-                    parts_t[t].append(arrays)
+            for t, arrays in stored.items():
+                # a sampled cache keeps every τ: its target at τ also needs the proposal's normaliser
+                if self.temperature_index is not None and "sample_ids" not in arrays and "tail_lse" in arrays:
+                    arrays = {**arrays, "tail_lse": arrays["tail_lse"][..., self.temperature_index]}
+                parts_t[t].append(arrays)
         self._block = {"tokens": parts_tok, "chunks": {int(c): i for i, c in enumerate(chunk_ids)},
                        "first": first, "teachers": parts_t}
         self._block_key = key
@@ -188,6 +246,8 @@ class CachedBatches(torch.utils.data.IterableDataset):
                             k: v for k, v in cache_win.items() if k >= b_first}
                     w = cache_win[bi][max(lo, bounds[bi]) - bounds[bi]: min(hi, bounds[bi + 1]) - bounds[bi]]
                     src.load_block((epoch, bi), blocks[bi])
+                    if bi + 1 < len(blocks):  # read the next block while this one trains
+                        src.prefetch((epoch, bi + 1), blocks[bi + 1])
                     pieces.append(src.batch(w))
                 batch = pieces[0] if len(pieces) == 1 else Batch.concat(pieces)
                 batch.epoch, batch.step = epoch, s

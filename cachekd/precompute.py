@@ -26,6 +26,7 @@ from cachekd.cache import encoding as enc
 from cachekd.cache import format as fmt
 from cachekd.cache import writer as cw
 from cachekd.errors import CachekdError, ConfigFieldError
+from cachekd.storage import location
 from cachekd.teacher_rows import teacher_targets
 from cachekd.teacher_samples import sampled_teacher_targets
 from cachekd.tokens import TokenStore
@@ -332,7 +333,7 @@ def precompute(cfg: PrecomputeConfig, *, force: bool = False, progress: bool = T
     rank, world, local_rank = distributed.setup()
     device = distributed.resolve_device(cfg.device, local_rank)
     amp = autocast_dtype(cfg.dtype, device)
-    root = Path(cfg.output)
+    root = location(cfg.output)
     part_i, part_n = parse_part(cfg.part)
     slot, slots = part_i * world + rank, part_n * world
     busy = cw.busy_share(root, slot, slots)
@@ -356,6 +357,7 @@ def precompute(cfg: PrecomputeConfig, *, force: bool = False, progress: bool = T
         try:
             with tqdm(total=positions, desc="precompute", unit="pos", unit_scale=True, disable=not progress) as bar:
                 for split, chunk in todo:
+                    lock.check()  # (a lease on an object store: stop once another process took it over)
                     tokens = store.read_chunk(split, chunk)
                     results, stats = _chunk_targets(models, infos, tokens, split, chunk, plan, cfg, device, amp)
                     bg.put((split, chunk, results, stats))

@@ -36,7 +36,7 @@ def _report_rows(result: dict) -> tuple[list[dict], list[dict], list[dict]]:
 
 @cli.command("eval")
 @click.argument("model", type=click.Path(path_type=Path))
-@click.option("--dev", "dev_store", type=click.Path(path_type=Path), default=None,
+@click.option("--dev", "dev_store", type=click.Path(), default=None,
               help="Token store to compute the dev loss and perplexity on (must use the model's tokenizer).")
 @click.option("--split", default="dev", show_default=True, help="Split of the token store: dev or train.")
 @click.option("--minimal-pairs", type=click.Path(path_type=Path), default=None,
@@ -57,7 +57,7 @@ def _report_rows(result: dict) -> tuple[list[dict], list[dict], list[dict]]:
 @click.option("--max-windows", default=None, type=click.IntRange(min=1),
               help="Evaluate only the first N windows of --split (a quick check: saved apart from the whole-split "
                    "loss, and not reported by `cachekd compare`).")
-@click.option("--against-cache", type=click.Path(path_type=Path), default=None,
+@click.option("--against-cache", type=click.Path(), default=None,
               help="Also report mean KL(teacher || student) and top-1 agreement with each teacher of this logit cache "
                    "(on --split of the cache's token store).")
 @click.option("--json", "as_json", is_flag=True, help="Print the full result as JSON.")

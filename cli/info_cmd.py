@@ -9,11 +9,13 @@ from cachekd_cli.common import echo_json, echo_mapping
 from cachekd_cli.main import cli
 
 
-def describe(path: Path) -> dict:
+def describe(path: str | Path) -> dict:
     """Summary of a token store or a logit cache, whichever `path` holds."""
     from cachekd.cache.format import is_logit_cache
+    from cachekd.storage import location
     from cachekd.tokens import TokenStore, is_token_store
 
+    path = location(path)
     if not path.exists():
         raise CachekdError(f"{str(path)!r} does not exist.")
     if is_token_store(path):
@@ -27,9 +29,9 @@ def describe(path: Path) -> dict:
 
 
 @cli.command("info")
-@click.argument("path", type=click.Path(path_type=Path))
+@click.argument("path", type=click.Path())  # (a local path or a URL)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def info_command(path: Path, as_json: bool):
+def info_command(path: str, as_json: bool):
     """Show what a token store or a logit cache holds: for a store its splits, windows and tokenizer; for a cache
     its teachers, k, temperatures, chunks done, bytes/position, captured top-k mass and teacher entropy.
 

@@ -67,6 +67,7 @@ from cachekd.cache.encoding import (  # noqa: F401 - the value encodings, re-exp
     encode_tail, encode_topk, encoding_descriptors, id_dtype,
 )
 from cachekd.errors import CachekdError
+from cachekd.storage import location
 
 FORMAT = "cachekd-logit-cache"
 FORMAT_VERSION = 1
@@ -98,19 +99,19 @@ def array_path(split: str, teacher: str, name: str) -> str:
 
 
 def group_meta_path(root: Path) -> Path:
-    return Path(root) / ZARR_META
+    return location(root) / ZARR_META
 
 
 def plan_path(root: Path) -> Path:
-    return Path(root) / PLAN_FILE
+    return location(root) / PLAN_FILE
 
 
 def manifest_path(root: Path) -> Path:
-    return Path(root) / MANIFEST_FILE
+    return location(root) / MANIFEST_FILE
 
 
 def done_dir(root: Path, split: str) -> Path:
-    return Path(root) / DONE_DIR / split
+    return location(root) / DONE_DIR / split
 
 
 def done_path(root: Path, split: str, chunk: int) -> Path:
@@ -123,7 +124,7 @@ def read_done_marker(path: Path) -> dict[str, Any] | None:
     import json
 
     try:
-        data = json.loads(Path(path).read_bytes())
+        data = json.loads(location(path).read_bytes())
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None
@@ -175,16 +176,16 @@ def chunk_files(array, array_dir: Path, start: int, stop: int) -> list[Path]:
     """The chunk files of an opened array (chunked along the first axis only) that hold windows [start, stop)."""
     n = array.chunks[0]
     rest = (0,) * (array.ndim - 1)
-    return [Path(array_dir) / array.metadata.encode_chunk_key((i,) + rest)
+    return [location(array_dir) / array.metadata.encode_chunk_key((i,) + rest)
             for i in range(start // n, -(-max(stop, start + 1) // n))]
 
 
 def stored_crc32c(path: Path) -> str | None:
     """The CRC-32C a chunk file ends with (written by the crc32c codec), as hex; None when the file is missing."""
+    from cachekd.storage import read_tail
+
     try:
-        with open(path, "rb") as f:
-            f.seek(-4, 2)
-            return f.read(4).hex()
+        return read_tail(location(path), 4).hex()
     except OSError:  # missing, or shorter than 4 bytes
         return None
 
@@ -194,7 +195,7 @@ def is_logit_cache(path: Path) -> bool:
     naming this format, or a Zarr group marked as one."""
     from cachekd.io import read_json_dict_or_none
 
-    p = Path(path)
+    p = location(path)
     if plan_path(p).exists():
         return True
     for meta in (read_json_dict_or_none(manifest_path(p)), read_json_dict_or_none(group_meta_path(p))):
@@ -210,7 +211,7 @@ def is_half_created(root: Path) -> bool:
 
     meta = read_json_dict_or_none(group_meta_path(root))
     return (not plan_path(root).exists() and meta is not None
-            and meta.get("attributes", {}).get("cachekd") == FORMAT and not (Path(root) / DONE_DIR).exists())
+            and meta.get("attributes", {}).get("cachekd") == FORMAT and not (location(root) / DONE_DIR).exists())
 
 
 def is_leftover_temp(name: str) -> bool:
@@ -258,9 +259,10 @@ def array_names(mode: str, k: int | None = None) -> tuple[str, ...]:
 
 def data_bytes(root: Path) -> int:
     """Bytes of the cache's files, without the done-markers and the manifest."""
-    root = Path(root)
-    return sum(f.stat().st_size for f in root.rglob("*")
-               if f.is_file() and DONE_DIR not in f.relative_to(root).parts and f.name != MANIFEST_FILE)
+    from cachekd.storage import file_sizes
+
+    return sum(n for rel, n in file_sizes(location(root)).items()
+               if DONE_DIR not in rel.split("/") and rel.rsplit("/", 1)[-1] != MANIFEST_FILE)
 
 
 @dataclass(frozen=True)
@@ -504,7 +506,7 @@ def read_plan(path: Path, cls: type[CachePlan] = CachePlan) -> CachePlan:
     import json
 
     try:
-        data = json.loads(Path(path).read_bytes())
+        data = json.loads(location(path).read_bytes())
     except ValueError:
         raise CachekdError("it is not valid JSON") from None
     return cls.from_dict(data)

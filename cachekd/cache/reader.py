@@ -13,6 +13,7 @@ from cachekd.cache import encoding as enc
 from cachekd.cache import format as fmt
 from cachekd.errors import CachekdError
 from cachekd.io import check_format, open_array_read_only
+from cachekd.storage import location
 
 
 @dataclass
@@ -92,7 +93,7 @@ class LogitCache:
     as the JSON object it was read from."""
 
     def __init__(self, path: Path, meta: dict[str, Any], complete: bool, *, has_manifest: bool | None = None):
-        self.path = Path(path)
+        self.path = location(path)
         self.meta = meta
         self.has_manifest = complete if has_manifest is None else has_manifest
         self.plan: fmt.CachePlan = (fmt.CacheManifest if self.has_manifest else fmt.CachePlan).from_dict(meta)
@@ -107,7 +108,7 @@ class LogitCache:
         incomplete one is refused unless `allow_incomplete` (info, verify). A damaged manifest.json (it is
         derived from plan.json and the done-markers) makes the cache incomplete; a damaged plan.json cannot be
         resumed: both are one sentence saying what to do."""
-        p = Path(path)
+        p = location(path)
         if not p.exists():
             raise CachekdError(f"cache {str(p)!r} does not exist; create it with `cachekd precompute`.")
         manifest_problem = None

@@ -13,6 +13,7 @@ from cachekd.cache import encoding as enc
 from cachekd.cache import format as fmt
 from cachekd.cache.reader import FINISH_HINT, REPAIR_HINT, DamagedChunkError, LogitCache
 from cachekd.errors import CachekdError
+from cachekd.storage import location
 
 
 def verify_path(path: str | Path, *, store_path: str | Path | None = None, recompute: int = 0, seed: int = 0,
@@ -41,7 +42,7 @@ def verify_cache(path: str | Path, *, store_path: str | Path | None = None, reco
     hint = "" if repair else "; " + REPAIR_HINT.format(path=cache.path)
     if not cache.complete:
         problems.append(f"the cache is incomplete ({cache.describe_missing()}); {FINISH_HINT}")
-    sp = Path(store_path) if store_path else Path(cache.plan.token_store.path)
+    sp = location(store_path) if store_path else location(cache.plan.token_store.path)
     store, store_problem, store_report = _check_store(cache, sp, progress)
     if store_problem:
         problems.append(store_problem)

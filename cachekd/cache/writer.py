@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import time
@@ -12,14 +11,16 @@ from typing import Any
 
 import numpy as np
 
-from cachekd import __version__
+from cachekd import __version__, storage
 from cachekd.cache import encoding as enc
 from cachekd.cache import format as fmt
 from cachekd.errors import CachekdError
-from cachekd.io import atomic_write_bytes, atomic_write_json, try_flock
+from cachekd.io import atomic_write_bytes, atomic_write_json
+from cachekd.storage import location
 
 
-# The writer's lock files in the cache directory (not part of the data; `flock` drops a lock when its holder ends).
+# The writer's lock files in the cache directory (not part of the data; `flock` drops a lock when its holder ends;
+# on an object store they are lease objects, see cachekd.storage.Lease).
 LOCK_FILE = ".lock"              # serialises creating, finalising and repairing the cache
 SHARE_LOCK = ".precompute-{share}-of-{shares}.lock"  # held by the process filling that share (1-based) of the chunks
 
@@ -30,7 +31,7 @@ def share_lock_name(share: int, shares: int) -> str:
 
 def share_locks(root: Path) -> list[Path]:
     """The share lock files in a cache directory, in name order."""
-    return sorted(Path(root).glob(".precompute-*-of-*.lock"))
+    return sorted(location(root).glob(".precompute-*-of-*.lock"), key=str)
 
 
 def share_of_lock(name: str) -> tuple[str, str]:
@@ -45,28 +46,26 @@ def is_lock_file(name: str) -> bool:
 
 @contextmanager
 def _lock(root: Path):
-    root.mkdir(parents=True, exist_ok=True)
-    with open(root / LOCK_FILE, "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    with storage.exclusive(location(root) / LOCK_FILE):
+        yield
+
+
+def try_flock(path: Path):
+    """The lock named `path` (``check()``, ``close()``), or None when another process holds it. On disk the
+    kernel drops the lock when the holder ends, however it ends (a kill -9 leaves nothing to clean up); on an
+    object store a lease left by a killed process is taken over once stale (cachekd.storage.Lease)."""
+    return storage.try_exclusive(location(path))
 
 
 def _held(path: Path) -> bool:
-    f = try_flock(path)
-    if f is None:
-        return True
-    f.close()
-    return False
+    return storage.is_held(location(path))
 
 
 def busy_share(root: Path, slot: int, slots: int, *, own: bool = True) -> str | None:
     """What a running precompute is filling that overlaps share `slot` of `slots` (the same share, or any share
     of another split of the chunks, which always overlaps), e.g. "the whole cache" or "share 2 of 2"; None when
     nothing is. ``own=False`` once this process holds its own share's lock (flock would count it as taken)."""
-    root = Path(root)
+    root = location(root)
     if not root.is_dir():
         return None
     mine = share_lock_name(slot + 1, slots)
@@ -86,7 +85,7 @@ def open_or_create(root: Path, plan: fmt.CachePlan, *, force: bool = False,
 
     Safe to call from several processes at once (`--part`, torchrun ranks): a file lock serialises creation.
     """
-    root = Path(root)
+    root = location(root)
     if root.exists() and root.is_file():
         raise CachekdError(f"output {str(root)!r} is a file; choose a directory for the cache.")
     with _lock(root):
@@ -155,18 +154,16 @@ def create_arrays(group, plan: fmt.CachePlan, root: Path) -> None:
     """Create every teacher's arrays in every split that are not there yet; an array whose zarr.json cannot be
     read is created again when none of its chunks was written (a kill during creation), else left for the reader
     to report."""
-    import zarr
-
     for split in plan.splits:
         for teacher in plan.teacher_names:
             for spec in plan.array_specs(split):
                 path = fmt.array_path(split, teacher, spec.name)
-                if (Path(root) / path / fmt.ZARR_META).exists():
+                if (location(root) / path / fmt.ZARR_META).exists():
                     try:
-                        zarr.open_array(str(Path(root) / path), mode="r")
+                        storage.open_array(location(root) / path, mode="r")
                         continue
                     except Exception:  # noqa: BLE001 - unreadable metadata
-                        if (Path(root) / path / "c").exists():
+                        if (location(root) / path / "c").exists():
                             continue
                 group.create_array(path, shape=spec.shape, chunks=spec.chunks, dtype=spec.dtype,
                                    compressors=spec.compressors(), fill_value=0, overwrite=True)
@@ -175,14 +172,12 @@ def create_arrays(group, plan: fmt.CachePlan, root: Path) -> None:
 def _create_layout(root: Path, plan: fmt.CachePlan) -> None:
     """Create the Zarr group and every array of the plan that is not there (yet, or intact): a group or array
     whose zarr.json a kill left unreadable is created again as long as no chunk of it was written."""
-    import zarr
-
     try:
         # mode "a", not "w": "w" empties the directory, lock files included (.lock is held right now)
-        group = zarr.open_group(str(root), mode="a", zarr_format=3)
+        group = storage.open_group(location(root), mode="a", zarr_format=3)
     except Exception:  # noqa: BLE001 - an unreadable group zarr.json left by a kill during creation
         fmt.group_meta_path(root).unlink(missing_ok=True)
-        group = zarr.open_group(str(root), mode="a", zarr_format=3)
+        group = storage.open_group(location(root), mode="a", zarr_format=3)
     if group.attrs.get("cachekd") != fmt.FORMAT:
         group.attrs["cachekd"] = fmt.FORMAT
     create_arrays(group, plan, root)
@@ -191,8 +186,6 @@ def _create_layout(root: Path, plan: fmt.CachePlan) -> None:
 def _clear(root: Path) -> None:
     """Empty the cache directory for --force, unless a precompute is filling it right now (it holds the lock of
     its share of the chunks); lock files stay, so a lock is never split across two files."""
-    import shutil
-
     for lock in share_locks(root):
         if _held(lock):
             raise CachekdError(
@@ -202,7 +195,7 @@ def _clear(root: Path) -> None:
     for p in root.iterdir():
         if is_lock_file(p.name):
             continue
-        shutil.rmtree(p) if p.is_dir() else p.unlink()
+        storage.remove(p)
 
 
 def is_done(root: Path, split: str, chunk: int) -> bool:
@@ -218,11 +211,9 @@ class ChunkWriter:
     """Writes one chunk's encoded arrays for every teacher (called from the background writer thread)."""
 
     def __init__(self, root: Path, plan: fmt.CachePlan):
-        import zarr
-
-        self.root = Path(root)
+        self.root = location(root)
         self.plan = plan
-        self.group = zarr.open_group(str(root), mode="r+")
+        self.group = storage.open_group(self.root, mode="r+", zarr_format=None)
         self._arrays: dict[str, Any] = {}
 
     def _arr(self, split: str, teacher: str, name: str):
@@ -273,7 +264,7 @@ def mark_for_recompute(root: Path, chunks: list[tuple[str, int]]) -> list[tuple[
     """Remove manifest.json and the done-markers of `chunks` (split, chunk), so that the cache reads as
     incomplete and the same precompute command recomputes exactly these chunks, then writes a new manifest.
     The chunks' data stays until precompute overwrites it. Returns the chunks whose marker was removed."""
-    root = Path(root)
+    root = location(root)
     removed = []
     with _lock(root):
         fmt.manifest_path(root).unlink(missing_ok=True)  # first: a cache without it never reads as complete
@@ -287,7 +278,7 @@ def mark_for_recompute(root: Path, chunks: list[tuple[str, int]]) -> list[tuple[
 
 def finalize(root: Path, plan: fmt.CachePlan) -> fmt.CacheManifest | None:
     """Write manifest.json when every chunk of every split is done; returns it (None while work remains)."""
-    root = Path(root)
+    root = location(root)
     with _lock(root):
         if any(fmt.pending_chunks(root, split, plan.num_chunks(split)) for split in plan.splits):
             return None  # (a manifest left beside a chunk that is not done does not make the cache complete)

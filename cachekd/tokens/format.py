@@ -22,6 +22,8 @@ from typing import Any
 
 import numpy as np
 
+from cachekd.storage import location
+
 FORMAT = "cachekd-token-store"
 FORMAT_VERSION = 1
 POSITIONS_PER_CHUNK = 4096
@@ -48,14 +50,14 @@ def tokens_path(split: str) -> str:
 
 
 def manifest_path(root: Path) -> Path:
-    return Path(root) / MANIFEST
+    return location(root) / MANIFEST
 
 
 def is_token_store(path: Path) -> bool:
     """Whether `path` holds a token store (complete or not, its manifest readable or not)."""
     from cachekd.io import read_json_dict_or_none
 
-    p = Path(path)
+    p = location(path)
     for meta in (read_json_dict_or_none(manifest_path(p)), read_json_dict_or_none(p / ZARR_META)):
         if meta is not None and FORMAT in (meta.get("format"), meta.get("attributes", {}).get("cachekd")):
             return True
@@ -97,7 +99,7 @@ def create_tokens_array(group, split: str, seq_len: int, chunk_windows: int, dty
 
 def chunk_file(root: Path, split: str, array, chunk: int) -> Path:
     """The file of one chunk of a split's opened token array."""
-    return Path(root) / tokens_path(split) / array.metadata.encode_chunk_key((chunk, 0))
+    return location(root) / tokens_path(split) / array.metadata.encode_chunk_key((chunk, 0))
 
 
 def build_manifest(*, version: str, seq_len: int, vocab_size: int, vocab_size_requested: int | None,

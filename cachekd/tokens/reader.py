@@ -13,6 +13,7 @@ import numpy as np
 from cachekd.errors import CachekdError
 from cachekd.io import check_format, open_array_read_only, read_json_dict
 import cachekd.tokens.format as tfmt
+from cachekd.storage import location
 
 
 REBUILD_HINT = ("rebuild it with the same `cachekd prepare` command plus --force (a rebuilt store with the same "
@@ -32,13 +33,13 @@ class TokenStore:
     """Read access to a complete token store."""
 
     def __init__(self, path: Path, manifest: dict[str, Any]):
-        self.path = Path(path)
+        self.path = location(path)
         self.manifest = manifest
         self._arrays: dict[str, Any] = {}
 
     @classmethod
     def open(cls, path: str | Path) -> "TokenStore":
-        p = Path(path)
+        p = location(path)
         if not p.exists():
             raise CachekdError(f"token store {str(p)!r} does not exist; create it with `cachekd prepare`.")
         mf = tfmt.manifest_path(p)
@@ -240,7 +241,9 @@ class TokenStore:
     def load_tokenizer(self):
         from cachekd.corpus import load_tokenizer
 
-        return load_tokenizer(self.tokenizer_dir)
+        from cachekd.storage import local_copy
+
+        return load_tokenizer(local_copy(self.tokenizer_dir))
 
     def summary(self) -> dict[str, Any]:
         m = self.manifest

@@ -8,6 +8,7 @@ import os
 import random
 import re
 import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -15,7 +16,9 @@ from typing import Any, Literal
 import numpy as np
 
 from cachekd import __version__
+from cachekd import storage
 from cachekd.errors import CachekdError
+from cachekd.storage import local_or_none, location
 from cachekd.io import atomic_write_json, read_json_dict_or_none, sha256_json
 import cachekd.tokens.format as tfmt
 from cachekd.tokens.format import FORMAT, FORMAT_VERSION
@@ -188,6 +191,11 @@ def _check_output(out: Path, input_fingerprint: str, force: bool) -> str:
         return "replace"
     if not any(out.iterdir()):
         return "fresh"
+    if local_or_none(out) is None and tfmt.is_token_store(out):  # an upload to an object store that was cut off
+        if not force:
+            raise CachekdError(f"output {str(out)!r} holds an incomplete token store (its upload was cut off); pass "
+                               f"--force to build it again or choose another path.")
+        return "replace"
     raise CachekdError(f"output {str(out)!r} is not empty and is not a token store; choose another path.")
 
 
@@ -197,8 +205,8 @@ def prepare(cfg: PrepareConfig, *, force: bool = False, progress: bool = True) -
 
     if not cfg.output:
         raise CachekdError("no output path given: pass --output DIR for the token store.")
-    out = Path(cfg.output)
-    sources = resolve_sources(cfg.inputs, output=out)
+    out = location(cfg.output)
+    sources = resolve_sources(cfg.inputs, output=local_or_none(out))
     tok_src = None
     if cfg.tokenizer:
         tp = Path(cfg.tokenizer)
@@ -224,12 +232,14 @@ def prepare(cfg: PrepareConfig, *, force: bool = False, progress: bool = True) -
 
     import zarr
 
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    # built in a temporary directory beside the output (on an object store: a local one, uploaded manifest last)
+    tmp = (out.parent / f".{out.name}.tmp-{os.getpid()}" if local_or_none(out) is not None
+           else Path(tempfile.mkdtemp(prefix="cachekd-prepare-")))
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     try:
-        group = zarr.open_group(str(tmp), mode="w", zarr_format=3)
+        group = zarr.open_group(str(tmp), mode="w", zarr_format=3)  # (tmp is always local)
         group.attrs["cachekd"] = FORMAT
         docs_by_split = {"train": train_docs, **({"dev": dev_docs} if cfg.dev_fraction > 0 else {})}
         split_info = _encode_splits(group, tokenizer, docs_by_split, cfg.seq_len, cw, dtype, progress)
@@ -337,7 +347,16 @@ def _encode_splits(group, tokenizer, docs_by_split: dict[str, list[str]], seq_le
 
 
 def _publish(tmp: Path, out: Path, *, replace: bool) -> None:
-    """Swap the finished store in; an older store is removed only after the new one is in place."""
+    """Swap the finished store in; an older store is removed only after the new one is in place. On an object
+    store (no rename): the old store's manifest is removed first (so it never reads as complete while mixed),
+    then the old store, then the new one is uploaded, its manifest last."""
+    if local_or_none(out) is None:
+        if replace:
+            tfmt.manifest_path(out).unlink(missing_ok=True)
+            storage.remove(out)
+        storage.upload_tree(tmp, out, last=tfmt.MANIFEST)
+        shutil.rmtree(tmp)
+        return
     if replace:
         old = out.parent / f".{out.name}.old-{os.getpid()}"
         os.replace(out, old)
