@@ -340,16 +340,16 @@ def test_config_errors_come_before_torch_is_imported(tmp_path, store_path):
     assert not (tmp_path / "run").exists()
 
 
-# ------------------------------------------------------------------------------------------------ README
+# ------------------------------------------------------------------------------------- docs/reliability.md
 
 
 def test_reliability_table_names_existing_tests_and_states_its_count():
-    """The README's table of bad inputs: every test it names exists, and the count it states is the sum of `n`."""
+    """docs/reliability.md's table of bad inputs: every test it names exists, and its count is the sum of `n`."""
     import re
 
     root = Path(__file__).resolve().parents[1]
-    text = (root / "README.md").read_text(encoding="utf-8")
-    section = text.split("\n## Reliability\n", 1)[1].split("\n## ", 1)[0]
+    text = (root / "docs" / "reliability.md").read_text(encoding="utf-8")
+    section = ("\n" + text).split("\n# Reliability\n", 1)[1].split("\n## ", 1)[0]
     rows = [ln.split("|")[1:-1] for ln in section.splitlines() if ln.startswith("| ")]
     rows = [r for r in rows if not r[0].strip().startswith("**") and r[0].strip() != "Bad input"]
     assert rows and all(len(r) == 4 for r in rows), rows
