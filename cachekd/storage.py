@@ -521,6 +521,8 @@ def _zarr_root(loc: RemotePath, read_only: bool):
 @atexit.register
 def _close_sessions() -> None:
     """Close the HTTP sessions of the Zarr stores this process opened (else aiohttp warns about each at exit)."""
+    if not _zarr_roots:  # none opened: importing zarr this late fails ("can't register atexit after shutdown")
+        return
     from zarr.core.sync import sync
 
     for store in list(_zarr_roots.values()):

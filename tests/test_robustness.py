@@ -253,6 +253,16 @@ def test_prepare_refuses_a_vocabulary_beyond_the_maximum(tmp_path, corpus):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_command_that_opens_no_store_exits_without_a_traceback():
+    """`cachekd prepare --help` printed a traceback at exit: closing the object stores' sessions imported zarr after
+    shutdown had begun."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "cachekd_cli", "prepare", "--help"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stderr == "", r.stderr[-3000:]
+
+
 def test_prepare_refuses_an_output_inside_an_input(tmp_path, runner, corpus):
     """An output inside its input directory was read back as corpus by the next run (--force)."""
     import shutil
