@@ -34,7 +34,7 @@ from cachekd.tokens import TokenStore
 
 DEFAULT_STORAGE = (16, 50)
 """(K, N) of the cache `precompute` makes when no storage option is given: the hybrid of the exact top-K and N draws
-from the teacher beyond it. Chosen from `benchmarks/bench_fidelity.py` (README, "Which option for which
+from the teacher beyond it. Chosen from `benchmarks/bench_fidelity.py` (docs/sampled-caches.md, "Which option for which
 objective"): the sampled caches kept the full-teacher gain for forward KL where top-64 kept a fraction, and no
 option was resolved better for the other objectives."""
 

@@ -397,7 +397,7 @@ def low_topk_mass_note(cache: LogitCache, teacher: str, tau: float, mass: float,
         f"larger k (`cachekd precompute --top-k`), another tail mode (--tail-mode renormalize keeps the shape of the "
         f"top-k, biased), a lower τ (the captured mass falls as τ grows), or a hybrid or sampled cache (what "
         f"`cachekd precompute` makes without --top-k: unbiased forward-KL targets that kept about the whole "
-        f"full-teacher gain in the README's fidelity figures)."
+        f"full-teacher gain in the fidelity figures of docs/sampled-caches.md)."
     )
 
 

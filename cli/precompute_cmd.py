@@ -59,9 +59,9 @@ def precompute_command(store, teachers, output, top_k, sample, proposal_temperat
     Per position it keeps, by default, the exact top-16 teacher log-probabilities and ids, the distinct ids of 50
     draws from the teacher beyond them (per --temperatures value) with their counts and log-probabilities, the
     exact log-sum-exp of the rest (tail_lse), the normaliser and the entropy: an unbiased forward-KL target, and
-    for every objective the stored ids plus the rest's exact mass (the README's fidelity figures say which to use
-    when). `--top-k K` alone keeps only the top-K and tail_lse (a top-k cache), `--sample N` alone only draws,
-    `--full` every logit. Killed at any moment, the same command
+    for every objective the stored ids plus the rest's exact mass (the fidelity figures in docs/sampled-caches.md
+    say which to use when). `--top-k K` alone keeps only the top-K and tail_lse (a top-k cache), `--sample N` alone
+    only draws, `--full` every logit. Killed at any moment, the same command
     resumes where it stopped. Under `torchrun --nproc-per-node N -m cachekd_cli precompute ...` each rank takes its own
     chunks; `--part i/n` does the same for independent jobs.
 

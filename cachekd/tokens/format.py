@@ -36,7 +36,7 @@ SOURCE_SPLITS = "source_splits"
 
 
 def chunk_windows_for(seq_len: int) -> int:
-    """Whole windows per chunk: about 4096 positions (README, "Logit cache": chunks aligned with the cache's)."""
+    """Whole windows per chunk: about 4096 positions (docs/caches.md: chunks aligned with the cache's)."""
     return max(1, POSITIONS_PER_CHUNK // seq_len)
 
 
