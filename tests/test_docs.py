@@ -67,3 +67,9 @@ def test_the_readme_test_command_is_the_one_ci_runs():
     command = 'python3 -m pip install -e ".[test]" && python3 -m pytest tests'
     assert command in readme
     assert command in (ROOT / ".ci" / "run").read_text(encoding="utf-8").splitlines()
+
+
+def test_every_docs_page_has_a_title_and_a_way_back():
+    for page in sorted((ROOT / "docs").glob("*.md")):
+        text = page.read_text(encoding="utf-8")
+        assert text.startswith("# ") and "](../README.md" in text, page.name
