@@ -250,9 +250,10 @@ def test_streaming_from_s3_with_a_bounded_chunk_cache(tmp_path, runner, store_pa
         st, lc = TokenStore.open(store), LogitCache.open(cache)
         order = Order(st.num_windows("train"), st.chunk_windows, 16, seed=3, block_chunks=2)
         t = teacher_path.name
-        return [(b["window_ids"].numpy(), b["input_ids"].numpy(), b.teachers[t].ids.numpy(),
-                 b.teachers[t].logprobs.numpy())
-                for b in CachedBatches(st, "train", order, cache=lc, temperature_index=0, max_epochs=2)]
+        return [(b["window_ids"].numpy(), b["input_ids"].numpy(), d.teachers[t].ids.numpy(),
+                 d.teachers[t].logprobs.numpy())
+                for b in CachedBatches(st, "train", order, cache=lc, temperature_index=0, max_epochs=2)
+                for d in [b.decode()]]
 
     ref = batches(store_path, local)
     bound = 1 << 20

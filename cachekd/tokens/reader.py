@@ -176,12 +176,13 @@ class TokenStore:
     def missing_chunks(self, split: str) -> list[int]:
         """The chunks of `split` whose file is not there, from one listing of the split's chunk files (cheap on
         an object store too): zarr would read a missing one as zeros, `read` refuses it when it gets there."""
-        import os
+        from cachekd.storage import file_sizes
 
         arr = self.array(split)
-        base = self.path / tfmt.tokens_path(split)
-        present = {Path(d, f) for d, _, files in os.walk(base) for f in files}
-        return [c for c in range(self.num_chunks(split)) if tfmt.chunk_file(self.path, split, arr, c) not in present]
+        base = location(self.path) / tfmt.tokens_path(split)
+        present = set(file_sizes(base)) if base.exists() else set()
+        return [c for c in range(self.num_chunks(split))
+                if arr.metadata.encode_chunk_key((c, 0)) not in present]
 
     def check_chunks(self, splits: list[str]) -> None:
         """Refuse, before a run starts, a store of which a chunk it will read (every chunk of `splits`) is gone."""
