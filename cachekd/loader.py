@@ -30,7 +30,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 
-from cachekd.batch import IGNORE_INDEX, Batch, CachedLogits, CachedSampled, CachedTeacher, CachedTopK
+from cachekd.batch import IGNORE_INDEX, Batch, CachedFactored, CachedLogits, CachedSampled, CachedTeacher, CachedTopK
 from cachekd.errors import CachekdError
 
 
@@ -125,7 +125,8 @@ class WindowSource:
         teachers: dict[str, CachedTeacher] = {}
         for t, arrays in self._block["teachers"].items():
             rows = {name: torch.from_numpy(np.ascontiguousarray(arr[r])) for name, arr in arrays.items()}
-            kind = CachedLogits if "logits" in rows else CachedSampled if "sample_ids" in rows else CachedTopK
+            kind = (CachedLogits if "logits" in rows else CachedSampled if "sample_ids" in rows
+                    else CachedFactored if "hidden" in rows else CachedTopK)
             teachers[t] = kind(**rows)
         return Batch(tokens, labels, torch.from_numpy(window_ids.copy()), teachers)
 

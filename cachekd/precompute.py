@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from cachekd import distributed, ensemble
+from cachekd import distributed, ensemble, factored
 from cachekd.cache import encoding as enc
 from cachekd.cache import format as fmt
 from cachekd.cache import writer as cw
@@ -82,17 +82,36 @@ class PrecomputeConfig:
     where combining sparse caches at training time is not. None: each teacher on its own."""
     ensemble_weights: list[float] | None = None
     """One weight per teacher for `ensemble` (normalised); None: equal weights."""
+    factored: bool = False
+    """Store per position the input h of each teacher's output layer, and that layer once (`cachekd.factored`):
+    every logit, exact up to the rounding of h, in about d bytes a position (int8); training rebuilds the logits
+    with one matmul and never loads the teacher."""
+    factored_dtype: str = "int8"
+    """How `factored` stores h: int8 (one scale a position, d + 4 bytes), bf16 or fp16 (2·d bytes)."""
 
     default_storage: bool = field(default=False, init=False)
     """Set when neither top_k nor sample nor full was given: the cache takes `DEFAULT_STORAGE`."""
 
     def __post_init__(self) -> None:
-        if self.top_k is None and self.sample is None and not self.full:
+        if self.factored:
+            given = [name for name, on in (("--full", self.full), ("--top-k", self.top_k is not None),
+                                           ("--sample", self.sample is not None)) if on]
+            if given:
+                raise CachekdError(f"--factored and {given[0]} exclude each other: a factored cache holds every logit.")
+            if self.factored_dtype not in fmt.FACTORED_DTYPES:
+                raise CachekdError(f"--factored-dtype must be one of {', '.join(fmt.FACTORED_DTYPES)} "
+                                   f"(got {self.factored_dtype!r}).")
+            if self.ensemble == "probs":
+                raise CachekdError("--ensemble probs cannot be cached factored (a mixture of probabilities is not "
+                                   "linear in the teachers' output-layer inputs); use --ensemble logits, or cache the "
+                                   "teachers factored on their own and combine them at training time "
+                                   "(--teacher-combine probs).")
+        if self.top_k is None and self.sample is None and not self.full and not self.factored:
             self.top_k, self.sample = DEFAULT_STORAGE
             self.default_storage = True
-        elif self.top_k is None:
+        elif self.top_k is None and not self.factored:
             self.top_k = 0 if self.sample is not None else 64
-        if not self.full and self.sample is None and self.top_k < 1:
+        if not self.full and not self.factored and self.sample is None and self.top_k < 1:
             raise CachekdError(f"--top-k must be at least 1 (got {self.top_k}).")
         for t in self.temperatures:
             if not t > 0 or not math.isfinite(t):
@@ -215,14 +234,15 @@ def build_plan(cfg: PrecomputeConfig, store: TokenStore, teachers: list[dict[str
             chunk_windows=store.chunk_windows,
         ),
         teachers=teachers,
-        mode="full" if cfg.full else "topk" if cfg.sample is None else "sampled",
-        k=None if cfg.full else cfg.top_k,
-        temperatures=[] if cfg.full else [float(t) for t in cfg.temperatures],
+        mode="factored" if cfg.factored else "full" if cfg.full else "topk" if cfg.sample is None else "sampled",
+        k=None if cfg.full or cfg.factored else cfg.top_k,
+        temperatures=[] if cfg.full or cfg.factored else [float(t) for t in cfg.temperatures],
         splits=splits,
         encoding=enc.encoding_descriptors(1.0 / cfg.logprob_step),
         sample=None if cfg.sample is None else fmt.SampleSpec(
             cfg.sample, None if cfg.proposal_temperature is None else float(cfg.proposal_temperature),
             cfg.sample_seed).to_dict(),
+        factored={"dtype": cfg.factored_dtype, "weight_dtype": "float32"} if cfg.factored else None,
     )
 
 
@@ -245,8 +265,15 @@ def _open_cache(root: Path, plan: fmt.CachePlan, force: bool, slot: int, slots: 
     return plan, lock
 
 
+def _forward(model, x: torch.Tensor, device: torch.device, amp: torch.dtype | None) -> torch.Tensor:
+    """The teacher's logits (B, T, V_model) for windows x, in inference mode and the run's autocast."""
+    with torch.inference_mode(), torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+        return model(input_ids=x).logits
+
+
 def _chunk_targets(models: list, infos: list[dict[str, Any]], tokens: np.ndarray, split: str, chunk: int,
-                   plan: fmt.CachePlan, cfg: PrecomputeConfig, device: torch.device, amp: torch.dtype | None
+                   plan: fmt.CachePlan, cfg: PrecomputeConfig, device: torch.device, amp: torch.dtype | None,
+                   layers: dict[str, _Factored] | None = None
                    ) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, Any]]:
     """Every teacher's cache arrays for one chunk of token windows, and the chunk's statistics (its done-marker)."""
     temps, vocab = plan.temperatures, plan.token_store.vocab_size
@@ -257,12 +284,15 @@ def _chunk_targets(models: list, infos: list[dict[str, Any]], tokens: np.ndarray
                              fmt.COMPUTE_DTYPE: str(amp or torch.float32).removeprefix("torch.")}
     for info, model in zip(infos, models):
         parts: dict[str, list[torch.Tensor]] = {}
-        ent, mass, distinct = [], [], []
+        ent, mass, distinct, rebuild_kl, rebuild_err = [], [], [], [], []
         for b in range(0, len(tokens), cfg.batch_size):
             x = torch.from_numpy(tokens[b:b + cfg.batch_size].astype(np.int64)).to(device)
-            with torch.inference_mode(), torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-                logits = model(input_ids=x).logits
-            if plan.mode == "sampled":
+            if plan.mode == "factored":
+                arrays, st = _factored_targets(model, x, layers[info["name"]], plan.factored_dtype, vocab, amp, device)
+                rebuild_kl.append(st["rebuild_kl"].cpu())
+                rebuild_err.append(st["rebuild_err"].cpu())
+            elif plan.mode == "sampled":
+                logits = _forward(model, x, device, amp)
                 spec = plan.sample_spec
                 first = plan.chunk_range(split, chunk)[0] + b
                 arrays, st = sampled_teacher_targets(logits, vocab, int(plan.k), temps, spec.num_draws,
@@ -270,7 +300,7 @@ def _chunk_targets(models: list, infos: list[dict[str, Any]], tokens: np.ndarray
                                                      np.arange(first, first + len(x)))
                 distinct.append(st["distinct_ids"].cpu())
             else:
-                arrays, st = teacher_targets(logits, vocab, k, temps)
+                arrays, st = teacher_targets(_forward(model, x, device, amp), vocab, k, temps)
             bad = ~torch.isfinite(st["lse"]).all(dim=-1)
             if bool(bad.any()):
                 w = plan.chunk_range(split, chunk)[0] + b + int(bad.nonzero()[0])
@@ -293,8 +323,64 @@ def _chunk_targets(models: list, infos: list[dict[str, Any]], tokens: np.ndarray
             s["topk_mass_sum"] = {str(t): float(v) for t, v in zip(temps, msum)}
         if distinct:
             s["distinct_ids_sum"] = float(torch.cat(distinct).double().sum())
+        if rebuild_kl:
+            s["rebuild_kl_sum"] = float(torch.cat(rebuild_kl).double().sum())
+            s["rebuild_max_abs_logit_diff"] = float(torch.cat(rebuild_err).max())
         stats["teachers"][info["name"]] = s
     return results, stats
+
+
+@dataclass
+class _Factored:
+    """A factored cache's teacher on the device: its output layer (float32, dim_scale folded in) and the scale."""
+
+    weight: torch.Tensor  # (V, d)
+    bias: torch.Tensor | None  # (V,)
+    dim_scale: torch.Tensor  # (d,)
+
+
+PROBE_WINDOWS = 8
+"""Windows at the start of the first split on which a factored cache's teachers are checked to be linear in their
+output layer's input (`factored.check_linear`) and its per-dimension scales are fitted."""
+
+
+def _probe_factored(models: list, infos: list[dict[str, Any]], store: TokenStore, split: str, vocab: int,
+                    device: torch.device, amp: torch.dtype | None) -> dict[str, tuple[factored.OutputLayer, torch.Tensor]]:
+    """Per teacher, its output layer and the fitted per-dimension scale; a teacher whose logits are not W·h + b is
+    refused here, before anything is written. Records each teacher's `output_layer` facts in its info."""
+    x = torch.from_numpy(store.read(split, 0, min(PROBE_WINDOWS, store.num_windows(split))).astype(np.int64)).to(device)
+    out = {}
+    for info, model in zip(infos, models):
+        layer = factored.output_layer(model, vocab, info["name"])
+        with factored.capture_hidden(model) as got, torch.inference_mode(), \
+                torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            logits = model(input_ids=x).logits[..., :vocab]
+        if got.hidden is None or got.hidden.shape[-1] != layer.hidden_size:
+            raise CachekdError(f"teacher {info['name']!r} did not pass its logits through its output layer "
+                               f"(get_output_embeddings), so it cannot be cached factored; use another storage "
+                               f"option (e.g. --full or the default).")
+        h = got.hidden.float()
+        factored.check_linear(info["name"], logits, factored.rebuild_logits(h, layer.weight, layer.bias), amp is not None)
+        info["output_layer"] = {"hidden_size": layer.hidden_size, "bias": layer.bias is not None}
+        out[info["name"]] = (layer, factored.fit_dim_scale(h))
+    return out
+
+
+def _factored_targets(model, x: torch.Tensor, layer: _Factored, dtype: str, vocab: int, amp: torch.dtype | None,
+                      device: torch.device) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """One batch of windows x (B, T) → a factored cache's arrays (on the device) and per-position statistics:
+    the teacher's entropy, lse (finite check), and KL(teacher ‖ rebuilt) and |rebuilt − z| of the stored h."""
+    with factored.capture_hidden(model) as got, torch.inference_mode(), \
+            torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+        z = model(input_ids=x).logits[..., :vocab]
+    with torch.inference_mode():
+        z = z.float()
+        arrays = enc.encode_hidden(got.hidden.float() / layer.dim_scale, dtype)
+        h = enc.decode_hidden(arrays.get("hidden"), arrays.get("hidden_scale"), dtype)
+        rebuilt = factored.rebuild_logits(h, layer.weight, layer.bias)
+        stats = {"lse": torch.logsumexp(z, -1, keepdim=True), "entropy": factored.entropy_rows(z),
+                 "rebuild_kl": factored.kl_rows(z, rebuilt), "rebuild_err": (rebuilt - z).abs().amax(-1)}
+    return arrays, stats
 
 
 def precompute(cfg: PrecomputeConfig, *, force: bool = False, progress: bool = True,
@@ -313,10 +399,10 @@ def precompute(cfg: PrecomputeConfig, *, force: bool = False, progress: bool = T
         raise CachekdError(f"the default storage (the exact top-{cfg.top_k} and {cfg.sample} draws beyond it) needs a "
                            f"vocabulary of more than {cfg.top_k} tokens (this one has {vocab}): pass --full for a "
                            f"vocabulary this small, or --top-k K for a top-k cache.")
-    if not cfg.full and cfg.top_k >= vocab and cfg.sample is not None:
+    if cfg.sample is not None and cfg.top_k >= vocab:
         raise CachekdError(f"--top-k {cfg.top_k} with --sample leaves no tokens to draw from (the vocabulary has "
                            f"{vocab}); use a top-k cache, or a smaller --top-k.")
-    if not cfg.full and cfg.top_k > vocab:
+    if not cfg.full and not cfg.factored and cfg.top_k > vocab:
         raise CachekdError(f"--top-k {cfg.top_k} is larger than the vocabulary ({vocab} tokens).")
     rank, world, local_rank = distributed.setup()
     device = distributed.resolve_device(cfg.device, local_rank)
@@ -333,9 +419,19 @@ def precompute(cfg: PrecomputeConfig, *, force: bool = False, progress: bool = T
     if cfg.ensemble:  # the model takes the weights as recorded, as verify and audit rebuild it
         infos = [ensemble.ensemble_info(infos, cfg.ensemble, cfg.ensemble_weights or [1.0] * len(models))]
         models = [EnsembleTeacher(models, infos[0]["weights"], cfg.ensemble, vocab).eval()]
+    probed = None
+    if cfg.factored:  # refuse a teacher that is not linear in its output layer before anything is written
+        probed = _probe_factored(models, infos, store, cfg.splits[0], vocab, device, amp)
     plan = build_plan(cfg, store, infos, vocab)
     plan, lock = _open_cache(root, plan, force and (world == 1 or rank == 0), slot, slots, rank, world)
     try:
+        layers = None
+        if probed is not None:  # the first writer's scales, as stored (a resume or another part reads them)
+            stored = cw.write_factors(root, plan, {t: (l.weight.cpu().numpy(), None if l.bias is None else l.bias.cpu().numpy())
+                                                   for t, (l, _) in probed.items()},
+                                      {t: s.cpu().numpy() for t, (_, s) in probed.items()})
+            layers = {t: _Factored(*(None if f.get(n) is None else torch.from_numpy(f[n]).to(device)
+                                     for n in ("weight", "bias", "dim_scale"))) for t, f in stored.items()}
         todo = [(split, c) for split in plan.splits
                 for c in fmt.pending_chunks(root, split, plan.num_chunks(split)) if c % slots == slot]
         positions = sum(stop - start for start, stop in (plan.chunk_range(s, c) for s, c in todo)) * store.seq_len
@@ -346,7 +442,7 @@ def precompute(cfg: PrecomputeConfig, *, force: bool = False, progress: bool = T
             with tqdm(total=positions, desc="precompute", unit="pos", unit_scale=True, disable=not progress) as bar:
                 for split, chunk in todo:
                     tokens = store.read_chunk(split, chunk)
-                    results, stats = _chunk_targets(models, infos, tokens, split, chunk, plan, cfg, device, amp)
+                    results, stats = _chunk_targets(models, infos, tokens, split, chunk, plan, cfg, device, amp, layers)
                     bg.put((split, chunk, results, stats))
                     done_positions += tokens.size
                     bar.update(tokens.size)

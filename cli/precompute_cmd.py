@@ -31,6 +31,13 @@ def _floats(ctx, param, value):
               help="Draw at this one temperature (one of --temperatures) instead of once per cached temperature.")
 @click.option("--sample-seed", default=0, show_default=True, type=int, help="Seed of the --sample draws.")
 @click.option("--full", is_flag=True, help="Store all logits (fp16) instead of the top-k.")
+@click.option("--factored", is_flag=True,
+              help="Store per position the input of each teacher's output layer (d numbers) and that layer once: "
+                   "every logit, for every objective, τ, mixing and combination, in about d bytes a position; "
+                   "training rebuilds the logits with one matmul and never loads the teacher.")
+@click.option("--factored-dtype", type=click.Choice(["int8", "bf16", "fp16"]), default="int8", show_default=True,
+              help="How --factored stores the output layer's input: int8 with one scale a position (d + 4 bytes), "
+                   "or 16-bit floats (2·d bytes).")
 @click.option("--ensemble", type=click.Choice(["logits", "probs"]), default=None,
               help="Cache the teachers' combination as ONE teacher, 'ensemble': logits (Baby Llama: raw logits "
                    "averaged) or probs (probabilities averaged). Exact, where combining the teachers' sparse caches "
@@ -52,8 +59,8 @@ def _floats(ctx, param, value):
 @click.option("--force", is_flag=True, help="Start again over a cache begun with other settings.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def precompute_command(store, teachers, output, top_k, sample, proposal_temperature, sample_seed, full, ensemble,
-                       ensemble_weights, temperatures, logprob_step, splits, batch_size, device, dtype, registry, part,
+def precompute_command(store, teachers, output, top_k, sample, proposal_temperature, sample_seed, full, factored,
+                       factored_dtype, ensemble, ensemble_weights, temperatures, logprob_step, splits, batch_size, device, dtype, registry, part,
                        force, as_json, quiet):
     """Run the frozen teacher(s) ONCE over a token store and cache their outputs for every later student.
 
@@ -62,7 +69,8 @@ def precompute_command(store, teachers, output, top_k, sample, proposal_temperat
     exact log-sum-exp of the rest (tail_lse), the normaliser and the entropy: an unbiased forward-KL target, and
     for every objective the stored ids plus the rest's exact mass (the README's fidelity figures say which to use
     when). `--top-k K` alone keeps only the top-K and tail_lse (a top-k cache), `--sample N` alone only draws,
-    `--full` every logit. Killed at any moment, the same command
+    `--full` every logit, `--factored` every logit as the output layer's input and the layer (reverse KL,
+    mixing, ensembles: exact). Killed at any moment, the same command
     resumes where it stopped. Under `torchrun --nproc-per-node N -m cachekd_cli precompute ...` each rank takes its own
     chunks; `--part i/n` does the same for independent jobs.
 
@@ -77,7 +85,7 @@ def precompute_command(store, teachers, output, top_k, sample, proposal_temperat
     cfg = PrecomputeConfig(
         store=store, teachers=list(teachers), output=output, top_k=top_k, full=full, temperatures=temperatures,
         sample=sample, proposal_temperature=proposal_temperature, sample_seed=sample_seed, ensemble=ensemble,
-        ensemble_weights=ensemble_weights,
+        ensemble_weights=ensemble_weights, factored=factored, factored_dtype=factored_dtype,
         splits=[s.strip() for s in splits.split(",") if s.strip()], batch_size=batch_size, device=device, dtype=dtype,
         registry=registry, part=part, logprob_step=logprob_step,
     )

@@ -98,3 +98,41 @@ def decode_tail(q: np.ndarray) -> np.ndarray:
     out = q.astype(np.float32) * np.float32(1.0 / TAIL_SCALE)
     out[q == TAIL_NEG_INF] = -np.inf
     return out
+
+
+# Factored caches: h (the input of a teacher's output layer, divided by the cache's per-dimension scale) per position.
+# int8: symmetric codes in [-127, 127] with one float32 scale a position (max |x| / 127), so each value is within
+# half a step (max |x| / 254) of the original; bf16: the top 16 bits of float32 (8 significant bits), stored as
+# int16; fp16: 11 significant bits (h / dim_scale is of order 1, far from fp16's limits). These run in torch on the
+# device the teacher or the student is on: only int8 codes travel. Measured on the demo's teacher (d=192, V=2000):
+# mean KL(full ‖ rebuilt) 4.6e-6 nats a position from int8, 2.5e-7 from bf16 (README, "Factored cache").
+
+HIDDEN_INT8_MAX = 127
+
+
+def encode_hidden(x, dtype: str) -> dict:
+    """(..., d) float tensor → the stored arrays as tensors on its device: {"hidden": int8 codes, "hidden_scale":
+    (...) float32} for int8, {"hidden": int16 bits of bfloat16} for bf16, {"hidden": float16} for fp16."""
+    import torch
+
+    x = x.float()
+    if dtype == "int8":
+        scale = (x.abs().amax(-1) / HIDDEN_INT8_MAX).clamp_min(torch.finfo(torch.float32).tiny)
+        codes = torch.round(x / scale.unsqueeze(-1)).clamp_(-HIDDEN_INT8_MAX, HIDDEN_INT8_MAX).to(torch.int8)
+        return {"hidden": codes, "hidden_scale": scale}
+    if dtype == "bf16":
+        return {"hidden": x.to(torch.bfloat16).view(torch.int16)}
+    assert dtype == "fp16", dtype
+    return {"hidden": x.to(torch.float16)}
+
+
+def decode_hidden(hidden, hidden_scale, dtype: str, out_dtype=None):
+    """The stored arrays (tensors, any device) → (..., d) float32 (or `out_dtype`) h / dim_scale."""
+    import torch
+
+    out_dtype = out_dtype or torch.float32
+    if dtype == "int8":
+        return hidden.to(out_dtype) * hidden_scale.to(out_dtype).unsqueeze(-1)
+    if dtype == "bf16":
+        return hidden.view(torch.bfloat16).to(out_dtype)
+    return hidden.to(out_dtype)

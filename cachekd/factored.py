@@ -1,0 +1,158 @@
+"""A teacher's logits as the product of two factors: what a factored cache stores, and rebuilding the logits.
+
+A causal LM's logits are linear in one vector, the input h of its output layer (after the final norm):
+``z = W·h + b`` with W (V, d) and b (V,) the weight and bias of ``model.get_output_embeddings()``. A factored cache
+stores h per position (d numbers) and W, b once; training multiplies them back (`rebuild_logits`) a chunk of rows
+at a time, so every objective, temperature, mixing and combination of teachers sees the teacher's full logits
+without the teacher model.
+
+* `output_layer` reads W, b (rows beyond the store's vocabulary dropped) and refuses, in one sentence, a teacher
+  whose logits are not that product (soft-capping, a logit scale, no linear output layer).
+* `capture_hidden` records h with a forward hook on the output layer (Llama, GPT-2 with tied weights, heads with a
+  bias alike); `check_linear` compares ``W·h + b`` with the model's own logits on the first windows, which catches
+  what the configuration does not say.
+* `fit_dim_scale`: a power of two per dimension of h, folded into W (exactly: powers of two), so that outlier
+  dimensions do not take the range of the one int8 scale a position (`cachekd.cache.encoding.encode_hidden`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from types import SimpleNamespace
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from cachekd.errors import CachekdError
+
+NONLINEAR_CONFIG = {
+    "final_logit_softcapping": "soft-caps its logits (config final_logit_softcapping)",
+    "attn_logit_softcapping": None,  # attention only: harmless
+    "logit_scale": "multiplies its logits by a logit_scale",
+    "logits_scaling": "divides its logits by logits_scaling",
+    "output_multiplier_scale": "multiplies its logits by output_multiplier_scale",
+}
+"""Configuration entries that make logits other than W·h + b, and how a refusal names them (None: harmless)."""
+
+LINEAR_TOLERANCE = {"float32": 1e-3, "reduced": 3e-2}
+"""`check_linear`: the largest |W·h + b − z| allowed, relative to 1 + max |z|, for a teacher run in float32 and in
+bf16/fp16 autocast (whose logits are rounded to 8 or 11 significant bits and computed from rounded inputs)."""
+
+
+@dataclass
+class OutputLayer:
+    """A teacher's output layer over the store's vocabulary: ``weight`` (V, d) float32, ``bias`` (V,) float32 or
+    None."""
+
+    weight: Tensor
+    bias: Tensor | None
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.weight.shape[1])
+
+    def folded(self, dim_scale: Tensor) -> "OutputLayer":
+        """The layer that takes h / dim_scale: W·diag(dim_scale) (exact for powers of two), the same bias."""
+        return OutputLayer(self.weight * dim_scale.to(self.weight), self.bias)
+
+
+def nonlinear_reason(model: torch.nn.Module) -> str | None:
+    """Why the model's logits are not W·h + b of its output layer, from its configuration (None: nothing says so)."""
+    config = getattr(model, "config", None)
+    for key, why in NONLINEAR_CONFIG.items():
+        value = getattr(config, key, None)
+        if why is None or value is None or value is False:
+            continue
+        if key == "logit_scale" and float(value) == 1.0:
+            continue
+        if key in ("logits_scaling", "output_multiplier_scale") and float(value) == 1.0:
+            continue
+        return why
+    return None
+
+
+def output_layer(model: torch.nn.Module, vocab_size: int, name: str) -> OutputLayer:
+    """Teacher `name`'s output layer over the first `vocab_size` outputs, float32 on the model's device; a teacher
+    whose logits are not linear in its output layer's input is refused in one sentence."""
+    why = nonlinear_reason(model)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    weight = getattr(head, "weight", None)
+    if why is None and (not isinstance(weight, Tensor) or weight.dim() != 2 or not isinstance(head, torch.nn.Linear)):
+        why = "has no linear output layer (get_output_embeddings)"
+    if why is not None:
+        raise CachekdError(f"teacher {name!r} {why}, so its logits are not a linear map of one vector a position and "
+                           f"cannot be cached factored; use another storage option (e.g. --full or the default).")
+    bias = getattr(head, "bias", None)
+    return OutputLayer(weight.detach()[:vocab_size].float(),
+                       None if bias is None else bias.detach()[:vocab_size].float())
+
+
+class _Capture(SimpleNamespace):
+    hidden: Tensor | None = None
+
+
+@contextmanager
+def capture_hidden(model: torch.nn.Module) -> Iterator[_Capture]:
+    """Within the block, ``.hidden`` is the input of the model's output layer in its last forward (B, T, d)."""
+    got = _Capture()
+
+    def hook(module, args, kwargs):
+        x = args[0] if args else kwargs.get("input")
+        got.hidden = x.detach()
+
+    handle = model.get_output_embeddings().register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        yield got
+    finally:
+        handle.remove()
+
+
+def rebuild_logits(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """``hidden @ weight.T + bias`` in the dtype of `hidden` (float32, or float64 for references): (..., d) → (..., V)."""
+    return F.linear(hidden, weight.to(hidden.dtype), None if bias is None else bias.to(hidden.dtype))
+
+
+def fit_dim_scale(hidden: Tensor) -> Tensor:
+    """(d,) float32 powers of two near each dimension's root mean square over the positions of `hidden` (..., d);
+    1 for a dimension that is zero everywhere. Dividing h by it (exact) puts every dimension in about the same
+    range."""
+    h = hidden.detach().float().reshape(-1, hidden.shape[-1])
+    rms = h.pow(2).mean(0).sqrt()
+    exponent = torch.where(rms > 0, torch.round(torch.log2(rms.clamp_min(1e-30))), torch.zeros_like(rms))
+    return torch.exp2(exponent.clamp(-60, 60)).float()
+
+
+def check_linear(name: str, logits: Tensor, rebuilt: Tensor, reduced: bool) -> None:
+    """Refuse teacher `name` when the logits rebuilt from h (float32) differ from its own `logits` by more than
+    `LINEAR_TOLERANCE` (`reduced`: it ran in bf16/fp16 autocast): something between its output layer and its
+    logits (a scale, a cap, another head) that a factored cache cannot reproduce."""
+    z = logits.float()
+    err = float((rebuilt.float() - z).abs().max())
+    bound = LINEAR_TOLERANCE["reduced" if reduced else "float32"] * (1.0 + float(z.abs().max()))
+    if not err <= bound:
+        raise CachekdError(
+            f"teacher {name!r} computes logits that differ from its output layer's W·h + b by up to {err:.3g} (more "
+            f"than {bound:.3g}) on the first windows, so they cannot be cached factored; use another storage option "
+            f"(e.g. --full or the default).")
+
+
+def kl_rows(z_ref: Tensor, z: Tensor, tau: float = 1.0) -> Tensor:
+    """(...,) KL(softmax(z_ref/τ) ‖ softmax(z/τ)) per position, in the dtype of the inputs (float64 for reports)."""
+    lp = torch.log_softmax(z_ref / tau, dim=-1)
+    lq = torch.log_softmax(z / tau, dim=-1)
+    return (lp.exp() * (lp - lq)).sum(-1).clamp_min(0.0)
+
+
+def entropy_rows(z: Tensor) -> Tensor:
+    """(...,) the entropy of softmax(z) per position (float32)."""
+    lp = torch.log_softmax(z.float(), dim=-1)
+    return -(lp.exp() * lp).sum(-1)
+
+
+def bytes_per_position(hidden_size: int, dtype: str) -> int:
+    """Stored bytes of h a position before compression: d + 4 for int8 (codes and one float32 scale), 2d else."""
+    return hidden_size + 4 if dtype == "int8" else 2 * hidden_size
+
