@@ -22,6 +22,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from types import SimpleNamespace
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -156,3 +157,31 @@ def bytes_per_position(hidden_size: int, dtype: str) -> int:
     """Stored bytes of h a position before compression: d + 4 for int8 (codes and one float32 scale), 2d else."""
     return hidden_size + 4 if dtype == "int8" else 2 * hidden_size
 
+
+
+def block_logits(cache, teacher: str, block, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str = "cpu") -> Tensor:
+    """(n, L, V) the logits a factored cache holds for a decoded block of its windows (`LogitCache.read`'s
+    `TeacherBlock`), rebuilt from the stored h and the cached output layer in `dtype` on `device`: what verify,
+    audit and eval compare with a live teacher or a student."""
+    from cachekd.cache.encoding import decode_hidden
+
+    f = cache.factors(teacher)
+    scale = None if block.hidden_scale is None else torch.from_numpy(block.hidden_scale).to(device)
+    h = decode_hidden(torch.from_numpy(block.hidden).to(device), scale, cache.plan.factored_dtype, dtype)
+    bias = torch.from_numpy(f["bias"]).to(device) if "bias" in f else None
+    return rebuild_logits(h, torch.from_numpy(f["weight"]).to(device), bias)
+
+
+def rounding_bound(cache, teacher: str, block) -> np.ndarray:
+    """(n, L, V) float64: how far a rebuilt logit can be from W·h + b through the storage of h alone: Σ_d |W'_vd|·e_d
+    with e_d half an int8 step of the position (int8), or the relative rounding of bf16 (2⁻⁸) or fp16 (2⁻¹¹) of the
+    stored value."""
+    from cachekd.cache.encoding import decode_hidden
+
+    w = np.abs(cache.factors(teacher)["weight"].astype(np.float64))  # (V, d)
+    dtype = cache.plan.factored_dtype
+    if dtype == "int8":
+        return (block.hidden_scale.astype(np.float64) / 2)[..., None] * w.sum(-1)
+    h = decode_hidden(torch.from_numpy(block.hidden), None, dtype, torch.float64).numpy()
+    return np.abs(h) @ w.T * (2.0 ** -8 if dtype == "bf16" else 2.0 ** -11)

@@ -363,3 +363,76 @@ def test_older_caches_still_read(tmp_path, runner, store_path, teacher_path):
     cache = LogitCache.open(tmp_path / "c")
     assert cache.mode == "topk" and cache.plan.factored_dtype is None
     _precompute(runner, store_path, [teacher_path], tmp_path / "c", "--top-k", "8")  # resumes: same identity
+
+
+# ------------------------------------------------------------------------------------------ verify, info, audit, eval
+
+
+def _chunk_mtimes(root: Path) -> dict[str, float]:
+    return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in root.rglob("*")
+            if p.is_file() and "c" in p.relative_to(root).parts}
+
+
+def test_verify_recompute_repair_info_audit_and_eval(tmp_path, runner, teachers, store_path):
+    from cachekd.evaluate import evaluate
+
+    teacher = teachers["gptj_bias"]
+    out = tmp_path / "c"
+    cache = _precompute(runner, store_path, [teacher], out, "--factored")
+    name = cache.teachers[0]
+    ref = _factor_and_chunk_arrays(cache)
+    r = invoke(runner, ["verify", out, "--quiet", "--recompute", "6", "--json"])
+    rep = json.loads(r.output)
+    assert r.exit_code == 0 and rep["ok"], r.output
+    rec = rep["recompute"][name]
+    assert rec["within_tolerance"] and rec["mean_kl_teacher_to_rebuilt@tau=1"] <= 1e-5
+    assert rec["mean_kl_teacher_to_rebuilt@tau=2"] <= 1e-5
+    # info: the kind, d, the bytes of each array, the rebuild's KL
+    info = json.loads(invoke(runner, ["info", out, "--json"]).output)
+    assert info["storage_kind"] == "factored int8 (d=32)" and info["factored"]["hidden_size"] == {name: 32}
+    assert info["factored"]["bias"] == {name: True} and set(info["factored"]["factor_bytes"]) == {"weight", "bias",
+                                                                                                   "dim_scale"}
+    assert sum(info["bytes_per_array"].values()) <= 32 + 8
+    assert info["teacher_stats"][f"train/{name}"]["rebuild_kl"] <= 1e-5
+    text = invoke(runner, ["info", out]).output
+    assert "factored" in text and "rebuild_kl" in text
+    # audit: the cache's own row holds all of the mass, its KL the rebuild's
+    r = invoke(runner, ["audit", out, "--positions", "64", "--json"])
+    assert r.exit_code == 0, r.output
+    row = json.loads(r.output)["options"]["cache (factored int8 (d=32))"]["1"]
+    assert row["captured_mass"] == pytest.approx(1.0) and row["kl_full_to_target"] <= 1e-5
+    assert row["grad_angle_deg"] < 1.0
+    # eval --against-cache: the teacher agrees with its own cache
+    same = evaluate(teacher, dev_store=store_path, against_cache=out, progress=False)["against_cache"]
+    assert same["kl_kind"] == "full" and same["teachers"][name]["kl"] <= 1e-5
+    # a damaged h chunk: verify names it, --repair marks it, the same precompute recomputes only it
+    bad = out / "train" / name / "hidden" / "c" / "2" / "0" / "0"
+    os.truncate(bad, 100)
+    r = invoke(runner, ["verify", out, "--quiet", "--repair"])
+    assert r.exit_code == 1 and "Marked 1 chunk(s) for recomputation (train 2)" in r.output, r.output
+    assert "--factored" in r.output
+    before = _chunk_mtimes(out)
+    _precompute(runner, store_path, [teacher], out, "--factored")
+    changed = {k for k, v in _chunk_mtimes(out).items() if before.get(k) != v}
+    assert changed == {f"train/{name}/hidden/c/2/0/0", f"train/{name}/hidden_scale/c/2/0"}, changed
+    # damaged factors: rewritten from the teacher with the recorded scales, no chunk recomputed
+    with open(out / "factors" / name / "weight" / "c" / "0" / "0", "r+b") as f:
+        f.seek(20)
+        f.write(bytes(16))
+    with pytest.raises(Exception, match="output layer"):
+        LogitCache.open(out).factors(name)
+    r = invoke(runner, ["verify", out, "--quiet", "--repair"])
+    assert r.exit_code == 1 and "output layer (factors)" in r.output, r.output
+    before = _chunk_mtimes(out)
+    _precompute(runner, store_path, [teacher], out, "--factored")
+    changed = {k for k, v in _chunk_mtimes(out).items() if before.get(k) != v}
+    assert changed and all(k.startswith("factors/") for k in changed), changed
+    # the factors' marker lost: the scales are gone, every chunk is recomputed (same bytes: the same first windows)
+    (out / "done" / "factors.json").unlink()
+    r = invoke(runner, ["verify", out, "--quiet", "--repair"])
+    assert r.exit_code == 1 and "Marked 6 chunk(s)" in r.output, r.output
+    _precompute(runner, store_path, [teacher], out, "--factored")
+    got = _factor_and_chunk_arrays(LogitCache.open(out))
+    for k in ref:
+        np.testing.assert_array_equal(ref[k], got[k], err_msg=k)
+    assert invoke(runner, ["verify", out, "--quiet"]).exit_code == 0
