@@ -314,6 +314,10 @@ def test_refusals_say_one_sentence_and_write_nothing(tmp_path, runner, store_pat
     assert_clean_error(r, "--factored and --full exclude each other")
     r = invoke(runner, base + ["-o", tmp_path / "b", "--top-k", "8"])
     assert_clean_error(r, "--factored and --top-k exclude each other")
+    r = invoke(runner, base + ["-o", tmp_path / "d", "--sample", "8"])
+    assert_clean_error(r, "--factored and --sample exclude each other")
+    r = invoke(runner, base + ["-o", tmp_path / "e", "--teacher", tmp_path / "c", "--ensemble", "probs"])
+    assert_clean_error(r, "--ensemble probs cannot be cached factored", "--teacher-combine probs")
     # soft-capped logits (the configuration says so)
     capped = tmp_path / "capped"
     m = load_model(teacher_path)
@@ -323,7 +327,7 @@ def test_refusals_say_one_sentence_and_write_nothing(tmp_path, runner, store_pat
     r = invoke(runner, ["precompute", "--store", store_path, "--teacher", capped, "--factored", "-o", tmp_path / "c",
                         "--quiet"])
     assert_clean_error(r, "soft-caps its logits", "cannot be cached factored")
-    for name in ("a", "b", "c"):
+    for name in ("a", "b", "c", "d", "e"):
         assert not (tmp_path / name).exists(), name
 
 
