@@ -20,7 +20,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -77,7 +76,22 @@ def nonlinear_reason(model: torch.nn.Module) -> str | None:
 
 def output_layer(model: torch.nn.Module, vocab_size: int, name: str) -> OutputLayer:
     """Teacher `name`'s output layer over the first `vocab_size` outputs, float32 on the model's device; a teacher
-    whose logits are not linear in its output layer's input is refused in one sentence."""
+    whose logits are not linear in its output layer's input is refused in one sentence.
+
+    An ensemble by logits (`teachers.EnsembleTeacher`, combine "logits") is linear in its members' inputs side by side:
+    Σ w_i (W_i h_i + b_i) = [w_1 W_1, w_2 W_2, ...]·[h_1; h_2; ...] + Σ w_i b_i (its log-probabilities differ from that
+    by a constant a position, which the softmax removes), so its layer is the members' layers concatenated."""
+    members = _members(model)
+    if members is not None:
+        if getattr(model, "combine", None) != "logits":
+            raise CachekdError(f"teacher {name!r} mixes its members' probabilities, which is not linear in their output "
+                               f"layers' inputs, so it cannot be cached factored; use --ensemble logits, or cache the "
+                               f"members factored and combine them at training time (--teacher-combine probs).")
+        layers = [output_layer(m, vocab_size, name) for m in members]
+        weights = [float(w) for w in model.weights]
+        biases = [w * layer.bias for w, layer in zip(weights, layers) if layer.bias is not None]
+        return OutputLayer(torch.cat([w * layer.weight for w, layer in zip(weights, layers)], dim=1),
+                           sum(biases) if biases else None)
     why = nonlinear_reason(model)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     weight = getattr(head, "weight", None)
@@ -91,24 +105,53 @@ def output_layer(model: torch.nn.Module, vocab_size: int, name: str) -> OutputLa
                        None if bias is None else bias.detach()[:vocab_size].float())
 
 
-class _Capture(SimpleNamespace):
-    hidden: Tensor | None = None
+def _members(model: torch.nn.Module) -> list[torch.nn.Module] | None:
+    """The member models of an ensemble teacher, None for a single model."""
+    members = getattr(model, "members", None)
+    return list(members) if isinstance(members, torch.nn.ModuleList) else None
+
+
+class _Capture:
+    """The inputs of the output layers captured in the last forward: `hidden` (B, T, d), the members' side by side
+    for an ensemble."""
+
+    def __init__(self, num: int) -> None:
+        self.parts: list[Tensor | None] = [None] * num
+
+    @property
+    def hidden(self) -> Tensor | None:
+        if any(p is None for p in self.parts):
+            return None
+        return self.parts[0] if len(self.parts) == 1 else torch.cat([p.float() for p in self.parts], dim=-1)
 
 
 @contextmanager
 def capture_hidden(model: torch.nn.Module) -> Iterator[_Capture]:
-    """Within the block, ``.hidden`` is the input of the model's output layer in its last forward (B, T, d)."""
-    got = _Capture()
+    """Within the block, ``.hidden`` is the input of the model's output layer in its last forward (B, T, d) (an
+    ensemble's: its members' concatenated, the order of `output_layer`'s columns)."""
+    models = _members(model) or [model]
+    got = _Capture(len(models))
 
-    def hook(module, args, kwargs):
-        x = args[0] if args else kwargs.get("input")
-        got.hidden = x.detach()
+    def hook_for(i: int):
+        def hook(module, args, kwargs):
+            x = args[0] if args else kwargs.get("input")
+            got.parts[i] = x.detach()
+        return hook
 
-    handle = model.get_output_embeddings().register_forward_pre_hook(hook, with_kwargs=True)
+    handles = [m.get_output_embeddings().register_forward_pre_hook(hook_for(i), with_kwargs=True)
+               for i, m in enumerate(models)]
     try:
         yield got
     finally:
-        handle.remove()
+        for h in handles:
+            h.remove()
+
+
+def logit_error(rebuilt: Tensor, logits: Tensor) -> Tensor:
+    """(...,) max over the vocabulary of |rebuilt − logits| after removing their mean difference a position: a
+    constant a position changes no softmax (an ensemble's logits are log-probabilities)."""
+    diff = rebuilt.float() - logits.float()
+    return (diff - diff.mean(-1, keepdim=True)).abs().amax(-1)
 
 
 def rebuild_logits(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
@@ -131,7 +174,7 @@ def check_linear(name: str, logits: Tensor, rebuilt: Tensor, reduced: bool) -> N
     `LINEAR_TOLERANCE` (`reduced`: it ran in bf16/fp16 autocast): something between its output layer and its
     logits (a scale, a cap, another head) that a factored cache cannot reproduce."""
     z = logits.float()
-    err = float((rebuilt.float() - z).abs().max())
+    err = float(logit_error(rebuilt, z).max())
     bound = LINEAR_TOLERANCE["reduced" if reduced else "float32"] * (1.0 + float(z.abs().max()))
     if not err <= bound:
         raise CachekdError(

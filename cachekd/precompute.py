@@ -379,7 +379,7 @@ def _factored_targets(model, x: torch.Tensor, layer: _Factored, dtype: str, voca
         h = enc.decode_hidden(arrays.get("hidden"), arrays.get("hidden_scale"), dtype)
         rebuilt = factored.rebuild_logits(h, layer.weight, layer.bias)
         stats = {"lse": torch.logsumexp(z, -1, keepdim=True), "entropy": factored.entropy_rows(z),
-                 "rebuild_kl": factored.kl_rows(z, rebuilt), "rebuild_err": (rebuilt - z).abs().amax(-1)}
+                 "rebuild_kl": factored.kl_rows(z, rebuilt), "rebuild_err": factored.logit_error(rebuilt, z)}
     return arrays, stats
 
 

@@ -440,3 +440,49 @@ def test_verify_recompute_repair_info_audit_and_eval(tmp_path, runner, teachers,
     for k in ref:
         np.testing.assert_array_equal(ref[k], got[k], err_msg=k)
     assert invoke(runner, ["verify", out, "--quiet"]).exit_code == 0
+
+
+# ------------------------------------------------------------------------------------------ ensembles
+
+
+def test_ensemble_by_logits_cached_factored_is_the_exact_combination(tmp_path, runner, store_path, teachers):
+    """`--ensemble logits --factored`: the members' layers side by side (d = d_1 + d_2, biases weighted); the rebuilt
+    logits are the weighted sum of the members' (float64, up to a constant a position); verify --recompute rebuilds
+    the ensemble from its members."""
+    from cachekd.models import load_model
+
+    a, b = teachers["llama"], teachers["gptj_bias"]
+    cache = _precompute(runner, store_path, [a, b], tmp_path / "e", "--factored", "--ensemble", "logits",
+                        "--ensemble-weights", "1,3")
+    assert cache.teachers == ["ensemble"] and cache.plan.hidden_size("ensemble") == 64
+    assert cache.plan.has_bias("ensemble")
+    st = TokenStore.open(store_path)
+    x = st.read("train", 0, 24)
+    za, zb = (_teacher_logits(load_model(t), x, st.vocab_size) for t in (a, b))
+    ref = 0.25 * torch.log_softmax(za, -1) + 0.75 * torch.log_softmax(zb, -1)
+    got = rebuilt_logits(cache, "train", 0, 24)
+    assert _kl(ref, got).mean() <= 1e-5 and _kl(ref, got, 2.0).mean() <= 1e-5
+    r = invoke(runner, ["verify", tmp_path / "e", "--quiet", "--recompute", "4", "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)["recompute"]["ensemble"]["within_tolerance"]
+
+
+def test_two_factored_teachers_combined_in_training_equal_online(tmp_path, runner, store_path, teachers):
+    """One factored cache of two teachers, combined at training time by probabilities (mixing, τ 2): the KD of every
+    step equals the same run --online."""
+    from cachekd.trainer import run
+
+    a, b = teachers["sharp"], teachers["gpt2_tied"]
+    _precompute(runner, store_path, [a, b], tmp_path / "f", "--factored")
+    base = {"objective": "forward_kl", "temperature": 2.0, "alpha": 0.7, "ce_weight": 0.5, "teacher_combine": "probs",
+            "teacher_weights": [1.0, 3.0]}
+    run(_train_cfg(store_path, tmp_path / "off", {**base, "cache": str(tmp_path / "f")}), progress=False)
+    run(_train_cfg(store_path, tmp_path / "on", {**base, "online": True, "teachers": [str(a), str(b)]}), progress=False)
+
+    def kd(d):
+        return [json.loads(x)["kd"] for x in (d / "metrics.jsonl").read_text().splitlines() if '"train"' in x]
+
+    off, on = kd(tmp_path / "off"), kd(tmp_path / "on")
+    assert len(off) == 4
+    for x, y in zip(off, on):
+        assert abs(x - y) <= 1e-3 + 0.01 * abs(y), (off, on)
