@@ -169,6 +169,26 @@ def fit_dim_scale(hidden: Tensor) -> Tensor:
     return torch.exp2(exponent.clamp(-60, 60)).float()
 
 
+def fit_basis(hidden: Tensor, rank: int) -> tuple[Tensor, Tensor]:
+    """(mean (d,), basis (d, rank)) float32: the mean of the sample `hidden` (n, d) and its `rank` principal
+    directions (eigenvectors of the covariance with the largest eigenvalues, in float64, each signed so that its
+    largest component is positive: the same sample gives the same basis)."""
+    h = hidden.detach().double().reshape(-1, hidden.shape[-1])
+    mean = h.mean(0)
+    x = h - mean
+    cov = x.T @ x / max(h.shape[0] - 1, 1)
+    _, vectors = torch.linalg.eigh(cov)  # ascending eigenvalues
+    basis = vectors[:, -rank:].flip(-1)
+    sign = torch.sign(basis.gather(0, basis.abs().argmax(0, keepdim=True)))
+    return mean.float(), (basis * sign).float()
+
+
+def project(hidden: Tensor, mean: Tensor, basis: Tensor) -> Tensor:
+    """(..., d) → (..., r) the coefficients Uᵀ(h − μ) of h on the basis, in h's dtype (float32 at least)."""
+    dtype = torch.promote_types(hidden.dtype, torch.float32)
+    return (hidden.to(dtype) - mean.to(dtype)) @ basis.to(dtype)
+
+
 def check_linear(name: str, logits: Tensor, rebuilt: Tensor, reduced: bool) -> None:
     """Refuse teacher `name` when the logits rebuilt from h (float32) differ from its own `logits` by more than
     `LINEAR_TOLERANCE` (`reduced`: it ran in bf16/fp16 autocast): something between its output layer and its

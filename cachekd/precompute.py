@@ -88,6 +88,11 @@ class PrecomputeConfig:
     with one matmul and never loads the teacher."""
     factored_dtype: str = "int8"
     """How `factored` stores h: int8 (one scale a position, d + 4 bytes), bf16 or fp16 (2·d bytes)."""
+    factored_rank: int | None = None
+    """r < d: the compressed form, r coefficients a position on the mean and r principal directions of h, fitted
+    once on `factored_fit_windows` train windows drawn with `factored_fit_seed` (recorded in the plan). None: h."""
+    factored_fit_windows: int = 256
+    factored_fit_seed: int = 0
 
     default_storage: bool = field(default=False, init=False)
     """Set when neither top_k nor sample nor full was given: the cache takes `DEFAULT_STORAGE`."""
@@ -101,11 +106,17 @@ class PrecomputeConfig:
             if self.factored_dtype not in fmt.FACTORED_DTYPES:
                 raise CachekdError(f"--factored-dtype must be one of {', '.join(fmt.FACTORED_DTYPES)} "
                                    f"(got {self.factored_dtype!r}).")
+            if self.factored_rank is not None and self.factored_rank < 1:
+                raise CachekdError(f"--factored-rank must be at least 1 (got {self.factored_rank}).")
+            if self.factored_fit_windows < 1:
+                raise CachekdError(f"--factored-fit-windows must be at least 1 (got {self.factored_fit_windows}).")
             if self.ensemble == "probs":
                 raise CachekdError("--ensemble probs cannot be cached factored (a mixture of probabilities is not "
                                    "linear in the teachers' output-layer inputs); use --ensemble logits, or cache the "
                                    "teachers factored on their own and combine them at training time "
                                    "(--teacher-combine probs).")
+        elif self.factored_rank is not None:
+            raise CachekdError("--factored-rank needs --factored.")
         if self.top_k is None and self.sample is None and not self.full and not self.factored:
             self.top_k, self.sample = DEFAULT_STORAGE
             self.default_storage = True
@@ -242,7 +253,9 @@ def build_plan(cfg: PrecomputeConfig, store: TokenStore, teachers: list[dict[str
         sample=None if cfg.sample is None else fmt.SampleSpec(
             cfg.sample, None if cfg.proposal_temperature is None else float(cfg.proposal_temperature),
             cfg.sample_seed).to_dict(),
-        factored={"dtype": cfg.factored_dtype, "weight_dtype": "float32"} if cfg.factored else None,
+        factored=None if not cfg.factored else {"dtype": cfg.factored_dtype, "weight_dtype": "float32"} | (
+            {} if cfg.factored_rank is None else {"rank": cfg.factored_rank, "fit": {
+                "windows": cfg.factored_fit_windows, "seed": cfg.factored_fit_seed}}),
     )
 
 
@@ -334,9 +347,11 @@ def _chunk_targets(models: list, infos: list[dict[str, Any]], tokens: np.ndarray
 class _Factored:
     """A factored cache's teacher on the device: its output layer (float32, dim_scale folded in) and the scale."""
 
-    weight: torch.Tensor  # (V, d)
+    weight: torch.Tensor  # (V, w): w = d, or r for the compressed form
     bias: torch.Tensor | None  # (V,)
-    dim_scale: torch.Tensor  # (d,)
+    dim_scale: torch.Tensor  # (w,)
+    mean: torch.Tensor | None = None  # (d,) compressed form only
+    basis: torch.Tensor | None = None  # (d, r) compressed form only
 
 
 PROBE_WINDOWS = 8
@@ -345,7 +360,8 @@ output layer's input (`factored.check_linear`) and its per-dimension scales are 
 
 
 def _probe_factored(models: list, infos: list[dict[str, Any]], store: TokenStore, split: str, vocab: int,
-                    device: torch.device, amp: torch.dtype | None) -> dict[str, tuple[factored.OutputLayer, torch.Tensor]]:
+                    device: torch.device, amp: torch.dtype | None, rank: int | None = None
+                    ) -> dict[str, tuple[factored.OutputLayer, torch.Tensor]]:
     """Per teacher, its output layer and the fitted per-dimension scale; a teacher whose logits are not W·h + b is
     refused here, before anything is written. Records each teacher's `output_layer` facts in its info."""
     x = torch.from_numpy(store.read(split, 0, min(PROBE_WINDOWS, store.num_windows(split))).astype(np.int64)).to(device)
@@ -360,10 +376,44 @@ def _probe_factored(models: list, infos: list[dict[str, Any]], store: TokenStore
                                f"(get_output_embeddings), so it cannot be cached factored; use another storage "
                                f"option (e.g. --full or the default).")
         h = got.hidden.float()
+        if rank is not None and rank >= layer.hidden_size:
+            raise CachekdError(f"--factored-rank {rank} is not below teacher {info['name']!r}'s d = "
+                               f"{layer.hidden_size}; leave it out for the exact form.")
         factored.check_linear(info["name"], logits, factored.rebuild_logits(h, layer.weight, layer.bias), amp is not None)
         info["output_layer"] = {"hidden_size": layer.hidden_size, "bias": layer.bias is not None}
         out[info["name"]] = (layer, factored.fit_dim_scale(h))
     return out
+
+
+def _fit_factored(models: list, infos: list[dict[str, Any]], store: TokenStore, plan: fmt.CachePlan,
+                  probed: dict[str, tuple[factored.OutputLayer, torch.Tensor]], batch_size: int, device: torch.device,
+                  amp: torch.dtype | None) -> tuple[dict, dict, dict]:
+    """The compressed form's fit: each teacher's h on the plan's sample of train windows (drawn with its seed), its
+    mean and principal directions (`factored.fit_basis`), the layer that takes the coefficients (W·U, b + W·μ)
+    and their per-dimension scales. Returns (layers, dim_scales, extra) for `writer.write_factors`."""
+    fit, rank = plan.factored["fit"], int(plan.factored_rank)
+    split = "train" if "train" in plan.splits else next(iter(plan.splits))
+    n = store.num_windows(split)
+    rows = np.sort(np.random.default_rng(int(fit["seed"])).choice(n, size=min(int(fit["windows"]), n), replace=False))
+    tokens = np.stack([store.read(split, int(r), int(r) + 1)[0] for r in rows]).astype(np.int64)
+    layers, scales, extra = {}, {}, {}
+    for info, model in zip(infos, models):
+        layer, _ = probed[info["name"]]
+        parts = []
+        for b in range(0, len(tokens), batch_size):
+            x = torch.from_numpy(tokens[b:b + batch_size]).to(device)
+            with factored.capture_hidden(model) as got, torch.inference_mode(), \
+                    torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+                model(input_ids=x)
+            parts.append(got.hidden.float())
+        h = torch.cat(parts)
+        mean, basis = factored.fit_basis(h, rank)
+        w = layer.weight
+        bias = (w @ mean) + (0.0 if layer.bias is None else layer.bias)
+        layers[info["name"]] = ((w @ basis).cpu().numpy(), bias.cpu().numpy())
+        scales[info["name"]] = factored.fit_dim_scale(factored.project(h, mean, basis)).cpu().numpy()
+        extra[info["name"]] = {"mean": mean.cpu().numpy(), "basis": basis.cpu().numpy()}
+    return layers, scales, extra
 
 
 def _factored_targets(model, x: torch.Tensor, layer: _Factored, dtype: str, vocab: int, amp: torch.dtype | None,
@@ -375,7 +425,10 @@ def _factored_targets(model, x: torch.Tensor, layer: _Factored, dtype: str, voca
         z = model(input_ids=x).logits[..., :vocab]
     with torch.inference_mode():
         z = z.float()
-        arrays = enc.encode_hidden(got.hidden.float() / layer.dim_scale, dtype)
+        h = got.hidden.float()
+        if layer.basis is not None:
+            h = factored.project(h, layer.mean, layer.basis)
+        arrays = enc.encode_hidden(h / layer.dim_scale, dtype)
         h = enc.decode_hidden(arrays.get("hidden"), arrays.get("hidden_scale"), dtype)
         rebuilt = factored.rebuild_logits(h, layer.weight, layer.bias)
         stats = {"lse": torch.logsumexp(z, -1, keepdim=True), "entropy": factored.entropy_rows(z),
@@ -421,17 +474,24 @@ def precompute(cfg: PrecomputeConfig, *, force: bool = False, progress: bool = T
         models = [EnsembleTeacher(models, infos[0]["weights"], cfg.ensemble, vocab).eval()]
     probed = None
     if cfg.factored:  # refuse a teacher that is not linear in its output layer before anything is written
-        probed = _probe_factored(models, infos, store, cfg.splits[0], vocab, device, amp)
+        probed = _probe_factored(models, infos, store, cfg.splits[0], vocab, device, amp, cfg.factored_rank)
     plan = build_plan(cfg, store, infos, vocab)
     plan, lock = _open_cache(root, plan, force and (world == 1 or rank == 0), slot, slots, rank, world)
     try:
         layers = None
-        if probed is not None:  # the first writer's scales, as stored (a resume or another part reads them)
-            stored = cw.write_factors(root, plan, {t: (l.weight.cpu().numpy(), None if l.bias is None else l.bias.cpu().numpy())
-                                                   for t, (l, _) in probed.items()},
-                                      {t: s.cpu().numpy() for t, (_, s) in probed.items()})
+        if probed is not None:  # the first writer's factors, as stored (a resume or another part reads them)
+            stored = cw.stored_factors(root, plan)
+            if stored is None and plan.factored_rank is not None:
+                stored = cw.write_factors(root, plan, *_fit_factored(models, infos, store, plan, probed,
+                                                                     cfg.batch_size, device, amp))
+            elif stored is None:
+                stored = cw.write_factors(
+                    root, plan, {t: (l.weight.cpu().numpy(), None if l.bias is None else l.bias.cpu().numpy())
+                                 for t, (l, _) in probed.items()},
+                    {t: s.cpu().numpy() for t, (_, s) in probed.items()})
             layers = {t: _Factored(*(None if f.get(n) is None else torch.from_numpy(f[n]).to(device)
-                                     for n in ("weight", "bias", "dim_scale"))) for t, f in stored.items()}
+                                     for n in ("weight", "bias", "dim_scale", "mean", "basis")))
+                      for t, f in stored.items()}
         todo = [(split, c) for split in plan.splits
                 for c in fmt.pending_chunks(root, split, plan.num_chunks(split)) if c % slots == slot]
         positions = sum(stop - start for start, stop in (plan.chunk_range(s, c) for s, c in todo)) * store.seq_len

@@ -486,3 +486,60 @@ def test_two_factored_teachers_combined_in_training_equal_online(tmp_path, runne
     assert len(off) == 4
     for x, y in zip(off, on):
         assert abs(x - y) <= 1e-3 + 0.01 * abs(y), (off, on)
+
+
+# ------------------------------------------------------------------------------------------ the compressed form
+
+
+def test_compressed_form_seed_resume_and_fidelity(tmp_path, runner, store_path, teachers):
+    """--factored-rank r: r coefficients a position on a basis fitted on a seeded sample (recorded in the plan);
+    the same seed gives the same bytes (also across --part shares and after a resume), another seed another basis;
+    the rebuild's KL falls as r grows; verify --recompute checks the stored coefficients against the teacher's."""
+    from cachekd.models import load_model
+
+    teacher = teachers["llama"]
+    args = ["--factored", "--factored-rank", "8", "--factored-fit-windows", "64"]
+    a = _precompute(runner, store_path, [teacher], tmp_path / "a", *args)
+    plan = json.loads((tmp_path / "a" / "plan.json").read_text())
+    assert plan["factored"] == {"dtype": "int8", "weight_dtype": "float32", "rank": 8,
+                                "fit": {"windows": 64, "seed": 0}}
+    name = a.teachers[0]
+    assert a.plan.storage_kind == "factored int8 rank 8 (d=32)"
+    assert a.read("train", 0, 2)[name].hidden.shape[-1] == 8 and a.factors(name)["basis"].shape == (32, 8)
+    parts = tmp_path / "parts"
+    for i in (1, 2):
+        invoke(runner, ["precompute", "--store", store_path, "--teacher", teacher, "-o", parts, *args,
+                        "--part", f"{i}/2", "--quiet"])
+    ref = _factor_and_chunk_arrays(a)
+    got = _factor_and_chunk_arrays(LogitCache.open(parts))
+    for k in ref:
+        np.testing.assert_array_equal(ref[k], got[k], err_msg=k)
+    other = _precompute(runner, store_path, [teacher], tmp_path / "b", *args[:-1], "64", "--factored-fit-seed", "1")
+    assert not np.array_equal(other.factors(name)["basis"], a.factors(name)["basis"])
+    # fidelity grows with r (the exact form is the limit)
+    st = TokenStore.open(store_path)
+    z = _teacher_logits(load_model(teacher), st.read("train", 0, 32), st.vocab_size)
+    r16 = _precompute(runner, store_path, [teacher], tmp_path / "r16", "--factored", "--factored-rank", "24")
+    kl8, kl24 = (float(_kl(z, rebuilt_logits(c, "train", 0, 32)).mean()) for c in (a, r16))
+    assert kl24 < kl8
+    r = invoke(runner, ["verify", tmp_path / "a", "--quiet", "--recompute", "4", "--json"])
+    assert r.exit_code == 0, r.output
+    rec = json.loads(r.output)["recompute"][name]
+    assert rec["within_tolerance"] and rec["mean_kl_teacher_to_rebuilt@tau=1"] == pytest.approx(
+        json.loads((tmp_path / "a" / "manifest.json").read_text())["stats"]["train"][name]["mean_rebuild_kl"], rel=1.0)
+    # damaged factors of the compressed form: repair refits and recomputes every chunk, to the same bytes
+    with open(tmp_path / "a" / "factors" / name / "basis" / "c" / "0" / "0", "r+b") as f:
+        f.seek(10)
+        f.write(bytes(8))
+    r = invoke(runner, ["verify", tmp_path / "a", "--quiet", "--repair"])
+    assert r.exit_code == 1 and "Marked 6 chunk(s)" in r.output and "--factored-rank 8" in r.output, r.output
+    _precompute(runner, store_path, [teacher], tmp_path / "a", *args)
+    got = _factor_and_chunk_arrays(LogitCache.open(tmp_path / "a"))
+    for k in ref:
+        np.testing.assert_array_equal(ref[k], got[k], err_msg=k)
+    assert_clean_error(invoke(runner, ["precompute", "--store", store_path, "--teacher", teacher, "-o", tmp_path / "x",
+                                       "--factored", "--factored-rank", "32", "--quiet"]), "--factored-rank 32",
+                       "d = 32")
+    assert not (tmp_path / "x").exists()
+    assert_clean_error(invoke(runner, ["precompute", "--store", store_path, "--teacher", teacher, "-o", tmp_path / "y",
+                                       "--factored-rank", "4", "--quiet"]), "--factored-rank needs --factored")

@@ -37,6 +37,10 @@ here).
       factors/<teacher>/bias            (V,) float32: its bias (heads with a bias only)
       factors/<teacher>/dim_scale       (d,) float32: a power of two per dimension of h (fitted on the first
                                         windows, so outlier dimensions do not take an int8 row's range)
+    compressed (``--factored-rank r``): per position the r coefficients c = Uᵀ(h − μ) / dim_scale instead of h,
+    with μ (d,) and U (d, r) the mean and principal directions of h on a seeded sample of train windows:
+      factors/<teacher>/weight, bias    (V, r), (V,): W·U·diag(dim_scale) and b + W·μ, so z ≈ weight·c + bias
+      factors/<teacher>/mean, basis     (d,), (d, r) float32: μ and U, for re-encoding (verify --recompute)
       done/factors.json                 marker written after every teacher's factors are on disk: their
                                         CRC-32Cs and the SHA-256 of each weight
       done/<split>/<chunk>.json         marker written after every teacher's data of that chunk is on disk;
@@ -116,7 +120,7 @@ def array_path(split: str, teacher: str, name: str) -> str:
 
 
 FACTORS_DIR = "factors"          # factors/<teacher>/{weight,bias,dim_scale}: a factored cache's output layers
-FACTOR_NAMES = ("weight", "bias", "dim_scale")
+FACTOR_NAMES = ("weight", "bias", "dim_scale", "mean", "basis")
 FACTORS_DONE = "factors.json"    # done/factors.json: the factors' marker
 
 
@@ -385,7 +389,8 @@ class CachePlan:
     sample: dict[str, Any] | None = None
     """Sampled caches only: the `SampleSpec` as a JSON object (k is then the exact top-K of a hybrid, 0 for none)."""
     factored: dict[str, Any] | None = None
-    """Factored caches only: {"dtype": one of FACTORED_DTYPES, "weight_dtype": "float32"}; each teacher's record
+    """Factored caches only: {"dtype": one of FACTORED_DTYPES, "weight_dtype": "float32"}, plus for the compressed
+    form "rank": r and "fit": {"windows": n, "seed": s} (the sample the basis was fitted on); each teacher's record
     holds its `output_layer` ({"hidden_size": d, "bias": bool})."""
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
@@ -417,7 +422,10 @@ class CachePlan:
         if self.mode == "full":
             return "full logits"
         if self.mode == "factored":
-            return f"factored {self.factored_dtype} (d={', '.join(str(self.hidden_size(t)) for t in self.teacher_names)})"
+            d = ", ".join(str(self.hidden_size(t)) for t in self.teacher_names)
+            rank = self.factored_rank
+            return f"factored {self.factored_dtype} (d={d})" if rank is None else \
+                f"factored {self.factored_dtype} rank {rank} (d={d})"
         if self.mode == "topk":
             return f"top-{self.k}"
         spec = self.sample_spec
@@ -430,6 +438,16 @@ class CachePlan:
         """How a factored cache stores h (FACTORED_DTYPES); None for the other kinds."""
         return None if self.factored is None else str(self.factored.get("dtype", "int8"))
 
+    @property
+    def factored_rank(self) -> int | None:
+        """r of a compressed factored cache (r coefficients a position); None for the exact form."""
+        rank = (self.factored or {}).get("rank")
+        return None if rank is None else int(rank)
+
+    def stored_width(self, teacher: str) -> int:
+        """Numbers a position of a factored cache's teacher: r for the compressed form, else d."""
+        return self.factored_rank or self.hidden_size(teacher)
+
     def hidden_size(self, teacher: str) -> int:
         """d of a factored cache's teacher: the width of its output layer's input."""
         for t in self.teachers:
@@ -438,19 +456,25 @@ class CachePlan:
         raise KeyError(teacher)
 
     def has_bias(self, teacher: str) -> bool:
+        """Whether the stored output layer has a bias (always for the compressed form: b + W·μ)."""
+        if self.factored_rank is not None:
+            return True
         return any(t["name"] == teacher and bool(t["output_layer"].get("bias")) for t in self.teachers)
 
     def array_names(self) -> tuple[str, ...]:
         return array_names(self.mode, self.k, self.factored_dtype)
 
     def factor_specs(self, teacher: str) -> list[ArraySpec]:
-        """A factored cache's arrays written once per teacher: weight (V, d), bias (V,) and dim_scale (d,)."""
-        V, d = self.token_store.vocab_size, self.hidden_size(teacher)
-        rows = max(1, min(V, (16 << 20) // (4 * d)))  # chunks of at most 16 MiB
+        """A factored cache's arrays written once per teacher: weight (V, w), bias (V,) and dim_scale (w,), w = d or
+        r; the compressed form also mean (d,) and basis (d, r)."""
+        V, d, w = self.token_store.vocab_size, self.hidden_size(teacher), self.stored_width(teacher)
+        rows = max(1, min(V, (16 << 20) // (4 * w)))  # chunks of at most 16 MiB
         f32 = np.dtype(np.float32)
-        return ([ArraySpec("weight", (V, d), (rows, d), f32)]
+        rank = self.factored_rank
+        return ([ArraySpec("weight", (V, w), (rows, w), f32)]
                 + ([ArraySpec("bias", (V,), (V,), f32)] if self.has_bias(teacher) else [])
-                + [ArraySpec("dim_scale", (d,), (d,), f32)])
+                + [ArraySpec("dim_scale", (w,), (w,), f32)]
+                + ([ArraySpec("mean", (d,), (d,), f32), ArraySpec("basis", (d, rank), (d, rank), f32)] if rank else []))
 
     def num_chunks(self, split: str) -> int:
         return math.ceil(int(self.splits[split]) / self.chunk_windows)
@@ -467,7 +491,7 @@ class CachePlan:
         n, L, cw, V = int(self.splits[split]), self.token_store.seq_len, self.chunk_windows, self.token_store.vocab_size
         if self.mode == "factored":
             assert teacher is not None, "a factored cache's arrays depend on the teacher"
-            d, dtype = self.hidden_size(teacher), self.factored_dtype
+            d, dtype = self.stored_width(teacher), self.factored_dtype
             store = {"int8": np.int8, "bf16": np.int16, "fp16": np.float16}[dtype]
             return [ArraySpec("hidden", (n, L, d), (cw, L, d), np.dtype(store))] + (
                 [ArraySpec("hidden_scale", (n, L), (cw, L), np.dtype(np.float32))] if dtype == "int8" else [])

@@ -76,8 +76,8 @@ def verify_cache(path: str | Path, *, store_path: str | Path | None = None, reco
     report["damaged_chunks"] = _by_split(damaged)
     if repair:
         chunks = sorted(damaged)
-        if factors_problem and fmt.read_done_marker(fmt.factors_done_path(cache.path)) is None:
-            # the per-dimension scales every chunk was stored with are lost: every chunk is recomputed
+        if factors_problem and _factors_lost(cache):
+            # the scales (or the basis) every chunk was stored with are lost: every chunk is recomputed
             chunks = [(s, c) for s in cache.splits() for c in cache.done_chunks(s)]
         report["repair"] = repair_chunks(cache, chunks, store_problem, store_path=sp,
                                          factors_damaged=bool(factors_problem))
@@ -163,6 +163,13 @@ def _factored_problems(cache: LogitCache, b) -> list[str]:
         if not torch.isfinite(decode_hidden(torch.from_numpy(b.hidden), None, cache.plan.factored_dtype)).all():
             out.append("non-finite hidden values")
     return out
+
+
+def _factors_lost(cache: LogitCache) -> bool:
+    """Damaged factors that precompute cannot write again for the chunks as stored: the marker with the scales is
+    gone, or the compressed form's basis (fitted once) is among them."""
+    return (cache.plan.factored_rank is not None
+            or fmt.read_done_marker(fmt.factors_done_path(cache.path)) is None)
 
 
 def _factors_problem(cache: LogitCache) -> str | None:
@@ -259,7 +266,7 @@ def repair_chunks(cache: LogitCache, chunks: list[tuple[str, int]], store_proble
             "restore the teacher checkpoints and the token store the cache was built from, then run "
             f"`cachekd verify {cache.path} --repair` again")}
     removed = cw.mark_for_recompute(cache.path, chunks)
-    if factors_damaged and fmt.read_done_marker(fmt.factors_done_path(cache.path)) is None:
+    if factors_damaged and _factors_lost(cache):
         fmt.factors_done_path(cache.path).unlink(missing_ok=True)
     return {"marked_for_recompute": _by_split(removed),
             "removed_damaged_manifest": cache.manifest_problem is not None or factors_damaged,
@@ -286,6 +293,10 @@ def precompute_command(cache: LogitCache, store_path: Path | None = None) -> str
         args.append("--factored")
         if plan.factored_dtype != "int8":
             args += ["--factored-dtype", plan.factored_dtype]
+        if plan.factored_rank is not None:
+            fit = plan.factored["fit"]
+            args += ["--factored-rank", str(plan.factored_rank), "--factored-fit-windows", str(fit["windows"]),
+                     "--factored-fit-seed", str(fit["seed"])]
     else:
         args += ["--top-k", str(plan.k)]
         temps = [f"{t:g}" if float(f"{t:g}") == t else repr(float(t)) for t in plan.temperatures]
@@ -310,6 +321,7 @@ def recompute_windows(cache: LogitCache, store, n: int, seed: int) -> dict[str, 
     import torch
 
     from cachekd.ensemble import load_cached_teacher
+    from cachekd.factored import capture_hidden
     from cachekd.teacher_rows import teacher_targets
 
     split = "train" if "train" in cache.splits() else cache.splits()[0]
@@ -324,13 +336,13 @@ def recompute_windows(cache: LogitCache, store, n: int, seed: int) -> dict[str, 
             out[info["name"]] = {"skipped": str(e).rstrip(".")}
             continue
         x = torch.from_numpy(np.stack([store.read(split, r, r + 1)[0] for r in rows]).astype(np.int64))
-        with torch.inference_mode():
+        with torch.inference_mode(), capture_hidden(model) as got:
             logits = model(input_ids=x).logits
         allowance = _precision_allowance(cache, split, rows)
         if cache.mode == "factored":
             try:
-                out[info["name"]] = _recompute_factored(cache, info["name"], logits[..., : cache.vocab_size], blocks,
-                                                        rows, allowance)
+                out[info["name"]] = _recompute_factored(cache, info["name"], logits[..., : cache.vocab_size],
+                                                        got.hidden, blocks, rows, allowance)
             except CachekdError as e:  # damaged factors: reported by the checks above
                 out[info["name"]] = {"skipped": str(e).split(";")[0]}
             continue
@@ -364,20 +376,27 @@ def recompute_windows(cache: LogitCache, store, n: int, seed: int) -> dict[str, 
     return out
 
 
-def _recompute_factored(cache: LogitCache, teacher: str, logits, blocks, rows: np.ndarray,
+def _recompute_factored(cache: LogitCache, teacher: str, logits, hidden, blocks, rows: np.ndarray,
                         allowance: float) -> dict[str, Any]:
     """A factored cache's windows against the teacher run again (float32): the rebuilt logits (up to a constant a
-    position) within the rounding of the stored h (`factored.rounding_bound`, per logit) plus the precision
-    allowance, and the mean KL(teacher ‖ rebuilt) at τ = 1 and 2."""
+    position) within the rounding of the stored values (`factored.rounding_bound`, per logit) plus the precision
+    allowance of what the stored values encode: the teacher's own logits (exact form), or the same logits from the
+    recomputed h's coefficients on the stored basis (compressed form, whose projection error is not a storage
+    fault); and the mean KL(teacher ‖ rebuilt) at τ = 1 and 2 (the compressed form's includes its projection)."""
     import torch
 
-    from cachekd.factored import block_logits, kl_rows, rounding_bound
+    from cachekd.factored import block_logits, kl_rows, project, rebuild_logits, rounding_bound
 
     fresh = logits.double()
     got = torch.cat([block_logits(cache, teacher, b, torch.float64) for b in blocks])
     bound = torch.from_numpy(np.concatenate([rounding_bound(cache, teacher, b) for b in blocks]))
+    expected = fresh
+    if cache.plan.factored_rank is not None:
+        f = {k: torch.from_numpy(v).double() for k, v in cache.factors(teacher).items()}
+        c = project(hidden.double(), f["mean"], f["basis"]) / f["dim_scale"]
+        expected = rebuild_logits(c, f["weight"], f["bias"])
     # up to a constant a position (an ensemble's logits are log-probabilities): |δ − mean δ| ≤ bound + mean bound
-    diff = got - fresh
+    diff = got - expected
     diff = diff - diff.mean(-1, keepdim=True)
     excess = (diff.abs() - bound - bound.mean(-1, keepdim=True)).reshape(len(rows), -1).amax(-1).numpy()
     diffs = {"max_abs_logit_diff_beyond_rounding": np.maximum(excess, 0.0)}

@@ -269,8 +269,19 @@ class ChunkWriter:
         mark_done(self.root, split, chunk, {**stats, **({fmt.CHUNK_CRC32C: crcs} if crcs else {})})
 
 
+def stored_factors(root: Path, plan: fmt.CachePlan) -> dict[str, dict[str, np.ndarray]] | None:
+    """A factored cache's output layers as stored, or None while they are not written (or are damaged)."""
+    from cachekd.cache.reader import read_factor_arrays
+
+    try:
+        return read_factor_arrays(root, plan)
+    except CachekdError:
+        return None
+
+
 def write_factors(root: Path, plan: fmt.CachePlan, layers: dict[str, tuple[np.ndarray, np.ndarray | None]],
-                  dim_scales: dict[str, np.ndarray]) -> dict[str, dict[str, np.ndarray]]:
+                  dim_scales: dict[str, np.ndarray], extra: dict[str, dict[str, np.ndarray]] | None = None
+                  ) -> dict[str, dict[str, np.ndarray]]:
     """A factored cache's output layers, written once; returns them as stored ({teacher: {"weight" (V, d) with
     dim_scale folded in, "bias" (heads with one), "dim_scale" (d,)}}, float32).
 
@@ -278,7 +289,9 @@ def write_factors(root: Path, plan: fmt.CachePlan, layers: dict[str, tuple[np.nd
     process fitted. The first writer's scales win: done/factors.json records them (powers of two, exact in JSON)
     with the CRC-32C of every factor chunk and the SHA-256 of each weight, and later runs (a resume, another
     `--part`, another rank) take them from there; stored factors that are missing or damaged are written again
-    from `layers` with the recorded scales (`verify --repair` then precompute). Serialised by the cache's lock."""
+    from `layers` with the recorded scales (`verify --repair` then precompute). The compressed form (`layers` are
+    then W·U and b + W·μ, `extra` the fit's "mean" and "basis") cannot be written again without its fit: `verify
+    --repair` removes the marker and marks every chunk. Serialised by the cache's lock."""
     import hashlib
 
     import zarr
@@ -291,14 +304,21 @@ def write_factors(root: Path, plan: fmt.CachePlan, layers: dict[str, tuple[np.nd
         if marker is not None and all(t in marker for t in plan.teacher_names):
             try:
                 return read_factor_arrays(root, plan)
-            except CachekdError:
+            except CachekdError as e:
+                if plan.factored_rank is not None:
+                    raise CachekdError(f"{str(e).split(';')[0]}; run `cachekd verify {root} --repair` (the compressed "
+                                       f"form's basis is refitted and every chunk recomputed), then this command "
+                                       f"again.") from None
                 dim_scales = {t: np.asarray(marker[t]["dim_scale"], dtype=np.float32) for t in plan.teacher_names}
         group = zarr.open_group(str(root), mode="r+")
         out, marker = {}, {}
         for teacher in plan.teacher_names:
             weight, bias = layers[teacher]
             scale = np.asarray(dim_scales[teacher], dtype=np.float32)
-            values = {"weight": np.asarray(weight, dtype=np.float32) * scale, "dim_scale": scale}
+            values = {"weight": np.asarray(weight, dtype=np.float32) * scale, "dim_scale": scale,
+                      **(extra or {}).get(teacher, {})}
+            # the layout they read back in: a strided array would take another matmul path (other rounding)
+            values = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in values.items()}
             if bias is not None:
                 values["bias"] = np.asarray(bias, dtype=np.float32)
             crcs: dict[str, list[str | None]] = {}
