@@ -543,3 +543,27 @@ def test_compressed_form_seed_resume_and_fidelity(tmp_path, runner, store_path, 
     assert not (tmp_path / "x").exists()
     assert_clean_error(invoke(runner, ["precompute", "--store", store_path, "--teacher", teacher, "-o", tmp_path / "y",
                                        "--factored-rank", "4", "--quiet"]), "--factored-rank needs --factored")
+
+
+def test_factored_cache_as_a_cohort_fixed_peer(tmp_path, runner, store_path, teacher_path):
+    """A factored cache's teacher as a cohort's fixed peer: its targets are the rebuilt logits (a FactoredTarget) at
+    the mutual τ, and the cohort runs."""
+    from cachekd.batch import CachedFactored
+    from cachekd.cohort.run import run_cohort
+    from cachekd.cohort.trainer import open_fixed_peers
+    from tests.test_cohort import PEERS, _cohort, _wml
+
+    out = tmp_path / "f"
+    _precompute(runner, store_path, [f"ta={teacher_path}"], out, "--factored")
+    store = TokenStore.open(store_path)
+    c = _cohort(store_path, tmp_path / "s", [PEERS[0]], _wml(fixed=["ta"], update_every=0, temperature=2.0), cache=out)
+    source = open_fixed_peers(c, store)
+    from cachekd.loader import WindowSource
+
+    src = WindowSource(store, "train", source.cache, ["ta"])
+    src.load_block((0, 0), np.array([0]))
+    batch = src.batch(np.arange(4))
+    assert isinstance(batch.teachers["ta"], CachedFactored)
+    (target,) = source.targets(batch, batch.input_ids)
+    assert isinstance(target, FactoredTarget) and target.hidden.shape == (4, store.seq_len, 32)
+    run_cohort(c, progress=False)
