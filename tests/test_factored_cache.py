@@ -567,3 +567,15 @@ def test_factored_cache_as_a_cohort_fixed_peer(tmp_path, runner, store_path, tea
     (target,) = source.targets(batch, batch.input_ids)
     assert isinstance(target, FactoredTarget) and target.hidden.shape == (4, store.seq_len, 32)
     run_cohort(c, progress=False)
+
+
+def test_the_rebuild_ignores_autocast():
+    """The trainer computes the loss under autocast: the teacher's logits are rebuilt in float32 all the same."""
+    hidden, weight, bias, student, labels = _factored_case(8)
+    target = FactoredTarget(hidden.float() * 30, weight.float(), bias.float())
+    cfg = KDConfig(objective="reverse_kl")
+    z = student.detach().float()
+    plain = distill_loss(z, labels, [target], cfg, chunk_size=4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under = distill_loss(z, labels, [target], cfg, chunk_size=4)
+    torch.testing.assert_close(under.kd_sum, plain.kd_sum, rtol=1e-6, atol=1e-6)

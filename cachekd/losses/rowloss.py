@@ -110,7 +110,10 @@ def teacher_rows(
     if isinstance(t, FlatFactored):
         hidden = take(t.hidden, rows).to(device=device, dtype=dtype)
         bias = None if t.bias is None else t.bias.to(device=device, dtype=dtype)
-        logits = F.linear(hidden, t.weight.to(device=device, dtype=dtype), bias)
+        # in `dtype` whatever autocast is active (the trainer's loss runs under it): a bf16 matmul would round the
+        # teacher's logits by ~|z|·2⁻⁸, and forward and the recomputing backward would differ
+        with torch.autocast(device.type, enabled=False):
+            logits = F.linear(hidden, t.weight.to(device=device, dtype=dtype), bias)
         return F.log_softmax(logits / tau, dim=-1)
     if isinstance(t, FlatSampled):
         return sampled_rows(t, rows, dtype, device, ignored)
