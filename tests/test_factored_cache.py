@@ -579,3 +579,20 @@ def test_the_rebuild_ignores_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         under = distill_loss(z, labels, [target], cfg, chunk_size=4)
     torch.testing.assert_close(under.kd_sum, plain.kd_sum, rtol=1e-6, atol=1e-6)
+
+
+def test_torchrun_equals_one_process(tmp_path, runner, store_path, teacher_path):
+    import sys
+
+    ref = _factor_and_chunk_arrays(_precompute(runner, store_path, [teacher_path], tmp_path / "ref", "--factored",
+                                               "--factored-rank", "8"))
+    tr = tmp_path / "torchrun"
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                        "-m", "cachekd_cli", "precompute", "--store", str(store_path), "--teacher", str(teacher_path),
+                        "-o", str(tr), "--factored", "--factored-rank", "8", "--quiet"],
+                       env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    got = _factor_and_chunk_arrays(LogitCache.open(tr))
+    assert got.keys() == ref.keys()
+    for k in ref:
+        np.testing.assert_array_equal(ref[k], got[k], err_msg=k)
