@@ -350,6 +350,7 @@ class _Factored:
     weight: torch.Tensor  # (V, w): w = d, or r for the compressed form
     bias: torch.Tensor | None  # (V,)
     dim_scale: torch.Tensor  # (w,)
+    rounding: torch.Tensor | None = None  # (w, w) int8 only: encode_hidden's feedback
     mean: torch.Tensor | None = None  # (d,) compressed form only
     basis: torch.Tensor | None = None  # (d, r) compressed form only
 
@@ -360,10 +361,11 @@ output layer's input (`factored.check_linear`) and its per-dimension scales are 
 
 
 def _probe_factored(models: list, infos: list[dict[str, Any]], store: TokenStore, split: str, vocab: int,
-                    device: torch.device, amp: torch.dtype | None, rank: int | None = None
-                    ) -> dict[str, tuple[factored.OutputLayer, torch.Tensor]]:
-    """Per teacher, its output layer and the fitted per-dimension scale; a teacher whose logits are not W·h + b is
-    refused here, before anything is written. Records each teacher's `output_layer` facts in its info."""
+                    device: torch.device, amp: torch.dtype | None, rank: int | None = None, dtype: str = "int8"
+                    ) -> dict[str, tuple[factored.OutputLayer, torch.Tensor, torch.Tensor | None]]:
+    """Per teacher, its output layer, the per-dimension scale and the int8 rounding matrix chosen on the first
+    windows (`factored.choose_dim_scale`); a teacher whose logits are not W·h + b is refused here, before anything
+    is written. Records each teacher's `output_layer` facts in its info."""
     x = torch.from_numpy(store.read(split, 0, min(PROBE_WINDOWS, store.num_windows(split))).astype(np.int64)).to(device)
     out = {}
     for info, model in zip(infos, models):
@@ -381,7 +383,8 @@ def _probe_factored(models: list, infos: list[dict[str, Any]], store: TokenStore
                                f"{layer.hidden_size}; leave it out for the exact form.")
         factored.check_linear(info["name"], logits, factored.rebuild_logits(h, layer.weight, layer.bias), amp is not None)
         info["output_layer"] = {"hidden_size": layer.hidden_size, "bias": layer.bias is not None}
-        out[info["name"]] = (layer, factored.fit_dim_scale(h))
+        probs = factored.mean_probs(logits) / logits[..., 0].numel()
+        out[info["name"]] = (layer, *factored.choose_dim_scale(h, layer, probs, dtype))
     return out
 
 
@@ -398,21 +401,26 @@ def _fit_factored(models: list, infos: list[dict[str, Any]], store: TokenStore, 
     tokens = np.stack([store.read(split, int(r), int(r) + 1)[0] for r in rows]).astype(np.int64)
     layers, scales, extra = {}, {}, {}
     for info, model in zip(infos, models):
-        layer, _ = probed[info["name"]]
-        parts = []
+        layer = probed[info["name"]][0]
+        parts, probs = [], 0.0
         for b in range(0, len(tokens), batch_size):
             x = torch.from_numpy(tokens[b:b + batch_size]).to(device)
             with factored.capture_hidden(model) as got, torch.inference_mode(), \
                     torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-                model(input_ids=x)
+                z = model(input_ids=x).logits[..., :plan.token_store.vocab_size]
             parts.append(got.hidden.float())
+            probs = probs + factored.mean_probs(z)
         h = torch.cat(parts)
         mean, basis = factored.fit_basis(h, rank)
-        w = layer.weight
-        bias = (w @ mean) + (0.0 if layer.bias is None else layer.bias)
-        layers[info["name"]] = ((w @ basis).cpu().numpy(), bias.cpu().numpy())
-        scales[info["name"]] = factored.fit_dim_scale(factored.project(h, mean, basis)).cpu().numpy()
-        extra[info["name"]] = {"mean": mean.cpu().numpy(), "basis": basis.cpu().numpy()}
+        reduced = factored.OutputLayer(layer.weight @ basis,
+                                       layer.weight @ mean + (0.0 if layer.bias is None else layer.bias))
+        coefficients = factored.project(h, mean, basis)
+        scale, rounding = factored.choose_dim_scale(coefficients, reduced, probs / h[..., 0].numel(),
+                                                    plan.factored_dtype)
+        layers[info["name"]] = (reduced.weight.cpu().numpy(), reduced.bias.cpu().numpy())
+        scales[info["name"]] = scale.cpu().numpy()
+        extra[info["name"]] = {"mean": mean.cpu().numpy(), "basis": basis.cpu().numpy(),
+                               **({} if rounding is None else {"rounding": rounding.cpu().numpy()})}
     return layers, scales, extra
 
 
@@ -428,7 +436,7 @@ def _factored_targets(model, x: torch.Tensor, layer: _Factored, dtype: str, voca
         h = got.hidden.float()
         if layer.basis is not None:
             h = factored.project(h, layer.mean, layer.basis)
-        arrays = enc.encode_hidden(h / layer.dim_scale, dtype)
+        arrays = enc.encode_hidden(h / layer.dim_scale, dtype, layer.rounding)
         h = enc.decode_hidden(arrays.get("hidden"), arrays.get("hidden_scale"), dtype)
         rebuilt = factored.rebuild_logits(h, layer.weight, layer.bias)
         stats = {"lse": torch.logsumexp(z, -1, keepdim=True), "entropy": factored.entropy_rows(z),
@@ -474,7 +482,8 @@ def precompute(cfg: PrecomputeConfig, *, force: bool = False, progress: bool = T
         models = [EnsembleTeacher(models, infos[0]["weights"], cfg.ensemble, vocab).eval()]
     probed = None
     if cfg.factored:  # refuse a teacher that is not linear in its output layer before anything is written
-        probed = _probe_factored(models, infos, store, cfg.splits[0], vocab, device, amp, cfg.factored_rank)
+        probed = _probe_factored(models, infos, store, cfg.splits[0], vocab, device, amp, cfg.factored_rank,
+                                 cfg.factored_dtype)
     plan = build_plan(cfg, store, infos, vocab)
     plan, lock = _open_cache(root, plan, force and (world == 1 or rank == 0), slot, slots, rank, world)
     try:
@@ -487,10 +496,11 @@ def precompute(cfg: PrecomputeConfig, *, force: bool = False, progress: bool = T
             elif stored is None:
                 stored = cw.write_factors(
                     root, plan, {t: (l.weight.cpu().numpy(), None if l.bias is None else l.bias.cpu().numpy())
-                                 for t, (l, _) in probed.items()},
-                    {t: s.cpu().numpy() for t, (_, s) in probed.items()})
+                                 for t, (l, _, _) in probed.items()},
+                    {t: s.cpu().numpy() for t, (_, s, _) in probed.items()},
+                    {t: {} if u is None else {"rounding": u.cpu().numpy()} for t, (_, _, u) in probed.items()})
             layers = {t: _Factored(*(None if f.get(n) is None else torch.from_numpy(f[n]).to(device)
-                                     for n in ("weight", "bias", "dim_scale", "mean", "basis")))
+                                     for n in ("weight", "bias", "dim_scale", "rounding", "mean", "basis")))
                       for t, f in stored.items()}
         todo = [(split, c) for split in plan.splits
                 for c in fmt.pending_chunks(root, split, plan.num_chunks(split)) if c % slots == slot]

@@ -35,8 +35,11 @@ here).
       factors/<teacher>/weight          (V, d) float32: the output layer's weight (rows beyond the store's
                                         vocabulary dropped) times `dim_scale` per column, written once
       factors/<teacher>/bias            (V,) float32: its bias (heads with a bias only)
-      factors/<teacher>/dim_scale       (d,) float32: a power of two per dimension of h (fitted on the first
+      factors/<teacher>/dim_scale       (d,) float32: a power of two per dimension of h (chosen on the first
                                         windows, so outlier dimensions do not take an int8 row's range)
+      factors/<teacher>/rounding        (d, d) float32, int8 only: the matrix int8 rounding passes each
+                                        dimension's error on with (`encoding.encode_hidden`), kept so that a
+                                        resumed run rounds as the first did
     compressed (``--factored-rank r``): per position the r coefficients c = Uᵀ(h − μ) / dim_scale instead of h,
     with μ (d,) and U (d, r) the mean and principal directions of h on a seeded sample of train windows:
       factors/<teacher>/weight, bias    (V, r), (V,): W·U·diag(dim_scale) and b + W·μ, so z ≈ weight·c + bias
@@ -120,7 +123,7 @@ def array_path(split: str, teacher: str, name: str) -> str:
 
 
 FACTORS_DIR = "factors"          # factors/<teacher>/{weight,bias,dim_scale}: a factored cache's output layers
-FACTOR_NAMES = ("weight", "bias", "dim_scale", "mean", "basis")
+FACTOR_NAMES = ("weight", "bias", "dim_scale", "rounding", "mean", "basis")
 FACTORS_DONE = "factors.json"    # done/factors.json: the factors' marker
 
 
@@ -466,7 +469,7 @@ class CachePlan:
 
     def factor_specs(self, teacher: str) -> list[ArraySpec]:
         """A factored cache's arrays written once per teacher: weight (V, w), bias (V,) and dim_scale (w,), w = d or
-        r; the compressed form also mean (d,) and basis (d, r)."""
+        r; int8 also rounding (w, w); the compressed form also mean (d,) and basis (d, r)."""
         V, d, w = self.token_store.vocab_size, self.hidden_size(teacher), self.stored_width(teacher)
         rows = max(1, min(V, (16 << 20) // (4 * w)))  # chunks of at most 16 MiB
         f32 = np.dtype(np.float32)
@@ -474,6 +477,7 @@ class CachePlan:
         return ([ArraySpec("weight", (V, w), (rows, w), f32)]
                 + ([ArraySpec("bias", (V,), (V,), f32)] if self.has_bias(teacher) else [])
                 + [ArraySpec("dim_scale", (w,), (w,), f32)]
+                + ([ArraySpec("rounding", (w, w), (w, w), f32)] if self.factored_dtype == "int8" else [])
                 + ([ArraySpec("mean", (d,), (d,), f32), ArraySpec("basis", (d, rank), (d, rank), f32)] if rank else []))
 
     def num_chunks(self, split: str) -> int:
