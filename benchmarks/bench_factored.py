@@ -42,6 +42,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--work", default=None, help="working directory (default: a temporary one, removed after)")
     ap.add_argument("--results-dir", default=None)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--teacher", default=None,
+                    help="a teacher already trained on this store's settings (skips the training; its run directory)")
     for k, v in FULL.items():
         ap.add_argument("--" + k.replace("_", "-"), type=type(v), default=None)
     args = ap.parse_args()
@@ -97,9 +99,15 @@ def main() -> None:
         teacher = {"arch": "llama", "hidden_size": args.hidden, "num_layers": 4, "num_heads": 4,
                    "intermediate_size": args.hidden * 8 // 3}
         t0 = time.perf_counter()
-        info = run(train_cfg("teacher", work / "teacher", str(store_dir), teacher, lr=2e-3, steps=args.teacher_steps,
-                             batch=args.batch_size, seed=0, max_time_s=args.teacher_budget), force=True,
-                   progress=False)
+        if args.teacher:
+            import json
+
+            shutil.copytree(args.teacher, work / "teacher", dirs_exist_ok=True)
+            info = json.loads((work / "teacher" / "summary.json").read_text())
+        else:
+            info = run(train_cfg("teacher", work / "teacher", str(store_dir), teacher, lr=2e-3,
+                                 steps=args.teacher_steps, batch=args.batch_size, seed=0,
+                                 max_time_s=args.teacher_budget), force=True, progress=False)
         log(f"teacher d={args.hidden}: {info['steps']} steps in {time.perf_counter() - t0:.0f} s, dev loss "
             f"{info['final_dev_loss']:.4f}")
         n = store.num_windows("dev")
