@@ -84,9 +84,10 @@ def output_layer(model: torch.nn.Module, vocab_size: int, name: str) -> OutputLa
     members = _members(model)
     if members is not None:
         if getattr(model, "combine", None) != "logits":
-            raise CachekdError(f"teacher {name!r} mixes its members' probabilities, which is not linear in their output "
-                               f"layers' inputs, so it cannot be cached factored; use --ensemble logits, or cache the "
-                               f"members factored and combine them at training time (--teacher-combine probs).")
+            raise CachekdError(f"teacher {name!r} mixes its members' probabilities, which is not linear in their "
+                               f"output layers' inputs, so it cannot be cached factored; use --ensemble logits, or "
+                               f"cache the members factored and combine them at training time (--teacher-combine "
+                               f"probs).")
         layers = [output_layer(m, vocab_size, name) for m in members]
         weights = [float(w) for w in model.weights]
         biases = [w * layer.bias for w, layer in zip(weights, layers) if layer.bias is not None]
@@ -155,7 +156,8 @@ def logit_error(rebuilt: Tensor, logits: Tensor) -> Tensor:
 
 
 def rebuild_logits(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """``hidden @ weight.T + bias`` in the dtype of `hidden` (float32, or float64 for references): (..., d) → (..., V)."""
+    """``hidden @ weight.T + bias`` in the dtype of `hidden` (float32, or float64 for references):
+    (..., d) → (..., V)."""
     return F.linear(hidden, weight.to(hidden.dtype), None if bias is None else bias.to(hidden.dtype))
 
 

@@ -5,6 +5,11 @@ and only the small result is copied back; encoding, compression and disk writes 
 the teacher never waits on them. Work is split into the token store's chunks; each chunk is marked done only
 after its data is written, so a killed run restarts where it stopped, and `--part i/n` jobs or torchrun ranks take
 disjoint chunks.
+
+A factored cache (`factored`) takes the input of each teacher's output layer from a forward hook instead, quantised
+on the device (`cachekd.cache.encoding.encode_hidden`); its output layers, per-dimension scales and (compressed
+form) basis are written once, before the first chunk, by the first process to get there (`writer.write_factors`),
+and every later run or share takes them from the cache.
 """
 
 from __future__ import annotations
@@ -381,7 +386,8 @@ def _probe_factored(models: list, infos: list[dict[str, Any]], store: TokenStore
         if rank is not None and rank >= layer.hidden_size:
             raise CachekdError(f"--factored-rank {rank} is not below teacher {info['name']!r}'s d = "
                                f"{layer.hidden_size}; leave it out for the exact form.")
-        factored.check_linear(info["name"], logits, factored.rebuild_logits(h, layer.weight, layer.bias), amp is not None)
+        rebuilt = factored.rebuild_logits(h, layer.weight, layer.bias)
+        factored.check_linear(info["name"], logits, rebuilt, amp is not None)
         info["output_layer"] = {"hidden_size": layer.hidden_size, "bias": layer.bias is not None}
         probs = factored.mean_probs(logits) / logits[..., 0].numel()
         out[info["name"]] = (layer, *factored.choose_dim_scale(h, layer, probs, dtype))

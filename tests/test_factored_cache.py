@@ -93,8 +93,8 @@ def teachers(tmp_path_factory, store_path, teacher_path):
                                    tie_embeddings=True), st.vocab_size, st.seq_len)
     tied.save_pretrained(d / "gpt2_tied")
     st.load_tokenizer().save_pretrained(d / "gpt2_tied")
-    return {"llama": Path(teacher_path), "gpt2_tied": d / "gpt2_tied", "gptj_bias": _gptj_teacher(store_path, d / "gptj"),
-            "sharp": _sharp_teacher(store_path, d / "sharp")}
+    return {"llama": Path(teacher_path), "gpt2_tied": d / "gpt2_tied",
+            "gptj_bias": _gptj_teacher(store_path, d / "gptj"), "sharp": _sharp_teacher(store_path, d / "sharp")}
 
 
 # ------------------------------------------------------------------------------------------ the rebuild

@@ -99,7 +99,7 @@ def summary_text(s: dict[str, Any]) -> dict[str, Any]:
     out.update({
         "mode": s["mode"],
         "storage_kind": s.get("storage_kind", s["mode"]),
-        "k": "full logits" if s["mode"] == "full" else s["k"],
+        "k": "full logits" if s["mode"] == "full" else "every logit (factored)" if s["mode"] == "factored" else s["k"],
         "temperatures": ", ".join(f"{t:g}" for t in s["temperatures"]) or "-",
         "vocab_size": s["vocab_size"],
         "seq_len": s["seq_len"],
@@ -118,7 +118,10 @@ def summary_text(s: dict[str, Any]) -> dict[str, Any]:
     })
     if "factored" in s:
         f = s["factored"]
-        out["factored"] = (f"h stored as {f['dtype']}, d = " + ", ".join(f"{d} ({t})" for t, d in f["hidden_size"].items())
+        rank = (f", rank {f['rank']} (basis fitted on {f['fit']['windows']} train windows, seed {f['fit']['seed']})"
+                if f.get("rank") else "")
+        out["factored"] = (f"h stored as {f['dtype']}{rank}, d = "
+                           + ", ".join(f"{d} ({t})" for t, d in f["hidden_size"].items())
                            + f"; output layers ({f['weight_dtype']}, stored once): "
                            + ", ".join(f"{k} {v} B" for k, v in f["factor_bytes"].items()))
     if "bytes_per_position" in s:
