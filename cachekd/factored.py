@@ -206,13 +206,13 @@ def mean_probs(logits: Tensor) -> Tensor:
     return torch.softmax(logits.float().reshape(-1, logits.shape[-1]), -1).double().sum(0)
 
 
-def choose_dim_scale(hidden: Tensor, layer: "OutputLayer", probs: Tensor, dtype: str
+def choose_dim_scale(hidden: Tensor, layer: "OutputLayer", probs: Tensor, dtype: str, feedback: bool = True
                      ) -> tuple[Tensor, Tensor | None]:
     """(dim_scale (w,), rounding matrix (w, w) or None) for storing `hidden` (..., w) through `layer`: for int8,
     of the candidates rms^a (`DIM_SCALE_EXPONENTS`, powers of two) the one whose stored sample (its first
     `CHOICE_POSITIONS`) rebuilds the logits closest (mean KL to the unrounded W·h + b), with its `rounding_matrix`
     for `probs` (V,) the teacher's mean probabilities; for bf16/fp16 (relative rounding: the scale only keeps fp16
-    in range) a = 1 and no matrix."""
+    in range) a = 1 and no matrix; without `feedback` (nearest rounding) no matrix either."""
     from cachekd.cache.encoding import decode_hidden, encode_hidden
 
     h = hidden.detach().float().reshape(-1, hidden.shape[-1])
@@ -225,7 +225,7 @@ def choose_dim_scale(hidden: Tensor, layer: "OutputLayer", probs: Tensor, dtype:
     for a in DIM_SCALE_EXPONENTS:
         scale = torch.exp2(torch.round(torch.log2(rms_scale) * a))
         folded = layer.folded(scale)
-        u = rounding_matrix(folded.weight, probs)
+        u = rounding_matrix(folded.weight, probs) if feedback else None
         e = encode_hidden(h / scale, "int8", u)
         got = rebuild_logits(decode_hidden(e["hidden"], e["hidden_scale"], "int8", torch.float64),
                              folded.weight.double(), layer.bias)

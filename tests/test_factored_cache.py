@@ -527,7 +527,7 @@ def test_compressed_form_seed_resume_and_fidelity(tmp_path, runner, store_path, 
     args = ["--factored", "--factored-rank", "8", "--factored-fit-windows", "64"]
     a = _precompute(runner, store_path, [teacher], tmp_path / "a", *args)
     plan = json.loads((tmp_path / "a" / "plan.json").read_text())
-    assert plan["factored"] == {"dtype": "int8", "weight_dtype": "float32", "rank": 8,
+    assert plan["factored"] == {"dtype": "int8", "weight_dtype": "float32", "rounding": "feedback", "rank": 8,
                                 "fit": {"windows": 64, "seed": 0}}
     name = a.teachers[0]
     assert a.plan.storage_kind == "factored int8 rank 8 (d=32)"
@@ -622,3 +622,23 @@ def test_torchrun_equals_one_process(tmp_path, runner, store_path, teacher_path)
     assert got.keys() == ref.keys()
     for k in ref:
         np.testing.assert_array_equal(ref[k], got[k], err_msg=k)
+
+
+def test_nearest_rounding_keeps_every_value_within_half_a_step(tmp_path, runner, store_path, teacher_path):
+    """--factored-rounding nearest: no rounding matrix; each stored value within half a step of h / dim_scale, so
+    each logit within half a step through |W|; verify --recompute holds it to that bound."""
+    from cachekd.models import load_model
+
+    cache = _precompute(runner, store_path, [teacher_path], tmp_path / "n", "--factored", "--factored-rounding",
+                        "nearest")
+    name = cache.teachers[0]
+    f = cache.factors(name)
+    assert "rounding" not in f and cache.plan.factored_rounding == "nearest"
+    st = TokenStore.open(store_path)
+    z = _teacher_logits(load_model(teacher_path), st.read("train", 0, 16), st.vocab_size)
+    b = cache.read("train", 0, 16)[name]
+    bound = (torch.from_numpy(b.hidden_scale).double() / 2).unsqueeze(-1) * torch.from_numpy(
+        np.abs(f["weight"])).double().sum(-1) + 1e-9
+    assert ((rebuilt_logits(cache, "train", 0, 16) - z).abs() <= bound).all()
+    r = invoke(runner, ["verify", tmp_path / "n", "--quiet", "--recompute", "4", "--repair"])
+    assert r.exit_code == 0, r.output

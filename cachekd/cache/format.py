@@ -392,7 +392,8 @@ class CachePlan:
     sample: dict[str, Any] | None = None
     """Sampled caches only: the `SampleSpec` as a JSON object (k is then the exact top-K of a hybrid, 0 for none)."""
     factored: dict[str, Any] | None = None
-    """Factored caches only: {"dtype": one of FACTORED_DTYPES, "weight_dtype": "float32"}, plus for the compressed
+    """Factored caches only: {"dtype": one of FACTORED_DTYPES, "weight_dtype": "float32"}, for int8 "rounding"
+    ("feedback" or "nearest"), plus for the compressed
     form "rank": r and "fit": {"windows": n, "seed": s} (the sample the basis was fitted on); each teacher's record
     holds its `output_layer` ({"hidden_size": d, "bias": bool})."""
     format: str = FORMAT
@@ -447,6 +448,11 @@ class CachePlan:
         rank = (self.factored or {}).get("rank")
         return None if rank is None else int(rank)
 
+    @property
+    def factored_rounding(self) -> str | None:
+        """How a factored int8 cache rounded h: "feedback" or "nearest"; None for 16-bit h and the other kinds."""
+        return None if self.factored_dtype != "int8" else str(self.factored.get("rounding", "nearest"))
+
     def stored_width(self, teacher: str) -> int:
         """Numbers a position of a factored cache's teacher: r for the compressed form, else d."""
         return self.factored_rank or self.hidden_size(teacher)
@@ -477,7 +483,7 @@ class CachePlan:
         return ([ArraySpec("weight", (V, w), (rows, w), f32)]
                 + ([ArraySpec("bias", (V,), (V,), f32)] if self.has_bias(teacher) else [])
                 + [ArraySpec("dim_scale", (w,), (w,), f32)]
-                + ([ArraySpec("rounding", (w, w), (w, w), f32)] if self.factored_dtype == "int8" else [])
+                + ([ArraySpec("rounding", (w, w), (w, w), f32)] if self.factored_rounding == "feedback" else [])
                 + ([ArraySpec("mean", (d,), (d,), f32), ArraySpec("basis", (d, rank), (d, rank), f32)] if rank else []))
 
     def num_chunks(self, split: str) -> int:

@@ -293,6 +293,8 @@ def precompute_command(cache: LogitCache, store_path: Path | None = None) -> str
         args.append("--factored")
         if plan.factored_dtype != "int8":
             args += ["--factored-dtype", plan.factored_dtype]
+        if plan.factored_rounding == "nearest":
+            args += ["--factored-rounding", "nearest"]
         if plan.factored_rank is not None:
             fit = plan.factored["fit"]
             args += ["--factored-rank", str(plan.factored_rank), "--factored-fit-windows", str(fit["windows"]),
