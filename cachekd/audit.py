@@ -114,10 +114,14 @@ def audit_targets(full_logits: torch.Tensor, student_logits: torch.Tensor, tempe
             rows.insert(0, cached[tau])
         for name, target, mask, mode in rows:
             g = _kd_grad(student_logits, labels, target, options.objective, tau, mode)
-            r = _reconstruct(logp, mask, drop_rest=mode == "renormalize")
+            if isinstance(target, DenseTarget):  # a full or factored cache: its own logits, storage rounding included
+                kl = _kl(torch.log_softmax(z.double() / tau, -1)[keep],
+                         torch.softmax(target.logits.double() / tau, -1)[keep])
+            else:
+                kl = _kl(logp[keep], _reconstruct(logp, mask, drop_rest=mode == "renormalize")[keep])
             out.setdefault(name, {})[f"{tau:g}"] = {
                 "captured_mass": float(torch.where(mask, logp.exp(), 0.0).sum(-1)[keep].mean()),
-                "kl_full_to_target": _kl(logp[keep], r[keep]),
+                "kl_full_to_target": kl,
                 "grad_angle_deg": _angle(g[keep], g_full[keep]),
             }
     return out
@@ -125,6 +129,7 @@ def audit_targets(full_logits: torch.Tensor, student_logits: torch.Tensor, tempe
 
 def cached_targets(cache, block, temperatures: list[float], shape: tuple[int, int, int]) -> dict[float, tuple]:
     """The cache's own targets {τ: (name, target, stored mask, tail_mode)} for a decoded block of its windows."""
+    from cachekd.factored import block_logits
     from cachekd.losses import DenseTarget, SparseTarget
     from cachekd.teacher_samples import target_at
 
@@ -135,6 +140,9 @@ def cached_targets(cache, block, temperatures: list[float], shape: tuple[int, in
         if cache.mode == "full":
             out[tau] = (name, DenseTarget(torch.from_numpy(block.logits).float()), torch.ones(B, T, V, dtype=torch.bool),
                         "bucket")
+        elif cache.mode == "factored":  # every logit, rebuilt from the stored h and the cached output layer
+            z = block_logits(cache, cache.teachers[0], block)
+            out[tau] = (name, DenseTarget(z), torch.ones(B, T, V, dtype=torch.bool), "bucket")
         elif cache.mode == "topk":
             ids = torch.from_numpy(block.ids)
             tgt = SparseTarget(ids=ids, logits=torch.from_numpy(block.logprobs),

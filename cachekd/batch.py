@@ -3,7 +3,8 @@
 A `Batch` holds the token windows (`input_ids`), their next-token `labels` (`IGNORE_INDEX` where a position has
 no next token), and, per cached teacher, what the logit cache stores for those positions: `CachedTopK` (the top-k
 token ids, their τ=1 log-probabilities and the log-sum-exp of the rest), `CachedSampled` (drawn ids with their
-counts, log-probabilities, normalisers and entropies) or `CachedLogits` (full logits). The
+counts, log-probabilities, normalisers and entropies), `CachedLogits` (full logits) or `CachedFactored` (the input of
+the teacher's output layer, which the teacher source multiplies by the cached layer). The
 teacher source turns these into the losses' targets.
 
 The loader yields each teacher's arrays as the cache stores them (`EncodedTeacher`: delta-coded ids, fixed-point
@@ -99,7 +100,19 @@ class CachedSampled(FieldView):
     """Hybrid only: (B, T, k) float32 τ=1 log-probabilities of `ids`."""
 
 
-CachedTeacher = CachedTopK | CachedLogits | CachedSampled
+@dataclass
+class CachedFactored(FieldView):
+    """A factored cache's arrays for the positions of a batch, as stored (decoded on the training device by the
+    teacher source: `cachekd.cache.encoding.decode_hidden`)."""
+
+    hidden: Tensor
+    """(B, T, d) the input of the teacher's output layer over the cache's per-dimension scale: int8 codes, int16
+    bits of bfloat16, or float16."""
+    hidden_scale: Tensor | None = None
+    """int8 only: (B, T) float32 scale of each position's codes."""
+
+
+CachedTeacher = CachedTopK | CachedLogits | CachedSampled | CachedFactored
 
 
 @dataclass
@@ -117,7 +130,8 @@ class EncodedTeacher:
         from cachekd.cache.encoding import decode_stored
 
         rows = {name: decode_stored(name, x, self.logprob_scale) for name, x in self.arrays.items()}
-        kind = CachedLogits if "logits" in rows else CachedSampled if "sample_ids" in rows else CachedTopK
+        kind = (CachedLogits if "logits" in rows else CachedSampled if "sample_ids" in rows
+                else CachedFactored if "hidden" in rows else CachedTopK)
         return kind(**rows)
 
     def map(self, fn: Callable[[Tensor], Tensor]) -> EncodedTeacher:

@@ -224,11 +224,13 @@ def agreement_with_cache(model, cache, store: TokenStore, *, split: str = "dev",
                          progress: bool = True) -> dict[str, Any]:
     """Per teacher of `cache`: mean KL(p_teacher ‖ q_student) per position at `temperature` and the share of positions
     where the student's top-1 token is the teacher's. A top-k cache gives the exact KL of the (top-k, tail)
-    coarse-grained distributions (`bucket`), which is a lower bound of the full KL; a full cache gives the full KL;
+    coarse-grained distributions (`bucket`), which is a lower bound of the full KL; a full or factored cache gives
+    the full KL;
     a sampled cache an unbiased estimate of the full KL (its top-1 is the most probable stored id).
     Positions are those with a next token inside the window (as in training)."""
     from tqdm.auto import tqdm
 
+    from cachekd.factored import block_logits
     from cachekd.losses import DenseTarget, KDConfig, SparseTarget, distill_loss
 
     cache.check_store(store)
@@ -250,8 +252,9 @@ def agreement_with_cache(model, cache, store: TokenStore, *, split: str = "dev",
         s_top1 = logits.argmax(-1)
         mask = labels != cfg.ignore_index
         for t, blk in cache.read(split, b, e).items():
-            if blk.logits is not None:
-                z = torch.from_numpy(blk.logits).to(device).float()
+            if blk.logits is not None or blk.hidden is not None:  # full, or factored: every logit
+                z = (torch.from_numpy(blk.logits).to(device).float() if blk.logits is not None
+                     else block_logits(cache, t, blk, device=device))
                 target, t_top1 = DenseTarget(z), z.argmax(-1)
             elif blk.sample_ids is not None:  # the unbiased estimate of the KL (a divergence: H_τ is exact)
                 from cachekd.teacher_samples import target_at
@@ -273,7 +276,7 @@ def agreement_with_cache(model, cache, store: TokenStore, *, split: str = "dev",
             sums[t][2] += int(mask.sum())
     return {
         "cache": str(cache.path), "split": split, "windows": n, "temperature": temperature,
-        "kl_kind": "full" if cache.mode == "full" else f"top-{cache.k} + tail bucket" if cache.mode == "topk"
+        "kl_kind": "full" if cache.mode in ("full", "factored") else f"top-{cache.k} + tail bucket" if cache.mode == "topk"
         else f"unbiased estimate from a {cache.plan.storage_kind} cache",
         "teachers": {t: {"kl": s[0] / max(s[2], 1), "top1_agreement": s[1] / max(s[2], 1), "positions": s[2]}
                      for t, s in sums.items()},

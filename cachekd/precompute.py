@@ -5,6 +5,11 @@ and only the small result is copied back; encoding, compression and disk writes 
 the teacher never waits on them. Work is split into the token store's chunks; each chunk is marked done only
 after its data is written, so a killed run restarts where it stopped, and `--part i/n` jobs or torchrun ranks take
 disjoint chunks.
+
+A factored cache (`factored`) takes the input of each teacher's output layer from a forward hook instead, quantised
+on the device (`cachekd.cache.encoding.encode_hidden`); its output layers, per-dimension scales and (compressed
+form) basis are written once, before the first chunk, by the first process to get there (`writer.write_factors`),
+and every later run or share takes them from the cache.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from cachekd import distributed, ensemble
+from cachekd import distributed, ensemble, factored
 from cachekd.cache import encoding as enc
 from cachekd.cache import format as fmt
 from cachekd.cache import writer as cw
@@ -83,6 +88,20 @@ class PrecomputeConfig:
     where combining sparse caches at training time is not. None: each teacher on its own."""
     ensemble_weights: list[float] | None = None
     """One weight per teacher for `ensemble` (normalised); None: equal weights."""
+    factored: bool = False
+    """Store per position the input h of each teacher's output layer, and that layer once (`cachekd.factored`):
+    every logit, exact up to the rounding of h, in about d bytes a position (int8); training rebuilds the logits
+    with one matmul and never loads the teacher."""
+    factored_dtype: str = "int8"
+    """How `factored` stores h: int8 (one scale a position, d + 4 bytes), bf16 or fp16 (2·d bytes)."""
+    factored_rounding: str = "feedback"
+    """int8 only: feedback (each dimension's rounding error passed on through the output layer's curvature: 3-4x lower
+    KL measured, one sequential pass over the d dimensions a batch) or nearest (each value to its nearest step)."""
+    factored_rank: int | None = None
+    """r < d: the compressed form, r coefficients a position on the mean and r principal directions of h, fitted
+    once on `factored_fit_windows` train windows drawn with `factored_fit_seed` (recorded in the plan). None: h."""
+    factored_fit_windows: int = 256
+    factored_fit_seed: int = 0
 
     default_storage: bool = field(default=False, init=False)
     """Set when neither top_k nor sample nor full was given: the cache takes `DEFAULT_STORAGE`."""
@@ -90,12 +109,33 @@ class PrecomputeConfig:
     def __post_init__(self) -> None:
         if self.proposal_temperature is not None and self.sample is None:  # before the default storage sets it
             raise CachekdError("--proposal-temperature needs --sample N.")
-        if self.top_k is None and self.sample is None and not self.full:
+        if self.factored:
+            given = [name for name, on in (("--full", self.full), ("--top-k", self.top_k is not None),
+                                           ("--sample", self.sample is not None)) if on]
+            if given:
+                raise CachekdError(f"--factored and {given[0]} exclude each other: a factored cache holds every logit.")
+            if self.factored_dtype not in fmt.FACTORED_DTYPES:
+                raise CachekdError(f"--factored-dtype must be one of {', '.join(fmt.FACTORED_DTYPES)} "
+                                   f"(got {self.factored_dtype!r}).")
+            if self.factored_rounding not in ("feedback", "nearest"):
+                raise CachekdError(f"--factored-rounding must be feedback or nearest (got {self.factored_rounding!r}).")
+            if self.factored_rank is not None and self.factored_rank < 1:
+                raise CachekdError(f"--factored-rank must be at least 1 (got {self.factored_rank}).")
+            if self.factored_fit_windows < 1:
+                raise CachekdError(f"--factored-fit-windows must be at least 1 (got {self.factored_fit_windows}).")
+            if self.ensemble == "probs":
+                raise CachekdError("--ensemble probs cannot be cached factored (a mixture of probabilities is not "
+                                   "linear in the teachers' output-layer inputs); use --ensemble logits, or cache the "
+                                   "teachers factored on their own and combine them at training time "
+                                   "(--teacher-combine probs).")
+        elif self.factored_rank is not None:
+            raise CachekdError("--factored-rank needs --factored.")
+        if self.top_k is None and self.sample is None and not self.full and not self.factored:
             self.top_k, self.sample = DEFAULT_STORAGE
             self.default_storage = True
-        elif self.top_k is None:
+        elif self.top_k is None and not self.factored:
             self.top_k = 0 if self.sample is not None else 64
-        if not self.full and self.sample is None and self.top_k < 1:
+        if not self.full and not self.factored and self.sample is None and self.top_k < 1:
             raise CachekdError(f"--top-k must be at least 1 (got {self.top_k}).")
         for t in self.temperatures:
             if not t > 0 or not math.isfinite(t):
@@ -220,14 +260,18 @@ def build_plan(cfg: PrecomputeConfig, store: TokenStore, teachers: list[dict[str
             chunk_windows=store.chunk_windows,
         ),
         teachers=teachers,
-        mode="full" if cfg.full else "topk" if cfg.sample is None else "sampled",
-        k=None if cfg.full else cfg.top_k,
-        temperatures=[] if cfg.full else [float(t) for t in cfg.temperatures],
+        mode="factored" if cfg.factored else "full" if cfg.full else "topk" if cfg.sample is None else "sampled",
+        k=None if cfg.full or cfg.factored else cfg.top_k,
+        temperatures=[] if cfg.full or cfg.factored else [float(t) for t in cfg.temperatures],
         splits=splits,
         encoding=enc.encoding_descriptors(1.0 / cfg.logprob_step),
         sample=None if cfg.sample is None else fmt.SampleSpec(
             cfg.sample, None if cfg.proposal_temperature is None else float(cfg.proposal_temperature),
             cfg.sample_seed).to_dict(),
+        factored=None if not cfg.factored else {"dtype": cfg.factored_dtype, "weight_dtype": "float32"} | (
+            {"rounding": cfg.factored_rounding} if cfg.factored_dtype == "int8" else {}) | (
+            {} if cfg.factored_rank is None else {"rank": cfg.factored_rank, "fit": {
+                "windows": cfg.factored_fit_windows, "seed": cfg.factored_fit_seed}}),
     )
 
 
@@ -250,8 +294,15 @@ def _open_cache(root: Path, plan: fmt.CachePlan, force: bool, slot: int, slots: 
     return plan, lock
 
 
+def _forward(model, x: torch.Tensor, device: torch.device, amp: torch.dtype | None) -> torch.Tensor:
+    """The teacher's logits (B, T, V_model) for windows x, in inference mode and the run's autocast."""
+    with torch.inference_mode(), torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+        return model(input_ids=x).logits
+
+
 def _chunk_targets(models: list, infos: list[dict[str, Any]], tokens: np.ndarray, split: str, chunk: int,
-                   plan: fmt.CachePlan, cfg: PrecomputeConfig, device: torch.device, amp: torch.dtype | None
+                   plan: fmt.CachePlan, cfg: PrecomputeConfig, device: torch.device, amp: torch.dtype | None,
+                   layers: dict[str, _Factored] | None = None
                    ) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, Any]]:
     """Every teacher's cache arrays for one chunk of token windows, and the chunk's statistics (its done-marker)."""
     temps, vocab = plan.temperatures, plan.token_store.vocab_size
@@ -262,12 +313,15 @@ def _chunk_targets(models: list, infos: list[dict[str, Any]], tokens: np.ndarray
                              fmt.COMPUTE_DTYPE: str(amp or torch.float32).removeprefix("torch.")}
     for info, model in zip(infos, models):
         parts: dict[str, list[torch.Tensor]] = {}
-        ent, mass, distinct = [], [], []
+        ent, mass, distinct, rebuild_kl, rebuild_err = [], [], [], [], []
         for b in range(0, len(tokens), cfg.batch_size):
             x = torch.from_numpy(tokens[b:b + cfg.batch_size].astype(np.int64)).to(device)
-            with torch.inference_mode(), torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-                logits = model(input_ids=x).logits
-            if plan.mode == "sampled":
+            if plan.mode == "factored":
+                arrays, st = _factored_targets(model, x, layers[info["name"]], plan.factored_dtype, vocab, amp, device)
+                rebuild_kl.append(st["rebuild_kl"].cpu())
+                rebuild_err.append(st["rebuild_err"].cpu())
+            elif plan.mode == "sampled":
+                logits = _forward(model, x, device, amp)
                 spec = plan.sample_spec
                 first = plan.chunk_range(split, chunk)[0] + b
                 arrays, st = sampled_teacher_targets(logits, vocab, int(plan.k), temps, spec.num_draws,
@@ -275,7 +329,7 @@ def _chunk_targets(models: list, infos: list[dict[str, Any]], tokens: np.ndarray
                                                      np.arange(first, first + len(x)))
                 distinct.append(st["distinct_ids"].cpu())
             else:
-                arrays, st = teacher_targets(logits, vocab, k, temps)
+                arrays, st = teacher_targets(_forward(model, x, device, amp), vocab, k, temps)
             bad = ~torch.isfinite(st["lse"]).all(dim=-1)
             if bool(bad.any()):
                 w = plan.chunk_range(split, chunk)[0] + b + int(bad.nonzero()[0])
@@ -298,8 +352,113 @@ def _chunk_targets(models: list, infos: list[dict[str, Any]], tokens: np.ndarray
             s["topk_mass_sum"] = {str(t): float(v) for t, v in zip(temps, msum)}
         if distinct:
             s["distinct_ids_sum"] = float(torch.cat(distinct).double().sum())
+        if rebuild_kl:
+            s["rebuild_kl_sum"] = float(torch.cat(rebuild_kl).double().sum())
+            s["rebuild_max_abs_logit_diff"] = float(torch.cat(rebuild_err).max())
         stats["teachers"][info["name"]] = s
     return results, stats
+
+
+@dataclass
+class _Factored:
+    """A factored cache's teacher on the device: its output layer (float32, dim_scale folded in) and the scale."""
+
+    weight: torch.Tensor  # (V, w): w = d, or r for the compressed form
+    bias: torch.Tensor | None  # (V,)
+    dim_scale: torch.Tensor  # (w,)
+    rounding: torch.Tensor | None = None  # (w, w) int8 only: encode_hidden's feedback
+    mean: torch.Tensor | None = None  # (d,) compressed form only
+    basis: torch.Tensor | None = None  # (d, r) compressed form only
+
+
+PROBE_WINDOWS = 8
+"""Windows at the start of the first split on which a factored cache's teachers are checked to be linear in their
+output layer's input (`factored.check_linear`) and its per-dimension scales are fitted."""
+
+
+def _probe_factored(models: list, infos: list[dict[str, Any]], store: TokenStore, split: str, vocab: int,
+                    device: torch.device, amp: torch.dtype | None, rank: int | None = None, dtype: str = "int8",
+                    feedback: bool = True) -> dict[str, tuple[factored.OutputLayer, torch.Tensor, torch.Tensor | None]]:
+    """Per teacher, its output layer, the per-dimension scale and the int8 rounding matrix chosen on the first
+    windows (`factored.choose_dim_scale`); a teacher whose logits are not W·h + b is refused here, before anything
+    is written. Records each teacher's `output_layer` facts in its info."""
+    x = torch.from_numpy(store.read(split, 0, min(PROBE_WINDOWS, store.num_windows(split))).astype(np.int64)).to(device)
+    out = {}
+    for info, model in zip(infos, models):
+        layer = factored.output_layer(model, vocab, info["name"])
+        with factored.capture_hidden(model) as got, torch.inference_mode(), \
+                torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            logits = model(input_ids=x).logits[..., :vocab]
+        if got.hidden is None or got.hidden.shape[-1] != layer.hidden_size:
+            raise CachekdError(f"teacher {info['name']!r} did not pass its logits through its output layer "
+                               f"(get_output_embeddings), so it cannot be cached factored; use another storage "
+                               f"option (e.g. --full or the default).")
+        h = got.hidden.float()
+        if rank is not None and rank >= layer.hidden_size:
+            raise CachekdError(f"--factored-rank {rank} is not below teacher {info['name']!r}'s d = "
+                               f"{layer.hidden_size}; leave it out for the exact form.")
+        rebuilt = factored.rebuild_logits(h, layer.weight, layer.bias)
+        factored.check_linear(info["name"], logits, rebuilt, amp is not None)
+        info["output_layer"] = {"hidden_size": layer.hidden_size, "bias": layer.bias is not None}
+        probs = factored.mean_probs(logits) / logits[..., 0].numel()
+        out[info["name"]] = (layer, *factored.choose_dim_scale(h, layer, probs, dtype, feedback))
+    return out
+
+
+def _fit_factored(models: list, infos: list[dict[str, Any]], store: TokenStore, plan: fmt.CachePlan,
+                  probed: dict[str, tuple[factored.OutputLayer, torch.Tensor]], batch_size: int, device: torch.device,
+                  amp: torch.dtype | None) -> tuple[dict, dict, dict]:
+    """The compressed form's fit: each teacher's h on the plan's sample of train windows (drawn with its seed), its
+    mean and principal directions (`factored.fit_basis`), the layer that takes the coefficients (W·U, b + W·μ)
+    and their per-dimension scales. Returns (layers, dim_scales, extra) for `writer.write_factors`."""
+    fit, rank = plan.factored["fit"], int(plan.factored_rank)
+    split = "train" if "train" in plan.splits else next(iter(plan.splits))
+    n = store.num_windows(split)
+    rows = np.sort(np.random.default_rng(int(fit["seed"])).choice(n, size=min(int(fit["windows"]), n), replace=False))
+    tokens = np.stack([store.read(split, int(r), int(r) + 1)[0] for r in rows]).astype(np.int64)
+    layers, scales, extra = {}, {}, {}
+    for info, model in zip(infos, models):
+        layer = probed[info["name"]][0]
+        parts, probs = [], 0.0
+        for b in range(0, len(tokens), batch_size):
+            x = torch.from_numpy(tokens[b:b + batch_size]).to(device)
+            with factored.capture_hidden(model) as got, torch.inference_mode(), \
+                    torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+                z = model(input_ids=x).logits[..., :plan.token_store.vocab_size]
+            parts.append(got.hidden.float())
+            probs = probs + factored.mean_probs(z)
+        h = torch.cat(parts)
+        mean, basis = factored.fit_basis(h, rank)
+        reduced = factored.OutputLayer(layer.weight @ basis,
+                                       layer.weight @ mean + (0.0 if layer.bias is None else layer.bias))
+        coefficients = factored.project(h, mean, basis)
+        scale, rounding = factored.choose_dim_scale(coefficients, reduced, probs / h[..., 0].numel(),
+                                                    plan.factored_dtype, plan.factored_rounding == "feedback")
+        layers[info["name"]] = (reduced.weight.cpu().numpy(), reduced.bias.cpu().numpy())
+        scales[info["name"]] = scale.cpu().numpy()
+        extra[info["name"]] = {"mean": mean.cpu().numpy(), "basis": basis.cpu().numpy(),
+                               **({} if rounding is None else {"rounding": rounding.cpu().numpy()})}
+    return layers, scales, extra
+
+
+def _factored_targets(model, x: torch.Tensor, layer: _Factored, dtype: str, vocab: int, amp: torch.dtype | None,
+                      device: torch.device) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """One batch of windows x (B, T) → a factored cache's arrays (on the device) and per-position statistics:
+    the teacher's entropy, lse (finite check), and KL(teacher ‖ rebuilt) and |rebuilt − z| of the stored h."""
+    with factored.capture_hidden(model) as got, torch.inference_mode(), \
+            torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+        z = model(input_ids=x).logits[..., :vocab]
+    with torch.inference_mode():
+        z = z.float()
+        h = got.hidden.float()
+        if layer.basis is not None:
+            h = factored.project(h, layer.mean, layer.basis)
+        arrays = enc.encode_hidden(h / layer.dim_scale, dtype, layer.rounding)
+        h = enc.decode_hidden(arrays.get("hidden"), arrays.get("hidden_scale"), dtype)
+        rebuilt = factored.rebuild_logits(h, layer.weight, layer.bias)
+        stats = {"lse": torch.logsumexp(z, -1, keepdim=True), "entropy": factored.entropy_rows(z),
+                 "rebuild_kl": factored.kl_rows(z, rebuilt), "rebuild_err": factored.logit_error(rebuilt, z)}
+    return arrays, stats
 
 
 def precompute(cfg: PrecomputeConfig, *, force: bool = False, progress: bool = True,
@@ -318,10 +477,10 @@ def precompute(cfg: PrecomputeConfig, *, force: bool = False, progress: bool = T
         raise CachekdError(f"the default storage (the exact top-{cfg.top_k} and {cfg.sample} draws beyond it) needs a "
                            f"vocabulary of more than {cfg.top_k} tokens (this one has {vocab}): pass --full for a "
                            f"vocabulary this small, or --top-k K for a top-k cache.")
-    if not cfg.full and cfg.top_k >= vocab and cfg.sample is not None:
+    if cfg.sample is not None and cfg.top_k >= vocab:
         raise CachekdError(f"--top-k {cfg.top_k} with --sample leaves no tokens to draw from (the vocabulary has "
                            f"{vocab}); use a top-k cache, or a smaller --top-k.")
-    if not cfg.full and cfg.top_k > vocab:
+    if not cfg.full and not cfg.factored and cfg.top_k > vocab:
         raise CachekdError(f"--top-k {cfg.top_k} is larger than the vocabulary ({vocab} tokens).")
     low = [t for t in ([] if cfg.full else cfg.temperatures) if t < enc.min_temperature(vocab)]
     if low:
@@ -345,9 +504,28 @@ def precompute(cfg: PrecomputeConfig, *, force: bool = False, progress: bool = T
     if cfg.ensemble:  # the model takes the weights as recorded, as verify and audit rebuild it
         infos = [ensemble.ensemble_info(infos, cfg.ensemble, cfg.ensemble_weights or [1.0] * len(models))]
         models = [EnsembleTeacher(models, infos[0]["weights"], cfg.ensemble, vocab).eval()]
+    probed = None
+    if cfg.factored:  # refuse a teacher that is not linear in its output layer before anything is written
+        probed = _probe_factored(models, infos, store, cfg.splits[0], vocab, device, amp, cfg.factored_rank,
+                                 cfg.factored_dtype, cfg.factored_rounding == "feedback")
     plan = build_plan(cfg, store, infos, vocab)
     plan, lock = _open_cache(root, plan, force and (world == 1 or rank == 0), slot, slots, rank, world)
     try:
+        layers = None
+        if probed is not None:  # the first writer's factors, as stored (a resume or another part reads them)
+            stored = cw.stored_factors(root, plan)
+            if stored is None and plan.factored_rank is not None:
+                stored = cw.write_factors(root, plan, *_fit_factored(models, infos, store, plan, probed,
+                                                                     cfg.batch_size, device, amp))
+            elif stored is None:
+                stored = cw.write_factors(
+                    root, plan, {t: (l.weight.cpu().numpy(), None if l.bias is None else l.bias.cpu().numpy())
+                                 for t, (l, _, _) in probed.items()},
+                    {t: s.cpu().numpy() for t, (_, s, _) in probed.items()},
+                    {t: {} if u is None else {"rounding": u.cpu().numpy()} for t, (_, _, u) in probed.items()})
+            layers = {t: _Factored(*(None if f.get(n) is None else torch.from_numpy(f[n]).to(device)
+                                     for n in ("weight", "bias", "dim_scale", "rounding", "mean", "basis")))
+                      for t, f in stored.items()}
         todo = [(split, c) for split in plan.splits
                 for c in fmt.pending_chunks(root, split, plan.num_chunks(split)) if c % slots == slot]
         positions = sum(stop - start for start, stop in (plan.chunk_range(s, c) for s, c in todo)) * store.seq_len
@@ -359,7 +537,7 @@ def precompute(cfg: PrecomputeConfig, *, force: bool = False, progress: bool = T
                 for split, chunk in todo:
                     lock.check()  # (a lease on an object store: stop once another process took it over)
                     tokens = store.read_chunk(split, chunk)
-                    results, stats = _chunk_targets(models, infos, tokens, split, chunk, plan, cfg, device, amp)
+                    results, stats = _chunk_targets(models, infos, tokens, split, chunk, plan, cfg, device, amp, layers)
                     bg.put((split, chunk, results, stats))
                     done_positions += tokens.size
                     bar.update(tokens.size)

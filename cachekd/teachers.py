@@ -295,7 +295,7 @@ class TeacherSource(ABC):
 
 class CachedTeachers(TeacherSource):
     """Targets read from a logit cache: sparse (top-k + tail_lse), sampled or hybrid (drawn ids with their weights),
-    or full logits."""
+    full logits, or factored (the output layer's input, and the layer held on the training device once)."""
 
     def __init__(self, cache: LogitCache, names: list[str], cache_spec: str, temperature: float = 1.0,
                  captured_mass: dict[str, float] | None = None, notes: tuple[str, ...] = (),
@@ -308,6 +308,18 @@ class CachedTeachers(TeacherSource):
         self.tail_index = tail_index
         """Which stored tail_lse (temperature) the targets use: top-k caches; None for full logits and for sampled caches
         (their targets pick the loss τ's and the proposal's normalisers themselves)."""
+        self._layers: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor | None]] = {}
+        """A factored cache's output layers on the training device, by (teacher, device): moved there once."""
+
+    def output_layer(self, teacher: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(weight (V, d), bias (V,) or None), float32 on `device`: a factored cache's layer of `teacher`, with its
+        per-dimension scale folded in (it multiplies the stored h / dim_scale)."""
+        key = (teacher, str(device))
+        if key not in self._layers:
+            f = self.cache.factors(teacher)
+            self._layers[key] = (torch.from_numpy(f["weight"]).to(device),
+                                 None if f.get("bias") is None else torch.from_numpy(f["bias"]).to(device))
+        return self._layers[key]
 
     @classmethod
     def open(cls, d: DistillConfig, store: TokenStore) -> CachedTeachers:
@@ -342,14 +354,20 @@ class CachedTeachers(TeacherSource):
         return self.cache.temperature_index(tau) if self.cache.mode == "topk" else None
 
     def targets(self, batch: Batch, input_ids: torch.Tensor) -> list[Target]:
-        from cachekd.batch import CachedLogits, CachedSampled
-        from cachekd.losses import DenseTarget, SparseTarget
+        from cachekd.batch import CachedFactored, CachedLogits, CachedSampled
+        from cachekd.cache.encoding import decode_hidden
+        from cachekd.losses import DenseTarget, FactoredTarget, SparseTarget
 
-        out: list[DenseTarget | SparseTarget] = []
+        out: list[Target] = []
         for t in self.names:
             cached = batch.teachers[t]
             if isinstance(cached, CachedLogits):
                 out.append(DenseTarget(cached.logits))
+                continue
+            if isinstance(cached, CachedFactored):  # the loss forms the logits a chunk of rows at a time
+                weight, bias = self.output_layer(t, cached.hidden.device)
+                hidden = decode_hidden(cached.hidden, cached.hidden_scale, self.cache.plan.factored_dtype)
+                out.append(FactoredTarget(hidden, weight, bias))
                 continue
             if isinstance(cached, CachedSampled):
                 from cachekd.teacher_samples import target_at
@@ -373,6 +391,8 @@ class CachedTeachers(TeacherSource):
         if self.cache.mode == "sampled":
             out["storage_kind"] = self.cache.plan.storage_kind
             out["note"] = SAMPLED_TAIL_NOTE
+        if self.cache.mode == "factored":
+            out["storage_kind"] = self.cache.plan.storage_kind
         return out
 
 

@@ -30,6 +30,23 @@ def _names(ctx, param, value):
               help="Draw at this one temperature (one of --temperatures) instead of once per cached temperature.")
 @click.option("--sample-seed", default=0, show_default=True, type=click.IntRange(min=0), help="Seed of the --sample draws.")
 @click.option("--full", is_flag=True, help="Store all logits (fp16) instead of the top-k.")
+@click.option("--factored", is_flag=True,
+              help="Store per position the input of each teacher's output layer (d numbers) and that layer once: "
+                   "every logit, for every objective, τ, mixing and combination, in about d bytes a position; "
+                   "training rebuilds the logits with one matmul and never loads the teacher.")
+@click.option("--factored-dtype", type=click.Choice(["int8", "bf16", "fp16"]), default="int8", show_default=True,
+              help="How --factored stores the output layer's input: int8 with one scale a position (d + 4 bytes), "
+                   "or 16-bit floats (2·d bytes).")
+@click.option("--factored-rounding", type=click.Choice(["feedback", "nearest"]), default="feedback", show_default=True,
+              help="int8 only: pass each dimension's rounding error on through the output layer (3-4x lower KL, "
+                   "one sequential pass over d a batch) or round each value to its nearest step.")
+@click.option("--factored-rank", default=None, type=int, metavar="R",
+              help="With --factored: store R < d coefficients a position on the mean and R principal directions of "
+                   "the output layer's input, fitted once on a seeded sample of train windows (not exact).")
+@click.option("--factored-fit-windows", default=256, show_default=True, type=int,
+              help="Train windows the --factored-rank basis is fitted on.")
+@click.option("--factored-fit-seed", default=0, show_default=True, type=int,
+              help="Seed of the windows the --factored-rank basis is fitted on.")
 @click.option("--ensemble", type=click.Choice(["logits", "probs"]), default=None,
               help="Cache the teachers' combination as ONE teacher, 'ensemble': logits (Baby Llama: raw logits "
                    "averaged) or probs (probabilities averaged). Exact, where combining the teachers' sparse caches "
@@ -51,7 +68,8 @@ def _names(ctx, param, value):
 @click.option("--force", is_flag=True, help="Start again over a cache begun with other settings.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def precompute_command(store, teachers, output, top_k, sample, proposal_temperature, sample_seed, full, ensemble,
+def precompute_command(store, teachers, output, top_k, sample, proposal_temperature, sample_seed, full, factored,
+                       factored_dtype, factored_rounding, factored_rank, factored_fit_windows, factored_fit_seed, ensemble,
                        ensemble_weights, temperatures, logprob_step, splits, batch_size, device, dtype, registry, part,
                        force, as_json, quiet):
     """Run the frozen teacher(s) ONCE over a token store and cache their outputs for every later student.
@@ -61,7 +79,8 @@ def precompute_command(store, teachers, output, top_k, sample, proposal_temperat
     exact log-sum-exp of the rest (tail_lse), the normaliser and the entropy: an unbiased forward-KL target, and
     for every objective the stored ids plus the rest's exact mass (the fidelity figures in docs/sampled-caches.md
     say which to use when). `--top-k K` alone keeps only the top-K and tail_lse (a top-k cache), `--sample N` alone
-    only draws, `--full` every logit. Killed at any moment, the same command
+    only draws, `--full` every logit, `--factored` every logit as the output layer's input and the layer (reverse
+    KL, mixing, ensembles: exact). Killed at any moment, the same command
     resumes where it stopped. Under `torchrun --nproc-per-node N -m cachekd_cli precompute ...` each rank takes its own
     chunks; `--part i/n` does the same for independent jobs.
 
@@ -76,7 +95,9 @@ def precompute_command(store, teachers, output, top_k, sample, proposal_temperat
     cfg = PrecomputeConfig(
         store=store, teachers=list(teachers), output=output, top_k=top_k, full=full, temperatures=temperatures,
         sample=sample, proposal_temperature=proposal_temperature, sample_seed=sample_seed, ensemble=ensemble,
-        ensemble_weights=ensemble_weights,
+        ensemble_weights=ensemble_weights, factored=factored, factored_dtype=factored_dtype,
+        factored_rounding=factored_rounding, factored_rank=factored_rank, factored_fit_windows=factored_fit_windows,
+        factored_fit_seed=factored_fit_seed,
         splits=splits, batch_size=batch_size, device=device, dtype=dtype,
         registry=registry, part=part, logprob_step=logprob_step,
     )

@@ -180,6 +180,8 @@ DECODERS: dict[str, Callable[[torch.Tensor, float], torch.Tensor]] = {
     "entropy": lambda x, scale: tail_from_fixed(x),
     "sample_counts": lambda x, scale: counts_from_stored(x),
     "logits": lambda x, scale: x,  # stored as used (float16)
+    "hidden": lambda x, scale: x,  # factored: decoded with the output layer, in the loss (`decode_hidden`)
+    "hidden_scale": lambda x, scale: x,
 }
 """Per cache array (by name, `cachekd.cache.format.ARRAY_NAMES`): stored tensor, logprob scale → decoded tensor."""
 
@@ -188,3 +190,86 @@ def decode_stored(name: str, stored: torch.Tensor, logprob_scale: float = LOGPRO
     """One cache array as stored (a `stored_tensor`, on any device) → the values the losses take, with torch ops
     on that device: ids int64, log-probabilities, tails and entropies float32, counts int64, logits as stored."""
     return DECODERS[name](stored, logprob_scale)
+
+
+# Factored caches: h (the input of a teacher's output layer, divided by the cache's per-dimension scale) per position.
+# int8: symmetric codes in [-127, 127] with one float32 scale a position (max |x| / 127), so each value is within
+# half a step (max |x| / 254) of the original; bf16: the top 16 bits of float32 (8 significant bits), stored as
+# int16; fp16: 11 significant bits (h / dim_scale is of order 1, far from fp16's limits). These run in torch on the
+# device the teacher or the student is on: only int8 codes travel. Measured on the demo's teacher (d=192, V=2000):
+# mean KL(full ‖ rebuilt) 4.6e-6 nats a position from int8, 2.5e-7 from bf16 (docs/caches.md, "Factored caches").
+
+HIDDEN_INT8_MAX = 127
+
+
+def encode_hidden(x, dtype: str, feedback=None) -> dict:
+    """(..., d) float tensor → the stored arrays as tensors on its device: {"hidden": int8 codes, "hidden_scale":
+    (...) float32} for int8, {"hidden": int16 bits of bfloat16} for bf16, {"hidden": float16} for fp16.
+
+    int8 with `feedback` (d, d), the upper Cholesky factor of H⁻¹ for the output layer's H
+    (`cachekd.factored.rounding_matrix`): the dimensions are rounded in order and each one's rounding error is
+    passed on to the dimensions not yet rounded (GPTQ's rule, here for activations), so that the error lands where
+    the output layer barely sees it. Same bytes; the logits' error falls ~3x (docs/caches.md, factored caches),
+    while a value may be off by more than half a step (at most `INT8_FEEDBACK_STEPS` steps measured)."""
+    import torch
+
+    x = x.float()
+    if dtype == "int8":
+        scale = (x.abs().amax(-1) / HIDDEN_INT8_MAX).clamp_min(torch.finfo(torch.float32).tiny)
+        if feedback is None:
+            codes = torch.round(x / scale.unsqueeze(-1)).clamp_(-HIDDEN_INT8_MAX, HIDDEN_INT8_MAX)
+        else:
+            codes = _feedback_codes(x / scale.unsqueeze(-1), feedback.to(x))
+        return {"hidden": codes.to(torch.int8), "hidden_scale": scale}
+    if dtype == "bf16":
+        return {"hidden": x.to(torch.bfloat16).view(torch.int16)}
+    assert dtype == "fp16", dtype
+    return {"hidden": x.to(torch.float16)}
+
+
+INT8_FEEDBACK_STEPS = 4.0
+"""How far (in steps of its position's scale) an int8 value rounded with feedback may be from the value it stores:
+the most measured was 1.9 (a trained LLaMA teacher, d=192); `verify --recompute` allows this many."""
+
+
+FEEDBACK_BLOCK = 64
+"""Dimensions `_feedback_codes` rounds between two matmul updates of the rest (GPTQ's lazy batch updates): the
+per-dimension updates touch only the block, so the work is matmul-bound (measured on one CPU thread, 4096 positions
+at d=1024: 8.5 s updating every remaining dimension after each one, 0.97 s in blocks of 64; at d=192 0.1 s)."""
+
+
+def _feedback_codes(y, u):
+    """Codes in [-127, 127] for y (..., d) in units of a step, rounded dimension by dimension with the error passed
+    on through u (d, d) upper triangular: y_{j+1:} -= (y_j − c_j) / u_jj · u_{j, j+1:} (within a block of
+    `FEEDBACK_BLOCK` dimensions at once, to the dimensions after it by one matmul a block)."""
+    import torch
+
+    shape = y.shape
+    d = shape[-1]
+    y = y.reshape(-1, d).clone()
+    codes = torch.empty_like(y)
+    for start in range(0, d, FEEDBACK_BLOCK):
+        stop = min(start + FEEDBACK_BLOCK, d)
+        errors = torch.empty(y.shape[0], stop - start, dtype=y.dtype, device=y.device)
+        for j in range(start, stop):
+            c = torch.round(y[:, j]).clamp_(-HIDDEN_INT8_MAX, HIDDEN_INT8_MAX)
+            codes[:, j] = c
+            err = (y[:, j] - c) / u[j, j]
+            errors[:, j - start] = err
+            if j + 1 < stop:
+                y[:, j + 1:stop] -= err.unsqueeze(1) * u[j, j + 1:stop]
+        if stop < d:
+            y[:, stop:] -= errors @ u[start:stop, stop:]
+    return codes.reshape(shape)
+
+
+def decode_hidden(hidden, hidden_scale, dtype: str, out_dtype=None):
+    """The stored arrays (tensors, any device) → (..., d) float32 (or `out_dtype`) h / dim_scale."""
+    import torch
+
+    out_dtype = out_dtype or torch.float32
+    if dtype == "int8":
+        return hidden.to(out_dtype) * hidden_scale.to(out_dtype).unsqueeze(-1)
+    if dtype == "bf16":
+        return hidden.view(torch.bfloat16).to(out_dtype)
+    return hidden.to(out_dtype)

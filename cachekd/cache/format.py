@@ -27,6 +27,25 @@ here).
                                         proposal (n_r = n_τ with one proposal per cached τ, else 1); pads 0
       <split>/<teacher>/entropy         (N, L, n_τ) int16: the teacher's exact entropy H_τ at each cached τ, fixed
                                         point 1/TAIL_SCALE nat (forward KL is reported as a divergence with it)
+    factored mode (``precompute --factored``; see "Factored caches" below):
+      <split>/<teacher>/hidden          (N, L, d) int8 (default), int16 (the bits of bfloat16) or float16: the input
+                                        h of the teacher's output layer divided by `dim_scale`; int8 as codes of
+                                        one symmetric scale a position
+      <split>/<teacher>/hidden_scale    (N, L) float32: int8 only, h/dim_scale ≈ hidden · hidden_scale
+      factors/<teacher>/weight          (V, d) float32: the output layer's weight (rows beyond the store's
+                                        vocabulary dropped) times `dim_scale` per column, written once
+      factors/<teacher>/bias            (V,) float32: its bias (heads with a bias only)
+      factors/<teacher>/dim_scale       (d,) float32: a power of two per dimension of h (chosen on the first
+                                        windows, so outlier dimensions do not take an int8 row's range)
+      factors/<teacher>/rounding        (d, d) float32, int8 only: the matrix int8 rounding passes each
+                                        dimension's error on with (`encoding.encode_hidden`), kept so that a
+                                        resumed run rounds as the first did
+    compressed (``--factored-rank r``): per position the r coefficients c = Uᵀ(h − μ) / dim_scale instead of h,
+    with μ (d,) and U (d, r) the mean and principal directions of h on a seeded sample of train windows:
+      factors/<teacher>/weight, bias    (V, r), (V,): W·U·diag(dim_scale) and b + W·μ, so z ≈ weight·c + bias
+      factors/<teacher>/mean, basis     (d,), (d, r) float32: μ and U, for re-encoding (verify --recompute)
+      done/factors.json                 marker written after every teacher's factors are on disk: their
+                                        CRC-32Cs and the SHA-256 of each weight
       done/<split>/<chunk>.json         marker written after every teacher's data of that chunk is on disk;
                                         holds the chunk's statistics and binds it to its token ids and to the
                                         chunk files written (see TOKENS_DIGEST); an empty or unparsable marker
@@ -47,6 +66,12 @@ the tokens beyond the exact top-K in a hybrid cache), keyed by (seed, proposal, 
 recomputed (resume, `--part`, torchrun, another batch size) gives the same bytes (`cachekd.teacher_samples` owns
 the draws). The variable number of distinct ids per position is stored padded to W = N·n_r with count 0 rather than
 as offsets into a flat array.
+
+Factored caches. A causal LM's logits are linear in the input of its output layer, z = W·h + b, so h per position
+and W, b once encode all V logits in d numbers a position. Folding a power-of-two `dim_scale` into W (exact in
+float32) keeps z = (W·diag(s))·(h/s) + b unchanged while every dimension of h/s has about the same range, which is
+what one int8 scale a position needs. Training rebuilds the logits of a chunk of rows on its device
+(`cachekd.losses`' `FactoredTarget`); the teacher model is never loaded.
 
 Why the values are stored as they are (the padding of the sampled arrays, fixed-point log-probabilities,
 delta-encoded ids) and the zstd level of each array (CLEVEL) are measured in `cachekd.cache.encoding`, which
@@ -71,7 +96,7 @@ from cachekd.storage import location
 
 FORMAT = "cachekd-logit-cache"
 FORMAT_VERSION = 1
-CLEVEL = {"ids": 5, "logprobs": 1, "tail_lse": 5, "sample_ids": 5, "sample_logprobs": 1, "sample_counts": 5,
+CLEVEL = {"hidden": 1, "hidden_scale": 1, "ids": 5, "logprobs": 1, "tail_lse": 5, "sample_ids": 5, "sample_logprobs": 1, "sample_counts": 5,
           "entropy": 5}  # zstd level inside Blosc per array (measured: see cachekd.cache.encoding)
 BLOCKSIZE = 1 << 20             # one Blosc block per top-k chunk: zstd sees the whole chunk (-2.4 B/position, faster)
 MAX_FULL_CHUNK_BYTES = 32 << 20
@@ -89,13 +114,30 @@ ZARR_META = "zarr.json"          # a Zarr group's or array's metadata (the group
 PLAN_FILE = "plan.json"          # the plan, written when the cache is created
 MANIFEST_FILE = "manifest.json"  # the plan plus statistics, written last
 DONE_DIR = "done"                # done/<split>/<chunk>.json: one marker per finished chunk
-ARRAY_NAMES = {"topk": ("ids", "logprobs", "tail_lse"), "full": ("logits",),
+ARRAY_NAMES = {"topk": ("ids", "logprobs", "tail_lse"), "full": ("logits",), "factored": ("hidden", "hidden_scale"),
                "sampled": ("ids", "logprobs", "tail_lse", "sample_ids", "sample_logprobs", "sample_counts", "entropy")}
 SAMPLE_ARRAYS = ("sample_ids", "sample_logprobs", "sample_counts", "entropy")  # beyond the top-k arrays
 
 
 def array_path(split: str, teacher: str, name: str) -> str:
     return f"{split}/{teacher}/{name}"
+
+
+FACTORS_DIR = "factors"          # factors/<teacher>/{weight,bias,dim_scale}: a factored cache's output layers
+FACTOR_NAMES = ("weight", "bias", "dim_scale", "rounding", "mean", "basis")
+FACTORS_DONE = "factors.json"    # done/factors.json: the factors' marker
+
+
+def factor_path(teacher: str, name: str) -> str:
+    return f"{FACTORS_DIR}/{teacher}/{name}"
+
+
+def factors_done_path(root: Path) -> Path:
+    return Path(root) / DONE_DIR / FACTORS_DONE
+
+
+FACTORED_DTYPES = ("int8", "bf16", "fp16")
+"""How a factored cache stores h: int8 codes with one float32 scale a position (d + 4 bytes), or 16-bit floats."""
 
 
 def group_meta_path(root: Path) -> Path:
@@ -249,9 +291,11 @@ def has_checksum(array) -> bool:
     return any(isinstance(c, Crc32cCodec) for c in array.metadata.codecs)
 
 
-def array_names(mode: str, k: int | None = None) -> tuple[str, ...]:
+def array_names(mode: str, k: int | None = None, factored_dtype: str | None = None) -> tuple[str, ...]:
     """The arrays each teacher has in a cache of this mode (a sampled cache without an exact top-K, k = 0, has no
-    `ids` and `logprobs`)."""
+    `ids` and `logprobs`; a factored cache stores `hidden_scale` with int8 only)."""
+    if mode == "factored" and factored_dtype != "int8":
+        return ("hidden",)
     if mode == "sampled" and not k:
         return tuple(n for n in ARRAY_NAMES[mode] if n not in ("ids", "logprobs"))
     return ARRAY_NAMES[mode]
@@ -328,7 +372,7 @@ class TokenStoreRef:
 
 # Plan keys that must agree for a cache to be resumed (the rest, e.g. a teacher's path, may change).
 PLAN_IDENTITY = ("format_version", "token_store", "teachers", "mode", "k", "temperatures", "splits", "encoding",
-                 "sample")
+                 "sample", "factored")
 
 
 @dataclass(kw_only=True)
@@ -342,18 +386,23 @@ class CachePlan:
 
     token_store: TokenStoreRef
     teachers: list[dict[str, Any]]
-    mode: Literal["topk", "full", "sampled"]
+    mode: Literal["topk", "full", "sampled", "factored"]
     k: int | None
     temperatures: list[float]
     splits: dict[str, int]
     encoding: dict[str, Any] | None = None
     sample: dict[str, Any] | None = None
     """Sampled caches only: the `SampleSpec` as a JSON object (k is then the exact top-K of a hybrid, 0 for none)."""
+    factored: dict[str, Any] | None = None
+    """Factored caches only: {"dtype": one of FACTORED_DTYPES, "weight_dtype": "float32"}, for int8 "rounding"
+    ("feedback" or "nearest"), plus for the compressed
+    form "rank": r and "fit": {"windows": n, "seed": s} (the sample the basis was fitted on); each teacher's record
+    holds its `output_layer` ({"hidden_size": d, "bias": bool})."""
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
     extra: dict[str, Any] = field(default_factory=dict)
 
-    _OPTIONAL = ("encoding", "sample")
+    _OPTIONAL = ("encoding", "sample", "factored")
 
     # --- derived facts
     @property
@@ -385,6 +434,11 @@ class CachePlan:
         """In words: "full logits", "top-64", "sampled N=50", "hybrid top-16 + sampled N=50"."""
         if self.mode == "full":
             return "full logits"
+        if self.mode == "factored":
+            d = ", ".join(str(self.hidden_size(t)) for t in self.teacher_names)
+            rank = self.factored_rank
+            return f"factored {self.factored_dtype} (d={d})" if rank is None else \
+                f"factored {self.factored_dtype} rank {rank} (d={d})"
         if self.mode == "topk":
             return f"top-{self.k}"
         spec = self.sample_spec
@@ -392,8 +446,54 @@ class CachePlan:
                                                   if spec.proposal_temperature is not None else "")
         return f"hybrid top-{self.k} + {draws}" if self.k else draws
 
+    @property
+    def factored_dtype(self) -> str | None:
+        """How a factored cache stores h (FACTORED_DTYPES); None for the other kinds."""
+        return None if self.factored is None else str(self.factored.get("dtype", "int8"))
+
+    @property
+    def factored_rank(self) -> int | None:
+        """r of a compressed factored cache (r coefficients a position); None for the exact form."""
+        rank = (self.factored or {}).get("rank")
+        return None if rank is None else int(rank)
+
+    @property
+    def factored_rounding(self) -> str | None:
+        """How a factored int8 cache rounded h: "feedback" or "nearest"; None for 16-bit h and the other kinds."""
+        return None if self.factored_dtype != "int8" else str(self.factored.get("rounding", "nearest"))
+
+    def stored_width(self, teacher: str) -> int:
+        """Numbers a position of a factored cache's teacher: r for the compressed form, else d."""
+        return self.factored_rank or self.hidden_size(teacher)
+
+    def hidden_size(self, teacher: str) -> int:
+        """d of a factored cache's teacher: the width of its output layer's input."""
+        for t in self.teachers:
+            if t["name"] == teacher:
+                return int(t["output_layer"]["hidden_size"])
+        raise KeyError(teacher)
+
+    def has_bias(self, teacher: str) -> bool:
+        """Whether the stored output layer has a bias (always for the compressed form: b + W·μ)."""
+        if self.factored_rank is not None:
+            return True
+        return any(t["name"] == teacher and bool(t["output_layer"].get("bias")) for t in self.teachers)
+
     def array_names(self) -> tuple[str, ...]:
-        return array_names(self.mode, self.k)
+        return array_names(self.mode, self.k, self.factored_dtype)
+
+    def factor_specs(self, teacher: str) -> list[ArraySpec]:
+        """A factored cache's arrays written once per teacher: weight (V, w), bias (V,) and dim_scale (w,), w = d or
+        r; int8 also rounding (w, w); the compressed form also mean (d,) and basis (d, r)."""
+        V, d, w = self.token_store.vocab_size, self.hidden_size(teacher), self.stored_width(teacher)
+        rows = max(1, min(V, (16 << 20) // (4 * w)))  # chunks of at most 16 MiB
+        f32 = np.dtype(np.float32)
+        rank = self.factored_rank
+        return ([ArraySpec("weight", (V, w), (rows, w), f32)]
+                + ([ArraySpec("bias", (V,), (V,), f32)] if self.has_bias(teacher) else [])
+                + [ArraySpec("dim_scale", (w,), (w,), f32)]
+                + ([ArraySpec("rounding", (w, w), (w, w), f32)] if self.factored_rounding == "feedback" else [])
+                + ([ArraySpec("mean", (d,), (d,), f32), ArraySpec("basis", (d, rank), (d, rank), f32)] if rank else []))
 
     def num_chunks(self, split: str) -> int:
         return math.ceil(int(self.splits[split]) / self.chunk_windows)
@@ -403,10 +503,17 @@ class CachePlan:
         cw = self.chunk_windows
         return chunk * cw, min((chunk + 1) * cw, int(self.splits[split]))
 
-    def array_specs(self, split: str) -> list[ArraySpec]:
-        """The arrays each teacher has in `split`; top-k arrays are chunked like the token store, full-logit
-        arrays by a divisor of it (`full_chunk_windows`)."""
+    def array_specs(self, split: str, teacher: str | None = None) -> list[ArraySpec]:
+        """The arrays each teacher has in `split` (factored caches: `teacher`'s, whose d they depend on); top-k,
+        sampled and factored arrays are chunked like the token store, full-logit arrays by a divisor of it
+        (`full_chunk_windows`)."""
         n, L, cw, V = int(self.splits[split]), self.token_store.seq_len, self.chunk_windows, self.token_store.vocab_size
+        if self.mode == "factored":
+            assert teacher is not None, "a factored cache's arrays depend on the teacher"
+            d, dtype = self.stored_width(teacher), self.factored_dtype
+            store = {"int8": np.int8, "bf16": np.int16, "fp16": np.float16}[dtype]
+            return [ArraySpec("hidden", (n, L, d), (cw, L, d), np.dtype(store))] + (
+                [ArraySpec("hidden_scale", (n, L), (cw, L), np.dtype(np.float32))] if dtype == "int8" else [])
         if self.mode == "topk":
             k, nt = int(self.k), len(self.temperatures)
             return [ArraySpec("ids", (n, L, k), (cw, L, k), id_dtype(V)),

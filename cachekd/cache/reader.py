@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +26,9 @@ class TeacherBlock:
     Sampled mode: the exact top-k as in top-k mode (hybrid only), `tail_lse` over the tokens beyond them (the whole
     vocabulary's normaliser N_τ without a top-k), `sample_ids` (n, L, W) int64 sorted (pads repeat the last id),
     `sample_logprobs` (n, L, W) float32 τ=1 log-probabilities (0 at pads), `sample_counts` (n, L, W, n_r) int64
-    (0 at pads) and `entropy` (n, L, n_τ) float32 (see cachekd.teacher_samples).
+    (0 at pads) and `entropy` (n, L, n_τ) float32 (see cachekd.teacher_samples). Factored mode: `hidden` (n, L, d)
+    and, for int8, `hidden_scale` (n, L) as stored (`cachekd.cache.encoding.decode_hidden` turns them into h /
+    dim_scale on the training device; `LogitCache.factors` gives the output layer that multiplies them).
     """
 
     ids: np.ndarray | None = None
@@ -36,8 +39,11 @@ class TeacherBlock:
     sample_logprobs: np.ndarray | None = None
     sample_counts: np.ndarray | None = None
     entropy: np.ndarray | None = None
+    hidden: np.ndarray | None = None
+    hidden_scale: np.ndarray | None = None
 
-    NAMES = ("ids", "logprobs", "tail_lse", "logits", "sample_ids", "sample_logprobs", "sample_counts", "entropy")
+    NAMES = ("ids", "logprobs", "tail_lse", "logits", "sample_ids", "sample_logprobs", "sample_counts", "entropy",
+             "hidden", "hidden_scale")
 
     def __len__(self) -> int:
         return len(next(getattr(self, n) for n in self.NAMES if getattr(self, n) is not None))
@@ -101,6 +107,7 @@ class LogitCache:
         self._markers: dict[str, dict[int, dict[str, Any]]] = {}
         self.complete = complete
         self._arrays: dict[str, Any] = {}
+        self._factors: dict[str, dict[str, np.ndarray]] | None = None
 
     @classmethod
     def open(cls, path: str | Path, *, allow_incomplete: bool = False) -> "LogitCache":
@@ -193,7 +200,7 @@ class LogitCache:
 
     def temperature_index(self, tau: float) -> int:
         """Index of τ in the cached `tail_lse`, or a clear refusal listing what the cache has."""
-        if self.mode == "full":
+        if self.mode in ("full", "factored"):
             return -1
         for i, t in enumerate(self.temperatures):
             if math.isclose(t, tau, rel_tol=1e-9, abs_tol=1e-12):
@@ -279,7 +286,7 @@ class LogitCache:
         """Windows [start, stop) of one array; a chunk that cannot be read or decoded is a DamagedChunkError
         naming the split, teacher, array, chunk and windows, and saying how to repair it."""
         arr = self._array(split, teacher, name)
-        if self.mode == "topk" or name in ("ids", "logprobs", "sample_counts"):
+        if self.mode == "topk" or name in ("ids", "logprobs", "sample_counts", "hidden_scale"):
             self._check_chunk_files(arr, split, teacher, name, start, stop)
         try:
             data = arr[start:stop]
@@ -346,6 +353,15 @@ class LogitCache:
         return {t: TeacherBlock(**{name: enc.decode_stored(name, enc.stored_tensor(a), scale).numpy()
                                    for name, a in arrays.items()})
                 for t, arrays in self.read_stored(split, start, stop, teachers).items()}
+
+    def factors(self, teacher: str) -> dict[str, np.ndarray]:
+        """A factored cache's output layer of `teacher`: "weight" (V, d) float32 with the per-dimension scale
+        folded in, "bias" (V,) (heads with a bias only) and "dim_scale" (d,), read once and checked against
+        done/factors.json; damaged or missing factors are a DamagedChunkError saying how to repair them."""
+        assert self.mode == "factored", "factors: a factored cache only"
+        if self._factors is None:
+            self._factors = read_factor_arrays(self.path, self.plan)
+        return self._factors[teacher]
 
     def read_chunk(self, split: str, chunk: int, teachers: Sequence[str] | None = None,
                    tokens: np.ndarray | None = None) -> dict[str, TeacherBlock]:
@@ -437,6 +453,42 @@ class LogitCache:
             total += float(topk_mass(b.logprobs, b.tail_lse[..., i], tau).sum())
             count += b.logprobs.shape[0] * b.logprobs.shape[1]
         return total / max(count, 1), f"sample of {len(chunks)} chunk{'s' if len(chunks) != 1 else ''}"
+
+
+def read_factor_arrays(root: Path, plan: fmt.CachePlan) -> dict[str, dict[str, np.ndarray]]:
+    """Every teacher's factors of a factored cache ({teacher: {"weight", "bias"?, "dim_scale"}}, float32), each
+    array's chunk files checked against the CRC-32Cs done/factors.json recorded. A missing marker, a missing or
+    damaged array is a DamagedChunkError (array "factors") saying how to repair it."""
+    root = Path(root)
+    marker = fmt.read_done_marker(fmt.factors_done_path(root))
+
+    def damaged(teacher: str, problem: str) -> DamagedChunkError:
+        return DamagedChunkError(
+            f"the output layer (factors) of teacher {teacher!r} in cache {str(root)!r} cannot be read: {problem}; "
+            + REPAIR_HINT.format(path=root), teacher=teacher, array="factors", reason=problem)
+
+    out: dict[str, dict[str, np.ndarray]] = {}
+    for teacher in plan.teacher_names:
+        if marker is None or teacher not in marker:
+            raise damaged(teacher, "done/factors.json is missing or damaged")
+        want = marker[teacher].get(fmt.CHUNK_CRC32C, {})
+        values = {}
+        for spec in plan.factor_specs(teacher):
+            path = root / fmt.factor_path(teacher, spec.name)
+            arr = open_array_read_only(path, f"the {spec.name} of teacher {teacher!r} in cache {str(root)!r}",
+                                       "run `cachekd verify` with --repair, then the same `cachekd precompute`")
+            coords = itertools.product(*(range(-(-s // c)) for s, c in zip(arr.shape, arr.chunks)))
+            files = [path / arr.metadata.encode_chunk_key(c) for c in coords]
+            if spec.name in want and [fmt.stored_crc32c(f) for f in files] != want[spec.name]:
+                raise damaged(teacher, f"its {spec.name} holds other data than was written (or is missing)")
+            try:
+                values[spec.name] = np.asarray(arr[...], dtype=np.float32)
+            except Exception as e:  # noqa: BLE001 - codecs raise their own types
+                raise damaged(teacher, f"its {spec.name} is corrupt or truncated ({_reason(e)})") from e
+            if tuple(values[spec.name].shape) != spec.shape:
+                raise damaged(teacher, f"its {spec.name} has shape {values[spec.name].shape}, not {spec.shape}")
+        out[teacher] = values
+    return out
 
 
 class _DamagedMeta(CachekdError):

@@ -1,5 +1,6 @@
 """What a logit cache holds, for `cachekd info` and `precompute`'s closing report: its plan, chunks done, teachers,
-checksums, bytes on disk (per position and per array) and the teachers' statistics from the manifest."""
+checksums, bytes on disk (per position and per array) and the teachers' statistics from the manifest (a factored
+cache: d, the output layers' bytes, and the rebuilt logits' KL to the teacher's own over every position)."""
 
 from __future__ import annotations
 
@@ -42,6 +43,10 @@ def cache_summary(cache: LogitCache) -> dict[str, Any]:
     })
     if plan.sample is not None:
         out["sample"] = dict(plan.sample)
+    if plan.factored is not None:
+        out["factored"] = {**plan.factored, "hidden_size": {t: plan.hidden_size(t) for t in plan.teacher_names},
+                           "bias": {t: plan.has_bias(t) for t in plan.teacher_names},
+                           "factor_bytes": factor_bytes(cache)}
     if cache.complete:
         out["bytes_per_position"] = round(nbytes / max(sum(positions.values()), 1), 2)
     for split, per_teacher in (plan.stats if isinstance(plan, fmt.CacheManifest) else {}).items():
@@ -52,6 +57,9 @@ def cache_summary(cache: LogitCache) -> dict[str, Any]:
                 row[f"topk_mass@tau={float(tau):g}"] = round(v, 5)
             if "mean_distinct_ids" in s:
                 row["distinct_ids_per_position"] = round(s["mean_distinct_ids"], 2)
+            if "mean_rebuild_kl" in s:  # factored: every position's rebuilt logits against the teacher's own
+                row["rebuild_kl"] = float(f"{s['mean_rebuild_kl']:.3g}")
+                row["rebuild_max_abs_logit_diff"] = float(f"{s['rebuild_max_abs_logit_diff']:.3g}")
             out.setdefault("teacher_stats", {})[f"{split}/{t}"] = row
     return out
 
@@ -69,6 +77,17 @@ def bytes_per_array(cache: LogitCache) -> dict[str, float]:
     return {k: round(v / positions, 2) for k, v in out.items()}
 
 
+def factor_bytes(cache: LogitCache) -> dict[str, int]:
+    """Bytes on disk of a factored cache's output layers (stored once), by array name, summed over teachers."""
+    out: dict[str, int] = {}
+    for t in cache.teachers:
+        for name in fmt.FACTOR_NAMES:
+            d = cache.path / fmt.factor_path(t, name)
+            if d.exists():
+                out[name] = out.get(name, 0) + sum(f.stat().st_size for f in d.rglob("*") if f.is_file())
+    return out
+
+
 def summary_text(s: dict[str, Any]) -> dict[str, Any]:
     """`cache_summary` as the strings `cachekd info` prints."""
     out: dict[str, Any] = {"kind": s["kind"], "path": s["path"], "complete": s["complete"]}
@@ -80,7 +99,7 @@ def summary_text(s: dict[str, Any]) -> dict[str, Any]:
     out.update({
         "mode": s["mode"],
         "storage_kind": s.get("storage_kind", s["mode"]),
-        "k": "full logits" if s["mode"] == "full" else s["k"],
+        "k": "full logits" if s["mode"] == "full" else "every logit (factored)" if s["mode"] == "factored" else s["k"],
         "temperatures": ", ".join(f"{t:g}" for t in s["temperatures"]) or "-",
         "vocab_size": s["vocab_size"],
         "seq_len": s["seq_len"],
@@ -97,6 +116,14 @@ def summary_text(s: dict[str, Any]) -> dict[str, Any]:
         "bytes_on_disk": s["bytes_on_disk"],
         "bytes_per_position_by_array": ", ".join(f"{k} {v:g}" for k, v in s.get("bytes_per_array", {}).items()),
     })
+    if "factored" in s:
+        f = s["factored"]
+        rank = (f", rank {f['rank']} (basis fitted on {f['fit']['windows']} train windows, seed {f['fit']['seed']})"
+                if f.get("rank") else "")
+        out["factored"] = (f"h stored as {f['dtype']}{rank}, d = "
+                           + ", ".join(f"{d} ({t})" for t, d in f["hidden_size"].items())
+                           + f"; output layers ({f['weight_dtype']}, stored once): "
+                           + ", ".join(f"{k} {v} B" for k, v in f["factor_bytes"].items()))
     if "bytes_per_position" in s:
         out["bytes_per_position"] = s["bytes_per_position"]
     if "teacher_stats" in s:

@@ -63,6 +63,9 @@ def verify_cache(path: str | Path, *, store_path: str | Path | None = None, reco
                     problems.extend(f + hint for f in found)
                 checked += 1
     problems.extend(unopenable.values())
+    factors_problem = _factors_problem(cache) if cache.mode == "factored" else None
+    if factors_problem:
+        problems.append(factors_problem + hint)
     report: dict[str, Any] = {"kind": "logit cache", "cache": str(cache.path), "chunks_checked": checked,
                               "chunks_total": total, "checksums": cache.has_checksums(), "store": store_report}
     if recompute:
@@ -76,7 +79,12 @@ def verify_cache(path: str | Path, *, store_path: str | Path | None = None, reco
                             for name, r in report["recompute"].items() if isinstance(r, dict) and "skipped" in r)
     report["damaged_chunks"] = _by_split(damaged)
     if repair:
-        report["repair"] = repair_chunks(cache, sorted(damaged), store_problem, store_path=sp)
+        chunks = sorted(damaged)
+        if factors_problem and _factors_lost(cache):
+            # the scales (or the basis) every chunk was stored with are lost: every chunk is recomputed
+            chunks = [(s, c) for s in cache.splits() for c in cache.done_chunks(s)]
+        report["repair"] = repair_chunks(cache, chunks, store_problem, store_path=sp,
+                                         factors_damaged=bool(factors_problem))
     report["problems"] = problems
     report["ok"] = not problems
     return report
@@ -125,6 +133,9 @@ def _check_chunk(cache: LogitCache, split: str, c: int, store, unopenable: dict[
             if not np.isfinite(b.logits).all():
                 found.append(f"{where}: non-finite logits")
             continue
+        if b.hidden is not None:
+            found.extend(f"{where}: {p}" for p in _factored_problems(cache, b))
+            continue
         if b.sample_ids is not None:
             found.extend(f"{where}: {p}" for p in _sampled_problems(cache, b))
             if b.ids is None:
@@ -138,6 +149,46 @@ def _check_chunk(cache: LogitCache, split: str, c: int, store, unopenable: dict[
         if cache.k < V and np.isneginf(b.tail_lse).any():
             found.append(f"{where}: tail_lse is -inf although k < V")
     return found
+
+
+def _factored_problems(cache: LogitCache, b) -> list[str]:
+    """What no factored chunk can hold: int8 codes outside [-127, 127], scales that are not positive finite
+    numbers, non-finite 16-bit values."""
+    out = []
+    if cache.plan.factored_dtype == "int8":
+        if (b.hidden == -128).any():
+            out.append("int8 codes outside [-127, 127]")
+        if not (np.isfinite(b.hidden_scale).all() and (b.hidden_scale > 0).all()):
+            out.append("hidden_scale values that are not positive finite numbers")
+    else:
+        from cachekd.cache.encoding import decode_hidden
+        import torch
+
+        if not torch.isfinite(decode_hidden(torch.from_numpy(b.hidden), None, cache.plan.factored_dtype)).all():
+            out.append("non-finite hidden values")
+    return out
+
+
+def _factors_lost(cache: LogitCache) -> bool:
+    """Damaged factors that precompute cannot write again for the chunks as stored: the marker with the scales is
+    gone, or the compressed form's basis (fitted once) is among them."""
+    return (cache.plan.factored_rank is not None
+            or fmt.read_done_marker(fmt.factors_done_path(cache.path)) is None)
+
+
+def _factors_problem(cache: LogitCache) -> str | None:
+    """What is wrong with a factored cache's output layers (None: nothing): unreadable or not what was written (the
+    CRC-32Cs of done/factors.json), non-finite, or per-dimension scales that are not positive powers of two."""
+    try:
+        for t in cache.teachers:
+            f = cache.factors(t)
+            if not all(np.isfinite(v).all() for v in f.values()):
+                return f"the output layer (factors) of teacher {t!r} holds non-finite values"
+            if not (np.frexp(f["dim_scale"])[0] == 0.5).all() or not (f["dim_scale"] > 0).all():
+                return f"the per-dimension scales (factors) of teacher {t!r} are not positive powers of two"
+    except CachekdError as e:
+        return str(e).split(";")[0]
+    return None
 
 
 def _sampled_problems(cache: LogitCache, b) -> list[str]:
@@ -199,14 +250,16 @@ def _by_split(chunks) -> dict[str, list[int]]:
 
 
 def repair_chunks(cache: LogitCache, chunks: list[tuple[str, int]], store_problem: str | None,
-                  store_path: Path | None = None) -> dict[str, Any]:
+                  store_path: Path | None = None, factors_damaged: bool = False) -> dict[str, Any]:
     """Remove the done-markers of damaged `chunks` and manifest.json, so that re-running precompute with the same
     arguments recomputes exactly those chunks. Refused (nothing changed) when precompute could not run: a teacher
-    checkpoint or the token store is missing or changed."""
+    checkpoint or the token store is missing or changed. `factors_damaged`: a factored cache's output layers are
+    damaged; precompute writes them again from the teachers (with the scales done/factors.json recorded, or, when
+    that is lost too, new ones: then `chunks` are all of them and the marker is removed)."""
     from cachekd.cache import writer as cw
     from cachekd.ensemble import teacher_problem
 
-    if not chunks and cache.manifest_problem is None:
+    if not chunks and cache.manifest_problem is None and not factors_damaged:
         return {"marked_for_recompute": {}, "next": "nothing to repair"}
     blockers = []
     if store_problem:
@@ -221,7 +274,10 @@ def repair_chunks(cache: LogitCache, chunks: list[tuple[str, int]], store_proble
             "restore the teacher checkpoints and the token store the cache was built from, then run "
             f"`cachekd verify {cache.path} --repair` again")}
     removed = cw.mark_for_recompute(cache.path, chunks)
-    return {"marked_for_recompute": _by_split(removed), "removed_damaged_manifest": cache.manifest_problem is not None,
+    if factors_damaged and _factors_lost(cache):
+        fmt.factors_done_path(cache.path).unlink(missing_ok=True)
+    return {"marked_for_recompute": _by_split(removed),
+            "removed_damaged_manifest": cache.manifest_problem is not None or factors_damaged,
             "next": (f"re-run `cachekd precompute` with the same arguments as the run that built {str(cache.path)!r}; "
                      f"it recomputes only these {len(removed)} chunk(s), then `cachekd verify {cache.path}`"),
             "command": precompute_command(cache, store_path)}
@@ -241,6 +297,16 @@ def precompute_command(cache: LogitCache, store_path: Path | None = None) -> str
     args += ["-o", q(str(cache.path))]
     if plan.mode == "full":
         args.append("--full")
+    elif plan.mode == "factored":
+        args.append("--factored")
+        if plan.factored_dtype != "int8":
+            args += ["--factored-dtype", plan.factored_dtype]
+        if plan.factored_rounding == "nearest":
+            args += ["--factored-rounding", "nearest"]
+        if plan.factored_rank is not None:
+            fit = plan.factored["fit"]
+            args += ["--factored-rank", str(plan.factored_rank), "--factored-fit-windows", str(fit["windows"]),
+                     "--factored-fit-seed", str(fit["seed"])]
     else:
         args += ["--top-k", str(plan.k)]
         temps = [f"{t:g}" if float(f"{t:g}") == t else repr(float(t)) for t in plan.temperatures]
@@ -265,6 +331,7 @@ def recompute_windows(cache: LogitCache, store, n: int, seed: int) -> dict[str, 
     import torch
 
     from cachekd.ensemble import load_cached_teacher
+    from cachekd.factored import capture_hidden
     from cachekd.teacher_rows import teacher_targets
 
     split = "train" if "train" in cache.splits() else cache.splits()[0]
@@ -279,9 +346,16 @@ def recompute_windows(cache: LogitCache, store, n: int, seed: int) -> dict[str, 
             out[info["name"]] = {"skipped": str(e).rstrip(".")}
             continue
         x = torch.from_numpy(np.stack([store.read(split, r, r + 1)[0] for r in rows]).astype(np.int64))
-        with torch.inference_mode():
+        with torch.inference_mode(), capture_hidden(model) as got:
             logits = model(input_ids=x).logits
         allowance = _precision_allowance(cache, split, rows)
+        if cache.mode == "factored":
+            try:
+                out[info["name"]] = _recompute_factored(cache, info["name"], logits[..., : cache.vocab_size],
+                                                        got.hidden, blocks, rows, allowance)
+            except CachekdError as e:  # damaged factors: reported by the checks above
+                out[info["name"]] = {"skipped": str(e).split(";")[0]}
+            continue
         if cache.mode == "full":
             # against the fp32 logits, so the figure includes the fp16 storage rounding (not fp16 vs fp16)
             fresh = logits[..., : cache.vocab_size].float().numpy()
@@ -312,6 +386,37 @@ def recompute_windows(cache: LogitCache, store, n: int, seed: int) -> dict[str, 
         tol = {"max_abs_logprob_diff": storage + allowance,
                "max_abs_tail_lse_diff": storage + 0.5 / enc.TAIL_SCALE + allowance}
         out[info["name"]] = _within(diffs, tol, rows) | {"topk_id_agreement": float((fresh_sorted == ids).mean())}
+    return out
+
+
+def _recompute_factored(cache: LogitCache, teacher: str, logits, hidden, blocks, rows: np.ndarray,
+                        allowance: float) -> dict[str, Any]:
+    """A factored cache's windows against the teacher run again (float32): the rebuilt logits (up to a constant a
+    position) within the rounding of the stored values (`factored.rounding_bound`, per logit) plus the precision
+    allowance of what the stored values encode: the teacher's own logits (exact form), or the same logits from the
+    recomputed h's coefficients on the stored basis (compressed form, whose projection error is not a storage
+    fault); and the mean KL(teacher ‖ rebuilt) at τ = 1 and 2 (the compressed form's includes its projection)."""
+    import torch
+
+    from cachekd.factored import block_logits, kl_rows, project, rebuild_logits, rounding_bound
+
+    fresh = logits.double()
+    got = torch.cat([block_logits(cache, teacher, b, torch.float64) for b in blocks])
+    bound = torch.from_numpy(np.concatenate([rounding_bound(cache, teacher, b) for b in blocks]))
+    expected = fresh
+    if cache.plan.factored_rank is not None:
+        f = {k: torch.from_numpy(v).double() for k, v in cache.factors(teacher).items()}
+        c = project(hidden.double(), f["mean"], f["basis"]) / f["dim_scale"]
+        expected = rebuild_logits(c, f["weight"], f["bias"])
+    # up to a constant a position (an ensemble's logits are log-probabilities): |δ − mean δ| ≤ bound + mean bound
+    diff = got - expected
+    diff = diff - diff.mean(-1, keepdim=True)
+    excess = (diff.abs() - bound - bound.mean(-1, keepdim=True)).reshape(len(rows), -1).amax(-1).numpy()
+    diffs = {"max_abs_logit_diff_beyond_rounding": np.maximum(excess, 0.0)}
+    out = _within(diffs, {"max_abs_logit_diff_beyond_rounding": allowance}, rows)
+    out["largest_abs_logit_diff"] = float(diff.abs().max())
+    for tau in (1.0, 2.0):
+        out[f"mean_kl_teacher_to_rebuilt@tau={tau:g}"] = float(kl_rows(fresh, got, tau).mean())
     return out
 
 

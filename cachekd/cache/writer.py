@@ -156,7 +156,7 @@ def create_arrays(group, plan: fmt.CachePlan, root: Path) -> None:
     to report."""
     for split in plan.splits:
         for teacher in plan.teacher_names:
-            for spec in plan.array_specs(split):
+            for spec in plan.array_specs(split, teacher):
                 path = fmt.array_path(split, teacher, spec.name)
                 if (location(root) / path / fmt.ZARR_META).exists():
                     try:
@@ -234,6 +234,9 @@ class ChunkWriter:
             stop = start + len(next(iter(r.values())))
             if self.plan.mode == "full":
                 self._arr(split, teacher, "logits")[start:stop] = r["logits"]
+            if self.plan.mode == "factored":
+                for name in self.plan.array_names():
+                    self._arr(split, teacher, name)[start:stop] = r[name]
             if "ids" in r:
                 ids, q = enc.encode_topk(r["ids"], r["logprobs"], vocab, self.plan.logprob_scale)
                 self._arr(split, teacher, "ids")[start:stop] = ids
@@ -258,6 +261,80 @@ class ChunkWriter:
                     files = fmt.chunk_files(arr, self.root / fmt.array_path(split, teacher, name), start, stop)
                     crcs[f"{teacher}/{name}"] = [fmt.stored_crc32c(f) for f in files]
         mark_done(self.root, split, chunk, {**stats, **({fmt.CHUNK_CRC32C: crcs} if crcs else {})})
+
+
+def stored_factors(root: Path, plan: fmt.CachePlan) -> dict[str, dict[str, np.ndarray]] | None:
+    """A factored cache's output layers as stored, or None while they are not written (or are damaged)."""
+    from cachekd.cache.reader import read_factor_arrays
+
+    try:
+        return read_factor_arrays(root, plan)
+    except CachekdError:
+        return None
+
+
+def write_factors(root: Path, plan: fmt.CachePlan, layers: dict[str, tuple[np.ndarray, np.ndarray | None]],
+                  dim_scales: dict[str, np.ndarray], extra: dict[str, dict[str, np.ndarray]] | None = None
+                  ) -> dict[str, dict[str, np.ndarray]]:
+    """A factored cache's output layers, written once; returns them as stored ({teacher: {"weight" (V, d) with
+    dim_scale folded in, "bias" (heads with one), "dim_scale" (d,)}}, float32).
+
+    `layers`: each teacher's (weight (V, d), bias or None) as the model has them; `dim_scales`: the scales this
+    process fitted. The first writer's scales win: done/factors.json records them (powers of two, exact in JSON)
+    with the CRC-32C of every factor chunk and the SHA-256 of each weight, and later runs (a resume, another
+    `--part`, another rank) take them from there; stored factors that are missing or damaged are written again
+    from `layers` with the recorded scales (`verify --repair` then precompute). The compressed form (`layers` are
+    then W·U and b + W·μ, `extra` the fit's "mean" and "basis") cannot be written again without its fit: `verify
+    --repair` removes the marker and marks every chunk. Serialised by the cache's lock."""
+    import hashlib
+
+    import zarr
+
+    from cachekd.cache.reader import read_factor_arrays
+
+    root = Path(root)
+    with _lock(root):
+        marker = fmt.read_done_marker(fmt.factors_done_path(root))
+        if marker is not None and all(t in marker for t in plan.teacher_names):
+            try:
+                return read_factor_arrays(root, plan)
+            except CachekdError as e:
+                if plan.factored_rank is not None:
+                    raise CachekdError(f"{str(e).split(';')[0]}; run `cachekd verify {root} --repair` (the compressed "
+                                       f"form's basis is refitted and every chunk recomputed), then this command "
+                                       f"again.") from None
+                dim_scales = {t: np.asarray(marker[t]["dim_scale"], dtype=np.float32) for t in plan.teacher_names}
+        group = zarr.open_group(str(root), mode="r+")
+        out, marker = {}, {}
+        for teacher in plan.teacher_names:
+            weight, bias = layers[teacher]
+            scale = np.asarray(dim_scales[teacher], dtype=np.float32)
+            values = {"weight": np.asarray(weight, dtype=np.float32) * scale, "dim_scale": scale,
+                      **(extra or {}).get(teacher, {})}
+            # the layout they read back in: a strided array would take another matmul path (other rounding)
+            values = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in values.items()}
+            if bias is not None:
+                values["bias"] = np.asarray(bias, dtype=np.float32)
+            crcs: dict[str, list[str | None]] = {}
+            for spec in plan.factor_specs(teacher):
+                path = fmt.factor_path(teacher, spec.name)
+                arr = group.create_array(path, shape=spec.shape, chunks=spec.chunks, dtype=spec.dtype,
+                                         compressors=spec.compressors(), fill_value=0, overwrite=True)
+                arr[...] = values[spec.name].reshape(spec.shape)
+                crcs[spec.name] = [fmt.stored_crc32c(root / path / arr.metadata.encode_chunk_key(c))
+                                   for c in _chunk_coords(arr)]
+            weight_bytes = np.ascontiguousarray(values["weight"], dtype="<f4").tobytes()
+            marker[teacher] = {fmt.CHUNK_CRC32C: crcs, "weight_sha256": hashlib.sha256(weight_bytes).hexdigest(),
+                               "dim_scale": [float(x) for x in scale]}
+            out[teacher] = values
+        atomic_write_bytes(fmt.factors_done_path(root), json.dumps(marker).encode())
+        return out
+
+
+def _chunk_coords(arr) -> list[tuple[int, ...]]:
+    import itertools
+
+    return list(itertools.product(*(range(-(-s // c)) for s, c in zip(arr.shape, arr.chunks))))
 
 
 def mark_for_recompute(root: Path, chunks: list[tuple[str, int]]) -> list[tuple[str, int]]:
@@ -315,10 +392,16 @@ def _merge_stats(chunks: list[dict[str, Any]]) -> dict[str, Any]:
             o["entropy_max"] = max(o["entropy_max"], s["entropy_max"])
             if "distinct_ids_sum" in s:
                 o["distinct_ids_sum"] = o.get("distinct_ids_sum", 0.0) + s["distinct_ids_sum"]
+            if "rebuild_kl_sum" in s:  # factored caches: the rebuilt logits against the teacher's own
+                o["rebuild_kl_sum"] = o.get("rebuild_kl_sum", 0.0) + s["rebuild_kl_sum"]
+                o["rebuild_max_abs_logit_diff"] = max(o.get("rebuild_max_abs_logit_diff", 0.0),
+                                                      s["rebuild_max_abs_logit_diff"])
     for o in out.values():
         n = max(o["positions"], 1)
         o["mean_topk_mass"] = {tau: v / n for tau, v in o.pop("topk_mass_sum").items()}
         o["entropy_mean"] = o.pop("entropy_sum") / max(o["entropy_positions"], 1)
         if "distinct_ids_sum" in o:
             o["mean_distinct_ids"] = o.pop("distinct_ids_sum") / n
+        if "rebuild_kl_sum" in o:
+            o["mean_rebuild_kl"] = o.pop("rebuild_kl_sum") / n
     return out

@@ -2,7 +2,7 @@
 
 One job a module:
 
-* ``api`` — the public types (``DenseTarget``, ``SparseTarget``, ``KDConfig``, ``LossParts``) and entry points
+* ``api`` — the public types (``DenseTarget``, ``FactoredTarget``, ``SparseTarget``, ``KDConfig``, ``LossParts``) and entry points
   (``distill_loss``, ``chunked_distill_loss``, ``total_loss``); validates and flattens the inputs;
 * ``plan`` — the flattened batch (``Prepared``) and ``LossPlan``, the one decision of which path computes it
   (``F.cross_entropy``, a fused student or the (n, V) log-softmax, per-teacher or combined, chunked);
@@ -24,6 +24,7 @@ from cachekd.losses.api import (
     TAIL_MODES,
     TEACHER_COMBINES,
     DenseTarget,
+    FactoredTarget,
     KDConfig,
     LossParts,
     SparseTarget,
@@ -40,6 +41,7 @@ __all__ = [
     "TAIL_MODES",
     "TEACHER_COMBINES",
     "DenseTarget",
+    "FactoredTarget",
     "KDConfig",
     "LossParts",
     "SampledTarget",

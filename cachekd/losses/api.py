@@ -56,10 +56,20 @@ from cachekd.kd_options import (  # noqa: F401  (the choices are re-exported: th
 )
 from cachekd.losses.chunked import ChunkedLoss
 from cachekd.losses.divergences import POINTWISE
-from cachekd.losses.plan import FlatDense, FlatSampled, FlatSparse, FlatTarget, Prepared, Rows, make_plan, take
+from cachekd.losses.plan import (
+    FlatDense,
+    FlatFactored,
+    FlatSampled,
+    FlatSparse,
+    FlatTarget,
+    Prepared,
+    Rows,
+    make_plan,
+    take,
+)
 from cachekd.losses.rowloss import loss_on_rows
 from cachekd.losses.sampled import SampledTarget, uniform_tail_form
-from cachekd.losses.types import DenseTarget, KDConfig, LossParts, SparseTarget  # noqa: F401  (re-exported)
+from cachekd.losses.types import DenseTarget, FactoredTarget, KDConfig, LossParts, SparseTarget  # noqa: F401
 
 assert set(POINTWISE) == set(OBJECTIVES), "every objective has a pointwise divergence"
 
@@ -68,7 +78,7 @@ assert set(POINTWISE) == set(OBJECTIVES), "every objective has a pointwise diver
 # Public types
 
 
-Target = DenseTarget | SparseTarget | SampledTarget
+Target = DenseTarget | SparseTarget | SampledTarget | FactoredTarget
 
 
 def total_loss(ce_mean: Tensor, kd_mean: Tensor, ce_weight: float, temperature: float) -> Tensor:
@@ -236,10 +246,13 @@ def _flatten_teacher(
                 f"got {t.logits.dtype} {tuple(t.logits.shape)}."
             )
         return FlatDense(t.logits.detach().reshape(-1, vocab_size))
+    if isinstance(t, FactoredTarget):
+        return _flatten_factored(t, name, shape)
     if isinstance(t, SampledTarget):
         return _flatten_sampled(t, name, shape, cfg, mix_alpha, num_teachers)
     if not isinstance(t, SparseTarget):
-        raise ValueError(f"{name} must be a DenseTarget, SparseTarget or SampledTarget (got {type(t).__name__}).")
+        raise ValueError(f"{name} must be a DenseTarget, SparseTarget, SampledTarget or FactoredTarget (got "
+                         f"{type(t).__name__}).")
     k = t.ids.shape[-1] if t.ids.dim() == 3 else -1
     if t.ids.dim() != 3 or tuple(t.ids.shape[:2]) != (batch_size, seq_len) or not 1 <= k <= vocab_size:
         raise ValueError(
@@ -271,6 +284,22 @@ def _flatten_teacher(
         logits=t.logits.detach().reshape(-1, k),
         tail_lse=t.tail_lse.detach().reshape(-1),
     )
+
+
+def _flatten_factored(t: FactoredTarget, name: str, shape: tuple[int, int, int]) -> FlatFactored:
+    """A factored teacher checked against the (B, T, V) ``shape`` and flattened to rows (detached)."""
+    batch_size, seq_len, vocab_size = shape
+    h, w, b = t.hidden, t.weight, t.bias
+    if h.dim() != 3 or tuple(h.shape[:2]) != (batch_size, seq_len) or not h.is_floating_point():
+        raise ValueError(f"{name}: factored hidden must be float (B, T, d) with B, T = {(batch_size, seq_len)}; got "
+                         f"{h.dtype} {tuple(h.shape)}.")
+    if tuple(w.shape) != (vocab_size, h.shape[2]) or not w.is_floating_point():
+        raise ValueError(f"{name}: factored weight must be float (V, d) = {(vocab_size, h.shape[2])}; got {w.dtype} "
+                         f"{tuple(w.shape)}.")
+    if b is not None and (tuple(b.shape) != (vocab_size,) or not b.is_floating_point()):
+        raise ValueError(f"{name}: factored bias must be float (V,) = ({vocab_size},); got {b.dtype} {tuple(b.shape)}.")
+    return FlatFactored(hidden=h.detach().reshape(-1, h.shape[2]), weight=w.detach(),
+                        bias=None if b is None else b.detach())
 
 
 def _flatten_sampled(

@@ -51,7 +51,18 @@ class FlatSampled:
     entropy: Tensor  # (N,)
 
 
-FlatTarget = FlatDense | FlatSparse | FlatSampled
+@dataclass
+class FlatFactored:
+    """A factored teacher on the N flattened rows (constants: detached): its logits are ``hidden @ weight.T + bias``,
+    formed only for the rows a pass takes (``rowloss.teacher_rows``), so a chunked loss never holds more than a
+    chunk of them. Everywhere else it is a dense teacher."""
+
+    hidden: Tensor  # (N, d)
+    weight: Tensor  # (V, d)
+    bias: Tensor | None  # (V,)
+
+
+FlatTarget = FlatDense | FlatSparse | FlatSampled | FlatFactored
 
 
 @dataclass(frozen=True)

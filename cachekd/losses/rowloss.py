@@ -25,7 +25,7 @@ from cachekd.losses.mixed import (
     logit_stats,
     mixed_from_stats,
 )
-from cachekd.losses.plan import FlatDense, FlatSampled, FlatTarget, Prepared, Rows, take
+from cachekd.losses.plan import FlatDense, FlatFactored, FlatSampled, FlatTarget, Prepared, Rows, take
 from cachekd.losses.sampled import SampledRows, needs_student_rest, sampled_divergence, sampled_rows
 from cachekd.losses.sparse import SparseRows, SparseStudent, sparse_divergence, sparse_rows
 from cachekd.losses.student import Student
@@ -102,9 +102,18 @@ def _mixed_bucket_divergence(target: SparseRows | SampledRows, logq_ids: Tensor,
 def teacher_rows(
     t: FlatTarget, rows: Rows, tau: float, dtype: torch.dtype, device: torch.device, ignored: Tensor | None
 ) -> TeacherRows:
-    """A flat teacher on ``rows`` at τ: a dense one as log-probabilities (n, V), a sparse one as SparseRows."""
+    """A flat teacher on ``rows`` at τ: a dense one as log-probabilities (n, V) (a factored one's logits rebuilt
+    for these rows only, in ``dtype``), a sparse one as SparseRows."""
     if isinstance(t, FlatDense):
         logits = take(t.logits, rows).to(device=device, dtype=dtype)
+        return F.log_softmax(logits / tau, dim=-1)
+    if isinstance(t, FlatFactored):
+        hidden = take(t.hidden, rows).to(device=device, dtype=dtype)
+        bias = None if t.bias is None else t.bias.to(device=device, dtype=dtype)
+        # in `dtype` whatever autocast is active (the trainer's loss runs under it): a bf16 matmul would round the
+        # teacher's logits by ~|z|·2⁻⁸, and forward and the recomputing backward would differ
+        with torch.autocast(device.type, enabled=False):
+            logits = F.linear(hidden, t.weight.to(device=device, dtype=dtype), bias)
         return F.log_softmax(logits / tau, dim=-1)
     if isinstance(t, FlatSampled):
         return sampled_rows(t, rows, dtype, device, ignored)

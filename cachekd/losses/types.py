@@ -1,5 +1,5 @@
 """The losses' shared types, at the bottom of the package (every other module of ``cachekd.losses`` may import
-them; they import none of it): the dense and top-k teacher targets, ``KDConfig`` and ``LossParts``."""
+them; they import none of it): the dense, top-k and factored teacher targets, ``KDConfig`` and ``LossParts``."""
 
 from __future__ import annotations
 
@@ -32,6 +32,21 @@ class SparseTarget:
     tail_lse: Tensor
     """(B, T) logsumexp over the ids NOT in ``ids`` of ``logit_v / τ`` at the loss temperature τ, in the same
     per-position shift as ``logits``; ``-inf`` when k == V (no tail)."""
+
+
+@dataclass
+class FactoredTarget:
+    """A teacher's full logits as the product of its output layer and that layer's input (a factored cache):
+    ``logits = hidden @ weight.T + bias``. The losses form them a chunk of rows at a time, in the compute dtype,
+    and treat the teacher as a dense one in every other respect (every objective, τ, mixing, combination)."""
+
+    hidden: Tensor
+    """(B, T, d) float: the input of the teacher's output layer (in a factored cache: over its per-dimension scale,
+    which ``weight`` holds)."""
+    weight: Tensor
+    """(V, d) float: the output layer's weight (rows beyond the vocabulary dropped)."""
+    bias: Tensor | None = None
+    """(V,) float, or None for a head without one."""
 
 
 @dataclass(frozen=True)
