@@ -312,7 +312,7 @@ def _write_csv(path: Path, rows: list[dict[str, Any]], columns: list[str]) -> Pa
 def expand_cohorts(run_dirs: list[str | Path]) -> tuple[list[str | Path], list[tuple[str, list[dict[str, Any]]]]]:
     """A cohort directory stands for its peers' runs: returns the run directories with each cohort replaced by its
     peers, and each cohort's (name, ω records) for the weights plot (cohorts with mutual learning only)."""
-    from cachekd.cohort.config import cohort_peer_dirs
+    from cachekd.rundir import cohort_peer_dirs
 
     out: list[str | Path] = []
     cohorts = []

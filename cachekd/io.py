@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import errno
-import fcntl
 import hashlib
 import json
 import os
@@ -45,34 +44,6 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
-
-
-def try_flock(path: Path):
-    """The open file `path` (created when missing) with an exclusive lock on it, or None when another open file
-    holds it. The kernel drops the lock when the holder ends, however it ends (a kill -9 leaves nothing to clean
-    up)."""
-    f = open(path, "a")
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.close()
-        return None
-    return f
-
-
-def flock_held(path: Path) -> bool:
-    """Whether an open file holds a lock on `path` (False when there is no such file); creates nothing."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)  # (closing drops the probe's own shared lock)
-    return False
 
 
 def is_disk_full(e: BaseException) -> bool:

@@ -87,7 +87,7 @@ def resolve_model_dir(path: str | Path) -> Path:
     if (p / MODEL_DIR / "config.json").exists():
         return p / MODEL_DIR
     if not (p / "config.json").exists():
-        from cachekd.cohort.config import cohort_peer_dirs
+        from cachekd.rundir import cohort_peer_dirs
 
         peers = cohort_peer_dirs(p)
         if peers:  # a cohort directory is a run directory too, but its models are its peers'

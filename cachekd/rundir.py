@@ -166,7 +166,7 @@ class RunDir:
         written before the lock, by an older cachekd: names a live process on this machine), or, from another
         machine, its metrics changed in the last LIVE_METRICS_S seconds. A crashed or killed run leaves a stale
         file: its lock is gone with its process."""
-        from cachekd.io import flock_held
+        from cachekd.storage import flock_held
 
         if self._key() in _CLAIMS:
             return True
@@ -313,7 +313,7 @@ class RunDir:
         """Mark the run as trained by this process until `release`: an exclusive lock (flock) on running.json,
         which names the process; the kernel drops the lock however the process ends. Creates the directory. A run
         another process has claimed is refused (CachekdError); a second claim in this process only counts."""
-        from cachekd.io import try_flock
+        from cachekd.storage import try_flock
 
         key = self._key()
         if key in _CLAIMS:
@@ -605,3 +605,20 @@ def load_eval(run_dir: str | Path) -> dict[str, Any] | None:
     if not path.exists():
         return None
     return read_json_dict(path, "run `cachekd eval` on the run again.")
+
+
+PEERS_DIR = "peers"
+"""Where a cohort directory keeps its peers' run directories."""
+
+
+def cohort_peer_dirs(path: Any) -> list[Any] | None:
+    """The peers' run directories of a cohort directory, in the cohort's order; None when `path` is not one."""
+    p = Path(path)
+    peers = p / PEERS_DIR
+    if not peers.is_dir():
+        return None
+    cfg = RunDir(p).read_config_mapping(strict=False)
+    names = [str(x.get("name")) for x in cfg.get("peers") or [] if isinstance(x, dict) and x.get("name")]
+    found = sorted(d.name for d in peers.iterdir() if d.is_dir())
+    # the cohort's own peers (a directory left by an earlier cohort with other peers is not one of them)
+    return [peers / n for n in (names if names else found) if n in found]

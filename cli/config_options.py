@@ -16,7 +16,7 @@ from typing import Any
 import click
 
 from cachekd.errors import ConfigFieldError
-from cachekd_cli.common import SingleOptionsCommand
+from cachekd_cli.single_options import SingleOptionsCommand
 
 TRAIN_OPTIONS: dict[str, tuple[str, ...]] = {
     "data.store": ("--store",),

@@ -144,7 +144,7 @@ def verify_command(cache, store, recompute, repair, seed, as_json, quiet):
       cachekd verify runs/cache --repair
       cachekd precompute --store runs/tokens --teacher runs/teacher-llama -o runs/cache   # the same arguments
     """
-    from cachekd.cache.verify import verify_path
+    from cachekd.verify import verify_path
 
     report = verify_path(cache, store_path=store, recompute=recompute, seed=seed, repair=repair,
                          progress=not quiet and not as_json)

@@ -88,3 +88,15 @@ def _imports_any(path: Path) -> set[str]:
         elif isinstance(n, ast.ImportFrom) and n.module:
             out.add(n.module)
     return out
+
+
+def test_the_cache_package_is_formats_only():
+    """`cachekd/cache/` is the cache's format, encoding, reader, writer and summary: it imports no stage or component
+    (verify, which loads teachers, is a stage: `cachekd/verify.py`)."""
+    mods = _modules()
+    allowed = ("cachekd.cache", "cachekd.errors", "cachekd.io", "cachekd.storage", "cachekd.tokens.format")
+    # ("cachekd" itself: its __version__)
+    for m, p in mods.items():
+        if m.startswith("cachekd.cache"):
+            outside = {d for d in _imports(p, set(mods)) if d != "cachekd" and not d.startswith(allowed)}
+            assert not outside, (m, outside)

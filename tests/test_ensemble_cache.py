@@ -66,7 +66,7 @@ def test_ensemble_hybrid_cache_verifies_recomputes_and_trains(tmp_path, runner, 
     passes; the repair command names both members and --ensemble, and re-running it resumes the same cache; audit
     rebuilds the teacher; a student distils from it; --online from it is refused with what to do instead."""
     from cachekd.cache.reader import LogitCache
-    from cachekd.cache.verify import precompute_command
+    from cachekd.verify import precompute_command
 
     out = tmp_path / "cache"
     r = invoke(runner, ["precompute", "--store", store_path, "--teacher", f"ta={teacher_path}", "--teacher",

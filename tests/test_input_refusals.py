@@ -111,7 +111,7 @@ def test_verify_recompute_accepts_a_tail_clipped_by_design(tmp_path, store_path,
     value and called the cache damaged. A sharp teacher (scaled logits) gives such tails at τ=1."""
     import torch
 
-    from cachekd.cache.verify import verify_path
+    from cachekd.verify import verify_path
     from cachekd.models import load_model
     from cachekd.precompute import PrecomputeConfig, precompute
 

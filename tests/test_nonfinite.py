@@ -149,7 +149,7 @@ def test_verify_accepts_rounding_and_reports_more(sharp_sampled, runner):
     from dataclasses import replace
 
     from cachekd.cache.reader import LogitCache
-    from cachekd.cache.verify import _sampled_problems
+    from cachekd.verify import _sampled_problems
 
     cache_path, _ = sharp_sampled
     r = invoke(runner, ["verify", cache_path])

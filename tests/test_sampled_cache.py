@@ -169,7 +169,7 @@ def test_refusals(tmp_path, runner, store_path, teacher_path):
 def test_eval_against_a_sampled_cache_and_repair_command(tmp_path, runner, store_path, teacher_path, teacher_b_path):
     """A teacher scored against its own sampled cache: the unbiased KL estimate is ≈ 0 (a divergence, not the
     cross-entropy); another model's is clearly positive. verify's repair command recreates the sampled plan."""
-    from cachekd.cache.verify import precompute_command
+    from cachekd.verify import precompute_command
     from cachekd.evaluate import evaluate
 
     c = tmp_path / "s"
@@ -190,7 +190,7 @@ def test_verify_finds_what_no_sampled_cache_holds(tmp_path, runner, store_path, 
     inside the exact top-k, and drawn mass beyond the normaliser (weights that would be wrong)."""
     from dataclasses import replace
 
-    from cachekd.cache.verify import _sampled_problems
+    from cachekd.verify import _sampled_problems
 
     cache = _precompute(runner, store_path, [teacher_path], tmp_path / "h", "--top-k", "2", "--sample", "6",
                         "--temperatures", "1,2")

@@ -12,11 +12,9 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from cachekd.rundir import PEERS_DIR, cohort_peer_dirs  # noqa: F401  (the cohort's layout: one home, in rundir)
 from cachekd.schedules import Schedule
 from cachekd.train_config import CADENCE_KEYS, RunPlacement
-
-PEERS_DIR = "peers"
-"""Where the peers' run directories live inside the cohort directory."""
 
 DEFAULT_ETA = Schedule(kind="cosine", start=0.25, end=0.0025)
 """The seed code's step size of the ω update: cosine from 0.25 to 0.0025."""
@@ -293,20 +291,3 @@ def peer_configs(cohort: CohortConfig) -> list[Any]:
         except (CachekdError, ValueError) as e:
             raise CachekdError(f"peer {p.name!r}: {e}") from None
     return out
-
-
-def cohort_peer_dirs(path: Any) -> list[Any] | None:
-    """The peers' run directories of a cohort directory, in the cohort's order; None when `path` is not one."""
-    from pathlib import Path
-
-    from cachekd.rundir import RunDir
-
-    p = Path(path)
-    peers = p / PEERS_DIR
-    if not peers.is_dir():
-        return None
-    cfg = RunDir(p).read_config_mapping(strict=False)
-    names = [str(x.get("name")) for x in cfg.get("peers") or [] if isinstance(x, dict) and x.get("name")]
-    found = sorted(d.name for d in peers.iterdir() if d.is_dir())
-    # the cohort's own peers (a directory left by an earlier cohort with other peers is not one of them)
-    return [peers / n for n in (names if names else found) if n in found]
