@@ -15,7 +15,7 @@ import numpy as np
 from cachekd import __version__
 from cachekd.cache import encoding as enc
 from cachekd.cache import format as fmt
-from cachekd.errors import CachekdError
+from cachekd.errors import CachekdError, ConfigKeysError
 from cachekd.io import atomic_write_bytes, atomic_write_json, try_flock
 
 
@@ -128,19 +128,17 @@ def _open_or_create(root: Path, plan: fmt.CachePlan, force: bool) -> fmt.CachePl
             old = fmt.read_plan(fmt.plan_path(root))
         except CachekdError as e:
             if not force:
-                raise CachekdError(
-                    f"the cache at {str(root)!r} has a damaged plan.json ({str(e).rstrip('.')}); start the cache "
-                    f"again with the same precompute command plus --force."
-                ) from None
+                raise ConfigKeysError("the cache at {root!r} has a damaged plan.json ({e}); start the cache again "
+                                      "with the same precompute command plus {force}.", root=str(root),
+                                      e=str(e).rstrip(".")) from None
             old = None
         if old is not None and old.identity() == plan.identity():
             _create_layout(root, old)
             return old
         if old is not None and not force:
-            raise CachekdError(
-                f"the cache at {str(root)!r} was started with different settings ({old.difference(plan)}); "
-                f"choose another output or pass --force to start it again."
-            )
+            raise ConfigKeysError("the cache at {root!r} was started with different settings ({diff}); choose another "
+                                  "output or pass {force} to start it again.", root=str(root),
+                                  diff=old.difference(plan))
         _clear(root)
     elif fmt.is_half_created(root):  # killed during creation by a cachekd that wrote the plan last: nothing done yet
         _clear(root)
@@ -195,10 +193,8 @@ def _clear(root: Path) -> None:
 
     for lock in share_locks(root):
         if _held(lock):
-            raise CachekdError(
-                f"another precompute is filling the cache at {str(root)!r} right now; stop it before starting the "
-                f"cache again with --force."
-            )
+            raise ConfigKeysError("another precompute is filling the cache at {root!r} right now; stop it before "
+                                  "starting the cache again with {force}.", root=str(root))
     for p in root.iterdir():
         if is_lock_file(p.name):
             continue
