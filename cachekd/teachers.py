@@ -316,8 +316,8 @@ class CachedTeachers(TeacherSource):
         from cachekd.cache.reader import LogitCache
 
         if not d.cache:
-            raise ConfigKeysError("distillation needs {distill.cache}, or {distill.online} with teacher checkpoints in "
-                                  "{distill.teachers}.")
+            raise ConfigKeysError("distillation needs {distill.cache} (or {distill.online} with {distill.teachers} "
+                                  "checkpoints).")
         cache = LogitCache.open(d.cache)
         cache.check_store(store)
         names = cache.select_teachers(d.teachers)
@@ -427,11 +427,13 @@ def _check_topk_settings(cache: LogitCache, d: DistillConfig, num_teachers: int)
     if d.mixing() and d.tail_mode == "renormalize":
         raise ConfigKeysError(
             "mixing teacher and student logits (distill.alpha below 1) needs a dense target, which the renormalize "
-            "tail cannot give: set {distill.tail_mode} to bucket (the rest shaped like the student) or uniform.")
+            "tail cannot give: pass {distill.tail_mode} bucket (the rest shaped like the student) or uniform "
+            "(distill.tail_mode).")
     if num_teachers > 1 and d.teacher_combine != "losses" and d.tail_mode == "renormalize":
         raise ConfigKeysError(
             "combining several top-k teachers by {combine} needs a dense target, which the renormalize tail cannot "
-            "give: set {distill.tail_mode} to bucket or uniform, or {distill.teacher_combine} to losses.",
+            "give: pass {distill.tail_mode} bucket or uniform, or {distill.teacher_combine} losses (distill.tail_mode, "
+            "distill.teacher_combine).",
             combine=d.teacher_combine)
 
 
@@ -458,8 +460,8 @@ class OnlineTeachers(TeacherSource):
             cached = LogitCache.open(d.cache).meta["teachers"]
             if any(t.get("members") for t in cached):
                 raise ConfigKeysError(
-                    "cache {cache!r} holds an ensemble of teachers (cached as one); to run them live name each member "
-                    "in {distill.teachers} and set {distill.teacher_combine} to {combine}.", cache=d.cache,
+                    "cache {cache!r} holds an ensemble of teachers (cached as one); to run them live pass each member "
+                    "with {distill.teachers} and {distill.teacher_combine} {combine}.", cache=d.cache,
                     combine=cached[0].get("combine", "logits"))
             specs = [t["path"] for t in cached]
         models, infos, notes = [], [], []
@@ -505,10 +507,10 @@ def check_teacher_count(d: DistillConfig, names: list[str]) -> None:
         return
     where = f"cache {d.cache!r}" if d.cache else "the teacher list"
     given = "{distill.teachers} selects" if d.teachers else "{where} holds"
-    choose = ("choose {some} with {distill.teachers} {first}" if have > want
+    choose = ("choose {some} with {distill.teachers} {first} (distill.teachers)" if have > want
               else "use a cache (or {distill.teachers}) with {want}")
     raise ConfigKeysError(
         "this config is written for {want} teacher{s} (distill.num_teachers: {want}) but " + given + " {have}: "
-        "{names}; " + choose + ", or set distill.num_teachers to null to use them all (what runs started before "
+        "{names}; " + choose + ", or set distill.num_teachers=null to use them all (what runs started before "
         "this check did).", want=want, s="s" if want != 1 else "", where=where, have=have, names=", ".join(names),
         some="one" if want == 1 else want, first=",".join(names[:want]))

@@ -93,15 +93,12 @@ COMMAND_OPTIONS: dict[str, dict[str, str]] = {
 
 
 def option_label(command: str | None) -> Callable[[str], str | None]:
-    """How `command`'s errors name a key: by its option; for train and distill, a config section's key beside its
-    option (``distill.tail_mode (--tail-mode)``, as `field_error_message` does)."""
+    """How `command`'s errors name a key: by the option that sets it (for train and distill also the config keys
+    of `TRAIN_OPTIONS` / `DISTILL_OPTIONS`), else as the key."""
     table = COMMAND_OPTIONS.get(command or "", {})
 
     def label(key: str) -> str | None:
-        if key in table:
-            return table[key]
-        flag = flag_of(key) if command in ("train", "distill") else None
-        return (f"{key} ({flag})" if "." in key else flag) if flag else None
+        return table.get(key) or (flag_of(key) if command in ("train", "distill") else None)
 
     return label
 
