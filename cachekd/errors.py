@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import string
 from collections.abc import Callable
 from typing import Any
@@ -81,10 +82,8 @@ class ConfigKeysError(CachekdError):
     @property
     def keys(self) -> list[str]:
         """The config keys the sentence names, in order."""
-        return [field for _, field, _, _ in self._parts() if field is not None and field not in self.values]
-
-    def _parts(self) -> list[tuple[str, str | None, str | None, str | None]]:
-        return _template_parts(self.template)
+        return [field for _, field, spec, conversion in _template_parts(self.template)
+                if field is not None and field not in self.values and _is_key(field, spec, conversion)]
 
     def message(self, label: Label | None = None) -> str:
         """The sentence, each key named by ``label(key)`` where that gives a name, else as it is."""
@@ -110,6 +109,16 @@ def keyed_sentence(template: str, label: Label | None = None, **values: Any) -> 
             value = values[field]
             value = repr(value) if conversion == "r" else str(value) if conversion == "s" else value
             out.append(format(value, spec or ""))
-        else:
+        elif _is_key(field, spec, conversion):
             out.append((label(field) if label else None) or field)
+        else:  # not a key (a message given as the template, holding a dict's repr): kept as written
+            out.append("{" + field + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "") + "}")
     return "".join(out)
+
+
+_KEY = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
+
+
+def _is_key(field: str, spec: str | None, conversion: str | None) -> bool:
+    """A ``{field}`` of a template that names a config key (``top_k``, ``distill.tail_mode``)."""
+    return bool(_KEY.fullmatch(field)) and not spec and not conversion

@@ -196,7 +196,6 @@ def check_teacher(name: str, path: Path, model, store: TokenStore,
     windows (`padding_mass`): above `PADDING_MASS_LIMIT` they are refused as real tokens, below it `say` is told
     that they are dropped."""
     from cachekd.models import check_positions, checkpoint_fingerprint, count_parameters
-
     from cachekd.tokens.reader import PREPARE_WITH_TOKENIZER
 
     v_model, mass = check_vocabulary(

@@ -154,3 +154,26 @@ def test_the_spelling_check_finds_a_flag_in_a_message(tmp_path):
     src.write_text('"""Docs may say --top-k."""\nX = "--kept"\n\ndef f(k):\n    """--doc"""\n'
                    '    raise ValueError(f"--top-k must be at least 1 (got {k}); not a--b or ---.")\n')
     assert _flag_spellings(src) == [("X", 2, "--kept"), ("f", 6, "--top-k")]
+
+
+def test_keyed_errors_name_keys_in_the_library_and_options_in_the_cli():
+    import click
+
+    from cachekd.errors import ConfigFieldError, ConfigKeysError
+    from cachekd_cli.config_options import COMMAND_OPTIONS, error_message
+    from cachekd_cli.main import cli
+
+    e = ConfigKeysError("{top_k} {k} with {sample} leaves no tokens (τ={tau:g}, {names!r}).", k=70, tau=2.0,
+                        names="a")
+    assert str(e) == "top_k 70 with sample leaves no tokens (τ=2, 'a')." and e.keys == ["top_k", "sample"]
+    assert error_message(e, "precompute") == "--top-k 70 with --sample leaves no tokens (τ=2, 'a')."
+    assert error_message(ConfigFieldError("max_windows", "at least 1", 0), "eval") == \
+        "--max-windows must be at least 1 (got 0)."
+    assert error_message(ConfigFieldError("distill.alpha", "in [0, 1]", 2), "distill") == \
+        "distill.alpha (--alpha) must be in [0, 1] (got 2)."
+    assert str(ConfigKeysError("kept as written: {'a': 1}")) == "kept as written: {'a': 1}"
+    # every option a map names is one its command takes
+    for name, table in COMMAND_OPTIONS.items():
+        command = cli.commands[name]
+        opts = {o for p in command.get_params(click.Context(command)) for o in getattr(p, "opts", [])}
+        assert set(table.values()) <= opts, (name, set(table.values()) - opts)
