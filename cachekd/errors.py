@@ -90,6 +90,24 @@ class ConfigKeysError(CachekdError):
         return keyed_sentence(self.template, label, **self.values)
 
 
+class KeyedText(str):
+    """A sentence for the user that is not an error (a note) and names config keys, as data: the string is the
+    library's sentence, keys as they are; a front end that knows other names for them (command-line options)
+    builds the same sentence with ``message(label=...)``. ``template`` and ``values`` as for `ConfigKeysError`."""
+
+    template: str
+    values: dict[str, Any]
+
+    def __new__(cls, template: str, **values: Any) -> KeyedText:
+        text = super().__new__(cls, keyed_sentence(template, None, **values))
+        text.template, text.values = template, values
+        return text
+
+    def message(self, label: Label | None = None) -> str:
+        """The sentence, each key named by ``label(key)`` where that gives a name, else as it is."""
+        return keyed_sentence(self.template, label, **self.values)
+
+
 def _template_parts(template: str) -> list[tuple[str, str | None, str | None, str | None]]:
     try:
         return list(string.Formatter().parse(template))

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from cachekd.errors import CachekdError, ConfigKeysError
+from cachekd.errors import CachekdError, ConfigKeysError, KeyedText
 
 if TYPE_CHECKING:
     from cachekd.batch import Batch
@@ -382,22 +382,22 @@ bucket tail kept 33% of the full-teacher gain over CE where the top-k held 53% o
 held 12% (τ=2): below half, most of what the teacher knows is in the tail the cache does not store."""
 
 
-def low_topk_mass_note(cache: LogitCache, teacher: str, tau: float, mass: float, where: str, tail_mode: str) -> str:
+def low_topk_mass_note(cache: LogitCache, teacher: str, tau: float, mass: float, where: str,
+                       tail_mode: str) -> KeyedText:
     """The sentence `distill` shows at start when a teacher's cached top-k holds less than `LOW_TOPK_MASS` of its
     probability at τ (`where`: how the mass was found)."""
     what = ("one tail category" if tail_mode == "bucket" else
             "the rest spread evenly over the other tokens" if tail_mode == "uniform" else f"the {tail_mode} tail")
     source = "from the cache manifest" if where == "manifest" else f"from a {where}"
-    return (
-        f"note: the cached top-{cache.k} holds {mass:.2f} of the probability of teacher {teacher!r} at τ={tau:g} (mean "
-        f"over the train split, {source}), below {LOW_TOPK_MASS:g}: with tail_mode {tail_mode} the target is mostly "
-        f"{what}, "
-        f"so it passes on little of the teacher and the student may do no better than cross-entropy. Options: a "
-        f"cache with a larger k, another tail mode (distill.tail_mode renormalize keeps the shape of the top-k, "
-        f"biased), a lower τ (the captured mass falls as τ grows), or a hybrid or sampled cache (what `cachekd "
-        f"precompute` makes by default: unbiased forward-KL targets that kept about the whole full-teacher gain in "
-        f"the README's fidelity figures)."
-    )
+    return KeyedText(
+        "note: the cached top-{k} holds {mass:.2f} of the probability of teacher {teacher!r} at τ={tau:g} (mean over "
+        "the train split, {source}), below {limit:g}: with tail_mode {tail_mode} the target is mostly {what}, so it "
+        "passes on little of the teacher and the student may do no better than cross-entropy. Options: a larger k "
+        "(`cachekd precompute` with a larger {precompute.top_k}), another tail mode ({distill.tail_mode} renormalize "
+        "keeps the shape of the top-k, biased), a lower τ (the captured mass falls as τ grows), or a hybrid or "
+        "sampled cache (what `cachekd precompute` makes without {precompute.top_k}: unbiased forward-KL targets that "
+        "kept about the whole full-teacher gain in the README's fidelity figures).", k=cache.k, mass=mass,
+        teacher=teacher, tau=tau, source=source, limit=LOW_TOPK_MASS, tail_mode=tail_mode, what=what)
 
 
 SAMPLED_TAIL_NOTE = ("with a sampled cache forward KL uses the unbiased estimate over the drawn ids, every other "

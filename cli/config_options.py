@@ -19,7 +19,7 @@ from typing import Any
 
 import click
 
-from cachekd.errors import ConfigFieldError, ConfigKeysError
+from cachekd.errors import ConfigFieldError, ConfigKeysError, KeyedText
 from cachekd_cli.common import SingleOptionsCommand
 
 TRAIN_OPTIONS: dict[str, tuple[str, ...]] = {
@@ -93,14 +93,22 @@ COMMAND_OPTIONS: dict[str, dict[str, str]] = {
 
 
 def option_label(command: str | None) -> Callable[[str], str | None]:
-    """How `command`'s errors name a key: by the option that sets it (for train and distill also the config keys
-    of `TRAIN_OPTIONS` / `DISTILL_OPTIONS`), else as the key."""
+    """How `command`'s errors and notes name a key: by the option that sets it (for train and distill also the
+    config keys of `TRAIN_OPTIONS` / `DISTILL_OPTIONS`), else as the key. A key prefixed with another command's
+    name (``precompute.top_k``, in a note of distill's on how the cache was made) names that command's option."""
     table = COMMAND_OPTIONS.get(command or "", {})
 
     def label(key: str) -> str | None:
-        return table.get(key) or (flag_of(key) if command in ("train", "distill") else None)
+        other, _, rest = key.partition(".")
+        return (table.get(key) or (flag_of(key) if command in ("train", "distill") else None)
+                or (COMMAND_OPTIONS[other].get(rest) if other != command and other in COMMAND_OPTIONS else None))
 
     return label
+
+
+def user_text(text: str, command: str | None) -> str:
+    """A note of the library's for the user of `command`: a `KeyedText` names each key by its option."""
+    return text.message(label=option_label(command)) if isinstance(text, KeyedText) else text
 
 
 def error_message(e: ConfigFieldError | ConfigKeysError, command: str | None) -> str:

@@ -177,3 +177,14 @@ def test_keyed_errors_name_keys_in_the_library_and_options_in_the_cli():
         command = cli.commands[name]
         opts = {o for p in command.get_params(click.Context(command)) for o in getattr(p, "opts", [])}
         assert set(table.values()) <= opts, (name, set(table.values()) - opts)
+
+
+def test_a_keyed_note_reads_as_the_library_sentence_and_names_options_in_the_cli():
+    from cachekd.errors import KeyedText
+    from cachekd_cli.config_options import user_text
+
+    note = KeyedText("a larger {precompute.top_k}, or {distill.tail_mode} renormalize (mass {m:.2f})", m=0.25)
+    assert note == "a larger precompute.top_k, or distill.tail_mode renormalize (mass 0.25)"
+    assert user_text(note, "distill") == "a larger --top-k, or --tail-mode renormalize (mass 0.25)"
+    assert user_text(note, "cohort") == "a larger --top-k, or distill.tail_mode renormalize (mass 0.25)"
+    assert user_text("plain", "distill") == "plain"
