@@ -410,8 +410,9 @@ def _check_constant_temperature(cache: LogitCache, d: DistillConfig, what: str) 
     """Refuse a τ schedule, or a τ the cache holds no normaliser for (`what`: "top-k" or "sampled")."""
     temperature = d.schedules()[0]
     if temperature.kind != "constant":
-        raise CachekdError(f"a temperature schedule needs a full-logit cache: a {what} cache only has its "
-                           f"normalisers for temperatures {cache.temperatures}.")
+        raise ConfigKeysError("a temperature schedule needs a {precompute.full} cache: a {what} cache only has its "
+                              "normalisers for temperatures {temperatures}.", what=what,
+                              temperatures=cache.temperatures)
     cache.temperature_index(temperature.start)
 
 
