@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from cachekd.errors import CachekdError
+from cachekd.errors import CachekdError, ConfigFieldError, ConfigKeysError
 
 
 @dataclass(frozen=True)
@@ -173,14 +173,14 @@ def audit(cache_path: str | Path, *, teacher: str | None = None, student: str | 
     from cachekd.tokens import TokenStore
 
     if positions < 1:
-        raise CachekdError(f"--positions must be at least 1 (got {positions}).")
+        raise ConfigFieldError("positions", "at least 1", positions)
     cache = LogitCache.open(cache_path)
     store = TokenStore.open(store_path or cache.plan.token_store.path)
     cache.check_store(store)
     V = cache.vocab_size
     if options.hybrid_top_k >= V:
-        raise CachekdError(f"--hybrid-top-k {options.hybrid_top_k} leaves no tokens to draw from (the vocabulary has "
-                           f"{V}); give a K below {V}.")
+        raise ConfigKeysError("{hybrid_top_k} {k} leaves no tokens to draw from (the vocabulary has {V}); give a K "
+                              "below {V}.", k=options.hybrid_top_k, V=V)
     student_model = None
     if student:
         from cachekd.models import resolve_model_dir

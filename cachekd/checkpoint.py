@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from cachekd import __version__
-from cachekd.errors import CachekdError
+from cachekd.errors import CachekdError, ConfigKeysError
 from cachekd.io import sha256_json
 from cachekd.rundir import RunDir, checkpoint_name
 
@@ -155,10 +155,9 @@ class CheckpointManager:
         state = load_state(path)
         if state["config_identity"] != self.identity_hash:
             diff = first_difference(state.get("config", {}), self.identity)
-            raise CachekdError(
-                f"the checkpoint in {str(self.run.path)!r} was written with a different config ({diff}); resume with "
-                f"the same config, or pass --force to start over."
-            )
+            raise ConfigKeysError("the checkpoint in {path!r} was written with a different config ({diff}); resume "
+                                  "with the same config, or pass {force} to start over.", path=str(self.run.path),
+                                  diff=diff)
         if restore_rng:
             restore_rng_state(state["rng"])
         return state
@@ -171,13 +170,12 @@ class CheckpointManager:
         try:
             saved = self._identity_of_saved(self.run.read_config_mapping())
         except (CachekdError, yaml.YAMLError, OSError):
-            raise CachekdError(f"the config.yaml in {out!r} cannot be read; pass --force to start over.") from None
+            raise ConfigKeysError("the config.yaml in {out!r} cannot be read; pass {force} to start over.",
+                                  out=out) from None
         if saved != self.identity:
             diff = first_difference(saved, self.identity)
-            raise CachekdError(
-                f"the run in {out!r} was started with a different config ({diff}); resume with the same "
-                f"config, or pass --force to start over."
-            )
+            raise ConfigKeysError("the run in {out!r} was started with a different config ({diff}); resume with the "
+                                  "same config, or pass {force} to start over.", out=out, diff=diff)
 
     def check_same_length(self, max_steps: int | None) -> None:
         """Refuse to resume with another optim.max_steps: the learning-rate (and α, τ) schedules run over the run's
@@ -191,9 +189,9 @@ class CheckpointManager:
         if saved != max_steps:
             def show(v):
                 return "unset (the epochs decide)" if v is None else str(v)
-            raise CachekdError(
-                f"the run in {str(self.run.path)!r} was planned for max_steps {show(saved)} and this command asks for "
-                f"{show(max_steps)}; its schedules run over the planned length, so resume "
-                f"{'with --max-steps ' + str(saved) if saved is not None else 'without --max-steps'}, or start a new "
-                f"run (another --output, or --force)."
-            )
+            how = "with {max_steps} {saved}" if saved is not None else "without {max_steps}"
+            raise ConfigKeysError(
+                "the run in {path!r} was planned for max_steps {planned} and this command asks for {asked}; its "
+                "schedules run over the planned length, so resume " + how + ", or start a new run (another "
+                "{output}, or {force}).", path=str(self.run.path), planned=show(saved), asked=show(max_steps),
+                saved=saved)

@@ -287,7 +287,7 @@ def _write_markdown(path: Path, rows: list[dict[str, Any]], columns: list[str], 
 
     lines = ["# Run comparison", "", markdown_table(rows, columns), COLUMN_NOTES, "", "Runs:", ""]
     notes = {"complete": "", "running": " (running: no summary.json yet)",
-             "unfinished": " (unfinished: no summary.json and no process training it; `--resume` continues it)"}
+             "unfinished": " (unfinished: no summary.json and no process training it; resuming it continues it)"}
     lines += [f"- {n}: `{r['dir']}`{notes[_state(r)]}{' (teacher)' if i in teachers else ''}"
               for i, (r, n) in enumerate(zip(runs, names))]
     lines += ["", f"![training and dev curves]({Path(files['curves']).name})", ""]

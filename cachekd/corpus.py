@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from cachekd.errors import CachekdError
+from cachekd.errors import CachekdError, ConfigKeysError
 from cachekd.io import sha256_file
 
 TEXT_SUFFIXES = {".txt", ".train", ".dev", ".test", ".text", ".md", ""}
@@ -159,10 +159,9 @@ def _dataset_rows(src: Source, text_column: str) -> Iterator[str]:
     except Exception as e:  # noqa: BLE001 - datasets raises many types for unreadable files
         raise CachekdError(f"cannot read {str(src.path)!r} as a {src.kind} dataset: {str(e).splitlines()[0]}") from None
     if text_column not in ds.column_names:
-        raise CachekdError(
-            f"{str(src.path)!r} has no column {text_column!r}; its columns are {', '.join(ds.column_names)} "
-            f"(choose one with --text-column)."
-        )
+        raise ConfigKeysError("{path!r} has no column {column!r}; its columns are {columns} (choose one with "
+                              "{text_column}).", path=str(src.path), column=text_column,
+                              columns=", ".join(ds.column_names))
     for row in ds.select_columns([text_column]):
         value = row[text_column]
         if isinstance(value, str) and value.strip():

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from cachekd.errors import CachekdError
+from cachekd.errors import CachekdError, ConfigFieldError
 from cachekd.models import check_positions, output_size
 from cachekd.tokens import TokenStore
 
@@ -58,7 +58,7 @@ def dev_loss(
         n = len(windows)
     if max_windows is not None:
         if max_windows < 1:
-            raise CachekdError(f"--max-windows must be at least 1 (got {max_windows}).")
+            raise ConfigFieldError("max_windows", "at least 1", max_windows)
         n = min(n, max_windows)
         if windows is not None:
             windows = windows[:n]  # score what is counted

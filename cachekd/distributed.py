@@ -6,7 +6,7 @@ import os
 
 import torch
 
-from cachekd.errors import CachekdError
+from cachekd.errors import CachekdError, ConfigKeysError
 
 
 def setup() -> tuple[int, int, int]:
@@ -41,16 +41,19 @@ def resolve_device(spec: str, local_rank: int = 0) -> torch.device:
     try:
         device = torch.device(spec)
     except (RuntimeError, ValueError):
-        raise CachekdError(f"--device {spec!r} is not a device; use one of {DEVICE_FORMS}.") from None
+        raise ConfigKeysError("{device} {spec!r} is not a device; use one of {forms}.", spec=spec,
+                              forms=DEVICE_FORMS) from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise CachekdError(f"device {spec} was asked for but no CUDA GPU is available; use --device cpu.")
+            raise ConfigKeysError("device {spec} was asked for but no CUDA GPU is available; use {device} cpu.",
+                                  spec=spec)
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise CachekdError(f"device {spec} does not exist: this machine has {torch.cuda.device_count()} CUDA "
                                f"GPU(s), cuda:0 to cuda:{torch.cuda.device_count() - 1}.")
     elif device.type == "mps":
         if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-            raise CachekdError(f"device {spec} was asked for but MPS (Apple GPU) is not available; use --device cpu.")
+            raise ConfigKeysError("device {spec} was asked for but MPS (Apple GPU) is not available; use {device} "
+                                  "cpu.", spec=spec)
     elif device.type != "cpu":
-        raise CachekdError(f"--device {spec!r} is not supported; use one of {DEVICE_FORMS}.")
+        raise ConfigKeysError("{device} {spec!r} is not supported; use one of {forms}.", spec=spec, forms=DEVICE_FORMS)
     return device

@@ -23,7 +23,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from cachekd.errors import CachekdError
+from cachekd.errors import CachekdError, ConfigKeysError
 from cachekd.kd_options import is_real
 
 COMBINES = ("logits", "probs")
@@ -34,17 +34,21 @@ def check_options(combine: str | None, weights: list[float] | None, num_teachers
     """Refuse an ensemble that cannot be formed (one sentence each)."""
     if combine is None:
         if weights is not None:
-            raise CachekdError("--ensemble-weights needs --ensemble logits or --ensemble probs.")
+            raise ConfigKeysError("{ensemble_weights} needs {ensemble} logits or {ensemble} probs.")
         return
     if combine not in COMBINES:
-        raise CachekdError(f"--ensemble must be one of {', '.join(COMBINES)} (got {combine!r}).")
+        raise ConfigKeysError("{ensemble} must be one of {combines} (got {got!r}).", combines=", ".join(COMBINES),
+                              got=combine)
     if num_teachers < 2:
-        raise CachekdError(f"--ensemble combines several teachers: pass at least two --teacher (got {num_teachers}).")
+        raise ConfigKeysError("{ensemble} combines several teachers: pass at least two {teachers} (got {n}).",
+                              n=num_teachers)
     if weights is not None:
         if len(weights) != num_teachers:
-            raise CachekdError(f"--ensemble-weights needs one weight per teacher ({num_teachers}); got {len(weights)}.")
+            raise ConfigKeysError("{ensemble_weights} needs one weight per teacher ({n}); got {got}.", n=num_teachers,
+                                  got=len(weights))
         if not all(is_real(w) and w >= 0 for w in weights) or sum(weights) <= 0:
-            raise CachekdError(f"--ensemble-weights must be finite numbers ≥ 0 with a positive sum (got {weights}).")
+            raise ConfigKeysError("{ensemble_weights} must be finite numbers ≥ 0 with a positive sum (got {got}).",
+                                  got=weights)
 
 
 def ensemble_info(members: list[dict[str, Any]], combine: str, weights: list[float]) -> dict[str, Any]:

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from cachekd import __version__
-from cachekd.errors import CachekdError
+from cachekd.errors import CachekdError, ConfigFieldError, ConfigKeysError
 from cachekd.dev_loss import dev_loss, open_store  # noqa: F401  (dev_loss: also this module's public API)
 from cachekd.minimal_pairs import minimal_pair_accuracy, pair_files
 from cachekd.models import check_positions
@@ -67,7 +67,9 @@ def check_tokenizer_matches(
     else:
         model_dir, where = None, "the given tokenizer"
         fp, vocab = tokenizer_fingerprint(model_dir_or_tokenizer), model_vocab_size
-    hint = f" (cachekd prepare ... --tokenizer {model_dir})" if model_dir is not None else ""
+    from cachekd.tokens.reader import PREPARE_WITH_TOKENIZER
+
+    hint = f" ({PREPARE_WITH_TOKENIZER.format(path=model_dir)})" if model_dir is not None else ""
     store.check_tokenizer(
         fingerprint=fp, vocab_size=vocab,
         tokenizer_error=lambda fp: (
@@ -112,7 +114,8 @@ def evaluate(
     the train split or on part of the dev split is never under ``"dev"``.
     """
     if dev_store is None and minimal_pairs is None and against_cache is None:
-        raise CachekdError("nothing to evaluate: pass a token store (--dev) and/or minimal pairs (--minimal-pairs).")
+        raise ConfigKeysError("nothing to evaluate: pass a token store ({dev_store}) and/or minimal pairs "
+                              "({minimal_pairs}).")
     t0 = time.perf_counter()
     model_dir, store = _check_request(model_path, dev_store, minimal_pairs, max_pairs)
     model, tokenizer = _load_model_and_tokenizer(model_dir, store)
@@ -133,10 +136,9 @@ def evaluate(
                                                        device=device, max_windows=max_windows, progress=progress)
     if minimal_pairs is not None:
         if tokenizer is None:
-            raise CachekdError(
-                f"the checkpoint {str(model_dir)!r} has no tokenizer to score sentences with; pass the token store "
-                f"it was trained on with --dev, or save the tokenizer next to the model."
-            )
+            raise ConfigKeysError("the checkpoint {model!r} has no tokenizer to score sentences with; pass the token "
+                                  "store it was trained on with {dev_store}, or save the tokenizer next to the model.",
+                                  model=str(model_dir))
         result["minimal_pairs"] = minimal_pair_accuracy(model, tokenizer, minimal_pairs, prefix=prefix,
                                                         batch_size=batch_size, device=device, progress=progress,
                                                         max_pairs=max_pairs, seed=pair_seed)
@@ -157,7 +159,7 @@ def _check_request(model_path: str | Path, dev_store: TokenStore | str | Path | 
     if minimal_pairs is not None:
         pair_files(minimal_pairs)  # fail on a bad path before loading the model
         if max_pairs is not None and max_pairs < 1:
-            raise CachekdError(f"--max-pairs must be at least 1 (got {max_pairs}).")
+            raise ConfigFieldError("max_pairs", "at least 1", max_pairs)
     if store is not None:
         check_tokenizer_matches(model_dir, store)
     return model_dir, store
@@ -209,10 +211,8 @@ def _store_of_cache(cache) -> TokenStore:
     """The token store a cache was built from, where its plan recorded it; refused when it is not there any more."""
     recorded = cache.meta["token_store"]["path"]
     if not Path(recorded).exists():
-        raise CachekdError(
-            f"the token store this cache was built from ({recorded!r}) is not there any more; pass its new "
-            f"location with --dev STORE."
-        )
+        raise ConfigKeysError("the token store this cache was built from ({recorded!r}) is not there any more; pass "
+                              "its new location with {dev_store} STORE.", recorded=recorded)
     return open_store(recorded)
 
 

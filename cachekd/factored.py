@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from cachekd.errors import CachekdError
+from cachekd.errors import ConfigKeysError
 
 NONLINEAR_CONFIG = {
     "final_logit_softcapping": "soft-caps its logits (config final_logit_softcapping)",
@@ -84,10 +84,10 @@ def output_layer(model: torch.nn.Module, vocab_size: int, name: str) -> OutputLa
     members = _members(model)
     if members is not None:
         if getattr(model, "combine", None) != "logits":
-            raise CachekdError(f"teacher {name!r} mixes its members' probabilities, which is not linear in their "
-                               f"output layers' inputs, so it cannot be cached factored; use --ensemble logits, or "
-                               f"cache the members factored and combine them at training time (--teacher-combine "
-                               f"probs).")
+            raise ConfigKeysError("teacher {name!r} mixes its members' probabilities, which is not linear in their "
+                                  "output layers' inputs, so it cannot be cached factored; use {ensemble} logits, or "
+                                  "cache the members factored and combine them at training time "
+                                  "({distill.teacher_combine} probs).", name=name)
         layers = [output_layer(m, vocab_size, name) for m in members]
         weights = [float(w) for w in model.weights]
         biases = [w * layer.bias for w, layer in zip(weights, layers) if layer.bias is not None]
@@ -99,8 +99,9 @@ def output_layer(model: torch.nn.Module, vocab_size: int, name: str) -> OutputLa
     if why is None and (not isinstance(weight, Tensor) or weight.dim() != 2 or not isinstance(head, torch.nn.Linear)):
         why = "has no linear output layer (get_output_embeddings)"
     if why is not None:
-        raise CachekdError(f"teacher {name!r} {why}, so its logits are not a linear map of one vector a position and "
-                           f"cannot be cached factored; use another storage option (e.g. --full or the default).")
+        raise ConfigKeysError("teacher {name!r} {why}, so its logits are not a linear map of one vector a position "
+                              "and cannot be cached factored; use another storage option (e.g. {full} or the "
+                              "default).", name=name, why=why)
     bias = getattr(head, "bias", None)
     return OutputLayer(weight.detach()[:vocab_size].float(),
                        None if bias is None else bias.detach()[:vocab_size].float())
@@ -263,10 +264,10 @@ def check_linear(name: str, logits: Tensor, rebuilt: Tensor, reduced: bool) -> N
     err = float(logit_error(rebuilt, z).max())
     bound = LINEAR_TOLERANCE["reduced" if reduced else "float32"] * (1.0 + float(z.abs().max()))
     if not err <= bound:
-        raise CachekdError(
-            f"teacher {name!r} computes logits that differ from its output layer's W·h + b by up to {err:.3g} (more "
-            f"than {bound:.3g}) on the first windows, so they cannot be cached factored; use another storage option "
-            f"(e.g. --full or the default).")
+        raise ConfigKeysError(
+            "teacher {name!r} computes logits that differ from its output layer's W·h + b by up to {err:.3g} (more "
+            "than {bound:.3g}) on the first windows, so they cannot be cached factored; use another storage option "
+            "(e.g. {full} or the default).", name=name, err=err, bound=bound)
 
 
 def kl_rows(z_ref: Tensor, z: Tensor, tau: float = 1.0) -> Tensor:

@@ -20,7 +20,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import torch
 
-from cachekd.errors import CachekdError
+from cachekd.errors import CachekdError, ConfigFieldError
 from cachekd.models import max_positions, output_size
 from cachekd.rundir import minimal_pairs_key
 
@@ -194,7 +194,7 @@ def minimal_pair_accuracy(
     comparable.
     """
     if max_pairs is not None and max_pairs < 1:
-        raise CachekdError(f"--max-pairs must be at least 1 (got {max_pairs}).")
+        raise ConfigFieldError("max_pairs", "at least 1", max_pairs)
     files = pair_files(path)
     stems = [f.stem for f in files]
     if len(set(stems)) != len(stems):

@@ -160,7 +160,7 @@ def check_positions(model, seq_len: int, who: str) -> None:
     if max_pos is not None and seq_len > max_pos:
         raise CachekdError(
             f"{who} takes at most {max_pos} positions but the token store's windows are {seq_len} tokens; use a model "
-            f"with at least {seq_len} positions, or a token store prepared with --seq-len {max_pos} or less."
+            f"with at least {seq_len} positions, or a token store prepared with windows of {max_pos} tokens or less."
         )
 
 

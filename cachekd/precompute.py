@@ -30,7 +30,7 @@ from cachekd import distributed, ensemble, factored
 from cachekd.cache import encoding as enc
 from cachekd.cache import format as fmt
 from cachekd.cache import writer as cw
-from cachekd.errors import CachekdError, ConfigFieldError
+from cachekd.errors import CachekdError, ConfigFieldError, ConfigKeysError
 from cachekd.storage import location
 from cachekd.teacher_rows import teacher_targets
 from cachekd.teacher_samples import sampled_teacher_targets
@@ -108,66 +108,67 @@ class PrecomputeConfig:
 
     def __post_init__(self) -> None:
         if self.proposal_temperature is not None and self.sample is None:  # before the default storage sets it
-            raise CachekdError("--proposal-temperature needs --sample N.")
+            raise ConfigKeysError("{proposal_temperature} needs {sample} N.")
         if self.factored:
-            given = [name for name, on in (("--full", self.full), ("--top-k", self.top_k is not None),
-                                           ("--sample", self.sample is not None)) if on]
+            given = [key for key, on in (("full", self.full), ("top_k", self.top_k is not None),
+                                         ("sample", self.sample is not None)) if on]
             if given:
-                raise CachekdError(f"--factored and {given[0]} exclude each other: a factored cache holds every logit.")
+                raise ConfigKeysError("{factored} and {%s} exclude each other: a factored cache holds every logit."
+                                      % given[0])
             if self.factored_dtype not in fmt.FACTORED_DTYPES:
-                raise CachekdError(f"--factored-dtype must be one of {', '.join(fmt.FACTORED_DTYPES)} "
-                                   f"(got {self.factored_dtype!r}).")
+                raise ConfigFieldError("factored_dtype", f"one of {', '.join(fmt.FACTORED_DTYPES)}",
+                                       self.factored_dtype)
             if self.factored_rounding not in ("feedback", "nearest"):
-                raise CachekdError(f"--factored-rounding must be feedback or nearest (got {self.factored_rounding!r}).")
+                raise ConfigFieldError("factored_rounding", "feedback or nearest", self.factored_rounding)
             if self.factored_rank is not None and self.factored_rank < 1:
-                raise CachekdError(f"--factored-rank must be at least 1 (got {self.factored_rank}).")
+                raise ConfigFieldError("factored_rank", "at least 1", self.factored_rank)
             if self.factored_fit_windows < 1:
-                raise CachekdError(f"--factored-fit-windows must be at least 1 (got {self.factored_fit_windows}).")
+                raise ConfigFieldError("factored_fit_windows", "at least 1", self.factored_fit_windows)
             if self.ensemble == "probs":
-                raise CachekdError("--ensemble probs cannot be cached factored (a mixture of probabilities is not "
-                                   "linear in the teachers' output-layer inputs); use --ensemble logits, or cache the "
-                                   "teachers factored on their own and combine them at training time "
-                                   "(--teacher-combine probs).")
+                raise ConfigKeysError("{ensemble} probs cannot be cached factored (a mixture of probabilities is not "
+                                      "linear in the teachers' output-layer inputs); use {ensemble} logits, or cache "
+                                      "the teachers factored on their own and combine them at training time "
+                                      "({distill.teacher_combine} probs).")
         elif self.factored_rank is not None:
-            raise CachekdError("--factored-rank needs --factored.")
+            raise ConfigKeysError("{factored_rank} needs {factored}.")
         if self.top_k is None and self.sample is None and not self.full and not self.factored:
             self.top_k, self.sample = DEFAULT_STORAGE
             self.default_storage = True
         elif self.top_k is None and not self.factored:
             self.top_k = 0 if self.sample is not None else 64
         if not self.full and not self.factored and self.sample is None and self.top_k < 1:
-            raise CachekdError(f"--top-k must be at least 1 (got {self.top_k}).")
+            raise ConfigFieldError("top_k", "at least 1", self.top_k)
         for t in self.temperatures:
             if not t > 0 or not math.isfinite(t):
                 raise CachekdError(f"temperatures must be positive numbers (got {t}).")
         if len(set(self.temperatures)) != len(self.temperatures):
-            raise CachekdError("--temperatures lists a value twice.")
+            raise ConfigKeysError("{temperatures} lists a value twice.")
         if not self.splits or not all(self.splits):
-            raise CachekdError(f"--splits must name at least one split of the token store (got {self.splits}).")
+            raise ConfigKeysError("{splits} must name at least one split of the token store (got {got}).", got=self.splits)
         if not isinstance(self.sample_seed, int) or self.sample_seed < 0:
             raise ConfigFieldError("sample_seed", "an integer ≥ 0", self.sample_seed)
         if self.batch_size < 1:
-            raise CachekdError(f"--batch-size must be at least 1 (got {self.batch_size}).")
+            raise ConfigFieldError("batch_size", "at least 1", self.batch_size)
         if not 1 / 65536 <= self.logprob_step <= 1:
-            raise CachekdError(f"--logprob-step must be between 1/65536 and 1 (got {self.logprob_step}).")
+            raise ConfigFieldError("logprob_step", "between 1/65536 and 1", self.logprob_step)
         ensemble.check_options(self.ensemble, self.ensemble_weights, len(self.teachers))
         if self.sample is not None:
             if self.full:
-                raise CachekdError("--sample and --full exclude each other: full logits need no samples.")
+                raise ConfigKeysError("{sample} and {full} exclude each other: full logits need no samples.")
             if not 1 <= self.sample <= 65535:
-                raise CachekdError(f"--sample must be a number of draws between 1 and 65535 (got {self.sample}).")
+                raise ConfigFieldError("sample", "a number of draws between 1 and 65535", self.sample)
             if self.top_k < 0:
-                raise CachekdError(f"--top-k must be at least 0 with --sample (got {self.top_k}).")
+                raise ConfigKeysError("{top_k} must be at least 0 with {sample} (got {got}).", got=self.top_k)
         if self.proposal_temperature is not None:
             t = self.proposal_temperature
             if not t > 0 or not math.isfinite(t):
-                raise CachekdError(f"--proposal-temperature must be a positive number (got {t}).")
+                raise ConfigFieldError("proposal_temperature", "a positive number", t)
             if not any(math.isclose(t, x) for x in self.temperatures):
-                raise CachekdError(f"--proposal-temperature {t:g} must be one of --temperatures "
-                                   f"({', '.join(f'{x:g}' for x in self.temperatures)}): the weights need its "
-                                   f"normaliser.")
+                raise ConfigKeysError("{proposal_temperature} {t:g} must be one of {temperatures} ({have}): the "
+                                      "weights need its normaliser.", t=t,
+                                      have=", ".join(f"{x:g}" for x in self.temperatures))
         if self.dtype not in ("auto", "bf16", "fp16", "fp32"):
-            raise CachekdError(f"--dtype must be auto, bf16, fp16 or fp32 (got {self.dtype!r}).")
+            raise ConfigFieldError("dtype", "auto, bf16, fp16 or fp32", self.dtype)
         parse_part(self.part)
 
 
@@ -178,9 +179,10 @@ def parse_part(part: str | None) -> tuple[int, int]:
     try:
         i, n = (int(x) for x in part.split("/"))
     except ValueError:
-        raise CachekdError(f"--part must look like i/n, for example 1/4 (got {part!r}).") from None
+        raise ConfigKeysError("{part} must look like i/n, for example 1/4 (got {got!r}).", got=part) from None
     if not 1 <= i <= n:
-        raise CachekdError(f"--part {part}: in i/n, n must be at least 1 and i between 1 and n (e.g. 1/4 to 4/4).")
+        raise ConfigKeysError("{part} {got}: in i/n, n must be at least 1 and i between 1 and n (e.g. 1/4 to 4/4).",
+                              got=part)
     return i - 1, n
 
 
@@ -240,11 +242,10 @@ class _BackgroundWriter:
 
 
 def _busy_error(root: Path, what: str) -> CachekdError:
-    return CachekdError(
-        f"another precompute is already filling {what} of {str(root)!r}; wait for it to finish (a stopped one "
-        f"resumes from the done chunks), or stop it first. To share the work between processes, start them all "
-        f"with --part i/n (the same n) or under torchrun."
-    )
+    return ConfigKeysError(
+        "another precompute is already filling {what} of {root!r}; wait for it to finish (a stopped one resumes "
+        "from the done chunks), or stop it first. To share the work between processes, start them all with {part} "
+        "i/n (the same n) or under torchrun.", what=what, root=str(root))
 
 
 def build_plan(cfg: PrecomputeConfig, store: TokenStore, teachers: list[dict[str, Any]], vocab: int) -> fmt.CachePlan:
@@ -333,10 +334,8 @@ def _chunk_targets(models: list, infos: list[dict[str, Any]], tokens: np.ndarray
             bad = ~torch.isfinite(st["lse"]).all(dim=-1)
             if bool(bad.any()):
                 w = plan.chunk_range(split, chunk)[0] + b + int(bad.nonzero()[0])
-                raise CachekdError(
-                    f"teacher {info['name']!r} produced NaN or inf logits on {split} window {w}; "
-                    f"check the checkpoint (or try --dtype fp32)."
-                )
+                raise ConfigKeysError("teacher {name!r} produced NaN or inf logits on {split} window {w}; check the "
+                                      "checkpoint (or try {dtype} fp32).", name=info["name"], split=split, w=w)
             for key, v in arrays.items():
                 parts.setdefault(key, []).append(v.to("cpu", non_blocking=True))
             ent.append(st["entropy"].cpu())
@@ -390,13 +389,13 @@ def _probe_factored(models: list, infos: list[dict[str, Any]], store: TokenStore
                 torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
             logits = model(input_ids=x).logits[..., :vocab]
         if got.hidden is None or got.hidden.shape[-1] != layer.hidden_size:
-            raise CachekdError(f"teacher {info['name']!r} did not pass its logits through its output layer "
-                               f"(get_output_embeddings), so it cannot be cached factored; use another storage "
-                               f"option (e.g. --full or the default).")
+            raise ConfigKeysError("teacher {name!r} did not pass its logits through its output layer "
+                                  "(get_output_embeddings), so it cannot be cached factored; use another storage "
+                                  "option (e.g. {full} or the default).", name=info["name"])
         h = got.hidden.float()
         if rank is not None and rank >= layer.hidden_size:
-            raise CachekdError(f"--factored-rank {rank} is not below teacher {info['name']!r}'s d = "
-                               f"{layer.hidden_size}; leave it out for the exact form.")
+            raise ConfigKeysError("{factored_rank} {rank} is not below teacher {name!r}'s d = {d}; leave it out for "
+                                  "the exact form.", rank=rank, name=info["name"], d=layer.hidden_size)
         rebuilt = factored.rebuild_logits(h, layer.weight, layer.bias)
         factored.check_linear(info["name"], logits, rebuilt, amp is not None)
         info["output_layer"] = {"hidden_size": layer.hidden_size, "bias": layer.bias is not None}
@@ -470,25 +469,26 @@ def precompute(cfg: PrecomputeConfig, *, force: bool = False, progress: bool = T
     from cachekd.teachers import EnsembleTeacher, load_teachers
 
     if not cfg.output:
-        raise CachekdError("no output path given: pass --output DIR for the cache.")
+        raise ConfigKeysError("no output path given: pass {output} DIR for the cache.")
     store = TokenStore.open(cfg.store)
     vocab = store.vocab_size
     if cfg.default_storage and cfg.top_k >= vocab:
-        raise CachekdError(f"the default storage (the exact top-{cfg.top_k} and {cfg.sample} draws beyond it) needs a "
-                           f"vocabulary of more than {cfg.top_k} tokens (this one has {vocab}): pass --full for a "
-                           f"vocabulary this small, or --top-k K for a top-k cache.")
+        raise ConfigKeysError("the default storage (the exact top-{k} and {n} draws beyond it) needs a vocabulary of "
+                              "more than {k} tokens (this one has {vocab}): pass {full} for a vocabulary this small, "
+                              "or {top_k} K for a top-k cache.", k=cfg.top_k, n=cfg.sample, vocab=vocab)
     if cfg.sample is not None and cfg.top_k >= vocab:
-        raise CachekdError(f"--top-k {cfg.top_k} with --sample leaves no tokens to draw from (the vocabulary has "
-                           f"{vocab}); use a top-k cache, or a smaller --top-k.")
+        raise ConfigKeysError("{top_k} {k} with {sample} leaves no tokens to draw from (the vocabulary has {vocab}); "
+                              "use a top-k cache, or a smaller {top_k}.", k=cfg.top_k, vocab=vocab)
     if not cfg.full and not cfg.factored and cfg.top_k > vocab:
-        raise CachekdError(f"--top-k {cfg.top_k} is larger than the vocabulary ({vocab} tokens).")
+        raise ConfigKeysError("{top_k} {k} is larger than the vocabulary ({vocab} tokens).", k=cfg.top_k, vocab=vocab)
     low = [t for t in ([] if cfg.full else cfg.temperatures) if t < enc.min_temperature(vocab)]
     if low:
-        raise CachekdError(
-            f"--temperatures {', '.join(f'{t:g}' for t in low)} is below {enc.min_temperature(vocab):.3g}, the "
-            f"smallest τ the cache can store for a vocabulary of {vocab} tokens (ln V / 47.36: the tail's log-sum-exp "
-            f"is stored down to {enc.TAIL_MIN:.0f} nats, and below that τ a clipped tail could count for more than "
-            f"2⁻²⁴ of the tempered mass); cache τ ≥ {enc.min_temperature(vocab):.3g}, or --full.")
+        raise ConfigKeysError(
+            "{temperatures} {low} is below {tau_min:.3g}, the smallest τ the cache can store for a vocabulary of "
+            "{vocab} tokens (ln V / 47.36: the tail's log-sum-exp is stored down to {tail_min:.0f} nats, and below "
+            "that τ a clipped tail could count for more than 2⁻²⁴ of the tempered mass); cache τ ≥ {tau_min:.3g}, "
+            "or {full}.", low=", ".join(f"{t:g}" for t in low), tau_min=enc.min_temperature(vocab), vocab=vocab,
+            tail_min=enc.TAIL_MIN)
     rank, world, local_rank = distributed.setup()
     device = distributed.resolve_device(cfg.device, local_rank)
     amp = autocast_dtype(cfg.dtype, device)

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from cachekd.errors import CachekdError
+from cachekd.errors import CachekdError, ConfigKeysError
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
@@ -257,12 +257,12 @@ class RunDir:
             raise CachekdError(self.live_message())
         finished = self.finished
         if resume and finished:
-            raise CachekdError(f"the run in {out!r} already finished; nothing to resume (pass --force to "
-                               f"train it again, or choose another output).")
+            raise ConfigKeysError("the run in {out!r} already finished; nothing to resume (pass {force} to train it "
+                                  "again, or choose another output).", out=out)
         if resume and not self.exists:
-            raise CachekdError(f"there is nothing to resume in {out!r}: "
-                               f"{'it is empty' if self.path.is_dir() else 'no such directory'}; check the path, or "
-                               f"leave out --resume to start a new run there.")
+            raise ConfigKeysError("there is nothing to resume in {out!r}: {why}; check the path, or leave out "
+                                  "{resume} to start a new run there.", out=out,
+                                  why="it is empty" if self.path.is_dir() else "no such directory")
         last = self.last_checkpoint if self.path.exists() else None
         if resume and last is not None:
             return StartPlan("resume", checkpoint=last)
@@ -277,8 +277,9 @@ class RunDir:
                 raise CachekdError(f"output {out!r} is not empty and is not a cachekd run; choose another path.")
             if not force:
                 what = "a finished run" if finished else "an unfinished run"
-                hint = "" if finished else " pass --resume to continue it,"
-                raise CachekdError(f"{out!r} holds {what};{hint} pass --force to start over, or choose another output.")
+                hint = "" if finished else " pass {resume} to continue it,"
+                raise ConfigKeysError("{out!r} holds {what};" + hint + " pass {force} to start over, or choose another "
+                                      "output.", out=out, what=what)
             return StartPlan("new", replace=True)
         return StartPlan("new")
 

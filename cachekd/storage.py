@@ -36,7 +36,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Iterator, Union
 
-from cachekd.errors import CachekdError
+from cachekd.errors import CachekdError, ConfigKeysError
 
 CONNECT_TRIES = 3
 """Tries of one request to an object store before a connection error is reported (botocore's retry budget)."""
@@ -268,7 +268,8 @@ def _remote_from_url(url: str, options: dict[str, Any]) -> RemotePath:
                 # fsspec's own instance cache ignores the environment (AWS_ENDPOINT_URL, credentials): ours keys on it
                 fs = _filesystems[key] = cls(**options, skip_instance_cache=True)
     except TypeError as e:
-        raise CachekdError(f"a storage option does not apply to {protocol}:// ({e}); check --storage-option.") from None
+        raise ConfigKeysError("a storage option does not apply to {protocol}:// ({e}); check {storage_option}.",
+                              protocol=protocol, e=e) from None
     loc = RemotePath(fs, cls._strip_protocol(url), protocol, options)
     _check_reachable(loc)
     return loc
@@ -312,20 +313,23 @@ def _check_reachable(loc: RemotePath) -> None:
         raise CachekdError(f"the bucket {url!r} does not exist at {_endpoint(loc)}; create it first or check the "
                            f"URL (and AWS_ENDPOINT_URL).") from None
     except PermissionError as e:
-        raise CachekdError(f"the object store at {_endpoint(loc)} refused the credentials for {url!r} ({e}); set "
-                           f"AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or --storage-option key=... "
-                           f"secret=...") from None
+        raise _refused_credentials(loc, url, e) from None
     except Exception as e:  # noqa: BLE001 - connection errors come as several botocore/aiohttp types
         if _is_connection_error(e):
-            raise CachekdError(f"cannot reach the object store for {url!r} at {_endpoint(loc)} after "
-                               f"{CONNECT_TRIES} tries ({type(e).__name__}); check AWS_ENDPOINT_URL or "
-                               f"--storage-option endpoint_url=..., and the network.") from None
+            raise ConfigKeysError("cannot reach the object store for {url!r} at {endpoint} after {tries} tries "
+                                  "({kind}); check AWS_ENDPOINT_URL or {storage_option} endpoint_url=..., and the "
+                                  "network.", url=url, endpoint=_endpoint(loc), tries=CONNECT_TRIES,
+                                  kind=type(e).__name__) from None
         if _is_auth_error(e):
-            raise CachekdError(f"the object store at {_endpoint(loc)} refused the credentials for {url!r} ({e}); "
-                               f"set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or --storage-option key=... "
-                               f"secret=...") from None
+            raise _refused_credentials(loc, url, e) from None
         raise
     _checked[key] = None
+
+
+def _refused_credentials(loc: "RemotePath", url: str, e: BaseException) -> CachekdError:
+    return ConfigKeysError("the object store at {endpoint} refused the credentials for {url!r} ({e}); set "
+                           "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or {storage_option} key=... secret=...",
+                           endpoint=_endpoint(loc), url=url, e=e)
 
 
 def _is_connection_error(e: BaseException) -> bool:

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from cachekd.errors import CachekdError
+from cachekd.errors import CachekdError, ConfigKeysError, KeyedText
 
 if TYPE_CHECKING:
     from cachekd.batch import Batch
@@ -88,7 +88,7 @@ def resolve_teachers(specs: list[str], registry: str | None = None) -> list[tupl
     from cachekd.models import resolve_model_dir
 
     if not specs:
-        raise CachekdError("no teacher given: pass --teacher PATH (or a name from the registry).")
+        raise ConfigKeysError("no teacher given: pass {teachers} PATH (or a name from the registry).")
     reg = None
     out: list[tuple[str, Path]] = []
     given: dict[Path, str] = {}  # resolved checkpoint directory -> the spec that named it
@@ -199,12 +199,13 @@ def check_teacher(name: str, path: Path, model, store: TokenStore,
     windows (`padding_mass`): above `PADDING_MASS_LIMIT` they are refused as real tokens, below it `say` is told
     that they are dropped."""
     from cachekd.models import check_positions, checkpoint_fingerprint, count_parameters
+    from cachekd.tokens.reader import PREPARE_WITH_TOKENIZER
 
     v_model, mass = check_vocabulary(
         f"teacher {name!r}", path, model, store, say=say,
         tokenizer_error=lambda fp: (f"teacher {name!r} comes with a different tokenizer than the token store "
-                                    f"{str(store.path)!r}; prepare the store with --tokenizer {path} or use a "
-                                    f"matching teacher."),
+                                    f"{str(store.path)!r}; prepare the store with its tokenizer "
+                                    f"({PREPARE_WITH_TOKENIZER.format(path=path)}) or use a matching teacher."),
         vocab_error=lambda v: (f"teacher {name!r} has a vocabulary of {v} tokens but the token store's tokenizer has "
                                f"{store.vocab_size}; use a teacher trained with this tokenizer."),
         advice="use the teacher trained with this store's tokenizer (and save that tokenizer next to it)")
@@ -329,7 +330,8 @@ class CachedTeachers(TeacherSource):
         from cachekd.cache.reader import LogitCache
 
         if not d.cache:
-            raise CachekdError("distillation needs --cache (or --online with --teacher checkpoints).")
+            raise ConfigKeysError("distillation needs {distill.cache} (or {distill.online} with {distill.teachers} "
+                                  "checkpoints).")
         cache = LogitCache.open(d.cache)
         cache.check_store(store)
         names = cache.select_teachers(d.teachers)
@@ -403,22 +405,22 @@ bucket tail kept 33% of the full-teacher gain over CE where the top-k held 53% o
 held 12% (τ=2): below half, most of what the teacher knows is in the tail the cache does not store."""
 
 
-def low_topk_mass_note(cache: LogitCache, teacher: str, tau: float, mass: float, where: str, tail_mode: str) -> str:
+def low_topk_mass_note(cache: LogitCache, teacher: str, tau: float, mass: float, where: str,
+                       tail_mode: str) -> KeyedText:
     """The sentence `distill` shows at start when a teacher's cached top-k holds less than `LOW_TOPK_MASS` of its
     probability at τ (`where`: how the mass was found)."""
     what = ("one tail category" if tail_mode == "bucket" else
             "the rest spread evenly over the other tokens" if tail_mode == "uniform" else f"the {tail_mode} tail")
     source = "from the cache manifest" if where == "manifest" else f"from a {where}"
-    return (
-        f"note: the cached top-{cache.k} holds {mass:.2f} of the probability of teacher {teacher!r} at τ={tau:g} (mean "
-        f"over the train split, {source}), below {LOW_TOPK_MASS:g}: with tail_mode {tail_mode} the target is mostly "
-        f"{what}, "
-        f"so it passes on little of the teacher and the student may do no better than cross-entropy. Options: a "
-        f"larger k (`cachekd precompute --top-k`), another tail mode (--tail-mode renormalize keeps the shape of the "
-        f"top-k, biased), a lower τ (the captured mass falls as τ grows), or a hybrid or sampled cache (what "
-        f"`cachekd precompute` makes without --top-k: unbiased forward-KL targets that kept about the whole "
-        f"full-teacher gain in the fidelity figures of docs/sampled-caches.md)."
-    )
+    return KeyedText(
+        "note: the cached top-{k} holds {mass:.2f} of the probability of teacher {teacher!r} at τ={tau:g} (mean over "
+        "the train split, {source}), below {limit:g}: with tail_mode {tail_mode} the target is mostly {what}, so it "
+        "passes on little of the teacher and the student may do no better than cross-entropy. Options: a larger k "
+        "(`cachekd precompute` with a larger {precompute.top_k}), another tail mode ({distill.tail_mode} renormalize "
+        "keeps the shape of the top-k, biased), a lower τ (the captured mass falls as τ grows), or a hybrid or "
+        "sampled cache (what `cachekd precompute` makes without {precompute.top_k}: unbiased forward-KL targets that "
+        "kept about the whole full-teacher gain in the fidelity figures of docs/sampled-caches.md).", k=cache.k,
+        mass=mass, teacher=teacher, tau=tau, source=source, limit=LOW_TOPK_MASS, tail_mode=tail_mode, what=what)
 
 
 SAMPLED_TAIL_NOTE = ("with a sampled cache forward KL uses the unbiased estimate over the drawn ids, every other "
@@ -431,8 +433,9 @@ def _check_constant_temperature(cache: LogitCache, d: DistillConfig, what: str) 
     """Refuse a τ schedule, or a τ the cache holds no normaliser for (`what`: "top-k" or "sampled")."""
     temperature = d.schedules()[0]
     if temperature.kind != "constant":
-        raise CachekdError(f"a temperature schedule needs a --full cache: a {what} cache only has its normalisers "
-                           f"for temperatures {cache.temperatures}.")
+        raise ConfigKeysError("a temperature schedule needs a {precompute.full} cache: a {what} cache only has its "
+                              "normalisers for temperatures {temperatures}.", what=what,
+                              temperatures=cache.temperatures)
     cache.temperature_index(temperature.start)
 
 
@@ -445,17 +448,16 @@ def _check_sampled_settings(cache: LogitCache, d: DistillConfig) -> None:
 def _check_topk_settings(cache: LogitCache, d: DistillConfig, num_teachers: int) -> None:
     _check_constant_temperature(cache, d, "top-k")
     if d.mixing() and d.tail_mode == "renormalize":
-        raise CachekdError(
+        raise ConfigKeysError(
             "mixing teacher and student logits (distill.alpha below 1) needs a dense target, which the renormalize "
-            "tail cannot give: pass --tail-mode bucket (the rest shaped like the student) or uniform "
-            "(distill.tail_mode)."
-        )
+            "tail cannot give: pass {distill.tail_mode} bucket (the rest shaped like the student) or uniform "
+            "(distill.tail_mode).")
     if num_teachers > 1 and d.teacher_combine != "losses" and d.tail_mode == "renormalize":
-        raise CachekdError(
-            f"combining several top-k teachers by {d.teacher_combine} needs a dense target, which the renormalize "
-            f"tail cannot give: pass --tail-mode bucket or uniform, or --teacher-combine losses "
-            f"(distill.tail_mode, distill.teacher_combine)."
-        )
+        raise ConfigKeysError(
+            "combining several top-k teachers by {combine} needs a dense target, which the renormalize tail cannot "
+            "give: pass {distill.tail_mode} bucket or uniform, or {distill.teacher_combine} losses (distill.tail_mode, "
+            "distill.teacher_combine).",
+            combine=d.teacher_combine)
 
 
 class OnlineTeachers(TeacherSource):
@@ -480,9 +482,10 @@ class OnlineTeachers(TeacherSource):
 
             cached = LogitCache.open(d.cache).meta["teachers"]
             if any(t.get("members") for t in cached):
-                raise CachekdError(
-                    f"cache {d.cache!r} holds an ensemble of teachers (precompute --ensemble); to run them live pass "
-                    f"each member with --teacher and --teacher-combine {cached[0].get('combine', 'logits')}.")
+                raise ConfigKeysError(
+                    "cache {cache!r} holds an ensemble of teachers (cached as one); to run them live pass each member "
+                    "with {distill.teachers} and {distill.teacher_combine} {combine}.", cache=d.cache,
+                    combine=cached[0].get("combine", "logits"))
             specs = [t["path"] for t in cached]
         models, infos, notes = [], [], []
         for m, path, info in load_teachers(specs, store, say=notes.append):
@@ -526,11 +529,11 @@ def check_teacher_count(d: DistillConfig, names: list[str]) -> None:
     if want is None or have == want:
         return
     where = f"cache {d.cache!r}" if d.cache else "the teacher list"
-    given = "distill.teachers (--teachers) selects" if d.teachers else f"{where} holds"
-    choose = (f"choose {'one' if want == 1 else want} with --teachers {','.join(names[:want])} (distill.teachers)"
-              if have > want else f"use a cache (or --teachers) with {want}")
-    raise CachekdError(
-        f"this config is written for {want} teacher{'s' if want != 1 else ''} (distill.num_teachers: {want}) but "
-        f"{given} {have}: {', '.join(names)}; {choose}, or pass --set distill.num_teachers=null to use them all "
-        f"(what runs started before this check did)."
-    )
+    given = "{distill.teachers} selects" if d.teachers else "{where} holds"
+    choose = ("choose {some} with {distill.teachers} {first} (distill.teachers)" if have > want
+              else "use a cache (or {distill.teachers}) with {want}")
+    raise ConfigKeysError(
+        "this config is written for {want} teacher{s} (distill.num_teachers: {want}) but " + given + " {have}: "
+        "{names}; " + choose + ", or set distill.num_teachers=null to use them all (what runs started before "
+        "this check did).", want=want, s="s" if want != 1 else "", where=where, have=have, names=", ".join(names),
+        some="one" if want == 1 else want, first=",".join(names[:want]))

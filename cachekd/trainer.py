@@ -26,7 +26,7 @@ import torch
 
 from cachekd import distributed
 from cachekd.batch import IGNORE_INDEX, Batch
-from cachekd.errors import CachekdError
+from cachekd.errors import CachekdError, ConfigKeysError
 from cachekd.loader import Order
 from cachekd.rundir import RunDir, StartPlan, common_checkpoint_step
 from cachekd.student import Norms, Placement, StepPlan, Student
@@ -80,7 +80,7 @@ class Trainer:
         if lead.precision == "fp16" and device.type != "cuda":
             raise CachekdError(f"precision fp16 needs a CUDA device (the device is {device}); use bf16 or fp32.")
         if not all(c.output for c in configs):
-            raise CachekdError("no output directory given: pass --output DIR.")
+            raise ConfigKeysError("no output directory given: pass {output} DIR.")
         amp = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[lead.precision]
         self.place = Placement(rank, world, device, amp)
         self.rank, self.world, self.is_main, self.device = rank, world, rank == 0, device
@@ -169,7 +169,7 @@ class Trainer:
             elif p.replace and self.is_main:
                 kept = s.run_dir.remove_run_files()
                 if kept:
-                    self.say(f"--force: replaced the run in {s.run_dir.path}; kept what cachekd did not write "
+                    self.say(f"replaced the run in {s.run_dir.path} as asked; kept what cachekd did not write "
                              f"there: {', '.join(kept)}")
         self.place.barrier()
         for s, p in zip(self.students, plans):

@@ -11,26 +11,29 @@ import numpy as np
 
 from cachekd.cache import encoding as enc
 from cachekd.cache import format as fmt
-from cachekd.cache.reader import FINISH_HINT, REPAIR_HINT, DamagedChunkError, LogitCache
-from cachekd.errors import CachekdError
+from cachekd.cache.reader import (FINISH_HINT, PRECOMPUTE_AGAIN, REPAIR_COMMAND, REPAIR_HINT, DamagedChunkError,
+                                  LogitCache)
+from cachekd.errors import CachekdError, ConfigKeysError, Label, keyed_sentence
 from cachekd.storage import location
 
 
 def verify_path(path: str | Path, *, store_path: str | Path | None = None, recompute: int = 0, seed: int = 0,
-                repair: bool = False, progress: bool = True) -> dict[str, Any]:
-    """`cachekd verify PATH`: a token store is checked on its own (`TokenStore.verify`), a cache with its store."""
+                repair: bool = False, progress: bool = True, label: Label | None = None) -> dict[str, Any]:
+    """`cachekd verify PATH`: a token store is checked on its own (`TokenStore.verify`), a cache with its store.
+    `label`: the names a front end gives the parameters (a command-line option's) in the report's sentences."""
     from cachekd.tokens import TokenStore, is_token_store
 
     if is_token_store(path):
         if recompute or repair or store_path:
-            raise CachekdError(f"{str(path)!r} is a token store: --recompute, --repair and --store apply to a "
-                               f"logit cache; verify the store without them.")
+            raise ConfigKeysError("{path!r} is a token store: {recompute}, {repair} and {store_path} apply to a "
+                                  "logit cache; verify the store without them.", path=str(path))
         return {"kind": "token store", **TokenStore.open(path).verify(progress=progress)}
-    return verify_cache(path, store_path=store_path, recompute=recompute, seed=seed, repair=repair, progress=progress)
+    return verify_cache(path, store_path=store_path, recompute=recompute, seed=seed, repair=repair, progress=progress,
+                        label=label)
 
 
 def verify_cache(path: str | Path, *, store_path: str | Path | None = None, recompute: int = 0, seed: int = 0,
-                 repair: bool = False, progress: bool = True) -> dict[str, Any]:
+                 repair: bool = False, progress: bool = True, label: Label | None = None) -> dict[str, Any]:
     """Check every chunk of a cache and the token store behind it. Returns a report: `problems` (sentences),
     `damaged_chunks` ({split: [chunk]}: unreadable, checksum mismatch, misplaced or stale, computed from other
     tokens, non-finite, ids out of range or repeated, bad tail_lse), `store` (the store's own check), `ok`, and
@@ -43,7 +46,7 @@ def verify_cache(path: str | Path, *, store_path: str | Path | None = None, reco
     if not cache.complete:
         problems.append(f"the cache is incomplete ({cache.describe_missing()}); {FINISH_HINT}")
     sp = location(store_path) if store_path else location(cache.plan.token_store.path)
-    store, store_problem, store_report = _check_store(cache, sp, progress)
+    store, store_problem, store_report = _check_store(cache, sp, progress, label)
     if store_problem:
         problems.append(store_problem)
     checked, total = 0, sum(cache.num_chunks(s) for s in cache.splits())
@@ -70,12 +73,13 @@ def verify_cache(path: str | Path, *, store_path: str | Path | None = None, reco
                               "chunks_total": total, "checksums": cache.has_checksums(), "store": store_report}
     if recompute:
         if store is None:
-            problems.append("cannot --recompute without the token store")
+            problems.append(keyed_sentence("cannot {recompute} without the token store", label))
         else:
             report["recompute"] = recompute_windows(cache, store, recompute, seed)
             problems.extend(_beyond_tolerance(report["recompute"]))
             # a requested check that did not run is not a pass
-            problems.extend(f"--recompute could not check teacher {name!r}: {r['skipped']}"
+            problems.extend(keyed_sentence("{recompute} could not check teacher {name!r}: {why}", label, name=name,
+                                           why=r["skipped"])
                             for name, r in report["recompute"].items() if isinstance(r, dict) and "skipped" in r)
     report["damaged_chunks"] = _by_split(damaged)
     if repair:
@@ -90,13 +94,13 @@ def verify_cache(path: str | Path, *, store_path: str | Path | None = None, reco
     return report
 
 
-def _check_store(cache: LogitCache, sp: Path, progress: bool):
+def _check_store(cache: LogitCache, sp: Path, progress: bool, label: Label | None):
     """(store or None, the problem that keeps precompute from recomputing chunks or None, the store's report)."""
     from cachekd.tokens import TokenStore
 
     if not sp.exists():
-        return None, (f"the token store {str(sp)!r} recorded in the cache is not there to check against "
-                      f"(pass --store)"), None
+        return None, keyed_sentence("the token store {sp!r} recorded in the cache is not there to check against "
+                                    "(pass {store_path})", label, sp=str(sp)), None
     try:
         store = TokenStore.open(sp)
         cache.check_store(store)
@@ -237,7 +241,7 @@ def _beyond_tolerance(recompute: dict[str, Any]) -> list[str]:
             f"teacher {name!r} recomputed on {recompute['windows']} {recompute['split']} windows differs from the "
             f"cache by up to {diff:.4g} ({what.removeprefix('max_abs_').replace('_', ' ')}, window "
             f"{r['worst_window']}), beyond the tolerance of {r['tolerance'][what]:.4g}: the cache does not hold what "
-            f"its teacher computes; precompute it again (the same `cachekd precompute` command plus --force)"
+            f"its teacher computes; precompute it again ({PRECOMPUTE_AGAIN})"
         )
     return out
 
@@ -272,7 +276,7 @@ def repair_chunks(cache: LogitCache, chunks: list[tuple[str, int]], store_proble
         return {"marked_for_recompute": {}, "refused": (
             "; ".join(blockers) + ", so precompute could not recompute the damaged chunks; nothing was changed: "
             "restore the teacher checkpoints and the token store the cache was built from, then run "
-            f"`cachekd verify {cache.path} --repair` again")}
+            f"{REPAIR_COMMAND.format(path=cache.path)} again")}
     removed = cw.mark_for_recompute(cache.path, chunks)
     if factors_damaged and _factors_lost(cache):
         fmt.factors_done_path(cache.path).unlink(missing_ok=True)

@@ -5,6 +5,7 @@ from typing import Any
 
 import click
 from cachekd_cli.common import echo_json, echo_mapping, exit_interrupted
+from cachekd_cli.config_options import user_text
 from cachekd_cli.main import cli
 
 from cachekd.config import PRESET_DIR
@@ -82,7 +83,7 @@ def cohort_command(ctx, config, output, store, cache, max_steps, overrides, resu
     cohort = _load(config, output, max_steps, overrides, store, cache)
     try:
         summary = run_cohort(cohort, resume=resume, force=force, progress=not quiet and not as_json,
-                             say=lambda msg: click.echo(msg, err=True))
+                             say=lambda msg: click.echo(user_text(msg, "cohort"), err=True))
     except TrainingInterrupted as e:
         exit_interrupted(e, "checkpoints saved. Continue with the same command and --resume.")
     except DiskFull as e:

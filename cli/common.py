@@ -9,7 +9,7 @@ from typing import Any, NoReturn
 
 import click
 
-from cachekd.errors import CachekdError, ConfigFieldError
+from cachekd.errors import CachekdError, ConfigFieldError, ConfigKeysError
 from cachekd_cli.single_options import SingleOptionsGroup
 
 
@@ -18,12 +18,14 @@ class CachekdGroup(SingleOptionsGroup):
     and subgroups refuse an option given twice."""
 
     def invoke(self, ctx: click.Context) -> Any:
-        from cachekd_cli.config_options import field_error_message
+        from cachekd_cli.config_options import error_message
 
         try:
             return super().invoke(ctx)
         except ConfigFieldError as e:  # starts with the config key, written as it is (distill.alpha, seed)
-            raise click.ClickException(field_error_message(e)) from None
+            raise click.ClickException(error_message(e, ctx.invoked_subcommand)) from None
+        except ConfigKeysError as e:  # names keys: each becomes the command's option for it
+            raise click.ClickException(_sentence(error_message(e, ctx.invoked_subcommand))) from None
         except CachekdError as e:
             raise click.ClickException(_sentence(_user_message(e))) from None
         except FileNotFoundError as e:

@@ -1,8 +1,12 @@
-"""The command-line options of `cachekd train` / `cachekd distill` that set a config value, in one table.
+"""The command-line options of each command that the library's errors name by config key, in tables.
 
-The table maps a config key to its option names; the option's type, choices and help text come from the config
-tree itself (the field's annotation and its docstring, `cachekd.train_config`), and errors about a key name its
-option too (``distill.alpha (--alpha) must be in [0, 1] ...``). The library knows nothing of these spellings.
+For `cachekd train` / `cachekd distill` the table maps a config key to its option names; the option's type,
+choices and help text come from the config tree itself (the field's annotation and its docstring,
+`cachekd.train_config`), and errors about a key name its option too (``distill.alpha (--alpha) must be in [0, 1]
+...``). For the other commands `COMMAND_OPTIONS` maps the keys of their configs and parameters (`PrecomputeConfig`,
+`PrepareConfig`, the arguments of `audit`, `verify_path`, `evaluate`, ...) to the option that sets them, so an
+error the library raises as ``top_k must be at least 1 (got 0).`` reads ``--top-k must be at least 1 (got 0).``
+(`error_message`). The library knows nothing of these spellings.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from typing import Any
 
 import click
 
-from cachekd.errors import ConfigFieldError
+from cachekd.errors import ConfigFieldError, ConfigKeysError, KeyedText
 from cachekd_cli.single_options import SingleOptionsCommand
 
 TRAIN_OPTIONS: dict[str, tuple[str, ...]] = {
@@ -46,6 +50,82 @@ DISTILL_OPTIONS: dict[str, tuple[str, ...]] = {
     "distill.online": ("--online",),
 }
 """Config keys that `cachekd distill` also takes as an option."""
+
+
+_RUN_OPTIONS = {"output": "--output", "force": "--force", "resume": "--resume", "max_steps": "--max-steps",
+                "device": "--device"}
+"""Parameters of a run (`RunDir.plan_start`, the trainer) that train, distill and cohort take as options."""
+
+_PRECOMPUTE_OPTIONS = {
+    "store": "--store", "teachers": "--teacher", "output": "--output", "top_k": "--top-k", "sample": "--sample",
+    "proposal_temperature": "--proposal-temperature", "sample_seed": "--sample-seed", "full": "--full",
+    "ensemble": "--ensemble", "ensemble_weights": "--ensemble-weights", "temperatures": "--temperatures",
+    "logprob_step": "--logprob-step", "splits": "--splits", "batch_size": "--batch-size", "device": "--device",
+    "dtype": "--dtype", "registry": "--registry", "part": "--part", "force": "--force",
+    "factored": "--factored", "factored_dtype": "--factored-dtype", "factored_rounding": "--factored-rounding",
+    "factored_rank": "--factored-rank", "factored_fit_windows": "--factored-fit-windows",
+    "factored_fit_seed": "--factored-fit-seed",
+}
+"""`PrecomputeConfig` (with `cachekd.ensemble`'s checks of its ensemble fields) and `precompute(force=...)`."""
+
+GROUP_OPTIONS = {"storage_option": "--storage-option", "chunk_cache": "--chunk-cache",
+                 "chunk_cache_bytes": "--chunk-cache-size"}
+"""The `cachekd` group's own options (before the command), which any command's errors may name."""
+
+COMMAND_OPTIONS: dict[str, dict[str, str]] = {
+    "precompute": _PRECOMPUTE_OPTIONS,
+    "verify": {"store_path": "--store", "recompute": "--recompute", "repair": "--repair", "seed": "--seed"},
+    "prepare": {  # `PrepareConfig`, `prepare(force=...)`
+        "output": "--output", "seq_len": "--seq-len", "vocab_size": "--vocab-size", "tokenizer": "--tokenizer",
+        "text_column": "--text-column", "doc_sep": "--doc-sep", "clean": "--clean", "dev_fraction": "--dev-fraction",
+        "dev_mode": "--dev-mode", "seed": "--seed", "force": "--force",
+    },
+    "audit": {  # `audit(...)` and its `AuditOptions`
+        "teacher": "--teacher", "teachers": "--teacher", "student": "--student", "positions": "--positions",
+        "store_path": "--store", "objective": "--objective", "temperatures": "--temperatures", "top_k": "--top-k",
+        "sample": "--sample", "hybrid_top_k": "--hybrid-top-k", "seed": "--seed",
+    },
+    "eval": {  # `evaluate(...)`, `dev_loss`, `minimal_pair_accuracy`, `distributed.resolve_device`
+        "dev_store": "--dev", "split": "--split", "minimal_pairs": "--minimal-pairs", "prefix": "--prefix",
+        "max_pairs": "--max-pairs", "pair_seed": "--pair-seed", "batch_size": "--batch-size", "device": "--device",
+        "max_windows": "--max-windows", "against_cache": "--against-cache",
+    },
+    "train": _RUN_OPTIONS,
+    "distill": _RUN_OPTIONS,
+    "cohort": {"output": "--output", "store": "--store", "cache": "--cache", "max_steps": "--max-steps",
+               "resume": "--resume", "force": "--force"},
+    "demo": {"out": "--out", "device": "--device", "seed": "--seed"},
+}
+"""Per command: the config keys and parameters its errors name → the option that sets them."""
+
+
+def option_label(command: str | None) -> Callable[[str], str | None]:
+    """How `command`'s errors and notes name a key: by the option that sets it (for train and distill also the
+    config keys of `TRAIN_OPTIONS` / `DISTILL_OPTIONS`), else as the key. A key prefixed with another command's
+    name (``precompute.top_k``, in a note of distill's on how the cache was made) names that command's option."""
+    table = COMMAND_OPTIONS.get(command or "", {})
+
+    def label(key: str) -> str | None:
+        other, _, rest = key.partition(".")
+        return (table.get(key) or GROUP_OPTIONS.get(key)
+                or (flag_of(key) if command in ("train", "distill") else None)
+                or (COMMAND_OPTIONS[other].get(rest) if other != command and other in COMMAND_OPTIONS else None))
+
+    return label
+
+
+def user_text(text: str, command: str | None) -> str:
+    """A note of the library's for the user of `command`: a `KeyedText` names each key by its option."""
+    return text.message(label=option_label(command)) if isinstance(text, KeyedText) else text
+
+
+def error_message(e: ConfigFieldError | ConfigKeysError, command: str | None) -> str:
+    """The sentence of a field-keyed error raised under `command`, naming each key by the option that sets it."""
+    if isinstance(e, ConfigKeysError):
+        return e.message(label=option_label(command))
+    if command in ("train", "distill", "cohort", None):
+        return field_error_message(e)
+    return e.message(label=COMMAND_OPTIONS.get(command, {}).get(e.key))
 
 
 def flag_of(key: str) -> str | None:

@@ -3,6 +3,7 @@ from __future__ import annotations
 import click
 
 from cachekd_cli.common import echo_json
+from cachekd_cli.config_options import user_text
 from cachekd_cli.main import cli
 
 
@@ -28,7 +29,7 @@ def demo_command(out_dir, corpus, small, seed, device, as_json, quiet):
     from cachekd.demo import run_demo
     from cachekd.report import format_table
 
-    say = (lambda s: None) if as_json else click.echo
+    say = (lambda s: None) if as_json else (lambda s: click.echo(user_text(s, "demo")))
     result = run_demo(out_dir, corpus=corpus, small=small, seed=seed, device=device, progress=not quiet and not as_json,
                       say=say)
     comp = result["comparison"]

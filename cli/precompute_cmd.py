@@ -145,9 +145,10 @@ def verify_command(cache, store, recompute, repair, seed, as_json, quiet):
       cachekd precompute --store runs/tokens --teacher runs/teacher-llama -o runs/cache   # the same arguments
     """
     from cachekd.verify import verify_path
+    from cachekd_cli.config_options import option_label
 
     report = verify_path(cache, store_path=store, recompute=recompute, seed=seed, repair=repair,
-                         progress=not quiet and not as_json)
+                         progress=not quiet and not as_json, label=option_label("verify"))
     if as_json:
         echo_json(report)
     else:

@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 from cachekd_cli.common import echo_json, echo_mapping, exit_interrupted
-from cachekd_cli.config_options import ConfigCommand
+from cachekd_cli.config_options import ConfigCommand, user_text
 from cachekd_cli.main import cli
 
 
@@ -120,7 +120,7 @@ def _run(kw: dict[str, Any], mode: str) -> None:
     main_rank = os.environ.get("RANK", "0") == "0"
     try:
         summary = run(cfg, resume=kw["resume"], force=kw["force"], progress=not kw["quiet"] and not kw["as_json"],
-                      say=lambda msg: click.echo(msg, err=True))
+                      say=lambda msg: click.echo(user_text(msg, mode), err=True))
     except TrainingInterrupted as e:
         exit_interrupted(e, f"checkpoint saved to {e.checkpoint}. Continue with: {_continue_command(ctx)}")
     except DiskFull as e:

@@ -399,8 +399,10 @@ def test_against_cache_with_a_moved_store_says_pass_dev(tmp_path, store_path, te
                              "--top-k", "4"])
     assert r.exit_code == 0, r.output
     st.rename(tmp_path / "moved")
-    with pytest.raises(CachekdError, match="is not there any more; pass its new location with --dev STORE"):
+    with pytest.raises(CachekdError, match="is not there any more; pass its new location with dev_store") as info:
         evaluate(teacher_path, against_cache=tmp_path / "c", progress=False)
+    from cachekd_cli.config_options import error_message
+    assert "pass its new location with --dev STORE" in error_message(info.value, "eval")
     res = evaluate(teacher_path, dev_store=tmp_path / "moved", against_cache=tmp_path / "c", progress=False)
     assert res["against_cache"]["teachers"]
 

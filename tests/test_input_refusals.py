@@ -141,8 +141,11 @@ def test_precompute_config_refusals_in_the_library():
         PrecomputeConfig(sample=5, sample_seed=-1)
     with pytest.raises(CachekdError, match="at least one split"):
         PrecomputeConfig(splits=[])
-    with pytest.raises(CachekdError, match="needs --sample"):
+    with pytest.raises(CachekdError, match="proposal_temperature needs sample") as info:
         PrecomputeConfig(proposal_temperature=1.0)
+    # the library names config fields; the CLI names the options that set them, in the same sentence
+    from cachekd_cli.config_options import error_message
+    assert error_message(info.value, "precompute") == "--proposal-temperature needs --sample N."
 
 
 # ------------------------------------------------------------------------------------------- verify and audit

@@ -74,8 +74,10 @@ def test_rerun_is_noop_and_force_needed(tmp_path, corpus):
     _, built = prepare(cfg, progress=False)
     assert not built and (out / "manifest.json").stat().st_mtime_ns == mtime
     other = PrepareConfig(inputs=[str(corpus)], output=str(out), seq_len=32, vocab_size=300)
-    with pytest.raises(Exception, match="--force"):
+    with pytest.raises(Exception, match="pass force to replace it") as info:
         prepare(other, progress=False)
+    from cachekd_cli.config_options import error_message
+    assert "pass --force to replace it" in error_message(info.value, "prepare")
     assert TokenStore.open(out).seq_len == 16  # untouched
     store, built = prepare(other, force=True, progress=False)
     assert built and store.seq_len == 32

@@ -93,8 +93,10 @@ def test_plan_start(tmp_path):
     with pytest.raises(CachekdError, match="nothing to resume .* no such directory"):
         RunDir(tmp_path / "new").plan_start(resume=True, force=False)
     unfinished = _run(tmp_path, "u")
-    with pytest.raises(CachekdError, match="holds an unfinished run; pass --resume"):
+    with pytest.raises(CachekdError, match="holds an unfinished run; pass resume") as info:
         unfinished.plan_start(resume=False, force=False)
+    from cachekd_cli.config_options import error_message
+    assert "holds an unfinished run; pass --resume" in error_message(info.value, "distill")
     assert unfinished.plan_start(resume=True, force=False).action == "restart"
     plan = unfinished.plan_start(resume=False, force=True)
     assert plan.action == "new" and plan.replace

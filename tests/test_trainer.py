@@ -469,8 +469,11 @@ def test_resume_refuses_another_length_and_finished_runs(tmp_path, store_path):
 
     cfg = _cfg(store_path, tmp_path / "r", **{"optim.max_steps": 6})
     _stopped_run(cfg, 2)
-    with pytest.raises(CachekdError, match="planned for max_steps 6 and this command asks for 12.*--max-steps 6"):
+    with pytest.raises(CachekdError, match="planned for max_steps 6 and this command asks for 12.*max_steps 6") as info:
         run(_cfg(store_path, tmp_path / "r", **{"optim.max_steps": 12}), resume=True, progress=False)
+    from cachekd_cli.config_options import error_message
+    assert "resume with --max-steps 6, or start a new run (another --output, or --force)" in error_message(
+        info.value, "distill")
     assert run(cfg, resume=True, progress=False)["steps"] == 6
     with pytest.raises(CachekdError, match="already finished; nothing to resume"):
         run(cfg, resume=True, progress=False)

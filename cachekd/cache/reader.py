@@ -52,12 +52,16 @@ class TeacherBlock:
         return TeacherBlock(**{n: None if getattr(self, n) is None else getattr(self, n)[rows] for n in self.NAMES})
 
 
-REPAIR_HINT = ("run `cachekd verify {path} --repair`, then re-run `cachekd precompute` with the same arguments "
-               "to recompute the damaged chunks")
-
-
+# The commands printed for the user to run: the only places the cache package spells command-line options.
+REPAIR_COMMAND = "`cachekd verify {path} --repair`"
+"""How to mark a cache's damaged chunks for recomputation (``.format(path=...)``)."""
+PRECOMPUTE_AGAIN = "the same `cachekd precompute` command plus --force"
+"""How to build a cache again from scratch."""
 FINISH_HINT = ("run the same `cachekd precompute` command again to finish it"
                " (after `--part i/n` jobs: run the parts not yet run, or once without --part)")
+
+REPAIR_HINT = ("run " + REPAIR_COMMAND + ", then re-run `cachekd precompute` with the same arguments to recompute "
+               "the damaged chunks")
 
 
 class DamagedChunkError(CachekdError):
@@ -126,8 +130,9 @@ class LogitCache:
             except _DamagedMeta as e:
                 if not allow_incomplete or not fmt.plan_path(p).exists():
                     raise CachekdError(
-                        f"the manifest.json of cache {str(p)!r} is damaged ({e}); run `cachekd verify {p} --repair`, "
-                        f"then the same `cachekd precompute` command, to write it again."
+                        f"the manifest.json of cache {str(p)!r} is damaged ({e}); run "
+                        f"{REPAIR_COMMAND.format(path=p)}, then the same `cachekd precompute` command, to write it "
+                        f"again."
                     ) from None
                 manifest_problem = f"manifest.json is damaged ({e})"
         if manifest_problem is not None or not fmt.manifest_path(p).exists():
@@ -139,8 +144,8 @@ class LogitCache:
                 meta, has_manifest = _read_meta(fmt.plan_path(p), fmt.CachePlan), False
             except _DamagedMeta as e:
                 raise CachekdError(
-                    f"the plan.json of cache {str(p)!r} is damaged ({e}); start the cache again with the same "
-                    f"`cachekd precompute` command plus --force."
+                    f"the plan.json of cache {str(p)!r} is damaged ({e}); start the cache again with "
+                    f"{PRECOMPUTE_AGAIN}."
                 ) from None
         cache = cls(p, meta, False, has_manifest=has_manifest)
         cache.manifest_problem = manifest_problem
@@ -209,11 +214,11 @@ class LogitCache:
         if self.mode == "sampled":
             raise CachekdError(
                 f"the sampled cache holds normalisers and entropies for temperatures {have} only, not {tau:g}; choose "
-                f"one of those or run precompute with --temperatures including {tau:g}."
+                f"one of those or precompute a cache whose temperatures include {tau:g}."
             )
         raise CachekdError(
-            f"the cache has tail_lse for temperatures {have} only, not {tau:g}; choose one of those or run precompute "
-            f"with --temperatures including {tau:g}."
+            f"the cache has tail_lse for temperatures {have} only, not {tau:g}; choose one of those or precompute a "
+            f"cache whose temperatures include {tau:g}."
         )
 
     def check_store(self, store) -> None:
@@ -252,7 +257,7 @@ class LogitCache:
         key = fmt.array_path(split, teacher, name)
         if key not in self._arrays:
             what = f"the {name} array of teacher {teacher!r} ({split} split) in cache {str(self.path)!r}"
-            remedy = "rebuild the cache with the same `cachekd precompute` command plus --force"
+            remedy = f"rebuild the cache with {PRECOMPUTE_AGAIN}"
             arr = open_array_read_only(self.path / key, what, remedy)
             spec = next((a for a in self.plan.array_specs(split, teacher) if a.name == name), None)
             # an edited or damaged zarr.json that still parses: every read would index or decode it wrongly
@@ -476,7 +481,7 @@ def read_factor_arrays(root: Path, plan: fmt.CachePlan) -> dict[str, dict[str, n
         for spec in plan.factor_specs(teacher):
             path = root / fmt.factor_path(teacher, spec.name)
             arr = open_array_read_only(path, f"the {spec.name} of teacher {teacher!r} in cache {str(root)!r}",
-                                       "run `cachekd verify` with --repair, then the same `cachekd precompute`")
+                                       "run " + REPAIR_COMMAND.format(path=root) + ", then the same `cachekd precompute`")
             coords = itertools.product(*(range(-(-s // c)) for s, c in zip(arr.shape, arr.chunks)))
             files = [path / arr.metadata.encode_chunk_key(c) for c in coords]
             if spec.name in want and [fmt.stored_crc32c(f) for f in files] != want[spec.name]:

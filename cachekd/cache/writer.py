@@ -14,7 +14,7 @@ import numpy as np
 from cachekd import __version__, storage
 from cachekd.cache import encoding as enc
 from cachekd.cache import format as fmt
-from cachekd.errors import CachekdError
+from cachekd.errors import CachekdError, ConfigKeysError
 from cachekd.io import atomic_write_bytes, atomic_write_json
 from cachekd.storage import location
 
@@ -127,19 +127,17 @@ def _open_or_create(root: Path, plan: fmt.CachePlan, force: bool) -> fmt.CachePl
             old = fmt.read_plan(fmt.plan_path(root))
         except CachekdError as e:
             if not force:
-                raise CachekdError(
-                    f"the cache at {str(root)!r} has a damaged plan.json ({str(e).rstrip('.')}); start the cache "
-                    f"again with the same precompute command plus --force."
-                ) from None
+                raise ConfigKeysError("the cache at {root!r} has a damaged plan.json ({e}); start the cache again "
+                                      "with the same precompute command plus {force}.", root=str(root),
+                                      e=str(e).rstrip(".")) from None
             old = None
         if old is not None and old.identity() == plan.identity():
             _create_layout(root, old)
             return old
         if old is not None and not force:
-            raise CachekdError(
-                f"the cache at {str(root)!r} was started with different settings ({old.difference(plan)}); "
-                f"choose another output or pass --force to start it again."
-            )
+            raise ConfigKeysError("the cache at {root!r} was started with different settings ({diff}); choose another "
+                                  "output or pass {force} to start it again.", root=str(root),
+                                  diff=old.difference(plan))
         _clear(root)
     elif fmt.is_half_created(root):  # killed during creation by a cachekd that wrote the plan last: nothing done yet
         _clear(root)
@@ -188,10 +186,8 @@ def _clear(root: Path) -> None:
     its share of the chunks); lock files stay, so a lock is never split across two files."""
     for lock in share_locks(root):
         if _held(lock):
-            raise CachekdError(
-                f"another precompute is filling the cache at {str(root)!r} right now; stop it before starting the "
-                f"cache again with --force."
-            )
+            raise ConfigKeysError("another precompute is filling the cache at {root!r} right now; stop it before "
+                                  "starting the cache again with {force}.", root=str(root))
     for p in root.iterdir():
         if is_lock_file(p.name):
             continue
@@ -290,7 +286,7 @@ def write_factors(root: Path, plan: fmt.CachePlan, layers: dict[str, tuple[np.nd
 
     import zarr
 
-    from cachekd.cache.reader import read_factor_arrays
+    from cachekd.cache.reader import REPAIR_COMMAND, read_factor_arrays
 
     root = Path(root)
     with _lock(root):
@@ -300,9 +296,9 @@ def write_factors(root: Path, plan: fmt.CachePlan, layers: dict[str, tuple[np.nd
                 return read_factor_arrays(root, plan)
             except CachekdError as e:
                 if plan.factored_rank is not None:
-                    raise CachekdError(f"{str(e).split(';')[0]}; run `cachekd verify {root} --repair` (the compressed "
-                                       f"form's basis is refitted and every chunk recomputed), then this command "
-                                       f"again.") from None
+                    raise CachekdError(f"{str(e).split(';')[0]}; run {REPAIR_COMMAND.format(path=root)} (the "
+                                       f"compressed form's basis is refitted and every chunk recomputed), then this "
+                                       f"command again.") from None
                 dim_scales = {t: np.asarray(marker[t]["dim_scale"], dtype=np.float32) for t in plan.teacher_names}
         group = zarr.open_group(str(root), mode="r+")
         out, marker = {}, {}

@@ -181,7 +181,7 @@ class CohortConfig(RunPlacement):
 
     def __post_init__(self) -> None:
         names = [p.name or f"peer{i}" for i, p in enumerate(self.peers)]
-        from cachekd.errors import CachekdError
+        from cachekd.errors import CachekdError, ConfigKeysError
 
         for p, n in zip(self.peers, names):
             p.name = n
@@ -208,10 +208,10 @@ class CohortConfig(RunPlacement):
                 raise CachekdError(f"peer {clash!r} has the name of a fixed peer (a teacher of the cache); name the "
                                    f"trained peer otherwise.")
             if m.fixed_peers and not self.cache:
-                raise CachekdError(
-                    f"mutual.fixed_peers {m.fixed_peers} are teachers of a logit cache, but the cohort has no cache: "
-                    f"add the line `cache: PATH` at the top level of the cohort config (the cache precompute wrote "
-                    f"for that token store), or pass --cache PATH.")
+                raise ConfigKeysError(
+                    "mutual.fixed_peers {peers} are teachers of a logit cache, but the cohort has no cache: add the "
+                    "line `cache: PATH` at the top level of the cohort config (the cache precompute wrote for that "
+                    "token store), or pass {cache} PATH.", peers=m.fixed_peers)
             if m.initial_weights is not None and len(m.initial_weights) != len(self.peers) + len(m.fixed_peers):
                 raise CachekdError(f"mutual.initial_weights has {len(m.initial_weights)} values for "
                                  f"{len(self.peers) + len(m.fixed_peers)} members (peers, then fixed peers).")

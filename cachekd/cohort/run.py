@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from cachekd.cohort.config import CohortConfig, peer_configs
-from cachekd.errors import CachekdError
+from cachekd.errors import CachekdError, ConfigKeysError
 
 
 def check_peers(cohort: CohortConfig, configs: list[Any]) -> None:
@@ -22,7 +22,7 @@ def check_peers(cohort: CohortConfig, configs: list[Any]) -> None:
     if not configs:
         raise CachekdError("the cohort lists no peers: add at least one under `peers:`.")
     if not cohort.output:
-        raise CachekdError("no cohort directory given: pass --output or set output in the cohort config.")
+        raise ConfigKeysError("no cohort directory given: pass {output} or set output in the cohort config.")
     store = TokenStore.open(configs[0].data.store)
     for cfg in configs:
         if cfg.model.init_from is None:

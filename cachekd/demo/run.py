@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from cachekd.errors import CachekdError
+from cachekd.errors import CachekdError, ConfigKeysError
 
 
 @dataclass
@@ -56,13 +56,14 @@ class _Stages:
 
     def __init__(self, out: Path, options: dict[str, Any], say: Callable[[str], None]):
         if out.exists() and any(out.iterdir()) and not (out / "demo.json").exists():
-            raise CachekdError(f"{str(out)!r} is not empty and is not a demo directory; choose another --out.")
+            raise ConfigKeysError("{path!r} is not empty and is not a demo directory; choose another {out}.",
+                                  path=str(out))
         out.mkdir(parents=True, exist_ok=True)
         self.path = out / "demo.json"
         self.state: dict[str, Any] = json.loads(self.path.read_text()) if self.path.exists() else {}
         if self.state.get("options", options) != options:
-            raise CachekdError(f"{str(out)!r} holds a demo run with other options ({self.state['options']}); "
-                               f"use another --out.")
+            raise ConfigKeysError("{path!r} holds a demo run with other options ({options}); use another {out}.",
+                                  path=str(out), options=self.state["options"])
         self.state["options"] = options
         self.timings: dict[str, float] = self.state.setdefault("timings", {})
         self.say = say

@@ -16,8 +16,12 @@ import cachekd.tokens.format as tfmt
 from cachekd.storage import location
 
 
-REBUILD_HINT = ("rebuild it with the same `cachekd prepare` command plus --force (a rebuilt store with the same "
-                "content has the same fingerprint, so its logit caches stay valid)")
+PREPARE_AGAIN = "the same `cachekd prepare` command plus --force"
+"""How to build a token store again, a command printed for the user (the one place the library spells it)."""
+PREPARE_WITH_TOKENIZER = "`cachekd prepare ... --tokenizer {path}`"
+"""How to build a token store with a model's own tokenizer (``.format(path=...)``)."""
+REBUILD_HINT = (f"rebuild it with {PREPARE_AGAIN} (a rebuilt store with the same content has the same fingerprint, so "
+                f"its logit caches stay valid)")
 
 
 class DamagedTokenChunkError(CachekdError):
@@ -329,8 +333,8 @@ def dev_sample(store: TokenStore, num_windows: int | None, *, split: str = "dev"
         windows = np.unique(np.linspace(0, total - 1, num_windows).round().astype(np.int64))
         note = (f"note: token store {str(store.path)!r} was prepared before cachekd recorded which {split} windows "
                 f"come from which source, so the periodic dev loss scores {len(windows)} evenly spaced {split} windows "
-                f"instead of a sample from every source; prepare it again with --force to record them (a source of "
-                f"one document then gets its dev share too).")
+                f"instead of a sample from every source; prepare it again with {PREPARE_AGAIN} to record them (a "
+                f"source of one document then gets its dev share too).")
         return WindowSample(windows, False, None, note)
     sizes = [b - a for a, b in ranges]
     alloc = allocate_by_size(num_windows, sizes)

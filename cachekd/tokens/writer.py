@@ -17,7 +17,7 @@ import numpy as np
 
 from cachekd import __version__
 from cachekd import storage
-from cachekd.errors import CachekdError
+from cachekd.errors import CachekdError, ConfigFieldError, ConfigKeysError
 from cachekd.storage import local_or_none, location
 from cachekd.io import atomic_write_json, read_json_dict_or_none, sha256_json
 import cachekd.tokens.format as tfmt
@@ -59,14 +59,12 @@ class PrepareConfig:
 
     def __post_init__(self) -> None:
         if self.seq_len < 2:
-            raise CachekdError(f"--seq-len must be at least 2 (got {self.seq_len}): a window needs an input and a next token.")
+            raise ConfigFieldError("seq_len", "at least 2", self.seq_len, "a window needs an input and a next token")
         if not 0.0 <= self.dev_fraction < 1.0:
-            raise CachekdError(f"--dev-fraction must be in [0, 1) (got {self.dev_fraction}).")
+            raise ConfigFieldError("dev_fraction", "in [0, 1)", self.dev_fraction)
         if self.vocab_size > MAX_VOCAB_SIZE:
-            raise CachekdError(
-                f"--vocab-size must be at most {MAX_VOCAB_SIZE:,} (got {self.vocab_size:,}), four times the largest "
-                f"vocabularies in use; Baby Llama uses 16,000."
-            )
+            raise ConfigKeysError("{vocab_size} must be at most {most:,} (got {got:,}), four times the largest "
+                                  "vocabularies in use; Baby Llama uses 16,000.", most=MAX_VOCAB_SIZE, got=self.vocab_size)
 
 
 # ------------------------------------------------------------------------------------------------ prepare
@@ -105,10 +103,8 @@ def _split_tail(doc: str, fraction: float, source: str) -> tuple[str, str, HeldO
         if cuts:
             cut = min(cuts, key=lambda i: abs(i - target))
             return doc[:cut], doc[cut + 1:], how  # type: ignore[return-value]
-    raise CachekdError(
-        f"{source!r} is one document of a single word, so no dev share can be held out from it; add text to it, "
-        f"leave it out, or pass --dev-fraction 0."
-    )
+    raise ConfigKeysError("{source!r} is one document of a single word, so no dev share can be held out from it; "
+                          "add text to it, leave it out, or pass {dev_fraction} 0.", source=source)
 
 
 class _WindowWriter:
@@ -176,25 +172,23 @@ def _check_output(out: Path, input_fingerprint: str, force: bool) -> str:
                 raise CachekdError(f"output {str(out)!r} holds something else (an unreadable manifest.json); "
                                    f"choose another path.")
             if not force:
-                raise CachekdError(f"output {str(out)!r} holds a token store whose manifest.json is damaged; pass "
-                                   f"--force to build it again or choose another path.")
+                raise ConfigKeysError("output {out!r} holds a token store whose manifest.json is damaged; pass {force} "
+                                      "to build it again or choose another path.", out=str(out))
             return "replace"
         if manifest.get("format") != FORMAT:
             raise CachekdError(f"output {str(out)!r} holds something else ({manifest.get('format', 'unknown')!r}); choose another path.")
         if manifest.get("input_fingerprint") == input_fingerprint and not force:
             return "same"
         if not force:
-            raise CachekdError(
-                f"output {str(out)!r} holds a token store built from other inputs or options; "
-                f"pass --force to replace it or choose another path."
-            )
+            raise ConfigKeysError("output {out!r} holds a token store built from other inputs or options; pass {force} "
+                                  "to replace it or choose another path.", out=str(out))
         return "replace"
     if not any(out.iterdir()):
         return "fresh"
     if local_or_none(out) is None and tfmt.is_token_store(out):  # an upload to an object store that was cut off
         if not force:
-            raise CachekdError(f"output {str(out)!r} holds an incomplete token store (its upload was cut off); pass "
-                               f"--force to build it again or choose another path.")
+            raise ConfigKeysError("output {out!r} holds an incomplete token store (its upload was cut off); pass "
+                                  "{force} to build it again or choose another path.", out=str(out))
         return "replace"
     raise CachekdError(f"output {str(out)!r} is not empty and is not a token store; choose another path.")
 
@@ -204,7 +198,7 @@ def prepare(cfg: PrepareConfig, *, force: bool = False, progress: bool = True) -
     from cachekd.corpus import load_tokenizer, resolve_sources, tokenizer_fingerprint, train_bpe_tokenizer
 
     if not cfg.output:
-        raise CachekdError("no output path given: pass --output DIR for the token store.")
+        raise ConfigKeysError("no output path given: pass {output} DIR for the token store.")
     out = location(cfg.output)
     sources = resolve_sources(cfg.inputs, output=local_or_none(out))
     tok_src = None
@@ -334,15 +328,11 @@ def _encode_splits(group, tokenizer, docs_by_split: dict[str, list[str]], seq_le
                 bar.update(len(encs))
         split_info[split] = w.close() | {"doc_tokens": w.doc_tokens}  # (doc_tokens: popped by _source_splits)
     if split_info["train"]["num_windows"] == 0:
-        raise CachekdError(
-            f"the corpus gives {split_info['train']['num_tokens']} training tokens, fewer than one window of "
-            f"{seq_len}; add text or lower --seq-len."
-        )
+        raise ConfigKeysError("the corpus gives {n} training tokens, fewer than one window of {w}; add text or lower "
+                              "{seq_len}.", n=split_info["train"]["num_tokens"], w=seq_len)
     if "dev" in split_info and split_info["dev"]["num_windows"] == 0:
-        raise CachekdError(
-            f"the dev split gets {split_info['dev']['num_tokens']} tokens, fewer than one window of {seq_len}; "
-            f"raise --dev-fraction, lower --seq-len, or pass --dev-fraction 0."
-        )
+        raise ConfigKeysError("the dev split gets {n} tokens, fewer than one window of {w}; raise {dev_fraction}, lower "
+                              "{seq_len}, or pass {dev_fraction} 0.", n=split_info["dev"]["num_tokens"], w=seq_len)
     return split_info
 
 
