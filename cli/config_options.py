@@ -108,7 +108,8 @@ def option_label(command: str | None) -> Callable[[str], str | None]:
     def label(key: str) -> str | None:
         other, _, rest = key.partition(".")
         return (table.get(key) or GROUP_OPTIONS.get(key)
-                or (flag_of(key) if command in ("train", "distill") else None)
+                or (flag_of(key) if command in ("train", "distill") or (other == "distill" and command not in (
+                    "cohort", "demo")) else None)  # a distill key named by another command: distill's option
                 or (COMMAND_OPTIONS[other].get(rest) if other != command and other in COMMAND_OPTIONS else None))
 
     return label
