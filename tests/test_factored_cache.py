@@ -588,7 +588,7 @@ def test_factored_cache_as_a_cohort_fixed_peer(tmp_path, runner, store_path, tea
 
     src = WindowSource(store, "train", source.cache, ["ta"])
     src.load_block((0, 0), np.array([0]))
-    batch = src.batch(np.arange(4))
+    batch = src.batch(np.arange(4)).decode()  # the loader yields the stored values; the trainer decodes them
     assert isinstance(batch.teachers["ta"], CachedFactored)
     (target,) = source.targets(batch, batch.input_ids)
     assert isinstance(target, FactoredTarget) and target.hidden.shape == (4, store.seq_len, 32)
