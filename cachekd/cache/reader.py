@@ -159,7 +159,7 @@ class LogitCache:
         before a run writes anything, not a traceback at the first read of it."""
         for split in self.splits():
             for teacher in self.teachers:
-                for spec in self.plan.array_specs(split):
+                for spec in self.plan.array_specs(split, teacher):
                     self._array(split, teacher, spec.name)
         self._arrays.clear()  # opened again where they are read (a loader's worker process)
 
@@ -254,7 +254,7 @@ class LogitCache:
             what = f"the {name} array of teacher {teacher!r} ({split} split) in cache {str(self.path)!r}"
             remedy = "rebuild the cache with the same `cachekd precompute` command plus --force"
             arr = open_array_read_only(self.path / key, what, remedy)
-            spec = next((a for a in self.plan.array_specs(split) if a.name == name), None)
+            spec = next((a for a in self.plan.array_specs(split, teacher) if a.name == name), None)
             # an edited or damaged zarr.json that still parses: every read would index or decode it wrongly
             if spec is not None and (tuple(arr.shape) != spec.shape or np.dtype(arr.dtype) != spec.dtype):
                 raise CachekdError(f"{what} has shape {list(arr.shape)} and dtype {np.dtype(arr.dtype)} in its "
