@@ -59,7 +59,8 @@ def main() -> None:
                     help="larger teachers HIDDENxLAYERSxHEADS for the overhead-vs-size table ('' to skip)")
     ap.add_argument("--scale-kinds", default="default,top64",
                     type=lambda v: [k for k in v.split(",") if k],
-                    help="storage kinds of the overhead-vs-size table: default, top64, factored")
+                    help="storage kinds of the overhead-vs-size table: default, top64, factored, "
+                         "factored-stat-every-batch")
     ap.add_argument("--only-scale", action="store_true",
                     help="only the overhead-vs-size table (no teacher training, no storage table)")
     args = ap.parse_args()
@@ -259,7 +260,10 @@ def main() -> None:
             shutil.rmtree(work, ignore_errors=True)
 
 
-SCALE_KINDS = {"default": {}, "top64": {"top_k": 64}, "factored": {"factored": True}}
+SCALE_KINDS = {"default": {}, "top64": {"top_k": 64}, "factored": {"factored": True},
+               "factored-stat-every-batch": {"factored": True}}
+"""factored-stat-every-batch: the rebuilt logits' KL statistic on every batch (`precompute.REBUILD_STAT_EVERY` = 1)
+instead of a sample of them: what the statistic costs."""
 
 
 def _scale_only(args, store, work: Path, device, amp) -> None:
@@ -269,9 +273,11 @@ def _scale_only(args, store, work: Path, device, amp) -> None:
     import torch
 
     from cachekd.models import ModelConfig, build_model, load_model
+    from cachekd import precompute as pc
     from cachekd.precompute import PrecomputeConfig, precompute
 
     kinds = args.scale_kinds
+    every = pc.REBUILD_STAT_EVERY
     if set(kinds) - set(SCALE_KINDS):
         sys.exit(f"--scale-kinds takes {', '.join(SCALE_KINDS)} (got {','.join(kinds)})")
     dev_tokens = store.read("dev", 0, store.num_windows("dev"))
@@ -307,11 +313,13 @@ def _scale_only(args, store, work: Path, device, amp) -> None:
                 out = work / "cache_scale"
                 if out.exists():
                     shutil.rmtree(out)
+                pc.REBUILD_STAT_EVERY = 1 if k == "factored-stat-every-batch" else every
                 t0 = time.perf_counter()
                 precompute(PrecomputeConfig(store=str(store.path), teachers=[str(tdir)], output=str(out),
                                             splits=["dev"], batch_size=args.batch_size, device=args.device,
                                             **SCALE_KINDS[k]), progress=False)
                 times[k].append(time.perf_counter() - t0)
+                pc.REBUILD_STAT_EVERY = every
         # the ratio of each repeat's times (interleaved), its median; seconds: medians
         med = {k: statistics.median(v) for k, v in times.items()}
         ratio = {k: statistics.median([t / b for t, b in zip(times[k], times["bare"])]) for k in kinds}
@@ -328,7 +336,9 @@ def _scale_only(args, store, work: Path, device, amp) -> None:
         notes="Random-init teachers (speed does not depend on training), the dev split; per repeat the bare forward "
               "(the model's logits, one small copy to the host as precompute's sync point) then each kind's "
               "precompute from scratch (plan, forward, encoding, writing, done-markers), interleaved; ÷ bare: the "
-              "median over repeats of the ratio within a repeat.")
+              "median over repeats of the ratio within a repeat. factored: the rebuilt logits' KL statistic on "
+              f"every {every}th batch of a chunk (precompute.REBUILD_STAT_EVERY); factored-stat-every-batch: on every "
+              "batch, as before.")
     print(f"\nwrote {path}")
 
 
