@@ -387,13 +387,16 @@ def part_c(n: int, V: int, H: int, k: int, chunk: int, repeats: int, device: str
         variant(f"ChooBaCa step, α=0.5, bucket tail, chunk {4 * chunk} instead of {chunk}", 0.5, chunk_size=4 * chunk,
                 cfg=bucket)
     dense_cfg = KDConfig("reverse_kl", detach_mix=True)
-    for alpha in (0.5, 0.9):
-        variant(f"ChooBaCa step from a factored cache (d={teacher_d}), α={alpha}, chunk {chunk}", alpha,
-                cfg=dense_cfg, tgt=factored_target)
-    for c_ in (4 * chunk, 16 * chunk):
+    for c_ in (chunk, 4 * chunk, 16 * chunk):
         variant(f"ChooBaCa step from a factored cache (d={teacher_d}), α=0.5, chunk {c_}", 0.5, chunk_size=c_,
                 cfg=dense_cfg, tgt=factored_target)
-    variant(f"forward KL τ=1 from a factored cache (d={teacher_d}), chunk {4 * chunk}", 1.0, chunk_size=4 * chunk,
+    variant(f"ChooBaCa step from a factored cache (d={teacher_d}), α=0.9, chunk {16 * chunk}", 0.9,
+            chunk_size=16 * chunk, cfg=dense_cfg, tgt=factored_target)
+    with torch.no_grad():  # the same teacher's logits held dense (a --full cache): the loss without the rebuild
+        dense_target = DenseTarget(F.linear(h_t, w_t).view(1, n, V))
+    variant(f"ChooBaCa step from the same logits held dense (a --full cache, no rebuild), α=0.5, chunk {16 * chunk}",
+            0.5, chunk_size=16 * chunk, cfg=dense_cfg, tgt=dense_target)
+    variant(f"forward KL τ=1 from a factored cache (d={teacher_d}), chunk {16 * chunk}", 1.0, chunk_size=16 * chunk,
             cfg=KDConfig("forward_kl"), tgt=factored_target)
     summary = summarise(interleaved_times(fns, repeats, device), base=base)
     return [{"variant": name, **v} for name, v in summary.items()]
