@@ -366,7 +366,9 @@ def main() -> None:
                     share = [(c - x_) / g if g != 0 else float("nan") for c, x_, g in zip(ce_loss, dev, gains)]
                     sh_m, sh_s = mean_sd(share)
                     resolved = g_m > (g_s if not math.isnan(g_s) else 0.0)
-                    share_txt = f"{100 * sh_m:.0f}% ± {100 * sh_s:.0f}%" if resolved else "not resolved (full-KD gain ≤ its sd)"
+                    prec = 1 if sh_s < 0.05 else 0  # rows near 100% with a small spread: one more digit
+                    share_txt = (f"{100 * sh_m:.{prec}f}% ± {100 * sh_s:.{prec}f}%" if resolved else
+                                 "not resolved (full-KD gain ≤ its sd)")
                     # the share's difference to 100% against its spread over seeds
                     differs = ("-" if row == "full" or not resolved or math.isnan(sh_s) else
                                ("yes, below" if sh_m < 1 else "yes, above") if abs(1 - sh_m) > sh_s else
