@@ -12,6 +12,9 @@ rows), from:
     sampled     a sampled cache, N=50 draws per position (one proposal per cached τ)
     hybrid      the exact top-16 plus N=50 draws from beyond it
     wide hybrid the exact top-64 (the top-k cache's k) plus N=50 draws from beyond it: all the top-k cache holds
+    factored    `precompute --factored`: the input of the teacher's output layer in int8 (the exact form) and the
+                layer once; every logit rebuilt at training time
+    factored-rR the compressed form, `--factored-rank R` (`--factored-rank`, default d/2 = 64)
 
 for forward KL at τ=1 and τ=2 and reverse KL at τ=1, λ = 0.5; and the two settings whose targets are dense, built
 from a cache's stored ids with the rest spread evenly (`tail_mode: uniform`) or shaped like the student (`bucket`,
@@ -20,7 +23,9 @@ the default):
     rkl1mix     ChooBaCa's preset: reverse KL, τ=1, target logits α·z_T + (1−α)·z_S with α from 0.9 to 0.5
     fkl2ens     Baby Llama's: forward KL, τ=2, two teachers (a second, GPT-2-shaped teacher is trained), raw
                 logits averaged; also from caches of the combination made at precompute time
-                (`precompute --ensemble logits`): ens-sampled (N=50), ens-hybrid (top-16 + 50)
+                (`precompute --ensemble logits`): ens-sampled (N=50), ens-hybrid (top-16 + 50), ens-factored
+                (`--ensemble logits --factored`: the combination exact in one factored teacher); its factored rows
+                hold both teachers factored and combine them at training time
 
 For each row: bytes/position of
 the cache, the gradient angle to the full target (``cachekd.audit.audit_targets`` on dev positions, with the CE
@@ -30,6 +35,9 @@ larger than its spread is reported as "not resolved". Also measured: the importa
 drawn at τ_r=1 against own draws (the default proposal), the ragged-layout choice (padded with count 0 vs
 offsets: bytes and read time of the same chunk), and the bytes of a sampled N cache against the teacher's entropy
 (the same teacher's distributions sharpened by caching τ < 1: distinct ids, and so bytes, follow the entropy).
+
+`--rows factored,factored-r64,ens-factored` runs only those cache rows (and the CE and full references each share
+needs; the sampled-cache extras below are then skipped, the hybrid cache is still written for its bytes).
 
 Writes benchmarks/results/fidelity_<hardware>_<date>.md.
 
@@ -59,9 +67,10 @@ TEACHER = {"arch": "llama", "hidden_size": 128, "num_layers": 4, "num_heads": 4,
 # idle): the vocabulary and windows are smaller than babylm_like's usual settings so that every row gets 3 seeds.
 FULL = dict(text_mb=0.3, vocab_size=2000, seq_len=64, teacher_steps=400, teacher_budget=900.0, steps=80,
             batch_size=8, seeds=3, top_k=64, sample=50, hybrid_top_k=16, audit_positions=1024,
-            settings="fkl2,rkl1,fkl1,rkl1mix,fkl2ens")
+            settings="fkl2,rkl1,fkl1,rkl1mix,fkl2ens", factored_rank=64, rows="")
 QUICK = dict(text_mb=0.03, vocab_size=400, seq_len=32, teacher_steps=30, teacher_budget=5.0, steps=3, batch_size=4,
-             seeds=1, top_k=16, sample=10, hybrid_top_k=4, audit_positions=64, settings="fkl2,rkl1mix,fkl2ens")
+             seeds=1, top_k=16, sample=10, hybrid_top_k=4, audit_positions=64, settings="fkl2,rkl1mix,fkl2ens",
+             factored_rank=16, rows="")
 TEACHER2 = {"arch": "gpt2", "hidden_size": 128, "num_layers": 4, "num_heads": 4, "intermediate_size": 512}
 # setting: (objective, τ, extra distill options); the dense-target settings (mixing, several teachers by logits)
 # have a top-k row with the uniform tail instead of bucket/renormalize, which cannot form a dense target.
@@ -75,13 +84,17 @@ ENSEMBLE = "fkl2ens"
 SHARPEN_TAUS = (0.25, 0.5, 0.75)
 
 
-def setting_rows(setting: str) -> list[str]:
+def setting_rows(setting: str, rank: int, only: list[str] | None = None) -> list[str]:
     """The rows of a setting: dense-target settings take the top-k cache with the uniform or the bucket tail (the
-    rest shaped like the student), and the sampled cache with either (the other sampled rows: bucket)."""
+    rest shaped like the student), and the sampled cache with either (the other sampled rows: bucket); every
+    setting takes the factored caches (exact and rank `rank`). `only`: those rows (and full) alone."""
+    fac = ["factored", f"factored-r{rank}"]
     if SETTINGS[setting][2]:
-        rows = ["full", "top-k uniform", "top-k bucket", "sampled uniform", "sampled", "hybrid", "wide hybrid"]
-        return rows + (["ens-sampled", "ens-hybrid"] if setting == ENSEMBLE else [])
-    return ["full", "top-k bucket", "top-k renormalize", "sampled", "hybrid", "wide hybrid"]
+        rows = ["full", "top-k uniform", "top-k bucket", "sampled uniform", "sampled", "hybrid", "wide hybrid", *fac]
+        rows += ["ens-sampled", "ens-hybrid", "ens-factored"] if setting == ENSEMBLE else []
+    else:
+        rows = ["full", "top-k bucket", "top-k renormalize", "sampled", "hybrid", "wide hybrid", *fac]
+    return rows if not only else [r for r in rows if r == "full" or r in only]
 STUDENT_LR, TEACHER_LR, CE_WEIGHT = 3e-3, 2e-3, 0.5
 
 
@@ -218,6 +231,8 @@ def main() -> None:
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="bench_fidelity_"))
     work.mkdir(parents=True, exist_ok=True)
     settings = [s for s in args.settings.split(",") if s]
+    only = [r for r in args.rows.split(",") if r] or None
+    rank_row = f"factored-r{args.factored_rank}"
     try:
         sub = work / "text"
         write_text_subset(data, sub, args.text_mb * 1e6)
@@ -251,7 +266,12 @@ def main() -> None:
                   "wide": dict(top_k=args.top_k, sample=args.sample)}
         if ENSEMBLE in settings:  # the two teachers combined at precompute time, cached as one teacher
             caches |= {"ens-sampled": dict(top_k=0, sample=args.sample, ensemble="logits"),
-                       "ens-hybrid": dict(top_k=args.hybrid_top_k, sample=args.sample, ensemble="logits")}
+                       "ens-hybrid": dict(top_k=args.hybrid_top_k, sample=args.sample, ensemble="logits"),
+                       "ens-factored": dict(factored=True, ensemble="logits")}
+        caches |= {"factored": dict(factored=True), rank_row: dict(factored=True, factored_rank=args.factored_rank)}
+        if only:  # the caches of the rows asked for, and the default hybrid for its bytes
+            wanted = {r.split()[0] for s_ in settings for r in setting_rows(s_, args.factored_rank, only)} | {"hybrid"}
+            caches = {k: v for k, v in caches.items() if k in wanted}
         cache_info: dict[str, dict[str, Any]] = {}
         for name, kw in caches.items():
             out = work / f"cache-{name}"
@@ -266,11 +286,13 @@ def main() -> None:
             # combined one, in an ens- cache)
             cache_info[name] = {"dir": out, "bytes": man["bytes_per_position"] / len(cached),
                                 "seconds": time.perf_counter() - t0,
-                                "distinct": st.get("mean_distinct_ids"), "mass": st.get("mean_topk_mass", {})}
+                                "distinct": st.get("mean_distinct_ids"), "mass": st.get("mean_topk_mass", {}),
+                                "rebuild_kl": {t_: man["stats"]["train"][t_]["mean_rebuild_kl"] for t_ in cached
+                                               if "mean_rebuild_kl" in man["stats"]["train"][t_]}}
             log(f"cache {name}: {cache_info[name]['bytes']:.1f} B/position a teacher, {time.perf_counter() - t0:.0f} s")
         # bytes with a single cached τ (the dev split, for size only)
         single: dict[str, float] = {}
-        for name in ("sampled", "hybrid"):
+        for name in (() if only else ("sampled", "hybrid")):
             for tau in temps:
                 out = work / f"cache-{name}-t{tau:g}"
                 r = precompute(PrecomputeConfig(store=str(store_dir), teachers=[str(teacher_dir)], output=str(out),
@@ -281,7 +303,7 @@ def main() -> None:
                 single[f"{name} τ={tau:g} distinct ids"] = next(iter(m["stats"]["dev"].values()))["mean_distinct_ids"]
         # sharper distributions of the same teacher (τ < 1): bytes and distinct ids of sampled N against entropy
         sharpen: list[dict[str, float]] = []
-        for tau in (*SHARPEN_TAUS, 1.0, 2.0):
+        for tau in (() if only else (*SHARPEN_TAUS, 1.0, 2.0)):
             out = work / f"cache-sharpen-t{tau:g}"
             r = precompute(PrecomputeConfig(store=str(store_dir), teachers=[str(teacher_dir)], output=str(out),
                                             temperatures=[tau], splits=["dev"], device="cpu", top_k=0,
@@ -294,7 +316,7 @@ def main() -> None:
                             "bytes": m["bytes_per_position"]})
             shutil.rmtree(out, ignore_errors=True)
         log(f"sharpen: {sharpen}")
-        layout = layout_measure(cache_info["sampled"]["dir"], work)
+        layout = layout_measure(cache_info["sampled"]["dir"], work) if "sampled" in cache_info else {}
         log(f"layout: {layout}")
 
         results: dict[str, dict[str, list[float]]] = {}
@@ -329,22 +351,28 @@ def main() -> None:
                           "hybrid": f"hybrid top-{args.hybrid_top_k} + sampled N={args.sample}",
                           "wide hybrid": f"hybrid top-{args.top_k} + sampled N={args.sample}"}
             lines = ["| setting | row | B/position | captured mass | angle to full (°) | dev loss (mean ± sd) | "
-                     "share of full-KD gain (mean ± sd) |", "|---|---|---|---|---|---|---|"]
+                     "share of full-KD gain (mean ± sd) | differs from 100%? |", "|---|---|---|---|---|---|---|---|"]
             ce_m, ce_s = mean_sd(ce_loss)
             summary: dict[str, Any] = {"ce": ce_loss}
             for setting in done:
                 _, tau, _ = SETTINGS[setting]
-                lines.append(f"| {setting} | CE only | - | - | - | {ce_m:.4f} ± {ce_s:.4f} | 0 |")
+                lines.append(f"| {setting} | CE only | - | - | - | {ce_m:.4f} ± {ce_s:.4f} | 0 | - |")
                 full = results[f"{setting}|full"]["dev"]
                 gains = [c - f for c, f in zip(ce_loss, full)]
                 g_m, g_s = mean_sd(gains)
-                for row in setting_rows(setting):
+                for row in setting_rows(setting, args.factored_rank, only):
                     dev = results[f"{setting}|{row}"]["dev"]
                     d_m, d_s = mean_sd(dev)
                     share = [(c - x_) / g if g != 0 else float("nan") for c, x_, g in zip(ce_loss, dev, gains)]
                     sh_m, sh_s = mean_sd(share)
                     resolved = g_m > (g_s if not math.isnan(g_s) else 0.0)
-                    share_txt = f"{100 * sh_m:.0f}% ± {100 * sh_s:.0f}%" if resolved else "not resolved (full-KD gain ≤ its sd)"
+                    prec = 1 if sh_s < 0.05 else 0  # rows near 100% with a small spread: one more digit
+                    share_txt = (f"{100 * sh_m:.{prec}f}% ± {100 * sh_s:.{prec}f}%" if resolved else
+                                 "not resolved (full-KD gain ≤ its sd)")
+                    # the share's difference to 100% against its spread over seeds
+                    differs = ("-" if row == "full" or not resolved or math.isnan(sh_s) else
+                               ("yes, below" if sh_m < 1 else "yes, above") if abs(1 - sh_m) > sh_s else
+                               "not resolved")
                     if row == "full":
                         share_txt = f"100% (gain {g_m:+.4f} ± {g_s:.4f} nat)"
                     a = angles.get(setting, {}).get(audit_name.get(row, ""), {}).get(f"{tau:g}", {})
@@ -354,7 +382,7 @@ def main() -> None:
                     b = f"{cache_info[name]['bytes']:.1f}" if row != "full" else "-"
                     mass = f"{a['captured_mass']:.3f}" if a else "-"
                     ang = f"{a['grad_angle_deg']:.1f}" if a else "-"
-                    lines.append(f"| {setting} | {row} | {b} | {mass} | {ang} | {d_m:.4f} ± {d_s:.4f} | {share_txt} |")
+                    lines.append(f"| {setting} | {row} | {b} | {mass} | {ang} | {d_m:.4f} ± {d_s:.4f} | {share_txt} | {differs} |")
                     summary[f"{setting}|{row}"] = {"dev": dev, "share": share, "angle": a.get("grad_angle_deg") if a
                                                    else None}
             elapsed = time.perf_counter() - t_start
@@ -373,20 +401,27 @@ def main() -> None:
                 "Caches (train split, temperatures " + ", ".join(f"{t:g}" for t in temps) + "): " + "; ".join(
                     f"{n}: {c['bytes']:.1f} B/position, precompute {c['seconds']:.0f} s"
                     + (f", {c['distinct']:.1f} distinct ids/position" if c['distinct'] else "")
-                    + (f", top-k mass {c['mass']}" if c['mass'] else "") for n, c in cache_info.items()) + ".",
-                "With one cached τ (dev split): " + "; ".join(f"{k}: {v:.1f}" for k, v in single.items()) + ".",
-                sharpen_txt,
+                    + (f", top-k mass {c['mass']}" if c['mass'] else "")
+                    + (f", mean rebuild KL(teacher ‖ rebuilt) τ=1 over the train positions "
+                       + ", ".join(f"{t_} {v:.2e}" for t_, v in c['rebuild_kl'].items()) if c['rebuild_kl'] else "")
+                    for n, c in cache_info.items()) + ".",
+                *(["With one cached τ (dev split): " + "; ".join(f"{k}: {v:.1f}" for k, v in single.items()) + ".",
+                   sharpen_txt] if single else []),
                 f"Dense-target settings ({', '.join(s_ for s_ in SETTINGS if SETTINGS[s_][2])}): ChooBaCa's α "
                 f"{CHOOBACA_ALPHA}, per step (< 2 epochs); rows named uniform spread the rest of the stored ids' mass "
                 f"evenly, the others (bucket) shape it like the student; no gradient angle (the audit takes one "
                 f"teacher, no mixing). Caches hold both teachers when {ENSEMBLE} runs; the other settings name the first.",
                 f"Importance-weight variance of τ=2 targets drawn at τ_r=1, relative to own draws at τ=2 (Σ Var w over the "
                 f"vocabulary, per position): mean {pv['mean']:.2f}×, median {pv['median']:.2f}×, max {pv['max']:.1f}×.",
-                f"Ragged layout, first train chunk of the sampled cache ({layout['positions']} positions, width "
-                f"{layout['width']}, {layout['mean_distinct']:.1f} distinct ids/position): padded with count 0 "
-                f"{layout['padded_B_per_pos']:.2f} B/position, read {layout['padded_read_ms']:.1f} ms; offsets "
-                f"{layout['offsets_B_per_pos']:.2f} B/position, read + scatter to the padded form "
-                f"{layout['offsets_read_ms']:.1f} ms.",
+                *([f"Ragged layout, first train chunk of the sampled cache ({layout['positions']} positions, width "
+                   f"{layout['width']}, {layout['mean_distinct']:.1f} distinct ids/position): padded with count 0 "
+                   f"{layout['padded_B_per_pos']:.2f} B/position, read {layout['padded_read_ms']:.1f} ms; offsets "
+                   f"{layout['offsets_B_per_pos']:.2f} B/position, read + scatter to the padded form "
+                   f"{layout['offsets_read_ms']:.1f} ms."] if layout else []),
+                f"Factored rows (factored, {rank_row}, ens-factored): every logit rebuilt at training time from the "
+                f"stored h and output layer (int8; {rank_row}: --factored-rank {args.factored_rank}); no gradient angle "
+                f"(audit_targets simulates sparse targets only). In {ENSEMBLE}, factored and {rank_row} hold both "
+                f"teachers and combine them by logits at training time; ens-factored holds their combination.",
                 f"Gradient angles: audit_targets on {n_win * (args.seq_len - 1)} dev positions, the CE student of seed 0 "
                 f"as the student, simulated targets from the same full logits (no fixed-point rounding).",
                 f"Total wall time {elapsed / 60:.1f} min.",
@@ -406,7 +441,7 @@ def main() -> None:
         for setting in settings:
             objective, tau, extra = SETTINGS[setting]
             n_t = 2 if setting == ENSEMBLE else 1
-            for row in setting_rows(setting):
+            for row in setting_rows(setting, args.factored_rank, only):
                 base = {"objective": objective, "temperature": tau, "ce_weight": CE_WEIGHT, **extra}
                 if row == "full":
                     d = {**base, "online": True, "teachers": teachers[:n_t]}

@@ -6,6 +6,12 @@ stored top-k log-probabilities within 1e-3 of the fp32 values.
 
     python benchmarks/bench_precompute.py [--data DIR] [--mb 1.5] [--teacher DIR] [--device cuda]
 
+`--only-scale` runs only the overhead-vs-size table (random-init teachers of `--scale`, no teacher training, no
+storage table), with the storage kinds of `--scale-kinds` (default, top64, factored: `precompute --factored`,
+int8), side by side with the bare forward in one run:
+
+    python benchmarks/bench_precompute.py --only-scale --vocab-size 16000 --scale 512x8x8 --scale-kinds factored,default
+
 Without --teacher it trains a small LLaMA teacher on the same text first (so the outputs are a real teacher's:
 peaked where the text is predictable, unlike a random initialisation) and reports that time separately.
 """
@@ -51,6 +57,12 @@ def main() -> None:
     ap.add_argument("--scale", default="256x4x4,512x8x8,768x12x12",
                     type=lambda v: [tuple(int(x) for x in t.split("x")) for t in v.split(",") if t],
                     help="larger teachers HIDDENxLAYERSxHEADS for the overhead-vs-size table ('' to skip)")
+    ap.add_argument("--scale-kinds", default="default,top64",
+                    type=lambda v: [k for k in v.split(",") if k],
+                    help="storage kinds of the overhead-vs-size table: default, top64, factored, "
+                         "factored-stat-every-batch")
+    ap.add_argument("--only-scale", action="store_true",
+                    help="only the overhead-vs-size table (no teacher training, no storage table)")
     args = ap.parse_args()
     if not Path(args.data).exists():
         sys.exit(f"no data at {args.data}; pass --data DIR")
@@ -72,7 +84,9 @@ def main() -> None:
         store, _ = prepare(PrepareConfig(inputs=[str(text)], output=str(work / "tokens"), seq_len=128,
                                          vocab_size=args.vocab_size, dev_fraction=args.dev_fraction), progress=False)
         teacher_s = None
-        if args.teacher:
+        if args.only_scale:
+            pass
+        elif args.teacher:
             teacher = Path(args.teacher)
         else:
             teacher = work / "teacher"
@@ -87,8 +101,10 @@ def main() -> None:
                     force=True, progress=False)
                 teacher_s = time.perf_counter() - t0
         device = torch.device(args.device)
-        model = load_model(teacher).to(device).eval()
         amp = autocast_dtype("auto", device)
+        if args.only_scale:
+            return _scale_only(args, store, work, device, amp)
+        model = load_model(teacher).to(device).eval()
         tokens = store.read("train", 0, store.num_windows("train"))
         positions = tokens.size
 
@@ -242,6 +258,88 @@ def main() -> None:
     finally:
         if not args.work:
             shutil.rmtree(work, ignore_errors=True)
+
+
+SCALE_KINDS = {"default": {}, "top64": {"top_k": 64}, "factored": {"factored": True},
+               "factored-stat-every-batch": {"factored": True}}
+"""factored-stat-every-batch: the rebuilt logits' KL statistic on every batch (`precompute.REBUILD_STAT_EVERY` = 1)
+instead of a sample of them: what the statistic costs."""
+
+
+def _scale_only(args, store, work: Path, device, amp) -> None:
+    """The overhead-vs-size table alone: for each `--scale` teacher (random init: speed does not depend on training),
+    the bare forward over the dev windows and precompute of each `--scale-kinds` kind, interleaved per repeat."""
+    import numpy as np
+    import torch
+
+    from cachekd.models import ModelConfig, build_model, load_model
+    from cachekd import precompute as pc
+    from cachekd.precompute import PrecomputeConfig, precompute
+
+    kinds = args.scale_kinds
+    every = pc.REBUILD_STAT_EVERY
+    if set(kinds) - set(SCALE_KINDS):
+        sys.exit(f"--scale-kinds takes {', '.join(SCALE_KINDS)} (got {','.join(kinds)})")
+    dev_tokens = store.read("dev", 0, store.num_windows("dev"))
+    positions = dev_tokens.size
+    rows = [f"| teacher (dev split, {positions:,} positions, V={store.vocab_size}) | params | bare forward s | "
+            + " | ".join(f"precompute s, {k}" for k in kinds) + " | "
+            + " | ".join(f"÷ bare, {k}" for k in kinds) + " |", "|---" * (3 + 2 * len(kinds)) + "|"]
+    raw = {}
+    for hidden, layers, heads in args.scale:
+        tdir = work / f"scale_{hidden}x{layers}_v{store.vocab_size}"
+        if not tdir.exists():
+            torch.manual_seed(0)
+            build_model(ModelConfig(hidden_size=hidden, num_layers=layers, num_heads=heads,
+                                    intermediate_size=int(hidden * 8 / 3) // 8 * 8), store.vocab_size, 128
+                        ).save_pretrained(tdir)
+        m_big = load_model(tdir).to(device).eval()
+        nparams = sum(p.numel() for p in m_big.parameters())
+
+        def bare() -> float:
+            t0 = time.perf_counter()
+            with torch.inference_mode(), torch.autocast(device.type, dtype=amp or torch.float32,
+                                                        enabled=amp is not None):
+                for b in range(0, len(dev_tokens), args.batch_size):
+                    m_big(input_ids=torch.from_numpy(dev_tokens[b:b + args.batch_size].astype(np.int64)).to(device)
+                          ).logits[..., :1].cpu()
+            return time.perf_counter() - t0
+
+        bare()  # warm-up
+        times: dict[str, list[float]] = {"bare": [], **{k: [] for k in kinds}}
+        for _ in range(args.repeats):
+            times["bare"].append(bare())
+            for k in kinds:
+                out = work / "cache_scale"
+                if out.exists():
+                    shutil.rmtree(out)
+                pc.REBUILD_STAT_EVERY = 1 if k == "factored-stat-every-batch" else every
+                t0 = time.perf_counter()
+                precompute(PrecomputeConfig(store=str(store.path), teachers=[str(tdir)], output=str(out),
+                                            splits=["dev"], batch_size=args.batch_size, device=args.device,
+                                            **SCALE_KINDS[k]), progress=False)
+                times[k].append(time.perf_counter() - t0)
+                pc.REBUILD_STAT_EVERY = every
+        # the ratio of each repeat's times (interleaved), its median; seconds: medians
+        med = {k: statistics.median(v) for k, v in times.items()}
+        ratio = {k: statistics.median([t / b for t, b in zip(times[k], times["bare"])]) for k in kinds}
+        raw[f"{hidden}x{layers}"] = {k: [round(t, 3) for t in v] for k, v in times.items()}
+        rows.append(f"| llama {hidden}×{layers} | {nparams / 1e6:.1f}M | {med['bare']:.2f} | "
+                    + " | ".join(f"{med[k]:.2f}" for k in kinds) + " | "
+                    + " | ".join(f"{ratio[k]:.3f}" for k in kinds) + " |")
+    md = "\n".join(rows)
+    print(md)
+    path = write_result("precompute-scale", "precompute ÷ the bare teacher forward, by teacher size", {
+        "data": f"{args.data} (first {args.mb} MB)", "positions (dev)": positions, "vocab_size": store.vocab_size,
+        "batch_size": args.batch_size, "device": args.device, "repeats": args.repeats,
+        "torch threads": torch.get_num_threads(), "timings_s": raw}, md,
+        notes="Random-init teachers (speed does not depend on training), the dev split; per repeat the bare forward "
+              "(the model's logits, one small copy to the host as precompute's sync point) then each kind's "
+              "precompute from scratch (plan, forward, encoding, writing, done-markers), interleaved; ÷ bare: the "
+              "median over repeats of the ratio within a repeat. factored: the rebuilt logits' KL statistic on "
+              f"every {every}th batch of a chunk (precompute.REBUILD_STAT_EVERY); factored-stat-every-batch: on every "
+              "batch, as before.")
+    print(f"\nwrote {path}")
 
 
 if __name__ == "__main__":

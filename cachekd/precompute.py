@@ -301,6 +301,13 @@ def _forward(model, x: torch.Tensor, device: torch.device, amp: torch.dtype | No
         return model(input_ids=x).logits
 
 
+REBUILD_STAT_EVERY = 8
+"""A factored cache records its rebuilt logits' KL to the teacher's own (`info`, the done-markers) on the first
+batch of each chunk and every this-many batches after it: the statistic costs a second (B·T, d) × (d, V) matmul and
+an O(V) pass a position, ~as much as the teacher's output layer again, and a sample of the positions estimates the
+mean well (`verify --recompute` checks values on its own windows, whatever this is)."""
+
+
 def _chunk_targets(models: list, infos: list[dict[str, Any]], tokens: np.ndarray, split: str, chunk: int,
                    plan: fmt.CachePlan, cfg: PrecomputeConfig, device: torch.device, amp: torch.dtype | None,
                    layers: dict[str, _Factored] | None = None
@@ -318,9 +325,12 @@ def _chunk_targets(models: list, infos: list[dict[str, Any]], tokens: np.ndarray
         for b in range(0, len(tokens), cfg.batch_size):
             x = torch.from_numpy(tokens[b:b + cfg.batch_size].astype(np.int64)).to(device)
             if plan.mode == "factored":
-                arrays, st = _factored_targets(model, x, layers[info["name"]], plan.factored_dtype, vocab, amp, device)
-                rebuild_kl.append(st["rebuild_kl"].cpu())
-                rebuild_err.append(st["rebuild_err"].cpu())
+                with_stat = (b // cfg.batch_size) % REBUILD_STAT_EVERY == 0
+                arrays, st = _factored_targets(model, x, layers[info["name"]], plan.factored_dtype, vocab, amp, device,
+                                               with_stat)
+                if with_stat:
+                    rebuild_kl.append(st["rebuild_kl"].cpu())
+                    rebuild_err.append(st["rebuild_err"].cpu())
             elif plan.mode == "sampled":
                 logits = _forward(model, x, device, amp)
                 spec = plan.sample_spec
@@ -353,6 +363,7 @@ def _chunk_targets(models: list, infos: list[dict[str, Any]], tokens: np.ndarray
             s["distinct_ids_sum"] = float(torch.cat(distinct).double().sum())
         if rebuild_kl:
             s["rebuild_kl_sum"] = float(torch.cat(rebuild_kl).double().sum())
+            s["rebuild_positions"] = int(sum(k.numel() for k in rebuild_kl))
             s["rebuild_max_abs_logit_diff"] = float(torch.cat(rebuild_err).max())
         stats["teachers"][info["name"]] = s
     return results, stats
@@ -441,9 +452,11 @@ def _fit_factored(models: list, infos: list[dict[str, Any]], store: TokenStore, 
 
 
 def _factored_targets(model, x: torch.Tensor, layer: _Factored, dtype: str, vocab: int, amp: torch.dtype | None,
-                      device: torch.device) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+                      device: torch.device, with_stat: bool = True
+                      ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """One batch of windows x (B, T) → a factored cache's arrays (on the device) and per-position statistics:
-    the teacher's entropy, lse (finite check), and KL(teacher ‖ rebuilt) and |rebuilt − z| of the stored h."""
+    the teacher's entropy, lse (finite check), and (`with_stat`) KL(teacher ‖ rebuilt) and |rebuilt − z| of the
+    stored h."""
     with factored.capture_hidden(model) as got, torch.inference_mode(), \
             torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
         z = model(input_ids=x).logits[..., :vocab]
@@ -453,10 +466,11 @@ def _factored_targets(model, x: torch.Tensor, layer: _Factored, dtype: str, voca
         if layer.basis is not None:
             h = factored.project(h, layer.mean, layer.basis)
         arrays = enc.encode_hidden(h / layer.dim_scale, dtype, layer.rounding)
-        h = enc.decode_hidden(arrays.get("hidden"), arrays.get("hidden_scale"), dtype)
-        rebuilt = factored.rebuild_logits(h, layer.weight, layer.bias)
-        stats = {"lse": torch.logsumexp(z, -1, keepdim=True), "entropy": factored.entropy_rows(z),
-                 "rebuild_kl": factored.kl_rows(z, rebuilt), "rebuild_err": factored.logit_error(rebuilt, z)}
+        stats = {"lse": torch.logsumexp(z, -1, keepdim=True), "entropy": factored.entropy_rows(z)}
+        if with_stat:
+            h = enc.decode_hidden(arrays.get("hidden"), arrays.get("hidden_scale"), dtype)
+            rebuilt = factored.rebuild_logits(h, layer.weight, layer.bias)
+            stats |= {"rebuild_kl": factored.kl_rows(z, rebuilt), "rebuild_err": factored.logit_error(rebuilt, z)}
     return arrays, stats
 
 

@@ -642,3 +642,35 @@ def test_nearest_rounding_keeps_every_value_within_half_a_step(tmp_path, runner,
     assert ((rebuilt_logits(cache, "train", 0, 16) - z).abs() <= bound).all()
     r = invoke(runner, ["verify", tmp_path / "n", "--quiet", "--recompute", "4", "--repair"])
     assert r.exit_code == 0, r.output
+
+
+def test_the_rebuild_statistic_samples_batches_and_leaves_the_cache_alone(tmp_path, runner, store_path, teacher_path,
+                                                                           monkeypatch):
+    """precompute records the rebuilt logits' KL on every REBUILD_STAT_EVERY-th batch of a chunk (the first
+    included): the manifest's mean is that of exactly those positions (float64 reference), it counts them, and the
+    cache's bytes are those of a run that measures every batch."""
+    from cachekd import precompute as pc
+    from cachekd.models import load_model
+
+    monkeypatch.setattr(pc, "REBUILD_STAT_EVERY", 1)
+    every = _precompute(runner, store_path, [teacher_path], tmp_path / "every", "--factored", "--batch-size", "2")
+    monkeypatch.setattr(pc, "REBUILD_STAT_EVERY", 3)
+    some = _precompute(runner, store_path, [teacher_path], tmp_path / "some", "--factored", "--batch-size", "2")
+    name = some.teachers[0]
+    st = TokenStore.open(store_path)
+    n = st.num_windows("train")
+    a, b = every.read("train", 0, n)[name], some.read("train", 0, n)[name]
+    assert np.array_equal(a.hidden, b.hidden) and np.array_equal(a.hidden_scale, b.hidden_scale)
+    rows = [w for c in range(some.plan.num_chunks("train"))
+            for start, stop in [some.plan.chunk_range("train", c)]
+            for w in range(start, stop) if ((w - start) // 2) % 3 == 0]
+    assert 0 < len(rows) < n
+    z = _teacher_logits(load_model(teacher_path), st.read("train", 0, n), st.vocab_size)
+    kl = _kl(z, rebuilt_logits(some, "train", 0, n))  # (n, L)
+    stats = {k: json.loads((tmp_path / k / "manifest.json").read_text())["stats"]["train"][name]
+             for k in ("every", "some")}
+    assert stats["some"]["rebuild_positions"] == len(rows) * st.seq_len
+    assert stats["every"]["rebuild_positions"] == n * st.seq_len
+    want = float(kl[rows].mean())
+    assert abs(stats["some"]["mean_rebuild_kl"] - want) <= 0.05 * want + 1e-7
+    assert abs(stats["every"]["mean_rebuild_kl"] - float(kl.mean())) <= 0.05 * float(kl.mean()) + 1e-7

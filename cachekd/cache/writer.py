@@ -390,6 +390,8 @@ def _merge_stats(chunks: list[dict[str, Any]]) -> dict[str, Any]:
                 o["distinct_ids_sum"] = o.get("distinct_ids_sum", 0.0) + s["distinct_ids_sum"]
             if "rebuild_kl_sum" in s:  # factored caches: the rebuilt logits against the teacher's own
                 o["rebuild_kl_sum"] = o.get("rebuild_kl_sum", 0.0) + s["rebuild_kl_sum"]
+                # a sample of the positions (precompute.REBUILD_STAT_EVERY); markers from before: every position
+                o["rebuild_positions"] = o.get("rebuild_positions", 0) + s.get("rebuild_positions", s["positions"])
                 o["rebuild_max_abs_logit_diff"] = max(o.get("rebuild_max_abs_logit_diff", 0.0),
                                                       s["rebuild_max_abs_logit_diff"])
     for o in out.values():
@@ -399,5 +401,5 @@ def _merge_stats(chunks: list[dict[str, Any]]) -> dict[str, Any]:
         if "distinct_ids_sum" in o:
             o["mean_distinct_ids"] = o.pop("distinct_ids_sum") / n
         if "rebuild_kl_sum" in o:
-            o["mean_rebuild_kl"] = o.pop("rebuild_kl_sum") / n
+            o["mean_rebuild_kl"] = o.pop("rebuild_kl_sum") / max(o["rebuild_positions"], 1)
     return out
