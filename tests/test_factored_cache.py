@@ -20,17 +20,10 @@ from cachekd.losses import DenseTarget, FactoredTarget, KDConfig, OBJECTIVES, di
 from cachekd.tokens import TokenStore
 from tests.conftest import assert_clean_error, invoke, make_teacher
 from tests.reference_losses import ref_distill
+from tests.test_cache import _precompute
 
 f64 = torch.float64
 
-
-def _precompute(runner, store, teachers, out, *extra):
-    args = ["precompute", "--store", store, "-o", out, "--quiet"]
-    for t in teachers:
-        args += ["--teacher", t]
-    r = invoke(runner, args + list(extra))
-    assert r.exit_code == 0, r.output
-    return LogitCache.open(out)
 
 
 def _teacher_logits(model, tokens: np.ndarray, vocab: int) -> torch.Tensor:
