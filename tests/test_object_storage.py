@@ -192,7 +192,7 @@ def test_a_stale_lease_is_taken_over_and_its_holder_stops(tmp_path, runner, stor
                                                            monkeypatch):
     """The stated rule: a lease not renewed for CACHEKD_LEASE_STALE_S seconds (by its LastModified) may be taken
     over; the old holder's next renewal fails, and it stops before writing another chunk."""
-    monkeypatch.setenv("CACHEKD_LEASE_STALE_S", "1")
+    monkeypatch.setenv("CACHEKD_LEASE_STALE_S", "60")  # fresh for as long as the refused command takes, however slow
     cache = f"{s3.url}/c"
     lock = storage.location(f"{cache}/.precompute-1-of-1.lock")
     old = storage.try_exclusive(lock)
@@ -200,6 +200,7 @@ def test_a_stale_lease_is_taken_over_and_its_holder_stops(tmp_path, runner, stor
     old._thread.join()
     args = ["precompute", "--store", store_path, "--teacher", teacher_path, "-o", cache, "--top-k", "4", "--quiet"]
     assert_clean_error(invoke(runner, args), "already filling")  # still fresh
+    monkeypatch.setenv("CACHEKD_LEASE_STALE_S", "1")  # now the same lease, unrenewed, is stale after a second
     time.sleep(1.5)
     new = storage.try_exclusive(lock)
     assert new is not None
