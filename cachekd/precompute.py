@@ -301,6 +301,21 @@ def _forward(model, x: torch.Tensor, device: torch.device, amp: torch.dtype | No
         return model(input_ids=x).logits
 
 
+def _first_row(mask: torch.Tensor) -> int:
+    """The first window (row) of a batch's (B, ...) mask where it holds anywhere."""
+    return int(mask.reshape(mask.shape[0], -1).any(1).nonzero()[0, 0])
+
+
+def _check_finite(name: str, values: torch.Tensor, split: str, windows) -> None:
+    """Refuse a teacher whose logits (or output layer's input) `values` (B, ...) are not finite: `windows` (B,)
+    are the batch's window indices in `split`."""
+    bad = ~torch.isfinite(values)
+    if bool(bad.any()):
+        raise ConfigKeysError("teacher {name!r} produced NaN or inf logits on {split} window {w}; check the "
+                              "checkpoint (or try {dtype} fp32).", name=name, split=split,
+                              w=int(windows[_first_row(bad)]))
+
+
 REBUILD_STAT_EVERY = 8
 """A factored cache records its rebuilt logits' KL to the teacher's own (`info`, the done-markers) on the first
 batch of each chunk and every this-many batches after it: the statistic costs a second (B·T, d) × (d, V) matmul and
@@ -324,6 +339,7 @@ def _chunk_targets(models: list, infos: list[dict[str, Any]], tokens: np.ndarray
         ent, mass, distinct, rebuild_kl, rebuild_err = [], [], [], [], []
         for b in range(0, len(tokens), cfg.batch_size):
             x = torch.from_numpy(tokens[b:b + cfg.batch_size].astype(np.int64)).to(device)
+            first = plan.chunk_range(split, chunk)[0] + b  # the batch's first window in the split
             if plan.mode == "factored":
                 with_stat = (b // cfg.batch_size) % REBUILD_STAT_EVERY == 0
                 arrays, st = _factored_targets(model, x, layers[info["name"]], plan.factored_dtype, vocab, amp, device,
@@ -334,18 +350,18 @@ def _chunk_targets(models: list, infos: list[dict[str, Any]], tokens: np.ndarray
             elif plan.mode == "sampled":
                 logits = _forward(model, x, device, amp)
                 spec = plan.sample_spec
-                first = plan.chunk_range(split, chunk)[0] + b
                 arrays, st = sampled_teacher_targets(logits, vocab, int(plan.k), temps, spec.num_draws,
                                                      spec.proposal_temperature, spec.seed,
                                                      np.arange(first, first + len(x)))
                 distinct.append(st["distinct_ids"].cpu())
             else:
                 arrays, st = teacher_targets(_forward(model, x, device, amp), vocab, k, temps)
-            bad = ~torch.isfinite(st["lse"]).all(dim=-1)
-            if bool(bad.any()):
-                w = plan.chunk_range(split, chunk)[0] + b + int(bad.nonzero()[0])
-                raise ConfigKeysError("teacher {name!r} produced NaN or inf logits on {split} window {w}; check the "
-                                      "checkpoint (or try {dtype} fp32).", name=info["name"], split=split, w=w)
+            _check_finite(info["name"], st["lse"], split, range(first, first + len(x)))
+            if "stored_finite" in st and not bool(st["stored_finite"].all()):
+                w = first + _first_row(~st["stored_finite"])
+                raise ConfigKeysError("teacher {name!r}: the input of its output layer on {split} window {w} is beyond "
+                                      "fp16's range (±65504) even after its per-dimension scale; cache it with "
+                                      "{factored_dtype} int8 or bf16.", name=info["name"], split=split, w=w)
             for key, v in arrays.items():
                 parts.setdefault(key, []).append(v.to("cpu", non_blocking=True))
             ent.append(st["entropy"].cpu())
@@ -399,6 +415,7 @@ def _probe_factored(models: list, infos: list[dict[str, Any]], store: TokenStore
         with factored.capture_hidden(model) as got, torch.inference_mode(), \
                 torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
             logits = model(input_ids=x).logits[..., :vocab]
+        _check_finite(info["name"], logits, split, range(len(x)))
         if got.hidden is None or got.hidden.shape[-1] != layer.hidden_size:
             raise ConfigKeysError("teacher {name!r} did not pass its logits through its output layer "
                                   "(get_output_embeddings), so it cannot be cached factored; use another storage "
@@ -435,6 +452,7 @@ def _fit_factored(models: list, infos: list[dict[str, Any]], store: TokenStore, 
             with factored.capture_hidden(model) as got, torch.inference_mode(), \
                     torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
                 z = model(input_ids=x).logits[..., :plan.token_store.vocab_size]
+            _check_finite(info["name"], z, split, rows[b:b + batch_size])
             parts.append(got.hidden.float())
             probs = probs + factored.mean_probs(z)
         h = torch.cat(parts)
@@ -467,6 +485,8 @@ def _factored_targets(model, x: torch.Tensor, layer: _Factored, dtype: str, voca
             h = factored.project(h, layer.mean, layer.basis)
         arrays = enc.encode_hidden(h / layer.dim_scale, dtype, layer.rounding)
         stats = {"lse": torch.logsumexp(z, -1, keepdim=True), "entropy": factored.entropy_rows(z)}
+        if dtype == "fp16":  # beyond ±65504 after the per-dimension scale: stored as inf
+            stats["stored_finite"] = torch.isfinite(arrays["hidden"]).all(-1)
         if with_stat:
             h = enc.decode_hidden(arrays.get("hidden"), arrays.get("hidden_scale"), dtype)
             rebuilt = factored.rebuild_logits(h, layer.weight, layer.bias)

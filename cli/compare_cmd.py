@@ -10,7 +10,7 @@ from cachekd_cli.main import cli
 
 @cli.command("compare")
 @click.argument("runs", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=None,
+@click.option("-o", "--out", "out_dir", type=click.Path(path_type=Path), default=None,
               help="Directory for compare.md, compare.csv and the plots [default: <runs' parent>/compare]; an earlier "
                    "comparison's files there are replaced (and said so).")
 @click.option("--json", "as_json", is_flag=True, help="Print the rows and file paths as JSON.")

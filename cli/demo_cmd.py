@@ -8,7 +8,8 @@ from cachekd_cli.main import cli
 
 
 @cli.command("demo")
-@click.option("--out", "out_dir", default="demo_out", show_default=True, type=click.Path(), help="Where everything goes.")
+@click.option("-o", "--out", "out_dir", default="demo_out", show_default=True, type=click.Path(),
+              help="Where everything goes.")
 @click.option("--corpus", default=None, type=click.Path(),
               help="Run on this text (file, directory or glob) instead of the built-in grammar corpus.")
 @click.option("--small", is_flag=True, help="A reduced size that finishes in about a minute (used by CI).")

@@ -160,3 +160,60 @@ def test_verify_accepts_rounding_and_reports_more(sharp_sampled, runner):
     # every tail lowered by 4 rounding steps: beyond the rounding at τ = 1 where a share was near 1
     tail = b.tail_lse - 4 * cache.plan.rounding
     assert any("more mass at τ=1" in p for p in _sampled_problems(cache, replace(b, tail_lse=tail)))
+
+
+# ------------------------------------------------------------------ a teacher whose outputs are not finite: precompute
+
+@pytest.fixture(scope="module")
+def nan_teacher(tmp_path_factory, store_path):
+    """A tiny Llama with a NaN in its final norm: every output-layer input and logit is NaN."""
+    from transformers import AutoModelForCausalLM
+
+    out = make_teacher(store_path, tmp_path_factory.mktemp("nan") / "teacher", seed=6)
+    m = AutoModelForCausalLM.from_pretrained(out)
+    with torch.no_grad():
+        m.model.norm.weight[0] = float("nan")
+    m.save_pretrained(out)
+    return out
+
+
+@pytest.mark.parametrize("kind", [["--top-k", "8"], [], ["--sample", "8"], ["--full"], ["--factored"],
+                                  ["--factored", "--factored-rank", "4"], ["--factored", "--factored-dtype", "fp16"]],
+                         ids=["top-k", "default", "sampled", "full", "factored", "factored-rank", "factored-fp16"])
+def test_a_teacher_with_nan_outputs_is_refused_by_every_storage_kind(tmp_path, runner, store_path, nan_teacher, kind):
+    """Every kind refuses with the window named (the check indexed a (B, T) mask as one number, and the factored
+    kinds' fit ran a Cholesky on NaN before it) and marks no chunk done."""
+    out = tmp_path / "cache"
+    r = invoke(runner, ["precompute", "--store", store_path, "--teacher", nan_teacher, "-o", out, "--quiet", *kind])
+    assert_clean_error(r, "produced NaN or inf logits on", "window 0", "--dtype fp32")
+    assert not _chunk_markers(out)
+
+
+def test_the_window_named_is_the_first_bad_row_of_the_batch():
+    from cachekd.errors import CachekdError
+    from cachekd.precompute import _check_finite
+
+    z = torch.zeros(4, 3, 5)
+    _check_finite("t", z, "train", range(10, 14))  # finite: nothing
+    z[2, 1, 3] = float("inf")
+    z[3, 0, 0] = float("nan")
+    with pytest.raises(CachekdError, match="train window 12"):
+        _check_finite("t", z, "train", range(10, 14))
+
+
+def test_a_factored_fp16_value_beyond_its_range_is_refused(tmp_path, runner, store_path, teacher_path, monkeypatch):
+    """fp16 holds ±65504: a value of h beyond it after the per-dimension scale was stored as inf without a word
+    (the rebuilt logits NaN at training time). Forced here with a per-dimension scale of 2⁻³⁰."""
+    from cachekd import factored
+
+    monkeypatch.setattr(factored, "fit_dim_scale", lambda h: torch.full((h.shape[-1],), 2.0 ** -30))
+    out = tmp_path / "cache"
+    r = invoke(runner, ["precompute", "--store", store_path, "--teacher", teacher_path, "-o", out, "--quiet",
+                        "--factored", "--factored-dtype", "fp16"])
+    assert_clean_error(r, "beyond fp16's range", "window 0", "--factored-dtype int8 or bf16")
+    assert not _chunk_markers(out)
+
+
+def _chunk_markers(cache) -> list:
+    """The done-markers of chunks (done/<split>/<chunk>.json) a cache directory holds."""
+    return [p for p in (cache / "done").glob("*/*.json")] if (cache / "done").exists() else []
