@@ -35,8 +35,8 @@ class DemoSize:
     """Steps of the mutual-learning cohort (both peers take each one); ω updates every quarter of them."""
 
 
-FULL = DemoSize(num_documents=8000, num_pairs=200, vocab_size=2000, seq_len=64, teacher_steps=600, student_steps=400,
-                batch_size=32, eval_windows=256, cohort_steps=400)
+FULL = DemoSize(num_documents=8000, num_pairs=200, vocab_size=2000, seq_len=64, teacher_steps=400, student_steps=250,
+                batch_size=32, eval_windows=256, cohort_steps=250)
 SMALL = DemoSize(num_documents=600, num_pairs=20, vocab_size=400, seq_len=64, teacher_steps=30, student_steps=20,
                  batch_size=8, eval_windows=32, cohort_steps=12)
 
