@@ -19,6 +19,7 @@ peaked where the text is predictable, unlike a random initialisation) and report
 from __future__ import annotations
 
 import argparse
+import contextlib
 import shutil
 import statistics
 import sys
@@ -266,6 +267,29 @@ SCALE_KINDS = {"default": {}, "top64": {"top_k": 64}, "factored": {"factored": T
 instead of a sample of them: what the statistic costs."""
 
 
+@contextlib.contextmanager
+def _timed(module, names: tuple[str, ...], total: list[float]):
+    """Add the seconds spent in `module`'s functions `names` (called through the module) to total[0]."""
+    saved = {n: getattr(module, n) for n in names}
+
+    def wrap(fn):
+        def timed(*a, **kw):
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **kw)
+            finally:
+                total[0] += time.perf_counter() - t0
+        return timed
+
+    for n, fn in saved.items():
+        setattr(module, n, wrap(fn))
+    try:
+        yield
+    finally:
+        for n, fn in saved.items():
+            setattr(module, n, fn)
+
+
 def _scale_only(args, store, work: Path, device, amp) -> None:
     """The overhead-vs-size table alone: for each `--scale` teacher (random init: speed does not depend on training),
     the bare forward over the dev windows and precompute of each `--scale-kinds` kind, interleaved per repeat."""
@@ -285,7 +309,7 @@ def _scale_only(args, store, work: Path, device, amp) -> None:
     rows = [f"| teacher (dev split, {positions:,} positions, V={store.vocab_size}) | params | bare forward s | "
             + " | ".join(f"precompute s, {k}" for k in kinds) + " | "
             + " | ".join(f"÷ bare, {k}" for k in kinds) + " |", "|---" * (3 + 2 * len(kinds)) + "|"]
-    raw = {}
+    raw, one_off_rows = {}, []
     for hidden, layers, heads in args.scale:
         tdir = work / f"scale_{hidden}x{layers}_v{store.vocab_size}"
         if not tdir.exists():
@@ -307,6 +331,7 @@ def _scale_only(args, store, work: Path, device, amp) -> None:
 
         bare()  # warm-up
         times: dict[str, list[float]] = {"bare": [], **{k: [] for k in kinds}}
+        setup: dict[str, list[float]] = {k: [] for k in kinds if SCALE_KINDS[k].get("factored")}
         for _ in range(args.repeats):
             times["bare"].append(bare())
             for k in kinds:
@@ -314,11 +339,15 @@ def _scale_only(args, store, work: Path, device, amp) -> None:
                 if out.exists():
                     shutil.rmtree(out)
                 pc.REBUILD_STAT_EVERY = 1 if k == "factored-stat-every-batch" else every
+                one_off = [0.0]
                 t0 = time.perf_counter()
-                precompute(PrecomputeConfig(store=str(store.path), teachers=[str(tdir)], output=str(out),
-                                            splits=["dev"], batch_size=args.batch_size, device=args.device,
-                                            **SCALE_KINDS[k]), progress=False)
+                with _timed(pc, ("_probe_factored", "_fit_factored"), one_off):
+                    precompute(PrecomputeConfig(store=str(store.path), teachers=[str(tdir)], output=str(out),
+                                                splits=["dev"], batch_size=args.batch_size, device=args.device,
+                                                **SCALE_KINDS[k]), progress=False)
                 times[k].append(time.perf_counter() - t0)
+                if k in setup:
+                    setup[k].append(one_off[0])
                 pc.REBUILD_STAT_EVERY = every
         # the ratio of each repeat's times (interleaved), its median; seconds: medians
         med = {k: statistics.median(v) for k, v in times.items()}
@@ -327,7 +356,17 @@ def _scale_only(args, store, work: Path, device, amp) -> None:
         rows.append(f"| llama {hidden}×{layers} | {nparams / 1e6:.1f}M | {med['bare']:.2f} | "
                     + " | ".join(f"{med[k]:.2f}" for k in kinds) + " | "
                     + " | ".join(f"{ratio[k]:.3f}" for k in kinds) + " |")
+        for k, v in setup.items():
+            raw[f"{hidden}x{layers}"][f"{k} one-off"] = [round(t, 3) for t in v]
+            steady = statistics.median([(t - o) / b for t, o, b in zip(times[k], v, times["bare"])])
+            one_off_rows.append(f"| llama {hidden}×{layers} | {k} | {statistics.median(v):.2f} | {ratio[k]:.3f} | "
+                                f"{steady:.3f} |")
     md = "\n".join(rows)
+    if one_off_rows:
+        md += ("\n\nThe factored kinds' one-off set-up (the probe of the first windows: linearity check, per-dimension "
+               "scale and int8 rounding matrix; the compressed form's fit), and the ratio without it, which a corpus "
+               "of many more positions approaches:\n\n| teacher | kind | one-off s | ÷ bare | ÷ bare without the "
+               "one-off |\n|---|---|---|---|---|\n" + "\n".join(one_off_rows))
     print(md)
     path = write_result("precompute-scale", "precompute ÷ the bare teacher forward, by teacher size", {
         "data": f"{args.data} (first {args.mb} MB)", "positions (dev)": positions, "vocab_size": store.vocab_size,
@@ -337,8 +376,9 @@ def _scale_only(args, store, work: Path, device, amp) -> None:
               "(the model's logits, one small copy to the host as precompute's sync point) then each kind's "
               "precompute from scratch (plan, forward, encoding, writing, done-markers), interleaved; ÷ bare: the "
               "median over repeats of the ratio within a repeat. factored: the rebuilt logits' KL statistic on "
-              f"every {every}th batch of a chunk (precompute.REBUILD_STAT_EVERY); factored-stat-every-batch: on every "
-              "batch, as before.")
+              f"every {every}th batch of the split (precompute.REBUILD_STAT_EVERY); factored-stat-every-batch: on "
+              "every batch, as it ran before at these sizes (the batches were counted within each chunk, and a chunk "
+              "of 4,096 positions is one batch of 32 windows of 128).")
     print(f"\nwrote {path}")
 
 

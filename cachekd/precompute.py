@@ -32,7 +32,7 @@ from cachekd.cache import format as fmt
 from cachekd.cache import writer as cw
 from cachekd.errors import CachekdError, ConfigFieldError, ConfigKeysError
 from cachekd.storage import location
-from cachekd.teacher_rows import teacher_targets
+from cachekd.teacher_rows import ENTROPY_STRIDE, teacher_targets
 from cachekd.teacher_samples import sampled_teacher_targets
 from cachekd.tokens import TokenStore
 
@@ -317,10 +317,20 @@ def _check_finite(name: str, values: torch.Tensor, split: str, windows) -> None:
 
 
 REBUILD_STAT_EVERY = 8
-"""A factored cache records its rebuilt logits' KL to the teacher's own (`info`, the done-markers) on the first
-batch of each chunk and every this-many batches after it: the statistic costs a second (B·T, d) × (d, V) matmul and
-an O(V) pass a position, ~as much as the teacher's output layer again, and a sample of the positions estimates the
-mean well (`verify --recompute` checks values on its own windows, whatever this is)."""
+"""A factored cache records its rebuilt logits' KL to the teacher's own (`info`, the done-markers) on every
+this-many-th batch of a split, its batches counted over the chunks in order (`_stat_batch`; the first included): the
+statistic costs a second (B·T, d) × (d, V) matmul and an O(V) pass a position, ~as much as the teacher's output
+layer again, and a sample of the positions estimates the mean well (`verify --recompute` checks values on its own
+windows, whatever this is). Counted within each chunk instead, it ran on every batch at the default sizes (a chunk
+of 4,096 positions is one batch of 32 × 128 windows)."""
+
+
+def _stat_batch(plan: fmt.CachePlan, chunk: int, b: int, batch_size: int) -> bool:
+    """Whether the batch of a chunk's windows starting at `b` measures the rebuild statistic: every
+    `REBUILD_STAT_EVERY`-th batch of the split, numbered over its chunks in order (the same batches whatever part,
+    rank or resume computes the chunk)."""
+    per_chunk = -(-plan.chunk_windows // batch_size)
+    return (chunk * per_chunk + b // batch_size) % REBUILD_STAT_EVERY == 0
 
 
 def _chunk_targets(models: list, infos: list[dict[str, Any]], tokens: np.ndarray, split: str, chunk: int,
@@ -341,7 +351,7 @@ def _chunk_targets(models: list, infos: list[dict[str, Any]], tokens: np.ndarray
             x = torch.from_numpy(tokens[b:b + cfg.batch_size].astype(np.int64)).to(device)
             first = plan.chunk_range(split, chunk)[0] + b  # the batch's first window in the split
             if plan.mode == "factored":
-                with_stat = (b // cfg.batch_size) % REBUILD_STAT_EVERY == 0
+                with_stat = _stat_batch(plan, chunk, b, cfg.batch_size)
                 arrays, st = _factored_targets(model, x, layers[info["name"]], plan.factored_dtype, vocab, amp, device,
                                                with_stat)
                 if with_stat:
@@ -356,7 +366,8 @@ def _chunk_targets(models: list, infos: list[dict[str, Any]], tokens: np.ndarray
                 distinct.append(st["distinct_ids"].cpu())
             else:
                 arrays, st = teacher_targets(_forward(model, x, device, amp), vocab, k, temps)
-            _check_finite(info["name"], st["lse"], split, range(first, first + len(x)))
+            finite = st["lse"] if "lse" in st else st["finite"]  # the normaliser, or a factored cache's h
+            _check_finite(info["name"], finite, split, range(first, first + len(x)))
             if "stored_finite" in st and not bool(st["stored_finite"].all()):
                 w = first + _first_row(~st["stored_finite"])
                 raise ConfigKeysError("teacher {name!r}: the input of its output layer on {split} window {w} is beyond "
@@ -484,7 +495,9 @@ def _factored_targets(model, x: torch.Tensor, layer: _Factored, dtype: str, voca
         if layer.basis is not None:
             h = factored.project(h, layer.mean, layer.basis)
         arrays = enc.encode_hidden(h / layer.dim_scale, dtype, layer.rounding)
-        stats = {"lse": torch.logsumexp(z, -1, keepdim=True), "entropy": factored.entropy_rows(z)}
+        # z = W·h + b is finite where h is (checked on d numbers a position, not V); the entropy is a summary taken
+        # on every ENTROPY_STRIDE-th position, as the other kinds take it
+        stats = {"finite": got.hidden, "entropy": factored.entropy_rows(z[:, ::ENTROPY_STRIDE])}
         if dtype == "fp16":  # beyond ±65504 after the per-dimension scale: stored as inf
             stats["stored_finite"] = torch.isfinite(arrays["hidden"]).all(-1)
         if with_stat:
