@@ -117,7 +117,8 @@ class StudentLoss(torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids, labels=None, targets=(), kd_cfg=None, alpha: float = 1.0, chunk_size: int | None = None):
+    def forward(self, input_ids, labels=None, targets=(), kd_cfg=None, alpha: float = 1.0,
+                chunk_size: int | None = None, grad_weights: tuple[float, float] | None = None):
         from cachekd.losses import chunked_distill_loss, distill_loss
         from cachekd.models import backbone, output_embedding
 
@@ -127,7 +128,7 @@ class StudentLoss(torch.nn.Module):
             hidden = backbone(self.model)(input_ids=input_ids).last_hidden_state
             head = output_embedding(self.model)
             return chunked_distill_loss(hidden, head.weight, getattr(head, "bias", None), labels, targets, kd_cfg,
-                                        mix_alpha=alpha, chunk_size=chunk_size)
+                                        mix_alpha=alpha, chunk_size=chunk_size, grad_weights=grad_weights)
         logits = self.model(input_ids=input_ids).logits
         return distill_loss(logits, labels, targets, kd_cfg, mix_alpha=alpha)
 
@@ -232,7 +233,11 @@ class Student:
         with nullcontext() if sync or no_sync is None else no_sync():
             with self.place.autocast():
                 chunk = self.cfg.distill.chunk_size if self.cfg.distill else None
-                parts = self.loss_module(micro.input_ids, micro.labels, targets, kd_cfg, scalars.get("alpha", 1.0), chunk)
+                # the weights the loss below gives the two sums: the step-wise loss forms its gradients in forward
+                weights = ((lam / max(norms.num_tokens, 1), (1.0 - lam) * tau**2 / norms.kd_count(kd_cfg.reduction))
+                           if targets else (1.0 / max(norms.num_tokens, 1), 0.0))
+                parts = self.loss_module(micro.input_ids, micro.labels, targets, kd_cfg, scalars.get("alpha", 1.0),
+                                         chunk, weights)
             ce = parts.ce_sum.float() / max(norms.num_tokens, 1)
             if targets:
                 loss = total_loss(ce, parts.kd_sum.float() / norms.kd_count(kd_cfg.reduction), lam, tau)

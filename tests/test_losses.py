@@ -644,6 +644,64 @@ def test_chunked_equals_unchunked(kind, ignore):
             _rel_close(a, b)
 
 
+@pytest.mark.parametrize("kind", ["dense", "factored_mix", "bucket", "two_losses", "ce_only"])
+def test_chunked_gradients_formed_in_forward(kind, monkeypatch):
+    """Given the weights of the caller's loss (as the trainer gives them), the step-wise loss forms its gradients in
+    forward: each chunk's loss runs once (a factored teacher rebuilt once, the student projected once), and the
+    gradients equal the unchunked float64 reference under the loss in that ratio at any scale (a GradScaler's); a
+    loss in another ratio recomputes in backward and is right too."""
+    from cachekd.losses import FactoredTarget
+    from cachekd.losses import chunked as chunked_mod
+
+    g = torch.Generator().manual_seed(113)
+    B, T, H, V, d = 2, 7, 8, 29, 6
+    f64 = torch.float64
+    hidden, weight, bias = (torch.randn(B, T, H, generator=g, dtype=f64), torch.randn(V, H, generator=g, dtype=f64)
+                            * 0.5, torch.randn(V, generator=g, dtype=f64))
+    labels = torch.randint(0, V, (B, T), generator=g)
+    labels[1, 2] = -100
+    t0 = torch.randn(B, T, V, generator=g, dtype=f64) * 2
+    alpha, combine, mode = 1.0, "logits", "bucket"
+    teachers = {"dense": lambda: [DenseTarget(t0)],
+                "factored_mix": lambda: [FactoredTarget(torch.randn(B, T, d, generator=g, dtype=f64),
+                                                        torch.randn(V, d, generator=g, dtype=f64),
+                                                        torch.randn(V, generator=g, dtype=f64))],
+                "bucket": lambda: [to_target(make_sparse(t0, 5, 1.0, generator=g))],
+                "two_losses": lambda: [DenseTarget(t0), DenseTarget(t0.flip(-1))],
+                "ce_only": lambda: []}[kind]()
+    if kind == "factored_mix":
+        alpha = 0.7
+    if kind == "two_losses":
+        combine = "losses"
+    cfg = KDConfig(objective="reverse_kl", tail_mode=mode, teacher_combine=combine, detach_mix=True)
+    calls = []
+    real = chunked_mod.loss_on_rows
+    monkeypatch.setattr(chunked_mod, "loss_on_rows", lambda *a: calls.append(1) or real(*a))
+
+    def run(fn, w_ce, w_kd, scale=1.0):
+        params = [p.clone().requires_grad_(True) for p in (hidden, weight, bias)]
+        parts = fn(*params)
+        (scale * (w_ce * parts.ce_sum + w_kd * parts.kd_sum)).backward()
+        return parts, [p.grad / scale for p in params]
+
+    for w_ce, w_kd in ((0.4, 0.6), (1.0, 0.0), (0.0, 1.0)):
+        if kind == "ce_only" and w_ce == 0:
+            continue
+        ref, ref_grads = run(lambda h, w, b: distill_loss(F.linear(h, w, b), labels, teachers, cfg, mix_alpha=alpha),
+                             w_ce, w_kd)
+        for given, scale in (((w_ce, w_kd), 1.0), ((w_ce * 3, w_kd * 3), 1024.0), ((1.0, 2.0), 1.0), (None, 1.0)):
+            calls.clear()
+            got, grads = run(lambda h, w, b: chunked_distill_loss(h, w, b, labels, teachers, cfg, alpha, chunk_size=4,
+                                                                  grad_weights=given), w_ce, w_kd, scale)
+            in_ratio = given is not None and math.isclose(given[0] * w_kd, given[1] * w_ce, abs_tol=1e-15)
+            chunks = 4  # 13 valid positions in chunks of 4
+            assert len(calls) == chunks * (1 if in_ratio else 2), (given, len(calls))
+            _rel_close(got.ce_sum, ref.ce_sum)
+            _rel_close(got.kd_sum, ref.kd_sum)
+            for a, b in zip(grads, ref_grads):
+                assert torch.allclose(a, b, rtol=1e-10, atol=1e-12), (given, float((a - b).abs().max()))
+
+
 def test_chunked_logits_gradient_dtype_and_no_bias():
     g = torch.Generator().manual_seed(112)
     hidden = torch.randn(1, 9, 4, generator=g, requires_grad=True)

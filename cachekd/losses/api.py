@@ -40,6 +40,7 @@ takes the fused ``mixed`` path). ``renormalize`` cannot form a dense target and 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -139,6 +140,7 @@ def chunked_distill_loss(
     cfg: KDConfig,
     mix_alpha: float = 1.0,
     chunk_size: int = 128,
+    grad_weights: tuple[float, float] | None = None,
 ) -> LossParts:
     """``distill_loss(hidden @ weight.T + bias, ...)`` without ever forming the (B, T, V) logits.
 
@@ -154,6 +156,10 @@ def chunked_distill_loss(
         bias: (V,) or None.
         labels, teachers, cfg, mix_alpha: as in ``distill_loss``.
         chunk_size: positions per chunk.
+        grad_weights: (w_ce, w_kd), the weights the caller's loss gives ``ce_sum`` and ``kd_sum`` (only their ratio
+            counts). Given (and gradients enabled), forward also forms the gradients while each chunk is at hand,
+            so backward need not recompute the logits and the loss (3 matmuls, and a factored teacher rebuilt
+            once); a backward whose incoming gradients are in another ratio recomputes as without them.
     """
     if hidden.dim() != 3:
         raise ValueError(f"hidden must be (B, T, H); got shape {tuple(hidden.shape)}.")
@@ -164,7 +170,17 @@ def chunked_distill_loss(
     if bias is not None and tuple(bias.shape) != (weight.shape[0],):
         raise ValueError(f"bias must be (V,) = ({weight.shape[0]},); got {tuple(bias.shape)}.")
     prep = _prepare(hidden, labels, teachers, cfg, mix_alpha, chunk_size, source_dim=weight.shape[0])
-    return _parts(prep, *ChunkedLoss.apply(prep.source, weight, bias, prep))
+    eager = _grad_weights(grad_weights) if torch.is_grad_enabled() else None
+    return _parts(prep, *ChunkedLoss.apply(prep.source, weight, bias, prep, eager))
+
+
+def _grad_weights(w: tuple[float, float] | None) -> tuple[float, float] | None:
+    """`chunked_distill_loss`'s grad_weights checked: two finite numbers, not both 0 (else None: recompute)."""
+    if w is None:
+        return None
+    if len(w) != 2 or not all(isinstance(x, (int, float)) and math.isfinite(x) for x in w):
+        raise ValueError(f"grad_weights must be two finite numbers (w_ce, w_kd); got {w!r}.")
+    return (float(w[0]), float(w[1])) if any(w) else None
 
 
 # ----------------------------------------------------------------------------------------------------------
