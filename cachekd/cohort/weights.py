@@ -13,7 +13,9 @@ on CE_ib / B (the seed: clip 1, B = 60), so it bites only for a batch loss above
 dev CE to [0, 1] instead would freeze ω for every language model, whose dev CE is above 1 nat.)
 
 This is the first-order rule of the seed paper's bi-level update: the public code's second-order term
-differentiates a detached leaf and is always zero, so it is left out here. Fixed peers (cached teachers) have no
+differentiates a detached leaf and is always zero, so it is left out here. (The seed repository's HEAD steps once a
+batch, inside the loop over validation batches; an older revision, 2261351, stepped once a pass, after the loop,
+with the last batch's gradient alone. This follows HEAD.) Fixed peers (cached teachers) have no
 dev loss of their own in a cohort: their weights stay as given and the trained peers share the rest of the simplex.
 """
 
