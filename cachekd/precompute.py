@@ -495,9 +495,11 @@ def _factored_targets(model, x: torch.Tensor, layer: _Factored, dtype: str, voca
         if layer.basis is not None:
             h = factored.project(h, layer.mean, layer.basis)
         arrays = enc.encode_hidden(h / layer.dim_scale, dtype, layer.rounding)
-        # z = W·h + b is finite where h is (checked on d numbers a position, not V); the entropy is a summary taken
-        # on every ENTROPY_STRIDE-th position, as the other kinds take it
-        stats = {"finite": got.hidden, "entropy": factored.entropy_rows(z[:, ::ENTROPY_STRIDE])}
+        # in float32 and bfloat16 z = W·h + b is finite where h is (checked on d numbers a position, not V); an
+        # fp16 forward can overflow the output layer's matmul (|z| > 65504) with h finite, so there z is checked.
+        # The entropy is a summary taken on every ENTROPY_STRIDE-th position, as the other kinds take it
+        stats = {"finite": z if amp == torch.float16 else got.hidden,
+                 "entropy": factored.entropy_rows(z[:, ::ENTROPY_STRIDE])}
         if dtype == "fp16":  # beyond ±65504 after the per-dimension scale: stored as inf
             stats["stored_finite"] = torch.isfinite(arrays["hidden"]).all(-1)
         if with_stat:

@@ -217,3 +217,35 @@ def test_a_factored_fp16_value_beyond_its_range_is_refused(tmp_path, runner, sto
 def _chunk_markers(cache) -> list:
     """The done-markers of chunks (done/<split>/<chunk>.json) a cache directory holds."""
     return [p for p in (cache / "done").glob("*/*.json")] if (cache / "done").exists() else []
+
+
+def test_an_fp16_forward_whose_output_layer_overflows_is_refused():
+    """Under fp16 autocast the output layer's matmul can overflow (|z| > 65504) with its input h finite: the factored
+    kind checked only h there and wrote NaN statistics with exit 0 (found in review)."""
+    import types
+
+    from cachekd import precompute as pc
+    from cachekd.errors import CachekdError
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.head = torch.nn.Embedding(10, 4), torch.nn.Linear(4, 10, bias=False)
+            with torch.no_grad():
+                self.emb.weight.fill_(100.0)  # h = 100, z = 4·100·200 = 80,000
+                self.head.weight.fill_(200.0)
+
+        def get_output_embeddings(self):
+            return self.head
+
+        def forward(self, input_ids):
+            return types.SimpleNamespace(logits=self.head(self.emb(input_ids)))
+
+    m, x = Model(), torch.zeros(2, 16, dtype=torch.long)
+    layer = pc._Factored(weight=m.head.weight.detach().float(), bias=None, dim_scale=torch.ones(4))
+    for dtype in ("int8", "bf16"):
+        _, st = pc._factored_targets(m, x, layer, dtype, 10, torch.float16, torch.device("cpu"), True)
+        with pytest.raises(CachekdError, match="produced NaN or inf logits on train window 0"):
+            pc._check_finite("t", st["finite"], "train", range(2))
+        _, st = pc._factored_targets(m, x, layer, dtype, 10, None, torch.device("cpu"), True)  # fp32: finite
+        pc._check_finite("t", st["finite"], "train", range(2))

@@ -57,7 +57,7 @@ def cache_summary(cache: LogitCache) -> dict[str, Any]:
                 row[f"topk_mass@tau={float(tau):g}"] = round(v, 5)
             if "mean_distinct_ids" in s:
                 row["distinct_ids_per_position"] = round(s["mean_distinct_ids"], 2)
-            if "mean_rebuild_kl" in s:  # factored: every position's rebuilt logits against the teacher's own
+            if "mean_rebuild_kl" in s:  # factored: the rebuilt logits against the teacher's own (a sample of batches)
                 row["rebuild_kl"] = float(f"{s['mean_rebuild_kl']:.3g}")
                 row["rebuild_max_abs_logit_diff"] = float(f"{s['rebuild_max_abs_logit_diff']:.3g}")
             out.setdefault("teacher_stats", {})[f"{split}/{t}"] = row
