@@ -344,12 +344,13 @@ def _chunk_targets(models: list, infos: list[dict[str, Any]], tokens: np.ndarray
     # the marker binds the chunk to its tokens, and records the precision the teachers ran in (verify's tolerance)
     stats: dict[str, Any] = {"teachers": {}, fmt.TOKENS_DIGEST: fmt.tokens_digest(tokens),
                              fmt.COMPUTE_DTYPE: str(amp or torch.float32).removeprefix("torch.")}
+    chunk_start = plan.chunk_range(split, chunk)[0]
     for info, model in zip(infos, models):
         parts: dict[str, list[torch.Tensor]] = {}
         ent, mass, distinct, rebuild_kl, rebuild_err = [], [], [], [], []
         for b in range(0, len(tokens), cfg.batch_size):
             x = torch.from_numpy(tokens[b:b + cfg.batch_size].astype(np.int64)).to(device)
-            first = plan.chunk_range(split, chunk)[0] + b  # the batch's first window in the split
+            first = chunk_start + b  # the batch's first window in the split
             if plan.mode == "factored":
                 with_stat = _stat_batch(plan, chunk, b, cfg.batch_size)
                 arrays, st = _factored_targets(model, x, layers[info["name"]], plan.factored_dtype, vocab, amp, device,

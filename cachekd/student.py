@@ -27,7 +27,7 @@ from cachekd import distributed
 from cachekd.batch import Batch
 from cachekd.checkpoint import CheckpointManager, capture_rng_state, restore_rng_state
 from cachekd.errors import CachekdError, check_finite
-from cachekd.losses import total_loss
+from cachekd.losses import total_loss, total_loss_weights
 from cachekd.rundir import RunDir
 
 if TYPE_CHECKING:
@@ -234,15 +234,12 @@ class Student:
             with self.place.autocast():
                 chunk = self.cfg.distill.chunk_size if self.cfg.distill else None
                 # the weights the loss below gives the two sums: the step-wise loss forms its gradients in forward
-                weights = ((lam / max(norms.num_tokens, 1), (1.0 - lam) * tau**2 / norms.kd_count(kd_cfg.reduction))
-                           if targets else (1.0 / max(norms.num_tokens, 1), 0.0))
+                ce_norm, kd_norm = max(norms.num_tokens, 1), norms.kd_count(kd_cfg.reduction) if targets else 1
+                w_ce, w_kd = total_loss_weights(lam, tau) if targets else (1.0, 0.0)
                 parts = self.loss_module(micro.input_ids, micro.labels, targets, kd_cfg, scalars.get("alpha", 1.0),
-                                         chunk, weights)
-            ce = parts.ce_sum.float() / max(norms.num_tokens, 1)
-            if targets:
-                loss = total_loss(ce, parts.kd_sum.float() / norms.kd_count(kd_cfg.reduction), lam, tau)
-            else:
-                loss = ce
+                                         chunk, (w_ce / ce_norm, w_kd / kd_norm))
+            ce = parts.ce_sum.float() / ce_norm
+            loss = total_loss(ce, parts.kd_sum.float() / kd_norm, lam, tau) if targets else ce
             self.backward(loss)
         return parts
 

@@ -32,6 +32,7 @@ from cachekd.losses.api import (
     chunked_distill_loss,
     distill_loss,
     total_loss,
+    total_loss_weights,
 )
 from cachekd.losses.sampled import SampledTarget, sampled_target
 
@@ -51,4 +52,5 @@ __all__ = [
     "distill_loss",
     "sampled_target",
     "total_loss",
+    "total_loss_weights",
 ]

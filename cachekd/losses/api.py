@@ -82,11 +82,17 @@ assert set(POINTWISE) == set(OBJECTIVES), "every objective has a pointwise diver
 Target = DenseTarget | SparseTarget | SampledTarget | FactoredTarget
 
 
-def total_loss(ce_mean: Tensor, kd_mean: Tensor, ce_weight: float, temperature: float) -> Tensor:
-    """``λ·CE + (1−λ)·τ²·KD`` with ``λ = ce_weight`` (the means already divided by global counts)."""
+def total_loss_weights(ce_weight: float, temperature: float) -> tuple[float, float]:
+    """The coefficients ``(λ, (1−λ)·τ²)`` that ``total_loss`` gives its two means, ``λ = ce_weight``."""
     check_unit_interval("ce_weight", ce_weight)
     check_temperature("temperature", temperature)
-    return ce_weight * ce_mean + (1.0 - ce_weight) * temperature**2 * kd_mean
+    return ce_weight, (1.0 - ce_weight) * temperature**2
+
+
+def total_loss(ce_mean: Tensor, kd_mean: Tensor, ce_weight: float, temperature: float) -> Tensor:
+    """``λ·CE + (1−λ)·τ²·KD`` with ``λ = ce_weight`` (the means already divided by global counts)."""
+    w_ce, w_kd = total_loss_weights(ce_weight, temperature)
+    return w_ce * ce_mean + w_kd * kd_mean
 
 
 def distill_loss(
